@@ -1,0 +1,303 @@
+"""build_kernel.py: each bundling rule on small fake modules/ dirs, the output layout, --check, and the real bundle."""
+import ast
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from build_kernel import BuildError, build, main  # noqa: E402
+
+# helpers
+
+UTILS = '''
+"""Fake utils."""
+import os
+
+# helpers
+
+def helper():
+    return "helped"
+'''
+
+MAIN = '''
+"""Fake main."""
+import sys
+
+from modules.utils import helper
+
+
+def main():
+    return helper()
+
+
+if __name__ == "__main__":
+    print("MAIN RAN", main())
+'''
+
+
+def make(tmp_path, files, name="modules"):
+    """Write {stem: source} as tmp_path/<name>/<stem>.py; returns the directory."""
+    d = tmp_path / name
+    d.mkdir(parents=True, exist_ok=True)
+    for stem, src in files.items():
+        (d / f"{stem}.py").write_text(textwrap.dedent(src).lstrip("\n"), encoding="utf-8")
+    return d
+
+
+def refused(tmp_path, files, *fragments):
+    """build() must raise a BuildError whose message contains every fragment; returns the message."""
+    with pytest.raises(BuildError) as info:
+        build(make(tmp_path, files))
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, msg
+    assert "\n" not in msg
+    return msg
+
+
+def banners(text):
+    return [line.split()[2] for line in text.splitlines() if line.startswith("# ==== modules/")]
+
+
+# refusals: our own imports
+
+@pytest.mark.parametrize("line, why", [
+    ("from modules.utils import helper as h", "alias"),
+    ("from modules.utils import *", "star import"),
+    ("import modules.utils", "import modules.utils"),
+    ("import modules", "import modules"),
+    ("from modules import utils", "from modules import"),
+    ("from .utils import helper", "relative import"),
+    ("from modules.utils import nothere", "'nothere' is not defined at the top level of modules/utils.py"),
+    ("from modules.nofile import helper", "no modules/nofile.py"),
+])
+def test_refuses_bad_own_import(tmp_path, line, why):
+    refused(tmp_path, {"utils": UTILS, "data": f"{line}\n\nX = 1\n"}, "data.py:1:", why)
+
+
+def test_refuses_own_import_inside_function(tmp_path):
+    src = "def f():\n    from modules.utils import helper\n    return helper()\n"
+    refused(tmp_path, {"utils": UTILS, "data": src}, "data.py:2:", "inside a function")
+
+
+def test_refuses_importing_a_name_the_module_only_imports(tmp_path):
+    refused(tmp_path, {"utils": UTILS, "data": "from modules.utils import os\n"}, "data.py:1:", "only imports it")
+
+
+def test_refuses_import_from_main(tmp_path):
+    refused(tmp_path, {"utils": UTILS, "main": MAIN, "data": "from modules.main import main\n"},
+            "data.py:1:", "entry point")
+
+
+# refusals: third-party imports
+
+@pytest.mark.parametrize("src, line", [
+    ("import requests\n", 1),
+    ("from requests import get\n", 1),
+    ("def f():\n    import requests\n    return requests\n", 2),
+    ("class C:\n    def m(self):\n        from yaml import safe_load\n", 3),
+])
+def test_refuses_disallowed_third_party(tmp_path, src, line):
+    refused(tmp_path, {"utils": UTILS, "data": src}, f"data.py:{line}:", "only PIL, numpy, scipy, torch, torchvision")
+
+
+def test_refuses_same_alias_bound_to_different_things(tmp_path):
+    refused(tmp_path, {"utils": "import numpy as np\n", "data": "import numpy.random as np\n"},
+            "data.py:1:", "'np' is imported as numpy.random here but imported as numpy in", "utils.py:1")
+
+
+# refusals: one namespace, importing does nothing
+
+def test_refuses_duplicate_top_level_name(tmp_path):
+    msg = refused(tmp_path, {"utils": UTILS, "data": "def helper():\n    return 1\n"}, "'helper'")
+    assert "utils.py" in msg and "data.py" in msg
+
+
+def test_refuses_definition_shadowing_an_import(tmp_path):
+    refused(tmp_path, {"utils": UTILS, "data": "os = 'not the module'\n"}, "data.py:1:", "'os' is defined here",
+            "imported as os in")
+
+
+@pytest.mark.parametrize("src, why", [
+    ('print("hello")\n', "top-level expression statement"),
+    ("try:\n    import torch\nexcept ImportError:\n    torch = None\n", "top-level try"),
+    ("for i in range(3):\n    pass\n", "top-level for"),
+    ("import os\nos.environ['X'] = '1'\n", "attribute or item"),
+    ("import os; X = 1\n", "its own line"),
+])
+def test_refuses_work_at_import(tmp_path, src, why):
+    refused(tmp_path, {"data": src}, "data.py:", why)
+
+
+def test_refuses_name_guard_outside_main(tmp_path):
+    src = 'def f():\n    return 1\n\n\nif __name__ == "__main__":\n    f()\n'
+    refused(tmp_path, {"data": src}, "data.py:5:", "outside modules/main.py")
+
+
+def test_refuses_main_guard_not_last(tmp_path):
+    refused(tmp_path, {"utils": UTILS, "main": MAIN + "\n\nLATE = 1\n"}, "main.py:", "last statement")
+
+
+def test_refuses_cycle(tmp_path):
+    a = "from modules.b import g\n\n\ndef f():\n    return g()\n"
+    b = "from modules.a import f\n\n\ndef g():\n    return f()\n"
+    refused(tmp_path, {"a": a, "b": b}, "import cycle: a -> b -> a", "a.py:1:")
+
+
+def test_init_must_be_empty_or_docstring(tmp_path):
+    build(make(tmp_path, {"utils": UTILS, "__init__": '"""The package."""\n'}))
+    refused(tmp_path, {"utils": UTILS, "__init__": '"""The package."""\nX = 1\n'}, "__init__.py:2:")
+
+
+# layout
+
+def test_hoists_and_dedups_imports(tmp_path):
+    utils = '''
+    """Utils."""
+    from __future__ import annotations
+
+    import os
+    import numpy as np
+    from typing import (
+        List,
+        Optional,
+    )
+
+    def helper(x: Optional[int]) -> List[int]:
+        return [x]
+    '''
+    data = '''
+    """Data."""
+    from __future__ import annotations
+    import os
+    import numpy as np
+    from typing import Dict, List
+    import torch.nn as nn
+    from torch import nn
+
+    from modules.utils import (
+        helper,
+    )
+
+
+    def load():
+        import json  # a nested import stays where it is
+        return json.dumps(helper(1))
+    '''
+    text = build(make(tmp_path, {"utils": utils, "data": data}))
+    head = text.split("# ==== modules/")[0]
+    assert head.count("import os\n") == 1 and head.count("import numpy as np\n") == 1
+    assert "from typing import Dict, List, Optional\n" in head
+    assert "from torch import nn" not in text  # `import torch.nn as nn` already binds it
+    tree = ast.parse(text)
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert isinstance(imports[0], ast.ImportFrom) and imports[0].module == "__future__"
+    first_banner = text.index("# ==== modules/")
+    assert all(text.index(ast.get_source_segment(text, n)) < first_banner for n in imports)
+    assert len(imports) == len([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))])
+    assert "\n    import json  # a nested import stays where it is\n" in text
+    assert "helper,\n)" not in text  # the multi-line own import went away whole
+    assert '# ==== modules/data.py ====\n"""Data."""\n\n\ndef load():' in text
+
+
+def test_order_follows_dependencies(tmp_path):
+    files = {
+        "main": MAIN,
+        "utils": "from modules.zeta import Z\n\n\ndef helper():\n    return Z\n",
+        "zeta": "Z = 1\n",  # unlisted, but utils needs it: goes just before utils
+        "alpha": "A = 1\n",  # unlisted, needs nothing: after the listed ones, before main
+        "config": "from modules.models import M\n\nC = M\n",  # preferred first, needs models: models first
+        "models": "M = 2\n",
+    }
+    assert banners(build(make(tmp_path, files))) == [
+        "modules/models.py", "modules/config.py", "modules/zeta.py", "modules/utils.py", "modules/alpha.py",
+        "modules/main.py"]
+
+
+def test_output_compiles_and_runs_main_guard(tmp_path):
+    out = tmp_path / "kernel.py"
+    assert main(["--modules", str(make(tmp_path, {"utils": UTILS, "main": MAIN})), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# kernel.py — GENERATED by build_kernel.py from modules/: edit modules/, then run python")
+    assert text.endswith('    print("MAIN RAN", main())\n') and not text.endswith("\n\n") and "\r" not in text
+    assert '"""Fake utils."""' in text and "# helpers" in text  # docstrings and comments kept
+    assert "\n\n\n\n" not in text.split('"""Fake utils."""')[1]  # blank runs where imports were are collapsed
+    run = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "MAIN RAN helped\n"
+
+
+def test_blank_lines_inside_statements_stay_verbatim(tmp_path):
+    src = 'TEXT = """a\n\n\n\n\nb"""\n\n\n\n\n\nB = 1\n'
+    text = build(make(tmp_path, {"data": src}))
+    assert 'TEXT = """a\n\n\n\n\nb"""\n\n\nB = 1\n' in text
+
+
+def test_reproducible(tmp_path):
+    files = {"utils": UTILS, "main": MAIN, "data": "import numpy as np\nfrom modules.utils import helper\n\nD = 1\n"}
+    first = build(make(tmp_path / "one", files))
+    assert build(make(tmp_path / "one", files)) == first
+    assert build(make(tmp_path / "two" / "elsewhere", files)) == first  # no paths of this machine in the output
+    assert str(tmp_path) not in first
+
+
+def test_check(tmp_path, capsys):
+    modules = make(tmp_path, {"utils": UTILS, "main": MAIN})
+    out = tmp_path / "kernel.py"
+    args = ["--modules", str(modules), "--out", str(out)]
+    assert main(args + ["--check"]) == 1  # missing
+    assert main(args) == 0
+    assert main(args + ["--check"]) == 0
+    (modules / "utils.py").write_text(UTILS + "\n\nEXTRA = 1\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(args + ["--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("build_kernel: ") and err.count("\n") == 1 and "differs" in err
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    modules = make(tmp_path, {"data": 'print("hi")\n'})
+    assert main(["--modules", str(modules), "--out", str(tmp_path / "k.py")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("build_kernel: ") and "data.py:1: " in err and err.count("\n") == 1
+    assert not (tmp_path / "k.py").exists()
+
+
+# the real project
+
+REAL_MODULES = ROOT / "modules"
+needs_main = pytest.mark.skipif(not (REAL_MODULES / "main.py").is_file(),
+                                reason="modules/main.py does not exist yet (the lead is still writing it), so there "
+                                       "is no committed kernel.py to compare")
+
+
+def test_real_modules_build():
+    compile(build(REAL_MODULES), "kernel.py", "exec")
+
+
+@needs_main
+def test_committed_kernel_is_fresh():
+    assert (ROOT / "kernel.py").read_text(encoding="utf-8") == build(REAL_MODULES), \
+        "kernel.py is stale: run python build_kernel.py"
+
+
+@needs_main
+def test_kernel_compiles():
+    compile((ROOT / "kernel.py").read_text(encoding="utf-8"), "kernel.py", "exec")
+
+
+@needs_main
+def test_kernel_imports_nothing_from_modules():
+    tree = ast.parse((ROOT / "kernel.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] == "modules" for a in node.names), node.lineno
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and (node.module or "").split(".")[0] != "modules", node.lineno
