@@ -1,0 +1,186 @@
+"""Score images the way Kaggle did, locally: submission format checks, FID/MiFID in a feature space, memorization.
+
+Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score"), and a proxy
+feature space's distance is never called FID.
+"""
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.special
+from PIL import Image
+
+from modules.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score, mifid,
+                             memorization_distance, nearest_pixel)
+from modules.report import image_grid
+from modules.utils import UsageError, format_duration, log, warn
+
+EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
+EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
+LOCAL_NOTE = "local number, not Kaggle's score"
+FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
+MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
+PROXY_MEMORIZATION_NOTE = ("Kaggle's thresholds are for Inception features; random-conv features of unrelated images "
+                           "are already within ~0.02-0.04 of each other, so a proxy distance under 0.10 means nothing")
+NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
+
+
+# submission files
+
+def _submission_entries(path):
+    """(name, bytes) for every file in a zip or under a folder, in name order."""
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            yield str(f.relative_to(path)), f.read_bytes()
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):
+                yield info.filename, zf.read(info)
+    except zipfile.BadZipFile:
+        raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip") from None
+
+
+def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
+    """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
+
+    The report mirrors Kaggle's checks: `count` .png entries against `expected`, then the entries that are not PNG, have
+    the wrong size (left out of the array), are not RGB (converted), or cannot be decoded (left out); `ok` when none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"submission {str(path)!r} not found")
+    problems = {key: [] for key in ("non_png", "wrong_size", "non_rgb", "unreadable")}
+    images, count = [], 0
+    for name, data in _submission_entries(path):
+        if not name.lower().endswith(".png"):
+            problems["non_png"].append(name)
+            continue
+        count += 1
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                if img.format != "PNG":
+                    problems["non_png"].append(f"{name} ({img.format})")
+                if img.size != EVAL_SUBMISSION_SIZE:
+                    problems["wrong_size"].append(f"{name} ({img.size[0]}x{img.size[1]})")
+                    continue
+                if img.mode != "RGB":
+                    problems["non_rgb"].append(f"{name} ({img.mode})")
+                images.append(np.asarray(img.convert("RGB"), np.uint8))
+        except Exception as exc:  # PIL raises several types for broken files
+            problems["unreadable"].append(f"{name} ({type(exc).__name__})")
+    report = {"path": str(path), "count": count, "expected": expected, "n_loaded": len(images)}
+    for key, names in problems.items():
+        report[key] = {"count": len(names), "first": names[:5]}
+    report["ok"] = count == expected and not any(problems.values())
+    return (np.stack(images) if images else None), report
+
+
+# scores
+
+def _eval_features(images_uint8, extractor, want_logits=False):
+    """(features float32 [N,D], RunningStats, logits or None), in chunks of FEATURE_CHUNK images."""
+    feats = np.empty((len(images_uint8), extractor.dim), np.float32)
+    stats, logits = RunningStats(), []
+    for i in range(0, len(images_uint8), FEATURE_CHUNK):
+        f, lg = extractor.features_and_logits(images_uint8[i:i + FEATURE_CHUNK])
+        feats[i:i + len(f)] = f
+        stats.update(f)
+        if want_logits:
+            logits.append(lg)
+    return feats, stats, (np.concatenate(logits) if want_logits else None)
+
+
+def _check_eval_images(images, what):
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{what}: want a uint8 numpy array"
+    assert images.ndim == 4 and images.shape[-1] == 3 and len(images) >= 2, \
+        f"{what}: want [N>=2,H,W,3], got {images.shape}"
+
+
+def evaluate_images(gen_uint8, reference_uint8, extractor):
+    """FID (or proxy_fd), memorization distance and MiFID (public/private thresholds) of gen against reference.
+
+    gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
+    Adds an Inception Score when the feature net has a classifier.
+    """
+    _check_eval_images(gen_uint8, "generated images")
+    _check_eval_images(reference_uint8, "reference images")
+    t0 = time.monotonic()
+    want_is = extractor.has_logits and not extractor.is_proxy
+    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=want_is)
+    ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
+    fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
+    mem = memorization_distance(gen_feats, ref_feats)
+    p = "proxy_" if extractor.is_proxy else ""  # a proxy distance is never called FID
+    fd_key = "proxy_fd" if p else "fid"
+    result = {fd_key: fd, "memorization_distance": mem}
+    for board, threshold in MEMORIZATION_THRESHOLDS.items():
+        result[f"{p}mifid_{board}"] = mifid(fd, mem, threshold)
+        result[f"{p}memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
+    if extractor.is_proxy:
+        result["memorization_note"] = PROXY_MEMORIZATION_NOTE
+    if want_is:
+        result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
+                                                    splits=min(10, len(gen_uint8)))
+    result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
+                  seconds=time.monotonic() - t0, note=LOCAL_NOTE)
+    log(f"{fd_key} {fd:.3f}, memorization {mem:.4f}, {p}mifid public {result[f'{p}mifid_public']:.3f} / private "
+        f"{result[f'{p}mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
+        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE})")
+    return result
+
+
+def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=None, n_show=16, memorization=None,
+               seed=0):
+    """Is the generator copying? Memorization distance in the feature space (against reference_uint8, as Kaggle; pass
+    `memorization` when evaluate_images already gave it) and, in pixel space, each generated image's nearest training
+    crop. Warns when Kaggle's threshold would penalise; writes out_png: the n_show closest pairs (generated | crop)."""
+    _check_eval_images(gen_uint8, "generated images")
+    _check_eval_images(crops_uint8, "training crops")
+    if memorization is None:
+        _check_eval_images(reference_uint8, "reference images")
+        memorization = memorization_distance(_eval_features(gen_uint8, extractor)[0],
+                                             _eval_features(reference_uint8, extractor)[0])
+    pub, priv = MEMORIZATION_THRESHOLDS["public"], MEMORIZATION_THRESHOLDS["private"]
+    p = "proxy_" if extractor.is_proxy else ""
+    if extractor.is_proxy:
+        warn(f"memorization distance {memorization:.4f} in {extractor.name} is uncalibrated: "
+             f"{PROXY_MEMORIZATION_NOTE}. Judge copying by the nearest-crop pixel distances instead")
+    elif memorization < pub:
+        warn(f"!!! MEMORIZATION: distance {memorization:.4f} < public threshold {pub} in {extractor.name}: Kaggle's "
+             f"MiFID would divide FID by {memorization:.4f} (x{1 / max(memorization, 1e-15):.3g}). The generator is "
+             "copying training images: look at the nearest-crop pairs !!!")
+    elif memorization < priv:
+        warn(f"memorization distance {memorization:.4f} < private threshold {priv} in {extractor.name}: the private "
+             "MiFID would be penalised")
+    crop_index = np.arange(len(crops_uint8))
+    if len(crops_uint8) > MAX_CROPS_PIXEL_NN:
+        crop_index = np.sort(np.random.default_rng(seed).choice(len(crops_uint8), MAX_CROPS_PIXEL_NN, replace=False))
+    crops = crops_uint8[crop_index]
+    nn_idx, l2 = nearest_pixel(gen_uint8, crops, device=extractor.device)
+    rms = l2 / np.sqrt(crops[0].size)  # per-pixel RMS distance, pixels in [0,1]
+    order = np.argsort(l2, kind="stable")[:n_show]
+    n_near = int((rms < NEAR_COPY_RMS).sum())
+    if n_near:
+        warn(f"{n_near} generated images are near copies of training crops (RMS pixel distance < {NEAR_COPY_RMS})")
+    result = {
+        "memorization_distance": float(memorization), "feature_space": extractor.name,
+        f"{p}memorized_public": memorization < pub, f"{p}memorized_private": memorization < priv,
+        "pixel_nn_rms": {"min": float(rms.min()), "median": float(np.median(rms)), "mean": float(rms.mean())},
+        "n_near_copies": n_near, "n_crops_searched": len(crops), "crops_subsampled": len(crops) < len(crops_uint8),
+        "closest": [{"generated": int(i), "crop": int(crop_index[nn_idx[i]]), "l2": float(l2[i])} for i in order],
+        "note": LOCAL_NOTE,
+    }
+    if out_png is not None:
+        gap = np.full((gen_uint8.shape[1], 2, 3), 255, np.uint8)
+        pairs = np.stack([np.concatenate([gen_uint8[i], gap, crops[nn_idx[i]]], axis=1) for i in order])
+        img = image_grid(pairs, nrow=4, pad=8)  # [generated | nearest crop], closest pairs first
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        img.save(out_png, format="PNG")
+        result["nearest_png"] = str(out_png)
+    log(f"self-check: memorization {memorization:.4f} [{extractor.name}], nearest crop RMS min {rms.min():.4f} "
+        f"median {np.median(rms):.4f} over {len(crops)} crops")
+    return result

@@ -1,0 +1,262 @@
+"""Feature extractors for FID: Inception-v3 pool_3 from a local weights file, or a seeded random-conv proxy.
+
+Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
+of `fc.weight`:
+- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
+- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
+  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
+  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
+  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
+A proxy feature space gives numbers that are only comparable among themselves: callers must never call them FID.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+
+from modules.utils import UsageError, log, warn
+
+FEATURE_KINDS = ("auto", "inception", "proxy")
+INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
+INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
+PROXY_CHANNELS = (32, 64, 128, 256, 256)  # random-conv proxy: one 3x3 conv + ReLU per entry; stride 2 after the first
+
+
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
+# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
+# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
+# branch costs one 1x1 conv per block, well under 1% of the network.
+
+def _tf_avg_pool3(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _tf_max_pool3(x):
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionE1(InceptionE):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionE2(InceptionE):
+    def _forward(self, x):
+        outputs = super()._forward(x)
+        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
+        return outputs
+
+
+def fid_inception_v3():
+    """torchvision's Inception-v3 (1008 classes, no aux head) with the FID blocks: pytorch-fid's state-dict layout."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE1(1280)
+    net.Mixed_7c = FIDInceptionE2(2048)
+    return net
+
+
+def tf1_resize_matrix(n_in, n_out):
+    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
+
+    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
+    """
+    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    a = np.zeros((n_out, n_in), np.float64)
+    np.add.at(a, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(a, (np.arange(n_out), hi), frac)
+    return torch.from_numpy(a).float()
+
+
+# networks: uint8 [B,H,W,3] on the device -> (features [B,D] float32, logits [B,C] or None)
+
+class InceptionPool3(nn.Module):
+    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits."""
+
+    def __init__(self, net, tf_preprocess):
+        super().__init__()
+        self.net = net
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
+        if self.tf_preprocess:
+            rows = tf1_resize_matrix(x.shape[2], 299).to(x.device)
+            cols = tf1_resize_matrix(x.shape[3], 299).to(x.device)
+            x = (rows @ x @ cols.T - 128.0) / 128.0
+        else:  # torchvision's weights see 2p - 1 (what its transform_input turns ImageNet-normalised input into)
+            x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
+        n = self.net
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
+        return feats, n.fc(feats)
+
+
+class RandConvProxy(nn.Module):
+    """A fixed random conv net: 3x3 convs with ReLU (PROXY_CHANNELS), global average pool -> [B, PROXY_CHANNELS[-1]]."""
+
+    def __init__(self, seed):
+        super().__init__()
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        layers, c_in = [], 3
+        for i, c_out in enumerate(PROXY_CHANNELS):
+            conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1)
+            with torch.no_grad():  # He-normal weights from our own generator: the same in every process
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c_in * 9)) ** 0.5)
+                conv.bias.zero_()
+            layers += [conv, nn.ReLU()]
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B,3,H,W] in [-1,1]
+        if x.shape[-2:] != (64, 64):
+            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        return self.body(x).mean(dim=(2, 3)), None
+
+
+# extractor
+
+class FeatureExtractor:
+    """images uint8 [N,H,W,3] (numpy) -> features float32 [N,dim]; `.logits()` where the net has a classifier."""
+
+    def __init__(self, net, *, name, is_proxy, dim, device, n_classes=0, weights_path=None):
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.name = name  # the feature space, printed next to every number computed in it
+        self.is_proxy = is_proxy
+        self.dim = dim
+        self.device = torch.device(device)
+        self.n_classes = n_classes  # 0: no classifier
+        self.weights_path = weights_path
+
+    @property
+    def has_logits(self):
+        return self.n_classes > 0
+
+    def features_and_logits(self, images_uint8, batch_size=200):
+        """(features [N,dim] float32, logits [N,n_classes] float32 or None) in one pass."""
+        assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
+        assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
+        n = len(images_uint8)
+        feats = np.empty((n, self.dim), np.float32)
+        logits = np.empty((n, self.n_classes), np.float32) if self.has_logits else None
+        # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            for i in range(0, n, batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(self.device)
+                f, lg = self.net(batch)
+                feats[i:i + len(batch)] = f.float().cpu().numpy()
+                if logits is not None:
+                    logits[i:i + len(batch)] = lg.float().cpu().numpy()
+        return feats, logits
+
+    def __call__(self, images_uint8, batch_size=200):
+        return self.features_and_logits(images_uint8, batch_size)[0]
+
+    def logits(self, images_uint8, batch_size=200):
+        if not self.has_logits:
+            raise ValueError(f"feature space {self.name!r} has no classifier, so no logits")
+        return self.features_and_logits(images_uint8, batch_size)[1]
+
+    def __repr__(self):
+        return f"FeatureExtractor({self.name!r}, dim={self.dim}, device={self.device})"
+
+
+def find_inception_weights():
+    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    for pattern in INCEPTION_WEIGHT_GLOBS:
+        found = sorted(ckpt_dir.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def load_inception(weights_path, device):
+    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UsageError(f"Inception weights file {str(path)!r} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
+    if n_classes not in INCEPTION_CLASSES:
+        raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
+                         f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
+    flavour = INCEPTION_CLASSES[n_classes]
+    if flavour == "fid":
+        net = fid_inception_v3()
+    else:
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
+    if missing or unexpected:
+        raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    name = ("inception-v3 (pytorch-fid FID weights)" if flavour == "fid"
+            else "inception-v3 (torchvision weights)")
+    return FeatureExtractor(InceptionPool3(net, tf_preprocess=flavour == "fid"), name=name, is_proxy=False,
+                            dim=2048, device=device, n_classes=n_classes, weights_path=str(path))
+
+
+def build_feature_extractor(kind="auto", weights_path=None, device="cpu", seed=0):
+    """kind: "inception" (weights_path, else the hub cache), "proxy" (seeded random convs), or "auto" (inception when a
+    weights file is found, else proxy with a warning). A given weights_path must exist and load."""
+    if kind not in FEATURE_KINDS:
+        raise UsageError(f"feature extractor kind {kind!r} unknown: use one of {', '.join(FEATURE_KINDS)}")
+    if kind == "proxy":
+        if weights_path is not None:
+            warn(f"feature kind 'proxy' ignores weights file {weights_path}")
+        return FeatureExtractor(RandConvProxy(seed), name=f"proxy:randconv-seed{seed}", is_proxy=True,
+                                dim=PROXY_CHANNELS[-1], device=device)
+    path = weights_path if weights_path is not None else find_inception_weights()
+    if path is None:
+        where = Path(torch.hub.get_dir()) / "checkpoints"
+        if kind == "inception":
+            raise UsageError(f"no Inception weights: pass a weights file, or put {' or '.join(INCEPTION_WEIGHT_GLOBS)} "
+                             f"in {where}")
+        warn(f"no Inception weights file (none given, none in {where}): using a random-conv PROXY feature space; "
+             "its distances are not FID and not comparable to Kaggle's")
+        return build_feature_extractor("proxy", device=device, seed=seed)
+    extractor = load_inception(path, device)
+    log(f"features: {extractor.name} from {extractor.weights_path}")
+    return extractor

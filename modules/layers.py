@@ -1,0 +1,125 @@
+"""Building blocks shared by the GAN architectures: spectral-norm layer factories, self-attention, conditional
+BatchNorm and the minibatch standard deviation layer.
+
+Layer types are passed into the models as factories (BigGAN-PyTorch style), so spectral norm on/off is one switch:
+`make_conv = partial(sn_conv, spectral=spectral)`. Every factory applies orthogonal init *before* wrapping, so the
+parametrization's first power iterations run on the final initial weight.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
+BN_MOMENTUM = 0.1  # BigGAN-PyTorch's ccbn/bn momentum (running stats for eval-mode sampling)
+MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
+
+
+# spectral norm and layer factories
+
+def sn_wrap(module, enabled=True):
+    """Spectral-normalize `module.weight` (torch.nn.utils.parametrizations, 1 power iteration per training forward).
+
+    The normalized weight is recomputed on every access of `module.weight`; the raw weight lives in
+    `module.parametrizations.weight.original` and the power-iteration vectors u, v are buffers (so they travel in the
+    state_dict and get copied by an EMA of buffers).
+    """
+    return parametrizations.spectral_norm(module) if enabled else module
+
+
+def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
+    """Conv2d with 'same' padding (odd kernels), orthogonal init, optional spectral norm."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    nn.init.orthogonal_(conv.weight)
+    return sn_wrap(conv, spectral)
+
+
+def sn_linear(in_features, out_features, bias=True, *, spectral=True):
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.orthogonal_(linear.weight)
+    return sn_wrap(linear, spectral)
+
+
+def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
+    """Embedding [num_embeddings, embedding_dim]; spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
+    embed = nn.Embedding(num_embeddings, embedding_dim)
+    nn.init.orthogonal_(embed.weight)
+    return sn_wrap(embed, spectral)
+
+
+# attention
+
+class SelfAttention(nn.Module):
+    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g).
+
+    theta/phi have channels/8, g has channels/2 (at least 1 each, for tiny test widths); phi and g are 2x2 max-pooled,
+    so attention costs (HW) x (HW/4). gamma starts at 0, so a fresh block is the identity.
+    """
+
+    def __init__(self, channels, make_conv):
+        super().__init__()
+        self.ck = max(1, channels // 8)  # key/query channels
+        self.cv = max(1, channels // 2)  # value channels
+        self.theta = make_conv(channels, self.ck, kernel_size=1, bias=False)
+        self.phi = make_conv(channels, self.ck, kernel_size=1, bias=False)
+        self.g = make_conv(channels, self.cv, kernel_size=1, bias=False)
+        self.o = make_conv(self.cv, channels, kernel_size=1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # x: [N,C,H,W], H and W even
+        n, c, h, w = x.shape
+        theta = self.theta(x).view(n, self.ck, h * w)  # [N,ck,HW]
+        phi = F.max_pool2d(self.phi(x), 2).view(n, self.ck, h * w // 4)  # [N,ck,HW/4]
+        g = F.max_pool2d(self.g(x), 2).view(n, self.cv, h * w // 4)  # [N,cv,HW/4]
+        logits = torch.bmm(theta.transpose(1, 2), phi)  # [N,HW,HW/4]
+        beta = F.softmax(logits.float(), dim=-1).to(g.dtype)  # softmax in float32: fp16 autocast would overflow exp
+        o = torch.bmm(g, beta.transpose(1, 2)).view(n, self.cv, h, w)  # [N,cv,H,W]
+        return x + self.gamma * self.o(o)
+
+
+# normalization
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn).
+
+    cond is [N, cond_dim] (in BigGAN: cat[shared class embedding, z chunk]); the gain/bias linears have no bias of their
+    own, as in BigGAN-PyTorch, so cond = 0 gives plain BatchNorm.
+    """
+
+    def __init__(self, channels, cond_dim, make_linear):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM, affine=False)
+        self.gain = make_linear(cond_dim, channels, bias=False)
+        self.bias = make_linear(cond_dim, channels, bias=False)
+
+    def forward(self, x, cond):  # x: [N,C,H,W], cond: [N,cond_dim]
+        gain = 1 + self.gain(cond)[:, :, None, None]  # [N,C,1,1]
+        bias = self.bias(cond)[:, :, None, None]
+        return self.bn(x) * gain + bias
+
+
+# minibatch standard deviation
+
+class MinibatchStd(nn.Module):
+    """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
+
+    The batch is split StyleGAN-style into groups of `group_size` samples (sample n belongs to group n % (N // G));
+    each sample gets its group's statistic as a constant extra channel. G is clipped to the batch; if N is not
+    divisible by G, the whole batch forms one group. Computed in float32 (fp16-autocast safe) and returned in x's dtype.
+    """
+
+    def __init__(self, group_size=4):
+        super().__init__()
+        assert group_size >= 1, group_size
+        self.group_size = group_size
+
+    def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            g = n
+        y = x.float().view(g, n // g, c, h, w)
+        var = y.var(dim=0, unbiased=False)  # [M,C,H,W], population variance within each group
+        stat = (var + MBSTD_EPS).sqrt().mean(dim=(1, 2, 3))  # [M]
+        stat = stat.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)  # sample n <- group n % M
+        return torch.cat([x, stat.to(x.dtype)], dim=1)

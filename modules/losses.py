@@ -1,0 +1,107 @@
+"""GAN losses as a registry: LOSSES[name] = (d_loss, g_loss), each a function of D's logits on reals and fakes.
+
+All losses work in float32 whatever the autocast dtype, and return a scalar tensor (no host sync).
+`real_target` is one-sided label smoothing (bce only); `margin` zeroes D's real loss on samples whose real logit is
+already above it (the 1st-public team's margin; 0 = off).
+"""
+import torch
+import torch.nn.functional as F
+
+# helpers
+
+
+def _margin_mask(real, margin):
+    """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
+    if not margin:
+        return torch.ones_like(real)
+    return (real < margin).to(real.dtype)
+
+
+def _masked_mean(values, mask):
+    return (values * mask).sum() / values.numel()
+
+
+# relativistic average least squares (2nd place)
+
+
+def rals_d(real, fake, *, real_target=1.0, margin=0.0):
+    real, fake = real.float(), fake.float()
+    real_term = (real - fake.mean() - 1) ** 2
+    fake_term = (fake - real.mean() + 1) ** 2
+    return (_masked_mean(real_term, _margin_mask(real, margin)) + fake_term.mean()) / 2
+
+
+def rals_g(real, fake):
+    real, fake = real.float(), fake.float()
+    return (((fake - real.mean() - 1) ** 2).mean() + ((real - fake.mean() + 1) ** 2).mean()) / 2
+
+
+# non-saturating BCE (DCGAN; 1st place with real label 0.9)
+
+
+def bce_d(real, fake, *, real_target=1.0, margin=0.0):
+    real, fake = real.float(), fake.float()
+    real_term = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target), reduction="none")
+    fake_term = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    return _masked_mean(real_term, _margin_mask(real, margin)) + fake_term
+
+
+def bce_g(real, fake):
+    fake = fake.float()
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+# hinge (5th place, SAGAN/BigGAN)
+
+
+def hinge_d(real, fake, *, real_target=1.0, margin=0.0):
+    real, fake = real.float(), fake.float()
+    return _masked_mean(F.relu(1 - real), _margin_mask(real, margin)) + F.relu(1 + fake).mean()
+
+
+def hinge_g(real, fake):
+    return -fake.float().mean()
+
+
+# least squares (LSGAN, a = 0, b = c = 1)
+
+
+def lsgan_d(real, fake, *, real_target=1.0, margin=0.0):
+    real, fake = real.float(), fake.float()
+    return (_masked_mean((real - real_target) ** 2, _margin_mask(real, margin)) + (fake ** 2).mean()) / 2
+
+
+def lsgan_g(real, fake):
+    return ((fake.float() - 1) ** 2).mean() / 2
+
+
+# Wasserstein (with gradient penalty set by gp_weight; PGGAN adds a small drift term keeping real logits near 0)
+
+WGAN_DRIFT = 1e-3
+
+
+def wgan_d(real, fake, *, real_target=1.0, margin=0.0):
+    real, fake = real.float(), fake.float()
+    return fake.mean() - _masked_mean(real, _margin_mask(real, margin)) + WGAN_DRIFT * (real ** 2).mean()
+
+
+def wgan_g(real, fake):
+    return -fake.float().mean()
+
+
+LOSSES = {
+    "rals": (rals_d, rals_g),
+    "bce": (bce_d, bce_g),
+    "hinge": (hinge_d, hinge_g),
+    "lsgan": (lsgan_d, lsgan_g),
+    "wgan": (wgan_d, wgan_g),
+}
+
+
+def gradient_penalty(D, real, fake, y):
+    """WGAN-GP: mean over interpolates of (||grad_x D(x)||_2 - 1)^2, in float32 (not under autocast)."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    x = torch.lerp(real.detach().float(), fake.detach().float(), alpha).requires_grad_(True)
+    logits, _ = D(x, y)
+    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

@@ -1,0 +1,117 @@
+"""Tests for modules/layers.py: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std."""
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from modules.layers import (ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv, sn_embedding, sn_linear,
+                            sn_wrap)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# spectral norm and factories
+
+def test_sn_wrap_switch():
+    assert parametrize.is_parametrized(sn_wrap(nn.Linear(3, 5)), "weight")
+    assert not parametrize.is_parametrized(sn_wrap(nn.Linear(3, 5), enabled=False))
+
+
+@pytest.mark.parametrize("make", [partial(sn_conv, 6, 10), partial(sn_linear, 6, 10), partial(sn_embedding, 6, 10)])
+def test_factories_spectral_norm_is_one(make):
+    m = make()
+    assert parametrize.is_parametrized(m, "weight")
+    w = m.weight.detach().flatten(1)
+    assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, abs=1e-3)
+    assert not parametrize.is_parametrized(make(spectral=False))
+
+
+def test_factories_orthogonal_init_and_padding():
+    lin = sn_linear(6, 10, spectral=False)
+    assert torch.allclose(lin.weight.T @ lin.weight, torch.eye(6), atol=1e-5)  # orthonormal columns
+    conv = sn_conv(4, 7, spectral=False)
+    assert conv(torch.randn(2, 4, 9, 9)).shape == (2, 7, 9, 9)  # 'same' padding
+    assert sn_conv(4, 7, kernel_size=1, bias=False).bias is None
+
+
+def test_sn_survives_two_forwards_in_one_graph():
+    """GAN pattern: D(real) and D(fake) in one loss; the in-place u/v update must not break backward."""
+    lin = sn_linear(4, 3)
+    loss = lin(torch.randn(2, 4)).sum() - lin(torch.randn(2, 4)).sum()
+    loss.backward()
+    assert lin.parametrizations.weight.original.grad is not None
+
+
+# attention
+
+def test_self_attention_identity_at_init_and_shapes():
+    attn = SelfAttention(16, partial(sn_conv, spectral=True))
+    x = torch.randn(2, 16, 8, 8)
+    assert attn.gamma.item() == 0.0
+    assert torch.equal(attn(x), x)
+    with torch.no_grad():
+        attn.gamma.fill_(1.0)
+    y = attn(x)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    y.sum().backward()
+    assert attn.theta.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+def test_self_attention_tiny_width():
+    attn = SelfAttention(4, partial(sn_conv, spectral=False))  # channels // 8 == 0 -> clamped to 1
+    assert attn.ck == 1 and attn.cv == 2
+    assert attn(torch.randn(2, 4, 4, 4)).shape == (2, 4, 4, 4)
+
+
+# conditional batchnorm
+
+def test_cbn_zero_cond_is_plain_bn_and_cond_is_per_sample():
+    cbn = ConditionalBatchNorm2d(5, 7, partial(sn_linear, spectral=True))
+    assert parametrize.is_parametrized(cbn.gain, "weight") and parametrize.is_parametrized(cbn.bias, "weight")
+    assert cbn.gain.bias is None and cbn.bias.bias is None
+    x = torch.randn(4, 5, 3, 3)
+    plain = nn.BatchNorm2d(5, affine=False)
+    assert torch.allclose(cbn(x, torch.zeros(4, 7)), plain(x), atol=1e-5)
+    cbn.eval()
+    cond = torch.randn(4, 7)
+    cond2 = cond.clone()
+    cond2[0] += 1.0
+    a, b = cbn(x, cond), cbn(x, cond2)
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1:], b[1:])
+
+
+# minibatch std
+
+def test_mbstd_matches_hand_computation():
+    # 4 samples, 2 channels, 1x2 pixels; group size 2 -> groups {0,2} and {1,3} (sample n in group n % 2)
+    x = torch.tensor([[[[0., 2.]], [[1., 1.]]],
+                      [[[5., 5.]], [[0., 0.]]],
+                      [[[2., 0.]], [[3., 1.]]],
+                      [[[5., 9.]], [[4., 0.]]]])
+    out = MinibatchStd(group_size=2)(x)
+    assert out.shape == (4, 3, 1, 2)
+    assert torch.equal(out[:, :2], x)
+    # group {0,2}: per-feature std = |a-b|/2 over the 4 features = (1, 1, 1, 0) -> mean 0.75
+    # group {1,3}: (0, 2, 2, 0) -> mean 1.0
+    expected = torch.tensor([0.75, 1.0, 0.75, 1.0])
+    assert torch.allclose(out[:, 2], expected[:, None, None].expand(4, 1, 2), atol=1e-3)
+
+
+def test_mbstd_group_clipping_and_fallback():
+    x = torch.randn(3, 2, 4, 4)
+    whole = x.var(dim=0, unbiased=False).add(1e-8).sqrt().mean()
+    for group in (2, 4, 8):  # 3 % 2 != 0 -> whole batch; 4 and 8 clipped to 3
+        out = MinibatchStd(group)(x)
+        assert out.shape == (3, 3, 4, 4)
+        assert torch.allclose(out[:, 2], whole.expand(3, 4, 4), atol=1e-6)
+
+
+def test_mbstd_keeps_dtype():
+    x = torch.randn(4, 2, 2, 2).to(torch.bfloat16)
+    out = MinibatchStd(4)(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 3, 2, 2)
