@@ -33,6 +33,7 @@ from modules.utils import (
     format_duration,
     log,
     parse_duration,
+    process_start,
     seed_everything,
     warn,
 )
@@ -191,7 +192,7 @@ def run(argv=None):
         print(config_to_json(cfg))
         return 0
     budget = parse_duration(cfg.time_budget)
-    deadline = Deadline(budget)
+    deadline = Deadline(budget, start=process_start())
     if budget < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
     timer = PhaseTimer()
