@@ -1,0 +1,166 @@
+"""End-to-end tests of the bundled kernel.py (not only of modules/): smoke runs, bad data, presets, --evaluate."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import KERNEL, ROOT, run_kernel
+from modules.data import load_dogs
+from modules.demo import make_demo_dataset
+from modules.submission import verify_zip, write_submission
+
+FAST = ["--set", "self_check=false"]
+
+
+def _zip_images(path, n=200):
+    with zipfile.ZipFile(path) as zf:
+        return np.stack([np.asarray(Image.open(io.BytesIO(zf.read(f"{i}.png")))) for i in range(n)])
+
+
+def _assert_valid_run(out, proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    verify_zip(out / "images.zip", n_expected=10000)
+    imgs = _zip_images(out / "images.zip")
+    distinct = len({im.tobytes() for im in imgs})
+    assert distinct >= 0.95 * len(imgs), f"only {distinct} distinct images of {len(imgs)}"
+    return json.loads((out / "report.json").read_text())
+
+
+def test_print_config_shows_the_recipe():
+    proc, _ = run_kernel(["--print-config", "-f", "/tmp/jupyter-kernel.json"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["arch"] == "biggan" and cfg["loss"] == "rals" and cfg["preset"] == "kaggle"
+
+
+def test_empty_dir_exits_2_with_one_line(tmp_path):
+    proc, wall = run_kernel(["--data-dir", tmp_path, "--out", tmp_path / "out", "--preset", "smoke"], timeout=60)
+    assert proc.returncode == 2 and wall < 5 + 5  # + interpreter and torch import on a loaded CI box
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path) in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_budget_too_small_exits_2(tmp_path):
+    proc, _ = run_kernel(["--demo", "--out", tmp_path, "--time-budget", "10s"], timeout=60)
+    assert proc.returncode == 2 and "too small" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_smoke_on_real_sample(real_data, tmp_path):
+    """The issue's command: smoke preset on the 1,953-image sample inside 120 s, with every report file."""
+    out = tmp_path / "out"
+    proc, wall = run_kernel(["--data-dir", real_data, "--out", out, "--preset", "smoke", "--time-budget", "120s"])
+    report = _assert_valid_run(out, proc)
+    assert wall <= 120, wall
+    for name in ("samples.png", "losses.png", "nearest.png", "report.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert report["data"]["images_read"] > 1900 and report["train"]["total_steps"] > 10
+    assert "local" in json.dumps(report["metrics"]) and "fid" not in report["metrics"]  # proxy: never called FID
+    assert "done:" in proc.stdout.splitlines()[-1]
+
+
+def _salt(root):
+    """One file of every bad-input class, in the Kaggle layout under root (all-dogs/ + Annotation/<breed>/)."""
+    imgs, ann = root / "all-dogs", root / "Annotation"
+    breed = sorted(p for p in ann.iterdir())[0]
+    src_xml = next(breed.iterdir()).read_text()
+    good = Image.new("RGB", (200, 150), (120, 80, 40))
+
+    def add(name, writer, xml=src_xml):
+        writer(imgs / f"{name}.jpg")
+        if xml is not None:
+            (breed / name).write_text(xml)
+
+    add("zero", lambda p: p.write_bytes(b""))
+    add("corrupt", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0garbage" * 10))
+    buf = io.BytesIO()
+    good.save(buf, format="JPEG")
+    add("truncated", lambda p: p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2]))
+    add("grey", lambda p: good.convert("L").save(p, format="JPEG"))
+    add("cmyk", lambda p: good.convert("CMYK").save(p, format="JPEG"))
+    add("palette", lambda p: good.convert("P").save(p, format="PNG"))
+    add("rgba", lambda p: good.convert("RGBA").save(p, format="PNG"))
+    add("gif", lambda p: good.save(p, format="GIF"))
+    add("noxml", lambda p: good.save(p, format="JPEG"), xml=None)
+    add("badxml", lambda p: good.save(p, format="JPEG"), xml="<annotation><object><bndbox>")
+    add("noobject", lambda p: good.save(p, format="JPEG"), xml="<annotation><size></size></annotation>")
+    box = "<annotation><object><name>x</name><bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax>" \
+          "</bndbox></object></annotation>"
+    add("outofrange", lambda p: good.save(p, format="JPEG"), xml=box.format(150, 100, 900, 900))
+    add("zeroarea", lambda p: good.save(p, format="JPEG"), xml=box.format(50, 50, 50, 90))
+    add("inverted", lambda p: good.save(p, format="JPEG"), xml=box.format(120, 100, 20, 10))
+    (breed / "orphan_annotation").write_text(src_xml)
+
+
+def test_salted_bad_input_is_skipped_and_counted(real_data, tmp_path):
+    data = tmp_path / "data"
+    (data / "all-dogs").mkdir(parents=True)
+    # a 300-image subset of the real sample, with its annotations, then one file of every bad-input class
+    annotations = {p.name: p for p in (real_data / "Annotation").glob("*/*")}
+    for img in sorted((real_data / "all-dogs").iterdir())[:300]:
+        shutil.copy(img, data / "all-dogs" / img.name)
+        a = annotations[img.stem]
+        (data / "Annotation" / a.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(a, data / "Annotation" / a.parent.name / a.name)
+    _salt(data)
+    out = tmp_path / "out"
+    proc, wall = run_kernel(["--data-dir", data, "--out", out, "--preset", "smoke", "--time-budget", "60s", *FAST])
+    report = _assert_valid_run(out, proc)
+    skipped = report["data"]["skipped"]
+    assert sum(skipped.values()) >= 8 and "no_annotation" in skipped and "no_image" in skipped, skipped
+    assert "skipped" in proc.stdout and wall <= 60
+
+
+def test_presets_run_the_smoke_path(tmp_path):
+    """Every recipe runs from the same bundled kernel at smoke widths to a valid zip within its budget (run together)."""
+    data = make_demo_dataset(tmp_path / "demo")
+    presets = ["dcgan", "dcgan5", "dcgan-tricks", "pggan"]
+    procs = {}
+    for name in presets:
+        args = [sys.executable, str(KERNEL), "--data-dir", data, "--out", tmp_path / name, "--preset", f"{name},smoke",
+                "--time-budget", "100s", *FAST]
+        procs[name] = (subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, cwd=ROOT), time.monotonic())
+    for name, (p, t0) in procs.items():
+        log, _ = p.communicate(timeout=300)
+        wall = time.monotonic() - t0
+        assert p.returncode == 0, f"{name}: {log[-3000:]}"
+        assert wall <= 100, f"{name} took {wall:.0f}s"
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["config"]["arch"] in name and report["train"]["total_steps"] > 0
+        verify_zip(tmp_path / name / "images.zip", n_expected=10000)
+
+
+def test_evaluate_flags_copies_and_format(tmp_path):
+    data = make_demo_dataset(tmp_path / "demo")
+    d = load_dogs(data / "all-dogs", data / "Annotation")
+    copies = np.resize(d.reference, (10000, 64, 64, 3))  # 10,000 copies of training images: pure memorization
+    write_submission(copies, str(tmp_path / "copies.zip"))
+    proc, _ = run_kernel(["--data-dir", data, "--evaluate", tmp_path / "copies.zip"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["format"]["ok"] and result["memorization_distance"] < 1e-3
+    fd_key = "fid" if "fid" in result else "proxy_fd"
+    mifid_key = "mifid_public" if "fid" in result else "proxy_mifid_public"
+    assert result[mifid_key] > 1000 * max(result[fd_key], 1e-9)
+
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32)).save(buf, format="PNG")
+            zf.writestr(f"{i}.png", buf.getvalue())
+    proc, _ = run_kernel(["--data-dir", data, "--evaluate", tmp_path / "bad.zip"], timeout=300)
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert not result["format"]["ok"] and "size" in json.dumps(result["format"])
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc, wall = run_kernel(["--demo", "--out", tmp_path, "--preset", "smoke", "--time-budget", "60s"])
+    _assert_valid_run(tmp_path, proc)
+    assert wall <= 60 and "demo" in proc.stdout
