@@ -1,0 +1,107 @@
+"""Speed switches: cuDNN autotuning and TF32 where they help, and torch.compile only where the device and torch
+support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-back to eager when compiling fails.
+"""
+import importlib.util
+import types
+
+import torch
+
+from modules.utils import UsageError, log, warn
+
+COMPILE_MODES = ("off", "auto", "on")  # Config.compile
+COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
+TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
+
+
+def configure_backends(device):
+    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 matmuls/convs on Ampere+.
+    Nothing on CPU. Returns a short description for the log."""
+    if device.type != "cuda":
+        return "cpu: no backend flags"
+    torch.backends.cudnn.benchmark = True
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < TF32_MIN_CAPABILITY:
+        return f"sm_{major}{minor}: cudnn.benchmark on, no TF32"
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls may use TF32
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9 API
+        conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
+    return f"sm_{major}{minor}: cudnn.benchmark on, TF32 on"
+
+
+def compile_support(device):
+    """-> (ok, why): can torch.compile (inductor) run on this device with this torch?"""
+    try:
+        if not torch._dynamo.is_dynamo_supported():  # torch loads _dynamo lazily, on first access
+            return False, f"torch {torch.__version__} cannot compile under this Python"
+    except Exception as exc:  # ImportError, or a dynamo that fails to initialise
+        return False, f"torch._dynamo unavailable ({type(exc).__name__})"
+    if device.type == "cpu":
+        return True, "cpu (inductor C++ backend)"
+    if device.type != "cuda":
+        return False, f"device type {device.type!r}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < COMPILE_MIN_CAPABILITY:
+        return False, f"sm_{major}{minor} has no Triton support (needs sm_{COMPILE_MIN_CAPABILITY}0+)"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    return True, f"sm_{major}{minor} with Triton"
+
+
+class CompiledForward:
+    """Replaces `module.forward` in place: the compiled forward, or the eager one for good if the first call raises.
+
+    In place, so the module keeps its class, attributes (joint_ok, set_growth) and state_dict keys. A deep copy of the
+    module (EMA, SWA) gets its own eager forward: the compiled function is bound to the original's parameters.
+    """
+
+    def __init__(self, module, compiled):
+        self.module, self.compiled, self.eager = module, compiled, module.forward
+        self.checked = False  # True after the first compiled call succeeded
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            if self.checked:
+                return self.compiled(*args, **kwargs)
+            try:
+                out = self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
+                self.checked = True
+                return out
+            except Exception as exc:
+                first_line = (str(exc).splitlines() or [""])[0][:160]
+                warn(f"torch.compile of {type(self.module).__name__} failed at its first call "
+                     f"({type(exc).__name__}: {first_line}): running eager from now on")
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
+        return self if twin is None else types.MethodType(type(twin).forward, twin)
+
+
+def maybe_compile(module, *, mode, device):
+    """mode off | auto | on -> module, compiled in place where supported (see CompiledForward), else unchanged.
+
+    auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
+    on: also CPU; an unsupported device gives one warning and the eager module.
+    """
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"compile={mode!r}: choose from {', '.join(COMPILE_MODES)}")
+    if mode == "off" or isinstance(module.__dict__.get("forward"), CompiledForward):
+        return module
+    ok, why = compile_support(device)
+    if mode == "auto" and (device.type != "cuda" or not ok or hasattr(module, "set_growth")):
+        return module
+    if not ok:
+        warn(f"compile=on but {why}: {type(module).__name__} runs eager")
+        return module
+    try:
+        compiled = torch.compile(module.forward, dynamic=False)  # fixed batch shapes: one static graph per shape
+    except Exception as exc:
+        warn(f"torch.compile of {type(module).__name__} refused ({type(exc).__name__}: {exc}): running eager")
+        return module
+    module.forward = CompiledForward(module, compiled)
+    log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
+    return module

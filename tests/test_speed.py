@@ -1,0 +1,279 @@
+"""Speed paths on CPU: AMP resolution (CUDA capabilities faked), no host sync inside Trainer.step(), maybe_compile's
+modes and its fall-back to eager, configure_backends."""
+import copy
+import dataclasses
+import importlib.util
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modules.config import PRESETS, Config, apply_overrides
+from modules.speed import CompiledForward, compile_support, configure_backends, maybe_compile
+from modules.train import build_trainer, resolve_amp
+from modules.utils import UsageError
+
+CPU = torch.device("cpu")
+FAKE_CUDA = types.SimpleNamespace(type="cuda", index=0)  # resolve_amp / speed only read .type and pass it on
+
+
+def fake_capability(monkeypatch, major, minor=0, bf16=True):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def smoke_trainer(amp="auto", batch_size=8):
+    """BigGAN at ch=4 (smoke preset) on 16 random images of 3 breeds, on the CPU."""
+    cfg = dataclasses.replace(apply_overrides(Config(), PRESETS["smoke"], "smoke"), amp=amp, batch_size=batch_size)
+    assert cfg.arch == "biggan" and cfg.g_ch == 4
+    rng = np.random.default_rng(0)
+    data = types.SimpleNamespace(images=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
+                                 labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=None)
+    return build_trainer(cfg, data, CPU)
+
+
+# amp
+
+def test_resolve_amp_none_on_cpu_and_when_off(monkeypatch):
+    assert resolve_amp("auto", CPU) is None
+    assert resolve_amp("off", CPU) is None
+    fake_capability(monkeypatch, 8)
+    assert resolve_amp("off", FAKE_CUDA) is None
+
+
+@pytest.mark.parametrize("cap, bf16, want", [((6, 0), True, torch.float16),  # P100: no bf16 whatever the driver says
+                                             ((7, 5), False, torch.float16),  # T4
+                                             ((8, 0), True, torch.bfloat16),  # A100
+                                             ((8, 0), False, torch.float16),
+                                             ((9, 0), True, torch.bfloat16)])  # H100
+def test_resolve_amp_picks_dtype_by_capability(monkeypatch, cap, bf16, want):
+    fake_capability(monkeypatch, *cap, bf16=bf16)
+    assert resolve_amp("auto", FAKE_CUDA) == want
+
+
+@pytest.mark.parametrize("amp", ["auto", "off"])
+def test_grad_scaler_disabled_on_cpu(amp):
+    tr = smoke_trainer(amp=amp)
+    assert tr.amp_dtype is None
+    assert not tr.scaler_g.is_enabled() and not tr.scaler_d.is_enabled()
+
+
+# no host sync per step
+
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+def forbid_host_syncs(monkeypatch, allowed_ids=()):
+    """Make every Tensor -> host read raise, except on the tensors in allowed_ids."""
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def patched(self, *args, _name=name, _original=original, **kwargs):
+            if id(self) in allowed_ids:
+                return _original(self, *args, **kwargs)
+            raise HostSyncError(f"host sync: Tensor.{_name} called inside Trainer.step()")
+
+        monkeypatch.setattr(torch.Tensor, name, patched)
+
+
+def test_trainer_step_makes_no_host_sync(monkeypatch):
+    torch.manual_seed(0)
+    tr = smoke_trainer()
+    tr.step()  # creates the optimiser state
+    # Non-fused Adam (CPU) reads its step counter, a CPU scalar, with .item(): not a device sync, and on CUDA fused Adam
+    # keeps it on the device. Those counters are the only tensors allowed to be read.
+    steps = {id(s["step"]) for opt in (tr.opt_g, tr.opt_d) for s in opt.state.values()}
+    assert steps
+    with monkeypatch.context() as m:
+        forbid_host_syncs(m, steps)
+        with pytest.raises(HostSyncError):
+            float(torch.ones(()))  # the trap works
+        for _ in range(4):
+            tr.step()
+    assert tr.step_count == 5 and tr.stats_n == 5
+    loss_d, loss_g, bad = tr.read_stats()  # the one sync, unpatched
+    assert np.isfinite(loss_d) and np.isfinite(loss_g) and bad == 0
+    assert tr.stats_n == 0
+
+
+def test_host_sync_trap_catches_a_sync_in_step(monkeypatch):
+    """The trap is not vacuous: a loss read inside step() is caught."""
+    tr = smoke_trainer()
+    tr.step()
+    original_stats = tr.stats
+
+    class SyncingStats:
+        def __iadd__(self, other):
+            float(other[0])  # what a careless `log(float(loss))` would do
+            return original_stats.__iadd__(other)
+
+    tr.stats = SyncingStats()
+    with monkeypatch.context() as m:
+        forbid_host_syncs(m, {id(s["step"]) for opt in (tr.opt_g, tr.opt_d) for s in opt.state.values()})
+        with pytest.raises(HostSyncError):
+            tr.step()
+
+
+# maybe_compile
+
+class Doubler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.joint_ok = True
+
+    def forward(self, x):
+        return 2 * self.lin(x)
+
+
+def fake_compile(monkeypatch, behaviour):
+    """torch.compile -> a wrapper that counts calls and either raises (behaviour="raise") or runs the eager fn."""
+    calls = {"compile": 0, "run": 0}
+
+    def compile_(fn, **kwargs):
+        calls["compile"] += 1
+
+        def run(*args, **kw):
+            calls["run"] += 1
+            if behaviour == "raise":
+                raise RuntimeError("Cannot find a working triton installation\nmore details")
+            return fn(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return calls
+
+
+def test_compile_off_returns_the_module_untouched(monkeypatch):
+    calls = fake_compile(monkeypatch, "run")
+    m = Doubler()
+    assert maybe_compile(m, mode="off", device=CPU) is m
+    assert "forward" not in m.__dict__ and calls["compile"] == 0
+
+
+def test_compile_auto_on_cpu_is_a_no_op(monkeypatch, capsys):
+    calls = fake_compile(monkeypatch, "run")
+    m = Doubler()
+    assert maybe_compile(m, mode="auto", device=CPU) is m
+    assert "forward" not in m.__dict__ and calls["compile"] == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_compile_bad_mode():
+    with pytest.raises(UsageError, match="compile="):
+        maybe_compile(Doubler(), mode="yes", device=CPU)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_compile_never_on_pascal(monkeypatch, capsys, mode):
+    fake_capability(monkeypatch, 6, 0)
+    calls = fake_compile(monkeypatch, "run")
+    m = Doubler()
+    assert maybe_compile(m, mode=mode, device=FAKE_CUDA) is m
+    assert "forward" not in m.__dict__ and calls["compile"] == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == (1 if mode == "on" else 0)
+    assert mode == "auto" or "sm_60" in out
+    assert not compile_support(FAKE_CUDA)[0]
+
+
+def test_compile_auto_on_ampere_compiles_but_not_progressive_models(monkeypatch):
+    fake_capability(monkeypatch, 8, 0)
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    calls = fake_compile(monkeypatch, "run")
+    m = maybe_compile(Doubler(), mode="auto", device=FAKE_CUDA)
+    assert isinstance(m.forward, CompiledForward) and calls["compile"] == 1
+    grower = Doubler()
+    grower.set_growth = lambda level, alpha: None
+    assert "forward" not in maybe_compile(grower, mode="auto", device=FAKE_CUDA).__dict__
+
+
+def test_compiled_module_keeps_identity_state_and_copies_run_eager(monkeypatch):
+    calls = fake_compile(monkeypatch, "run")
+    torch.manual_seed(0)
+    m = Doubler()
+    keys = list(m.state_dict())
+    x = torch.randn(4, 3)
+    want = m(x)
+    assert maybe_compile(m, mode="on", device=CPU) is m
+    assert torch.equal(m(x), want) and calls["run"] == 1
+    assert list(m.state_dict()) == keys and m.joint_ok
+    assert maybe_compile(m, mode="on", device=CPU) is m and calls["compile"] == 1  # compiling twice is a no-op
+    ema = copy.deepcopy(m)  # EMA / SWA copies: their own parameters, eager
+    assert not isinstance(ema.forward, CompiledForward) and ema.forward.__self__ is ema
+    with torch.no_grad():
+        ema.lin.bias.add_(1.0)
+    assert torch.allclose(ema(x), want + 2) and calls["run"] == 1
+    assert torch.equal(m(x), want) and calls["run"] == 2
+
+
+def test_compile_failure_at_first_call_falls_back_to_eager(monkeypatch, capsys):
+    calls = fake_compile(monkeypatch, "raise")
+    torch.manual_seed(0)
+    m = Doubler()
+    x = torch.randn(4, 3)
+    want = m(x)
+    maybe_compile(m, mode="on", device=CPU)
+    assert torch.equal(m(x), want)
+    assert torch.equal(m(x), want)
+    assert calls["run"] == 1  # eager for good after the first failure
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 1 and "triton" in out and "more details" not in out
+
+
+def test_compile_refused_at_wrap_time_returns_eager(monkeypatch, capsys):
+    def refuse(fn, **kwargs):
+        raise RuntimeError("unsupported")
+    monkeypatch.setattr(torch, "compile", refuse)
+    m = Doubler()
+    assert maybe_compile(m, mode="on", device=CPU) is m and "forward" not in m.__dict__
+    assert capsys.readouterr().out.count("WARNING") == 1
+
+
+# backends
+
+@pytest.fixture
+def backend_flags():
+    """Snapshot and restore the global backend flags a test may change."""
+    conv = torch.backends.cudnn.conv
+    saved = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(), conv.fp32_precision)
+    yield saved
+    torch.backends.cudnn.benchmark = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+    conv.fp32_precision = saved[2]
+
+
+def current_flags():
+    conv = torch.backends.cudnn.conv
+    return torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(), conv.fp32_precision
+
+
+def test_configure_backends_cpu_is_a_no_op(backend_flags):
+    configure_backends(CPU)
+    assert current_flags() == backend_flags
+
+
+def test_configure_backends_pascal_autotunes_without_tf32(monkeypatch, backend_flags):
+    fake_capability(monkeypatch, 6, 0)
+    torch.backends.cudnn.benchmark = False
+    torch.set_float32_matmul_precision("highest")
+    configure_backends(FAKE_CUDA)
+    assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+
+
+def test_configure_backends_ampere_enables_tf32(monkeypatch, backend_flags):
+    fake_capability(monkeypatch, 8, 0)
+    torch.backends.cudnn.benchmark = False
+    torch.set_float32_matmul_precision("highest")
+    configure_backends(FAKE_CUDA)
+    assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
