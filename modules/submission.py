@@ -49,17 +49,28 @@ def verify_zip(path, *, n_expected, size=64):
         raise SubmissionError(f"{path}: cannot be read back ({exc})") from None
 
 
-def write_submission(images, path, *, workers=2):
-    """Write uint8 [N,64,64,3] as a verified zip at path (atomic). Returns the path. A failed write is a UsageError."""
+def write_submission(images, path, *, workers=2, corrupt=False):
+    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
+    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
+    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
+    SubmissionError.
+
+    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
+    """
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     tmp = f"{path}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         pngs = encode_pngs(images, workers)
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
-            for i, data in enumerate(pngs):
-                zf.writestr(f"{i}.png", data)
+        with open(tmp, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
+                for i, data in enumerate(pngs):
+                    zf.writestr(f"{i}.png", data)
+            if corrupt:
+                f.truncate(f.tell() // 2)
+            f.flush()
+            os.fsync(f.fileno())
         verify_zip(tmp, n_expected=n, size=h)
         os.replace(tmp, path)
     except (OSError, SubmissionError) as exc:
@@ -70,4 +81,10 @@ def write_submission(images, path, *, workers=2):
         if isinstance(exc, SubmissionError):
             raise
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:  # an interrupt or a crash mid-write: no half zip left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     return path

@@ -1,10 +1,13 @@
 """Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, roll-back on divergence,
 checkpoints, and the loop that does its upkeep once per check/tick and stops on the Deadline.
 """
+import contextlib
 import copy
 import math
 import os
+import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,12 @@ from modules.losses import LOSSES, gradient_penalty
 from modules.models import build_models
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
-from modules.utils import format_duration, log, warn
+from modules.utils import UsageError, format_duration, log, warn
+
+CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
+CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
+SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
+SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
 
 # data on the device
 
@@ -131,8 +139,10 @@ class Trainer:
         self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.fault_kind, _, fault_at = fault.partition("@")
-        self.fault_at = float(fault_at) if fault_at else -1
+        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see main.FAULT_RE
+        for item in filter(None, (f.strip() for f in fault.split(","))):
+            kind, _, at = item.partition("@")
+            self.faults[kind] = float(at) if at else -1.0
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
 
@@ -206,8 +216,8 @@ class Trainer:
                     loss_d = loss_d + self.aux_weight * F.cross_entropy(cls_real.float(), y_real)
             if self.gp_weight:
                 loss_d = loss_d + self.gp_weight * gradient_penalty(self.D, real, fake, y_real)
-            if self.fault_kind == "nan" and self.step_count == self.fault_at:
-                self.fault_kind = ""  # one shot: the step after a roll-back passes
+            if self.faults.get("nan") == self.step_count:
+                del self.faults["nan"]  # one shot: the step after a roll-back passes
                 loss_d = loss_d * float("nan")
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
@@ -239,11 +249,11 @@ class Trainer:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
 
     def _inject_fault(self):
-        if self.fault_kind == "raise" and self.step_count == self.fault_at:
-            self.fault_kind = ""  # one shot
+        if self.faults.get("raise") == self.step_count:
+            del self.faults["raise"]  # one shot
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
-        if self.fault_kind == "slow":
-            time.sleep(self.fault_at)
+        if "slow" in self.faults:
+            time.sleep(self.faults["slow"])
 
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them."""
@@ -290,13 +300,52 @@ class Trainer:
         self.stats_n = 0
 
 
-def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes):
-    """Atomic: written to path.tmp then renamed. Holds state dicts and plain data only, never pickled modules."""
-    payload = {"format": "dogs-gan-checkpoint-1", "trainer": trainer.state_dict(), "config": config,
-               "train_seconds": train_seconds, "n_classes": n_classes, "classes": list(classes)}
+def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
+                    history=None):
+    """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
+    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
+
+    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
+    """
+    payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
+               "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
+               "n_classes": n_classes, "classes": list(classes), "history": history or {}}
     tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path, *, arch):
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
+
+    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
+    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {path}: no such file") from None
+    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
+                         "of an earlier run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
+        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
+    for key, value in arch.items():
+        if ckpt["config"].get(key) != value:
+            raise UsageError(f"--resume {path}: checkpoint has {key}={ckpt['config'].get(key)!r}, this run {value!r}; "
+                             "resume with the same preset and settings")
+    return ckpt
 
 
 def build_trainer(cfg, data, device):
@@ -329,47 +378,75 @@ def sample_spread(G, z):
 
 def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, check_every=50, snapshot_every=500,
                max_rollbacks=3, rollback_lr_factor=0.5, checkpoint_fn=None, checkpoint_s=0.0, prior_train_s=0.0,
-               history=None):
-    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, or divergence.
+               plan_s=None, finish_s=0.0, first_step_s=0.0, history=None):
+    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, divergence or a
+    failure. Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers
+    it): it returns with reason "crashed" or "interrupted", so that the caller ships what there is.
 
-    The next step's duration is predicted from the steps measured between syncs; the loop stops before crossing.
-    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s).
+    Time: a step starts only if it is predicted to end in time: 2x the measured step time (first_step_s before one is
+    measured). Other processes slow the finish as much as the steps, so the deadline moves earlier by
+    finish_s * (slowdown - 1), slowdown being how much slower the steps run now than at first (1..SLOWDOWN_MAX).
+    Schedule: progress = (prior_train_s + seconds trained here) / plan_s (default: prior_train_s + this window);
+    training also stops where the plan ends (a resumed run trains what its plan has left).
+    Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
+    snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
+    plan_seconds, complete) every checkpoint_s seconds. The steps after the last sync are checked on the way out too.
+    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s, slowdown, error).
     """
     history = history if history is not None else {}
     t_start = deadline.elapsed()
-    window = max(train_until - t_start, 1e-6)  # this run's training time
-    total = prior_train_s + window
-    step_s = None  # seconds per step, measured at syncs
+    plan = max(plan_s or prior_train_s + train_until - t_start, 1e-6)
+    window = max(min(train_until - t_start, plan - prior_train_s), 0.0)  # this run's training time
+    step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
+    base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
+    slowdown, level = 1.0, None
     last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-    last_tick, last_ckpt = time.monotonic(), time.monotonic()
-    snapshot, snapshot_step, rollbacks = trainer.snapshot(), trainer.step_count, 0
+    last_tick = last_ckpt = time.monotonic()
+    ckpt_est = 0.0  # duration of the last checkpoint
+    snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
     first_step = trainer.step_count
-    fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
-    reason = "budget"
+    reason, error = "budget", None
     loss_d = loss_g = float("nan")
-    while True:
-        if stop_event is not None and stop_event.is_set():
-            reason = "interrupted"
-            break
-        now_e = deadline.elapsed()
-        margin = 2 * (step_s or 0.0)  # the step we start plus one the host may have queued ahead of the GPU
-        if now_e + margin >= train_until:
-            break
-        trainer.set_progress((prior_train_s + now_e - t_start) / total)
-        trainer.step()
-        done = trainer.step_count - first_step
-        if done in (1, 2) or trainer.step_count % check_every == 0:
+
+    def trained():
+        return prior_train_s + deadline.elapsed() - t_start
+
+    try:
+        snapshot = trainer.snapshot()
+        fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+        while True:
+            if stop_event is not None and stop_event.is_set():
+                reason = "interrupted"
+                log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                    "(interrupt again to exit at once)")
+                break
+            until = train_until - finish_s * (slowdown - 1)
+            margin = 2 * step_s if step_s is not None else first_step_s  # the step we start + one queued on the GPU
+            if deadline.elapsed() + margin >= until or trained() >= plan:
+                break
+            trainer.set_progress(trained() / plan)
+            trainer.step()
+            done = trainer.step_count - first_step
+            if not (done <= 2 or trainer.step_count % check_every == 0 or time.monotonic() - last_sync_t >= SYNC_MAX_S):
+                continue
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             t = time.monotonic()
-            n = trainer.step_count - last_sync_step
-            if done > 2 and n > 0:  # the first two steps carry cudnn autotuning; they do not predict the rest
-                measured = (t - last_sync_t) / n
-                step_s = measured if step_s is None else 0.7 * step_s + 0.3 * measured
-            elif step_s is None:
-                step_s = t - last_sync_t
+            measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
+            if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
+                step_s = max(step_s or 0.0, measured)
+            else:
+                step_s = 0.7 * step_s + 0.3 * measured
+                if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
+                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
+                    if new_level != level:
+                        level, base_s = new_level, None
+                if base_s is None:
+                    base_s = recent_s = measured
+                recent_s = 0.7 * recent_s + 0.3 * measured
+                slowdown = min(max(recent_s / base_s, 1.0), SLOWDOWN_MAX)
             last_sync_t, last_sync_step = t, trainer.step_count
-            history.setdefault("loss_d", []).append((prior_train_s + deadline.elapsed() - t_start, loss_d))
-            history.setdefault("loss_g", []).append((prior_train_s + deadline.elapsed() - t_start, loss_g))
+            history.setdefault("loss_d", []).append((trained(), loss_d))
+            history.setdefault("loss_g", []).append((trained(), loss_g))
             if bad:
                 rollbacks += 1
                 if rollbacks > max_rollbacks:
@@ -379,30 +456,58 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
                     reason = "diverged"
                     break
                 trainer.rollback(snapshot, rollback_lr_factor)
-                warn(f"non-finite losses by step {trainer.step_count}: rolled back to step {snapshot_step}, "
+                warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
                      f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
-                last_sync_step = trainer.step_count
+                last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
                 continue
+            # upkeep, on checked state only; its time is not step time
             if trainer.step_count - snapshot_step >= snapshot_every:
                 snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
-        now = time.monotonic()
-        if now - last_tick >= tick_s:
-            last_tick = now
-            spread = sample_spread(trainer.generator_to_ship(), fixed_z)
-            rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
-            log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
-                f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
-                f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}")
-            history.setdefault("spread", []).append((prior_train_s + deadline.elapsed() - t_start, spread))
-            if spread < 0.02:
-                warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-        if checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s:
-            checkpoint_fn(prior_train_s + deadline.elapsed() - t_start)
-            last_ckpt = time.monotonic()
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
+            now = time.monotonic()
+            if now - last_tick >= tick_s:
+                last_tick = now
+                spread = sample_spread(trainer.generator_to_ship(), fixed_z)
+                rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
+                log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
+                    f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
+                    f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}"
+                    + (f"  steps {slowdown:.1f}x slower than at first" if slowdown > 1.1 else ""))
+                history.setdefault("spread", []).append((trained(), spread))
+                if spread < 0.02:
+                    warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
+            if (checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
+                    and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
+                t0 = time.monotonic()
+                checkpoint_fn(trained(), plan, False)
+                last_ckpt = time.monotonic()
+                ckpt_est = last_ckpt - t0
+            last_sync_t = time.monotonic()
+    except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
+        reason = "interrupted"
+        if stop_event is not None:
+            stop_event.set()
+        warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
+    except Exception as exc:  # CUDA OOM included: ship what there is
+        reason = "crashed"
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
+        traceback.print_exc(file=sys.stdout)
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
+        try:
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            bad = trainer.read_stats()[2]
+            if bad and snapshot is not None:
+                warn(f"non-finite losses in the last steps: rolled back to step {snapshot_step}")
+                trainer.rollback(snapshot, 1.0)
+                rollbacks += 1
+        except Exception as exc:
+            warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
     seconds = deadline.elapsed() - t_start
     steps = trainer.step_count - first_step
     return {"steps": steps, "total_steps": trainer.step_count, "seconds": seconds, "reason": reason,
             "rollbacks": rollbacks, "it_per_s": steps / max(seconds, 1e-9),
-            "images_per_s": steps * trainer.batch_size / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds}
+            "images_per_s": steps * trainer.batch_size / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds,
+            "plan_seconds": plan, "slowdown": slowdown, "error": error}
