@@ -5,7 +5,6 @@ learns the un-augmented distribution. Newer than the competition (2019): off by 
 Every transform maps x [N,3,H,W] in about [-1,1] to the same shape, per-sample random, differentiable in x.
 """
 import torch
-import torch.nn.functional as F
 
 
 def augment_color(x):

@@ -62,6 +62,7 @@ class Config:
     beta1: float = 0.0
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
+    max_steps: int = 0  # stop training after this many G steps (0 = train until the budget's training window closes)
     lr_schedule: str = "constant"  # constant | cosine | linear, over the training time the watchdog allows
     lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
@@ -76,6 +77,8 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
     amp: str = "auto"  # auto (fp16 on CUDA, bf16 where supported) | off
+    compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
+    diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # upkeep and robustness
@@ -88,7 +91,7 @@ class Config:
     reserve_margin_s: float = 60.0  # added to the measured time of sampling + zip + self-check
     # evaluation
     feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = hub cache or proxy network
-    self_check: bool = True  # memorization self-check and nearest.png before zipping
+    self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # testing
     fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS
 

@@ -1,28 +1,19 @@
 """Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, roll-back on divergence,
 checkpoints, and the loop that does its upkeep once per check/tick and stops on the Deadline.
 """
-import contextlib
 import copy
 import math
-import os
-import sys
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from modules.augment import diff_augment, parse_augment_policy
 from modules.losses import LOSSES, gradient_penalty
 from modules.models import build_models
 from modules.pggan import pggan_growth
-from modules.sample import truncated_z
-from modules.utils import UsageError, format_duration, log, warn
-
-CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
-CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
-SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
-SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
+from modules.speed import maybe_compile
 
 # data on the device
 
@@ -114,7 +105,7 @@ class Trainer:
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
                  real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
                  ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", fault=""):
+                 pg_fade=0.5, amp="auto", diffaug="", fault=""):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
@@ -122,6 +113,7 @@ class Trainer:
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
+        self.diffaug = parse_augment_policy(diffaug)
         self.base_lr = {"g": lr_g, "d": lr_d}
         self.lr_scale = 1.0  # lowered by each roll-back
         self.lr_schedule, self.lr_final = lr_schedule, lr_final
@@ -182,6 +174,8 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
+        """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
+        x = diff_augment(x, self.diffaug)
         if self.instance_noise:
             sigma = self.instance_noise * (1 - self.progress)
             if sigma > 0:
@@ -300,214 +294,18 @@ class Trainer:
         self.stats_n = 0
 
 
-def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
-                    history=None):
-    """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
-
-    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
-    """
-    payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
-               "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
-               "n_classes": n_classes, "classes": list(classes), "history": history or {}}
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
-
-    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
-    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
-        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
-    for key, value in arch.items():
-        if ckpt["config"].get(key) != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={ckpt['config'].get(key)!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
 def build_trainer(cfg, data, device):
     """Config + loaded data -> Trainer (models built, moved to the device, data on the device)."""
     n_classes = len(data.classes)
     G, D = build_models(cfg, n_classes)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    return Trainer(
+    trainer = Trainer(
         G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=cfg.batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
         betas=(cfg.beta1, cfg.beta2), d_steps=cfg.d_steps, aux_weight=cfg.aux_weight, real_target=cfg.real_label,
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        fault=cfg.fault)
-
-
-# the loop
-
-
-@torch.no_grad()
-def sample_spread(G, z):
-    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
-    was = G.training
-    G.eval()
-    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    spread = float(G(z, y).float().std(0).mean())
-    G.train(was)
-    return spread
-
-
-def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, check_every=50, snapshot_every=500,
-               max_rollbacks=3, rollback_lr_factor=0.5, checkpoint_fn=None, checkpoint_s=0.0, prior_train_s=0.0,
-               plan_s=None, finish_s=0.0, first_step_s=0.0, history=None):
-    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, divergence or a
-    failure. Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers
-    it): it returns with reason "crashed" or "interrupted", so that the caller ships what there is.
-
-    Time: a step starts only if it is predicted to end in time: 2x the measured step time (first_step_s before one is
-    measured). Other processes slow the finish as much as the steps, so the deadline moves earlier by
-    finish_s * (slowdown - 1), slowdown being how much slower the steps run now than at first (1..SLOWDOWN_MAX).
-    Schedule: progress = (prior_train_s + seconds trained here) / plan_s (default: prior_train_s + this window);
-    training also stops where the plan ends (a resumed run trains what its plan has left).
-    Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
-    snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
-    plan_seconds, complete) every checkpoint_s seconds. The steps after the last sync are checked on the way out too.
-    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s, slowdown, error).
-    """
-    history = history if history is not None else {}
-    t_start = deadline.elapsed()
-    plan = max(plan_s or prior_train_s + train_until - t_start, 1e-6)
-    window = max(min(train_until - t_start, plan - prior_train_s), 0.0)  # this run's training time
-    step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
-    base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
-    slowdown, level = 1.0, None
-    last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-    last_tick = last_ckpt = time.monotonic()
-    ckpt_est = 0.0  # duration of the last checkpoint
-    snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
-    first_step = trainer.step_count
-    reason, error = "budget", None
-    loss_d = loss_g = float("nan")
-
-    def trained():
-        return prior_train_s + deadline.elapsed() - t_start
-
-    try:
-        snapshot = trainer.snapshot()
-        fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
-        while True:
-            if stop_event is not None and stop_event.is_set():
-                reason = "interrupted"
-                log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-                    "(interrupt again to exit at once)")
-                break
-            until = train_until - finish_s * (slowdown - 1)
-            margin = 2 * step_s if step_s is not None else first_step_s  # the step we start + one queued on the GPU
-            if deadline.elapsed() + margin >= until or trained() >= plan:
-                break
-            trainer.set_progress(trained() / plan)
-            trainer.step()
-            done = trainer.step_count - first_step
-            if not (done <= 2 or trainer.step_count % check_every == 0 or time.monotonic() - last_sync_t >= SYNC_MAX_S):
-                continue
-            loss_d, loss_g, bad = trainer.read_stats()  # host sync
-            t = time.monotonic()
-            measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
-            if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
-                step_s = max(step_s or 0.0, measured)
-            else:
-                step_s = 0.7 * step_s + 0.3 * measured
-                if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
-                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
-                    if new_level != level:
-                        level, base_s = new_level, None
-                if base_s is None:
-                    base_s = recent_s = measured
-                recent_s = 0.7 * recent_s + 0.3 * measured
-                slowdown = min(max(recent_s / base_s, 1.0), SLOWDOWN_MAX)
-            last_sync_t, last_sync_step = t, trainer.step_count
-            history.setdefault("loss_d", []).append((trained(), loss_d))
-            history.setdefault("loss_g", []).append((trained(), loss_g))
-            if bad:
-                rollbacks += 1
-                if rollbacks > max_rollbacks:
-                    warn(f"non-finite losses at step {trainer.step_count} after {max_rollbacks} roll-backs: "
-                         "stopping training, shipping the last good averaged generator")
-                    trainer.rollback(snapshot, 1.0)
-                    reason = "diverged"
-                    break
-                trainer.rollback(snapshot, rollback_lr_factor)
-                warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
-                     f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
-                last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-                continue
-            # upkeep, on checked state only; its time is not step time
-            if trainer.step_count - snapshot_step >= snapshot_every:
-                snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
-            now = time.monotonic()
-            if now - last_tick >= tick_s:
-                last_tick = now
-                spread = sample_spread(trainer.generator_to_ship(), fixed_z)
-                rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
-                log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
-                    f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
-                    f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}"
-                    + (f"  steps {slowdown:.1f}x slower than at first" if slowdown > 1.1 else ""))
-                history.setdefault("spread", []).append((trained(), spread))
-                if spread < 0.02:
-                    warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-            if (checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
-                    and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
-                t0 = time.monotonic()
-                checkpoint_fn(trained(), plan, False)
-                last_ckpt = time.monotonic()
-                ckpt_est = last_ckpt - t0
-            last_sync_t = time.monotonic()
-    except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
-        reason = "interrupted"
-        if stop_event is not None:
-            stop_event.set()
-        warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
-    except Exception as exc:  # CUDA OOM included: ship what there is
-        reason = "crashed"
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout)
-        if trainer.device.type == "cuda":
-            torch.cuda.empty_cache()
-    if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
-        try:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-            bad = trainer.read_stats()[2]
-            if bad and snapshot is not None:
-                warn(f"non-finite losses in the last steps: rolled back to step {snapshot_step}")
-                trainer.rollback(snapshot, 1.0)
-                rollbacks += 1
-        except Exception as exc:
-            warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
-    seconds = deadline.elapsed() - t_start
-    steps = trainer.step_count - first_step
-    return {"steps": steps, "total_steps": trainer.step_count, "seconds": seconds, "reason": reason,
-            "rollbacks": rollbacks, "it_per_s": steps / max(seconds, 1e-9),
-            "images_per_s": steps * trainer.batch_size / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds,
-            "plan_seconds": plan, "slowdown": slowdown, "error": error}
+        diffaug=cfg.diffaug, fault=cfg.fault)
+    maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
+    maybe_compile(trainer.D, mode=cfg.compile, device=device)
+    return trainer

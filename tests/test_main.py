@@ -1,6 +1,7 @@
 """End-to-end tests of the bundled kernel.py (not only of modules/): smoke runs, bad data, presets, --evaluate."""
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -125,8 +126,9 @@ def test_presets_run_the_smoke_path(tmp_path):
     for name in presets:
         args = [sys.executable, str(KERNEL), "--data-dir", data, "--out", tmp_path / name, "--preset", f"{name},smoke",
                 "--time-budget", "100s", *FAST]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # four kernels share the cores: one thread each
         procs[name] = (subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, cwd=ROOT), time.monotonic())
+                                        text=True, cwd=ROOT, env=env), time.monotonic())
     for name, (p, t0) in procs.items():
         log, _ = p.communicate(timeout=300)
         wall = time.monotonic() - t0

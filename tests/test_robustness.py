@@ -24,9 +24,11 @@ import torch
 
 from conftest import KERNEL, ROOT, run_kernel
 from modules.config import PRESETS, Config, apply_overrides
-from modules.main import measure_finish_seconds
+from modules.finish import measure_finish_seconds
 from modules.submission import verify_zip
-from modules.train import build_trainer, read_checkpoint, save_checkpoint, train_loop
+from modules.checkpoint import read_checkpoint, save_checkpoint
+from modules.loop import train_loop
+from modules.train import build_trainer
 from modules.utils import Deadline, UsageError
 
 # One torch thread per kernel: with two, the OpenMP threads of processes sharing 2 cores spin-wait on each other and

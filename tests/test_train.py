@@ -1,5 +1,4 @@
 import dataclasses
-import threading
 import types
 
 import numpy as np
@@ -7,8 +6,7 @@ import pytest
 import torch
 
 from modules.config import PRESETS, Config, apply_overrides
-from modules.train import EMA, DeviceBatches, build_trainer, resolve_amp, train_loop
-from modules.utils import Deadline
+from modules.train import EMA, DeviceBatches, build_trainer, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -73,7 +71,7 @@ def test_learning_is_wired():
     data = tiny_data(n=8)
     trainer = build_trainer(tiny_cfg(batch_size=8, lr_g=1e-5), data, CPU)
     losses = []
-    for _ in range(150):
+    for _ in range(80):
         trainer.step()
         losses.append(trainer.read_stats()[0])
     assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])
@@ -96,16 +94,6 @@ def test_every_arch_steps(preset):
     assert trainer.generator_to_ship()(torch.randn(2, cfg.z_dim), torch.zeros(2, dtype=torch.long)).shape == (2, 3, 64, 64)
 
 
-def test_nan_is_rolled_back_and_training_goes_on():
-    torch.manual_seed(0)
-    trainer = build_trainer(tiny_cfg(batch_size=4, fault="nan@12", snapshot_every=5), tiny_data(), CPU)
-    summary = train_loop(trainer, deadline=Deadline(3600), train_until=Deadline(3600).elapsed() + 4.0,
-                         stop_event=None, check_every=5, snapshot_every=5, tick_s=1e9)
-    assert summary["rollbacks"] == 1 and summary["reason"] == "budget" and summary["total_steps"] > 15
-    for p in trainer.generator_to_ship().parameters():
-        assert torch.isfinite(p).all()
-
-
 def test_lr_schedules():
     trainer = build_trainer(tiny_cfg(lr_schedule="cosine", lr_final=0.1), tiny_data(), CPU)
     trainer.set_progress(0.0)
@@ -115,12 +103,3 @@ def test_lr_schedules():
     trainer.lr_schedule = "linear"
     trainer.set_progress(0.5)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(0.55 * trainer.base_lr["g"])
-
-
-def test_stop_event_ends_loop():
-    trainer = build_trainer(tiny_cfg(batch_size=4), tiny_data(), CPU)
-    ev = threading.Event()
-    ev.set()
-    d = Deadline(3600)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 100, stop_event=ev)
-    assert summary["reason"] == "interrupted" and summary["steps"] == 0

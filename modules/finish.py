@@ -1,0 +1,204 @@
+"""Finishing a run: measuring what the finish will cost on this device (the watchdog's reserve), generating the
+images, writing and verifying the zip, the self-check, samples.png and losses.png."""
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules.evaluate import MAX_CROPS_PIXEL_NN, evaluate_images, self_check
+from modules.metrics import frechet_distance, memorization_distance, nearest_pixel
+from modules.report import plot_losses, save_grid, write_report
+from modules.sample import generate_images, truncated_z
+from modules.submission import SubmissionError, encode_pngs, write_submission
+from modules.utils import UsageError, format_duration, log, warn
+
+SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
+SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
+FINISH_SAFETY = 1.25  # measured finish times x this: they are timed on ~1% of the work, and other load comes and goes
+FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
+FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
+
+
+# finishing: generation, self-check, zip
+
+
+def _finish_timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    out = fn(*args, **kw)
+    return time.monotonic() - t0, out
+
+
+def measure_finish_seconds(G, *, n_images, z_dim, label_counts, truncation, batch_size, device, amp_dtype, workers,
+                           disk_bytes_per_s, checkpoint_state, extractor=None, n_reference=0, crops=None):
+    """Time each part of the finish on a sample and scale it to the whole run's finish:
+
+    generate: two real batches after a warm-up one (the slower counts); a batch that does not fit is halved;
+    zip: PNG encoding, writing and re-reading at the measured disk speed, and verification;
+    checkpoint: serialising the trainer's state and writing it;
+    self_check (with an extractor): features, covariances, the Fréchet sqrtm (scaled by dim^3, Inception only), the
+    memorization distance matrix and the pixel nearest-neighbour search.
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    """
+    batch = min(batch_size, n_images)
+    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
+    while True:
+        try:
+            generate_images(G, n=batch, batch_size=batch, **gen_kw)  # warm-up (cudnn autotune, allocator)
+            times = []
+            for seed in (1, 2):
+                dt, imgs = _finish_timed(generate_images, G, n=batch, batch_size=batch, seed=seed, **gen_kw)
+                times.append(dt)
+            break
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            if batch <= 8:
+                raise
+            warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
+            batch //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    scale = n_images / len(imgs)
+    t_enc, pngs = _finish_timed(encode_pngs, imgs, workers)
+    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
+    t_verify, _ = _finish_timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    est["zip"] = ((t_enc + t_verify) * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    buf = io.BytesIO()
+    t_ser, _ = _finish_timed(torch.save, checkpoint_state, buf)
+    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    if extractor is not None:
+        k, n_all, dim = min(len(imgs), 200), n_images + n_reference, extractor.dim
+        rng = np.random.default_rng(0)
+        extractor(imgs[:8])  # warm-ups: the first call of each sets up kernels and threads
+        nearest_pixel(imgs[:8], crops[:8], device=extractor.device)
+        t_feat, _ = _finish_timed(extractor, imgs[:k])
+        feats = rng.random((k, dim))
+        t_cov, _ = _finish_timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
+        t_sqrtm = 0.0
+        if not extractor.is_proxy:
+            m = min(dim, SQRTM_PROBE_DIM)
+            a = rng.standard_normal((m, 2 * m))
+            sigma = a @ a.T / (2 * m)
+            t_sqrtm = _finish_timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+        m_ref = max(min(n_reference, 2048), 1)
+        t_mem, _ = _finish_timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        m_crops = min(len(crops), 1024)
+        t_pix, _ = _finish_timed(nearest_pixel, imgs[:k], crops[:m_crops], device=extractor.device)
+        est["self_check"] = 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
+                                   + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
+    return est, info
+
+
+def _finish_generate(G, *, n, batch, gen_kw, device, report):
+    """All n images; a failure (CUDA OOM) is retried once at a quarter of the batch."""
+    try:
+        return generate_images(G, n=n, batch_size=batch, **gen_kw)
+    except Exception as exc:
+        warn(f"generation failed ({type(exc).__name__}: {exc}); retrying at a smaller batch")
+        report["warnings"].append(f"generation retried: {exc}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return generate_images(G, n=n, batch_size=max(1, batch // 4), **gen_kw)
+
+
+def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, deadline):
+    """The verified zip. A UsageError (a full disk, a read-only folder) ends the run at once; another failure is retried
+    single-threaded when the budget has retry_s seconds left, else, or when it fails again, raises SubmissionError.
+    Either way any earlier zip at zip_path is left as it was."""
+    try:
+        return write_submission(images, zip_path, workers=workers, corrupt=corrupt)
+    except UsageError:
+        raise
+    except Exception as exc:
+        if deadline.remaining() < retry_s:
+            raise SubmissionError(f"{exc} (no time left to retry)") from None
+        warn(f"writing the zip failed ({type(exc).__name__}: {exc}); retrying single-threaded")
+        report["warnings"].append(f"zip retried: {exc}")
+    try:
+        return write_submission(images, zip_path, workers=1, corrupt=corrupt)
+    except (UsageError, SubmissionError):
+        raise
+    except Exception as exc:
+        raise SubmissionError(f"{zip_path}: {type(exc).__name__}: {exc}") from None
+
+
+def finish(trainer, *, data, out_dir, cfg, deadline, extractor, timer, report, estimates, batch, slowdown=1.0,
+           stop_event=None):
+    """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
+    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end."""
+    G = trainer.generator_to_ship()
+    label_counts = np.bincount(data.labels, minlength=len(data.classes))
+    gen_kw = dict(z_dim=cfg.z_dim, label_counts=label_counts, truncation=cfg.truncation, amp_dtype=trainer.amp_dtype,
+                  device=trainer.device, seed=cfg.seed)
+    with timer.phase("generate"):
+        images = _finish_generate(G, n=cfg.n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
+    zip_path = os.path.join(out_dir, "images.zip")
+    with timer.phase("zip"):
+        _finish_write_zip(images, zip_path, workers=cfg.data_workers, corrupt="zipfail" in cfg.fault, report=report,
+                          retry_s=2 * estimates["zip"] * slowdown + FINISH_EXIT_S, deadline=deadline)  # 1 thread: 2x
+    log(f"wrote {zip_path}: {len(images)} verified PNGs")
+    report["zip"] = zip_path
+    finish_report(out_dir, report)  # a kill from here on still leaves the zip and a report
+
+    interrupted = stop_event is not None and stop_event.is_set()
+    if cfg.self_check and extractor is not None:
+        need = FINISH_SAFETY * estimates.get("self_check", 0.0) * slowdown + FINISH_EXIT_S
+        if interrupted or deadline.remaining() < need:
+            why = "interrupted" if interrupted else (f"{format_duration(max(deadline.remaining(), 0))} left, it needs "
+                                                     f"~{format_duration(need)}")
+            warn(f"self-check skipped ({why}); the zip is written")
+            report["warnings"].append(f"self-check skipped: {why}")
+        else:
+            with timer.phase("self_check"):
+                try:
+                    report["metrics"] = evaluate_images(images, data.reference, extractor)
+                    report["self_check"] = self_check(
+                        images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
+                        memorization=report["metrics"]["memorization_distance"], seed=cfg.seed)
+                    log("local metrics (not Kaggle's score): " + json.dumps(report["metrics"], default=str))
+                except Exception as exc:
+                    warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
+                    report["warnings"].append(f"self-check failed: {exc}")
+    late = deadline.remaining() < (FINISH_PICTURES_S + FINISH_EXIT_S) * slowdown
+    if late or (stop_event is not None and stop_event.is_set()):
+        report["warnings"].append("pictures skipped: no time left or interrupted")
+        return images
+    with timer.phase("pictures"):
+        try:
+            _save_pictures(G, trainer, data, out_dir, cfg, report)
+        except Exception as exc:
+            warn(f"pictures failed ({type(exc).__name__}: {exc})")
+            report["warnings"].append(f"pictures failed: {exc}")
+    return images
+
+
+def finish_report(out_dir, report):
+    """report.json; a failure to write it is a warning: the zip is what counts."""
+    try:
+        write_report(os.path.join(out_dir, "report.json"), report)
+    except Exception as exc:
+        warn(f"report.json not written ({type(exc).__name__}: {exc})")
+
+
+def _save_pictures(G, trainer, data, out_dir, cfg, report):
+    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves."""
+    n_breeds = min(SAMPLE_GRID_BREEDS, len(data.classes))
+    per_row = 8
+    breeds = np.linspace(0, len(data.classes) - 1, n_breeds).round().astype(int)
+    z = truncated_z(per_row, cfg.z_dim, cfg.truncation, generator=torch.Generator().manual_seed(cfg.seed))
+    z = z.repeat(n_breeds, 1).to(trainer.device)
+    y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=trainer.device)
+    was = G.training
+    G.eval()
+    with torch.no_grad():
+        x = G(z, y).float().clamp(-1, 1)
+    G.train(was)
+    grid = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
+    report["samples_breeds"] = [data.classes[i] for i in breeds]
+    plot_losses(report.get("history", {}), os.path.join(out_dir, "losses.png"))

@@ -1,0 +1,169 @@
+"""The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
+(finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
+import sys
+import time
+import traceback
+
+import torch
+
+from modules.pggan import pggan_growth
+from modules.sample import truncated_z
+from modules.utils import format_duration, log, warn
+
+SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
+SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
+
+
+# the loop
+
+
+@torch.no_grad()
+def sample_spread(G, z):
+    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
+    was = G.training
+    G.eval()
+    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    spread = float(G(z, y).float().std(0).mean())
+    G.train(was)
+    return spread
+
+
+def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, check_every=50, snapshot_every=500,
+               max_rollbacks=3, rollback_lr_factor=0.5, checkpoint_fn=None, checkpoint_s=0.0, prior_train_s=0.0,
+               plan_s=None, finish_s=0.0, first_step_s=0.0, max_steps=0, history=None):
+    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, divergence or a
+    failure. Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers
+    it): it returns with reason "crashed" or "interrupted", so that the caller ships what there is.
+
+    Time: a step starts only if it is predicted to end in time: 2x the measured step time (first_step_s before one is
+    measured). Other processes slow the finish as much as the steps, so the deadline moves earlier by
+    finish_s * (slowdown - 1), slowdown being how much slower the steps run now than at first (1..SLOWDOWN_MAX).
+    Schedule: progress = (prior_train_s + seconds trained here) / plan_s (default: prior_train_s + this window);
+    training also stops where the plan ends (a resumed run trains what its plan has left), or at step max_steps (0 = no
+    limit; the schedule still follows the time plan).
+    Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
+    snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
+    plan_seconds, complete) every checkpoint_s seconds. The steps after the last sync are checked on the way out too.
+    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s, slowdown, error).
+    """
+    history = history if history is not None else {}
+    t_start = deadline.elapsed()
+    plan = max(plan_s or prior_train_s + train_until - t_start, 1e-6)
+    window = max(min(train_until - t_start, plan - prior_train_s), 0.0)  # this run's training time
+    step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
+    base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
+    slowdown, level = 1.0, None
+    last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
+    last_tick = last_ckpt = time.monotonic()
+    ckpt_est = 0.0  # duration of the last checkpoint
+    snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
+    first_step = trainer.step_count
+    reason, error = "budget", None
+    loss_d = loss_g = float("nan")
+
+    def trained():
+        return prior_train_s + deadline.elapsed() - t_start
+
+    try:
+        snapshot = trainer.snapshot()
+        fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+        while True:
+            if stop_event is not None and stop_event.is_set():
+                reason = "interrupted"
+                log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                    "(interrupt again to exit at once)")
+                break
+            until = train_until - finish_s * (slowdown - 1)
+            margin = 2 * step_s if step_s is not None else first_step_s  # the step we start + one queued on the GPU
+            if deadline.elapsed() + margin >= until or trained() >= plan:
+                break
+            if max_steps and trainer.step_count >= max_steps:
+                reason = "steps"
+                break
+            trainer.set_progress(trained() / plan)
+            trainer.step()
+            done = trainer.step_count - first_step
+            if not (done <= 2 or trainer.step_count % check_every == 0 or time.monotonic() - last_sync_t >= SYNC_MAX_S):
+                continue
+            loss_d, loss_g, bad = trainer.read_stats()  # host sync
+            t = time.monotonic()
+            measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
+            if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
+                step_s = max(step_s or 0.0, measured)
+            else:
+                step_s = 0.7 * step_s + 0.3 * measured
+                if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
+                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
+                    if new_level != level:
+                        level, base_s = new_level, None
+                if base_s is None:
+                    base_s = recent_s = measured
+                recent_s = 0.7 * recent_s + 0.3 * measured
+                slowdown = min(max(recent_s / base_s, 1.0), SLOWDOWN_MAX)
+            last_sync_t, last_sync_step = t, trainer.step_count
+            history.setdefault("loss_d", []).append((trained(), loss_d))
+            history.setdefault("loss_g", []).append((trained(), loss_g))
+            if bad:
+                rollbacks += 1
+                if rollbacks > max_rollbacks:
+                    warn(f"non-finite losses at step {trainer.step_count} after {max_rollbacks} roll-backs: "
+                         "stopping training, shipping the last good averaged generator")
+                    trainer.rollback(snapshot, 1.0)
+                    reason = "diverged"
+                    break
+                trainer.rollback(snapshot, rollback_lr_factor)
+                warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
+                     f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
+                last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
+                continue
+            # upkeep, on checked state only; its time is not step time
+            if trainer.step_count - snapshot_step >= snapshot_every:
+                snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
+            now = time.monotonic()
+            if now - last_tick >= tick_s:
+                last_tick = now
+                spread = sample_spread(trainer.generator_to_ship(), fixed_z)
+                rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
+                log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
+                    f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
+                    f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}"
+                    + (f"  steps {slowdown:.1f}x slower than at first" if slowdown > 1.1 else ""))
+                history.setdefault("spread", []).append((trained(), spread))
+                if spread < 0.02:
+                    warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
+            if (checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
+                    and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
+                t0 = time.monotonic()
+                checkpoint_fn(trained(), plan, False)
+                last_ckpt = time.monotonic()
+                ckpt_est = last_ckpt - t0
+            last_sync_t = time.monotonic()
+    except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
+        reason = "interrupted"
+        if stop_event is not None:
+            stop_event.set()
+        warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
+    except Exception as exc:  # CUDA OOM included: ship what there is
+        reason = "crashed"
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
+        traceback.print_exc(file=sys.stdout)
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
+        try:
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            bad = trainer.read_stats()[2]
+            if bad and snapshot is not None:
+                warn(f"non-finite losses in the last steps: rolled back to step {snapshot_step}")
+                trainer.rollback(snapshot, 1.0)
+                rollbacks += 1
+        except Exception as exc:
+            warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
+    seconds = deadline.elapsed() - t_start
+    steps = trainer.step_count - first_step
+    return {"steps": steps, "total_steps": trainer.step_count, "seconds": seconds, "reason": reason,
+            "rollbacks": rollbacks, "it_per_s": steps / max(seconds, 1e-9),
+            "images_per_s": steps * trainer.batch_size / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds,
+            "plan_seconds": plan, "slowdown": slowdown, "error": error}
