@@ -100,7 +100,7 @@ class Config:
 PRESETS = {
     "kaggle": {},
     "smoke": dict(  # tiny widths: data, training, 10,000 images and the zip fit 120 s on 2 CPU cores
-        z_dim=20, g_ch=4, d_ch=4, shared_dim=8, batch_size=16, ema_start=20, sample_batch=100, tick_s=15.0,
+        z_dim=20, g_ch=2, d_ch=4, shared_dim=8, batch_size=16, ema_start=20, sample_batch=25, tick_s=15.0,
         check_every=10, snapshot_every=50, checkpoint_s=0.0, reserve_margin_s=5.0, data_limit=0, time_budget="120s",
     ),
     "dcgan": dict(  # the DCGAN paper's baseline: unconditional, BCE, Adam 2e-4 / (0.5, 0.999)

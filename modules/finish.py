@@ -72,11 +72,12 @@ def measure_finish_seconds(G, *, n_images, z_dim, label_counts, truncation, batc
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
     if extractor is not None:
-        k, n_all, dim = min(len(imgs), 200), n_images + n_reference, extractor.dim
+        k, n_all, dim = 200, n_images + n_reference, extractor.dim
+        probe = np.resize(imgs, (k, *imgs.shape[1:]))  # 200 images whatever the batch: per-call overheads must not scale
         rng = np.random.default_rng(0)
-        extractor(imgs[:8])  # warm-ups: the first call of each sets up kernels and threads
-        nearest_pixel(imgs[:8], crops[:8], device=extractor.device)
-        t_feat, _ = _finish_timed(extractor, imgs[:k])
+        extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
+        nearest_pixel(probe[:8], crops[:8], device=extractor.device)
+        t_feat, _ = _finish_timed(extractor, probe)
         feats = rng.random((k, dim))
         t_cov, _ = _finish_timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
         t_sqrtm = 0.0
@@ -88,7 +89,7 @@ def measure_finish_seconds(G, *, n_images, z_dim, label_counts, truncation, batc
         m_ref = max(min(n_reference, 2048), 1)
         t_mem, _ = _finish_timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
         m_crops = min(len(crops), 1024)
-        t_pix, _ = _finish_timed(nearest_pixel, imgs[:k], crops[:m_crops], device=extractor.device)
+        t_pix, _ = _finish_timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
         est["self_check"] = 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
                                    + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
     return est, info
