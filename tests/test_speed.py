@@ -25,9 +25,9 @@ def fake_capability(monkeypatch, major, minor=0, bf16=True):
 
 
 def smoke_trainer(amp="auto", batch_size=8):
-    """BigGAN at ch=4 (smoke preset) on 16 random images of 3 breeds, on the CPU."""
+    """BigGAN at the smoke preset's tiny widths on 16 random images of 3 breeds, on the CPU."""
     cfg = dataclasses.replace(apply_overrides(Config(), PRESETS["smoke"], "smoke"), amp=amp, batch_size=batch_size)
-    assert cfg.arch == "biggan" and cfg.g_ch == 4
+    assert cfg.arch == "biggan" and cfg.g_ch <= 4
     rng = np.random.default_rng(0)
     data = types.SimpleNamespace(images=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
                                  labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=None)
