@@ -100,11 +100,12 @@ def _check_eval_images(images, what):
         f"{what}: want [N>=2,H,W,3], got {images.shape}"
 
 
-def evaluate_images(gen_uint8, reference_uint8, extractor):
+def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
     """FID (or proxy_fd), memorization distance and MiFID (public/private thresholds) of gen against reference.
 
     gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    Adds an Inception Score when the feature net has a classifier.
+    Adds an Inception Score when the feature net has a classifier, and with crops_uint8 (the box crops the GAN trained
+    on) `memorization_distance_crops`: copies of training crops are near 0 there, not against the whole images.
     """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
@@ -120,6 +121,8 @@ def evaluate_images(gen_uint8, reference_uint8, extractor):
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
         result[f"{p}mifid_{board}"] = mifid(fd, mem, threshold)
         result[f"{p}memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
+    if crops_uint8 is not None and len(crops_uint8):
+        result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
     if extractor.is_proxy:
         result["memorization_note"] = PROXY_MEMORIZATION_NOTE
     if want_is:

@@ -129,10 +129,42 @@ def restore_handlers(previous):
 # main
 
 
+def load_training_data(cfg):
+    """-> (DogData, the --demo temp dir or None: keep it referenced while the data is needed)."""
+    data_dir, demo_dir = cfg.data_dir or None, None
+    if cfg.demo:
+        demo_dir = tempfile.TemporaryDirectory(prefix="dogs-demo-")
+        data_dir = make_demo_dataset(os.path.join(demo_dir.name, "data"), seed=cfg.seed)
+        log(f"demo: synthetic dataset in {data_dir}")
+    images_dir, annotation_dir = find_data_dir(data_dir)
+    data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
+                     crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
+                     include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
+                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None)
+    return data, demo_dir
+
+
+def evaluate_submission(cfg):
+    """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
+    device = check_device(cfg.device)
+    data, _demo_dir = load_training_data(cfg)
+    extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
+    images, fmt = read_submission(cfg.evaluate)
+    result = {"format": fmt}
+    if images is not None and len(images):
+        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    return result
+
+
 def run(argv=None):
     cfg, print_config = parse_config(argv)
     if print_config:
         print(config_to_json(cfg))
+        return 0
+    if cfg.evaluate:  # stdout carries the JSON object alone; the log goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate_submission(cfg)
+        print(json.dumps(result, indent=2, default=str))
         return 0
     budget = parse_duration(cfg.time_budget)
     deadline = Deadline(budget, start=process_start())
@@ -154,30 +186,13 @@ def run(argv=None):
               "degraded": False, "history": {}}
 
     with timer.phase("data"):
-        data_dir = cfg.data_dir or None
-        if cfg.demo:
-            demo_dir = tempfile.TemporaryDirectory(prefix="dogs-demo-")  # removed when run() returns
-            data_dir = make_demo_dataset(os.path.join(demo_dir.name, "data"), seed=cfg.seed)
-            log(f"demo: synthetic dataset in {data_dir}")
-        images_dir, annotation_dir = find_data_dir(data_dir)
-        data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
-                         crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
-                         include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                         max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers,
-                         limit=cfg.data_limit or None)
+        data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
     report["data"] = data.stats
 
     extractor = None
-    if cfg.self_check or cfg.evaluate:
+    if cfg.self_check:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
-    if cfg.evaluate:
-        images, fmt = read_submission(cfg.evaluate)
-        result = {"format": fmt}
-        if images is not None and len(images):
-            result.update(evaluate_images(images, data.reference, extractor))
-        print(json.dumps(result, indent=2, default=str))
-        return 0
 
     with timer.phase("build"):
         trainer = build_trainer(cfg, data, device)
