@@ -1323,22 +1323,6 @@ class PixelNorm(nn.Module):
         return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)
 
 
-def _pg_minibatch_std(x, group_size):
-    """[N,C,H,W] -> [N,C+1,H,W]; the new channel is the mean over C,H,W of the std over each group of samples.
-
-    Private copy of layers.MinibatchStd, so that this module stands alone. Groups are strided as in the paper's code
-    (sample i is in group i % (N/G)). If N is not a multiple of G, the whole batch is one group.
-    """
-    n, c, h, w = x.shape
-    g = min(group_size, n)
-    if n % g:
-        g = n
-    y = x.float().reshape(g, n // g, c, h, w)
-    std = (y - y.mean(dim=0)).pow(2).mean(dim=0).add(1e-8).sqrt()  # [N/G,C,H,W], biased std as in the paper
-    stat = std.mean(dim=(1, 2, 3)).to(x.dtype)  # [N/G]
-    return torch.cat([x, stat.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)], dim=1)
-
-
 def _pg_check_growth(level, alpha, max_level):
     assert 0 <= level <= max_level, f"level {level} outside 0..{max_level}"
     assert 0.0 <= alpha <= 1.0, f"alpha {alpha} outside [0, 1]"
@@ -1432,6 +1416,7 @@ class PGDiscriminator(nn.Module):
         assert mbstd_group >= 0, mbstd_group
         assert 0 <= max_level < len(_PG_CH_MULT), f"max_level must be in 0..{len(_PG_CH_MULT) - 1}"
         self.n_classes, self.max_level, self.mbstd_group = n_classes, max_level, mbstd_group
+        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None  # 0 = off, as in the BigGAN D
         chs = [ch * m for m in _PG_CH_MULT[: max_level + 1]]
         self.from_rgb = nn.ModuleList([nn.Sequential(EqConv2d(3, c, 1), nn.LeakyReLU(_PG_SLOPE)) for c in chs])
         self.blocks = nn.ModuleList([nn.Identity()])  # blocks[l] maps level l features to level l-1; index 0 unused
@@ -1473,8 +1458,8 @@ class PGDiscriminator(nn.Module):
                 h = torch.lerp(self.from_rgb[self.level - 1](F.avg_pool2d(x, 2)), h, self.alpha)
         for lvl in range(self.level - 1, 0, -1):
             h = self.blocks[lvl](h)
-        if self.mbstd_group:  # 0 = off, as in the BigGAN D
-            h = _pg_minibatch_std(h, self.mbstd_group)  # [N,C0+1,4,4]
+        if self.mbstd is not None:
+            h = self.mbstd(h)  # [N,C0+1,4,4]
         h = F.leaky_relu(self.final_conv(h), _PG_SLOPE)
         h = F.leaky_relu(self.final_conv4(h), _PG_SLOPE).flatten(1)  # [N,C0]
         out = self.final_fc(h).squeeze(1)  # [N]

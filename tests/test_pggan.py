@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.pggan import (EqConv2d, EqLinear, PGDiscriminator, PGGenerator, PixelNorm, _pg_minibatch_std,
+from modules.layers import MinibatchStd
+from modules.pggan import (EqConv2d, EqLinear, PGDiscriminator, PGGenerator, PixelNorm,
                            pggan_growth)
 
 CH, N, Z = 8, 4, 16
@@ -169,14 +170,14 @@ def test_pixelnorm_unit_mean_square():
 
 def test_minibatch_std_adds_a_channel():
     x = torch.randn(8, 5, 4, 4)
-    out = _pg_minibatch_std(x, 4)
+    out = MinibatchStd(4)(x)
     assert out.shape == (8, 6, 4, 4) and torch.equal(out[:, :5], x)
     groups = x.view(4, 2, 5, 4, 4)  # strided groups: sample i in group i % 2
     want = groups.std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # [2]
     assert torch.allclose(out[:, 5, 0, 0], want.repeat(4), atol=1e-4)
     assert torch.all(out[:, 5] == out[:, 5, :1, :1])  # constant over pixels
-    assert _pg_minibatch_std(torch.randn(6, 5, 4, 4), 4).shape == (6, 6, 4, 4)  # 6 % 4 != 0: one group
-    assert _pg_minibatch_std(torch.randn(2, 5, 4, 4), 4).shape == (2, 6, 4, 4)  # batch smaller than a group
+    assert MinibatchStd(4)(torch.randn(6, 5, 4, 4)).shape == (6, 6, 4, 4)  # 6 % 4 != 0: one group
+    assert MinibatchStd(4)(torch.randn(2, 5, 4, 4)).shape == (2, 6, 4, 4)  # batch smaller than a group
 
 
 def test_d_without_minibatch_std():
