@@ -467,10 +467,13 @@ def search_data_root(root):
     root = Path(root)
     top = os.path.realpath(root)
     images = annotations = None
-    queue, seen, rejected, skipped = deque([(root, 0)]), {top}, [], Counter()
+    queue, seen, rejected, unlisted, skipped = deque([(root, 0)]), {top}, [], [], Counter()
     while queue and len(seen) <= DATA_SEARCH_MAX_DIRS and (images is None or annotations is None):
         folder, depth = queue.popleft()
+        before = skipped["unreadable_folder"]
         subdirs, files = _entries(folder, skipped, top)
+        if skipped["unreadable_folder"] > before and depth > 0:  # the root itself: find_data_dir's error says it
+            unlisted.append(folder)
         has_image = any(map(_is_image_name, files))
         name = folder.name.lower()
         if images is None and has_image and name == "all-dogs":
@@ -491,9 +494,10 @@ def search_data_root(root):
                     queue.append((s, depth + 1))
     if skipped["link_outside"]:
         warn(f"{root}: {skipped['link_outside']} linked folder(s) lead out of it and were not searched")
+    if unlisted and (images is None or annotations is None):
+        warn(f"{root}: {len(unlisted)} folder(s) could not be listed and were not searched, e.g. {unlisted[0]}")
     if images is not None and annotations is None:
         why = "".join(f"; {r} has no breed folder holding a file" for r in rejected)
-        why += f"; {skipped['unreadable_folder']} folder(s) could not be listed" if skipped["unreadable_folder"] else ""
         warn(f"no annotations found under {root} (looked for an Annotation/ folder whose breed sub-folders hold files, "
              f"up to {DATA_SEARCH_DEPTH} levels deep{why}): training on whole images as one class")
     return images, annotations

@@ -354,17 +354,26 @@ def test_a_link_out_of_the_data_dir_is_not_followed(tmp_path, capsys):
     assert "WARNING" in out and "1 linked folder(s) lead out of it" in out and str(mine) in out
 
 
-def test_a_link_inside_the_data_dir_is_followed_once(tmp_path):
+def test_links_inside_the_data_dir_are_searched_once_and_links_out_are_not(tmp_path, capsys):
     good_dataset(tmp_path / "real")
-    (tmp_path / "data").mkdir()
+    (tmp_path / "real" / "again").symlink_to(".", target_is_directory=True)  # a cycle inside: searched once
+    assert find_data_dir(tmp_path / "real") == (tmp_path / "real" / "all-dogs", tmp_path / "real" / "Annotation")
+    assert "WARNING" not in capsys.readouterr().out
+    (tmp_path / "data").mkdir()  # a data dir made of links to folders elsewhere: not followed, and the log says why
     for name in ("all-dogs", "Annotation"):
         (tmp_path / "data" / name).symlink_to(tmp_path / "real" / name, target_is_directory=True)
-    (tmp_path / "real" / "again").symlink_to("..", target_is_directory=True)  # a cycle inside: searched once
-    assert find_data_dir(tmp_path / "real") == (tmp_path / "real" / "all-dogs", tmp_path / "real" / "Annotation")
-    (tmp_path / "data" / "self").symlink_to(".", target_is_directory=True)
-    # data/all-dogs leads to real/, outside data/: not followed, so no images there
-    with pytest.raises(Exception, match="no dog images"):
+    with pytest.raises(UsageError, match="no dog images"):
         find_data_dir(tmp_path / "data")
+    assert "2 linked folder(s) lead out of it and were not searched" in capsys.readouterr().out
+
+
+def test_a_folder_that_cannot_be_listed_during_the_search_is_named(tmp_path, monkeypatch, capsys):
+    good_dataset(tmp_path / "inner")
+    deny(monkeypatch, tmp_path / "inner")
+    with pytest.raises(UsageError, match="no dog images"):
+        find_data_dir(tmp_path)
+    out = capsys.readouterr().out
+    assert "1 folder(s) could not be listed" in out and str(tmp_path / "inner") in out
 
 
 def test_falling_back_to_whole_images_says_where_it_looked(tmp_path, capsys):
