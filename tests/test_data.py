@@ -1,5 +1,11 @@
-"""modules/data.py: crop windows, every bad-input class (skipped and counted, never raised), layouts, modes, filters."""
+"""modules/data.py and modules/annotations.py: crop windows, every bad-input class (skipped and counted, never raised),
+layouts, discovery (links, stray entries, folders that cannot be listed), EXIF orientation, modes, filters.
+
+Tests run as root here, and chmod does not stop root from listing or reading: "permission denied" is simulated by a
+monkeypatch of os.scandir / os.listdir / Path.read_bytes raising PermissionError for one path.
+"""
 import io
+import os
 import random
 import time
 from pathlib import Path
@@ -8,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.data import CROP_STYLES, find_data_dir, load_dogs
+from modules.annotations import read_voc
+from modules.data import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box, find_data_dir, load_dogs
 from modules.utils import UsageError
 
 REAL_SAMPLE = Path("/work/shared/data/dogs-1953")  # 1,953 real images and their annotations; absent on most machines
@@ -170,6 +177,76 @@ def test_boxes_are_rescaled_when_the_xml_size_differs_from_the_image(tmp_path):
     assert d.stats["fixed"] == {"box_rescaled": 1} and not d.stats["skipped"]
 
 
+# EXIF orientation
+
+def upright_with_patch(size=(800, 600), patch=(80, 120, 320, 360)):
+    """A noise-free grey picture, upright, with a red square at patch (its 'dog')."""
+    im = Image.new("RGB", size, (128, 128, 128))
+    im.paste((255, 0, 0), patch)
+    return im
+
+
+@pytest.mark.parametrize("drawn_on", ["upright", "stored"])
+def test_exif_orientation_is_applied_before_cropping(tmp_path, drawn_on):
+    """Stored pixels rotated 90 deg counter-clockwise, EXIF 6 says "turn clockwise to show": the box (on the upright
+    picture, or on the stored pixels as some tools write it) must still cut the red patch, also when draft() decodes at
+    a reduced scale (a 240-px box for 32-px crops: 1/4)."""
+    patch = (80, 120, 320, 360)
+    upright = upright_with_patch(patch=patch)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 600 x 800
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    from PIL import ImageOps
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))[240, 200],
+                          np.asarray(Image.open(io.BytesIO(buf.getvalue())).transpose(EXIF_TRANSPOSE[6]))[240, 200])
+    if drawn_on == "upright":
+        box, xml_size = patch, upright.size
+    else:  # the same patch in the stored pixels' coordinates: x = y_upright, y = 800 - x_upright
+        box, xml_size = (patch[1], 800 - patch[2], patch[3], 800 - patch[0]), stored.size
+    add(tmp_path, "n01-alpha", "rotated", buf.getvalue(), voc([box], size=xml_size))
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, crop_styles=("tight",), workers=1)
+    crop = d.images[0].astype(int)
+    assert crop[..., 0].mean() > 230 and crop[..., 1].mean() < 30 and crop[..., 2].mean() < 30  # all red: the patch
+    assert d.stats["fixed"].get("exif_rotated") == 1 and "box_rescaled" not in d.stats["fixed"]
+    assert d.reference[0].shape == (SIZE, SIZE, 3)
+    ref = d.reference[0].astype(int)  # the reference is upright too: red in the upper left, where the patch is
+    assert ref[SIZE * 240 // 600, SIZE * 200 // 800, 0] > 200 and ref[SIZE * 240 // 600, SIZE * 200 // 800, 1] < 60
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_TRANSPOSE))
+def test_orient_box_matches_the_transpose(orientation):
+    raw = np.zeros((60, 100), dtype=np.uint8)  # raw_w 100, raw_h 60
+    box = (10, 5, 30, 45)
+    raw[box[1]:box[3], box[0]:box[2]] = 255
+    shown = np.asarray(Image.fromarray(raw).transpose(EXIF_TRANSPOSE[orientation]))
+    ys, xs = np.nonzero(shown)
+    assert _orient_box(box, orientation, 100, 60) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+# boxes too small for a real crop
+
+def test_boxes_too_small_for_a_real_crop_are_skipped_and_counted(tmp_path):
+    """size 32: a box window (longer side + 10% margin) under 16 px is skipped; 16-32 px is kept as box_upscaled."""
+    assert SIZE * MIN_CROP_FRACTION == 16
+    g = image_bytes()
+    add(tmp_path, "n01-alpha", "one_pixel", g, voc([(50, 50, 51, 51)]))
+    add(tmp_path, "n01-alpha", "small", g, voc([(50, 50, 64, 60)]))  # 14 x 10: window 15.4 px
+    add(tmp_path, "n01-alpha", "upscaled", g, voc([(50, 50, 70, 60)]))  # 20 x 10: window 22 px
+    add(tmp_path, "n01-alpha", "big", g, voc([GOOD_BOX]))
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
+    assert d.stats["skipped"] == {"box_too_small": 2} and d.stats["fixed"] == {"box_upscaled": 1}
+    assert d.stats["boxes_used"] == 2 and len(d.images) == 2 and d.stats["reference"] == 4
+
+
+def test_whole_images_too_small_for_a_real_crop_are_skipped_and_counted(tmp_path):
+    for i, size in enumerate([(200, 150), (20, 10), (200, 12), (24, 24)]):
+        (tmp_path / f"img{i}.png").write_bytes(image_bytes(size=size, fmt="PNG", seed=i))
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE)
+    assert d.stats["skipped"] == {"box_too_small": 2} and d.stats["fixed"] == {"box_upscaled": 1} and len(d.images) == 2
+
+
 def test_no_usable_image_is_a_one_line_usage_error(tmp_path):
     add(tmp_path, "n01-alpha", "corrupt", b"garbage", voc([GOOD_BOX]))
     with pytest.raises(UsageError) as e:
@@ -212,6 +289,125 @@ def test_plain_folder_mode_is_one_centre_square_per_image(tmp_path):
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, include_whole=True, crop_styles=("tight",))
     assert d.classes == ["dog"] and d.images.shape == (3, SIZE, SIZE, 3) and d.labels.tolist() == [0, 0, 0]
     assert d.reference.shape == (3, SIZE, SIZE, 3)
+
+
+# discovery: judged by content, kept inside the data dir; folders that cannot be listed; annotation files
+
+def deny(monkeypatch, *denied):
+    """os.scandir and os.listdir raise PermissionError for these folders, as for a folder without read permission."""
+    denied = {os.path.realpath(p) for p in denied}
+
+    def wrap(real):
+        def guarded(path="."):
+            if os.path.realpath(path) in denied:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+        return guarded
+    monkeypatch.setattr(os, "scandir", wrap(os.scandir))
+    monkeypatch.setattr(os, "listdir", wrap(os.listdir))
+
+
+def test_breed_folder_that_cannot_be_listed_is_skipped_and_counted(tmp_path, monkeypatch):
+    good_dataset(tmp_path, n=2, breeds=("n01-alpha", "n02-beta", "n03-gamma"))
+    deny(monkeypatch, tmp_path / "Annotation" / "n03-gamma")
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=2)
+    assert d.stats["skipped"] == {"unreadable_folder": 1, "no_annotation": 2}  # gamma's two images lost their boxes
+    assert d.classes == ["alpha", "beta"] and len(d.images) == 4
+
+
+def stray_empty(ann):
+    (ann / "000-empty").mkdir()
+
+
+def stray_link(ann):
+    (ann / "000-loop").symlink_to("..", target_is_directory=True)
+
+
+def stray_file(ann):
+    (ann / "000-README.txt").write_text("not a breed folder")
+
+
+@pytest.mark.parametrize("stray", [stray_empty, stray_link, stray_file, "unreadable"])
+def test_a_stray_first_entry_in_annotation_keeps_every_annotation(tmp_path, monkeypatch, stray):
+    good_dataset(tmp_path, n=2)
+    ann = tmp_path / "Annotation"
+    if stray == "unreadable":
+        (ann / "000-locked").mkdir()
+        (ann / "000-locked" / "x").write_text(voc([GOOD_BOX]))
+        deny(monkeypatch, ann / "000-locked")
+    else:
+        stray(ann)
+    assert find_data_dir(tmp_path) == (tmp_path / "all-dogs", ann)
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
+    assert d.classes == ["alpha", "beta"] and d.stats["boxes_used"] == 4  # not 4 whole images of one class
+    assert set(d.stats["skipped"]) <= {"link_outside", "unreadable_folder"}
+
+
+def test_a_link_out_of_the_data_dir_is_not_followed(tmp_path, capsys):
+    good_dataset(tmp_path / "sibling")  # another data set next to ours, with annotations
+    mine = tmp_path / "mine"
+    (mine / "all-dogs").mkdir(parents=True)
+    (mine / "all-dogs" / "a.jpg").write_bytes(image_bytes())
+    (mine / "loop").symlink_to("..", target_is_directory=True)  # mine/loop/sibling/Annotation is 3 levels deep
+    assert find_data_dir(mine) == (mine / "all-dogs", None)
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "1 linked folder(s) lead out of it" in out and str(mine) in out
+
+
+def test_links_inside_the_data_dir_are_searched_once_and_links_out_are_not(tmp_path, capsys):
+    good_dataset(tmp_path / "real")
+    (tmp_path / "real" / "again").symlink_to(".", target_is_directory=True)  # a cycle inside: searched once
+    assert find_data_dir(tmp_path / "real") == (tmp_path / "real" / "all-dogs", tmp_path / "real" / "Annotation")
+    assert "WARNING" not in capsys.readouterr().out
+    (tmp_path / "data").mkdir()  # a data dir made of links to folders elsewhere: not followed, and the log says why
+    for name in ("all-dogs", "Annotation"):
+        (tmp_path / "data" / name).symlink_to(tmp_path / "real" / name, target_is_directory=True)
+    with pytest.raises(UsageError, match="no dog images"):
+        find_data_dir(tmp_path / "data")
+    assert "2 linked folder(s) lead out of it and were not searched" in capsys.readouterr().out
+
+
+def test_a_folder_that_cannot_be_listed_during_the_search_is_named(tmp_path, monkeypatch, capsys):
+    good_dataset(tmp_path / "inner")
+    deny(monkeypatch, tmp_path / "inner")
+    with pytest.raises(UsageError, match="no dog images"):
+        find_data_dir(tmp_path)
+    out = capsys.readouterr().out
+    assert "1 folder(s) could not be listed" in out and str(tmp_path / "inner") in out
+
+
+def test_falling_back_to_whole_images_says_where_it_looked(tmp_path, capsys):
+    good_dataset(tmp_path)
+    for breed in (tmp_path / "Annotation").iterdir():  # breed folders without a single file
+        for f in breed.iterdir():
+            f.unlink()
+    images, annotations = find_data_dir(tmp_path)
+    assert annotations is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert len(lines) == 1 and str(tmp_path) in lines[0] and str(tmp_path / "Annotation") in lines[0]
+    assert "whole images" in lines[0]
+    d = load_dogs(images, annotations, size=SIZE)
+    assert d.classes == ["dog"] and len(d.images) == 6
+
+
+def test_namespaced_xml_is_read_and_each_skip_has_its_own_reason(tmp_path, monkeypatch):
+    g = image_bytes()
+    add(tmp_path, "n01-alpha", "plain", g, voc([GOOD_BOX]))
+    add(tmp_path, "n01-alpha", "namespaced", g,
+        voc([GOOD_BOX]).replace("<annotation>", '<annotation xmlns="http://example.org/voc">'))
+    add(tmp_path, "n01-alpha", "prefixed", g, voc([GOOD_BOX]).replace("<annotation>", '<v:annotation xmlns:v="urn:v">')
+        .replace("</annotation>", "</v:annotation>").replace("<object>", "<v:object>").replace("</object>", "</v:object>"))
+    add(tmp_path, "n01-alpha", "malformed", g, "<annotation><object>")
+    add(tmp_path, "n01-alpha", "locked", g, voc([GOOD_BOX]))
+    locked = tmp_path / "Annotation" / "n01-alpha" / "locked"
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self == locked else real_read(self))
+    assert read_voc(locked) == "unreadable_xml"
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
+    assert d.stats["skipped"] == {"bad_xml": 1, "unreadable_xml": 1}
+    assert d.stats["boxes_used"] == 3 and d.stats["fixed"] == {"xml_namespace": 2}
 
 
 # labels, filters, extra rows, reference

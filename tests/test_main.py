@@ -96,7 +96,11 @@ def _salt(root):
     add("outofrange", lambda p: good.save(p, format="JPEG"), xml=box.format(150, 100, 900, 900))
     add("zeroarea", lambda p: good.save(p, format="JPEG"), xml=box.format(50, 50, 50, 90))
     add("inverted", lambda p: good.save(p, format="JPEG"), xml=box.format(120, 100, 20, 10))
+    add("tinybox", lambda p: good.save(p, format="JPEG"), xml=box.format(50, 50, 51, 51))
+    add("namespaced", lambda p: good.save(p, format="JPEG"), xml=box.format(20, 20, 150, 140).replace(
+        "<annotation>", '<annotation xmlns="urn:voc">'))
     (breed / "orphan_annotation").write_text(src_xml)
+    (ann / "000-stray").mkdir()  # an empty folder sorting first must not drop the annotations
 
 
 def test_salted_bad_input_is_skipped_and_counted(real_data, tmp_path):
@@ -115,7 +119,8 @@ def test_salted_bad_input_is_skipped_and_counted(real_data, tmp_path):
     report = _assert_valid_run(out, proc)
     skipped = report["data"]["skipped"]
     assert sum(skipped.values()) >= 8 and "no_annotation" in skipped and "no_image" in skipped, skipped
-    assert "skipped" in proc.stdout and wall <= 60
+    assert skipped.get("box_too_small") == 1 and report["data"]["fixed"].get("xml_namespace") == 1, report["data"]
+    assert "skipped" in proc.stdout and " 1 classes" not in proc.stdout and wall <= 60
 
 
 def test_presets_run_the_smoke_path(tmp_path):
