@@ -7,10 +7,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
-
-from modules.utils import UsageError, parse_duration
 
 
 @dataclass
@@ -123,6 +122,29 @@ PRESETS = {
         truncation=0.0, ema=True, ema_start=0,
     ),
 }
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text):
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds (float > 0)."""
+    s = str(text).strip().lower().replace(" ", "")
+    try:
+        value = float(s)
+    except ValueError:
+        m = _DURATION_RE.match(s)
+        if not s or m is None or not any(m.groups()):
+            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if value <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return value
 
 
 def _convert_value(name, raw, default):
