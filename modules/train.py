@@ -139,7 +139,7 @@ class Trainer:
         self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see main.FAULT_RE
+        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.ALLOWED["fault"]
         for item in filter(None, (f.strip() for f in fault.split(","))):
             kind, _, at = item.partition("@")
             self.faults[kind] = float(at) if at else -1.0
