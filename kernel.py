@@ -3901,6 +3901,21 @@ def run(argv=None):
         restore_handlers(handlers)
 
 
+class KernelExit(Exception):
+    """A non-zero exit in a notebook. SystemExit there shows "An exception has occurred, use %tb ..." and a warning;
+    this fails the cell the same way (nbclient and Kaggle see an error, later cells do not run) and IPython shows only
+    the one line that _render_traceback_ returns, under the error line main() printed."""
+
+    def __init__(self, code):
+        self.code = code
+        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written", EXIT_INTERRUPTED: "interrupted before the zip",
+                   EXIT_USAGE: "a problem you can fix, named in the error line above"}
+        super().__init__(f"kernel.py stopped with exit code {code}: {meaning.get(code, 'see above')}")
+
+    def _render_traceback_(self):  # IPython's hook: the lines shown instead of a traceback
+        return [f"{type(self).__name__}: {self}"]
+
+
 def main(argv=None):
     """Entry point: returns the exit code (0 ok, also after a crash or interrupt that still wrote the zip; 1 no valid
     zip could be written; 2 usage error; 130 interrupted before the zip)."""
@@ -3916,5 +3931,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    if code and "ipykernel" not in sys.modules:  # in a notebook, SystemExit would show a traceback
+    if code and "ipykernel" in sys.modules:  # a notebook: fail the cell (Save & Run All must not "succeed" without a zip)
+        raise KernelExit(code)
+    if code:
         sys.exit(code)
