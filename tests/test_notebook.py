@@ -43,7 +43,7 @@ def test_save_and_run_all_writes_the_zip_and_the_next_cell_runs(tmp_path):
     text = KERNEL.read_text(encoding="utf-8")
     assert text.count(SEED_DEFAULT) == 1
     after = f"import json\nprint('AFTER seed', json.load(open({str(out / 'report.json')!r}))['config']['seed'])"
-    nb = _notebook(["--demo", "--preset", "smoke", "--time-budget", "90s", "--out", out, "--set", "self_check=false",
+    nb = _notebook(["--demo", "--preset", "smoke", "--time-budget", "300s", "--out", out, "--set", "self_check=false",
                     "--set", "max_steps=20"], kernel_text=text.replace(SEED_DEFAULT, "    seed: int = 7"), after=after)
     _client(nb, tmp_path).execute(env=KERNEL_ENV)  # raises CellExecutionError on any cell error
     assert not [o for c in nb.cells for o in c.outputs if o.get("output_type") == "error"]
