@@ -211,15 +211,15 @@ class Allowed:
 
 def _number(lo, hi, *, integer=False, above=False, off=None):
     """A finite number in [lo, hi] ((lo, hi] with above=True); `off`: one more value allowed, meaning "off"."""
-    kind = "an integer" if integer else "a number"
-    text = f"{kind} {'>' if above else 'from'} {lo:g}{' and <=' if above else ' to'} {hi:g}"
+    kind, show = ("an integer", str) if integer else ("a number", "{:g}".format)
+    text = f"{kind} {'>' if above else 'from'} {show(lo)}{' and <=' if above else ' to'} {show(hi)}"
     types = (int,) if integer else (int, float)
 
     def ok(v):
-        if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
             return False
         return v == off or (lo < v <= hi if above else lo <= v <= hi)
-    return Allowed(text + (f", or {off:g} (off)" if off is not None else ""), ok)
+    return Allowed(text + (f", or {show(off)} (off)" if off is not None else ""), ok)
 
 
 def _flag():
