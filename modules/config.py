@@ -6,11 +6,11 @@ smoke-test widths. Any field can be set from the command line with `--set name=v
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
-
-from modules.utils import UsageError, parse_duration
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Config:
     swa: bool = False  # ship the plain average of G's weights over the second half of training instead
     swa_every: int = 50  # steps between SWA updates
     # sampling
-    n_images: int = 10000  # images in the zip
+    n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
     amp: str = "auto"  # auto (fp16 on CUDA, bf16 where supported) | off
@@ -92,8 +92,9 @@ class Config:
     # evaluation
     feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = hub cache or proxy network
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
-    # testing
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS
+    # development and testing
+    dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -125,6 +126,158 @@ PRESETS = {
 }
 
 
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text):
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds (float > 0)."""
+    s = str(text).strip().lower().replace(" ", "")
+    if s.startswith("-"):
+        raise UsageError(f"duration {text!r} must be positive")
+    try:
+        value = float(s)
+        if not math.isfinite(value):
+            raise UsageError(f"duration {text!r} must be a finite number of seconds")
+    except ValueError:
+        m = _DURATION_RE.match(s)
+        if not s or m is None or not any(m.groups()):
+            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if value <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return value
+
+
+# allowed values: one entry per Config field, checked by check_config() when the settings are parsed, before any data
+# is read (a bad value: one line naming the field, the value and what is allowed; exit 2). Choices naming registries in
+# other files (models.ARCHS, losses.LOSSES, data.CROP_STYLES, augment.AUGMENTS) are spelled out so that config.py needs
+# nothing of ours; tests/test_config.py checks that they match.
+
+
+class Allowed:
+    """What one field may hold: `ok(value) -> bool`, `text` says it in an error message, `choices` for named options."""
+
+    def __init__(self, text, ok, choices=()):
+        self.text, self.ok, self.choices = text, ok, tuple(choices)
+
+
+def _number(lo, hi, *, integer=False, above=False, off=None):
+    """A finite number in [lo, hi] ((lo, hi] with above=True); `off`: one more value allowed, meaning "off"."""
+    kind, show = ("an integer", str) if integer else ("a number", "{:g}".format)
+    text = f"{kind} {'>' if above else 'from'} {show(lo)}{' and <=' if above else ' to'} {show(hi)}"
+    types = (int,) if integer else (int, float)
+
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+            return False
+        return v == off or (lo < v <= hi if above else lo <= v <= hi)
+    return Allowed(text + (f", or {show(off)} (off)" if off is not None else ""), ok)
+
+
+def _flag():
+    return Allowed("true or false", lambda v: isinstance(v, bool))
+
+
+def _one_of(*choices):
+    return Allowed("one of " + ", ".join(choices), lambda v: v in choices, choices)
+
+
+def _some_of(*choices, empty=False):
+    def ok(v):
+        items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else [None]
+        return (bool(items) or empty) and all(x in choices for x in items)
+    return Allowed("comma-separated from " + ", ".join(choices) + (' (or "" for none)' if empty else ""), ok, choices)
+
+
+def _text(what):
+    return Allowed(what, lambda v: isinstance(v, str) and not any(c in v for c in "\0\n\r"))
+
+
+def _matching(regex, what):
+    return Allowed(what, lambda v: isinstance(v, str) and re.fullmatch(regex, v) is not None)
+
+
+def _duration():
+    def ok(v):
+        try:
+            return isinstance(v, str) and parse_duration(v) > 0
+        except UsageError:
+            return False
+    return Allowed("a positive duration: 9h, 90m, 600s, 8h30m or seconds", ok)
+
+
+def _items_matching(regex, what):
+    def ok(v):
+        return isinstance(v, str) and all(re.fullmatch(regex, x.strip()) for x in v.split(",") if x.strip())
+    return Allowed(what, ok)
+
+
+ALLOWED = {
+    # run
+    "preset": Allowed("comma-separated from " + ", ".join(PRESETS),
+                      lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")), PRESETS),
+    "data_dir": _text("a folder path"), "out": _text("a folder path"), "time_budget": _duration(),
+    "seed": _number(0, 2**32 - 1, integer=True), "device": _matching(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
+    "demo": _flag(), "resume": _text("a checkpoint.pt path"), "evaluate": _text("a zip or folder path"),
+    # data
+    "image_size": _number(64, 64, integer=True), "crop_margin": _number(0, 1),
+    "crop_styles": _some_of("box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
+    "min_aspect": _number(0, 100), "max_aspect": _number(0, 100), "hflip": _flag(), "real_noise": _number(0, 1),
+    "instance_noise": _number(0, 10), "data_workers": _number(1, 256, integer=True),
+    "data_limit": _number(0, 10**7, integer=True),
+    # model
+    "arch": _one_of("biggan", "dcgan", "dcgan5", "pggan"), "z_dim": _number(1, 4096, integer=True),
+    "g_ch": _number(1, 1024, integer=True), "d_ch": _number(1, 1024, integer=True),
+    "shared_dim": _number(1, 1024, integer=True), "conditional": _flag(), "attention": _flag(), "spectral": _flag(),
+    "aux_weight": _number(0, 100), "mbstd_group": _number(0, 1024, integer=True),
+    "upsample": _one_of("transpose", "nearest", "bilinear"), "split_bn": _flag(),
+    # loss
+    "loss": _one_of("rals", "bce", "hinge", "lsgan", "wgan"), "real_label": _number(0, 1, above=True),
+    "margin": _number(0, 100), "gp_weight": _number(0, 1000),
+    # optimisation
+    "batch_size": _number(2, 8192, integer=True),  # BatchNorm needs 2 samples
+    "lr_g": _number(0, 1, above=True), "lr_d": _number(0, 1, above=True), "beta1": _number(0, 0.9999),
+    "beta2": _number(0, 0.9999), "d_steps": _number(1, 100, integer=True), "max_steps": _number(0, 10**9, integer=True),
+    "lr_schedule": _one_of("constant", "cosine", "linear"), "lr_final": _number(0, 1),
+    # averaging
+    "ema": _flag(), "ema_decay": _number(0, 1, above=True), "ema_ref_batch": _number(1, 8192, integer=True),
+    "ema_start": _number(0, 10**9, integer=True), "swa": _flag(), "swa_every": _number(1, 10**6, integer=True),
+    # sampling
+    "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
+    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off"), "compile": _one_of("off", "auto", "on"),
+    "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
+    # upkeep and robustness
+    "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),
+    "snapshot_every": _number(1, 10**9, integer=True), "max_rollbacks": _number(0, 1000, integer=True),
+    "rollback_lr_factor": _number(0, 1, above=True), "checkpoint_s": _number(0, 86400),
+    "reserve_margin_s": _number(0, 86400),
+    # evaluation
+    "feature_weights": _text("a weights file path"), "self_check": _flag(),
+    # development and testing
+    "dev_counts": _flag(), "fault": _items_matching(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|zipfail",
+                                                          "comma-separated nan@STEP, raise@STEP, slow@SECONDS, zipfail"),
+}
+
+
+def check_config(cfg):
+    """Every field against ALLOWED, then the rules between fields; the first problem -> UsageError (one line)."""
+    for field in dataclasses.fields(cfg):
+        value, allowed = getattr(cfg, field.name), ALLOWED[field.name]
+        if not allowed.ok(value):
+            raise UsageError(f"setting {field.name}={value!r} is not allowed: {allowed.text}")
+    if cfg.n_images != 10000 and not cfg.dev_counts:
+        raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
+                         f"(for a development run, also --set dev_counts=true)")
+    if cfg.max_aspect and cfg.max_aspect < cfg.min_aspect:
+        raise UsageError(f"setting max_aspect={cfg.max_aspect} is not allowed: 0 (no limit) or >= min_aspect "
+                         f"({cfg.min_aspect})")
+
+
 def _convert_value(name, raw, default):
     """Parse a --set string into the type of the field's default."""
     try:
@@ -154,8 +307,26 @@ def apply_overrides(cfg, overrides, source):
     return Config(**values)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 through main(), not argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def _dash_values(parser, argv):
+    """`--time-budget -5m` -> `--time-budget=-5m`: argparse would not take a value that starts with '-' (and would
+    print its usage block); the value is then checked like any other."""
+    takes_value = {opt for action in parser._actions if action.nargs is None for opt in action.option_strings}
+    out = []
+    for item in argv:
+        if out and out[-1] in takes_value and item.startswith("-") and item not in parser._option_string_actions:
+            out[-1] = f"{out[-1]}={item}"
+        else:
+            out.append(item)
+    return out
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kernel.py", description="Generative Dog Images: train a GAN and write images.zip (10,000 64x64 PNGs).")
     p.add_argument("--data-dir", help="folder holding all-dogs/ and Annotation/ (default: Kaggle's input), or a folder of images")
     p.add_argument("--out", help="output folder (default: /kaggle/working if it exists, else ./output)")
@@ -175,7 +346,8 @@ def build_parser():
 def parse_config(argv=None):
     """argv -> (Config, print_config flag). Unknown arguments (Jupyter's `-f kernel.json`) are ignored."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, _unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, _unknown = parser.parse_known_args(_dash_values(parser, argv))
     cfg = Config()
     preset = args.preset or cfg.preset
     for name in [n.strip() for n in preset.split(",") if n.strip()]:
@@ -196,7 +368,7 @@ def parse_config(argv=None):
         name, value = item.split("=", 1)
         sets[name.strip()] = value.strip()
     cfg = apply_overrides(cfg, sets, "--set")
-    parse_duration(cfg.time_budget)  # fail early on a bad budget
+    check_config(cfg)  # every field against ALLOWED, before anything is read or written
     return cfg, args.print_config
 
 

@@ -31,6 +31,9 @@ KAGGLE_DATA_ROOTS = ("/kaggle/input/generative-dog-images", "/kaggle/input")  # 
 def find_data_dir(data_dir=None):
     """-> (images_dir, annotation_dir or None); data_dir=None: Kaggle's locations. Lists folders, decodes nothing."""
     roots = [Path(p) for p in KAGGLE_DATA_ROOTS] if data_dir is None else [Path(data_dir).expanduser()]
+    if data_dir is not None and roots[0].exists() and not roots[0].is_dir():
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder: pass the (unpacked) folder holding all-dogs/ "
+                         f"and Annotation/, or a folder of images")
     for root in roots:
         images, annotations = search_data_root(root)
         if images is not None:

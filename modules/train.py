@@ -90,6 +90,14 @@ def resolve_amp(amp, device):
     return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _grad_scaler(device_type, *, enabled):
+    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
+    torch.cuda.amp.GradScaler, which is all we need: scaling is enabled only for fp16 on CUDA."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
 def _adam(params, lr, betas, device):
     # fused Adam on CUDA (one kernel for all parameters), foreach elsewhere
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -121,8 +129,8 @@ class Trainer:
         self.opt_d = _adam(self.D.parameters(), lr_d, betas, self.device)
         self.amp_dtype = resolve_amp(amp, self.device)
         use_scaler = self.amp_dtype == torch.float16
-        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.scaler_g = _grad_scaler(self.device.type, enabled=use_scaler)
+        self.scaler_d = _grad_scaler(self.device.type, enabled=use_scaler)
         self.ema = EMA(self.G, decay=ema_decay, batch_size=batch_size, ref_batch=ema_ref_batch) if ema else None
         self.ema_start = ema_start
         self.swa = AveragedModel(self.G, use_buffers=True) if swa else None
@@ -131,7 +139,7 @@ class Trainer:
         self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see main.FAULT_RE
+        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.ALLOWED["fault"]
         for item in filter(None, (f.strip() for f in fault.split(","))):
             kind, _, at = item.partition("@")
             self.faults[kind] = float(at) if at else -1.0

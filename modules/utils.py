@@ -5,20 +5,17 @@ Nothing here reads the Config; every function takes explicit arguments.
 import contextlib
 import os
 import random
-import re
 import sys
 import time
 
 import numpy as np
 import torch
 
+from modules.config import UsageError, parse_duration  # re-exported: defined in config.py, which needs nothing of ours
+
 # helpers
 
 PROCESS_START = time.monotonic()  # the moment the kernel started; the Deadline counts from here
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
 def log(msg):
@@ -39,25 +36,6 @@ def format_duration(seconds):
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text):
-    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds (float > 0)."""
-    s = str(text).strip().lower().replace(" ", "")
-    try:
-        value = float(s)
-    except ValueError:
-        m = _DURATION_RE.match(s)
-        if not s or m is None or not any(m.groups()):
-            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
-        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-        value = h * 3600 + mi * 60 + se
-    if value <= 0:
-        raise UsageError(f"duration {text!r} must be positive")
-    return value
 
 
 def seed_everything(seed):

@@ -1,9 +1,18 @@
+import dataclasses
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
-from modules.config import PRESETS, Config, apply_overrides, config_to_json, parse_config
-from modules.utils import UsageError
+from conftest import KERNEL, ROOT
+from modules.augment import AUGMENTS
+from modules.config import ALLOWED, PRESETS, Config, apply_overrides, check_config, config_to_json, parse_config
+from modules.data import CROP_STYLES
+from modules.losses import LOSSES
+from modules.models import ARCHS
+from modules.utils import UsageError, parse_duration
 
 
 def test_defaults_are_the_kaggle_recipe():
@@ -50,3 +59,101 @@ def test_print_config_flag():
 def test_apply_overrides_unknown_field():
     with pytest.raises(UsageError):
         apply_overrides(Config(), {"widht": 3}, "test")
+
+
+# every field checked at parse time (ALLOWED)
+
+BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_every_field_is_refused walks them all)
+    "preset": "kaggle,nope", "data_dir": "a\0b", "out": "out\n", "time_budget": "-5m", "seed": -1, "device": "tpu",
+    "demo": "yes", "resume": "x\0", "evaluate": "x\0", "image_size": 128, "crop_margin": -0.1, "crop_styles": "box,oval",
+    "include_whole": 1, "min_aspect": -1.0, "max_aspect": float("inf"), "hflip": "true", "real_noise": float("nan"),
+    "instance_noise": -1.0, "data_workers": 0, "data_limit": -5, "arch": "stylegan", "z_dim": 0, "g_ch": 0, "d_ch": 0,
+    "shared_dim": 0, "conditional": None, "attention": 0, "spectral": "on", "aux_weight": -0.1, "mbstd_group": -1,
+    "upsample": "pixelshuffle", "split_bn": "no", "loss": "l1", "real_label": 0.0, "margin": -1.0,
+    "gp_weight": float("nan"), "batch_size": 0, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
+    "d_steps": 0, "max_steps": -1, "lr_schedule": "step", "lr_final": 2.0, "ema": "true", "ema_decay": 1.5,
+    "ema_ref_batch": 0, "ema_start": -1, "swa": 2, "swa_every": 0, "n_images": 0, "truncation": 0.01,
+    "sample_batch": 0, "amp": "fp16", "compile": "max", "diffaug": "color,blur", "pg_fade": 1.5, "tick_s": 0.0,
+    "check_every": 0, "snapshot_every": 0, "max_rollbacks": -1, "rollback_lr_factor": 0.0, "checkpoint_s": -1.0,
+    "reserve_margin_s": float("inf"), "feature_weights": "w\0", "self_check": "false", "dev_counts": "yes",
+    "fault": "boom@3",
+}
+
+
+def test_allowed_covers_every_field_once():
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert sorted(ALLOWED) == sorted(names) and sorted(BAD) == sorted(names)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config)])
+def test_bad_value_of_every_field_is_refused(name):
+    """Set as a notebook user editing Config would (any type): one line naming the field, the value, what is allowed."""
+    cfg = dataclasses.replace(Config(), **{name: BAD[name]})
+    with pytest.raises(UsageError) as info:
+        check_config(cfg)
+    msg = str(info.value)
+    assert f"{name}={BAD[name]!r}" in msg and "allowed: " in msg and "\n" not in msg.replace(repr(BAD[name]), "")
+
+
+def test_defaults_and_every_preset_pass():
+    check_config(Config())
+    for name in PRESETS:
+        check_config(apply_overrides(Config(), PRESETS[name], name))
+
+
+def test_choices_match_the_registries():
+    assert set(ALLOWED["arch"].choices) == set(ARCHS)
+    assert set(ALLOWED["loss"].choices) == set(LOSSES)
+    assert set(ALLOWED["crop_styles"].choices) == set(CROP_STYLES)
+    assert set(ALLOWED["diffaug"].choices) == set(AUGMENTS)
+    assert set(ALLOWED["preset"].choices) == set(PRESETS)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--set", "g_ch=0"], "g_ch"), (["--set", "lr_g=nan"], "lr_g"), (["--set", "n_images=0"], "n_images"),
+    (["--set", "batch_size=-1"], "batch_size"), (["--set", "batch_size=0"], "batch_size"),
+    (["--time-budget", "inf"], "time_budget"), (["--time-budget", "nan"], "time_budget"),
+    (["--time-budget", "-5m"], "time_budget"), (["--time-budget=-5m"], "time_budget"),
+    (["--device", "tpu"], "device"), (["--set", "n_images=5"], "n_images"), (["--set", "fault=nan@x"], "fault"),
+])
+def test_issue_examples_are_refused_at_parse_time(argv, field):
+    with pytest.raises(UsageError, match=f"^setting {field}="):
+        parse_config(argv + ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"])
+
+
+def test_other_counts_need_the_development_flag():
+    with pytest.raises(UsageError, match="exactly 10000"):
+        parse_config(["--set", "n_images=5"])
+    cfg, _ = parse_config(["--set", "n_images=5", "--set", "dev_counts=true"])
+    assert cfg.n_images == 5
+
+
+def test_argparse_errors_are_one_line():
+    with pytest.raises(UsageError, match="--seed"):
+        parse_config(["--seed", "x"])
+    with pytest.raises(UsageError, match="expected one argument"):
+        parse_config(["--set"])
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "-5m", "-1", "0", "-inf"])
+def test_parse_duration_refuses_non_finite_and_negative(text):
+    with pytest.raises(UsageError):
+        parse_duration(text)
+
+
+def test_kernel_refuses_a_bad_setting_in_one_line_before_reading_data(tmp_path):
+    """The bundled kernel: exit 2, one stderr line, no usage block, nothing created, in seconds (torch import included)."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, torchvision, scipy.linalg, scipy.special, numpy, PIL.Image"],
+                   check=True, timeout=120)
+    imports_s = time.monotonic() - t0  # what any run of the kernel pays before its first line
+    for args, field in [(["--time-budget", "-5m"], "time_budget"), (["--set", "g_ch=0"], "g_ch")]:
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, str(KERNEL), "--data-dir", str(tmp_path / "nothing"), "--out",
+                               str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        wall = time.monotonic() - t0
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: setting {field}=") and "usage:" not in proc.stderr
+        assert not (tmp_path / "out").exists() and proc.stdout == ""
+        assert wall < imports_s + 5, (wall, imports_s)  # noisy on a loaded box; the check itself takes milliseconds

@@ -266,6 +266,15 @@ def test_empty_or_missing_dir_fails_fast_with_one_line(tmp_path):
         assert str(d) in msg and "--data-dir" in msg and "--demo" in msg and "\n" not in msg
 
 
+def test_data_dir_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "dogs.zip"
+    f.write_bytes(b"PK")
+    with pytest.raises(UsageError) as e:
+        find_data_dir(str(f))
+    msg = str(e.value)
+    assert str(f) in msg and "is a file, not a folder" in msg and "missing" not in msg and "\n" not in msg
+
+
 def test_layouts_flat_nested_and_plain(tmp_path):
     flat = good_dataset(tmp_path / "flat")
     assert find_data_dir(flat) == (flat / "all-dogs", flat / "Annotation")

@@ -103,3 +103,12 @@ def test_lr_schedules():
     trainer.lr_schedule = "linear"
     trainer.set_progress(0.5)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(0.55 * trainer.base_lr["g"])
+
+
+def test_trainer_works_without_torch_amp_grad_scaler(monkeypatch):
+    """torch 2.1/2.2 (README's P100 route) have no torch.amp.GradScaler: the trainer falls back to torch.cuda.amp's."""
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    trainer = build_trainer(tiny_cfg(batch_size=8), tiny_data(), CPU)
+    assert isinstance(trainer.scaler_g, torch.cuda.amp.GradScaler) and not trainer.scaler_g.is_enabled()
+    trainer.step()
+    trainer.load_state_dict(trainer.state_dict())
