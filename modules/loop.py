@@ -142,7 +142,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                 last_probe = time.monotonic()
                 probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
                 gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
-                if gen_slowdown > 1.5 and gen_slowdown > 1.2 * said_gen:
+                if gen_slowdown > 1.2 and gen_slowdown > 1.2 * said_gen:
                     said_gen = gen_slowdown
                     log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
                         f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")
