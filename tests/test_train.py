@@ -1,5 +1,3 @@
-import dataclasses
-import types
 
 import numpy as np
 import pytest
