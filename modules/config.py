@@ -36,6 +36,7 @@ class Config:
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
     instance_noise: float = 0.0  # std of Gaussian noise on D's inputs (real and fake) at the start, decays linearly to 0
     data_workers: int = 2  # decoding threads/processes
+    threads: int = 0  # torch CPU threads; 0 = auto (GPU run: 1; CPU run: 1 on <= 2 cores, else all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
     arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
@@ -94,7 +95,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -151,6 +152,23 @@ def parse_duration(text):
     if value <= 0:
         raise UsageError(f"duration {text!r} must be positive")
     return value
+
+
+FAULT_RE = re.compile(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+
+
+def parse_faults(text):
+    """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
+    nan@STEP, raise@STEP: at that step; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
+    faults = {}
+    for item in filter(None, (f.strip() for f in str(text).split(","))):
+        if not FAULT_RE.fullmatch(item):
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, slow@SECONDS, "
+                             "slowgen@SECONDS or zipfail")
+        kind, _, at = item.partition("@")
+        faults[kind] = float(at) if at else -1.0
+    return faults
 
 
 # allowed values: one entry per Config field, checked by check_config() when the settings are parsed, before any data
@@ -229,6 +247,7 @@ ALLOWED = {
     "crop_styles": _some_of("box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
     "min_aspect": _number(0, 100), "max_aspect": _number(0, 100), "hflip": _flag(), "real_noise": _number(0, 1),
     "instance_noise": _number(0, 10), "data_workers": _number(1, 256, integer=True),
+    "threads": _number(0, 1024, integer=True),
     "data_limit": _number(0, 10**7, integer=True),
     # model
     "arch": _one_of("biggan", "dcgan", "dcgan5", "pggan"), "z_dim": _number(1, 4096, integer=True),
@@ -259,8 +278,8 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|zipfail",
-                                                          "comma-separated nan@STEP, raise@STEP, slow@SECONDS, zipfail"),
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, "
+                                                                      "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 
 

@@ -3,6 +3,7 @@
 Nothing here reads the Config; every function takes explicit arguments.
 """
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from modules.config import UsageError, parse_duration  # re-exported: defined in config.py, which needs nothing of ours
+from modules.config import UsageError, parse_duration, parse_faults  # re-exported: defined in config.py, which needs nothing of ours
 
 # helpers
 
@@ -19,8 +20,9 @@ PROCESS_START = time.monotonic()  # the moment the kernel started; the Deadline 
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live."""
-    elapsed = time.monotonic() - PROCESS_START
+    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
+    since process_start(), so the log and the messages that quote the Deadline agree."""
+    elapsed = time.monotonic() - process_start()
     print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
 
 
@@ -44,6 +46,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=None)
 def process_start():
     """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
     in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
@@ -93,6 +96,37 @@ class PhaseTimer:
 
     def summary(self):
         return ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb", *, tmp=None, verify=None):
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
+    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    tmp = str(tmp or f"{path}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`with eval_mode(G):` the model in eval mode inside, back in the mode it had after (also on an exception)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 # device

@@ -67,7 +67,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "preset": "kaggle,nope", "data_dir": "a\0b", "out": "out\n", "time_budget": "-5m", "seed": -1, "device": "tpu",
     "demo": "yes", "resume": "x\0", "evaluate": "x\0", "image_size": 128, "crop_margin": -0.1, "crop_styles": "box,oval",
     "include_whole": 1, "min_aspect": -1.0, "max_aspect": float("inf"), "hflip": "true", "real_noise": float("nan"),
-    "instance_noise": -1.0, "data_workers": 0, "data_limit": -5, "arch": "stylegan", "z_dim": 0, "g_ch": 0, "d_ch": 0,
+    "instance_noise": -1.0, "data_workers": 0, "threads": -1, "data_limit": -5, "arch": "stylegan", "z_dim": 0, "g_ch": 0, "d_ch": 0,
     "shared_dim": 0, "conditional": None, "attention": 0, "spectral": "on", "aux_weight": -0.1, "mbstd_group": -1,
     "upsample": "pixelshuffle", "split_bn": "no", "loss": "l1", "real_label": 0.0, "margin": -1.0,
     "gp_weight": float("nan"), "batch_size": 0, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
