@@ -22,6 +22,7 @@ class Config:
     time_budget: str = "8h45m"  # wall time for the whole process; Kaggle kills at 9h, 15 min left for start-up and upload
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpus: str = "auto"  # auto (every visible GPU, one process each) | N; with --device cpu, N gloo processes
     demo: bool = False  # make a synthetic dataset in a temp dir and run on it
     resume: str = ""  # path of a checkpoint.pt to continue from
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
@@ -56,7 +57,8 @@ class Config:
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     # optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
+    batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
     lr_g: float = 2e-4
     lr_d: float = 8e-4
     beta1: float = 0.0
@@ -163,6 +165,8 @@ def build_parser():
     p.add_argument("--preset", help=f"comma-separated presets applied in order: {', '.join(PRESETS)} (default kaggle)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--gpus", help="auto (every visible GPU, default) | N ranks; 1 = one process; with --device cpu: N "
+                   "CPU processes (gloo)")
     p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
@@ -184,7 +188,7 @@ def parse_config(argv=None):
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
-             "device": args.device, "resume": args.resume, "evaluate": args.evaluate,
+             "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
              "feature_weights": args.feature_weights}
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     if args.demo:
