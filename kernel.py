@@ -1990,12 +1990,12 @@ class Trainer:
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
                  real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
                  ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault="", group=None, rank=0, world_size=1):
+                 pg_fade=0.5, amp="auto", diffaug="", fault="", rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = batch_size * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
@@ -2008,14 +2008,7 @@ class Trainer:
         #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
         # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
         # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
-        self.G_train, self.D_train = self.G, self.D
-        if world_size > 1:
-            ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: sync_buffers() at host syncs
-                       find_unused_parameters=hasattr(self.G, "set_growth"))  # PGGAN: layers above the level are idle
-            if self.device.type == "cuda":
-                ddp["device_ids"] = [self.device]
-            self.G_train = DistributedDataParallel(self.G, **ddp)
-            self.D_train = DistributedDataParallel(self.D, **ddp)
+        self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
@@ -2043,6 +2036,18 @@ class Trainer:
             self.faults[kind] = float(at) if at else -1.0
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
+
+    def attach_group(self, group):
+        """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
+        self.group = group
+        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
+                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        if self.device.type == "cuda":
+            ddp["device_ids"] = [self.device]
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
+            warnings.simplefilter("ignore", FutureWarning)
+            self.G_train = DistributedDataParallel(self.G, **ddp)
+            self.D_train = DistributedDataParallel(self.D, **ddp)
 
     # schedule
 
@@ -2129,7 +2134,7 @@ class Trainer:
         # G step: the real logits come from the D step above (detached), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        if self.world_size > 1:  # D's gradients of the G step are thrown away: not computed, never all-reduced
+        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
             self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
         with torch.autocast(**ac):
             fake = self.G_train(z, y_fake)
@@ -2139,7 +2144,7 @@ class Trainer:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
-        if self.world_size > 1:
+        if self.group is not None:
             self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
@@ -2168,7 +2173,7 @@ class Trainer:
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
         Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
         n = max(self.stats_n, 1)
-        if self.world_size > 1 and not self.group_broken:
+        if self.group is not None and not self.group_broken:
             torch.distributed.all_reduce(self.stats, group=self.group)
             n *= self.world_size
         s = self.stats.tolist()
@@ -2213,10 +2218,10 @@ class Trainer:
         self.stats_n = 0
 
 
-def build_trainer(cfg, data, device, *, group=None, rank=0, world_size=1):
+def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1, group = the training process group): the models are built identically on every rank
-    (same seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
+    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
     n_classes = len(data.classes)
     G, D = build_models(cfg, n_classes)
     batch_size = cfg.batch_size
@@ -2230,7 +2235,7 @@ def build_trainer(cfg, data, device, *, group=None, rank=0, world_size=1):
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault, group=group, rank=rank, world_size=world_size)
+        diffaug=cfg.diffaug, fault=cfg.fault, rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
@@ -2594,10 +2599,10 @@ def dead_workers(ctx):
     return [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode is not None]
 
 
-def stop_workers(ctx):
+def stop_workers(ctx, wait_s=WORKER_JOIN_S):
     """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
     for p in ctx.workers:
-        p.join(WORKER_JOIN_S)
+        p.join(wait_s)
     for p in ctx.workers:
         if p.is_alive():
             p.terminate()
@@ -3900,7 +3905,7 @@ verification; a problem the user can fix is found before training and ends with 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
-FAULT_RE = re.compile(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -3945,7 +3950,8 @@ def prepare_out_dir(out_dir, *, resume=""):
 def check_fault(fault):
     for item in filter(None, (f.strip() for f in fault.split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, slow@SECONDS or zipfail")
+            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, kill@STEP (rank 1 dies), "
+                             "slow@SECONDS or zipfail")
 
 
 # interrupts
@@ -4025,16 +4031,25 @@ def run(argv=None):
     if budget < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
     check_fault(cfg.fault)
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0 of world
+    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    if world > 1:
+        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    if not ctx.is_main:
+        quiet_worker_output(ctx.rank)
     timer = PhaseTimer()
     out_dir = resolve_out_dir(cfg.out)
-    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume) if ctx.is_main else 1.0  # only rank 0 writes
     resumed = None
-    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds
+    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds (every rank loads it)
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
-    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}")
-    device = check_device(cfg.device)
-    log(f"backends: {configure_backends(device)}")
+    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}"
+        + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})" if world > 1 else ""))
+    fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
+    device = None
+    if not fork:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}")
     seed_everything(cfg.seed)
     report = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "warnings": [],
               "degraded": False, "history": {}}
@@ -4042,14 +4057,56 @@ def run(argv=None):
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
     report["data"] = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir, disk_speed=disk_speed,
+                  resumed=resumed, report=report, data=data, device=device)
+    if fork:
+        ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
+    return run_rank(ctx, **run_kw)
 
+
+def worker_main(ctx, run_kw):
+    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    code = 1
+    try:
+        code = run_rank(ctx, **run_kw)
+    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
+        record_failure(f"{type(exc).__name__}: {exc}")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+    """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
+    if device is None:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}")
+        report["device"] = str(device)
+    if ctx.distributed:
+        if not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+            ctx = DistContext()  # the workers could not start: one process, one device (warned)
+            report["warnings"].append("distributed start failed: ran one process")
+    try:
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
+                         disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device)
+    finally:
+        if ctx.distributed and ctx.is_main:
+            stop_workers(ctx)
+            end_group(ctx)
+
+
+def _run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    if ctx.distributed:
+        report["ranks"] = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                           "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
-    if cfg.self_check:
+    if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
 
     with timer.phase("build"):
-        trainer = build_trainer(cfg, data, device)
+        trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
         prior_train_s = 0.0
         if resumed is not None:
             restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
@@ -4058,41 +4115,23 @@ def run(argv=None):
             report["resumed_from"] = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_train_s,
                                       "plan_seconds": resumed.get("plan_seconds", prior_train_s),
                                       "complete": resumed.get("complete", True)}
-        label_counts = np.bincount(data.labels, minlength=len(data.classes))
-        estimates, info = measure_finish_seconds(
-            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
-            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
-    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
-    free = shutil.disk_usage(out_dir).free
-    if free < 1.2 * need:
-        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
-                         f"need about {1.2 * need / 2**20:.0f} MiB")
-    finish_s = FINISH_SAFETY * sum(estimates.values())
-    train_until = budget - finish_s - cfg.reserve_margin_s
-    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
-        f"training until {format_duration(train_until)}")
-    window = train_until - deadline.elapsed()
-    if window <= 0:
-        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
-                         f"{format_duration(deadline.elapsed())} and writing the images needs "
-                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
-    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    plan_s = prior_train_s + window
-    if resumed is not None:
-        step = trainer.step_count
-        if resumed.get("complete", True):
-            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
-                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
-        else:
-            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
-            left = plan_s - prior_train_s
-            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
-                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
-                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    plan = None
+    if ctx.is_main:
+        try:
+            plan = _plan_training(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
+                                  disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device, trainer=trainer,
+                                  extractor=extractor, prior_train_s=prior_train_s)
+        finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
+            if ctx.distributed:
+                broadcast_object(ctx, plan)
+    else:
+        plan = broadcast_object(ctx, None)
+        if plan is None:
+            return 0
+    estimates, info, finish_s, train_until, plan_s, dist_timeout = plan
+    if ctx.distributed:  # the training group: DDP and the stop decisions, a collective timeout inside the reserve
+        trainer.attach_group(make_training_group(ctx, dist_timeout))
+        sync_buffers(ctx, (trainer.G, trainer.D))
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
@@ -4104,6 +4143,10 @@ def run(argv=None):
             warn(f"checkpoint not written ({type(exc).__name__}: {exc})")
             return False
 
+    threads = torch.get_num_threads()
+    if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
+        torch.set_num_threads(max(1, cpu_count() // ctx.world_size))
+        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
@@ -4117,13 +4160,28 @@ def run(argv=None):
                     check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
                     rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
                     prior_train_s=prior_train_s, plan_s=plan_s, finish_s=finish_s, history=report["history"],
-                    first_step_s=10 * estimates["generate"] / cfg.n_images * cfg.batch_size, max_steps=cfg.max_steps)
+                    first_step_s=10 * estimates["generate"] / cfg.n_images * trainer.batch_size, max_steps=cfg.max_steps,
+                    ctx=ctx)
             except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
                 stop_event.set()
                 summary["reason"] = "interrupted"
             except Exception as exc:  # train_loop catches failures in training; this is a last resort
                 summary.update(reason="crashed", error=f"{type(exc).__name__}: {exc}")
                 warn(f"training failed ({summary['error']}); writing the zip from the averaged generator")
+                ctx.broken = ctx.broken or summary["error"]
+        torch.set_num_threads(threads)
+        if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+            if summary["reason"] == "crashed":
+                record_failure(summary["error"])
+                return 1
+            return 0
+        if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+            failed = failed_ranks(ctx)
+            stop_workers(ctx, wait_s=0.0)
+            report["failed_ranks"] = {str(r): why for r, why in failed.items()}
+            report["warnings"].append("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                                         or f"a collective failed ({ctx.broken})"))
+            warn(f"{report['warnings'][-1]}; rank 0 ships the zip from its averaged generator")
         if summary["reason"] in ("crashed", "diverged"):
             report["degraded"] = True
             report["warnings"].append(f"training {summary['reason']}" +
@@ -4159,6 +4217,56 @@ def run(argv=None):
         return 0
     finally:
         restore_handlers(handlers)
+
+
+def _plan_training(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device, trainer,
+                   extractor, prior_train_s):
+    """Rank 0: the measured finish reserve and the training window -> (estimates, info, finish_s, train_until, plan_s,
+    the training group's collective timeout)."""
+    label_counts = np.bincount(data.labels, minlength=len(data.classes))
+    with timer.phase("build"):
+        estimates, info = measure_finish_seconds(
+            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
+            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
+            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
+            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
+    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * need:
+        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
+                         f"need about {1.2 * need / 2**20:.0f} MiB")
+    finish_s = FINISH_SAFETY * sum(estimates.values())
+    train_until = budget - finish_s - cfg.reserve_margin_s
+    dist_timeout = 0.0
+    if ctx.distributed:  # a collective that hangs (a dead rank) costs up to its timeout: train that much less
+        dist_timeout = training_timeout(finish_s + cfg.reserve_margin_s, estimates["checkpoint"])
+        train_until -= dist_timeout
+    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
+        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
+        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
+        f"training until {format_duration(train_until)}")
+    window = train_until - deadline.elapsed()
+    if window <= 0:
+        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
+                         f"{format_duration(deadline.elapsed())} and writing the images needs "
+                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
+    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    plan_s = prior_train_s + window
+    if resumed is not None:
+        step = trainer.step_count
+        if resumed.get("complete", True):
+            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
+                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
+        else:
+            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
+            left = plan_s - prior_train_s
+            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
+                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
+                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    if ctx.distributed:
+        log(f"{ctx.world_size} ranks, {split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)} images each per "
+            f"step; collective timeout {format_duration(dist_timeout)}")
+    return estimates, info, finish_s, train_until, plan_s, dist_timeout
 
 
 def main(argv=None):

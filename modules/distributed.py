@@ -297,10 +297,10 @@ def dead_workers(ctx):
     return [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode is not None]
 
 
-def stop_workers(ctx):
+def stop_workers(ctx, wait_s=WORKER_JOIN_S):
     """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
     for p in ctx.workers:
-        p.join(WORKER_JOIN_S)
+        p.join(wait_s)
     for p in ctx.workers:
         if p.is_alive():
             p.terminate()

@@ -24,6 +24,24 @@ from modules.checkpoint import CHECKPOINT_ARCH_KEYS, read_checkpoint, restore_ch
 from modules.config import config_to_json, parse_config, resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
+from modules.distributed import (
+    DistContext,
+    broadcast_object,
+    end_group,
+    failed_ranks,
+    fork_workers,
+    init_group,
+    make_training_group,
+    quiet_worker_output,
+    rank_device,
+    record_failure,
+    resolve_world_size,
+    split_batch,
+    stop_workers,
+    sync_buffers,
+    torchrun_env,
+    training_timeout,
+)
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
 from modules.finish import FINISH_SAFETY, finish, finish_report, measure_finish_seconds
@@ -36,6 +54,7 @@ from modules.utils import (
     PhaseTimer,
     UsageError,
     check_device,
+    cpu_count,
     format_duration,
     log,
     parse_duration,
@@ -46,7 +65,7 @@ from modules.utils import (
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
-FAULT_RE = re.compile(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -91,7 +110,8 @@ def prepare_out_dir(out_dir, *, resume=""):
 def check_fault(fault):
     for item in filter(None, (f.strip() for f in fault.split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, slow@SECONDS or zipfail")
+            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, kill@STEP (rank 1 dies), "
+                             "slow@SECONDS or zipfail")
 
 
 # interrupts
@@ -171,16 +191,25 @@ def run(argv=None):
     if budget < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
     check_fault(cfg.fault)
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0 of world
+    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    if world > 1:
+        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    if not ctx.is_main:
+        quiet_worker_output(ctx.rank)
     timer = PhaseTimer()
     out_dir = resolve_out_dir(cfg.out)
-    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume) if ctx.is_main else 1.0  # only rank 0 writes
     resumed = None
-    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds
+    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds (every rank loads it)
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
-    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}")
-    device = check_device(cfg.device)
-    log(f"backends: {configure_backends(device)}")
+    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}"
+        + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})" if world > 1 else ""))
+    fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
+    device = None
+    if not fork:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}")
     seed_everything(cfg.seed)
     report = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "warnings": [],
               "degraded": False, "history": {}}
@@ -188,14 +217,56 @@ def run(argv=None):
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
     report["data"] = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir, disk_speed=disk_speed,
+                  resumed=resumed, report=report, data=data, device=device)
+    if fork:
+        ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
+    return run_rank(ctx, **run_kw)
 
+
+def worker_main(ctx, run_kw):
+    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    code = 1
+    try:
+        code = run_rank(ctx, **run_kw)
+    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
+        record_failure(f"{type(exc).__name__}: {exc}")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+    """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
+    if device is None:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}")
+        report["device"] = str(device)
+    if ctx.distributed:
+        if not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+            ctx = DistContext()  # the workers could not start: one process, one device (warned)
+            report["warnings"].append("distributed start failed: ran one process")
+    try:
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
+                         disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device)
+    finally:
+        if ctx.distributed and ctx.is_main:
+            stop_workers(ctx)
+            end_group(ctx)
+
+
+def _run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    if ctx.distributed:
+        report["ranks"] = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                           "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
-    if cfg.self_check:
+    if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
 
     with timer.phase("build"):
-        trainer = build_trainer(cfg, data, device)
+        trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
         prior_train_s = 0.0
         if resumed is not None:
             restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
@@ -204,41 +275,23 @@ def run(argv=None):
             report["resumed_from"] = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_train_s,
                                       "plan_seconds": resumed.get("plan_seconds", prior_train_s),
                                       "complete": resumed.get("complete", True)}
-        label_counts = np.bincount(data.labels, minlength=len(data.classes))
-        estimates, info = measure_finish_seconds(
-            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
-            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
-    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
-    free = shutil.disk_usage(out_dir).free
-    if free < 1.2 * need:
-        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
-                         f"need about {1.2 * need / 2**20:.0f} MiB")
-    finish_s = FINISH_SAFETY * sum(estimates.values())
-    train_until = budget - finish_s - cfg.reserve_margin_s
-    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
-        f"training until {format_duration(train_until)}")
-    window = train_until - deadline.elapsed()
-    if window <= 0:
-        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
-                         f"{format_duration(deadline.elapsed())} and writing the images needs "
-                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
-    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    plan_s = prior_train_s + window
-    if resumed is not None:
-        step = trainer.step_count
-        if resumed.get("complete", True):
-            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
-                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
-        else:
-            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
-            left = plan_s - prior_train_s
-            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
-                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
-                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    plan = None
+    if ctx.is_main:
+        try:
+            plan = _plan_training(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
+                                  disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device, trainer=trainer,
+                                  extractor=extractor, prior_train_s=prior_train_s)
+        finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
+            if ctx.distributed:
+                broadcast_object(ctx, plan)
+    else:
+        plan = broadcast_object(ctx, None)
+        if plan is None:
+            return 0
+    estimates, info, finish_s, train_until, plan_s, dist_timeout = plan
+    if ctx.distributed:  # the training group: DDP and the stop decisions, a collective timeout inside the reserve
+        trainer.attach_group(make_training_group(ctx, dist_timeout))
+        sync_buffers(ctx, (trainer.G, trainer.D))
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
@@ -250,6 +303,10 @@ def run(argv=None):
             warn(f"checkpoint not written ({type(exc).__name__}: {exc})")
             return False
 
+    threads = torch.get_num_threads()
+    if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
+        torch.set_num_threads(max(1, cpu_count() // ctx.world_size))
+        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
@@ -263,13 +320,28 @@ def run(argv=None):
                     check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
                     rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
                     prior_train_s=prior_train_s, plan_s=plan_s, finish_s=finish_s, history=report["history"],
-                    first_step_s=10 * estimates["generate"] / cfg.n_images * cfg.batch_size, max_steps=cfg.max_steps)
+                    first_step_s=10 * estimates["generate"] / cfg.n_images * trainer.batch_size, max_steps=cfg.max_steps,
+                    ctx=ctx)
             except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
                 stop_event.set()
                 summary["reason"] = "interrupted"
             except Exception as exc:  # train_loop catches failures in training; this is a last resort
                 summary.update(reason="crashed", error=f"{type(exc).__name__}: {exc}")
                 warn(f"training failed ({summary['error']}); writing the zip from the averaged generator")
+                ctx.broken = ctx.broken or summary["error"]
+        torch.set_num_threads(threads)
+        if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+            if summary["reason"] == "crashed":
+                record_failure(summary["error"])
+                return 1
+            return 0
+        if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+            failed = failed_ranks(ctx)
+            stop_workers(ctx, wait_s=0.0)
+            report["failed_ranks"] = {str(r): why for r, why in failed.items()}
+            report["warnings"].append("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                                         or f"a collective failed ({ctx.broken})"))
+            warn(f"{report['warnings'][-1]}; rank 0 ships the zip from its averaged generator")
         if summary["reason"] in ("crashed", "diverged"):
             report["degraded"] = True
             report["warnings"].append(f"training {summary['reason']}" +
@@ -305,6 +377,56 @@ def run(argv=None):
         return 0
     finally:
         restore_handlers(handlers)
+
+
+def _plan_training(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device, trainer,
+                   extractor, prior_train_s):
+    """Rank 0: the measured finish reserve and the training window -> (estimates, info, finish_s, train_until, plan_s,
+    the training group's collective timeout)."""
+    label_counts = np.bincount(data.labels, minlength=len(data.classes))
+    with timer.phase("build"):
+        estimates, info = measure_finish_seconds(
+            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
+            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
+            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
+            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
+    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * need:
+        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
+                         f"need about {1.2 * need / 2**20:.0f} MiB")
+    finish_s = FINISH_SAFETY * sum(estimates.values())
+    train_until = budget - finish_s - cfg.reserve_margin_s
+    dist_timeout = 0.0
+    if ctx.distributed:  # a collective that hangs (a dead rank) costs up to its timeout: train that much less
+        dist_timeout = training_timeout(finish_s + cfg.reserve_margin_s, estimates["checkpoint"])
+        train_until -= dist_timeout
+    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
+        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
+        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
+        f"training until {format_duration(train_until)}")
+    window = train_until - deadline.elapsed()
+    if window <= 0:
+        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
+                         f"{format_duration(deadline.elapsed())} and writing the images needs "
+                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
+    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    plan_s = prior_train_s + window
+    if resumed is not None:
+        step = trainer.step_count
+        if resumed.get("complete", True):
+            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
+                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
+        else:
+            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
+            left = plan_s - prior_train_s
+            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
+                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
+                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    if ctx.distributed:
+        log(f"{ctx.world_size} ranks, {split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)} images each per "
+            f"step; collective timeout {format_duration(dist_timeout)}")
+    return estimates, info, finish_s, train_until, plan_s, dist_timeout
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +109,12 @@ class Trainer:
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
                  real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
                  ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault="", group=None, rank=0, world_size=1):
+                 pg_fade=0.5, amp="auto", diffaug="", fault="", rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = batch_size * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
@@ -126,14 +127,7 @@ class Trainer:
         #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
         # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
         # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
-        self.G_train, self.D_train = self.G, self.D
-        if world_size > 1:
-            ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: sync_buffers() at host syncs
-                       find_unused_parameters=hasattr(self.G, "set_growth"))  # PGGAN: layers above the level are idle
-            if self.device.type == "cuda":
-                ddp["device_ids"] = [self.device]
-            self.G_train = DistributedDataParallel(self.G, **ddp)
-            self.D_train = DistributedDataParallel(self.D, **ddp)
+        self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
@@ -161,6 +155,18 @@ class Trainer:
             self.faults[kind] = float(at) if at else -1.0
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
+
+    def attach_group(self, group):
+        """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
+        self.group = group
+        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
+                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        if self.device.type == "cuda":
+            ddp["device_ids"] = [self.device]
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
+            warnings.simplefilter("ignore", FutureWarning)
+            self.G_train = DistributedDataParallel(self.G, **ddp)
+            self.D_train = DistributedDataParallel(self.D, **ddp)
 
     # schedule
 
@@ -247,7 +253,7 @@ class Trainer:
         # G step: the real logits come from the D step above (detached), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        if self.world_size > 1:  # D's gradients of the G step are thrown away: not computed, never all-reduced
+        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
             self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
         with torch.autocast(**ac):
             fake = self.G_train(z, y_fake)
@@ -257,7 +263,7 @@ class Trainer:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
-        if self.world_size > 1:
+        if self.group is not None:
             self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
@@ -286,7 +292,7 @@ class Trainer:
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
         Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
         n = max(self.stats_n, 1)
-        if self.world_size > 1 and not self.group_broken:
+        if self.group is not None and not self.group_broken:
             torch.distributed.all_reduce(self.stats, group=self.group)
             n *= self.world_size
         s = self.stats.tolist()
@@ -331,10 +337,10 @@ class Trainer:
         self.stats_n = 0
 
 
-def build_trainer(cfg, data, device, *, group=None, rank=0, world_size=1):
+def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1, group = the training process group): the models are built identically on every rank
-    (same seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
+    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
     n_classes = len(data.classes)
     G, D = build_models(cfg, n_classes)
     batch_size = cfg.batch_size
@@ -348,7 +354,7 @@ def build_trainer(cfg, data, device, *, group=None, rank=0, world_size=1):
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault, group=group, rank=rank, world_size=world_size)
+        diffaug=cfg.diffaug, fault=cfg.fault, rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
