@@ -2,7 +2,7 @@
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   utils -> config -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample -> speed ->
 #   train -> checkpoint -> distributed -> loop -> features -> metrics -> report -> evaluate -> submission -> finish ->
-#   main
+#   plan -> main
 
 
 import argparse
@@ -12,6 +12,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import errno
 import functools
 import importlib.util
 import io
@@ -71,8 +72,9 @@ class UsageError(Exception):
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live."""
-    elapsed = time.monotonic() - PROCESS_START
+    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
+    since process_start(), so the log and the messages that quote the Deadline agree."""
+    elapsed = time.monotonic() - process_start()
     print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
 
 
@@ -109,12 +111,30 @@ def parse_duration(text):
     return value
 
 
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+
+
+def parse_faults(text):
+    """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
+    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
+    faults = {}
+    for item in filter(None, (f.strip() for f in str(text).split(","))):
+        if not FAULT_RE.fullmatch(item):
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
+                             "slowgen@SECONDS or zipfail")
+        kind, _, at = item.partition("@")
+        faults[kind] = float(at) if at else -1.0
+    return faults
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=None)
 def process_start():
     """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
     in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
@@ -164,6 +184,37 @@ class PhaseTimer:
 
     def summary(self):
         return ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb", *, tmp=None, verify=None):
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
+    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    tmp = str(tmp or f"{path}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`with eval_mode(G):` the model in eval mode inside, back in the mode it had after (also on an exception)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 # device
@@ -240,6 +291,7 @@ class Config:
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
     instance_noise: float = 0.0  # std of Gaussian noise on D's inputs (real and fake) at the start, decays linearly to 0
     data_workers: int = 2  # decoding threads/processes
+    threads: int = 0  # torch CPU threads; 0 = auto (GPU run: 1; CPU run: 1 on <= 2 cores, else all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
     arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
@@ -1770,11 +1822,9 @@ def to_uint8(images):
 @torch.no_grad()
 def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None):
     """Generate n images with G in eval mode -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images."""
-    was_training = G.training
-    G.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
-    try:
+    with eval_mode(G):
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
@@ -1782,8 +1832,6 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 x = G(z, y)
             out.append(to_uint8(x))
-    finally:
-        G.train(was_training)
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images
@@ -1798,6 +1846,7 @@ support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-
 COMPILE_MODES = ("off", "auto", "on")  # Config.compile
 COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
+CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
 
 
 def configure_backends(device):
@@ -1816,6 +1865,27 @@ def configure_backends(device):
     else:
         torch.backends.cudnn.allow_tf32 = True
     return f"sm_{major}{minor}: cudnn.benchmark on, TF32 on"
+
+
+def choose_threads(want, device, *, cpus):
+    """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
+    run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
+    against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
+    threads on 2 shared cores lose badly to any other process), else all but one core."""
+    if want > 0:
+        return want, "set by threads"
+    if device.type == "cuda":
+        return 1, "GPU run: the CPU only feeds data and PNG encoding"
+    if cpus <= CPU_THREADS_ONE_UP_TO:
+        return 1, f"CPU run on {cpus} cores: one thread beats {cpus} when anything else runs"
+    return cpus - 1, f"CPU run on {cpus} cores: all but one"
+
+
+def configure_threads(want, device):
+    """Set torch's CPU threads (see choose_threads) -> a short description for the log."""
+    n, why = choose_threads(want, device, cpus=cpu_count())
+    torch.set_num_threads(n)
+    return f"torch CPU threads {n} ({why})"
 
 
 def compile_support(device):
@@ -1895,8 +1965,8 @@ def maybe_compile(module, *, mode, device):
 
 
 # ==== modules/train.py ====
-"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, roll-back on divergence,
-checkpoints, and the loop that does its upkeep once per check/tick and stops on the Deadline.
+"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back
+on divergence, and the trainer's state dict. The loop that drives it is in loop.py; checkpoint files in checkpoint.py.
 """
 
 
@@ -1906,7 +1976,7 @@ checkpoints, and the loop that does its upkeep once per check/tick and stops on 
 class DeviceBatches:
     """The uint8 training crops live on the device once; each batch is indexed, flipped, noised and normalised there."""
 
-    def __init__(self, images, labels, *, device, hflip=True, real_noise=0.0):
+    def __init__(self, images, labels, *, device, hflip, real_noise):
         # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels).long().to(device)
@@ -1941,7 +2011,7 @@ class EMA:
     so the half-life in images stays fixed.
     """
 
-    def __init__(self, model, *, decay=0.999, batch_size=64, ref_batch=64):
+    def __init__(self, model, *, decay, batch_size, ref_batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay ** (batch_size / ref_batch)
 
@@ -1983,14 +2053,14 @@ def _adam(params, lr, betas, device):
 
 class Trainer:
     """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
+    Every keyword is required: the values come from Config through build_trainer, never from defaults here.
 
     Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
     """
 
-    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
-                 real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
-                 ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault="", rank=0, world_size=1):
+    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
+                 margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
+                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
@@ -2030,10 +2100,7 @@ class Trainer:
         self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see main.FAULT_RE
-        for item in filter(None, (f.strip() for f in fault.split(","))):
-            kind, _, at = item.partition("@")
-            self.faults[kind] = float(at) if at else -1.0
+        self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow)
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
 
@@ -2168,6 +2235,10 @@ class Trainer:
             time.sleep(self.faults["slow"])
         if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
             os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
+            delay = self.faults.pop("slowgen")
+            for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
@@ -2260,17 +2331,24 @@ def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes,
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+
+
+def describe_write_error(exc, path):
+    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
+    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
+    PytorchStreamWriter failed writing file ...: file write failed")."""
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
+        isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
+    if full:
+        free = ""
         with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+            free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MiB free"
+        return f"disk full: {path} needs more space than is left{free}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def read_checkpoint(path, *, arch):
@@ -2627,6 +2705,8 @@ def end_group(ctx):
 
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
+FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
+PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
 
 
 # the loop
@@ -2635,44 +2715,61 @@ SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the
 @torch.no_grad()
 def sample_spread(G, z):
     """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
-    was = G.training
-    G.eval()
     y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    spread = float(G(z, y).float().std(0).mean())
-    G.train(was)
-    return spread
+    with eval_mode(G):
+        return float(G(z, y).float().std(0).mean())
 
 
-def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, check_every=50, snapshot_every=500,
-               max_rollbacks=3, rollback_lr_factor=0.5, checkpoint_fn=None, checkpoint_s=0.0, prior_train_s=0.0,
-               plan_s=None, finish_s=0.0, first_step_s=0.0, max_steps=0, history=None, ctx=None):
-    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, divergence or a
-    failure. Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers
-    it): it returns with reason "crashed" or "interrupted", so that the caller ships what there is.
+@dataclass
+class TrainSummary:
+    """What train_loop did: report.json's "train" entry (dataclasses.asdict) and the final checkpoint's times."""
 
-    Time: a step starts only if it is predicted to end in time: 2x the measured step time (first_step_s before one is
-    measured). Other processes slow the finish as much as the steps, so the deadline moves earlier by
-    finish_s * (slowdown - 1), slowdown being how much slower the steps run now than at first (1..SLOWDOWN_MAX).
-    Schedule: progress = (prior_train_s + seconds trained here) / plan_s (default: prior_train_s + this window);
-    training also stops where the plan ends (a resumed run trains what its plan has left), or at step max_steps (0 = no
-    limit; the schedule still follows the time plan).
+    steps: int = 0  # G steps made in this run
+    total_steps: int = 0  # the trainer's step count (a resumed run's steps included)
+    seconds: float = 0.0  # training seconds in this run
+    reason: str = "not started"  # budget | steps | interrupted | diverged | crashed | not started
+    rollbacks: int = 0
+    it_per_s: float = 0.0
+    images_per_s: float = 0.0
+    train_seconds_total: float = 0.0  # prior runs' training + this run's
+    plan_seconds: float = 0.0  # the training time the schedule spans (TrainPlan.plan_s)
+    slowdown: float = 1.0  # the finish's slowdown at the end: steps or a re-timed generation batch, vs at start
+    error: str = None  # the failure that ended training, for crashed
+
+
+def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
+    """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
+    for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
+    reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
+    come from Config (build_* and main read it), never from defaults here.
+
+    Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
+    is measured). Other processes slow the finish too, so the stop moves earlier by plan.finish_s * (slowdown - 1),
+    slowdown being how much slower the steps run now than at first, or (near the end, where it can still matter) how
+    much slower a generation batch runs now than at start, re-timed with finish_probe() (-> seconds for one batch of
+    plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
+    Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
+    ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
+    the time plan).
     Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
-    plan_seconds, complete) every checkpoint_s seconds. The steps after the last sync are checked on the way out too.
+    plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
+    sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
     Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
     number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
     margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
-    over the ranks, so roll-backs happen together. Only rank 0 logs and checkpoints. A collective that fails (a dead
-    rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
-    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s, slowdown, error).
+    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
+    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
+    Returns a TrainSummary.
     """
-    history = history if history is not None else {}
+    train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
     t_start = deadline.elapsed()
-    plan = max(plan_s or prior_train_s + train_until - t_start, 1e-6)
-    window = max(min(train_until - t_start, plan - prior_train_s), 0.0)  # this run's training time
+    window = plan.window(t_start)  # this run's training time
     step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
     base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
-    slowdown, level = 1.0, None
+    slowdown, gen_slowdown, level = 1.0, 1.0, None
+    last_probe, probes, said_gen = -float("inf"), [], 1.0
     last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
     last_tick = last_ckpt = time.monotonic()
     ckpt_est = 0.0  # duration of the last checkpoint
@@ -2683,7 +2780,6 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
     dist_on = ctx is not None and ctx.distributed
     main = ctx is None or ctx.is_main
     next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
-    interval = 1
 
     def trained():
         return prior_train_s + deadline.elapsed() - t_start
@@ -2692,13 +2788,14 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
         snapshot = trainer.snapshot()
         fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
         while True:
+            until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
+            margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
             if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
             elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
-                until = train_until - finish_s * (slowdown - 1)
-                step_est = step_s if step_s is not None else first_step_s
+                step_est = step_s if step_s is not None else plan.first_step_s
                 done = trainer.step_count - first_step
                 interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
                 if max_steps:
@@ -2707,14 +2804,14 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
                 if main:
                     if stop_event is not None and stop_event.is_set():
                         stop = "interrupted"
-                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan:
+                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
                         stop = "budget"
                     elif max_steps and trainer.step_count >= max_steps:
                         stop = "steps"
                     elif dead_workers(ctx):
                         raise RuntimeError(f"rank(s) {dead_workers(ctx)} ended")
                 stop, progress, interval = agree(
-                    ctx, stop=stop, progress=min(trained() / plan, 1.0), interval=interval, device=trainer.device,
+                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
                     interrupted=stop_event is not None and stop_event.is_set())
                 if stop:
                     reason = stop
@@ -2733,14 +2830,12 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
                     log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
                         "(interrupt again to exit at once)")
                     break
-                until = train_until - finish_s * (slowdown - 1)
-                margin = 2 * step_s if step_s is not None else first_step_s  # the step we start + one queued on the GPU
-                if deadline.elapsed() + margin >= until or trained() >= plan:
+                if deadline.elapsed() + margin >= until or trained() >= plan_s:
                     break
                 if max_steps and trainer.step_count >= max_steps:
                     reason = "steps"
                     break
-                trainer.set_progress(trained() / plan)
+                trainer.set_progress(trained() / plan_s)
                 trainer.step()
                 done = trainer.step_count - first_step
                 if not (done <= 2 or trainer.step_count % check_every == 0
@@ -2782,6 +2877,15 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             # upkeep, on checked state only; its time is not step time
             if dist_on:
                 sync_buffers(ctx, (trainer.G, trainer.D))
+            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
+                    and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
+                last_probe = time.monotonic()
+                probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+                gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
+                if gen_slowdown > 1.5 and gen_slowdown > 1.2 * said_gen:
+                    said_gen = gen_slowdown
+                    log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
+                        f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")
             if trainer.step_count - snapshot_step >= snapshot_every:
                 snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
             now = time.monotonic()
@@ -2799,7 +2903,7 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
                     and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
                 t0 = time.monotonic()
-                checkpoint_fn(trained(), plan, False)
+                checkpoint_fn(trained(), plan_s, False)
                 last_ckpt = time.monotonic()
                 ckpt_est = last_ckpt - t0
             last_sync_t = time.monotonic()
@@ -2832,10 +2936,10 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
     seconds = deadline.elapsed() - t_start
     steps = trainer.step_count - first_step
-    return {"steps": steps, "total_steps": trainer.step_count, "seconds": seconds, "reason": reason,
-            "rollbacks": rollbacks, "it_per_s": steps / max(seconds, 1e-9),
-            "images_per_s": steps * trainer.global_batch / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds,
-            "plan_seconds": plan, "slowdown": slowdown, "error": error}
+    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
+                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
+                        train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
+                        slowdown=max(slowdown, gen_slowdown), error=error)
 
 
 # ==== modules/features.py ====
@@ -3423,15 +3527,57 @@ def _jsonable(obj, depth=0):
 
 
 def write_report(path, report):
-    """Write `report` as indented JSON via a temporary file and os.replace, so a reader never sees half a file."""
+    """Write `report` (a dict) as indented JSON with atomic_file, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w", tmp=path.with_name(f"{path.name}.tmp{os.getpid()}")) as f:
         json.dump(_jsonable(report), f, indent=2, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, path)
     return path
+
+
+# the run's report
+
+
+@dataclass
+class RunReport:
+    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
+    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+
+    config: dict  # the resolved Config, dataclasses.asdict
+    device: str
+    torch: str
+    warnings: list = field(default_factory=list)  # one line per thing that went wrong but did not stop the run
+    degraded: bool = False  # training crashed or diverged, or no zip could be written
+    history: dict = field(default_factory=dict)  # {series: [(train seconds, value)]}, resumed runs' included
+    data: dict = None  # DogData.stats
+    resumed_from: dict = None  # path, step, train_seconds, plan_seconds, complete of the --resume checkpoint
+    reserve: dict = None  # the measured finish parts (seconds), margin, disk_mib_s
+    train: dict = None  # TrainSummary, as a dict
+    zip: str = None  # the verified zip's path; None when none could be written
+    metrics: dict = None  # the self-check's local metrics (not Kaggle's score)
+    self_check: dict = None
+    samples_breeds: list = None  # the breeds in samples.png, one per row
+    phases: dict = None  # wall seconds per phase
+    wall_seconds: float = None
+    ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
+    failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
+    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
+                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
+
+    def warn(self, text):
+        self.warnings.append(text)
+
+    def to_dict(self):
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+
+    def write(self, path):
+        """report.json at path; a failure to write it is a warning: the zip is what counts."""
+        try:
+            write_report(path, self.to_dict())
+        except Exception as exc:
+            warn(f"report.json not written ({type(exc).__name__}: {exc})")
 
 
 # ==== modules/evaluate.py ====
@@ -3669,34 +3815,17 @@ def write_submission(images, path, *, workers=2, corrupt=False):
     """
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
-    tmp = f"{path}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         pngs = encode_pngs(images, workers)
-        with open(tmp, "wb") as f:
+        with atomic_file(path, verify=lambda tmp: verify_zip(tmp, n_expected=n, size=h)) as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
                 for i, data in enumerate(pngs):
                     zf.writestr(f"{i}.png", data)
             if corrupt:
                 f.truncate(f.tell() // 2)
-            f.flush()
-            os.fsync(f.fileno())
-        verify_zip(tmp, n_expected=n, size=h)
-        os.replace(tmp, path)
-    except (OSError, SubmissionError) as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, SubmissionError):
-            raise
+    except OSError as exc:  # the .tmp is gone already (atomic_file), any earlier zip at path is untouched
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:  # an interrupt or a crash mid-write: no half zip left behind
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
     return path
 
 
@@ -3789,7 +3918,7 @@ def _finish_generate(G, *, n, batch, gen_kw, device, report):
         return generate_images(G, n=n, batch_size=batch, **gen_kw)
     except Exception as exc:
         warn(f"generation failed ({type(exc).__name__}: {exc}); retrying at a smaller batch")
-        report["warnings"].append(f"generation retried: {exc}")
+        report.warn(f"generation retried: {exc}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return generate_images(G, n=n, batch_size=max(1, batch // 4), **gen_kw)
@@ -3807,7 +3936,7 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         if deadline.remaining() < retry_s:
             raise SubmissionError(f"{exc} (no time left to retry)") from None
         warn(f"writing the zip failed ({type(exc).__name__}: {exc}); retrying single-threaded")
-        report["warnings"].append(f"zip retried: {exc}")
+        report.warn(f"zip retried: {exc}")
     try:
         return write_submission(images, zip_path, workers=1, corrupt=corrupt)
     except (UsageError, SubmissionError):
@@ -3816,86 +3945,156 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         raise SubmissionError(f"{zip_path}: {type(exc).__name__}: {exc}") from None
 
 
-def finish(trainer, *, data, out_dir, cfg, deadline, extractor, timer, report, estimates, batch, slowdown=1.0,
-           stop_event=None):
+def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers, self_check_on, corrupt_zip, deadline,
+           extractor, timer, report, estimates, batch, slowdown, stop_event):
     """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
-    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end."""
+    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
+
+    report: the RunReport, filled in here (zip, metrics, self_check, samples_breeds, warnings). slowdown: how much
+    slower the machine runs than when the estimates were measured (TrainSummary.slowdown). corrupt_zip: a test fault.
+    """
     G = trainer.generator_to_ship()
     label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    gen_kw = dict(z_dim=cfg.z_dim, label_counts=label_counts, truncation=cfg.truncation, amp_dtype=trainer.amp_dtype,
-                  device=trainer.device, seed=cfg.seed)
+    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
+                  device=trainer.device, seed=seed)
     with timer.phase("generate"):
-        images = _finish_generate(G, n=cfg.n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
+        images = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
     zip_path = os.path.join(out_dir, "images.zip")
+    report_path = os.path.join(out_dir, "report.json")
     with timer.phase("zip"):
-        _finish_write_zip(images, zip_path, workers=cfg.data_workers, corrupt="zipfail" in cfg.fault, report=report,
+        _finish_write_zip(images, zip_path, workers=workers, corrupt=corrupt_zip, report=report,
                           retry_s=2 * estimates["zip"] * slowdown + FINISH_EXIT_S, deadline=deadline)  # 1 thread: 2x
     log(f"wrote {zip_path}: {len(images)} verified PNGs")
-    report["zip"] = zip_path
-    finish_report(out_dir, report)  # a kill from here on still leaves the zip and a report
+    report.zip = zip_path
+    report.write(report_path)  # a kill from here on still leaves the zip and a report
 
     interrupted = stop_event is not None and stop_event.is_set()
-    if cfg.self_check and extractor is not None:
+    if self_check_on and extractor is not None:
         need = FINISH_SAFETY * estimates.get("self_check", 0.0) * slowdown + FINISH_EXIT_S
         if interrupted or deadline.remaining() < need:
             why = "interrupted" if interrupted else (f"{format_duration(max(deadline.remaining(), 0))} left, it needs "
                                                      f"~{format_duration(need)}")
             warn(f"self-check skipped ({why}); the zip is written")
-            report["warnings"].append(f"self-check skipped: {why}")
+            report.warn(f"self-check skipped: {why}")
         else:
             with timer.phase("self_check"):
                 try:
-                    report["metrics"] = evaluate_images(images, data.reference, extractor)
-                    report["self_check"] = self_check(
+                    report.metrics = evaluate_images(images, data.reference, extractor)
+                    report.self_check = self_check(
                         images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                        memorization=report["metrics"]["memorization_distance"], seed=cfg.seed)
-                    log("local metrics (not Kaggle's score): " + json.dumps(report["metrics"], default=str))
+                        memorization=report.metrics["memorization_distance"], seed=seed)
+                    log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
                 except Exception as exc:
                     warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
-                    report["warnings"].append(f"self-check failed: {exc}")
+                    report.warn(f"self-check failed: {exc}")
     late = deadline.remaining() < (FINISH_PICTURES_S + FINISH_EXIT_S) * slowdown
     if late or (stop_event is not None and stop_event.is_set()):
-        report["warnings"].append("pictures skipped: no time left or interrupted")
+        report.warn("pictures skipped: no time left or interrupted")
         return images
     with timer.phase("pictures"):
         try:
-            _save_pictures(G, trainer, data, out_dir, cfg, report)
+            report.samples_breeds = save_pictures(G, classes=data.classes, history=report.history, out_dir=out_dir,
+                                                  z_dim=z_dim, truncation=truncation, seed=seed, device=trainer.device)
         except Exception as exc:
             warn(f"pictures failed ({type(exc).__name__}: {exc})")
-            report["warnings"].append(f"pictures failed: {exc}")
+            report.warn(f"pictures failed: {exc}")
     return images
 
 
-def finish_report(out_dir, report):
-    """report.json; a failure to write it is a warning: the zip is what counts."""
-    try:
-        write_report(os.path.join(out_dir, "report.json"), report)
-    except Exception as exc:
-        warn(f"report.json not written ({type(exc).__name__}: {exc})")
-
-
-def _save_pictures(G, trainer, data, out_dir, cfg, report):
-    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves."""
-    n_breeds = min(SAMPLE_GRID_BREEDS, len(data.classes))
+def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, device):
+    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves. -> the breeds
+    shown, one per row."""
+    n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
-    breeds = np.linspace(0, len(data.classes) - 1, n_breeds).round().astype(int)
-    z = truncated_z(per_row, cfg.z_dim, cfg.truncation, generator=torch.Generator().manual_seed(cfg.seed))
-    z = z.repeat(n_breeds, 1).to(trainer.device)
-    y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=trainer.device)
-    was = G.training
-    G.eval()
-    with torch.no_grad():
-        x = G(z, y).float().clamp(-1, 1)
-    G.train(was)
-    grid = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    breeds = np.linspace(0, len(classes) - 1, n_breeds).round().astype(int)
+    z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
+    z = z.repeat(n_breeds, 1).to(device)
+    y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
+    with eval_mode(G), torch.no_grad():
+        grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
-    report["samples_breeds"] = [data.classes[i] for i in breeds]
-    plot_losses(report.get("history", {}), os.path.join(out_dir, "losses.png"))
+    plot_losses(history, os.path.join(out_dir, "losses.png"))
+    return [classes[i] for i in breeds]
+
+
+# ==== modules/plan.py ====
+"""The run's plan as data: how the time budget splits into start-up, training and the finish reserve, and how a resumed
+run carries on the schedule of the run it continues. plan_training() computes it once; the loop, the final checkpoint
+and report.json read it."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """All times are seconds; `train_until` is counted on the Deadline's clock (from process start)."""
+
+    budget_s: float  # the whole run's wall time
+    estimates: dict  # the measured finish, {part: seconds}: generate, zip, checkpoint (+ self_check), before safety
+    finish_s: float  # FINISH_SAFETY x sum(estimates): the finish reserve; the loop stretches it by the slowdown
+    margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
+    train_until: float  # training stops here on the Deadline's clock: budget_s - finish_s - margin_s
+    prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
+    plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
+    inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
+    first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
+    gen_batch: int  # images per generation batch that fits (the finish's batch)
+    gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
+
+    @property
+    def reserve_s(self):
+        return self.finish_s + self.margin_s
+
+    def window(self, now):
+        """This run's training seconds from `now` (Deadline clock): up to train_until, and no further than the plan."""
+        return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
+
+    def complete(self, *, reason, train_seconds_total):
+        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
+        inherited plan and stopped short of it."""
+        return reason in ("budget", "steps") and (
+            not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
+
+
+def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
+                  budget_text="", resume_path=""):
+    """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
+
+    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
+    of --resume (train_seconds, plan_seconds, complete), or None. A window of no training at all is a UsageError.
+    """
+    finish_s = FINISH_SAFETY * sum(estimates.values())
+    train_until = budget_s - finish_s - margin_s
+    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
+        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
+        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
+    window = train_until - elapsed_s
+    if window <= 0:
+        raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
+                         f"took {format_duration(elapsed_s)} and writing the images needs "
+                         f"{format_duration(finish_s + margin_s)}")
+    prior_s = float(resumed["train_seconds"]) if resumed is not None else 0.0
+    plan_s, inherited = prior_s + window, False
+    if resumed is not None:
+        step = resumed["trainer"].get("step", 0) if isinstance(resumed.get("trainer"), dict) else 0
+        if resumed.get("complete", True):
+            log(f"resumed from {resume_path} at step {step}: its training was complete "
+                f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
+        else:
+            plan_s, inherited = max(float(resumed.get("plan_seconds", 0.0)), prior_s), True
+            left = plan_s - prior_s
+            log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
+                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
+                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    batches = -(-n_images // gen_batch)
+    return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
+                     train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
+                     first_step_s=10 * estimates["generate"] / n_images * batch_size, gen_batch=gen_batch,
+                     gen_batch_s=estimates["generate"] / batches)
 
 
 # ==== modules/main.py ====
-"""The run: config -> output folder probe -> checkpoint check (--resume) -> GPU check -> data -> models -> measured
-reserve -> training -> checkpoint, images.zip, report.json, then (time allowing) the self-check and pictures.
+"""The run: config -> checks (budget, faults, output path, --resume checkpoint, device) -> data -> output folder ->
+models, measured finish and the TrainPlan -> training -> checkpoint, images.zip, report.json, then (time allowing) the
+self-check and pictures.
 
 The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
 interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
@@ -3905,25 +4104,43 @@ verification; a problem the user can fix is found before training and ends with 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
-FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
 # output folder
 
 
-def prepare_out_dir(out_dir, *, resume=""):
-    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
-    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
+def check_out_dir(out_dir):
+    """What can be told of the output folder without creating it: a UsageError if a file stands in its place."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output folder {out_dir} is a file: pass another --out")
+    zip_path = os.path.join(out_dir, "images.zip")
+    if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
+        raise UsageError(f"{zip_path} exists and is not a file: move it away")
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out_dir):
+    """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
+    created and left empty is removed again."""
+    existed = os.path.isdir(out_dir)
+    try:
+        yield
+    except UsageError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only an empty folder
+        raise
+
+
+def prepare_out_dir(out_dir, *, resume):
+    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
+    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
+    check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    zip_path = os.path.join(out_dir, "images.zip")
-    if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
-        raise UsageError(f"{zip_path} exists and is not a file: move it away")
     probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
     t0 = time.monotonic()
     try:
@@ -3945,13 +4162,6 @@ def prepare_out_dir(out_dir, *, resume=""):
         warn(f"{ckpt} of an earlier run will be replaced by this run's checkpoints; to continue that run instead, "
              f"pass --resume {ckpt}")
     return speed
-
-
-def check_fault(fault):
-    for item in filter(None, (f.strip() for f in fault.split(","))):
-        if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, kill@STEP (rank 1 dies), "
-                             "slow@SECONDS or zipfail")
 
 
 # interrupts
@@ -4016,7 +4226,114 @@ def evaluate_submission(cfg):
     return result
 
 
+def build_restored(cfg, data, device, *, ctx, resumed, report):
+    """The trainer of this rank, restored from --resume (every rank loads it: Adam's state must match too)."""
+    trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
+    if resumed is not None:
+        restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
+        report.history = {k: list(v) for k, v in resumed.get("history", {}).items()}
+        prior_s = float(resumed["train_seconds"])
+        report.resumed_from = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_s,
+                               "plan_seconds": resumed.get("plan_seconds", prior_s),
+                               "complete": resumed.get("complete", True)}
+    return trainer
+
+
+def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
+    """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
+    the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
+    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+    estimates, info = measure_finish_seconds(
+        trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
+        truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
+        workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
+        extractor=extractor, n_reference=len(data.reference), crops=data.images)
+    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * need:
+        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
+                         f"need about {1.2 * need / 2**20:.0f} MiB")
+    timeout = 0.0
+    if ctx.distributed:
+        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
+                                   estimates["checkpoint"])
+    plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
+                         gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
+                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         resume_path=cfg.resume)
+    if ctx.distributed:
+        plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
+        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+            f"{format_duration(timeout)} (training stops that much earlier)")
+    report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    return trainer, plan, timeout
+
+
+def label_counts_of(data):
+    return np.bincount(data.labels, minlength=len(data.classes))
+
+
+def make_checkpointer(path, trainer, *, config, classes, report):
+    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
+    warning, never the end of the run: the zip matters more."""
+
+    def checkpoint(train_seconds, plan_seconds, complete):
+        try:
+            save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
+                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
+            return True
+        except Exception as exc:
+            warn(f"checkpoint not written: {describe_write_error(exc)}")
+            return False
+
+    return checkpoint
+
+
+def make_finish_probe(trainer, plan, *, data, cfg):
+    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
+    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=trainer.device,
+              amp_dtype=trainer.amp_dtype)
+
+    def probe():
+        t0 = time.monotonic()
+        generate_images(trainer.generator_to_ship(), n=plan.gen_batch, batch_size=plan.gen_batch, seed=1, **kw)
+        return time.monotonic() - t0
+
+    return probe
+
+
+def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
+    """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
+    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
+    summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
+                           plan_seconds=plan.plan_s)
+    try:
+        summary = train_loop(
+            trainer, plan=plan, deadline=deadline, stop_event=stop_event, tick_s=cfg.tick_s,
+            check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
+            rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
+            max_steps=cfg.max_steps, history=report.history,
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
+        stop_event.set()
+        summary.reason = "interrupted"
+    except Exception as exc:  # train_loop catches failures in training; this is a last resort
+        summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
+        warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
+        ctx.broken = ctx.broken or summary.error
+    if summary.reason in ("crashed", "diverged"):
+        report.degraded = True
+        report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
+    log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
+        + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
+    report.train = dataclasses.asdict(summary)
+    return summary
+
+
 def run(argv=None):
+    """The steps of a run. -> exit code (see main). Several ranks: this process is rank 0 and forks the others after
+    the data is read (or is one of torchrun's ranks); run_rank() is the rest of the run, on every rank."""
     cfg, print_config = parse_config(argv)
     if print_config:
         print(config_to_json(cfg))
@@ -4026,39 +4343,38 @@ def run(argv=None):
             result = evaluate_submission(cfg)
         print(json.dumps(result, indent=2, default=str))
         return 0
-    budget = parse_duration(cfg.time_budget)
-    deadline = Deadline(budget, start=process_start())
-    if budget < MIN_BUDGET_S:
+    deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
+    if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    check_fault(cfg.fault)
-    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0 of world
+    parse_faults(cfg.fault)
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
-    timer = PhaseTimer()
     out_dir = resolve_out_dir(cfg.out)
-    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume) if ctx.is_main else 1.0  # only rank 0 writes
-    resumed = None
-    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds (every rank loads it)
+    if ctx.is_main:  # only rank 0 writes
+        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
+    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
+    if cfg.resume:
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
-    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}"
-        + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})" if world > 1 else ""))
+    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
+        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
+                            if world > 1 else ""))
     fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
     device = None
     if not fork:
         device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}")
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     seed_everything(cfg.seed)
-    report = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "warnings": [],
-              "degraded": False, "history": {}}
-
+    report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
+    timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
-    report["data"] = data.stats
-    run_kw = dict(cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir, disk_speed=disk_speed,
-                  resumed=resumed, report=report, data=data, device=device)
+    report.data = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report, data=data,
+                  device=device)
     if fork:
         ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
     return run_rank(ctx, **run_kw)
@@ -4076,197 +4392,106 @@ def worker_main(ctx, run_kw):
         os._exit(code)
 
 
-def run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
     """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
     if device is None:
         device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}")
-        report["device"] = str(device)
-    if ctx.distributed:
-        if not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
-            ctx = DistContext()  # the workers could not start: one process, one device (warned)
-            report["warnings"].append("distributed start failed: ran one process")
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        report.device = str(device)
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+        ctx = DistContext()  # the workers could not start: one process, one device (warned)
+        report.warn("distributed start failed: ran one process")
     try:
-        return _run_rank(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
-                         disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device)
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report,
+                         data=data, device=device)
     finally:
         if ctx.distributed and ctx.is_main:
             stop_workers(ctx)
             end_group(ctx)
 
 
-def _run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
     if ctx.distributed:
-        report["ranks"] = {"world_size": ctx.world_size, "launcher": ctx.launcher,
-                           "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
+        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
     if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
-
-    with timer.phase("build"):
-        trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
-        prior_train_s = 0.0
-        if resumed is not None:
-            restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
-            prior_train_s = float(resumed["train_seconds"])
-            report["history"] = {k: list(v) for k, v in resumed.get("history", {}).items()}
-            report["resumed_from"] = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_train_s,
-                                      "plan_seconds": resumed.get("plan_seconds", prior_train_s),
-                                      "complete": resumed.get("complete", True)}
-    plan = None
+    built = None
     if ctx.is_main:
         try:
-            plan = _plan_training(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
-                                  disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device, trainer=trainer,
-                                  extractor=extractor, prior_train_s=prior_train_s)
+            with removed_if_left_empty(out_dir):
+                disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
+                with timer.phase("build"):
+                    built = build_and_plan(cfg, data, device, ctx=ctx, deadline=deadline, resumed=resumed,
+                                           report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
         finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
             if ctx.distributed:
-                broadcast_object(ctx, plan)
+                broadcast_object(ctx, None if built is None else built[1:])
+        trainer, plan, timeout = built
     else:
-        plan = broadcast_object(ctx, None)
-        if plan is None:
+        trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        got = broadcast_object(ctx, None)
+        if got is None:
             return 0
-    estimates, info, finish_s, train_until, plan_s, dist_timeout = plan
-    if ctx.distributed:  # the training group: DDP and the stop decisions, a collective timeout inside the reserve
-        trainer.attach_group(make_training_group(ctx, dist_timeout))
+        plan, timeout = got
+    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
+        trainer.attach_group(make_training_group(ctx, timeout))
         sync_buffers(ctx, (trainer.G, trainer.D))
-
-    def checkpoint(train_seconds, plan_seconds, complete):
-        try:
-            save_checkpoint(ckpt_path, trainer, config=dataclasses.asdict(cfg), train_seconds=train_seconds,
-                            n_classes=len(data.classes), classes=data.classes, plan_seconds=plan_seconds,
-                            complete=complete, history=report["history"])
-            return True
-        except Exception as exc:  # a full disk must not end the run: the zip matters more
-            warn(f"checkpoint not written ({type(exc).__name__}: {exc})")
-            return False
-
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = make_checkpointer(ckpt_path, trainer, config=report.config, classes=data.classes, report=report)
     threads = torch.get_num_threads()
     if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
-        torch.set_num_threads(max(1, cpu_count() // ctx.world_size))
+        torch.set_num_threads(max(1, threads // ctx.world_size))
         log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
-    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     try:
-        summary = {"steps": 0, "total_steps": trainer.step_count, "reason": "not started",
-                   "train_seconds_total": prior_train_s, "plan_seconds": plan_s, "slowdown": 1.0, "error": None}
         with timer.phase("train"):
-            try:
-                summary = train_loop(
-                    trainer, deadline=deadline, train_until=train_until, stop_event=stop_event, tick_s=cfg.tick_s,
-                    check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
-                    rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
-                    prior_train_s=prior_train_s, plan_s=plan_s, finish_s=finish_s, history=report["history"],
-                    first_step_s=10 * estimates["generate"] / cfg.n_images * trainer.batch_size, max_steps=cfg.max_steps,
-                    ctx=ctx)
-            except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
-                stop_event.set()
-                summary["reason"] = "interrupted"
-            except Exception as exc:  # train_loop catches failures in training; this is a last resort
-                summary.update(reason="crashed", error=f"{type(exc).__name__}: {exc}")
-                warn(f"training failed ({summary['error']}); writing the zip from the averaged generator")
-                ctx.broken = ctx.broken or summary["error"]
+            summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
+                            checkpoint=checkpoint, report=report, ctx=ctx)
         torch.set_num_threads(threads)
         if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-            if summary["reason"] == "crashed":
-                record_failure(summary["error"])
+            if summary.reason == "crashed":
+                record_failure(summary.error)
                 return 1
             return 0
         if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
             failed = failed_ranks(ctx)
             stop_workers(ctx, wait_s=0.0)
-            report["failed_ranks"] = {str(r): why for r, why in failed.items()}
-            report["warnings"].append("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
-                                                         or f"a collective failed ({ctx.broken})"))
-            warn(f"{report['warnings'][-1]}; rank 0 ships the zip from its averaged generator")
-        if summary["reason"] in ("crashed", "diverged"):
-            report["degraded"] = True
-            report["warnings"].append(f"training {summary['reason']}" +
-                                      (f": {summary['error']}" if summary.get("error") else ""))
-        log(f"training stopped ({summary['reason']}"
-            + (f": {stop_event.why}" if summary["reason"] == "interrupted" else "") + f") at step {trainer.step_count}"
-            + (f", {summary['it_per_s']:.2f} it/s" if "it_per_s" in summary else ""))
-        report["train"] = summary
+            report.failed_ranks = {str(r): why for r, why in failed.items()}
+            report.degraded = True
+            report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                            or f"a collective failed ({ctx.broken})"))
+            warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
         with timer.phase("checkpoint"):
-            inherited = resumed is not None and not resumed.get("complete", True)  # a plan that is not this budget's
-            complete = summary["reason"] in ("budget", "steps") and (
-                not inherited or summary["train_seconds_total"] >= 0.99 * summary["plan_seconds"] - 1.0)
-            if checkpoint(summary["train_seconds_total"], summary["plan_seconds"], complete):
+            complete = plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
+            if checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):
                 log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
-        zip_path = os.path.join(out_dir, "images.zip")
+        report_path = os.path.join(out_dir, "report.json")
         try:
-            finish(trainer, data=data, out_dir=out_dir, cfg=cfg, deadline=deadline, extractor=extractor, timer=timer,
-                   report=report, estimates=estimates, batch=info["batch"], slowdown=summary["slowdown"],
-                   stop_event=stop_event)
+            finish(trainer, data=data, out_dir=out_dir, n_images=cfg.n_images, z_dim=cfg.z_dim,
+                   truncation=cfg.truncation, seed=cfg.seed, workers=cfg.data_workers, self_check_on=cfg.self_check,
+                   corrupt_zip="zipfail" in parse_faults(cfg.fault), deadline=deadline, extractor=extractor,
+                   timer=timer, report=report, estimates=plan.estimates, batch=plan.gen_batch,
+                   slowdown=summary.slowdown, stop_event=stop_event)
         except SubmissionError as exc:
-            report.update(degraded=True, zip=None)
-            report["warnings"].append(f"zip not written: {exc}")
-            finish_report(out_dir, report)
-            print(f"error: no valid images.zip could be written ({exc}); any earlier {zip_path} is left as it was; "
-                  f"the trained model is in {ckpt_path}", file=sys.stderr, flush=True)
+            report.degraded, report.zip = True, None
+            report.warn(f"zip not written: {exc}")
+            report.write(report_path)
+            print(f"error: no valid images.zip could be written ({exc}); any earlier "
+                  f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
+                  file=sys.stderr, flush=True)
             return EXIT_ZIP_FAILED
-        report["phases"] = dict(timer.seconds)
-        report["wall_seconds"] = deadline.elapsed()
-        finish_report(out_dir, report)
-        log(f"done: {trainer.step_count} steps, {summary.get('images_per_s', 0):.0f} images/s; {timer.summary()}; "
-            f"wall {format_duration(deadline.elapsed())} of {format_duration(budget)}"
-            + ("; DEGRADED run, see report.json" if report["degraded"] else ""))
+        report.phases, report.wall_seconds = dict(timer.seconds), deadline.elapsed()
+        report.write(report_path)
+        log(f"done: {trainer.step_count} steps, {summary.images_per_s:.0f} images/s; {timer.summary()}; "
+            f"wall {format_duration(deadline.elapsed())} of {format_duration(deadline.budget_s)}"
+            + ("; DEGRADED run, see report.json" if report.degraded else ""))
         return 0
     finally:
         restore_handlers(handlers)
-
-
-def _plan_training(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device, trainer,
-                   extractor, prior_train_s):
-    """Rank 0: the measured finish reserve and the training window -> (estimates, info, finish_s, train_until, plan_s,
-    the training group's collective timeout)."""
-    label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    with timer.phase("build"):
-        estimates, info = measure_finish_seconds(
-            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
-            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
-    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
-    free = shutil.disk_usage(out_dir).free
-    if free < 1.2 * need:
-        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
-                         f"need about {1.2 * need / 2**20:.0f} MiB")
-    finish_s = FINISH_SAFETY * sum(estimates.values())
-    train_until = budget - finish_s - cfg.reserve_margin_s
-    dist_timeout = 0.0
-    if ctx.distributed:  # a collective that hangs (a dead rank) costs up to its timeout: train that much less
-        dist_timeout = training_timeout(finish_s + cfg.reserve_margin_s, estimates["checkpoint"])
-        train_until -= dist_timeout
-    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
-        f"training until {format_duration(train_until)}")
-    window = train_until - deadline.elapsed()
-    if window <= 0:
-        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
-                         f"{format_duration(deadline.elapsed())} and writing the images needs "
-                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
-    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    plan_s = prior_train_s + window
-    if resumed is not None:
-        step = trainer.step_count
-        if resumed.get("complete", True):
-            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
-                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
-        else:
-            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
-            left = plan_s - prior_train_s
-            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
-                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
-                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    if ctx.distributed:
-        log(f"{ctx.world_size} ranks, {split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)} images each per "
-            f"step; collective timeout {format_duration(dist_timeout)}")
-    return estimates, info, finish_s, train_until, plan_s, dist_timeout
 
 
 def main(argv=None):

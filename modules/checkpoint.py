@@ -1,11 +1,13 @@
 """Checkpoints: written atomically and durably, read back with checks, restored into a Trainer. They hold state dicts,
 the config as a dict, the step and the training time spent and planned: never pickled modules."""
 import contextlib
+import errno
 import os
+import shutil
 
 import torch
 
-from modules.utils import UsageError, warn
+from modules.utils import UsageError, atomic_file, warn
 
 CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
 CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
@@ -21,17 +23,24 @@ def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes,
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+
+
+def describe_write_error(exc, path):
+    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
+    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
+    PytorchStreamWriter failed writing file ...: file write failed")."""
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
+        isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
+    if full:
+        free = ""
         with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+            free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MiB free"
+        return f"disk full: {path} needs more space than is left{free}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def read_checkpoint(path, *, arch):

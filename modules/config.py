@@ -37,6 +37,7 @@ class Config:
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
     instance_noise: float = 0.0  # std of Gaussian noise on D's inputs (real and fake) at the start, decays linearly to 0
     data_workers: int = 2  # decoding threads/processes
+    threads: int = 0  # torch CPU threads; 0 = auto (GPU run: 1; CPU run: 1 on <= 2 cores, else all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
     arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan

@@ -12,10 +12,10 @@ from PIL import Image
 
 from modules.evaluate import MAX_CROPS_PIXEL_NN, evaluate_images, self_check
 from modules.metrics import frechet_distance, memorization_distance, nearest_pixel
-from modules.report import plot_losses, save_grid, write_report
-from modules.sample import generate_images, truncated_z
+from modules.report import plot_losses, save_grid
+from modules.sample import generate_images, to_uint8, truncated_z
 from modules.submission import SubmissionError, encode_pngs, write_submission
-from modules.utils import UsageError, format_duration, log, warn
+from modules.utils import UsageError, eval_mode, format_duration, log, warn
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
@@ -101,7 +101,7 @@ def _finish_generate(G, *, n, batch, gen_kw, device, report):
         return generate_images(G, n=n, batch_size=batch, **gen_kw)
     except Exception as exc:
         warn(f"generation failed ({type(exc).__name__}: {exc}); retrying at a smaller batch")
-        report["warnings"].append(f"generation retried: {exc}")
+        report.warn(f"generation retried: {exc}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return generate_images(G, n=n, batch_size=max(1, batch // 4), **gen_kw)
@@ -119,7 +119,7 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         if deadline.remaining() < retry_s:
             raise SubmissionError(f"{exc} (no time left to retry)") from None
         warn(f"writing the zip failed ({type(exc).__name__}: {exc}); retrying single-threaded")
-        report["warnings"].append(f"zip retried: {exc}")
+        report.warn(f"zip retried: {exc}")
     try:
         return write_submission(images, zip_path, workers=1, corrupt=corrupt)
     except (UsageError, SubmissionError):
@@ -128,78 +128,73 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         raise SubmissionError(f"{zip_path}: {type(exc).__name__}: {exc}") from None
 
 
-def finish(trainer, *, data, out_dir, cfg, deadline, extractor, timer, report, estimates, batch, slowdown=1.0,
-           stop_event=None):
+def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers, self_check_on, corrupt_zip, deadline,
+           extractor, timer, report, estimates, batch, slowdown, stop_event):
     """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
-    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end."""
+    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
+
+    report: the RunReport, filled in here (zip, metrics, self_check, samples_breeds, warnings). slowdown: how much
+    slower the machine runs than when the estimates were measured (TrainSummary.slowdown). corrupt_zip: a test fault.
+    """
     G = trainer.generator_to_ship()
     label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    gen_kw = dict(z_dim=cfg.z_dim, label_counts=label_counts, truncation=cfg.truncation, amp_dtype=trainer.amp_dtype,
-                  device=trainer.device, seed=cfg.seed)
+    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
+                  device=trainer.device, seed=seed)
     with timer.phase("generate"):
-        images = _finish_generate(G, n=cfg.n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
+        images = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
     zip_path = os.path.join(out_dir, "images.zip")
+    report_path = os.path.join(out_dir, "report.json")
     with timer.phase("zip"):
-        _finish_write_zip(images, zip_path, workers=cfg.data_workers, corrupt="zipfail" in cfg.fault, report=report,
+        _finish_write_zip(images, zip_path, workers=workers, corrupt=corrupt_zip, report=report,
                           retry_s=2 * estimates["zip"] * slowdown + FINISH_EXIT_S, deadline=deadline)  # 1 thread: 2x
     log(f"wrote {zip_path}: {len(images)} verified PNGs")
-    report["zip"] = zip_path
-    finish_report(out_dir, report)  # a kill from here on still leaves the zip and a report
+    report.zip = zip_path
+    report.write(report_path)  # a kill from here on still leaves the zip and a report
 
     interrupted = stop_event is not None and stop_event.is_set()
-    if cfg.self_check and extractor is not None:
+    if self_check_on and extractor is not None:
         need = FINISH_SAFETY * estimates.get("self_check", 0.0) * slowdown + FINISH_EXIT_S
         if interrupted or deadline.remaining() < need:
             why = "interrupted" if interrupted else (f"{format_duration(max(deadline.remaining(), 0))} left, it needs "
                                                      f"~{format_duration(need)}")
             warn(f"self-check skipped ({why}); the zip is written")
-            report["warnings"].append(f"self-check skipped: {why}")
+            report.warn(f"self-check skipped: {why}")
         else:
             with timer.phase("self_check"):
                 try:
-                    report["metrics"] = evaluate_images(images, data.reference, extractor)
-                    report["self_check"] = self_check(
+                    report.metrics = evaluate_images(images, data.reference, extractor)
+                    report.self_check = self_check(
                         images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                        memorization=report["metrics"]["memorization_distance"], seed=cfg.seed)
-                    log("local metrics (not Kaggle's score): " + json.dumps(report["metrics"], default=str))
+                        memorization=report.metrics["memorization_distance"], seed=seed)
+                    log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
                 except Exception as exc:
                     warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
-                    report["warnings"].append(f"self-check failed: {exc}")
+                    report.warn(f"self-check failed: {exc}")
     late = deadline.remaining() < (FINISH_PICTURES_S + FINISH_EXIT_S) * slowdown
     if late or (stop_event is not None and stop_event.is_set()):
-        report["warnings"].append("pictures skipped: no time left or interrupted")
+        report.warn("pictures skipped: no time left or interrupted")
         return images
     with timer.phase("pictures"):
         try:
-            _save_pictures(G, trainer, data, out_dir, cfg, report)
+            report.samples_breeds = save_pictures(G, classes=data.classes, history=report.history, out_dir=out_dir,
+                                                  z_dim=z_dim, truncation=truncation, seed=seed, device=trainer.device)
         except Exception as exc:
             warn(f"pictures failed ({type(exc).__name__}: {exc})")
-            report["warnings"].append(f"pictures failed: {exc}")
+            report.warn(f"pictures failed: {exc}")
     return images
 
 
-def finish_report(out_dir, report):
-    """report.json; a failure to write it is a warning: the zip is what counts."""
-    try:
-        write_report(os.path.join(out_dir, "report.json"), report)
-    except Exception as exc:
-        warn(f"report.json not written ({type(exc).__name__}: {exc})")
-
-
-def _save_pictures(G, trainer, data, out_dir, cfg, report):
-    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves."""
-    n_breeds = min(SAMPLE_GRID_BREEDS, len(data.classes))
+def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, device):
+    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves. -> the breeds
+    shown, one per row."""
+    n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
-    breeds = np.linspace(0, len(data.classes) - 1, n_breeds).round().astype(int)
-    z = truncated_z(per_row, cfg.z_dim, cfg.truncation, generator=torch.Generator().manual_seed(cfg.seed))
-    z = z.repeat(n_breeds, 1).to(trainer.device)
-    y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=trainer.device)
-    was = G.training
-    G.eval()
-    with torch.no_grad():
-        x = G(z, y).float().clamp(-1, 1)
-    G.train(was)
-    grid = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    breeds = np.linspace(0, len(classes) - 1, n_breeds).round().astype(int)
+    z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
+    z = z.repeat(n_breeds, 1).to(device)
+    y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
+    with eval_mode(G), torch.no_grad():
+        grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
-    report["samples_breeds"] = [data.classes[i] for i in breeds]
-    plot_losses(report.get("history", {}), os.path.join(out_dir, "losses.png"))
+    plot_losses(history, os.path.join(out_dir, "losses.png"))
+    return [classes[i] for i in breeds]

@@ -3,16 +3,19 @@
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 
 from modules.distributed import agree, dead_workers, sync_buffers
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
-from modules.utils import format_duration, log, warn
+from modules.utils import eval_mode, format_duration, log, warn
 
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
+FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
+PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
 
 
 # the loop
@@ -21,44 +24,61 @@ SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the
 @torch.no_grad()
 def sample_spread(G, z):
     """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
-    was = G.training
-    G.eval()
     y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    spread = float(G(z, y).float().std(0).mean())
-    G.train(was)
-    return spread
+    with eval_mode(G):
+        return float(G(z, y).float().std(0).mean())
 
 
-def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, check_every=50, snapshot_every=500,
-               max_rollbacks=3, rollback_lr_factor=0.5, checkpoint_fn=None, checkpoint_s=0.0, prior_train_s=0.0,
-               plan_s=None, finish_s=0.0, first_step_s=0.0, max_steps=0, history=None, ctx=None):
-    """Train until the Deadline's clock reaches train_until (seconds from process start), an interrupt, divergence or a
-    failure. Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers
-    it): it returns with reason "crashed" or "interrupted", so that the caller ships what there is.
+@dataclass
+class TrainSummary:
+    """What train_loop did: report.json's "train" entry (dataclasses.asdict) and the final checkpoint's times."""
 
-    Time: a step starts only if it is predicted to end in time: 2x the measured step time (first_step_s before one is
-    measured). Other processes slow the finish as much as the steps, so the deadline moves earlier by
-    finish_s * (slowdown - 1), slowdown being how much slower the steps run now than at first (1..SLOWDOWN_MAX).
-    Schedule: progress = (prior_train_s + seconds trained here) / plan_s (default: prior_train_s + this window);
-    training also stops where the plan ends (a resumed run trains what its plan has left), or at step max_steps (0 = no
-    limit; the schedule still follows the time plan).
+    steps: int = 0  # G steps made in this run
+    total_steps: int = 0  # the trainer's step count (a resumed run's steps included)
+    seconds: float = 0.0  # training seconds in this run
+    reason: str = "not started"  # budget | steps | interrupted | diverged | crashed | not started
+    rollbacks: int = 0
+    it_per_s: float = 0.0
+    images_per_s: float = 0.0
+    train_seconds_total: float = 0.0  # prior runs' training + this run's
+    plan_seconds: float = 0.0  # the training time the schedule spans (TrainPlan.plan_s)
+    slowdown: float = 1.0  # the finish's slowdown at the end: steps or a re-timed generation batch, vs at start
+    error: str = None  # the failure that ended training, for crashed
+
+
+def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
+    """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
+    for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
+    reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
+    come from Config (build_* and main read it), never from defaults here.
+
+    Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
+    is measured). Other processes slow the finish too, so the stop moves earlier by plan.finish_s * (slowdown - 1),
+    slowdown being how much slower the steps run now than at first, or (near the end, where it can still matter) how
+    much slower a generation batch runs now than at start, re-timed with finish_probe() (-> seconds for one batch of
+    plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
+    Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
+    ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
+    the time plan).
     Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
-    plan_seconds, complete) every checkpoint_s seconds. The steps after the last sync are checked on the way out too.
+    plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
+    sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
     Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
     number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
     margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
-    over the ranks, so roll-backs happen together. Only rank 0 logs and checkpoints. A collective that fails (a dead
-    rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
-    Returns a summary dict (steps, seconds, stop reason, roll-backs, images/s, slowdown, error).
+    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
+    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
+    Returns a TrainSummary.
     """
-    history = history if history is not None else {}
+    train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
     t_start = deadline.elapsed()
-    plan = max(plan_s or prior_train_s + train_until - t_start, 1e-6)
-    window = max(min(train_until - t_start, plan - prior_train_s), 0.0)  # this run's training time
+    window = plan.window(t_start)  # this run's training time
     step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
     base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
-    slowdown, level = 1.0, None
+    slowdown, gen_slowdown, level = 1.0, 1.0, None
+    last_probe, probes, said_gen = -float("inf"), [], 1.0
     last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
     last_tick = last_ckpt = time.monotonic()
     ckpt_est = 0.0  # duration of the last checkpoint
@@ -69,7 +89,6 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
     dist_on = ctx is not None and ctx.distributed
     main = ctx is None or ctx.is_main
     next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
-    interval = 1
 
     def trained():
         return prior_train_s + deadline.elapsed() - t_start
@@ -78,13 +97,14 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
         snapshot = trainer.snapshot()
         fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
         while True:
+            until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
+            margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
             if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
             elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
-                until = train_until - finish_s * (slowdown - 1)
-                step_est = step_s if step_s is not None else first_step_s
+                step_est = step_s if step_s is not None else plan.first_step_s
                 done = trainer.step_count - first_step
                 interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
                 if max_steps:
@@ -93,14 +113,14 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
                 if main:
                     if stop_event is not None and stop_event.is_set():
                         stop = "interrupted"
-                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan:
+                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
                         stop = "budget"
                     elif max_steps and trainer.step_count >= max_steps:
                         stop = "steps"
                     elif dead_workers(ctx):
                         raise RuntimeError(f"rank(s) {dead_workers(ctx)} ended")
                 stop, progress, interval = agree(
-                    ctx, stop=stop, progress=min(trained() / plan, 1.0), interval=interval, device=trainer.device,
+                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
                     interrupted=stop_event is not None and stop_event.is_set())
                 if stop:
                     reason = stop
@@ -119,14 +139,12 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
                     log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
                         "(interrupt again to exit at once)")
                     break
-                until = train_until - finish_s * (slowdown - 1)
-                margin = 2 * step_s if step_s is not None else first_step_s  # the step we start + one queued on the GPU
-                if deadline.elapsed() + margin >= until or trained() >= plan:
+                if deadline.elapsed() + margin >= until or trained() >= plan_s:
                     break
                 if max_steps and trainer.step_count >= max_steps:
                     reason = "steps"
                     break
-                trainer.set_progress(trained() / plan)
+                trainer.set_progress(trained() / plan_s)
                 trainer.step()
                 done = trainer.step_count - first_step
                 if not (done <= 2 or trainer.step_count % check_every == 0
@@ -168,6 +186,15 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             # upkeep, on checked state only; its time is not step time
             if dist_on:
                 sync_buffers(ctx, (trainer.G, trainer.D))
+            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
+                    and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
+                last_probe = time.monotonic()
+                probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+                gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
+                if gen_slowdown > 1.5 and gen_slowdown > 1.2 * said_gen:
+                    said_gen = gen_slowdown
+                    log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
+                        f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")
             if trainer.step_count - snapshot_step >= snapshot_every:
                 snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
             now = time.monotonic()
@@ -185,7 +212,7 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
                     and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
                 t0 = time.monotonic()
-                checkpoint_fn(trained(), plan, False)
+                checkpoint_fn(trained(), plan_s, False)
                 last_ckpt = time.monotonic()
                 ckpt_est = last_ckpt - t0
             last_sync_t = time.monotonic()
@@ -218,7 +245,7 @@ def train_loop(trainer, *, deadline, train_until, stop_event, tick_s=180.0, chec
             warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
     seconds = deadline.elapsed() - t_start
     steps = trainer.step_count - first_step
-    return {"steps": steps, "total_steps": trainer.step_count, "seconds": seconds, "reason": reason,
-            "rollbacks": rollbacks, "it_per_s": steps / max(seconds, 1e-9),
-            "images_per_s": steps * trainer.global_batch / max(seconds, 1e-9), "train_seconds_total": prior_train_s + seconds,
-            "plan_seconds": plan, "slowdown": slowdown, "error": error}
+    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
+                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
+                        train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
+                        slowdown=max(slowdown, gen_slowdown), error=error)

@@ -1,5 +1,6 @@
-"""The run: config -> output folder probe -> checkpoint check (--resume) -> GPU check -> data -> models -> measured
-reserve -> training -> checkpoint, images.zip, report.json, then (time allowing) the self-check and pictures.
+"""The run: config -> checks (budget, faults, output path, --resume checkpoint, device) -> data -> output folder ->
+models, measured finish and the TrainPlan -> training -> checkpoint, images.zip, report.json, then (time allowing) the
+self-check and pictures.
 
 The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
 interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
@@ -9,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -20,7 +20,13 @@ import time
 import numpy as np
 import torch
 
-from modules.checkpoint import CHECKPOINT_ARCH_KEYS, read_checkpoint, restore_checkpoint, save_checkpoint
+from modules.checkpoint import (
+    CHECKPOINT_ARCH_KEYS,
+    describe_write_error,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from modules.config import config_to_json, parse_config, resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
@@ -44,9 +50,12 @@ from modules.distributed import (
 )
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
-from modules.finish import FINISH_SAFETY, finish, finish_report, measure_finish_seconds
-from modules.loop import train_loop
-from modules.speed import configure_backends
+from modules.finish import FINISH_SAFETY, finish, measure_finish_seconds
+from modules.loop import TrainSummary, train_loop
+from modules.plan import plan_training
+from modules.report import RunReport
+from modules.sample import generate_images
+from modules.speed import configure_backends, configure_threads
 from modules.submission import SubmissionError
 from modules.train import build_trainer
 from modules.utils import (
@@ -54,10 +63,10 @@ from modules.utils import (
     PhaseTimer,
     UsageError,
     check_device,
-    cpu_count,
     format_duration,
     log,
     parse_duration,
+    parse_faults,
     process_start,
     seed_everything,
     warn,
@@ -65,25 +74,43 @@ from modules.utils import (
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
-FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|zipfail")  # Config.fault items, comma-separated (tests only)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
 # output folder
 
 
-def prepare_out_dir(out_dir, *, resume=""):
-    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
-    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
+def check_out_dir(out_dir):
+    """What can be told of the output folder without creating it: a UsageError if a file stands in its place."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output folder {out_dir} is a file: pass another --out")
+    zip_path = os.path.join(out_dir, "images.zip")
+    if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
+        raise UsageError(f"{zip_path} exists and is not a file: move it away")
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out_dir):
+    """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
+    created and left empty is removed again."""
+    existed = os.path.isdir(out_dir)
+    try:
+        yield
+    except UsageError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only an empty folder
+        raise
+
+
+def prepare_out_dir(out_dir, *, resume):
+    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
+    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
+    check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    zip_path = os.path.join(out_dir, "images.zip")
-    if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
-        raise UsageError(f"{zip_path} exists and is not a file: move it away")
     probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
     t0 = time.monotonic()
     try:
@@ -105,13 +132,6 @@ def prepare_out_dir(out_dir, *, resume=""):
         warn(f"{ckpt} of an earlier run will be replaced by this run's checkpoints; to continue that run instead, "
              f"pass --resume {ckpt}")
     return speed
-
-
-def check_fault(fault):
-    for item in filter(None, (f.strip() for f in fault.split(","))):
-        if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={fault}: {item!r} is not nan@STEP, raise@STEP, kill@STEP (rank 1 dies), "
-                             "slow@SECONDS or zipfail")
 
 
 # interrupts
@@ -176,7 +196,114 @@ def evaluate_submission(cfg):
     return result
 
 
+def build_restored(cfg, data, device, *, ctx, resumed, report):
+    """The trainer of this rank, restored from --resume (every rank loads it: Adam's state must match too)."""
+    trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
+    if resumed is not None:
+        restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
+        report.history = {k: list(v) for k, v in resumed.get("history", {}).items()}
+        prior_s = float(resumed["train_seconds"])
+        report.resumed_from = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_s,
+                               "plan_seconds": resumed.get("plan_seconds", prior_s),
+                               "complete": resumed.get("complete", True)}
+    return trainer
+
+
+def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
+    """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
+    the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
+    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+    estimates, info = measure_finish_seconds(
+        trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
+        truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
+        workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
+        extractor=extractor, n_reference=len(data.reference), crops=data.images)
+    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * need:
+        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
+                         f"need about {1.2 * need / 2**20:.0f} MiB")
+    timeout = 0.0
+    if ctx.distributed:
+        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
+                                   estimates["checkpoint"])
+    plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
+                         gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
+                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         resume_path=cfg.resume)
+    if ctx.distributed:
+        plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
+        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+            f"{format_duration(timeout)} (training stops that much earlier)")
+    report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    return trainer, plan, timeout
+
+
+def label_counts_of(data):
+    return np.bincount(data.labels, minlength=len(data.classes))
+
+
+def make_checkpointer(path, trainer, *, config, classes, report):
+    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
+    warning, never the end of the run: the zip matters more."""
+
+    def checkpoint(train_seconds, plan_seconds, complete):
+        try:
+            save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
+                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
+            return True
+        except Exception as exc:
+            warn(f"checkpoint not written: {describe_write_error(exc)}")
+            return False
+
+    return checkpoint
+
+
+def make_finish_probe(trainer, plan, *, data, cfg):
+    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
+    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=trainer.device,
+              amp_dtype=trainer.amp_dtype)
+
+    def probe():
+        t0 = time.monotonic()
+        generate_images(trainer.generator_to_ship(), n=plan.gen_batch, batch_size=plan.gen_batch, seed=1, **kw)
+        return time.monotonic() - t0
+
+    return probe
+
+
+def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
+    """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
+    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
+    summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
+                           plan_seconds=plan.plan_s)
+    try:
+        summary = train_loop(
+            trainer, plan=plan, deadline=deadline, stop_event=stop_event, tick_s=cfg.tick_s,
+            check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
+            rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
+            max_steps=cfg.max_steps, history=report.history,
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
+        stop_event.set()
+        summary.reason = "interrupted"
+    except Exception as exc:  # train_loop catches failures in training; this is a last resort
+        summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
+        warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
+        ctx.broken = ctx.broken or summary.error
+    if summary.reason in ("crashed", "diverged"):
+        report.degraded = True
+        report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
+    log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
+        + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
+    report.train = dataclasses.asdict(summary)
+    return summary
+
+
 def run(argv=None):
+    """The steps of a run. -> exit code (see main). Several ranks: this process is rank 0 and forks the others after
+    the data is read (or is one of torchrun's ranks); run_rank() is the rest of the run, on every rank."""
     cfg, print_config = parse_config(argv)
     if print_config:
         print(config_to_json(cfg))
@@ -186,39 +313,38 @@ def run(argv=None):
             result = evaluate_submission(cfg)
         print(json.dumps(result, indent=2, default=str))
         return 0
-    budget = parse_duration(cfg.time_budget)
-    deadline = Deadline(budget, start=process_start())
-    if budget < MIN_BUDGET_S:
+    deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
+    if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    check_fault(cfg.fault)
-    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0 of world
+    parse_faults(cfg.fault)
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
-    timer = PhaseTimer()
     out_dir = resolve_out_dir(cfg.out)
-    disk_speed = prepare_out_dir(out_dir, resume=cfg.resume) if ctx.is_main else 1.0  # only rank 0 writes
-    resumed = None
-    if cfg.resume:  # checked before the data is read: a wrong file fails in seconds (every rank loads it)
+    if ctx.is_main:  # only rank 0 writes
+        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
+    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
+    if cfg.resume:
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
-    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(budget)}, out {out_dir}"
-        + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})" if world > 1 else ""))
+    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
+        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
+                            if world > 1 else ""))
     fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
     device = None
     if not fork:
         device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}")
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     seed_everything(cfg.seed)
-    report = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "warnings": [],
-              "degraded": False, "history": {}}
-
+    report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
+    timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
-    report["data"] = data.stats
-    run_kw = dict(cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir, disk_speed=disk_speed,
-                  resumed=resumed, report=report, data=data, device=device)
+    report.data = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report, data=data,
+                  device=device)
     if fork:
         ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
     return run_rank(ctx, **run_kw)
@@ -236,197 +362,106 @@ def worker_main(ctx, run_kw):
         os._exit(code)
 
 
-def run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
+def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
     """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
     if device is None:
         device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}")
-        report["device"] = str(device)
-    if ctx.distributed:
-        if not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
-            ctx = DistContext()  # the workers could not start: one process, one device (warned)
-            report["warnings"].append("distributed start failed: ran one process")
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        report.device = str(device)
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+        ctx = DistContext()  # the workers could not start: one process, one device (warned)
+        report.warn("distributed start failed: ran one process")
     try:
-        return _run_rank(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
-                         disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device)
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report,
+                         data=data, device=device)
     finally:
         if ctx.distributed and ctx.is_main:
             stop_workers(ctx)
             end_group(ctx)
 
 
-def _run_rank(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device):
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
     if ctx.distributed:
-        report["ranks"] = {"world_size": ctx.world_size, "launcher": ctx.launcher,
-                           "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
+        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
     if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
-
-    with timer.phase("build"):
-        trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
-        prior_train_s = 0.0
-        if resumed is not None:
-            restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
-            prior_train_s = float(resumed["train_seconds"])
-            report["history"] = {k: list(v) for k, v in resumed.get("history", {}).items()}
-            report["resumed_from"] = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_train_s,
-                                      "plan_seconds": resumed.get("plan_seconds", prior_train_s),
-                                      "complete": resumed.get("complete", True)}
-    plan = None
+    built = None
     if ctx.is_main:
         try:
-            plan = _plan_training(ctx, cfg=cfg, deadline=deadline, budget=budget, timer=timer, out_dir=out_dir,
-                                  disk_speed=disk_speed, resumed=resumed, report=report, data=data, device=device, trainer=trainer,
-                                  extractor=extractor, prior_train_s=prior_train_s)
+            with removed_if_left_empty(out_dir):
+                disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
+                with timer.phase("build"):
+                    built = build_and_plan(cfg, data, device, ctx=ctx, deadline=deadline, resumed=resumed,
+                                           report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
         finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
             if ctx.distributed:
-                broadcast_object(ctx, plan)
+                broadcast_object(ctx, None if built is None else built[1:])
+        trainer, plan, timeout = built
     else:
-        plan = broadcast_object(ctx, None)
-        if plan is None:
+        trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        got = broadcast_object(ctx, None)
+        if got is None:
             return 0
-    estimates, info, finish_s, train_until, plan_s, dist_timeout = plan
-    if ctx.distributed:  # the training group: DDP and the stop decisions, a collective timeout inside the reserve
-        trainer.attach_group(make_training_group(ctx, dist_timeout))
+        plan, timeout = got
+    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
+        trainer.attach_group(make_training_group(ctx, timeout))
         sync_buffers(ctx, (trainer.G, trainer.D))
-
-    def checkpoint(train_seconds, plan_seconds, complete):
-        try:
-            save_checkpoint(ckpt_path, trainer, config=dataclasses.asdict(cfg), train_seconds=train_seconds,
-                            n_classes=len(data.classes), classes=data.classes, plan_seconds=plan_seconds,
-                            complete=complete, history=report["history"])
-            return True
-        except Exception as exc:  # a full disk must not end the run: the zip matters more
-            warn(f"checkpoint not written ({type(exc).__name__}: {exc})")
-            return False
-
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = make_checkpointer(ckpt_path, trainer, config=report.config, classes=data.classes, report=report)
     threads = torch.get_num_threads()
     if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
-        torch.set_num_threads(max(1, cpu_count() // ctx.world_size))
+        torch.set_num_threads(max(1, threads // ctx.world_size))
         log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
-    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     try:
-        summary = {"steps": 0, "total_steps": trainer.step_count, "reason": "not started",
-                   "train_seconds_total": prior_train_s, "plan_seconds": plan_s, "slowdown": 1.0, "error": None}
         with timer.phase("train"):
-            try:
-                summary = train_loop(
-                    trainer, deadline=deadline, train_until=train_until, stop_event=stop_event, tick_s=cfg.tick_s,
-                    check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
-                    rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
-                    prior_train_s=prior_train_s, plan_s=plan_s, finish_s=finish_s, history=report["history"],
-                    first_step_s=10 * estimates["generate"] / cfg.n_images * trainer.batch_size, max_steps=cfg.max_steps,
-                    ctx=ctx)
-            except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
-                stop_event.set()
-                summary["reason"] = "interrupted"
-            except Exception as exc:  # train_loop catches failures in training; this is a last resort
-                summary.update(reason="crashed", error=f"{type(exc).__name__}: {exc}")
-                warn(f"training failed ({summary['error']}); writing the zip from the averaged generator")
-                ctx.broken = ctx.broken or summary["error"]
+            summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
+                            checkpoint=checkpoint, report=report, ctx=ctx)
         torch.set_num_threads(threads)
         if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-            if summary["reason"] == "crashed":
-                record_failure(summary["error"])
+            if summary.reason == "crashed":
+                record_failure(summary.error)
                 return 1
             return 0
         if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
             failed = failed_ranks(ctx)
             stop_workers(ctx, wait_s=0.0)
-            report["failed_ranks"] = {str(r): why for r, why in failed.items()}
-            report["warnings"].append("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
-                                                         or f"a collective failed ({ctx.broken})"))
-            warn(f"{report['warnings'][-1]}; rank 0 ships the zip from its averaged generator")
-        if summary["reason"] in ("crashed", "diverged"):
-            report["degraded"] = True
-            report["warnings"].append(f"training {summary['reason']}" +
-                                      (f": {summary['error']}" if summary.get("error") else ""))
-        log(f"training stopped ({summary['reason']}"
-            + (f": {stop_event.why}" if summary["reason"] == "interrupted" else "") + f") at step {trainer.step_count}"
-            + (f", {summary['it_per_s']:.2f} it/s" if "it_per_s" in summary else ""))
-        report["train"] = summary
+            report.failed_ranks = {str(r): why for r, why in failed.items()}
+            report.degraded = True
+            report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                            or f"a collective failed ({ctx.broken})"))
+            warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
         with timer.phase("checkpoint"):
-            inherited = resumed is not None and not resumed.get("complete", True)  # a plan that is not this budget's
-            complete = summary["reason"] in ("budget", "steps") and (
-                not inherited or summary["train_seconds_total"] >= 0.99 * summary["plan_seconds"] - 1.0)
-            if checkpoint(summary["train_seconds_total"], summary["plan_seconds"], complete):
+            complete = plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
+            if checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):
                 log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
-        zip_path = os.path.join(out_dir, "images.zip")
+        report_path = os.path.join(out_dir, "report.json")
         try:
-            finish(trainer, data=data, out_dir=out_dir, cfg=cfg, deadline=deadline, extractor=extractor, timer=timer,
-                   report=report, estimates=estimates, batch=info["batch"], slowdown=summary["slowdown"],
-                   stop_event=stop_event)
+            finish(trainer, data=data, out_dir=out_dir, n_images=cfg.n_images, z_dim=cfg.z_dim,
+                   truncation=cfg.truncation, seed=cfg.seed, workers=cfg.data_workers, self_check_on=cfg.self_check,
+                   corrupt_zip="zipfail" in parse_faults(cfg.fault), deadline=deadline, extractor=extractor,
+                   timer=timer, report=report, estimates=plan.estimates, batch=plan.gen_batch,
+                   slowdown=summary.slowdown, stop_event=stop_event)
         except SubmissionError as exc:
-            report.update(degraded=True, zip=None)
-            report["warnings"].append(f"zip not written: {exc}")
-            finish_report(out_dir, report)
-            print(f"error: no valid images.zip could be written ({exc}); any earlier {zip_path} is left as it was; "
-                  f"the trained model is in {ckpt_path}", file=sys.stderr, flush=True)
+            report.degraded, report.zip = True, None
+            report.warn(f"zip not written: {exc}")
+            report.write(report_path)
+            print(f"error: no valid images.zip could be written ({exc}); any earlier "
+                  f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
+                  file=sys.stderr, flush=True)
             return EXIT_ZIP_FAILED
-        report["phases"] = dict(timer.seconds)
-        report["wall_seconds"] = deadline.elapsed()
-        finish_report(out_dir, report)
-        log(f"done: {trainer.step_count} steps, {summary.get('images_per_s', 0):.0f} images/s; {timer.summary()}; "
-            f"wall {format_duration(deadline.elapsed())} of {format_duration(budget)}"
-            + ("; DEGRADED run, see report.json" if report["degraded"] else ""))
+        report.phases, report.wall_seconds = dict(timer.seconds), deadline.elapsed()
+        report.write(report_path)
+        log(f"done: {trainer.step_count} steps, {summary.images_per_s:.0f} images/s; {timer.summary()}; "
+            f"wall {format_duration(deadline.elapsed())} of {format_duration(deadline.budget_s)}"
+            + ("; DEGRADED run, see report.json" if report.degraded else ""))
         return 0
     finally:
         restore_handlers(handlers)
-
-
-def _plan_training(ctx, *, cfg, deadline, budget, timer, out_dir, disk_speed, resumed, report, data, device, trainer,
-                   extractor, prior_train_s):
-    """Rank 0: the measured finish reserve and the training window -> (estimates, info, finish_s, train_until, plan_s,
-    the training group's collective timeout)."""
-    label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    with timer.phase("build"):
-        estimates, info = measure_finish_seconds(
-            trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts,
-            truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-            workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-            extractor=extractor if cfg.self_check else None, n_reference=len(data.reference), crops=data.images)
-    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
-    free = shutil.disk_usage(out_dir).free
-    if free < 1.2 * need:
-        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
-                         f"need about {1.2 * need / 2**20:.0f} MiB")
-    finish_s = FINISH_SAFETY * sum(estimates.values())
-    train_until = budget - finish_s - cfg.reserve_margin_s
-    dist_timeout = 0.0
-    if ctx.distributed:  # a collective that hangs (a dead rank) costs up to its timeout: train that much less
-        dist_timeout = training_timeout(finish_s + cfg.reserve_margin_s, estimates["checkpoint"])
-        train_until -= dist_timeout
-    log(f"finish reserve {format_duration(finish_s + cfg.reserve_margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(cfg.reserve_margin_s)}; disk {disk_speed / 2**20:.0f} MiB/s); "
-        f"training until {format_duration(train_until)}")
-    window = train_until - deadline.elapsed()
-    if window <= 0:
-        raise UsageError(f"--time-budget {cfg.time_budget} is too small: loading took "
-                         f"{format_duration(deadline.elapsed())} and writing the images needs "
-                         f"{format_duration(finish_s + cfg.reserve_margin_s)}")
-    report["reserve"] = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    plan_s = prior_train_s + window
-    if resumed is not None:
-        step = trainer.step_count
-        if resumed.get("complete", True):
-            log(f"resumed from {cfg.resume} at step {step}: its training was complete "
-                f"({format_duration(prior_train_s)}); training on for another {format_duration(window)}")
-        else:
-            plan_s = max(float(resumed.get("plan_seconds", 0.0)), prior_train_s)
-            left = plan_s - prior_train_s
-            log(f"resumed from {cfg.resume} at step {step}: {format_duration(prior_train_s)} of "
-                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
-                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    if ctx.distributed:
-        log(f"{ctx.world_size} ranks, {split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)} images each per "
-            f"step; collective timeout {format_duration(dist_timeout)}")
-    return estimates, info, finish_s, train_until, plan_s, dist_timeout
 
 
 def main(argv=None):

@@ -1,13 +1,15 @@
 """Run artefacts drawn with PIL only: loss curves, image grids, and the JSON report (written atomically)."""
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from modules.utils import format_duration
+from modules.utils import atomic_file, format_duration, warn
 
 PLOT_SIZE = (800, 400)  # loss plot, pixels
 PLOT_MARGINS = (70, 16, 16, 36)  # left, top, right, bottom, pixels
@@ -158,12 +160,54 @@ def _jsonable(obj, depth=0):
 
 
 def write_report(path, report):
-    """Write `report` as indented JSON via a temporary file and os.replace, so a reader never sees half a file."""
+    """Write `report` (a dict) as indented JSON with atomic_file, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w", tmp=path.with_name(f"{path.name}.tmp{os.getpid()}")) as f:
         json.dump(_jsonable(report), f, indent=2, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, path)
     return path
+
+
+# the run's report
+
+
+@dataclass
+class RunReport:
+    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
+    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+
+    config: dict  # the resolved Config, dataclasses.asdict
+    device: str
+    torch: str
+    warnings: list = field(default_factory=list)  # one line per thing that went wrong but did not stop the run
+    degraded: bool = False  # training crashed or diverged, or no zip could be written
+    history: dict = field(default_factory=dict)  # {series: [(train seconds, value)]}, resumed runs' included
+    data: dict = None  # DogData.stats
+    resumed_from: dict = None  # path, step, train_seconds, plan_seconds, complete of the --resume checkpoint
+    reserve: dict = None  # the measured finish parts (seconds), margin, disk_mib_s
+    train: dict = None  # TrainSummary, as a dict
+    zip: str = None  # the verified zip's path; None when none could be written
+    metrics: dict = None  # the self-check's local metrics (not Kaggle's score)
+    self_check: dict = None
+    samples_breeds: list = None  # the breeds in samples.png, one per row
+    phases: dict = None  # wall seconds per phase
+    wall_seconds: float = None
+    ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
+    failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
+    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
+                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
+
+    def warn(self, text):
+        self.warnings.append(text)
+
+    def to_dict(self):
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+
+    def write(self, path):
+        """report.json at path; a failure to write it is a warning: the zip is what counts."""
+        try:
+            write_report(path, self.to_dict())
+        except Exception as exc:
+            warn(f"report.json not written ({type(exc).__name__}: {exc})")

@@ -2,6 +2,8 @@
 import numpy as np
 import torch
 
+from modules.utils import eval_mode
+
 
 def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
     """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
@@ -34,11 +36,9 @@ def to_uint8(images):
 @torch.no_grad()
 def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None):
     """Generate n images with G in eval mode -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images."""
-    was_training = G.training
-    G.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
-    try:
+    with eval_mode(G):
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
@@ -46,8 +46,6 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 x = G(z, y)
             out.append(to_uint8(x))
-    finally:
-        G.train(was_training)
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images

@@ -6,11 +6,12 @@ import types
 
 import torch
 
-from modules.utils import UsageError, log, warn
+from modules.utils import UsageError, cpu_count, log, warn
 
 COMPILE_MODES = ("off", "auto", "on")  # Config.compile
 COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
+CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
 
 
 def configure_backends(device):
@@ -29,6 +30,27 @@ def configure_backends(device):
     else:
         torch.backends.cudnn.allow_tf32 = True
     return f"sm_{major}{minor}: cudnn.benchmark on, TF32 on"
+
+
+def choose_threads(want, device, *, cpus):
+    """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
+    run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
+    against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
+    threads on 2 shared cores lose badly to any other process), else all but one core."""
+    if want > 0:
+        return want, "set by threads"
+    if device.type == "cuda":
+        return 1, "GPU run: the CPU only feeds data and PNG encoding"
+    if cpus <= CPU_THREADS_ONE_UP_TO:
+        return 1, f"CPU run on {cpus} cores: one thread beats {cpus} when anything else runs"
+    return cpus - 1, f"CPU run on {cpus} cores: all but one"
+
+
+def configure_threads(want, device):
+    """Set torch's CPU threads (see choose_threads) -> a short description for the log."""
+    n, why = choose_threads(want, device, cpus=cpu_count())
+    torch.set_num_threads(n)
+    return f"torch CPU threads {n} ({why})"
 
 
 def compile_support(device):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from modules.utils import UsageError
+from modules.utils import UsageError, atomic_file
 
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
 
@@ -59,32 +59,15 @@ def write_submission(images, path, *, workers=2, corrupt=False):
     """
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
-    tmp = f"{path}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         pngs = encode_pngs(images, workers)
-        with open(tmp, "wb") as f:
+        with atomic_file(path, verify=lambda tmp: verify_zip(tmp, n_expected=n, size=h)) as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
                 for i, data in enumerate(pngs):
                     zf.writestr(f"{i}.png", data)
             if corrupt:
                 f.truncate(f.tell() // 2)
-            f.flush()
-            os.fsync(f.fileno())
-        verify_zip(tmp, n_expected=n, size=h)
-        os.replace(tmp, path)
-    except (OSError, SubmissionError) as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, SubmissionError):
-            raise
+    except OSError as exc:  # the .tmp is gone already (atomic_file), any earlier zip at path is untouched
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:  # an interrupt or a crash mid-write: no half zip left behind
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
     return path

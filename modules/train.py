@@ -1,5 +1,5 @@
-"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, roll-back on divergence,
-checkpoints, and the loop that does its upkeep once per check/tick and stops on the Deadline.
+"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back
+on divergence, and the trainer's state dict. The loop that drives it is in loop.py; checkpoint files in checkpoint.py.
 """
 import copy
 import math
@@ -18,6 +18,7 @@ from modules.losses import LOSSES, gradient_penalty
 from modules.models import build_models
 from modules.pggan import pggan_growth
 from modules.speed import maybe_compile
+from modules.utils import parse_faults
 
 # data on the device
 
@@ -25,7 +26,7 @@ from modules.speed import maybe_compile
 class DeviceBatches:
     """The uint8 training crops live on the device once; each batch is indexed, flipped, noised and normalised there."""
 
-    def __init__(self, images, labels, *, device, hflip=True, real_noise=0.0):
+    def __init__(self, images, labels, *, device, hflip, real_noise):
         # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels).long().to(device)
@@ -60,7 +61,7 @@ class EMA:
     so the half-life in images stays fixed.
     """
 
-    def __init__(self, model, *, decay=0.999, batch_size=64, ref_batch=64):
+    def __init__(self, model, *, decay, batch_size, ref_batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay ** (batch_size / ref_batch)
 
@@ -102,14 +103,14 @@ def _adam(params, lr, betas, device):
 
 class Trainer:
     """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
+    Every keyword is required: the values come from Config through build_trainer, never from defaults here.
 
     Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
     """
 
-    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
-                 real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
-                 ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault="", rank=0, world_size=1):
+    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
+                 margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
+                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
@@ -149,10 +150,7 @@ class Trainer:
         self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = {}  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see main.FAULT_RE
-        for item in filter(None, (f.strip() for f in fault.split(","))):
-            kind, _, at = item.partition("@")
-            self.faults[kind] = float(at) if at else -1.0
+        self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow)
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
 
@@ -287,6 +285,10 @@ class Trainer:
             time.sleep(self.faults["slow"])
         if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
             os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
+            delay = self.faults.pop("slowgen")
+            for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.

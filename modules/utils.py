@@ -3,6 +3,7 @@
 Nothing here reads the Config; every function takes explicit arguments.
 """
 import contextlib
+import functools
 import os
 import random
 import re
@@ -22,8 +23,9 @@ class UsageError(Exception):
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live."""
-    elapsed = time.monotonic() - PROCESS_START
+    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
+    since process_start(), so the log and the messages that quote the Deadline agree."""
+    elapsed = time.monotonic() - process_start()
     print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
 
 
@@ -60,12 +62,30 @@ def parse_duration(text):
     return value
 
 
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+
+
+def parse_faults(text):
+    """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
+    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
+    faults = {}
+    for item in filter(None, (f.strip() for f in str(text).split(","))):
+        if not FAULT_RE.fullmatch(item):
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
+                             "slowgen@SECONDS or zipfail")
+        kind, _, at = item.partition("@")
+        faults[kind] = float(at) if at else -1.0
+    return faults
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=None)
 def process_start():
     """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
     in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
@@ -115,6 +135,37 @@ class PhaseTimer:
 
     def summary(self):
         return ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb", *, tmp=None, verify=None):
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
+    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    tmp = str(tmp or f"{path}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`with eval_mode(G):` the model in eval mode inside, back in the mode it had after (also on an exception)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 # device

@@ -1,11 +1,16 @@
-"""Shared fixtures: the repo root, the bundled kernel, a runner for it, and the real data sample when present."""
+"""Shared fixtures and helpers: the repo root, the bundled kernel, a runner for it, the real data sample when present,
+and tiny in-process training pieces (CPU, tiny_data, tiny_cfg, window_plan, loop_kwargs)."""
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "kernel.py"
@@ -13,6 +18,9 @@ REAL_DATA = Path(os.environ.get("DOGS_DATA", ROOT.parent / "shared" / "data" / "
 
 if str(ROOT) not in sys.path:  # plain `pytest` as well as `python -m pytest`
     sys.path.insert(0, str(ROOT))
+
+from modules.config import PRESETS, Config, apply_overrides  # noqa: E402 (after the path above)
+from modules.plan import TrainPlan  # noqa: E402
 
 
 @pytest.fixture
@@ -29,3 +37,40 @@ def run_kernel(args, *, timeout=400, env=None, script=KERNEL):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
     return proc, time.monotonic() - t0
+
+
+# in-process training pieces at smoke widths (used by test_train, test_loop, test_checkpoint, test_finish, ...)
+
+CPU = torch.device("cpu")
+
+
+def tiny_data(n=16, n_classes=3, seed=0):
+    """A stand-in for DogData: n random uint8 crops [n,64,64,3], labels cycling over n_classes breeds."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    labels = np.arange(n) % n_classes
+    return types.SimpleNamespace(images=images, labels=labels, classes=[f"c{i}" for i in range(n_classes)],
+                                 reference=images)
+
+
+def tiny_cfg(**kw):
+    """The smoke preset's Config with overrides."""
+    cfg = apply_overrides(Config(), PRESETS["smoke"], "smoke")
+    return dataclasses.replace(cfg, **kw)
+
+
+def window_plan(deadline, seconds, *, finish_s=0.0, prior_train_s=0.0, plan_s=None, gen_batch=25, gen_batch_s=0.01):
+    """A TrainPlan whose training window is the next `seconds` on deadline's clock (no finish measured)."""
+    now = deadline.elapsed()
+    return TrainPlan(budget_s=deadline.budget_s, estimates={"generate": 0.0, "zip": 0.0, "checkpoint": 0.0},
+                     finish_s=finish_s, margin_s=0.0, train_until=now + seconds, prior_train_s=prior_train_s,
+                     plan_s=plan_s or prior_train_s + seconds, inherited=False, first_step_s=0.0, gen_batch=gen_batch,
+                     gen_batch_s=gen_batch_s)
+
+
+def loop_kwargs(cfg, **kw):
+    """train_loop's keywords from a Config, as main.train passes them (no checkpoints, no finish probe), + overrides."""
+    base = dict(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
+                max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None,
+                checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps, history={}, finish_probe=None)
+    return {**base, **kw}

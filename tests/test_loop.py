@@ -5,28 +5,30 @@ import torch
 from modules.loop import train_loop
 from modules.train import build_trainer
 from modules.utils import Deadline
-from test_train import CPU, tiny_cfg, tiny_data
+from conftest import CPU, loop_kwargs, tiny_cfg, tiny_data, window_plan
 
 
 def test_nan_is_rolled_back_and_training_goes_on():
     torch.manual_seed(0)
-    trainer = build_trainer(tiny_cfg(batch_size=4, fault="nan@12", snapshot_every=5), tiny_data(), CPU)
+    cfg = tiny_cfg(batch_size=4, fault="nan@12", snapshot_every=5)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
     d = Deadline(3600)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 600, stop_event=None, check_every=5,
-                         snapshot_every=5, tick_s=1e9, max_steps=25)
-    assert summary["rollbacks"] == 1 and summary["reason"] == "steps" and trainer.step_count == 25
+    summary = train_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+                         **loop_kwargs(cfg, check_every=5, snapshot_every=5, tick_s=1e9, max_steps=25))
+    assert summary.rollbacks == 1 and summary.reason == "steps" and trainer.step_count == 25
     for p in list(trainer.generator_to_ship().parameters()) + list(trainer.D.parameters()):
         assert torch.isfinite(p).all()
 
 
 def test_repeated_divergence_stops_training():
     torch.manual_seed(0)
-    trainer = build_trainer(tiny_cfg(batch_size=4), tiny_data(), CPU)
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
     trainer.step = _always_nan(trainer.step, trainer)  # every step reports a non-finite loss
     d = Deadline(3600)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 600, stop_event=None, check_every=2,
-                         snapshot_every=2, tick_s=1e9, max_rollbacks=2, max_steps=50)
-    assert summary["reason"] == "diverged" and summary["rollbacks"] == 3
+    summary = train_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+                         **loop_kwargs(cfg, check_every=2, snapshot_every=2, tick_s=1e9, max_rollbacks=2, max_steps=50))
+    assert summary.reason == "diverged" and summary.rollbacks == 3
     for p in trainer.generator_to_ship().parameters():
         assert torch.isfinite(p).all()
 
@@ -39,17 +41,34 @@ def _always_nan(step, trainer):
 
 
 def test_stop_event_ends_loop():
-    trainer = build_trainer(tiny_cfg(batch_size=4), tiny_data(), CPU)
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
     ev = threading.Event()
     ev.set()
     d = Deadline(3600)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 100, stop_event=ev)
-    assert summary["reason"] == "interrupted" and summary["steps"] == 0
+    summary = train_loop(trainer, plan=window_plan(d, 100), deadline=d, stop_event=ev, **loop_kwargs(cfg))
+    assert summary.reason == "interrupted" and summary.steps == 0
 
 
 def test_loop_stops_before_the_window_closes():
-    trainer = build_trainer(tiny_cfg(batch_size=4), tiny_data(), CPU)
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
     d = Deadline(3600)
-    until = d.elapsed() + 3.0
-    summary = train_loop(trainer, deadline=d, train_until=until, stop_event=None, check_every=2, tick_s=1e9)
-    assert summary["reason"] == "budget" and summary["steps"] > 0 and d.elapsed() <= until + 3.0  # CI boxes stall
+    plan = window_plan(d, 3.0)
+    summary = train_loop(trainer, plan=plan, deadline=d, stop_event=None, **loop_kwargs(cfg, check_every=2, tick_s=1e9))
+    assert summary.reason == "budget" and summary.steps > 0 and d.elapsed() <= plan.train_until + 3.0  # CI stalls
+
+
+def test_no_config_default_is_repeated():
+    """Defaults live in Config only: every keyword of the functions that build_trainer and main feed from the Config
+    is required (a default here could silently disagree with Config's, as four once did)."""
+    import inspect
+
+    from modules.finish import finish, save_pictures
+    from modules.train import EMA, DeviceBatches, Trainer, build_trainer
+
+    for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures):
+        params = inspect.signature(fn).parameters.values()
+        with_default = [p.name for p in params if p.default is not inspect.Parameter.empty]
+        assert not with_default, f"{fn.__qualname__} has defaults for {with_default}: make them required keywords"
+    assert "aux_weight" in inspect.signature(Trainer.__init__).parameters  # the walk sees the real signature

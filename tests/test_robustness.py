@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KERNEL, ROOT, run_kernel
-from modules.config import PRESETS, Config, apply_overrides
+from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, tiny_cfg, tiny_data, window_plan
 from modules.finish import measure_finish_seconds
 from modules.submission import verify_zip
 from modules.checkpoint import read_checkpoint, save_checkpoint
@@ -251,12 +250,16 @@ def one_thread():
 
 
 def _tiny_trainer(**kw):
-    cfg = apply_overrides(Config(), {**PRESETS["smoke"], "batch_size": 4, "attention": False, **kw}, "test")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
-    data = types.SimpleNamespace(images=images, labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=images)
+    cfg = tiny_cfg(**{"batch_size": 4, "attention": False, **kw})
+    data = tiny_data()
+    data.classes = ["a", "b", "c"]
     torch.manual_seed(0)
-    return build_trainer(cfg, data, torch.device("cpu"))
+    return build_trainer(cfg, data, CPU)
+
+
+def _loop(trainer, d, seconds, stop_event, **kw):
+    return train_loop(trainer, plan=window_plan(d, seconds), deadline=d, stop_event=stop_event,
+                      **loop_kwargs(tiny_cfg(), **kw))
 
 
 def _finite(trainer):
@@ -280,9 +283,8 @@ def test_nan_after_the_last_check_never_ships(one_thread):
     """NaN in the steps after the last sync: caught on the way out and rolled back before anything ships."""
     trainer, ev, d = _tiny_trainer(fault="nan@3"), threading.Event(), Deadline(3600)
     _stop_at(trainer, 6, ev)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 600, stop_event=ev, check_every=10 ** 6,
-                         snapshot_every=10 ** 6, tick_s=1e9)
-    assert summary["total_steps"] == 0 and summary["rollbacks"] == 1 and _finite(trainer)
+    summary = _loop(trainer, d, 600, ev, check_every=10 ** 6, snapshot_every=10 ** 6, tick_s=1e9)
+    assert summary.total_steps == 0 and summary.rollbacks == 1 and _finite(trainer)
 
 
 def test_checkpoints_hold_checked_state_only(one_thread):
@@ -294,9 +296,9 @@ def test_checkpoints_hold_checked_state_only(one_thread):
     def checkpoint(train_seconds, plan_seconds, complete):
         seen.append((trainer.step_count, _finite(trainer)))
 
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 600, stop_event=ev, check_every=5,
-                         snapshot_every=5, tick_s=1e9, checkpoint_fn=checkpoint, checkpoint_s=1e-9)
-    assert summary["rollbacks"] == 1 and len(seen) > 3 and all(ok for _, ok in seen), seen
+    summary = _loop(trainer, d, 600, ev, check_every=5, snapshot_every=5, tick_s=1e9, checkpoint_fn=checkpoint,
+                    checkpoint_s=1e-9)
+    assert summary.rollbacks == 1 and len(seen) > 3 and all(ok for _, ok in seen), seen
 
 
 def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, one_thread):
@@ -356,8 +358,8 @@ def test_keyboard_interrupt_in_the_loop_is_an_interrupt(one_thread):
 
     trainer.step = step_then_interrupt
     ev, d = threading.Event(), Deadline(3600)
-    summary = train_loop(trainer, deadline=d, train_until=d.elapsed() + 60, stop_event=ev, check_every=2, tick_s=1e9)
-    assert summary["reason"] == "interrupted" and summary["total_steps"] == 3 and ev.is_set()
+    summary = _loop(trainer, d, 60, ev, check_every=2, tick_s=1e9)
+    assert summary.reason == "interrupted" and summary.total_steps == 3 and ev.is_set()
 
 
 # interrupts and resume

@@ -5,24 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CPU, tiny_cfg, tiny_data
 from modules.config import PRESETS, Config, apply_overrides
 from modules.train import EMA, DeviceBatches, build_trainer, resolve_amp
-
-CPU = torch.device("cpu")
-
-
-def tiny_data(n=16, n_classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
-    labels = np.arange(n) % n_classes
-    return types.SimpleNamespace(images=images, labels=labels, classes=[f"c{i}" for i in range(n_classes)],
-                                 reference=images)
-
-
-def tiny_cfg(**kw):
-    cfg = apply_overrides(Config(), PRESETS["smoke"], "smoke")
-    return dataclasses.replace(cfg, **kw)
-
 
 def test_device_batches_range_flip_and_labels():
     data = tiny_data()

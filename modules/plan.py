@@ -1,0 +1,75 @@
+"""The run's plan as data: how the time budget splits into start-up, training and the finish reserve, and how a resumed
+run carries on the schedule of the run it continues. plan_training() computes it once; the loop, the final checkpoint
+and report.json read it."""
+from dataclasses import dataclass
+
+from modules.finish import FINISH_SAFETY
+from modules.utils import UsageError, format_duration, log
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """All times are seconds; `train_until` is counted on the Deadline's clock (from process start)."""
+
+    budget_s: float  # the whole run's wall time
+    estimates: dict  # the measured finish, {part: seconds}: generate, zip, checkpoint (+ self_check), before safety
+    finish_s: float  # FINISH_SAFETY x sum(estimates): the finish reserve; the loop stretches it by the slowdown
+    margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
+    train_until: float  # training stops here on the Deadline's clock: budget_s - finish_s - margin_s
+    prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
+    plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
+    inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
+    first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
+    gen_batch: int  # images per generation batch that fits (the finish's batch)
+    gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
+
+    @property
+    def reserve_s(self):
+        return self.finish_s + self.margin_s
+
+    def window(self, now):
+        """This run's training seconds from `now` (Deadline clock): up to train_until, and no further than the plan."""
+        return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
+
+    def complete(self, *, reason, train_seconds_total):
+        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
+        inherited plan and stopped short of it."""
+        return reason in ("budget", "steps") and (
+            not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
+
+
+def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
+                  budget_text="", resume_path=""):
+    """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
+
+    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
+    of --resume (train_seconds, plan_seconds, complete), or None. A window of no training at all is a UsageError.
+    """
+    finish_s = FINISH_SAFETY * sum(estimates.values())
+    train_until = budget_s - finish_s - margin_s
+    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
+        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
+        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
+    window = train_until - elapsed_s
+    if window <= 0:
+        raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
+                         f"took {format_duration(elapsed_s)} and writing the images needs "
+                         f"{format_duration(finish_s + margin_s)}")
+    prior_s = float(resumed["train_seconds"]) if resumed is not None else 0.0
+    plan_s, inherited = prior_s + window, False
+    if resumed is not None:
+        step = resumed["trainer"].get("step", 0) if isinstance(resumed.get("trainer"), dict) else 0
+        if resumed.get("complete", True):
+            log(f"resumed from {resume_path} at step {step}: its training was complete "
+                f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
+        else:
+            plan_s, inherited = max(float(resumed.get("plan_seconds", 0.0)), prior_s), True
+            left = plan_s - prior_s
+            log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
+                f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
+                + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
+    batches = -(-n_images // gen_batch)
+    return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
+                     train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
+                     first_step_s=10 * estimates["generate"] / n_images * batch_size, gen_batch=gen_batch,
+                     gen_batch_s=estimates["generate"] / batches)
