@@ -2452,7 +2452,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun" if world > 1 else "single")
+    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
 
 
 def visible_cuda_devices():
