@@ -26,6 +26,7 @@ from modules.utils import UsageError
 CPU = torch.device("cpu")
 B, N_CLASSES = 8, 3
 FAST = ["--set", "n_images=500", "--set", "self_check=false", "--set", "sample_batch=100"]
+STEPS = ["--set", "max_steps=8"]  # runs that need not last their budget stop after 8 steps (the suite's time)
 
 
 # --gpus and the batch split
@@ -193,8 +194,9 @@ def _leftovers(marker):
 def test_kernel_two_forked_ranks(tmp_path):
     out = tmp_path / "out"
     proc, wall = run_kernel(["--demo", "--preset", "smoke", "--device", "cpu", "--gpus", "2", "--out", out,
-                             "--time-budget", "90s", *FAST], timeout=300)
+                             "--time-budget", "90s", *FAST, *STEPS], timeout=300)
     report = _check_run(out, proc, wall, 90)
+    assert report["train"]["reason"] == "steps" and report["train"]["total_steps"] == 8
     assert report["ranks"] == {"world_size": 2, "launcher": "fork", "batch_per_rank": 8}
     assert report["train"]["steps"] > 0 and not report["degraded"]
     assert "[rank 1]" not in proc.stdout  # only rank 0 logs
@@ -204,7 +206,7 @@ def test_kernel_two_forked_ranks(tmp_path):
 def test_kernel_under_torchrun(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(KERNEL),
-            "--demo", "--preset", "smoke", "--device", "cpu", "--out", str(out), "--time-budget", "90s", *FAST]
+            "--demo", "--preset", "smoke", "--device", "cpu", "--out", str(out), "--time-budget", "90s", *FAST, *STEPS]
     t0 = time.monotonic()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
@@ -216,7 +218,7 @@ def test_kernel_under_torchrun(tmp_path):
 def test_kernel_rank1_killed_ships_from_rank0(tmp_path):
     out = tmp_path / "out"
     proc, wall = run_kernel(["--demo", "--preset", "smoke", "--device", "cpu", "--gpus", "2", "--out", out,
-                             "--time-budget", "90s", "--set", "fault=kill@4", *FAST], timeout=300)
+                             "--time-budget", "90s", "--set", "fault=kill@4", *FAST, *STEPS], timeout=300)
     report = _check_run(out, proc, wall, 90)
     assert report["degraded"] and report["train"]["reason"] == "crashed"
     assert report["failed_ranks"] == {"1": "killed by SIGKILL"}, report["failed_ranks"]
@@ -251,7 +253,7 @@ def test_kernel_in_a_jupyter_kernel(tmp_path):
     pytest.importorskip("ipykernel")
     out = tmp_path / "out"
     argv = ["kernel.py", "--demo", "--preset", "smoke", "--device", "cpu", "--gpus", "2", "--out", str(out),
-            "--time-budget", "90s", *FAST]
+            "--time-budget", "90s", *FAST, *STEPS]
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(f"import sys\nsys.argv = {argv!r}"),
                 nbformat.v4.new_code_cell(KERNEL.read_text())]  # the cell is kernel.py, as on Kaggle
