@@ -5,7 +5,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -272,5 +271,21 @@ def test_kernel_in_a_jupyter_kernel(tmp_path):
 def _no_torchrun_env(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    yield
-    shutil.rmtree("/nonexistent", ignore_errors=True)
+
+
+def test_workers_that_cannot_start_fall_back_to_one_process(monkeypatch, capsys):
+    """The rendezvous port is taken: rank 0 warns and the run goes on as one process (init_group -> False)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from modules.distributed import DistContext, init_group
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        t0 = time.monotonic()
+        assert init_group(DistContext(rank=0, world_size=2, launcher="fork"), backend="gloo") is False
+    assert time.monotonic() - t0 < 30 and not dist.is_initialized()
+    assert "could not start" in capsys.readouterr().out
