@@ -2553,9 +2553,12 @@ def _die_with_parent():
 
 def fork_workers(world_size, target):
     """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). Must be called before CUDA is initialised in this process. -> rank 0's DistContext."""
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
+    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
     if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised before the workers were forked")
+        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
+             "running one process on one GPU; restart the notebook's kernel to use every GPU")
+        return DistContext()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     ctx_fork = multiprocessing.get_context("fork")
     workers = []
@@ -2580,9 +2583,10 @@ def init_group(ctx, *, backend):
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     try:
-        kw = {"device_id": torch.device(f"cuda:{ctx.local_rank}")} if backend == "nccl" else {}
+        if backend == "nccl":
+            torch.cuda.set_device(ctx.local_rank)
         dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S), **kw)
+                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
         dist.barrier()
         return True
     except Exception as exc:
