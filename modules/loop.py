@@ -189,9 +189,13 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
                     and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
                 last_probe = time.monotonic()
-                probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+                try:
+                    probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+                except Exception as exc:  # never worth a crash: train on without re-timing
+                    warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
+                    finish_probe, probes = None, probes or [1.0]
                 gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
-                if gen_slowdown > 1.5 and gen_slowdown > 1.2 * said_gen:
+                if gen_slowdown > 1.2 and gen_slowdown > 1.2 * said_gen:
                     said_gen = gen_slowdown
                     log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
                         f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")

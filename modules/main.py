@@ -254,7 +254,7 @@ def make_checkpointer(path, trainer, *, config, classes, report):
                             classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
             return True
         except Exception as exc:
-            warn(f"checkpoint not written: {describe_write_error(exc)}")
+            warn(f"checkpoint not written: {describe_write_error(exc, path)}")
             return False
 
     return checkpoint

@@ -36,7 +36,8 @@ def choose_threads(want, device, *, cpus):
     """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
     run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
     against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
-    threads on 2 shared cores lose badly to any other process), else all but one core."""
+    threads on 2 shared cores ran a generation batch 9x and a step 11x slower than one, under load), else all but one
+    core (not measured)."""
     if want > 0:
         return want, "set by threads"
     if device.type == "cuda":

@@ -73,3 +73,23 @@ def test_no_config_default_is_repeated():
                         and p.name not in ("rank", "world_size", "ctx")]  # the ranks' layout, not a Config setting
         assert not with_default, f"{fn.__qualname__} has defaults for {with_default}: make them required keywords"
     assert "aux_weight" in inspect.signature(Trainer.__init__).parameters  # the walk sees the real signature
+
+
+def test_a_slower_finish_moves_the_stop_earlier():
+    """The finish can slow down more than the steps (another process starts after the reserve was measured): near the
+    end the loop re-times a generation batch, and a 4x slower one stops training finish_s * 3 earlier."""
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    d = Deadline(3600)
+    plan = window_plan(d, 8.0, finish_s=1.5, gen_batch_s=0.01)
+    probes = []
+
+    def probe():  # a generation batch now takes 4x what was measured at start
+        probes.append(d.elapsed())
+        return 0.04
+
+    summary = train_loop(trainer, plan=plan, deadline=d, stop_event=None,
+                         **loop_kwargs(cfg, check_every=2, tick_s=1e9, finish_probe=probe))
+    assert summary.reason == "budget" and summary.steps > 0 and probes
+    assert summary.slowdown == 4.0
+    assert d.elapsed() <= plan.train_until - 1.5 * 3 + 1.0, (d.elapsed(), plan.train_until)  # + one step, CI stalls

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,11 +47,25 @@ def test_empty_dir_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and wall < 5 + 5  # + interpreter and torch import on a loaded CI box
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()  # a usage error leaves no empty output folder
 
 
 def test_budget_too_small_exits_2(tmp_path):
     proc, _ = run_kernel(["--demo", "--out", tmp_path, "--time-budget", "10s"], timeout=60)
     assert proc.returncode == 2 and "too small" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refused_plan_leaves_no_folder_and_one_clock(tmp_path):
+    """Refused after the output folder was made (no training window left): the folder goes again, and the error's
+    "took" agrees with the log's clock on the line before it."""
+    out = tmp_path / "out"
+    proc, _ = run_kernel(["--demo", "--preset", "smoke", "--out", out, "--time-budget", "40s",
+                          "--set", "reserve_margin_s=100", *FAST], timeout=120)
+    assert proc.returncode == 2 and "too small: start-up and loading took" in proc.stderr, proc.stderr
+    assert not out.exists()
+    logged = re.search(r"\[\s*([\d.]+)s\] finish reserve", proc.stdout).group(1)
+    took = re.search(r"loading took ([\d.]+)s", proc.stderr).group(1)
+    assert abs(float(logged) - float(took)) <= 0.2, (logged, took)
 
 
 def test_smoke_on_real_sample(real_data, tmp_path):

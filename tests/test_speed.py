@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from modules.config import PRESETS, Config, apply_overrides
-from modules.speed import CompiledForward, compile_support, configure_backends, maybe_compile
+from modules.speed import (
+    CompiledForward,
+    choose_threads,
+    compile_support,
+    configure_backends,
+    configure_threads,
+    maybe_compile,
+)
 from modules.train import build_trainer, resolve_amp
 from modules.utils import UsageError
 
@@ -277,3 +284,18 @@ def test_configure_backends_ampere_enables_tf32(monkeypatch, backend_flags):
     configure_backends(FAKE_CUDA)
     assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
     assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_cpu_threads_are_chosen_and_can_be_set():
+    """GPU run: 1 thread; CPU run on <= 2 cores: 1 (bench_threads.py: 2 threads lost 9-11x on a loaded 2-core box);
+    more cores: all but one; --set threads=N wins. configure_threads sets torch's count and says so for the log."""
+    gpu = types.SimpleNamespace(type="cuda")
+    assert choose_threads(0, gpu, cpus=16)[0] == 1
+    assert choose_threads(0, CPU, cpus=2)[0] == 1 and choose_threads(0, CPU, cpus=1)[0] == 1
+    assert choose_threads(0, CPU, cpus=8)[0] == 7
+    assert choose_threads(3, CPU, cpus=2) == (3, "set by threads")
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(2, CPU) == "torch CPU threads 2 (set by threads)" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,3 @@
-import dataclasses
-import types
-
 import numpy as np
 import pytest
 import torch

@@ -1,0 +1,89 @@
+"""modules/checkpoint.py: the round trip, the checks on reading, atomic writes, and a full disk said as such."""
+import errno
+
+import pytest
+import torch
+
+from conftest import CPU, tiny_cfg, tiny_data
+from modules.checkpoint import describe_write_error, read_checkpoint, restore_checkpoint, save_checkpoint
+from modules.main import make_checkpointer
+from modules.report import RunReport
+from modules.train import build_trainer
+from modules.utils import UsageError
+
+ARCH = {"arch": "biggan", "g_ch": 2}
+
+
+def _trainer(seed=0):
+    torch.manual_seed(seed)
+    return build_trainer(tiny_cfg(batch_size=4, attention=False), tiny_data(), CPU)
+
+
+def _save(path, trainer, **kw):
+    args = dict(config=dict(ARCH), train_seconds=12.5, n_classes=3, classes=["c0", "c1", "c2"], plan_seconds=20.0,
+                complete=False, history={"loss_d": [(1.0, 0.5)]})
+    save_checkpoint(str(path), trainer, **{**args, **kw})
+
+
+def test_round_trip_restores_the_state(tmp_path):
+    a = _trainer(0)
+    a.step()
+    _save(tmp_path / "c.pt", a)
+    ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
+    assert ckpt["train_seconds"] == 12.5 and ckpt["plan_seconds"] == 20.0 and not ckpt["complete"]
+    assert ckpt["history"]["loss_d"] == [(1.0, 0.5)]
+    b = _trainer(1)
+    restore_checkpoint(ckpt, "c.pt", b, classes=["c0", "c1", "c2"])
+    assert b.step_count == 1
+    for k, v in a.G.state_dict().items():
+        assert torch.equal(v, b.G.state_dict()[k]), k
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        read_checkpoint(str(tmp_path / "none.pt"), arch=ARCH)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="not a readable checkpoint"):
+        read_checkpoint(str(tmp_path / "junk.pt"), arch=ARCH)
+    torch.save({"something": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UsageError, match="not a checkpoint written by this kernel"):
+        read_checkpoint(str(tmp_path / "foreign.pt"), arch=ARCH)
+    _save(tmp_path / "c.pt", _trainer())
+    with pytest.raises(UsageError, match="g_ch=2, this run 4"):
+        read_checkpoint(str(tmp_path / "c.pt"), arch={"g_ch": 4})
+    ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
+    with pytest.raises(UsageError, match="trained on 3 breeds, this data has 2"):
+        restore_checkpoint(ckpt, "c.pt", _trainer(), classes=["a", "b"])
+
+
+def _torch_disk_full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+    raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1234 vs 1200\n"
+                       "PytorchStreamWriter failed writing file data/3: file write failed")
+
+
+@pytest.mark.parametrize("failure", ["torch", "oserror"])
+def test_full_disk_logs_one_disk_full_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys, failure):
+    trainer = _trainer()
+    path = tmp_path / "checkpoint.pt"
+    report = RunReport(config=dict(ARCH), device="cpu", torch=torch.__version__)
+    checkpoint = make_checkpointer(str(path), trainer, config=dict(ARCH), classes=["c0", "c1", "c2"], report=report)
+    assert checkpoint(1.0, 10.0, False) and path.is_file()
+    old = path.read_bytes()
+    capsys.readouterr()
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", _torch_disk_full if failure == "torch" else enospc)
+    assert checkpoint(2.0, 10.0, False) is False  # the run goes on
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "WARNING: checkpoint not written: disk full:" in out[0], out
+    assert "inline_container" not in out[0] and "MiB free" in out[0]
+    assert path.read_bytes() == old and not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_other_write_errors_keep_their_first_line():
+    msg = describe_write_error(PermissionError(errno.EACCES, "Permission denied"), "/x/checkpoint.pt")
+    assert "disk full" not in msg and msg.startswith("PermissionError")
+    assert describe_write_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x/c.pt").startswith("disk full")
