@@ -24,7 +24,7 @@ MAX_LINE = 120  # a merged `from x import ...` header line longer than this is w
 HEADER = """\
 # kernel.py — Generative Dog Images (Kaggle): trains a GAN on the competition's dog photos and writes images.zip,
 # the submission: exactly 10,000 64x64 PNGs, always written before the time budget ends. Default recipe: the 2019
-# 2nd place (conditional BigGAN-style G and D, RaLS loss, EMA of G, truncated sampling), 8h45m on one GPU.
+# 2nd place (conditional BigGAN-style G and D, RaLS loss, EMA of G, truncated sampling), 8h45m on every GPU it sees.
 #
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
@@ -34,6 +34,7 @@ HEADER = """\
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
+#   torchrun --nproc-per-node 2 kernel.py ...                         # several GPUs through torchrun
 #   python kernel.py --help  |  --print-config                        # every flag  |  the settings it would use
 #
 # THE SETTINGS PEOPLE CHANGE (flag, or the Config field of the same name):
@@ -42,6 +43,7 @@ HEADER = """\
 #   --data-dir DIR       folder with all-dogs/ and Annotation/ (default: Kaggle's input, found by itself)
 #   --out DIR            where outputs go (default /kaggle/working if it exists, else ./output)
 #   --device auto        the GPU: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+#   --gpus auto          ranks: auto = one process per visible GPU (Kaggle's T4 x2: both) | N; 1 = one process
 #   --set NAME=VALUE     any other Config field, e.g. --set batch_size=128 (checked: a bad value stops at once)
 #
 # OUTPUTS in --out: images.zip (submit it), report.json (what happened), checkpoint.pt (continue with --resume),

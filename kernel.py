@@ -1,15 +1,16 @@
 # kernel.py — Generative Dog Images (Kaggle): trains a GAN on the competition's dog photos and writes images.zip,
 # the submission: exactly 10,000 64x64 PNGs, always written before the time budget ends. Default recipe: the 2019
-# 2nd place (conditional BigGAN-style G and D, RaLS loss, EMA of G, truncated sampling), 8h45m on one GPU.
+# 2nd place (conditional BigGAN-style G and D, RaLS loss, EMA of G, truncated sampling), 8h45m on every GPU it sees.
 #
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:
 #       import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--preset", "kaggle", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 61): each field says its unit or choices.
+#   OR edit a default in `class Config` (line 64): each field says its unit or choices.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
+#   torchrun --nproc-per-node 2 kernel.py ...                         # several GPUs through torchrun
 #   python kernel.py --help  |  --print-config                        # every flag  |  the settings it would use
 #
 # THE SETTINGS PEOPLE CHANGE (flag, or the Config field of the same name):
@@ -18,6 +19,7 @@
 #   --data-dir DIR       folder with all-dogs/ and Annotation/ (default: Kaggle's input, found by itself)
 #   --out DIR            where outputs go (default /kaggle/working if it exists, else ./output)
 #   --device auto        the GPU: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+#   --gpus auto          ranks: auto = one process per visible GPU (Kaggle's T4 x2: both) | N; 1 = one process
 #   --set NAME=VALUE     any other Config field, e.g. --set batch_size=128 (checked: a bad value stops at once)
 #
 # OUTPUTS in --out: images.zip (submit it), report.json (what happened), checkpoint.pt (continue with --resume),
@@ -29,14 +31,14 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   config -> utils -> annotations -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample
-#   -> speed -> train -> checkpoint -> loop -> features -> metrics -> report -> evaluate -> submission -> finish -> plan
-#   -> main
+#   -> speed -> train -> checkpoint -> distributed -> loop -> features -> metrics -> report -> evaluate -> submission ->
+#   finish -> plan -> main
 
 
-import argparse, concurrent.futures, contextlib, copy, dataclasses, errno, functools, importlib.util, io, json, math
-import multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal, sys, tempfile
-import threading, time, torch, torch.nn as nn, torch.nn.functional as F, torchvision, traceback, types, warnings
-import xml.etree.ElementTree as ET, zipfile
+import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
+import io, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal, socket
+import sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+import torchvision, traceback, types, warnings, xml.etree.ElementTree as ET, zipfile
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -44,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
@@ -66,6 +69,7 @@ class Config:
     time_budget: str = "8h45m"  # wall time for the whole process; Kaggle kills at 9h, 15 min left for start-up and upload
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpus: str = "auto"  # auto (every visible GPU, one process each) | N; with --device cpu, N gloo processes
     demo: bool = False  # make a synthetic dataset in a temp dir and run on it
     resume: str = ""  # path of a checkpoint.pt to continue from
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
@@ -101,7 +105,8 @@ class Config:
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     # optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
+    batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
     lr_g: float = 2e-4
     lr_d: float = 8e-4
     beta1: float = 0.0
@@ -139,7 +144,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -198,17 +203,17 @@ def parse_duration(text):
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
 
 
 def parse_faults(text):
     """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
     batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, slow@SECONDS, "
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
                              "slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
@@ -285,6 +290,7 @@ ALLOWED = {
                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")), PRESETS),
     "data_dir": _text("a folder path"), "out": _text("a folder path"), "time_budget": _duration(),
     "seed": _number(0, 2**32 - 1, integer=True), "device": _matching(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
+    "gpus": _matching(r"auto|[1-9]\d{0,3}", "auto or a whole number of ranks from 1"),
     "demo": _flag(), "resume": _text("a checkpoint.pt path"), "evaluate": _text("a zip or folder path"),
     # data
     "image_size": _number(64, 64, integer=True), "crop_margin": _number(0, 1),
@@ -304,6 +310,7 @@ ALLOWED = {
     "margin": _number(0, 100), "gp_weight": _number(0, 1000),
     # optimisation
     "batch_size": _number(2, 8192, integer=True),  # BatchNorm needs 2 samples
+    "batch_per_gpu": _number(2, 8192, integer=True, off=0),
     "lr_g": _number(0, 1, above=True), "lr_d": _number(0, 1, above=True), "beta1": _number(0, 0.9999),
     "beta2": _number(0, 0.9999), "d_steps": _number(1, 100, integer=True), "max_steps": _number(0, 10**9, integer=True),
     "lr_schedule": _one_of("constant", "cosine", "linear"), "lr_final": _number(0, 1),
@@ -322,7 +329,7 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, "
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, kill@STEP, "
                                                                       "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 
@@ -397,6 +404,8 @@ def build_parser():
     p.add_argument("--preset", help=f"comma-separated presets applied in order: {', '.join(PRESETS)} (default kaggle)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--gpus", help="auto (every visible GPU, default) | N ranks; 1 = one process; with --device cpu: N "
+                   "CPU processes (gloo)")
     p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
@@ -419,7 +428,7 @@ def parse_config(argv=None):
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
-             "device": args.device, "resume": args.resume, "evaluate": args.evaluate,
+             "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
              "feature_weights": args.feature_weights}
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     if args.demo:
@@ -2321,11 +2330,25 @@ class Trainer:
 
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
                  margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
-                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault):
+                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
-        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps
+        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
+        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
+        self.global_batch = batch_size * world_size  # images per step over all ranks
+        self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
+        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
+        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
+        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
+        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
+        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
+        #   sync_buffers() copies them to every rank at each host sync.
+        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
+        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
+        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
+        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
@@ -2339,7 +2362,7 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler_g = _grad_scaler(self.device.type, enabled=use_scaler)
         self.scaler_d = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.ema = EMA(self.G, decay=ema_decay, batch_size=batch_size, ref_batch=ema_ref_batch) if ema else None
+        self.ema = EMA(self.G, decay=ema_decay, batch_size=self.global_batch, ref_batch=ema_ref_batch) if ema else None
         self.ema_start = ema_start
         self.swa = AveragedModel(self.G, use_buffers=True) if swa else None
         self.swa_every = swa_every
@@ -2350,6 +2373,18 @@ class Trainer:
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
+
+    def attach_group(self, group):
+        """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
+        self.group = group
+        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
+                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        if self.device.type == "cuda":
+            ddp["device_ids"] = [self.device]
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
+            warnings.simplefilter("ignore", FutureWarning)
+            self.G_train = DistributedDataParallel(self.G, **ddp)
+            self.D_train = DistributedDataParallel(self.D, **ddp)
 
     # schedule
 
@@ -2398,12 +2433,15 @@ class Trainer:
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
         if self.D.joint_ok:
-            logits, cls = self.D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
+            logits, cls = self.D_train(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
             n = real.shape[0]
             return logits[:n], logits[n:], (cls[:n] if cls is not None else None)
-        r, cls = self.D(real, y_real)
-        f, _ = self.D(fake, y_fake)
+        r, cls = self.D_train(real, y_real)
+        f, _ = self.D_train(fake, y_fake)
         return r, f, cls
+
+    def _latents(self, batch_size):
+        return torch.randn(batch_size, self.z_dim, device=self.device)
 
     def step(self):
         """One G step after d_steps D steps. Returns nothing; no host sync."""
@@ -2413,7 +2451,7 @@ class Trainer:
         for _ in range(self.d_steps):
             real, y_real = self.batches.sample(B)
             y_fake = self.batches.fake_labels(B)
-            z = torch.randn(B, self.z_dim, device=dev)
+            z = self._latents(B)
             with torch.autocast(**ac):
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
@@ -2432,15 +2470,19 @@ class Trainer:
             self.scaler_d.update()
         # G step: the real logits come from the D step above (detached), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
-        z = torch.randn(B, self.z_dim, device=dev)
+        z = self._latents(B)
+        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
+            self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
         with torch.autocast(**ac):
-            fake = self.G(z, y_fake)
+            fake = self.G_train(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
             if cls_fake is not None and self.aux_weight:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
+        if self.group is not None:
+            self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         self.step_count += 1
@@ -2461,15 +2503,21 @@ class Trainer:
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
         if "slow" in self.faults:
             time.sleep(self.faults["slow"])
+        if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
+            os.kill(os.getpid(), signal.SIGKILL)
         if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
             delay = self.faults.pop("slowgen")
             for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
                 m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them."""
-        s = self.stats.tolist()
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
+        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
         n = max(self.stats_n, 1)
+        if self.group is not None and not self.group_broken:
+            torch.distributed.all_reduce(self.stats, group=self.group)
+            n *= self.world_size
+        s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
         return s[0] / n, s[1] / n, int(s[2])
@@ -2511,18 +2559,24 @@ class Trainer:
         self.stats_n = 0
 
 
-def build_trainer(cfg, data, device):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device)."""
+def build_trainer(cfg, data, device, *, rank=0, world_size=1):
+    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
+    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
+    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
     n_classes = len(data.classes)
     G, D = build_models(cfg, n_classes)
+    batch_size = cfg.batch_size
+    if world_size > 1:
+        batch_size = cfg.batch_per_gpu or cfg.batch_size // world_size  # checked by distributed.split_batch
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(
-        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=cfg.batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
+        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
         betas=(cfg.beta1, cfg.beta2), d_steps=cfg.d_steps, aux_weight=cfg.aux_weight, real_target=cfg.real_label,
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault)
+        diffaug=cfg.diffaug, fault=cfg.fault, rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
@@ -2606,6 +2660,318 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
         raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
 
 
+# ==== modules/distributed.py ====
+"""Several GPUs in one run, through torch.distributed: how many ranks (`--gpus auto|N`), three ways in (one process;
+`torchrun`; workers this process starts itself, also from a notebook cell), the process groups, and the few collectives
+the training loop agrees through.
+
+Ways in:
+- torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
+  its own, we start nothing;
+- `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
+  is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
+  import the notebook's `__main__`, which it cannot. The devices are counted through NVML
+  (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
+- --gpus 1 (or one visible device): today's single-process path, no process group at all.
+
+Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
+the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
+and the stop decisions, so a dead or hung rank costs at most that timeout.
+"""
+
+
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
+DIST_TIMEOUT_MAX_S = 120.0
+WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
+STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
+INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
+
+
+@dataclass
+class DistContext:
+    """Who this process is in the run. world_size 1 = the single-process path (no group, nothing started)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"  # single | torchrun | fork
+    workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
+    group: object = None  # the training group (DDP, decisions); None until make_training_group()
+    broken: str = ""  # why collectives can no longer be used ("" while they can)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+# how many ranks
+
+
+def torchrun_env():
+    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
+
+
+def visible_cuda_devices():
+    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
+    afterwards. 0 without CUDA."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
+    if not torch.cuda.is_available():  # (read by torch at each call)
+        return 0
+    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+
+
+def resolve_world_size(gpus, device):
+    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
+    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
+    text = str(gpus).strip().lower()
+    if text != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
+        if n < 1:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
+    if device == "cpu":
+        return 1 if text == "auto" else n
+    if device.startswith("cuda:"):
+        if text not in ("auto", "1"):
+            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
+        return 1
+    count = visible_cuda_devices()
+    if count == 0:
+        if text not in ("auto", "1"):
+            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
+        return 1
+    if text == "auto":
+        return count
+    if n > count:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
+    return min(n, count)
+
+
+def rank_device(ctx, device):
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    if ctx.distributed and device != "cpu":
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+def split_batch(batch_size, batch_per_gpu, world_size):
+    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
+    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
+    if batch_per_gpu > 0:
+        return batch_per_gpu
+    if batch_size % world_size:
+        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
+                         f"{world_size}, or --set batch_per_gpu=N")
+    return batch_size // world_size
+
+
+# starting the ranks
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RankStderr:
+    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+
+    def __init__(self, stream, rank):
+        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text):
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def quiet_worker_output(rank):
+    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
+    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
+
+
+def _die_with_parent():
+    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def fork_workers(world_size, target):
+    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
+    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
+    if torch.cuda.is_initialized():
+        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
+             "running one process on one GPU; restart the notebook's kernel to use every GPU")
+        return DistContext()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    ctx_fork = multiprocessing.get_context("fork")
+    workers = []
+
+    def child(rank):
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
+        quiet_worker_output(rank)
+        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
+
+    for rank in range(1, world_size):
+        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+        p.start()
+        workers.append(p)
+    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
+
+
+def init_group(ctx, *, backend):
+    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
+    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
+    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
+        dist.barrier()
+        return True
+    except Exception as exc:
+        if ctx.rank != 0 or ctx.launcher == "torchrun":
+            raise
+        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+             "running one process on one device")
+        stop_workers(ctx)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        return False
+
+
+def make_training_group(ctx, timeout_s):
+    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (a collective call on
+    every rank)."""
+    ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx.group
+
+
+def training_timeout(finish_s, checkpoint_s):
+    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
+    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
+    return min(max(DIST_TIMEOUT_MIN_S, 3 * checkpoint_s + 5.0), max(DIST_TIMEOUT_MIN_S, min(DIST_TIMEOUT_MAX_S,
+                                                                                         0.5 * finish_s)))
+
+
+def broadcast_object(ctx, obj):
+    """Rank 0's obj to every rank (default group) -> obj."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# the decisions of the training loop
+
+
+def agree(ctx, *, stop, progress, interval, device, interrupted=False):
+    """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next sync,
+    plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
+    if ctx.is_main:
+        vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
+    else:
+        vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=ctx.group)
+    code, progress, interval = t.tolist()
+    own = int(code) % INTERRUPT_VOTE
+    reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
+    return reason, progress, max(int(interval), 1)
+
+
+def sync_buffers(ctx, modules):
+    """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b, src=0, group=ctx.group)
+
+
+# faults and the end
+
+
+def record_failure(error):
+    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
+
+
+def failed_ranks(ctx, wait_s=2.0):
+    """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
+    why = {}
+    for i, p in enumerate(ctx.workers, start=1):
+        p.join(wait_s if i == 1 else 0.2)
+        if p.exitcode is not None and p.exitcode < 0:
+            why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
+        elif p.exitcode not in (None, 0):
+            why[i] = f"exited with code {p.exitcode}"
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=1))
+        for r in range(1, ctx.world_size):
+            key = f"dogs-gan/error/{r}"
+            with contextlib.suppress(Exception):
+                if store.check([key]):
+                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+    return why
+
+
+def dead_workers(ctx):
+    """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
+    return [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode is not None]
+
+
+def stop_workers(ctx, wait_s=WORKER_JOIN_S):
+    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
+    for p in ctx.workers:
+        p.join(wait_s)
+    for p in ctx.workers:
+        if p.is_alive():
+            p.terminate()
+            p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+def end_group(ctx):
+    """Leave the process group (a notebook may run the kernel again in the same process)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    ctx.group = None
+
+
 # ==== modules/loop.py ====
 """The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
 (finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
@@ -2646,7 +3012,7 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe):
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
     reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
@@ -2664,6 +3030,11 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
     plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
     sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
+    Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
+    number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
+    margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
+    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
+    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
     Returns a TrainSummary.
     """
     train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
@@ -2680,6 +3051,9 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     first_step = trainer.step_count
     reason, error = "budget", None
     loss_d = loss_g = float("nan")
+    dist_on = ctx is not None and ctx.distributed
+    main = ctx is None or ctx.is_main
+    next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
 
     def trained():
         return prior_train_s + deadline.elapsed() - t_start
@@ -2688,23 +3062,60 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
         snapshot = trainer.snapshot()
         fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
         while True:
-            if stop_event is not None and stop_event.is_set():
-                reason = "interrupted"
-                log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-                    "(interrupt again to exit at once)")
-                break
             until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
             margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
-            if deadline.elapsed() + margin >= until or trained() >= plan_s:
-                break
-            if max_steps and trainer.step_count >= max_steps:
-                reason = "steps"
-                break
-            trainer.set_progress(trained() / plan_s)
-            trainer.step()
+            if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+                trainer.step()
+                if trainer.step_count < next_sync:
+                    continue
+            elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
+                step_est = step_s if step_s is not None else plan.first_step_s
+                done = trainer.step_count - first_step
+                interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
+                if max_steps:
+                    interval = max(1, min(interval, max_steps - trainer.step_count))
+                stop = ""
+                if main:
+                    if stop_event is not None and stop_event.is_set():
+                        stop = "interrupted"
+                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
+                        stop = "budget"
+                    elif max_steps and trainer.step_count >= max_steps:
+                        stop = "steps"
+                    elif dead_workers(ctx):
+                        raise RuntimeError(f"rank(s) {dead_workers(ctx)} ended")
+                stop, progress, interval = agree(
+                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
+                    interrupted=stop_event is not None and stop_event.is_set())
+                if stop:
+                    reason = stop
+                    if stop == "interrupted" and main:
+                        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                            "(interrupt again to exit at once)")
+                    break
+                trainer.set_progress(progress)
+                next_sync = trainer.step_count + interval
+                trainer.step()
+                if trainer.step_count < next_sync:
+                    continue
+            else:
+                if stop_event is not None and stop_event.is_set():
+                    reason = "interrupted"
+                    log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                        "(interrupt again to exit at once)")
+                    break
+                if deadline.elapsed() + margin >= until or trained() >= plan_s:
+                    break
+                if max_steps and trainer.step_count >= max_steps:
+                    reason = "steps"
+                    break
+                trainer.set_progress(trained() / plan_s)
+                trainer.step()
+                done = trainer.step_count - first_step
+                if not (done <= 2 or trainer.step_count % check_every == 0
+                        or time.monotonic() - last_sync_t >= SYNC_MAX_S):
+                    continue
             done = trainer.step_count - first_step
-            if not (done <= 2 or trainer.step_count % check_every == 0 or time.monotonic() - last_sync_t >= SYNC_MAX_S):
-                continue
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             t = time.monotonic()
             measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
@@ -2735,9 +3146,12 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                 warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
                      f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
                 last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
+                next_sync = trainer.step_count  # several ranks: all rolled back alike; agree again before stepping
                 continue
             # upkeep, on checked state only; its time is not step time
-            if finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
+            if dist_on:
+                sync_buffers(ctx, (trainer.G, trainer.D))
+            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
                     and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
                 last_probe = time.monotonic()
                 try:
@@ -2753,7 +3167,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             if trainer.step_count - snapshot_step >= snapshot_every:
                 snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
             now = time.monotonic()
-            if now - last_tick >= tick_s:
+            if main and now - last_tick >= tick_s:
                 last_tick = now
                 spread = sample_spread(trainer.generator_to_ship(), fixed_z)
                 rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
@@ -2764,7 +3178,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                 history.setdefault("spread", []).append((trained(), spread))
                 if spread < 0.02:
                     warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-            if (checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
+            if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
                     and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
                 t0 = time.monotonic()
                 checkpoint_fn(trained(), plan_s, False)
@@ -2773,14 +3187,18 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             last_sync_t = time.monotonic()
     except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
         reason = "interrupted"
+        if dist_on:  # it may have come mid-collective: the other ranks are stopped by rank 0, not by agreement
+            ctx.broken = trainer.group_broken = "KeyboardInterrupt"
         if stop_event is not None:
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if dist_on:  # the group may be broken (a dead rank): no collective after this
+            ctx.broken = trainer.group_broken = error
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout)
+        traceback.print_exc(file=sys.stdout if main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
     if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
@@ -2797,7 +3215,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     seconds = deadline.elapsed() - t_start
     steps = trainer.step_count - first_step
     return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
-                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.batch_size / max(seconds, 1e-9),
+                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
                         slowdown=max(slowdown, gen_slowdown), error=error)
 
@@ -3420,8 +3838,10 @@ class RunReport:
     samples_breeds: list = None  # the breeds in samples.png, one per row
     phases: dict = None  # wall seconds per phase
     wall_seconds: float = None
+    ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
+    failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
@@ -4084,10 +4504,9 @@ def evaluate_submission(cfg):
     return result
 
 
-def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, out_dir, disk_speed):
-    """The trainer (restored from --resume), the finish measured on this device, the disk space checked, and the plan.
-    -> (Trainer, TrainPlan); fills report.history, resumed_from and reserve."""
-    trainer = build_trainer(cfg, data, device)
+def build_restored(cfg, data, device, *, ctx, resumed, report):
+    """The trainer of this rank, restored from --resume (every rank loads it: Adam's state must match too)."""
+    trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
     if resumed is not None:
         restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
         report.history = {k: list(v) for k, v in resumed.get("history", {}).items()}
@@ -4095,6 +4514,14 @@ def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, o
         report.resumed_from = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_s,
                                "plan_seconds": resumed.get("plan_seconds", prior_s),
                                "complete": resumed.get("complete", True)}
+    return trainer
+
+
+def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
+    """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
+    the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
+    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
     estimates, info = measure_finish_seconds(
         trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
         truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
@@ -4105,12 +4532,20 @@ def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, o
     if free < 1.2 * need:
         raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
                          f"need about {1.2 * need / 2**20:.0f} MiB")
-    plan = plan_training(budget_s=deadline.budget_s, elapsed_s=deadline.elapsed(), estimates=estimates,
+    timeout = 0.0
+    if ctx.distributed:
+        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
+                                   estimates["checkpoint"])
+    plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
-                         batch_size=cfg.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
                          resume_path=cfg.resume)
+    if ctx.distributed:
+        plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
+        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+            f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    return trainer, plan
+    return trainer, plan, timeout
 
 
 def label_counts_of(data):
@@ -4146,7 +4581,7 @@ def make_finish_probe(trainer, plan, *, data, cfg):
     return probe
 
 
-def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report):
+def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
     """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
@@ -4157,13 +4592,14 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report)
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg))
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
+        ctx.broken = ctx.broken or summary.error
     if summary.reason in ("crashed", "diverged"):
         report.degraded = True
         report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
@@ -4174,7 +4610,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report)
 
 
 def run(argv=None):
-    """The steps of a run. -> exit code (see main)."""
+    """The steps of a run. -> exit code (see main). Several ranks: this process is rank 0 and forks the others after
+    the data is read (or is one of torchrun's ranks); run_rank() is the rest of the run, on every rank."""
     cfg, print_config = parse_config(argv)
     if print_config:
         print(config_to_json(cfg))
@@ -4187,38 +4624,124 @@ def run(argv=None):
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
+    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    if world > 1:
+        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    if not ctx.is_main:
+        quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
-    check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
-    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds
+    if ctx.is_main:  # only rank 0 writes
+        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
+    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
     if cfg.resume:
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}")
-    device = check_device(cfg.device)
-    log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
+                            if world > 1 else ""))
+    fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
+    device = None
+    if not fork:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     seed_everything(cfg.seed)
     report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
     timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
     report.data = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report, data=data,
+                  device=device)
+    if fork:
+        ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
+    return run_rank(ctx, **run_kw)
+
+
+def worker_main(ctx, run_kw):
+    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    code = 1
+    try:
+        code = run_rank(ctx, **run_kw)
+    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
+        record_failure(f"{type(exc).__name__}: {exc}")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
+    """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
+    if device is None:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        report.device = str(device)
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+        ctx = DistContext()  # the workers could not start: one process, one device (warned)
+        report.warn("distributed start failed: ran one process")
+    try:
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report,
+                         data=data, device=device)
+    finally:
+        if ctx.distributed and ctx.is_main:
+            stop_workers(ctx)
+            end_group(ctx)
+
+
+def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
+    if ctx.distributed:
+        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
-    if cfg.self_check:
+    if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
-    with removed_if_left_empty(out_dir):
-        disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
-        with timer.phase("build"):
-            trainer, plan = build_and_plan(cfg, data, device, deadline=deadline, resumed=resumed, report=report,
-                                           extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
+    built = None
+    if ctx.is_main:
+        try:
+            with removed_if_left_empty(out_dir):
+                disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
+                with timer.phase("build"):
+                    built = build_and_plan(cfg, data, device, ctx=ctx, deadline=deadline, resumed=resumed,
+                                           report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
+        finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
+            if ctx.distributed:
+                broadcast_object(ctx, None if built is None else built[1:])
+        trainer, plan, timeout = built
+    else:
+        trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        got = broadcast_object(ctx, None)
+        if got is None:
+            return 0
+        plan, timeout = got
+    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
+        trainer.attach_group(make_training_group(ctx, timeout))
+        sync_buffers(ctx, (trainer.G, trainer.D))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = make_checkpointer(ckpt_path, trainer, config=report.config, classes=data.classes, report=report)
+    threads = torch.get_num_threads()
+    if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
+        torch.set_num_threads(max(1, threads // ctx.world_size))
+        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
     try:
         with timer.phase("train"):
             summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
-                            checkpoint=checkpoint, report=report)
+                            checkpoint=checkpoint, report=report, ctx=ctx)
+        torch.set_num_threads(threads)
+        if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+            if summary.reason == "crashed":
+                record_failure(summary.error)
+                return 1
+            return 0
+        if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+            failed = failed_ranks(ctx)
+            stop_workers(ctx, wait_s=0.0)
+            report.failed_ranks = {str(r): why for r, why in failed.items()}
+            report.degraded = True
+            report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                            or f"a collective failed ({ctx.broken})"))
+            warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
         with timer.phase("checkpoint"):
             complete = plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
             if checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):

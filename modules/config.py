@@ -22,6 +22,7 @@ class Config:
     time_budget: str = "8h45m"  # wall time for the whole process; Kaggle kills at 9h, 15 min left for start-up and upload
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpus: str = "auto"  # auto (every visible GPU, one process each) | N; with --device cpu, N gloo processes
     demo: bool = False  # make a synthetic dataset in a temp dir and run on it
     resume: str = ""  # path of a checkpoint.pt to continue from
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
@@ -57,7 +58,8 @@ class Config:
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     # optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
+    batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
     lr_g: float = 2e-4
     lr_d: float = 8e-4
     beta1: float = 0.0
@@ -95,7 +97,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -154,17 +156,17 @@ def parse_duration(text):
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
 
 
 def parse_faults(text):
     """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
     batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, slow@SECONDS, "
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
                              "slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
@@ -241,6 +243,7 @@ ALLOWED = {
                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")), PRESETS),
     "data_dir": _text("a folder path"), "out": _text("a folder path"), "time_budget": _duration(),
     "seed": _number(0, 2**32 - 1, integer=True), "device": _matching(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
+    "gpus": _matching(r"auto|[1-9]\d{0,3}", "auto or a whole number of ranks from 1"),
     "demo": _flag(), "resume": _text("a checkpoint.pt path"), "evaluate": _text("a zip or folder path"),
     # data
     "image_size": _number(64, 64, integer=True), "crop_margin": _number(0, 1),
@@ -260,6 +263,7 @@ ALLOWED = {
     "margin": _number(0, 100), "gp_weight": _number(0, 1000),
     # optimisation
     "batch_size": _number(2, 8192, integer=True),  # BatchNorm needs 2 samples
+    "batch_per_gpu": _number(2, 8192, integer=True, off=0),
     "lr_g": _number(0, 1, above=True), "lr_d": _number(0, 1, above=True), "beta1": _number(0, 0.9999),
     "beta2": _number(0, 0.9999), "d_steps": _number(1, 100, integer=True), "max_steps": _number(0, 10**9, integer=True),
     "lr_schedule": _one_of("constant", "cosine", "linear"), "lr_final": _number(0, 1),
@@ -278,7 +282,7 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, "
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, kill@STEP, "
                                                                       "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 
@@ -353,6 +357,8 @@ def build_parser():
     p.add_argument("--preset", help=f"comma-separated presets applied in order: {', '.join(PRESETS)} (default kaggle)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--gpus", help="auto (every visible GPU, default) | N ranks; 1 = one process; with --device cpu: N "
+                   "CPU processes (gloo)")
     p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
@@ -375,7 +381,7 @@ def parse_config(argv=None):
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
-             "device": args.device, "resume": args.resume, "evaluate": args.evaluate,
+             "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
              "feature_weights": args.feature_weights}
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     if args.demo:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modules.distributed import agree, dead_workers, sync_buffers
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
 from modules.utils import eval_mode, format_duration, log, warn
@@ -46,7 +47,7 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe):
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
     reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
@@ -64,6 +65,11 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
     plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
     sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
+    Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
+    number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
+    margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
+    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
+    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
     Returns a TrainSummary.
     """
     train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
@@ -80,6 +86,9 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     first_step = trainer.step_count
     reason, error = "budget", None
     loss_d = loss_g = float("nan")
+    dist_on = ctx is not None and ctx.distributed
+    main = ctx is None or ctx.is_main
+    next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
 
     def trained():
         return prior_train_s + deadline.elapsed() - t_start
@@ -88,23 +97,60 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
         snapshot = trainer.snapshot()
         fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
         while True:
-            if stop_event is not None and stop_event.is_set():
-                reason = "interrupted"
-                log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-                    "(interrupt again to exit at once)")
-                break
             until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
             margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
-            if deadline.elapsed() + margin >= until or trained() >= plan_s:
-                break
-            if max_steps and trainer.step_count >= max_steps:
-                reason = "steps"
-                break
-            trainer.set_progress(trained() / plan_s)
-            trainer.step()
+            if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+                trainer.step()
+                if trainer.step_count < next_sync:
+                    continue
+            elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
+                step_est = step_s if step_s is not None else plan.first_step_s
+                done = trainer.step_count - first_step
+                interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
+                if max_steps:
+                    interval = max(1, min(interval, max_steps - trainer.step_count))
+                stop = ""
+                if main:
+                    if stop_event is not None and stop_event.is_set():
+                        stop = "interrupted"
+                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
+                        stop = "budget"
+                    elif max_steps and trainer.step_count >= max_steps:
+                        stop = "steps"
+                    elif dead_workers(ctx):
+                        raise RuntimeError(f"rank(s) {dead_workers(ctx)} ended")
+                stop, progress, interval = agree(
+                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
+                    interrupted=stop_event is not None and stop_event.is_set())
+                if stop:
+                    reason = stop
+                    if stop == "interrupted" and main:
+                        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                            "(interrupt again to exit at once)")
+                    break
+                trainer.set_progress(progress)
+                next_sync = trainer.step_count + interval
+                trainer.step()
+                if trainer.step_count < next_sync:
+                    continue
+            else:
+                if stop_event is not None and stop_event.is_set():
+                    reason = "interrupted"
+                    log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                        "(interrupt again to exit at once)")
+                    break
+                if deadline.elapsed() + margin >= until or trained() >= plan_s:
+                    break
+                if max_steps and trainer.step_count >= max_steps:
+                    reason = "steps"
+                    break
+                trainer.set_progress(trained() / plan_s)
+                trainer.step()
+                done = trainer.step_count - first_step
+                if not (done <= 2 or trainer.step_count % check_every == 0
+                        or time.monotonic() - last_sync_t >= SYNC_MAX_S):
+                    continue
             done = trainer.step_count - first_step
-            if not (done <= 2 or trainer.step_count % check_every == 0 or time.monotonic() - last_sync_t >= SYNC_MAX_S):
-                continue
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             t = time.monotonic()
             measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
@@ -135,9 +181,12 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                 warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
                      f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
                 last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
+                next_sync = trainer.step_count  # several ranks: all rolled back alike; agree again before stepping
                 continue
             # upkeep, on checked state only; its time is not step time
-            if finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
+            if dist_on:
+                sync_buffers(ctx, (trainer.G, trainer.D))
+            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
                     and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
                 last_probe = time.monotonic()
                 try:
@@ -153,7 +202,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             if trainer.step_count - snapshot_step >= snapshot_every:
                 snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
             now = time.monotonic()
-            if now - last_tick >= tick_s:
+            if main and now - last_tick >= tick_s:
                 last_tick = now
                 spread = sample_spread(trainer.generator_to_ship(), fixed_z)
                 rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
@@ -164,7 +213,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                 history.setdefault("spread", []).append((trained(), spread))
                 if spread < 0.02:
                     warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-            if (checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
+            if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
                     and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
                 t0 = time.monotonic()
                 checkpoint_fn(trained(), plan_s, False)
@@ -173,14 +222,18 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             last_sync_t = time.monotonic()
     except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
         reason = "interrupted"
+        if dist_on:  # it may have come mid-collective: the other ranks are stopped by rank 0, not by agreement
+            ctx.broken = trainer.group_broken = "KeyboardInterrupt"
         if stop_event is not None:
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if dist_on:  # the group may be broken (a dead rank): no collective after this
+            ctx.broken = trainer.group_broken = error
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout)
+        traceback.print_exc(file=sys.stdout if main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
     if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
@@ -197,6 +250,6 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     seconds = deadline.elapsed() - t_start
     steps = trainer.step_count - first_step
     return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
-                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.batch_size / max(seconds, 1e-9),
+                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
                         slowdown=max(slowdown, gen_slowdown), error=error)

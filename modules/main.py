@@ -30,9 +30,27 @@ from modules.checkpoint import (
 from modules.config import config_to_json, parse_config, resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
+from modules.distributed import (
+    DistContext,
+    broadcast_object,
+    end_group,
+    failed_ranks,
+    fork_workers,
+    init_group,
+    make_training_group,
+    quiet_worker_output,
+    rank_device,
+    record_failure,
+    resolve_world_size,
+    split_batch,
+    stop_workers,
+    sync_buffers,
+    torchrun_env,
+    training_timeout,
+)
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
-from modules.finish import finish, measure_finish_seconds
+from modules.finish import FINISH_SAFETY, finish, measure_finish_seconds
 from modules.loop import TrainSummary, train_loop
 from modules.plan import plan_training
 from modules.report import RunReport
@@ -178,10 +196,9 @@ def evaluate_submission(cfg):
     return result
 
 
-def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, out_dir, disk_speed):
-    """The trainer (restored from --resume), the finish measured on this device, the disk space checked, and the plan.
-    -> (Trainer, TrainPlan); fills report.history, resumed_from and reserve."""
-    trainer = build_trainer(cfg, data, device)
+def build_restored(cfg, data, device, *, ctx, resumed, report):
+    """The trainer of this rank, restored from --resume (every rank loads it: Adam's state must match too)."""
+    trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
     if resumed is not None:
         restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
         report.history = {k: list(v) for k, v in resumed.get("history", {}).items()}
@@ -189,6 +206,14 @@ def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, o
         report.resumed_from = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_s,
                                "plan_seconds": resumed.get("plan_seconds", prior_s),
                                "complete": resumed.get("complete", True)}
+    return trainer
+
+
+def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
+    """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
+    the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
+    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
     estimates, info = measure_finish_seconds(
         trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
         truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
@@ -199,12 +224,20 @@ def build_and_plan(cfg, data, device, *, deadline, resumed, report, extractor, o
     if free < 1.2 * need:
         raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
                          f"need about {1.2 * need / 2**20:.0f} MiB")
-    plan = plan_training(budget_s=deadline.budget_s, elapsed_s=deadline.elapsed(), estimates=estimates,
+    timeout = 0.0
+    if ctx.distributed:
+        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
+                                   estimates["checkpoint"])
+    plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
-                         batch_size=cfg.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
                          resume_path=cfg.resume)
+    if ctx.distributed:
+        plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
+        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+            f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    return trainer, plan
+    return trainer, plan, timeout
 
 
 def label_counts_of(data):
@@ -240,7 +273,7 @@ def make_finish_probe(trainer, plan, *, data, cfg):
     return probe
 
 
-def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report):
+def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
     """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
@@ -251,13 +284,14 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report)
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg))
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
+        ctx.broken = ctx.broken or summary.error
     if summary.reason in ("crashed", "diverged"):
         report.degraded = True
         report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
@@ -268,7 +302,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report)
 
 
 def run(argv=None):
-    """The steps of a run. -> exit code (see main)."""
+    """The steps of a run. -> exit code (see main). Several ranks: this process is rank 0 and forks the others after
+    the data is read (or is one of torchrun's ranks); run_rank() is the rest of the run, on every rank."""
     cfg, print_config = parse_config(argv)
     if print_config:
         print(config_to_json(cfg))
@@ -281,38 +316,124 @@ def run(argv=None):
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
+    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    if world > 1:
+        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    if not ctx.is_main:
+        quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
-    check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
-    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds
+    if ctx.is_main:  # only rank 0 writes
+        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
+    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
     if cfg.resume:
         resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}")
-    device = check_device(cfg.device)
-    log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
+                            if world > 1 else ""))
+    fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
+    device = None
+    if not fork:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     seed_everything(cfg.seed)
     report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
     timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
     report.data = data.stats
+    run_kw = dict(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report, data=data,
+                  device=device)
+    if fork:
+        ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
+    return run_rank(ctx, **run_kw)
+
+
+def worker_main(ctx, run_kw):
+    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    code = 1
+    try:
+        code = run_rank(ctx, **run_kw)
+    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
+        record_failure(f"{type(exc).__name__}: {exc}")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
+    """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
+    if device is None:
+        device = check_device(rank_device(ctx, cfg.device))
+        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        report.device = str(device)
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+        ctx = DistContext()  # the workers could not start: one process, one device (warned)
+        report.warn("distributed start failed: ran one process")
+    try:
+        return _run_rank(ctx, cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report,
+                         data=data, device=device)
+    finally:
+        if ctx.distributed and ctx.is_main:
+            stop_workers(ctx)
+            end_group(ctx)
+
+
+def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
+    if ctx.distributed:
+        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = None
-    if cfg.self_check:
+    if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
                                             seed=cfg.seed)
-    with removed_if_left_empty(out_dir):
-        disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
-        with timer.phase("build"):
-            trainer, plan = build_and_plan(cfg, data, device, deadline=deadline, resumed=resumed, report=report,
-                                           extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
+    built = None
+    if ctx.is_main:
+        try:
+            with removed_if_left_empty(out_dir):
+                disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
+                with timer.phase("build"):
+                    built = build_and_plan(cfg, data, device, ctx=ctx, deadline=deadline, resumed=resumed,
+                                           report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
+        finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
+            if ctx.distributed:
+                broadcast_object(ctx, None if built is None else built[1:])
+        trainer, plan, timeout = built
+    else:
+        trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        got = broadcast_object(ctx, None)
+        if got is None:
+            return 0
+        plan, timeout = got
+    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
+        trainer.attach_group(make_training_group(ctx, timeout))
+        sync_buffers(ctx, (trainer.G, trainer.D))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = make_checkpointer(ckpt_path, trainer, config=report.config, classes=data.classes, report=report)
+    threads = torch.get_num_threads()
+    if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
+        torch.set_num_threads(max(1, threads // ctx.world_size))
+        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
     stop_event = StopRequest()
     handlers = install_interrupt_handlers(stop_event)
     try:
         with timer.phase("train"):
             summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
-                            checkpoint=checkpoint, report=report)
+                            checkpoint=checkpoint, report=report, ctx=ctx)
+        torch.set_num_threads(threads)
+        if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+            if summary.reason == "crashed":
+                record_failure(summary.error)
+                return 1
+            return 0
+        if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+            failed = failed_ranks(ctx)
+            stop_workers(ctx, wait_s=0.0)
+            report.failed_ranks = {str(r): why for r, why in failed.items()}
+            report.degraded = True
+            report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                            or f"a collective failed ({ctx.broken})"))
+            warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
         with timer.phase("checkpoint"):
             complete = plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
             if checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):

@@ -193,8 +193,10 @@ class RunReport:
     samples_breeds: list = None  # the breeds in samples.png, one per row
     phases: dict = None  # wall seconds per phase
     wall_seconds: float = None
+    ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
+    failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)

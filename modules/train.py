@@ -3,10 +3,14 @@ on divergence, and the trainer's state dict. The loop that drives it is in loop.
 """
 import copy
 import math
+import os
+import signal
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from modules.augment import diff_augment, parse_augment_policy
@@ -114,11 +118,25 @@ class Trainer:
 
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
                  margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
-                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault):
+                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
-        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps
+        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
+        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
+        self.global_batch = batch_size * world_size  # images per step over all ranks
+        self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
+        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
+        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
+        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
+        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
+        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
+        #   sync_buffers() copies them to every rank at each host sync.
+        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
+        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
+        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
+        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
@@ -132,7 +150,7 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler_g = _grad_scaler(self.device.type, enabled=use_scaler)
         self.scaler_d = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.ema = EMA(self.G, decay=ema_decay, batch_size=batch_size, ref_batch=ema_ref_batch) if ema else None
+        self.ema = EMA(self.G, decay=ema_decay, batch_size=self.global_batch, ref_batch=ema_ref_batch) if ema else None
         self.ema_start = ema_start
         self.swa = AveragedModel(self.G, use_buffers=True) if swa else None
         self.swa_every = swa_every
@@ -143,6 +161,18 @@ class Trainer:
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
         self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
         self.stats_n = 0
+
+    def attach_group(self, group):
+        """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
+        self.group = group
+        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
+                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        if self.device.type == "cuda":
+            ddp["device_ids"] = [self.device]
+        with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
+            warnings.simplefilter("ignore", FutureWarning)
+            self.G_train = DistributedDataParallel(self.G, **ddp)
+            self.D_train = DistributedDataParallel(self.D, **ddp)
 
     # schedule
 
@@ -191,12 +221,15 @@ class Trainer:
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
         if self.D.joint_ok:
-            logits, cls = self.D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
+            logits, cls = self.D_train(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
             n = real.shape[0]
             return logits[:n], logits[n:], (cls[:n] if cls is not None else None)
-        r, cls = self.D(real, y_real)
-        f, _ = self.D(fake, y_fake)
+        r, cls = self.D_train(real, y_real)
+        f, _ = self.D_train(fake, y_fake)
         return r, f, cls
+
+    def _latents(self, batch_size):
+        return torch.randn(batch_size, self.z_dim, device=self.device)
 
     def step(self):
         """One G step after d_steps D steps. Returns nothing; no host sync."""
@@ -206,7 +239,7 @@ class Trainer:
         for _ in range(self.d_steps):
             real, y_real = self.batches.sample(B)
             y_fake = self.batches.fake_labels(B)
-            z = torch.randn(B, self.z_dim, device=dev)
+            z = self._latents(B)
             with torch.autocast(**ac):
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
@@ -225,15 +258,19 @@ class Trainer:
             self.scaler_d.update()
         # G step: the real logits come from the D step above (detached), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
-        z = torch.randn(B, self.z_dim, device=dev)
+        z = self._latents(B)
+        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
+            self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
         with torch.autocast(**ac):
-            fake = self.G(z, y_fake)
+            fake = self.G_train(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
             if cls_fake is not None and self.aux_weight:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
+        if self.group is not None:
+            self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         self.step_count += 1
@@ -254,15 +291,21 @@ class Trainer:
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
         if "slow" in self.faults:
             time.sleep(self.faults["slow"])
+        if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
+            os.kill(os.getpid(), signal.SIGKILL)
         if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
             delay = self.faults.pop("slowgen")
             for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
                 m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them."""
-        s = self.stats.tolist()
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
+        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
         n = max(self.stats_n, 1)
+        if self.group is not None and not self.group_broken:
+            torch.distributed.all_reduce(self.stats, group=self.group)
+            n *= self.world_size
+        s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
         return s[0] / n, s[1] / n, int(s[2])
@@ -304,18 +347,24 @@ class Trainer:
         self.stats_n = 0
 
 
-def build_trainer(cfg, data, device):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device)."""
+def build_trainer(cfg, data, device, *, rank=0, world_size=1):
+    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
+    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
+    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
     n_classes = len(data.classes)
     G, D = build_models(cfg, n_classes)
+    batch_size = cfg.batch_size
+    if world_size > 1:
+        batch_size = cfg.batch_per_gpu or cfg.batch_size // world_size  # checked by distributed.split_batch
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(
-        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=cfg.batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
+        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
         betas=(cfg.beta1, cfg.beta2), d_steps=cfg.d_steps, aux_weight=cfg.aux_weight, real_target=cfg.real_label,
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault)
+        diffaug=cfg.diffaug, fault=cfg.fault, rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
