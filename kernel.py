@@ -4389,12 +4389,26 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 
 
 def check_out_dir(out_dir):
-    """What can be told of the output folder without creating it: a UsageError if a file stands in its place."""
+    """What can be told of the output folder without creating it: a UsageError if a file stands in its place, if it
+    cannot be created (a file on its path, an unwritable parent) or written. A probe file is made and removed in the
+    folder, or in its nearest existing parent when the folder does not exist yet."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
+    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    what = "write to output folder" if exists else "create output folder"
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
+    probe = os.path.join(parent, f".out-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
