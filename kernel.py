@@ -252,6 +252,7 @@ class Config:
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
+    fresh_real_logits: bool = False  # rals: G's step recomputes D's real logits after D's update (else reuses D step's)
     # optimisation
     batch_size: int = 64
     lr_g: float = 2e-4
@@ -1980,12 +1981,13 @@ class Trainer:
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
                  real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
                  ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault=""):
+                 pg_fade=0.5, amp="auto", diffaug="", fault="", fresh_real_logits=False):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
+        self.fresh_real_logits = fresh_real_logits and loss == "rals"  # rals is the one G loss that reads real logits
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
         self.diffaug = parse_augment_policy(diffaug)
@@ -2092,10 +2094,14 @@ class Trainer:
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
-        # G step: the real logits come from the D step above (detached), saving a D forward over reals
+        # G step. Real logits: by default those of the D step above (detached; saves a D forward over reals);
+        # fresh_real_logits recomputes them on the same reals with the updated D, as RaLS implementations usually do
         y_fake = self.batches.fake_labels(B)
         z = torch.randn(B, self.z_dim, device=dev)
         with torch.autocast(**ac):
+            if self.fresh_real_logits:
+                with torch.no_grad():
+                    real_logits, _ = self.D(self._noisy(real), y_real)
             fake = self.G(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
@@ -2180,7 +2186,7 @@ def build_trainer(cfg, data, device):
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault)
+        diffaug=cfg.diffaug, fault=cfg.fault, fresh_real_logits=cfg.fresh_real_logits)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer

@@ -103,3 +103,22 @@ def test_lr_schedules():
     trainer.lr_schedule = "linear"
     trainer.set_progress(0.5)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(0.55 * trainer.base_lr["g"])
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_real_logits_recomputes_d_on_reals_after_its_update(fresh):
+    """rals: fresh_real_logits=True runs D once more per step (on the reals, after D's update) and feeds those logits to
+    G's loss; the default reuses the D step's. Non-relativistic losses ignore the switch (no wasted forward)."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_cfg(batch_size=4, fresh_real_logits=fresh), tiny_data(), CPU)
+    calls = []
+    forward = trainer.D.forward
+    trainer.D.forward = lambda x, y: calls.append(x.shape[0]) or forward(x, y)
+    seen = []
+    g_loss = trainer.g_loss_fn
+    trainer.g_loss_fn = lambda real, fake: seen.append(real.detach().clone()) or g_loss(real, fake)
+    trainer.step()
+    assert len(calls) == (3 if fresh else 2)  # D step (joint real+fake), [D on reals], D on G's fakes
+    assert len(seen) == 1 and seen[0].shape == (4, 1) or seen[0].numel() == 4
+    bce = build_trainer(tiny_cfg(batch_size=4, loss="bce", fresh_real_logits=True), tiny_data(), CPU)
+    assert not bce.fresh_real_logits
