@@ -119,6 +119,6 @@ def test_fresh_real_logits_recomputes_d_on_reals_after_its_update(fresh):
     trainer.g_loss_fn = lambda real, fake: seen.append(real.detach().clone()) or g_loss(real, fake)
     trainer.step()
     assert len(calls) == (3 if fresh else 2)  # D step (joint real+fake), [D on reals], D on G's fakes
-    assert len(seen) == 1 and seen[0].shape == (4, 1) or seen[0].numel() == 4
+    assert len(seen) == 1 and seen[0].numel() == 4  # G saw one batch of real logits
     bce = build_trainer(tiny_cfg(batch_size=4, loss="bce", fresh_real_logits=True), tiny_data(), CPU)
     assert not bce.fresh_real_logits
