@@ -7,7 +7,8 @@
 Each --variant is NAME=PRESETS[:FIELD=VALUE,...] (PRESETS comma-separated as for kernel.py --preset; the optional part
 after ':' are --set overrides). The variants train one after another, each for --minutes of training wall time, in one
 process with the same threads, through the kernel's own build_trainer and train_loop (called in segments, one per
-scoring interval). Every --score-every seconds of training the generator the kernel would ship
+scoring interval; train_loop ends a segment early rather than overrun it, so points fall at or before each
+--score-every mark). Every segment the generator the kernel would ship
 (trainer.generator_to_ship(): EMA/SWA) is sampled as the kernel samples it (modules/sample.generate_images: the
 configured truncation, breeds drawn with the training distribution, the run's seed) and --score-n images are scored;
 scoring time is not training time. At the end --final-n images go through the kernel's zip writer
@@ -232,7 +233,14 @@ def main(argv=None):
         return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out or ROOT / "tests" / "bench" / "runs" / time.strftime("quality-%Y%m%d-%H%M%S"))
-    extractor = MobileNetV2Features(threads=args.threads)
+    try:
+        extractor = MobileNetV2Features(threads=args.threads)
+    except ImportError:
+        print("error: ai_edge_litert is missing: pip install -r tests/bench/requirements-bench.txt", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     datasets = {}
 
     def data_for(cfg):
