@@ -116,7 +116,8 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
     trained, history, points, score_s = 0.0, {}, [], 0.0
     t_wall = time.monotonic()
     while trained < plan_s - 1.0:
-        seg = min(score_every, plan_s - trained)
+        left = plan_s - trained
+        seg = left if left < 1.25 * score_every else score_every  # no near-empty last segment (and a wasted score)
         summary = train_segment(trainer, cfg, seconds=seg, prior_train_s=trained, plan_s=plan_s, history=history)
         trained += summary["seconds"]
         if summary["reason"] not in ("budget", "steps"):
