@@ -105,7 +105,7 @@ class Trainer:
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps=1, aux_weight=0.0,
                  real_target=1.0, margin=0.0, gp_weight=0.0, instance_noise=0.0, ema=True, ema_decay=0.999,
                  ema_ref_batch=64, ema_start=0, swa=False, swa_every=50, lr_schedule="constant", lr_final=0.0,
-                 pg_fade=0.5, amp="auto", diffaug="", fault="", fresh_real_logits=False):
+                 pg_fade=0.5, amp="auto", diffaug="", fault="", fresh_real_logits=True):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
@@ -218,8 +218,9 @@ class Trainer:
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
-        # G step. Real logits: by default those of the D step above (detached; saves a D forward over reals);
-        # fresh_real_logits recomputes them on the same reals with the updated D, as RaLS implementations usually do
+        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
+        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
+        # the D step's (detached, from before D's update), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = torch.randn(B, self.z_dim, device=dev)
         with torch.autocast(**ac):
