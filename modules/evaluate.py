@@ -24,6 +24,8 @@ FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32,
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
 PROXY_MEMORIZATION_NOTE = ("Kaggle's thresholds are for Inception features; random-conv features of unrelated images "
                            "are already within ~0.02-0.04 of each other, so a proxy distance under 0.10 means nothing")
+PROXY_RANK_NOTE = ("proxy numbers compare a run with itself (e.g. over time) and flag copies; they do not rank different "
+                   "runs or recipes (they ranked two real runs the wrong way round): use tests/bench/bench_quality.py")
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
@@ -125,6 +127,7 @@ def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
         result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
     if extractor.is_proxy:
         result["memorization_note"] = PROXY_MEMORIZATION_NOTE
+        result["proxy_note"] = PROXY_RANK_NOTE
     if want_is:
         result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
                                                     splits=min(10, len(gen_uint8)))
@@ -132,7 +135,7 @@ def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
     log(f"{fd_key} {fd:.3f}, memorization {mem:.4f}, {p}mifid public {result[f'{p}mifid_public']:.3f} / private "
         f"{result[f'{p}mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
-        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE})")
+        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE}" + (f"; {PROXY_RANK_NOTE})" if p else ")"))
     return result
 
 

@@ -255,7 +255,7 @@ def build_feature_extractor(kind="auto", weights_path=None, device="cpu", seed=0
             raise UsageError(f"no Inception weights: pass a weights file, or put {' or '.join(INCEPTION_WEIGHT_GLOBS)} "
                              f"in {where}")
         warn(f"no Inception weights file (none given, none in {where}): using a random-conv PROXY feature space; "
-             "its distances are not FID and not comparable to Kaggle's")
+             "its distances are not FID, not comparable to Kaggle's, and do not rank different runs")
         return build_feature_extractor("proxy", device=device, seed=seed)
     extractor = load_inception(path, device)
     log(f"features: {extractor.name} from {extractor.weights_path}")

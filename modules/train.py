@@ -118,7 +118,8 @@ class Trainer:
 
     def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
                  margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
-                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, rank=0, world_size=1):
+                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, fresh_real_logits,
+                 rank=0, world_size=1):
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
@@ -138,6 +139,7 @@ class Trainer:
         # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
+        self.fresh_real_logits = fresh_real_logits and loss == "rals"  # rals is the one G loss that reads real logits
         self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
         self.gp_weight, self.instance_noise = gp_weight, instance_noise
         self.diffaug = parse_augment_policy(diffaug)
@@ -256,12 +258,17 @@ class Trainer:
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
-        # G step: the real logits come from the D step above (detached), saving a D forward over reals
+        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
+        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
+        # the D step's (detached, from before D's update), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
         if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
             self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
         with torch.autocast(**ac):
+            if self.fresh_real_logits:
+                with torch.no_grad():
+                    real_logits, _ = self.D(self._noisy(real), y_real)
             fake = self.G_train(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
@@ -364,7 +371,8 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
         margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
         ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
         swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault, rank=rank, world_size=world_size)
+        diffaug=cfg.diffaug, fault=cfg.fault, fresh_real_logits=cfg.fresh_real_logits,
+        rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer

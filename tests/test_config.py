@@ -70,7 +70,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "instance_noise": -1.0, "data_workers": 0, "threads": -1, "data_limit": -5, "arch": "stylegan", "z_dim": 0, "g_ch": 0, "d_ch": 0,
     "shared_dim": 0, "conditional": None, "attention": 0, "spectral": "on", "aux_weight": -0.1, "mbstd_group": -1,
     "upsample": "pixelshuffle", "split_bn": "no", "loss": "l1", "real_label": 0.0, "margin": -1.0,
-    "gp_weight": float("nan"), "batch_size": 0, "batch_per_gpu": 1, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
+    "gp_weight": float("nan"), "fresh_real_logits": "maybe", "batch_size": 0, "batch_per_gpu": 1, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
     "d_steps": 0, "max_steps": -1, "lr_schedule": "step", "lr_final": 2.0, "ema": "true", "ema_decay": 1.5,
     "ema_ref_batch": 0, "ema_start": -1, "swa": 2, "swa_every": 0, "n_images": 0, "truncation": 0.01,
     "sample_batch": 0, "amp": "fp16", "compile": "max", "diffaug": "color,blur", "pg_fade": 1.5, "tick_s": 0.0,

@@ -74,6 +74,7 @@ def test_evaluate_copies_of_reference_are_memorized(proxy):
     res = evaluate_images(ref[:20].copy(), ref, proxy)
     assert "fid" not in res and "mifid_public" not in res  # a proxy number is never called FID
     assert res["memorization_distance"] < 1e-5 and res["proxy_memorized_public"] and "memorization_note" in res
+    assert "do not rank" in res["proxy_note"]  # the log and the JSON say the proxy does not rank runs
     assert res["proxy_fd"] > 0 and res["proxy_mifid_public"] > 1e3 * res["proxy_fd"]
     assert res["feature_space"] == proxy.name and res["n_generated"] == 20 and res["n_reference"] == 40
     assert "not Kaggle's score" in res["note"]

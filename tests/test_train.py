@@ -94,3 +94,22 @@ def test_trainer_works_without_torch_amp_grad_scaler(monkeypatch):
     assert isinstance(trainer.scaler_g, torch.cuda.amp.GradScaler) and not trainer.scaler_g.is_enabled()
     trainer.step()
     trainer.load_state_dict(trainer.state_dict())
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_real_logits_recomputes_d_on_reals_after_its_update(fresh):
+    """rals: fresh_real_logits=True runs D once more per step (on the reals, after D's update) and feeds those logits to
+    G's loss (the default); False reuses the D step's. Non-relativistic losses ignore the switch (no wasted forward)."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_cfg(batch_size=4, fresh_real_logits=fresh), tiny_data(), CPU)
+    calls = []
+    forward = trainer.D.forward
+    trainer.D.forward = lambda x, y: calls.append(x.shape[0]) or forward(x, y)
+    seen = []
+    g_loss = trainer.g_loss_fn
+    trainer.g_loss_fn = lambda real, fake: seen.append(real.detach().clone()) or g_loss(real, fake)
+    trainer.step()
+    assert len(calls) == (3 if fresh else 2)  # D step (joint real+fake), [D on reals], D on G's fakes
+    assert len(seen) == 1 and seen[0].numel() == 4  # G saw one batch of real logits
+    bce = build_trainer(tiny_cfg(batch_size=4, loss="bce", fresh_real_logits=True), tiny_data(), CPU)
+    assert not bce.fresh_real_logits
