@@ -54,6 +54,7 @@ from mnv2 import (  # noqa: E402
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.loop import train_loop  # noqa: E402
+from modules.plan import TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
 from modules.sample import generate_images  # noqa: E402
 from modules.submission import write_submission  # noqa: E402
@@ -84,13 +85,16 @@ def parse_variant(spec):
 
 
 def train_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
-    """The one call of the kernel's train_loop: train `seconds` more, on a time plan of plan_s seconds in all.
-    (train_loop's signature is being changed on another branch: adapt this call only.)"""
+    """The one call of the kernel's train_loop: train `seconds` more, on a time plan of plan_s seconds in all (the LR
+    schedule and PGGAN growth follow it as in a kernel run). No finish here: no reserve, no checkpoints, no re-timing."""
     deadline = Deadline(seconds + 3600.0, start=time.monotonic())
-    return train_loop(trainer, deadline=deadline, train_until=seconds, stop_event=None, tick_s=cfg.tick_s,
+    plan = TrainPlan(budget_s=seconds + 3600.0, estimates={}, finish_s=0.0, margin_s=0.0, train_until=seconds,
+                     prior_train_s=prior_train_s, plan_s=plan_s, inherited=False, first_step_s=0.0,
+                     gen_batch=cfg.sample_batch, gen_batch_s=0.0)
+    return train_loop(trainer, plan=plan, deadline=deadline, stop_event=None, tick_s=cfg.tick_s,
                       check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
-                      rollback_lr_factor=cfg.rollback_lr_factor, prior_train_s=prior_train_s, plan_s=plan_s,
-                      history=history)
+                      rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None, checkpoint_s=0.0, max_steps=0,
+                      history=history, finish_probe=None)
 
 
 def sample_like_kernel(trainer, cfg, label_counts, n, *, truncation=None):
@@ -119,9 +123,9 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
         left = plan_s - trained
         seg = left if left < 1.25 * score_every else score_every  # no near-empty last segment (and a wasted score)
         summary = train_segment(trainer, cfg, seconds=seg, prior_train_s=trained, plan_s=plan_s, history=history)
-        trained += summary["seconds"]
-        if summary["reason"] not in ("budget", "steps"):
-            log(f"{name}: training stopped ({summary['reason']}: {summary.get('error')}); scoring what there is")
+        trained += summary.seconds
+        if summary.reason not in ("budget", "steps"):
+            log(f"{name}: training stopped ({summary.reason}: {summary.error}); scoring what there is")
             break
         if trained >= plan_s - 1.0:
             break  # the last point is scored from the final images below
