@@ -2141,8 +2141,26 @@ def choose_threads(want, device, *, cpus):
     if device.type == "cuda":
         return 1, "GPU run: the CPU only feeds data and PNG encoding"
     if cpus <= CPU_THREADS_ONE_UP_TO:
-        return 1, f"CPU run on {cpus} cores: one thread beats {cpus} when anything else runs"
+        return 1, f"CPU run on {cpus} cores: one thread to start, 1 vs {cpus} measured once the model is built"
     return cpus - 1, f"CPU run on {cpus} cores: all but one"
+
+
+def pick_cpu_threads(fn, *, candidates, reps=2):
+    """A CPU run with automatic threads: time fn() (one generation batch) at each thread count in `candidates`, in turn,
+    reps times after a warm-up, and keep the fastest (best of its reps). On an idle 2-core machine two threads ran a
+    smoke generation batch about 2x faster than one; with another process busy, one was 9x faster (bench_threads.py):
+    so measure rather than guess. -> (threads kept, {threads: seconds per call})."""
+    fn()  # warm-up: first-call allocations
+    times = {n: float("inf") for n in candidates}
+    for _ in range(reps):
+        for n in candidates:
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            fn()
+            times[n] = min(times[n], time.perf_counter() - t0)
+    best = min(candidates, key=times.get)
+    torch.set_num_threads(best)
+    return best, times
 
 
 def configure_threads(want, device):
@@ -4549,6 +4567,13 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
     that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
     trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+    if device.type == "cpu" and cfg.threads == 0 and cpu_count() > 1 and not ctx.distributed:
+        n, times = pick_cpu_threads(lambda: generate_images(
+            trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
+            truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),
+            candidates=sorted({1, max(cpu_count() - 1, 2)}))
+        log(f"torch CPU threads {n} (a generation batch: " +
+            ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
         truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,

@@ -24,7 +24,7 @@ from modules.utils import UsageError
 
 CPU = torch.device("cpu")
 B, N_CLASSES = 8, 3
-FAST = ["--set", "n_images=500", "--set", "self_check=false", "--set", "sample_batch=100"]
+FAST = ["--set", "dev_counts=true", "--set", "n_images=500", "--set", "self_check=false", "--set", "sample_batch=100"]
 STEPS = ["--set", "max_steps=8"]  # runs that need not last their budget stop after 8 steps (the suite's time)
 
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import importlib.util
 import types
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from modules.config import PRESETS, Config, apply_overrides
 from modules.speed import (
     CompiledForward,
     choose_threads,
+    pick_cpu_threads,
     compile_support,
     configure_backends,
     configure_threads,
@@ -299,3 +301,18 @@ def test_cpu_threads_are_chosen_and_can_be_set():
         assert configure_threads(2, CPU) == "torch CPU threads 2 (set by threads)" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fast", [1, 2])
+def test_pick_cpu_threads_keeps_the_faster_count(fast):
+    """A CPU run measures its generation batch at each thread count and keeps the faster one (here a stand-in whose
+    duration depends on torch's thread count), leaving torch set to it."""
+    n0 = torch.get_num_threads()
+    try:
+        def fn():
+            time.sleep(0.002 if torch.get_num_threads() == fast else 0.02)
+        best, times = pick_cpu_threads(fn, candidates=[1, 2], reps=2)
+        assert best == fast and torch.get_num_threads() == fast
+        assert set(times) == {1, 2} and times[fast] < times[3 - fast]
+    finally:
+        torch.set_num_threads(n0)
