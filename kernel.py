@@ -3083,6 +3083,10 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     main = ctx is None or ctx.is_main
     next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
 
+    def log_interrupt():
+        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+            "(interrupt again to exit at once)")
+
     def trained():
         return prior_train_s + deadline.elapsed() - t_start
 
@@ -3110,16 +3114,15 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                         stop = "budget"
                     elif max_steps and trainer.step_count >= max_steps:
                         stop = "steps"
-                    elif dead_workers(ctx):
-                        raise RuntimeError(f"rank(s) {dead_workers(ctx)} ended")
+                    elif dead := dead_workers(ctx):
+                        raise RuntimeError(f"rank(s) {dead} ended")
                 stop, progress, interval = agree(
                     ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
                     interrupted=stop_event is not None and stop_event.is_set())
                 if stop:
                     reason = stop
                     if stop == "interrupted" and main:
-                        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-                            "(interrupt again to exit at once)")
+                        log_interrupt()
                     break
                 trainer.set_progress(progress)
                 next_sync = trainer.step_count + interval
@@ -3129,8 +3132,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             else:
                 if stop_event is not None and stop_event.is_set():
                     reason = "interrupted"
-                    log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-                        "(interrupt again to exit at once)")
+                    log_interrupt()
                     break
                 if deadline.elapsed() + margin >= until or trained() >= plan_s:
                     break
