@@ -35,6 +35,7 @@ from modules.utils import Deadline, UsageError
 ENV = {"OMP_NUM_THREADS": "1"}
 CHEAP = ["--demo", "--preset", "smoke", "--set", "attention=false", "--set", "g_ch=2", "--set", "sample_batch=25"]
 NO_CHECK = ["--set", "self_check=false"]
+FAULT_BUDGET = 180  # runs that end at an injected fault: their window must hold the fault's step on a loaded box
 
 
 class _Kernel:
@@ -127,10 +128,12 @@ def budget_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fault_run(tmp_path_factory):
-    """NaN losses at step 12 (rolled back to step 0), then an exception at step 40."""
+    """NaN losses at step 12 (rolled back to step 0), then an exception at step 40. The run ends at the raise, long
+    before its budget; the budget is large only so that the training window holds 40 steps even when the finish reserve
+    is measured while the three budget runs share the cores (CI saw 0.7 s of training in a 90 s budget)."""
     out = tmp_path_factory.mktemp("faults")
-    proc, wall = run_kernel([*CHEAP, *NO_CHECK, "--time-budget", "90s", "--out", out,
-                             "--set", "fault=nan@12,raise@40"], timeout=180, env=ENV)
+    proc, wall = run_kernel([*CHEAP, *NO_CHECK, "--time-budget", f"{FAULT_BUDGET}s", "--out", out,
+                             "--set", "fault=nan@12,raise@40"], timeout=FAULT_BUDGET + 90, env=ENV)
     _skip_if_refused(proc.returncode, proc.stderr)
     return out, proc, wall
 
@@ -162,7 +165,7 @@ def test_nan_is_rolled_back_and_training_goes_on(fault_run):
     verify_zip(out / "images.zip", n_expected=10000)
     train = _report(out)["train"]
     assert train["rollbacks"] == 1 and train["total_steps"] == 40  # back to 0, then on to the raise at step 40
-    assert wall <= 90, wall
+    assert wall <= FAULT_BUDGET, wall
 
 
 def test_exception_ships_a_degraded_run(fault_run):
@@ -205,8 +208,8 @@ def test_failed_zip_write_keeps_the_old_zip(fault_run, tmp_path):
     out.mkdir()
     shutil.copy(fault_run[0] / "images.zip", out / "images.zip")
     old = _sha(out / "images.zip")
-    proc, wall = run_kernel([*CHEAP, *NO_CHECK, "--time-budget", "90s", "--out", out, "--set",
-                             "fault=raise@5,zipfail"], timeout=180, env=ENV)  # crash at step 5: ends soon
+    proc, wall = run_kernel([*CHEAP, *NO_CHECK, "--time-budget", f"{FAULT_BUDGET}s", "--out", out, "--set",
+                             "fault=raise@5,zipfail"], timeout=FAULT_BUDGET + 90, env=ENV)  # crash at step 5: ends soon
     _skip_if_refused(proc.returncode, proc.stderr)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
@@ -215,7 +218,7 @@ def test_failed_zip_write_keeps_the_old_zip(fault_run, tmp_path):
     verify_zip(out / "images.zip", n_expected=10000)
     report = _report(out)
     assert report["degraded"] is True and report["zip"] is None
-    assert (out / "checkpoint.pt").exists() and wall <= 90
+    assert (out / "checkpoint.pt").exists() and wall <= FAULT_BUDGET
 
 
 def test_unwritable_output_exits_2_naming_the_path(tmp_path):
