@@ -505,6 +505,10 @@ def main(argv=None):
     zip could be written; 2 usage error; 130 interrupted before the zip)."""
     try:
         return run(argv)
+    except SystemExit as exc:  # argparse's --help: exit 0 as a return value (a notebook cell then ends without error)
+        if exc.code in (0, None):
+            return 0
+        raise
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -65,6 +65,15 @@ def test_usage_error_fails_the_cell_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_help_in_a_notebook_prints_the_usage_and_the_cell_succeeds(tmp_path):
+    """`--help` is exit code 0: the usage is printed, no SystemExit block, and Run All goes on to the next cell."""
+    nb = _notebook(["--help"])
+    _client(nb, tmp_path, timeout=120).execute(env=KERNEL_ENV)  # raises CellExecutionError on any cell error
+    assert not [o for c in nb.cells for o in c.outputs if o.get("output_type") == "error"]
+    assert "usage: kernel.py" in _text(nb.cells[1]) and "--time-budget" in _text(nb.cells[1])
+    assert "AFTER" in _text(nb.cells[2])
+
+
 def test_interrupt_during_training_still_writes_the_zip(tmp_path):
     """Kernel -> Interrupt (jupyter_client's interrupt_kernel) while training: training stops, the zip is written,
     the cell ends without error and the next cell runs."""
