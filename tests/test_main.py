@@ -188,8 +188,9 @@ def test_evaluate_flags_copies_and_format(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    # 60 steps (past ema_start 20): the run ends well before its budget; filling a budget is test_robustness's
+    # 60 steps (past ema_start 20): the run ends well before its budget (filling a budget is test_robustness's job);
+    # the self-check of a kernel run is test_smoke_on_real_sample's
     proc, wall = run_kernel(["--demo", "--out", tmp_path, "--preset", "smoke", "--time-budget", "100s",
-                             "--set", "max_steps=60"])
+                             "--set", "max_steps=60", *FAST])
     _assert_valid_run(tmp_path, proc)
     assert wall <= 100 and "demo" in proc.stdout
