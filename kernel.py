@@ -4334,13 +4334,16 @@ run carries on the schedule of the run it continues. plan_training() computes it
 and report.json read it."""
 
 
+OPTIONAL_FINISH = "self_check"  # the one part of the finish a run can do without: the zip never waits for it
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     """All times are seconds; `train_until` is counted on the Deadline's clock (from process start)."""
 
     budget_s: float  # the whole run's wall time
     estimates: dict  # the measured finish, {part: seconds}: generate, zip, checkpoint (+ self_check), before safety
-    finish_s: float  # FINISH_SAFETY x sum(estimates): the finish reserve; the loop stretches it by the slowdown
+    finish_s: float  # FINISH_SAFETY x the reserved parts of estimates: the finish reserve; the loop stretches it
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
     train_until: float  # training stops here on the Deadline's clock: budget_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
@@ -4349,6 +4352,7 @@ class TrainPlan:
     first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
     gen_batch: int  # images per generation batch that fits (the finish's batch)
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
+    self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
 
     @property
     def reserve_s(self):
@@ -4373,15 +4377,24 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     of --resume (train_seconds, plan_seconds, complete), or None. A window of no training at all is a UsageError.
     """
     finish_s = FINISH_SAFETY * sum(estimates.values())
+    check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
+    window = budget_s - finish_s - margin_s - elapsed_s
+    reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training
+    if not reserved:
+        finish_s -= check_s
+        window += check_s
     train_until = budget_s - finish_s - margin_s
     log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" for k, v in estimates.items()) +
+        ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
+                  for k, v in estimates.items()) +
         f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
-    window = train_until - elapsed_s
     if window <= 0:
         raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                          f"took {format_duration(elapsed_s)} and writing the images needs "
                          f"{format_duration(finish_s + margin_s)}")
+    if not reserved:
+        warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
+             f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
     prior_s = float(resumed["train_seconds"]) if resumed is not None else 0.0
     plan_s, inherited = prior_s + window, False
     if resumed is not None:
@@ -4399,7 +4412,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=10 * estimates["generate"] / n_images * batch_size, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved)
 
 
 # ==== modules/main.py ====
@@ -4599,6 +4612,8 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
         log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    if not plan.self_check_reserved:
+        report.warn("self-check not in the finish reserve (it would have taken more time than training)")
     return trainer, plan, timeout
 
 

@@ -259,6 +259,8 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
         log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    if not plan.self_check_reserved:
+        report.warn("self-check not in the finish reserve (it would have taken more time than training)")
     return trainer, plan, timeout
 
 

@@ -39,3 +39,26 @@ def test_resumed_runs():
 def test_no_window_is_a_usage_error():
     with pytest.raises(UsageError, match="--time-budget 30s is too small: start-up and loading took 20.0s"):
         _plan(budget_s=30.0, elapsed_s=20.0, budget_text="30s")
+
+
+def test_the_self_check_is_reserved_while_it_costs_less_than_the_training_it_leaves(capsys):
+    est = {**EST, "self_check": 8.0}  # reserve 1.25 x 20 + 5 = 30 s; the self-check's share 10 s
+    p = _plan(estimates=est)  # window with it: 100 - 10 - 30 = 60 s > 10 s
+    assert p.self_check_reserved and p.finish_s == pytest.approx(FINISH_SAFETY * 20.0)
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_a_self_check_dearer_than_training_is_left_out_of_the_reserve_not_refused(capsys):
+    """The self-check is optional: a budget that holds the zip but not the self-check trains instead of being refused
+    (CI: a 300 s run's self-check estimated at 3m18s while three kernels started on 2 cores), and one that holds it
+    only by leaving less training than it takes itself drops it too."""
+    est = {**EST, "self_check": 60.0}  # 1.25 x 60 = 75 s: with it the window would be 100 - 10 - 95 < 0
+    p = _plan(estimates=est)
+    assert not p.self_check_reserved and p.finish_s == pytest.approx(FINISH_SAFETY * 12.0)
+    assert p.train_until == pytest.approx(100.0 - FINISH_SAFETY * 12.0 - 5.0) and p.estimates == est
+    out = capsys.readouterr().out
+    assert "self_check 1m00s not reserved" in out and "WARNING: the self-check (~1m15s) is left out" in out
+    p = _plan(estimates={**EST, "self_check": 30.0})  # with it: 100 - 10 - 57.5 = 32.5 s of training < 37.5 s
+    assert not p.self_check_reserved and p.window(10.0) == pytest.approx(100.0 - 10.0 - 20.0)
+    with pytest.raises(UsageError, match="writing the images needs 20.0s"):  # the zip itself still has to fit
+        _plan(estimates=est, budget_s=29.0)

@@ -114,7 +114,7 @@ def _one_line_error(proc, *needles):
 
 @pytest.fixture(scope="module", autouse=True)
 def budget_runs(tmp_path_factory):
-    """Three kernels at once with budgets of 90, 180 and 300 s (the 300 s one with its self-check), started with the
+    """Three kernels at once with budgets of 90, 180 and 300 s (the 300 s one with its self-check on), started with the
     module so that they run beside the other tests: -> {budget: (out, _Kernel)}."""
     runs = {}
     for budget in (90, 180, 300):  # 60/120 s: this machine's finish under this contention measured 1m32s/2m23s
@@ -441,7 +441,9 @@ def test_a_slower_finish_keeps_the_budget(tmp_path):
 def test_budgets_hold_under_contention(budget_runs):
     """Budgets of 90, 180 and 300 s, three kernels on 2 cores at once (and the other tests' kernels beside them): each
     ends within its budget, measured from outside, with a verified zip; the 90 and 180 s runs may instead be refused
-    up front (exit 2, one line: the finish measured under this contention has reached 2m12s on this machine)."""
+    up front (exit 2, one line: the finish measured under this contention has reached 2m12s on this machine). The 300 s
+    run is never refused: its self-check runs, or (CI measured it at 3m18s under this contention) the plan leaves it
+    out of the finish reserve and says so."""
     for budget, (out, kernel) in sorted(budget_runs.items()):
         wall, text = kernel.wait(timeout=budget + 120), kernel.log()
         print(f"budget {budget}s: exit {kernel.proc.returncode} after {wall:.1f}s (measured from outside)")
@@ -453,4 +455,8 @@ def test_budgets_hold_under_contention(budget_runs):
         verify_zip(out / "images.zip", n_expected=10000)
         report = _report(out)
         assert report["train"]["total_steps"] > 0 and report["wall_seconds"] <= budget
-    assert "self_check" in _report(budget_runs[300][0])["phases"]  # the 300 s run had time for its self-check
+    out, kernel = budget_runs[300]
+    if "self_check" not in _report(out)["phases"]:  # the self-check is optional: it may not fit beside training
+        assert "is left out of the finish reserve" in kernel.log(), kernel.log()[-3000:]  # ... then the plan says so,
+        assert "self-check not in the finish reserve" in " ".join(_report(out)["warnings"])  # and so does the report
+        warnings.warn("the 300 s run's self-check was left out of its finish reserve under this contention")
