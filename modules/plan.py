@@ -46,8 +46,10 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
-    of --resume (train_seconds, plan_seconds, complete), or None. A window of no training at all is a UsageError.
+    of --resume (train_seconds, plan_seconds, complete), or None. A window that cannot hold the first step (the loop's
+    margin before a step is measured) is a UsageError: such a run would ship an untrained generator's noise.
     """
+    first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = FINISH_SAFETY * sum(estimates.values())
     check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
     window = budget_s - finish_s - margin_s - elapsed_s
@@ -60,10 +62,12 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
         ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
                   for k, v in estimates.items()) +
         f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
-    if window <= 0:
+    if window <= first_step_s:
         raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                          f"took {format_duration(elapsed_s)} and writing the images needs "
-                         f"{format_duration(finish_s + margin_s)}")
+                         f"{format_duration(finish_s + margin_s)}" +
+                         (f", which leaves {format_duration(window)}: less than one training step "
+                          f"(~{format_duration(first_step_s)})" if window > 0 else ""))
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
@@ -83,5 +87,5 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     batches = -(-n_images // gen_batch)
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
-                     first_step_s=10 * estimates["generate"] / n_images * batch_size, gen_batch=gen_batch,
+                     first_step_s=first_step_s, gen_batch=gen_batch,
                      gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved)

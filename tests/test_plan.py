@@ -41,6 +41,14 @@ def test_no_window_is_a_usage_error():
         _plan(budget_s=30.0, elapsed_s=20.0, budget_text="30s")
 
 
+def test_a_window_shorter_than_one_step_is_a_usage_error():
+    """Not a run that trains 0 steps and ships noise: the first step's margin (0.128 s here) must fit."""
+    fixed = 10.0 + FINISH_SAFETY * 12.0 + 5.0  # start-up + finish reserve
+    with pytest.raises(UsageError, match=r"which leaves 0.1s: less than one training step \(~0.1s\)"):
+        _plan(budget_s=fixed + 0.1)
+    assert _plan(budget_s=fixed + 0.2).window(10.0) == pytest.approx(0.2)
+
+
 def test_the_self_check_is_reserved_while_it_costs_less_than_the_training_it_leaves(capsys):
     est = {**EST, "self_check": 8.0}  # reserve 1.25 x 20 + 5 = 30 s; the self-check's share 10 s
     p = _plan(estimates=est)  # window with it: 100 - 10 - 30 = 60 s > 10 s
