@@ -2130,14 +2130,23 @@ def configure_backends(device):
     return f"sm_{major}{minor}: cudnn.benchmark on, TF32 on"
 
 
-def choose_threads(want, device, *, cpus):
+def env_threads():
+    """OMP_NUM_THREADS as a positive int, or 0 when unset or not one: a thread count the user set for this process."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 0
+
+
+def choose_threads(want, device, *, cpus, env=0):
     """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
     run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
     against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
     threads on 2 shared cores ran a generation batch 9x and a step 11x slower than one, under load), else all but one
-    core (not measured)."""
+    core (not measured). env: OMP_NUM_THREADS (env_threads()), which a CPU run keeps instead of choosing (the user, or
+    jobs sharing the cores, set it); a GPU run keeps 1, since environments may set it for other reasons."""
     if want > 0:
         return want, "set by threads"
+    if env > 0 and device.type != "cuda":
+        return env, "set by OMP_NUM_THREADS"
     if device.type == "cuda":
         return 1, "GPU run: the CPU only feeds data and PNG encoding"
     if cpus <= CPU_THREADS_ONE_UP_TO:
@@ -2165,7 +2174,7 @@ def pick_cpu_threads(fn, *, candidates, reps=2):
 
 def configure_threads(want, device):
     """Set torch's CPU threads (see choose_threads) -> a short description for the log."""
-    n, why = choose_threads(want, device, cpus=cpu_count())
+    n, why = choose_threads(want, device, cpus=cpu_count(), env=env_threads())
     torch.set_num_threads(n)
     return f"torch CPU threads {n} ({why})"
 
@@ -4586,7 +4595,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
     that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
     trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
-    if device.type == "cpu" and cfg.threads == 0 and cpu_count() > 1 and not ctx.distributed:
+    if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
         n, times = pick_cpu_threads(lambda: generate_images(
             trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
             truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),

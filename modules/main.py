@@ -55,7 +55,7 @@ from modules.loop import TrainSummary, train_loop
 from modules.plan import plan_training
 from modules.report import RunReport
 from modules.sample import generate_images
-from modules.speed import configure_backends, configure_threads, pick_cpu_threads
+from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
 from modules.train import build_trainer
 from modules.utils import (
@@ -229,7 +229,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
     that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
     trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
-    if device.type == "cpu" and cfg.threads == 0 and cpu_count() > 1 and not ctx.distributed:
+    if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
         n, times = pick_cpu_threads(lambda: generate_images(
             trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
             truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),

@@ -19,6 +19,7 @@ from modules.speed import (
     compile_support,
     configure_backends,
     configure_threads,
+    env_threads,
     maybe_compile,
 )
 from modules.train import build_trainer, resolve_amp
@@ -288,6 +289,14 @@ def test_configure_backends_ampere_enables_tf32(monkeypatch, backend_flags):
     assert torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
+def test_omp_num_threads_is_read_as_a_positive_count(monkeypatch):
+    for value, expected in [("1", 1), (" 4 ", 4), ("0", 0), ("", 0), ("two", 0), ("-1", 0)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert env_threads() == expected, value
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert env_threads() == 0
+
+
 def test_cpu_threads_are_chosen_and_can_be_set():
     """GPU run: 1 thread; CPU run on <= 2 cores: 1 (bench_threads.py: 2 threads lost 9-11x on a loaded 2-core box);
     more cores: all but one; --set threads=N wins. configure_threads sets torch's count and says so for the log."""
@@ -296,6 +305,9 @@ def test_cpu_threads_are_chosen_and_can_be_set():
     assert choose_threads(0, CPU, cpus=2)[0] == 1 and choose_threads(0, CPU, cpus=1)[0] == 1
     assert choose_threads(0, CPU, cpus=8)[0] == 7
     assert choose_threads(3, CPU, cpus=2) == (3, "set by threads")
+    assert choose_threads(0, CPU, cpus=8, env=1) == (1, "set by OMP_NUM_THREADS")  # the user's OMP_NUM_THREADS holds
+    assert choose_threads(3, CPU, cpus=8, env=1)[0] == 3  # ... below --set threads=N
+    assert choose_threads(0, gpu, cpus=16, env=4)[0] == 1  # a GPU run keeps 1
     before = torch.get_num_threads()
     try:
         assert configure_threads(2, CPU) == "torch CPU threads 2 (set by threads)" and torch.get_num_threads() == 2
