@@ -37,7 +37,7 @@ def configure_backends(device):
 def env_threads():
     """OMP_NUM_THREADS as a positive int, or 0 when unset or not one: a thread count the user set for this process."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else 0
+    return int(value) if value.isdigit() else 0
 
 
 def choose_threads(want, device, *, cpus, env=0):
@@ -49,10 +49,10 @@ def choose_threads(want, device, *, cpus, env=0):
     jobs sharing the cores, set it); a GPU run keeps 1, since environments may set it for other reasons."""
     if want > 0:
         return want, "set by threads"
-    if env > 0 and device.type != "cuda":
-        return env, "set by OMP_NUM_THREADS"
     if device.type == "cuda":
         return 1, "GPU run: the CPU only feeds data and PNG encoding"
+    if env > 0:
+        return env, "set by OMP_NUM_THREADS"
     if cpus <= CPU_THREADS_ONE_UP_TO:
         return 1, f"CPU run on {cpus} cores: one thread to start, 1 vs {cpus} measured once the model is built"
     return cpus - 1, f"CPU run on {cpus} cores: all but one"
