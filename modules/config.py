@@ -81,7 +81,7 @@ class Config:
     n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
-    amp: str = "auto"  # auto (fp16 on CUDA, bf16 where supported) | off
+    amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
     compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
@@ -274,7 +274,7 @@ ALLOWED = {
     "ema_start": _number(0, 10**9, integer=True), "swa": _flag(), "swa_every": _number(1, 10**6, integer=True),
     # sampling
     "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
-    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off"), "compile": _one_of("off", "auto", "on"),
+    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off", "fp16", "bf16"), "compile": _one_of("off", "auto", "on"),
     "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
     # upkeep and robustness
     "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),

@@ -57,7 +57,7 @@ from modules.report import RunReport
 from modules.sample import generate_images
 from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
-from modules.train import build_trainer
+from modules.train import build_trainer, describe_amp, resolve_amp
 from modules.utils import (
     Deadline,
     PhaseTimer,
@@ -360,6 +360,7 @@ def run(argv=None):
     if not fork:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
     seed_everything(cfg.seed)
     report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
     timer = PhaseTimer()
@@ -390,6 +391,7 @@ def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devic
     if device is None:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
         report.device = str(device)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
