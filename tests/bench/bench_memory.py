@@ -119,7 +119,7 @@ def measure(cfg, data, device, batch, *, crops_per_image=None):
     trainer.step()
     trainer.batch_size = batch
     row = {"batch": batch, "g_params": count_params(trainer.G), "d_params": count_params(trainer.D),
-           "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"}
+           "amp": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(trainer.amp_dtype, "fp32")}
     row.update(persistent_bytes(trainer))
     n_crops = trainer.batches.n
     row["crop_cache_full"] = int(row["crop_cache"] / n_crops * FULL_DATASET * (crops_per_image or 1.0))
