@@ -39,7 +39,8 @@ def test_gpu_evidence_dry_run(tmp_path):
     assert train["fp16"]["final_scale_g"] > 1 and train["off"]["final_scale_g"] == 1.0  # scaler on only for fp16
     assert 0 <= train["fp16"]["skipped_g"] <= train["fp16"]["steps"]
     assert res["finish"]["n_images"] == 100 and res["finish"]["non_training_s"] > 0
-    assert res["memory"]["rows"] and res["memory"]["rows"][0]["step_peak"] > 0
+    mem = res["memory"]["rows"]
+    assert mem and mem[0]["amp"] == "fp16" and mem[0]["saved_g"] > 0 and mem[0]["adam"] > 0
     assert res["predict"]["predicted"][0]["steps"][0] > 0
     speed = res["speed"]
     assert speed["rc"] == 0 and len(speed["result"]["rows"]) == 3, speed.get("stderr_tail")

@@ -78,12 +78,21 @@ def persistent_bytes(trainer):
 
 
 class SavedTensors:
-    """saved_tensors_hooks that add up what autograd keeps for backward, per phase ("d" until opt_d steps, then "g")."""
+    """saved_tensors_hooks that add up what autograd keeps for backward, per phase: "d" until the D step's
+    scaler_d.update() (called whether or not the GradScaler skipped that optimiser step), then "g"."""
 
     def __init__(self, trainer):
         self.params = {p.untyped_storage().data_ptr() for m in (trainer.G, trainer.D) for p in m.parameters()}
         self.phase, self.seen, self.bytes = "d", set(), {"d": 0, "g": 0}
-        self.handle = trainer.opt_d.register_step_post_hook(lambda *a: self.switch("g"))
+        self.trainer, update = trainer, trainer.scaler_d.update
+
+        def switching_update(*args, **kw):
+            update(*args, **kw)
+            self.switch("g")
+        trainer.scaler_d.update = switching_update
+
+    def remove(self):
+        del self.trainer.scaler_d.update  # the class's method again
 
     def switch(self, phase):
         self.phase, self.seen = phase, set()
@@ -109,14 +118,18 @@ def profiled_step_peak(trainer):
     return int(np.asarray(sizes).sum(axis=1).max()) if len(sizes) else 0
 
 
-def measure(cfg, data, device, batch, *, crops_per_image=None):
-    """One recipe at one batch per rank -> dict of bytes (see the module docstring)."""
+def measure(cfg, data, device, batch, *, crops_per_image=None, profile=True):
+    """One recipe at one batch per rank -> dict of bytes (see the module docstring). profile=False on the CPU: no
+    step peak (0; the profiler's timeline takes seconds even at tiny widths), the rest as always."""
     cfg = dataclasses.replace(cfg, batch_size=batch, batch_per_gpu=0)
     gc.collect()
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, data, device)
-    trainer.batch_size = 2  # the first step makes the gradients and Adam's states (their size does not depend on B)
-    trainer.step()
+    trainer.batch_size = 2  # the first steps make the gradients and Adam's states (their size does not depend on B);
+    for _ in range(20):  # under fp16 the GradScaler skips the first steps (inf at its initial scale): no Adam state yet
+        trainer.step()
+        if trainer.opt_g.state and trainer.opt_d.state:
+            break
     trainer.batch_size = batch
     row = {"batch": batch, "g_params": count_params(trainer.G), "d_params": count_params(trainer.D),
            "amp": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(trainer.amp_dtype, "fp32")}
@@ -135,9 +148,12 @@ def measure(cfg, data, device, batch, *, crops_per_image=None):
             row["step_peak"] = torch.cuda.max_memory_allocated(device) - base
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
             row["cuda_reserved"] = torch.cuda.memory_reserved(device)
-        else:
+        elif profile:
             row["step_peak"] = profiled_step_peak(trainer)
-    saved.handle.remove()
+        else:
+            trainer.step()
+            row["step_peak"] = 0
+    saved.remove()
     row["step_s"] = time.perf_counter() - t0
     row["saved_d"], row["saved_g"] = saved.bytes["d"], saved.bytes["g"]
     persistent = sum(row[k] for k in ("params_g", "params_d", "buffers", "adam", "ema", "swa", "snapshot"))
@@ -179,13 +195,14 @@ def main(argv=None):
     device = check_device(args.device)
     data, desc, per_image = load_data(cfg, args.data_dir, synthetic=args.synthetic)
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | recipe --preset "
-          f"{args.preset} {' '.join('--set ' + s for s in args.set)} (g_ch {cfg.g_ch}, d_ch {cfg.d_ch}, arch {cfg.arch})"
+          f"{args.preset} {' '.join('--set ' + s for s in args.set)} (g_ch {cfg.g_ch}, d_ch {cfg.d_ch}, "
+          f"arch {cfg.arch})"
           f" | data {desc}", flush=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",") if x.strip()]:
         rows.append(measure(cfg, data, device, b, crops_per_image=per_image))
-        print(f"  batch {b}: step peak {mib(rows[-1]['step_peak']):,.0f} MiB, total {rows[-1]['total_full_cache'] / 2**30:.2f}"
-              f" GiB ({rows[-1]['step_s']:.0f}s)", flush=True)
+        print(f"  batch {b}: step peak {mib(rows[-1]['step_peak']):,.0f} MiB, total "
+              f"{rows[-1]['total_full_cache'] / 2**30:.2f} GiB ({rows[-1]['step_s']:.0f}s)", flush=True)
     table = format_rows(rows)
     print(table)
     out = Path(args.out)

@@ -4,9 +4,9 @@
     python tests/bench/gpu_evidence.py --npz dogs64.npz --out evidence/      # on the GPU machine (no ../shared there)
     python tests/bench/gpu_evidence.py --dry-run --out /tmp/evidence          # the same script on the CPU, tiny, ~30 s
 
---make-npz runs the kernel's own data loader (modules/data.load_dogs, the recipe's crop settings) on --data-dir (default
-../shared/data/dogs-1953) and stores the uint8 crops [N,64,64,3], labels and breed names. The GPU run reads that file and
-drives the kernel's build_trainer / train_loop / generate_images / write_submission directly (as bench_quality.py does),
+--make-npz runs the kernel's own data loader (modules/data.load_dogs, the recipe's crop settings) on --data-dir
+(default ../shared/data/dogs-1953) and stores the uint8 crops [N,64,64,3], labels and breed names. The GPU run reads that
+file and drives the kernel's build_trainer / train_loop / generate_images / write_submission directly (as bench_quality.py does),
 so it needs neither the photos nor the annotations.
 
 Sections, in order of importance (each one's failure is recorded and the next one runs; the JSON and the table are
@@ -24,6 +24,7 @@ rewritten after every section, so a run cut short still leaves what it measured)
   tests        the GPU-relevant test files (pytest, subprocess; they run on the CPU of that machine)
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -64,6 +65,7 @@ MEMORY_PREDICTION = ROOT / "tests" / "bench" / "results" / "memory" / "results.j
 
 def make_npz(path, cfg, data_dir):
     images_dir, annotation_dir = find_data_dir(data_dir)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                      crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
                      include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
@@ -151,7 +153,8 @@ def s_cuda_checks(ctx):
         for _ in range(ctx.tiny_steps):
             t.step()
         ld, lg, nonfinite = t.read_stats()
-        out[f"amp_{amp}"] = {"dtype": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(t.amp_dtype, "fp32"), "scaler_enabled": t.scaler_g.is_enabled(),
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(t.amp_dtype, "fp32")
+        out[f"amp_{amp}"] = {"dtype": dtype, "scaler_enabled": t.scaler_g.is_enabled(),
                              "loss_d": ld, "loss_g": lg, "nonfinite": nonfinite, "finite": math.isfinite(ld + lg),
                              "fused_adam": bool(t.opt_g.defaults.get("fused"))}
     # an inf gradient under fp16: the G optimiser step is skipped, its scale halves, G's weights do not change
@@ -198,10 +201,12 @@ def s_train(ctx):
             r["peak_allocated_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             r["reserved_gib"] = torch.cuda.memory_reserved(ctx.device) / 2**30
         out[amp] = r
-        if amp == "fp16":
-            ctx.fp16_trainer = trainer
-        else:
-            del trainer
+        if amp == "fp16":  # the finish samples this generator; the rest is freed before the fp32 run's peak
+            ctx.fp16_G, ctx.fp16_amp = copy.deepcopy(trainer.generator_to_ship()), trainer.amp_dtype
+        del trainer
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        ctx.results["train"] = out
         ctx.save()
     ends = {a: (out[a]["loss_d"][-1][1] if out[a]["loss_d"] else None) for a in out}
     out["final_loss_d"] = ends
@@ -235,13 +240,12 @@ def plot_curves(train, path):
 
 
 def s_finish(ctx):
-    trainer = ctx.fp16_trainer
-    if trainer is None:
-        return {"skipped": "no fp16 trainer (the train section failed)"}
+    G = ctx.fp16_G
+    if G is None:
+        return {"skipped": "no fp16 generator (the train section failed)"}
     dev, cfg, n = ctx.device, ctx.cfg, ctx.n_images
-    G = trainer.generator_to_ship()
     kw = dict(z_dim=cfg.z_dim, label_counts=np.bincount(ctx.data.labels, minlength=len(ctx.data.classes)),
-              truncation=cfg.truncation, device=dev, amp_dtype=trainer.amp_dtype)
+              truncation=cfg.truncation, device=dev, amp_dtype=ctx.fp16_amp)
     t0 = time.perf_counter()
     images = generate_images(G, n=n, batch_size=cfg.sample_batch, seed=cfg.seed, **kw)
     sync(dev)
@@ -270,7 +274,8 @@ def s_memory(ctx):
         cfg = dataclasses.replace(ctx.cfg, amp=amp)
         for b in ctx.mem_batches:
             try:
-                rows.append(bench_memory.measure(cfg, ctx.data, ctx.device, b, crops_per_image=ctx.crops_per_image))
+                rows.append(bench_memory.measure(cfg, ctx.data, ctx.device, b, crops_per_image=ctx.crops_per_image,
+                                                 profile=not ctx.args.dry_run))  # CUDA: max_memory_allocated
             except torch.cuda.OutOfMemoryError as exc:
                 errors[f"{amp}@{b}"] = f"out of memory: {str(exc).splitlines()[0]}"
                 torch.cuda.empty_cache()
@@ -336,13 +341,14 @@ def s_speed(ctx):
 
 
 def run_capped(cmd, *, timeout):
-    """subprocess.run in the repository root; past `timeout` the child is killed and rc is 124 (what it printed kept)."""
+    """subprocess.run in the repository root; past `timeout` the child is killed, rc 124 (what it printed is kept)."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), cwd=str(ROOT))
     except subprocess.TimeoutExpired as exc:
         def text(b):
             return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-        return subprocess.CompletedProcess(cmd, 124, text(exc.stdout), text(exc.stderr) + f"\n[killed after {timeout:.0f}s]")
+        return subprocess.CompletedProcess(cmd, 124, text(exc.stdout),
+                                           text(exc.stderr) + f"\n[killed after {timeout:.0f}s]")
 
 
 def s_tests(ctx):
@@ -435,7 +441,7 @@ def summarize(name, r):
 class Context:
     def __init__(self, args, out):
         self.args, self.out, self.results = args, out, {}
-        self.fp16_trainer, self.meta = None, {}
+        self.fp16_G, self.fp16_amp, self.meta = None, None, {}
 
     def left(self):
         return self.args.budget_s - (time.monotonic() - self.t0)
