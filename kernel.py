@@ -2371,6 +2371,18 @@ def _amp_problem(dtype, device):
     return ""
 
 
+def describe_skips(precision):
+    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
+    "" without GradScalers."""
+    p = precision
+    if not p.get("grad_scalers"):
+        return ""
+    if p.get("skipped_g") is None:
+        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
+    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
+            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
+
+
 def describe_amp(amp_dtype):
     """The precision a Trainer runs in, for the log and report.json."""
     if amp_dtype is None:
@@ -2445,8 +2457,13 @@ class Trainer:
         self.progress = 0.0
         self.step_count = 0
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
-        self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
+        self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite count, skipped D, G steps]
         self.stats_n = 0
+        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
+        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
+        self.skipped = {"d": 0, "g": 0}
+        self.steps_counted = 0
+        self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
@@ -2541,7 +2558,7 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
-            self.scaler_d.update()
+            self._update_scaler(self.scaler_d, self.opt_d, 3)
         # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
         # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
         # the D step's (detached, from before D's update), saving a D forward over reals
@@ -2563,12 +2580,36 @@ class Trainer:
         if self.group is not None:
             self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
         self._average()
         ld, lg = loss_d.detach(), loss_g.detach()
-        self.stats += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
+        self.stats[:3] += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
         self.stats_n += 1
+
+    def _update_scaler(self, scaler, opt, slot):
+        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
+        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
+        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        if scaler.is_enabled() and self.skips_known:
+            found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
+            if found:
+                self.stats[slot] += sum(v.to(self.device, torch.float32) for v in found.values())
+            else:
+                self.skips_known = False
+        scaler.update()
+
+    def precision_summary(self):
+        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
+        made (this process, read at host syncs), with their final scales. None where not known."""
+        on = self.scaler_g.is_enabled()
+        out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
+               "d_steps": self.steps_counted * self.d_steps}
+        if on:
+            out.update(skipped_g=self.skipped["g"] if self.skips_known else None,
+                       skipped_d=self.skipped["d"] if self.skips_known else None,
+                       scale_g=float(self.scaler_g.get_scale()), scale_d=float(self.scaler_d.get_scale()))
+        return out
 
     def _average(self):
         if self.ema is not None:
@@ -2592,13 +2633,17 @@ class Trainer:
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
         Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
-        n = max(self.stats_n, 1)
+        n, ranks = max(self.stats_n, 1), 1
+        self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
             torch.distributed.all_reduce(self.stats, group=self.group)
-            n *= self.world_size
+            n, ranks = n * self.world_size, self.world_size
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
+        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        self.skipped["d"] += round(s[3] / ranks)
+        self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
 
     # snapshots and checkpoints
@@ -2618,8 +2663,10 @@ class Trainer:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
+            if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
+                continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
+            scaler.load_state_dict(saved)  # the scale and its growth tracker; a disabled scaler ignores them
         self.step_count = state["step"]
         self.lr_scale = state.get("lr_scale", 1.0)
         if self.ema is not None and "ema" in state:
@@ -3922,8 +3969,9 @@ class RunReport:
     wall_seconds: float = None
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
+    precision: dict = None  # issue 18: amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
@@ -4731,6 +4779,9 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
+    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
+    if describe_skips(report.precision):
+        log(describe_skips(report.precision))
     return summary
 
 

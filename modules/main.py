@@ -57,7 +57,7 @@ from modules.report import RunReport
 from modules.sample import generate_images
 from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
-from modules.train import build_trainer, describe_amp, resolve_amp
+from modules.train import build_trainer, describe_amp, describe_skips, resolve_amp
 from modules.utils import (
     Deadline,
     PhaseTimer,
@@ -322,6 +322,9 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
+    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
+    if describe_skips(report.precision):
+        log(describe_skips(report.precision))
     return summary
 
 
