@@ -380,6 +380,10 @@ class Trainer:
         if self.faults.get("raise") == self.step_count:
             del self.faults["raise"]  # one shot
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
+        if self.faults.get("oom") == self.step_count:  # issue 18: what a GPU too small for the batch raises
+            del self.faults["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{self.step_count}, --set fault=oom@STEP)")
         if "slow" in self.faults:
             time.sleep(self.faults["slow"])
         if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
