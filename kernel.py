@@ -3125,7 +3125,7 @@ DIRECT_WIDTH = 16  # up to this g_ch / d_ch the models are measured at their own
 PROBE_IMAGES = 2
 ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
 MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
-GENERATE_FRACTION = 0.25  # ... and one generation batch (past a few hundred images a larger one buys no speed)
+GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
 KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
 

@@ -1,7 +1,10 @@
 """fp32 vs fp16 vs bf16 on the CPU: the default recipe at a small width, trained from the same seed on the same data.
 
     OMP_NUM_THREADS=1 nice -n 10 python tests/bench/bench_precision.py --data-dir ../shared/data/dogs-1953 \\
-        --steps 200 --ch 4 --batch 8 --out tests/bench/results/precision
+        --steps 200 --batch 4 --out tests/bench/results/precision
+
+The default recipe (the kaggle preset) at the smoke preset's widths (z 20, g_ch 2, d_ch 4, shared 8) by default: this
+CPU has no fp16 arithmetic (fp16 convs ~40x slower than fp32), so wider nets do not fit a 20-minute bench in fp16.
 
 Each variant goes through the kernel's own build_trainer and Trainer.step (amp = off | bf16 | fp16: autocast and, for
 fp16, the two GradScalers, exactly the code a GPU runs) with torch seeded alike before the trainer is built, so the
@@ -38,8 +41,8 @@ VARIANTS = {"fp32": ("off", 0), "fp32-seed1": ("off", 1), "bf16": ("bf16", 0), "
 SMOOTH = 20  # steps in the moving average of the curves and the end window of the table
 
 
-def train_variant(name, data, *, amp, seed, ch, batch, steps):
-    cfg = apply_overrides(Config(), {"g_ch": ch, "d_ch": ch, "batch_size": batch, "amp": amp, "seed": seed}, "bench")
+def train_variant(name, data, *, amp, seed, widths, batch, steps):
+    cfg = apply_overrides(Config(), {**widths, "batch_size": batch, "amp": amp, "seed": seed}, "bench")
     torch.manual_seed(seed)
     np.random.seed(seed)
     trainer = build_trainer(cfg, data, torch.device("cpu"))
@@ -114,7 +117,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "dogs-1953"))
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--ch", type=int, default=4, help="g_ch = d_ch")
+    p.add_argument("--g-ch", type=int, default=2)
+    p.add_argument("--d-ch", type=int, default=4)
+    p.add_argument("--z-dim", type=int, default=20)
+    p.add_argument("--shared-dim", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "precision"))
@@ -126,7 +132,8 @@ def main():
     results, trainers = {}, {}
     for name in args.variants.split(","):
         amp, seed = VARIANTS[name]
-        trainers[name], results[name] = train_variant(name, data, amp=amp, seed=seed, ch=args.ch, batch=args.batch,
+        widths = {"g_ch": args.g_ch, "d_ch": args.d_ch, "z_dim": args.z_dim, "shared_dim": args.shared_dim}
+        trainers[name], results[name] = train_variant(name, data, amp=amp, seed=seed, widths=widths, batch=args.batch,
                                                       steps=args.steps)
     rows = compare(results, trainers)
     out = Path(args.out)
@@ -135,7 +142,8 @@ def main():
     cmd = " ".join(["python", "tests/bench/bench_precision.py", *sys.argv[1:]])
     lines = [f"Command: `OMP_NUM_THREADS=1 nice -n 10 {cmd}`  ",
              f"torch {torch.__version__}, CPU ({torch.backends.cpu.get_cpu_capability()}), 1 thread, shared 2-core box. "
-             f"Default recipe at g_ch = d_ch = {args.ch}, batch {args.batch}, {args.steps} steps, "
+             f"Default recipe at g_ch {args.g_ch}, d_ch {args.d_ch}, z {args.z_dim}, shared {args.shared_dim}, batch "
+             f"{args.batch}, {args.steps} steps, "
              f"{len(data.images)} crops of the real sample. Early training at CPU scale, not a GPU result.", "",
              f"End = mean over the last {SMOOTH} steps; gaps are |variant - fp32| (fp32-seed1: another seed, same "
              f"precision, the noise of training itself); max gap over the {SMOOTH}-step moving averages; G weights: "
