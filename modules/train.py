@@ -216,7 +216,7 @@ class Trainer:
         self.progress = 0.0
         self.step_count = 0
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
-        self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite count, skipped D, G steps]
+        self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
         # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
         # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
