@@ -99,7 +99,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -158,17 +158,17 @@ def parse_duration(text):
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
 
 
 def parse_faults(text):
     """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    nan@STEP, raise@STEP: at that step; oom@STEP: a CUDA out-of-memory error at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
     batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, slow@SECONDS, "
                              "slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
@@ -284,7 +284,7 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, kill@STEP, "
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
                                                                       "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 

@@ -38,6 +38,9 @@ def test_gpu_evidence_dry_run(tmp_path):
         assert r["syncs"] and all(s["step"] >= 1 for s in r["syncs"])
     assert train["fp16"]["final_scale_g"] > 1 and train["off"]["final_scale_g"] == 1.0  # scaler on only for fp16
     assert 0 <= train["fp16"]["skipped_g"] <= train["fp16"]["steps"]
+    kernel = train["fp16"].get("kernel_precision")
+    if kernel and kernel.get("skipped_g") is not None:  # the kernel's own count (issue 18 part 1) agrees with ours
+        assert (kernel["skipped_g"], kernel["skipped_d"]) == (train["fp16"]["skipped_g"], train["fp16"]["skipped_d"])
     assert res["finish"]["n_images"] == 100 and res["finish"]["non_training_s"] > 0
     mem = res["memory"]["rows"]
     assert mem and mem[0]["amp"] == "fp16" and mem[0]["saved_g"] > 0 and mem[0]["adam"] > 0

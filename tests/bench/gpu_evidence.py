@@ -196,7 +196,7 @@ def s_train(ctx):
              "nonfinite": sum(s["nonfinite"] for s in syncs),
              "skipped_g": int(skips["g"]["n"]), "skipped_d": int(skips["d"]["n"]),
              "final_scale_g": trainer.scaler_g.get_scale(), "final_scale_d": trainer.scaler_d.get_scale(),
-             "kernel_counters": {k: str(v) for k, v in vars(trainer).items() if "skip" in k}}
+             "kernel_precision": trainer.precision_summary() if hasattr(trainer, "precision_summary") else None}
         if ctx.device.type == "cuda":
             r["peak_allocated_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             r["reserved_gib"] = torch.cuda.memory_reserved(ctx.device) / 2**30
@@ -414,7 +414,10 @@ def summarize(name, r):
                 + (f"; FAILED: {r['failed']}" if r["failed"] else ""))
     if name == "train":
         return "; ".join(f"amp={a}: {r[a]['steps']} steps in {r[a]['seconds']:.0f}s ({r[a]['it_s']:.2f} it/s, batch "
-                         f"{r[a]['batch']}), skipped G/D {r[a]['skipped_g']}/{r[a]['skipped_d']}, scale G "
+                         f"{r[a]['batch']}), skipped G/D {r[a]['skipped_g']}/{r[a]['skipped_d']}"
+                         + (f" (kernel's count {r[a]['kernel_precision'].get('skipped_g')}/"
+                            f"{r[a]['kernel_precision'].get('skipped_d')})" if r[a].get("kernel_precision") else "")
+                         + ", scale G "
                          f"{r[a]['final_scale_g']:g}, non-finite {r[a]['nonfinite']}, roll-backs {r[a]['rollbacks']}, "
                          f"end {r[a]['reason']}"
                          + (f", peak {r[a]['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in r[a] else "")
