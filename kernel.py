@@ -31,8 +31,8 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   config -> utils -> annotations -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample
-#   -> speed -> train -> checkpoint -> distributed -> loop -> features -> metrics -> report -> evaluate -> submission ->
-#   finish -> plan -> main
+#   -> speed -> train -> checkpoint -> distributed -> memory -> loop -> features -> metrics -> report -> evaluate ->
+#   submission -> finish -> plan -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
@@ -128,7 +128,7 @@ class Config:
     n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
-    amp: str = "auto"  # auto (fp16 on CUDA, bf16 where supported) | off
+    amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
     compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
@@ -146,7 +146,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -205,17 +205,17 @@ def parse_duration(text):
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
 
 
 def parse_faults(text):
     """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    nan@STEP, raise@STEP: at that step; oom@STEP: a CUDA out-of-memory error at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
     batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, slow@SECONDS, "
                              "slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
@@ -321,7 +321,7 @@ ALLOWED = {
     "ema_start": _number(0, 10**9, integer=True), "swa": _flag(), "swa_every": _number(1, 10**6, integer=True),
     # sampling
     "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
-    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off"), "compile": _one_of("off", "auto", "on"),
+    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off", "fp16", "bf16"), "compile": _one_of("off", "auto", "on"),
     "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
     # upkeep and robustness
     "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),
@@ -331,7 +331,7 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, kill@STEP, "
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
                                                                       "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 
@@ -2328,17 +2328,72 @@ class EMA:
 # the trainer
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+
+
 def resolve_amp(amp, device):
-    """-> autocast dtype or None. fp16 + GradScaler on CUDA (P100 has no bf16); bf16 where the GPU supports it."""
-    if amp == "off" or device.type != "cuda":
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
+    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
+    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
+    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
+    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    if amp == "off":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = AMP_DTYPES[amp]
+    problem = _amp_problem(dtype, device)
+    if problem:
+        raise UsageError(f"setting amp={amp} cannot be used on {device.type} with torch {torch.__version__}: {problem}; "
+                         "use amp=auto or amp=off")
+    return dtype
+
+
+def _amp_problem(dtype, device):
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
+    linear layer is run under autocast and must come out in `dtype`."""
+    if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
+    try:
+        with warnings.catch_warnings():  # old torch: "In CPU autocast, but the target dtype is not supported"
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
+            if dtype == torch.float16:
+                _grad_scaler(device.type, enabled=True)
+    except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
+        return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    if out.dtype != dtype:
+        return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
+    return ""
+
+
+def describe_skips(precision):
+    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
+    "" without GradScalers."""
+    p = precision
+    if not p.get("grad_scalers"):
+        return ""
+    if p.get("skipped_g") is None:
+        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
+    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
+            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
+
+
+def describe_amp(amp_dtype):
+    """The precision a Trainer runs in, for the log and report.json."""
+    if amp_dtype is None:
+        return "fp32"
+    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
 
 
 def _grad_scaler(device_type, *, enabled):
     """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all we need: scaling is enabled only for fp16 on CUDA."""
+    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
+    refuses amp=fp16 on their CPU)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
@@ -2402,8 +2457,13 @@ class Trainer:
         self.progress = 0.0
         self.step_count = 0
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
-        self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
+        self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
+        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
+        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
+        self.skipped = {"d": 0, "g": 0}
+        self.steps_counted = 0
+        self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
@@ -2498,7 +2558,7 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
-            self.scaler_d.update()
+            self._update_scaler(self.scaler_d, self.opt_d, 3)
         # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
         # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
         # the D step's (detached, from before D's update), saving a D forward over reals
@@ -2520,12 +2580,36 @@ class Trainer:
         if self.group is not None:
             self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
         self._average()
         ld, lg = loss_d.detach(), loss_g.detach()
-        self.stats += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
+        self.stats[:3] += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
         self.stats_n += 1
+
+    def _update_scaler(self, scaler, opt, slot):
+        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
+        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
+        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        if scaler.is_enabled() and self.skips_known:
+            found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
+            if found:
+                self.stats[slot] += sum(v.to(self.device, torch.float32) for v in found.values())
+            else:
+                self.skips_known = False
+        scaler.update()
+
+    def precision_summary(self):
+        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
+        made (this process, read at host syncs), with their final scales. None where not known."""
+        on = self.scaler_g.is_enabled()
+        out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
+               "d_steps": self.steps_counted * self.d_steps}
+        if on:
+            out.update(skipped_g=self.skipped["g"] if self.skips_known else None,
+                       skipped_d=self.skipped["d"] if self.skips_known else None,
+                       scale_g=float(self.scaler_g.get_scale()), scale_d=float(self.scaler_d.get_scale()))
+        return out
 
     def _average(self):
         if self.ema is not None:
@@ -2537,6 +2621,10 @@ class Trainer:
         if self.faults.get("raise") == self.step_count:
             del self.faults["raise"]  # one shot
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
+        if self.faults.get("oom") == self.step_count:  # issue 18: what a GPU too small for the batch raises
+            del self.faults["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{self.step_count}, --set fault=oom@STEP)")
         if "slow" in self.faults:
             time.sleep(self.faults["slow"])
         if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
@@ -2549,13 +2637,17 @@ class Trainer:
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
         Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
-        n = max(self.stats_n, 1)
+        n, ranks = max(self.stats_n, 1), 1
+        self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
             torch.distributed.all_reduce(self.stats, group=self.group)
-            n *= self.world_size
+            n, ranks = n * self.world_size, self.world_size
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
+        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        self.skipped["d"] += round(s[3] / ranks)
+        self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
 
     # snapshots and checkpoints
@@ -2575,8 +2667,10 @@ class Trainer:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
+            if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
+                continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
+            scaler.load_state_dict(saved)  # the scale and its growth tracker; a disabled scaler ignores them
         self.step_count = state["step"]
         self.lr_scale = state.get("lr_scale", 1.0)
         if self.ema is not None and "ema" in state:
@@ -3009,6 +3103,241 @@ def end_group(ctx):
     ctx.group = None
 
 
+# ==== modules/memory.py ====
+"""Memory: what a setting needs, estimated before training from the models' own layers, checked against what the
+device and the host have (one estimator for both); and an out-of-memory error in the first training steps said as a
+problem the user can fix. (Issue 18 part 2, issue 19 defect 6.)
+
+The estimate builds G and D at three small widths on the CPU (never at the asked width: g_ch=1024 would not fit), counts
+their parameters (a quadratic in the width, fitted exactly), and runs them on two images, counting the tensors autograd
+keeps for backward in training mode, and in eval mode the largest few that generation holds one operation at a time
+(all linear in the width and in the images, fitted from two widths); widths up to DIRECT_WIDTH are measured as they
+are. From these: the optimiser state, the activations of the larger of the D and G steps at the batch per rank, and
+the generation batch's working memory. Activations are counted in fp32 (autocast keeps fewer bytes: an upper bound).
+Checked on the CPU: smoke widths, 1,000 images generated at once raised the peak resident memory by 2.15 GiB; the
+estimate says 2.70 GiB.
+"""
+
+
+GIB = 2 ** 30
+PROBE_WIDTHS = (8, 16, 24)  # g_ch = d_ch the models are built at for the fits (multiples of 8: attention has ch // 8)
+DIRECT_WIDTH = 16  # up to this g_ch / d_ch the models are measured at their own widths (cheaper than the fits)
+PROBE_IMAGES = 2
+ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
+MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
+GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
+EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
+KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs: `state` (parameters, gradients, Adam's two moments, EMA/SWA copies and the roll-back
+    snapshot), `crops` (the uint8 training crops on the device), `train` (activations of one step at batch_per_rank),
+    `generate` (working memory of one generation batch of sample_batch). Per-image figures scale the last two."""
+
+    params: int  # G + D parameters
+    state: int
+    crops: int
+    train_per_image: float
+    generate_per_image: float
+    batch_per_rank: int
+    sample_batch: int
+
+    @property
+    def train(self):
+        return int(self.train_per_image * self.batch_per_rank)
+
+    @property
+    def generate(self):
+        return int(self.generate_per_image * self.sample_batch)
+
+    @property
+    def peak(self):  # generation (the finish's measurement, the loop's re-timing) runs beside the trainer's state
+        return self.state + self.crops + max(self.train, self.generate)
+
+    def text(self):
+        return (f"~{self.peak / GIB:.2f} GiB (model state {self.state / GIB:.2f} GiB for {self.params / 1e6:.1f}M "
+                f"parameters, crops {self.crops / GIB:.2f}, training activations {self.train / GIB:.2f} at "
+                f"{self.batch_per_rank} images per rank, generation {self.generate / GIB:.2f} at sample_batch "
+                f"{self.sample_batch})")
+
+
+def _probe_models(cfg, n_classes, width=None):
+    """Build G and D at g_ch = d_ch = width (None: the Config's widths) on the CPU -> (G params, D params, G's saved
+    bytes per image, D's saved bytes per image, [bytes per image of each tensor G keeps in eval mode, in order])."""
+    G, D = build_models(cfg if width is None else dataclasses.replace(cfg, g_ch=width, d_ch=width), n_classes)
+    if hasattr(G, "set_growth"):  # PGGAN: the last level holds the most
+        level, alpha = pggan_growth(1.0, fade_fraction=cfg.pg_fade)
+        G.set_growth(level, alpha)
+        D.set_growth(level, alpha)
+    params = {id(p) for m in (G, D) for p in m.parameters()}
+    saved = []
+
+    def pack(t):
+        if id(t) not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    n = PROBE_IMAGES
+    z = torch.randn(n, cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(n, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = G(z, y)
+        n_g = len(saved)
+        D(x.detach(), y)
+        g_saved, d_saved = sum(saved[:n_g]), sum(saved[n_g:])
+        saved.clear()
+        with eval_mode(G):  # generation: what G's operations hold, in eval mode (one by one under no_grad)
+            G(z, y)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(G), count(D), g_saved / n, d_saved / n, np.asarray(saved, np.float64) / n
+
+
+def build_memory_estimate(cfg, *, batch_per_rank, n_classes, n_crops):
+    """Config -> MemoryEstimate for one rank (see the module's docstring). A few hundred ms on a CPU."""
+    if max(cfg.g_ch, cfg.d_ch) <= DIRECT_WIDTH:  # small models (smoke widths): measured as they are, no fit
+        p_g, p_d, g_s, d_s, sizes = _probe_models(cfg, n_classes)
+    else:
+        probes = [_probe_models(cfg, n_classes, w) for w in PROBE_WIDTHS]
+        w = np.asarray(PROBE_WIDTHS, np.float64)
+
+        def quad(values, at):  # exact for a parameter count, a quadratic in the width
+            return max(float(np.polyval(np.polyfit(w, np.asarray(values, np.float64), 2), at)), 0.0)
+
+        def line(values, at):  # activations are linear in the width (attention maps: constant)
+            return float(np.polyval(np.polyfit(w[:2], np.asarray(values[:2], np.float64), 1), at))
+
+        p_g, p_d = quad([p[0] for p in probes], cfg.g_ch), quad([p[1] for p in probes], cfg.d_ch)
+        g_s, d_s = line([p[2] for p in probes], cfg.g_ch), line([p[3] for p in probes], cfg.d_ch)
+        ops = [p[4] for p in probes[:2]]  # the same tensors at both probe widths: each one fitted to the asked width
+        if len(ops[0]) == len(ops[1]):
+            sizes = ops[0] + (ops[1] - ops[0]) / (w[1] - w[0]) * (cfg.g_ch - w[0])
+        else:  # (not seen) the larger probe's, scaled with the width
+            sizes = ops[1] * max(cfg.g_ch / w[1], 1.0)
+    # generation under no_grad holds about one operation's inputs and output at a time (plus a residual branch): the
+    # 3 largest tensors G keeps in eval mode
+    gen = float(np.sort(sizes)[-3:].sum())
+    # D step: D keeps its activations for 2B images (reals + fakes); G step: G's for B, D's for B; WGAN-GP runs D on B
+    # interpolates with a graph of its gradient (about twice D's)
+    train = max(2 * d_s, g_s + d_s) + (2 * d_s if cfg.gp_weight else 0.0)
+    copies = (1 if cfg.ema else 0) + (1 if cfg.swa else 0)
+    # parameters + gradients + Adam's 2 moments = 16 bytes each; EMA/SWA 4 per G parameter; the roll-back snapshot
+    # holds G, D, Adam's state and the EMA again
+    state = 16 * (p_g + p_d) + 4 * copies * p_g + (12 * (p_g + p_d) + 4 * copies * p_g)
+    return MemoryEstimate(params=round(p_g + p_d), state=int(state), crops=int(n_crops * cfg.image_size ** 2 * 3),
+                          train_per_image=ACTIVATION_OVERHEAD * train, generate_per_image=ACTIVATION_OVERHEAD * gen,
+                          batch_per_rank=batch_per_rank, sample_batch=cfg.sample_batch)
+
+
+# what there is
+
+
+def host_available_bytes():
+    """Memory this process can still take on the host: /proc/meminfo's MemAvailable, capped by a container's cgroup
+    limit (v2 or v1; page cache that can be dropped is not counted as used). None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path, stat_path in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+             "/sys/fs/cgroup/memory/memory.stat")):
+        try:
+            with open(limit_path) as f:
+                limit = int(f.read().strip())  # "max" (no limit) -> ValueError
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        cache = 0
+        try:
+            with open(stat_path) as f:
+                stats = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+            cache = int(stats.get("inactive_file", stats.get("total_inactive_file", 0)))
+        except (OSError, ValueError):
+            pass
+        if limit < 2 ** 60:
+            found.append(max(limit - usage + cache, 0))
+        break
+    return min(found) if found else None
+
+
+def device_available_bytes(device):
+    """Free memory on a CUDA device (torch.cuda.mem_get_info), or the host's for the CPU; None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_available_bytes()
+
+
+# the check
+
+
+def check_memory(est, *, available, where, ranks=1, world=1):
+    """est: MemoryEstimate of one rank; available: bytes free on `where` (a device's name; None = unknown: no check),
+    shared by `ranks` ranks (CPU ranks share the host; world: all ranks, for the batch_size to suggest). -> the sample_batch to use: the estimate's, or a lower one that
+    fits, with a warning (generation's batch only sets speed). A training batch, or widths, that cannot fit even so is
+    a UsageError naming what to set (one line, exit 2)."""
+    if available is None:
+        log(f"memory: needs {est.text()}; free memory on {where} unknown, not checked")
+        return est.sample_batch
+    room = MEMORY_FRACTION * available / ranks  # what one rank may plan to use
+    gen_room = GENERATE_FRACTION * available / ranks
+    head = (f"settings need {est.text()}{f' per rank, {ranks} ranks' if ranks > 1 else ''} on {where}, which has "
+            f"{available / GIB:.2f} GiB free")
+    if est.peak <= room and est.generate <= gen_room:
+        log(f"memory: needs {est.text()} of {available / GIB:.2f} GiB free on {where}")
+        return est.sample_batch
+    left = room - est.state - est.crops
+    if left <= 0:
+        raise UsageError(f"{head}: the models alone (g_ch, d_ch) take {(est.state + est.crops) / GIB:.2f} GiB; "
+                         "lower g_ch / d_ch")
+    if est.train > left:
+        fits = int(left // est.train_per_image)
+        what = (f"set --set batch_size={fits * world}" + (f" (or batch_per_gpu={fits})" if world > 1 else "")
+                + " or lower" if fits >= 2 else "lower g_ch / d_ch")
+        raise UsageError(f"{head}: a training step at {est.batch_per_rank} images per rank needs "
+                         f"{est.train / GIB:.2f} GiB of activations; {what}")
+    batch = int(min(left, gen_room) // est.generate_per_image)
+    if batch < 1:
+        raise UsageError(f"{head}: generating one image needs {est.generate_per_image / GIB:.2f} GiB; "
+                         "lower g_ch / d_ch")
+    batch = min(est.sample_batch - 1, batch if batch < 50 else batch // 25 * 25)
+    warn(f"sample_batch={est.sample_batch} would need {est.generate / GIB:.2f} GiB to generate at once, more than "
+         f"{GENERATE_FRACTION:.0%} of the {available / GIB:.2f} GiB free on {where}: generating {batch} at a time instead")
+    return batch
+
+
+# out of memory in training
+
+
+def is_out_of_memory(exc):
+    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
+
+
+def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
+    """The one line for an out-of-memory error in the first training steps: the batch per rank, the memory seen, and
+    what to set (half the batch per rank)."""
+    if device.type == "cuda":
+        seen = (f"peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB allocated of "
+                f"{torch.cuda.get_device_properties(device).total_memory / GIB:.1f} GiB on {device}")
+    else:
+        free = host_available_bytes()
+        seen = f"{free / GIB:.2f} GiB free on the host now" if free is not None else "host memory unknown"
+    half = max(batch_per_rank // 2, 2)
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
+            + (f" x {world_size} ranks" if world_size > 1 else "") + f" ({seen}): set --set batch_size="
+            f"{half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
+
+
 # ==== modules/loop.py ====
 """The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
 (finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
@@ -3046,13 +3375,15 @@ class TrainSummary:
     plan_seconds: float = 0.0  # the training time the schedule spans (TrainPlan.plan_s)
     slowdown: float = 1.0  # the finish's slowdown at the end: steps or a re-timed generation batch, vs at start
     error: str = None  # the failure that ended training, for crashed
+    peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps (issue 18)
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
                rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
-    reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
+    reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
+    first EARLY_OOM_STEPS steps, a setting that does not fit: a UsageError naming the batch per rank and what to set. Every keyword is required: the values
     come from Config (build_* and main read it), never from defaults here.
 
     Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
@@ -3086,7 +3417,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     ckpt_est = 0.0  # duration of the last checkpoint
     snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
     first_step = trainer.step_count
-    reason, error = "budget", None
+    reason, error, peak_memory = "budget", None, None
     loss_d = loss_g = float("nan")
     dist_on = ctx is not None and ctx.distributed
     main = ctx is None or ctx.is_main
@@ -3156,6 +3487,12 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     continue
             done = trainer.step_count - first_step
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
+            if done == 2 and peak_memory is None and trainer.device.type == "cuda":  # what the batch really takes
+                peak_memory = torch.cuda.max_memory_allocated(trainer.device)
+                if main:
+                    total = torch.cuda.get_device_properties(trainer.device).total_memory
+                    log(f"memory: peak {peak_memory / 2**30:.2f} GiB allocated in the first 2 steps "
+                        f"(torch.cuda.max_memory_allocated) of {total / 2**30:.1f} GiB on {trainer.device}")
             t = time.monotonic()
             measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
             if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
@@ -3232,6 +3569,10 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
+        if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
+            raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
+                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
+                device=trainer.device)) from None
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if dist_on:  # the group may be broken (a dead rank): no collective after this
@@ -3256,7 +3597,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
                         it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
-                        slowdown=max(slowdown, gen_slowdown), error=error)
+                        slowdown=max(slowdown, gen_slowdown), error=error, peak_memory_bytes=peak_memory)
 
 
 # ==== modules/features.py ====
@@ -3879,8 +4220,10 @@ class RunReport:
     wall_seconds: float = None
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
+    precision: dict = None  # issue 18: amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
+    memory: dict = None  # the settings' estimated memory (GiB) against what the device / host had free, before training
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks", "precision", "memory")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
@@ -4441,6 +4784,7 @@ verification; a problem the user can fix is found before training and ends with 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
+DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -4565,6 +4909,31 @@ def load_training_data(cfg):
     return data, demo_dir
 
 
+def check_setting_memory(cfg, device, *, world, data=None):
+    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
+    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
+    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
+    Before the data is read (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
+    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
+    if data is not None:
+        n_crops, n_classes = len(data.images), len(data.classes)
+    else:
+        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
+        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
+        n_crops, n_classes = int(images * 1.25 * styles), 120
+    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
+    available = device_available_bytes(device)
+    where = str(device) if device.type == "cuda" else "the host"
+    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
+    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
+            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
+            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
+    if batch != cfg.sample_batch:
+        info["sample_batch_asked"] = cfg.sample_batch
+        cfg = dataclasses.replace(cfg, sample_batch=batch)
+    return cfg, info
+
+
 def evaluate_submission(cfg):
     """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
     device = check_device(cfg.device)
@@ -4678,6 +5047,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
+    except UsageError:  # an out-of-memory error in the first steps (train_loop): exit 2, not a crashed run
+        raise
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
@@ -4688,6 +5059,9 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
+    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
+    if describe_skips(report.precision):
+        log(describe_skips(report.precision))
     return summary
 
 
@@ -4726,8 +5100,12 @@ def run(argv=None):
     if not fork:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
+        cfg, memory = check_setting_memory(cfg, device, world=world)  # before the data: too much is exit 2
     seed_everything(cfg.seed)
     report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
+    if not fork:
+        report.memory = memory
     timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
@@ -4756,7 +5134,10 @@ def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devic
     if device is None:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
         report.device = str(device)
+        cfg, report.memory = check_setting_memory(cfg, device, world=ctx.world_size, data=data)  # forked: after data
+        report.config = dataclasses.asdict(cfg)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         report.warn("distributed start failed: ran one process")

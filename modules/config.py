@@ -81,7 +81,7 @@ class Config:
     n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
-    amp: str = "auto"  # auto (fp16 on CUDA, bf16 where supported) | off
+    amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
     compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
@@ -99,7 +99,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
@@ -158,17 +158,17 @@ def parse_duration(text):
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise|kill)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
 
 
 def parse_faults(text):
     """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
+    nan@STEP, raise@STEP: at that step; oom@STEP: a CUDA out-of-memory error at that step; kill@STEP: rank 1 of several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation
     batch once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, kill@STEP, slow@SECONDS, "
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, slow@SECONDS, "
                              "slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
@@ -274,7 +274,7 @@ ALLOWED = {
     "ema_start": _number(0, 10**9, integer=True), "swa": _flag(), "swa_every": _number(1, 10**6, integer=True),
     # sampling
     "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
-    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off"), "compile": _one_of("off", "auto", "on"),
+    "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off", "fp16", "bf16"), "compile": _one_of("off", "auto", "on"),
     "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
     # upkeep and robustness
     "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),
@@ -284,7 +284,7 @@ ALLOWED = {
     # evaluation
     "feature_weights": _text("a weights file path"), "self_check": _flag(),
     # development and testing
-    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, kill@STEP, "
+    "dev_counts": _flag(), "fault": _items_matching(FAULT_RE.pattern, "comma-separated nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
                                                                       "slow@SECONDS, slowgen@SECONDS, zipfail"),
 }
 

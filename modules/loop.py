@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from modules.distributed import agree, dead_workers, sync_buffers
+from modules.memory import EARLY_OOM_STEPS, describe_early_oom, is_out_of_memory
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
-from modules.utils import eval_mode, format_duration, log, warn
+from modules.utils import UsageError, eval_mode, format_duration, log, warn
 
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
@@ -44,13 +45,15 @@ class TrainSummary:
     plan_seconds: float = 0.0  # the training time the schedule spans (TrainPlan.plan_s)
     slowdown: float = 1.0  # the finish's slowdown at the end: steps or a re-timed generation batch, vs at start
     error: str = None  # the failure that ended training, for crashed
+    peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps (issue 18)
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
                rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
-    reason "crashed" or "interrupted", so that the caller ships what there is. Every keyword is required: the values
+    reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
+    first EARLY_OOM_STEPS steps, a setting that does not fit: a UsageError naming the batch per rank and what to set. Every keyword is required: the values
     come from Config (build_* and main read it), never from defaults here.
 
     Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
@@ -84,7 +87,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     ckpt_est = 0.0  # duration of the last checkpoint
     snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
     first_step = trainer.step_count
-    reason, error = "budget", None
+    reason, error, peak_memory = "budget", None, None
     loss_d = loss_g = float("nan")
     dist_on = ctx is not None and ctx.distributed
     main = ctx is None or ctx.is_main
@@ -154,6 +157,12 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     continue
             done = trainer.step_count - first_step
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
+            if done == 2 and peak_memory is None and trainer.device.type == "cuda":  # what the batch really takes
+                peak_memory = torch.cuda.max_memory_allocated(trainer.device)
+                if main:
+                    total = torch.cuda.get_device_properties(trainer.device).total_memory
+                    log(f"memory: peak {peak_memory / 2**30:.2f} GiB allocated in the first 2 steps "
+                        f"(torch.cuda.max_memory_allocated) of {total / 2**30:.1f} GiB on {trainer.device}")
             t = time.monotonic()
             measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
             if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
@@ -230,6 +239,10 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
+        if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
+            raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
+                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
+                device=trainer.device)) from None
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if dist_on:  # the group may be broken (a dead rank): no collective after this
@@ -254,4 +267,4 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
                         it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
-                        slowdown=max(slowdown, gen_slowdown), error=error)
+                        slowdown=max(slowdown, gen_slowdown), error=error, peak_memory_bytes=peak_memory)

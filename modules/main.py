@@ -52,12 +52,13 @@ from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
 from modules.finish import FINISH_SAFETY, finish, measure_finish_seconds
 from modules.loop import TrainSummary, train_loop
+from modules.memory import GIB, KAGGLE_IMAGES, build_memory_estimate, check_memory, device_available_bytes
 from modules.plan import plan_training
 from modules.report import RunReport
 from modules.sample import generate_images
 from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
-from modules.train import build_trainer
+from modules.train import build_trainer, describe_amp, describe_skips, resolve_amp
 from modules.utils import (
     Deadline,
     PhaseTimer,
@@ -75,6 +76,7 @@ from modules.utils import (
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
+DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -199,6 +201,31 @@ def load_training_data(cfg):
     return data, demo_dir
 
 
+def check_setting_memory(cfg, device, *, world, data=None):
+    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
+    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
+    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
+    Before the data is read (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
+    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
+    if data is not None:
+        n_crops, n_classes = len(data.images), len(data.classes)
+    else:
+        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
+        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
+        n_crops, n_classes = int(images * 1.25 * styles), 120
+    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
+    available = device_available_bytes(device)
+    where = str(device) if device.type == "cuda" else "the host"
+    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
+    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
+            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
+            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
+    if batch != cfg.sample_batch:
+        info["sample_batch_asked"] = cfg.sample_batch
+        cfg = dataclasses.replace(cfg, sample_batch=batch)
+    return cfg, info
+
+
 def evaluate_submission(cfg):
     """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
     device = check_device(cfg.device)
@@ -312,6 +339,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
+    except UsageError:  # an out-of-memory error in the first steps (train_loop): exit 2, not a crashed run
+        raise
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
@@ -322,6 +351,9 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
     log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
+    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
+    if describe_skips(report.precision):
+        log(describe_skips(report.precision))
     return summary
 
 
@@ -360,8 +392,12 @@ def run(argv=None):
     if not fork:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
+        cfg, memory = check_setting_memory(cfg, device, world=world)  # before the data: too much is exit 2
     seed_everything(cfg.seed)
     report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
+    if not fork:
+        report.memory = memory
     timer = PhaseTimer()
     with timer.phase("data"):
         data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
@@ -390,7 +426,10 @@ def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devic
     if device is None:
         device = check_device(rank_device(ctx, cfg.device))
         log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
         report.device = str(device)
+        cfg, report.memory = check_setting_memory(cfg, device, world=ctx.world_size, data=data)  # forked: after data
+        report.config = dataclasses.asdict(cfg)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         report.warn("distributed start failed: ran one process")

@@ -18,7 +18,7 @@ from modules.losses import LOSSES, gradient_penalty
 from modules.models import build_models
 from modules.pggan import pggan_growth
 from modules.speed import maybe_compile
-from modules.utils import parse_faults
+from modules.utils import UsageError, parse_faults
 
 # data on the device
 
@@ -87,17 +87,72 @@ class EMA:
 # the trainer
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+
+
 def resolve_amp(amp, device):
-    """-> autocast dtype or None. fp16 + GradScaler on CUDA (P100 has no bf16); bf16 where the GPU supports it."""
-    if amp == "off" or device.type != "cuda":
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
+    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
+    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
+    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
+    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    if amp == "off":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = AMP_DTYPES[amp]
+    problem = _amp_problem(dtype, device)
+    if problem:
+        raise UsageError(f"setting amp={amp} cannot be used on {device.type} with torch {torch.__version__}: {problem}; "
+                         "use amp=auto or amp=off")
+    return dtype
+
+
+def _amp_problem(dtype, device):
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
+    linear layer is run under autocast and must come out in `dtype`."""
+    if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
+    try:
+        with warnings.catch_warnings():  # old torch: "In CPU autocast, but the target dtype is not supported"
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
+            if dtype == torch.float16:
+                _grad_scaler(device.type, enabled=True)
+    except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
+        return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    if out.dtype != dtype:
+        return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
+    return ""
+
+
+def describe_skips(precision):
+    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
+    "" without GradScalers."""
+    p = precision
+    if not p.get("grad_scalers"):
+        return ""
+    if p.get("skipped_g") is None:
+        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
+    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
+            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
+
+
+def describe_amp(amp_dtype):
+    """The precision a Trainer runs in, for the log and report.json."""
+    if amp_dtype is None:
+        return "fp32"
+    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
 
 
 def _grad_scaler(device_type, *, enabled):
     """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all we need: scaling is enabled only for fp16 on CUDA."""
+    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
+    refuses amp=fp16 on their CPU)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
@@ -161,8 +216,13 @@ class Trainer:
         self.progress = 0.0
         self.step_count = 0
         self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
-        self.stats = torch.zeros(3, device=self.device)  # [sum loss_d, sum loss_g, non-finite count]
+        self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
+        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
+        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
+        self.skipped = {"d": 0, "g": 0}
+        self.steps_counted = 0
+        self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
@@ -257,7 +317,7 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
-            self.scaler_d.update()
+            self._update_scaler(self.scaler_d, self.opt_d, 3)
         # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
         # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
         # the D step's (detached, from before D's update), saving a D forward over reals
@@ -279,12 +339,36 @@ class Trainer:
         if self.group is not None:
             self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
         self._average()
         ld, lg = loss_d.detach(), loss_g.detach()
-        self.stats += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
+        self.stats[:3] += torch.stack([ld, lg, (~torch.isfinite(ld)).float() + (~torch.isfinite(lg)).float()])
         self.stats_n += 1
+
+    def _update_scaler(self, scaler, opt, slot):
+        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
+        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
+        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        if scaler.is_enabled() and self.skips_known:
+            found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
+            if found:
+                self.stats[slot] += sum(v.to(self.device, torch.float32) for v in found.values())
+            else:
+                self.skips_known = False
+        scaler.update()
+
+    def precision_summary(self):
+        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
+        made (this process, read at host syncs), with their final scales. None where not known."""
+        on = self.scaler_g.is_enabled()
+        out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
+               "d_steps": self.steps_counted * self.d_steps}
+        if on:
+            out.update(skipped_g=self.skipped["g"] if self.skips_known else None,
+                       skipped_d=self.skipped["d"] if self.skips_known else None,
+                       scale_g=float(self.scaler_g.get_scale()), scale_d=float(self.scaler_d.get_scale()))
+        return out
 
     def _average(self):
         if self.ema is not None:
@@ -296,6 +380,10 @@ class Trainer:
         if self.faults.get("raise") == self.step_count:
             del self.faults["raise"]  # one shot
             raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
+        if self.faults.get("oom") == self.step_count:  # issue 18: what a GPU too small for the batch raises
+            del self.faults["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{self.step_count}, --set fault=oom@STEP)")
         if "slow" in self.faults:
             time.sleep(self.faults["slow"])
         if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
@@ -308,13 +396,17 @@ class Trainer:
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
         Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
-        n = max(self.stats_n, 1)
+        n, ranks = max(self.stats_n, 1), 1
+        self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
             torch.distributed.all_reduce(self.stats, group=self.group)
-            n *= self.world_size
+            n, ranks = n * self.world_size, self.world_size
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
+        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        self.skipped["d"] += round(s[3] / ranks)
+        self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
 
     # snapshots and checkpoints
@@ -334,8 +426,10 @@ class Trainer:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
+            if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
+                continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
+            scaler.load_state_dict(saved)  # the scale and its growth tracker; a disabled scaler ignores them
         self.step_count = state["step"]
         self.lr_scale = state.get("lr_scale", 1.0)
         if self.ema is not None and "ema" in state:

@@ -87,3 +87,27 @@ def test_other_write_errors_keep_their_first_line():
     msg = describe_write_error(PermissionError(errno.EACCES, "Permission denied"), "/x/checkpoint.pt")
     assert "disk full" not in msg and msg.startswith("PermissionError")
     assert describe_write_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x/c.pt").startswith("disk full")
+
+
+def test_grad_scalers_go_through_the_checkpoint(tmp_path):
+    """fp16 (issue 18): the GradScalers' scales and growth trackers are restored by --resume; a checkpoint of a run
+    without them (fp32 on the CPU, bf16) resumes in fp16 with fresh scalers, and an fp16 one resumes in fp32."""
+    def trainer(amp):
+        torch.manual_seed(0)
+        return build_trainer(tiny_cfg(batch_size=2, attention=False, amp=amp), tiny_data(), CPU)
+
+    a = trainer("fp16")
+    a.step()
+    a.scaler_d.load_state_dict({**a.scaler_d.state_dict(), "scale": 256.0, "_growth_tracker": 7})
+    _save(tmp_path / "fp16.pt", a)
+    b = trainer("fp16")
+    restore_checkpoint(read_checkpoint(str(tmp_path / "fp16.pt"), arch=ARCH), "fp16.pt", b, classes=["c0", "c1", "c2"])
+    assert b.scaler_d.state_dict() == a.scaler_d.state_dict() and b.scaler_g.state_dict() == a.scaler_g.state_dict()
+    assert b.scaler_d.get_scale() == 256.0
+    _save(tmp_path / "fp32.pt", trainer("off"))
+    c = trainer("fp16")
+    restore_checkpoint(read_checkpoint(str(tmp_path / "fp32.pt"), arch=ARCH), "fp32.pt", c, classes=["c0", "c1", "c2"])
+    assert c.scaler_g.get_scale() == c.scaler_d.get_scale() == 65536.0  # torch's initial scale
+    d = trainer("off")
+    restore_checkpoint(read_checkpoint(str(tmp_path / "fp16.pt"), arch=ARCH), "fp16.pt", d, classes=["c0", "c1", "c2"])
+    assert not d.scaler_g.is_enabled() and d.step_count == 1

@@ -73,7 +73,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "gp_weight": float("nan"), "fresh_real_logits": "maybe", "batch_size": 0, "batch_per_gpu": 1, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
     "d_steps": 0, "max_steps": -1, "lr_schedule": "step", "lr_final": 2.0, "ema": "true", "ema_decay": 1.5,
     "ema_ref_batch": 0, "ema_start": -1, "swa": 2, "swa_every": 0, "n_images": 0, "truncation": 0.01,
-    "sample_batch": 0, "amp": "fp16", "compile": "max", "diffaug": "color,blur", "pg_fade": 1.5, "tick_s": 0.0,
+    "sample_batch": 0, "amp": "fp8", "compile": "max", "diffaug": "color,blur", "pg_fade": 1.5, "tick_s": 0.0,
     "check_every": 0, "snapshot_every": 0, "max_rollbacks": -1, "rollback_lr_factor": 0.0, "checkpoint_s": -1.0,
     "reserve_margin_s": float("inf"), "feature_weights": "w\0", "self_check": "false", "dev_counts": "yes",
     "fault": "boom@3",

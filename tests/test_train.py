@@ -1,10 +1,13 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.config import PRESETS, Config, apply_overrides
-from modules.train import EMA, DeviceBatches, build_trainer, resolve_amp
+from modules.train import EMA, DeviceBatches, build_trainer, describe_skips, resolve_amp
+from modules.utils import UsageError
 
 def test_device_batches_range_flip_and_labels():
     data = tiny_data()
@@ -45,6 +48,24 @@ def test_ema_decay_is_batch_size_independent():
 
 def test_amp_off_on_cpu():
     assert resolve_amp("auto", CPU) is None
+
+
+def test_amp_forced_on_the_cpu():
+    """amp=fp16 / bf16 force that autocast dtype on the CPU too (issue 18); off is fp32 everywhere."""
+    assert resolve_amp("off", CPU) is None
+    assert resolve_amp("fp16", CPU) == torch.float16 and resolve_amp("bf16", CPU) == torch.bfloat16
+
+
+def test_forced_amp_refused_in_one_line_by_a_torch_without_it(monkeypatch):
+    """torch 2.1/2.2 have no torch.amp.GradScaler("cpu"); an old CPU autocast falls back to fp32 with a warning."""
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    with pytest.raises(UsageError, match=r"amp=fp16 cannot be used on cpu .*GradScaler.*use amp=auto or amp=off"):
+        resolve_amp("fp16", CPU)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # autocast that does nothing
+    with pytest.raises(UsageError, match=r"amp=bf16 .*does not compute in torch.bfloat16") as info:
+        resolve_amp("bf16", CPU)
+    assert "\n" not in str(info.value)
 
 
 def test_learning_is_wired():
@@ -113,3 +134,58 @@ def test_fresh_real_logits_recomputes_d_on_reals_after_its_update(fresh):
     assert len(seen) == 1 and seen[0].numel() == 4  # G saw one batch of real logits
     bce = build_trainer(tiny_cfg(batch_size=4, loss="bce", fresh_real_logits=True), tiny_data(), CPU)
     assert not bce.fresh_real_logits
+
+
+# reduced precision on the CPU (issue 18): the GPU's fp16/bf16 path, exercised without a GPU
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_default_recipe_steps_in_reduced_precision_on_the_cpu(amp):
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_cfg(batch_size=2, amp=amp), tiny_data(), CPU)
+    assert trainer.amp_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    assert trainer.scaler_g.is_enabled() == trainer.scaler_d.is_enabled() == (amp == "fp16")
+    seen = []
+    for net in (trainer.G, trainer.D):
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    for _ in range(2):
+        trainer.step()
+    ld, lg, bad = trainer.read_stats()
+    assert bad == 0 and np.isfinite([ld, lg]).all()
+    assert set(seen) == {trainer.amp_dtype}  # G's and D's convs computed in autocast's dtype
+    p = trainer.precision_summary()
+    assert p["g_steps"] == 2 and p["d_steps"] == 2 and p["grad_scalers"] == (amp == "fp16")
+    for m in (trainer.G, trainer.D):
+        assert all(q.dtype == torch.float32 and torch.isfinite(q).all() for q in m.parameters())  # fp32 master weights
+
+
+def _set_scale(scaler, scale):
+    state = scaler.state_dict()
+    scaler.load_state_dict({**state, "scale": scale, "_growth_tracker": 0})
+
+
+def test_inf_gradient_skips_that_step_halves_the_scale_and_rolls_nothing_back():
+    """An inf in D's gradients: D's optimiser step is skipped (its weights do not change), its scale halves, the skip is
+    counted at the next host sync, G's step goes on, and the losses stay finite, so the loop sees nothing to roll back."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_cfg(batch_size=2, amp="fp16"), tiny_data(), CPU)
+    for scaler in (trainer.scaler_g, trainer.scaler_d):
+        _set_scale(scaler, 64.0)  # small enough that these tiny nets never overflow by themselves
+    trainer.step()
+    assert trainer.read_stats()[2] == 0 and trainer.skipped == {"d": 0, "g": 0}
+    shots = [1]
+    param = next(trainer.D.parameters())
+    param.register_hook(lambda g: torch.full_like(g, float("inf")) if shots and shots.pop() else g)  # the D step's
+    before_d = [q.detach().clone() for q in trainer.D.parameters()]
+    before_g = [q.detach().clone() for q in trainer.G.parameters()]
+    trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before_d, trainer.D.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_g, trainer.G.parameters()))
+    assert trainer.scaler_d.get_scale() == 32.0 and trainer.scaler_g.get_scale() == 64.0
+    ld, lg, bad = trainer.read_stats()
+    assert bad == 0 and np.isfinite([ld, lg]).all()  # nothing for the loop's roll-back
+    assert trainer.skipped == {"d": 1, "g": 0}
+    p = trainer.precision_summary()
+    assert (p["skipped_d"], p["d_steps"], p["skipped_g"], p["g_steps"]) == (1, 2, 0, 2)
+    assert describe_skips(p).startswith("GradScalers skipped 0 of 2 G steps and 1 of 2 D steps")

@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import json
 import math
 import platform
 import resource
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modules.config import Config  # noqa: E402
+from modules.config import parse_config  # noqa: E402
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.losses import LOSSES  # noqa: E402
 from modules.models import build_models, count_params  # noqa: E402
@@ -54,7 +55,7 @@ PEAK_TFLOPS = (("H200", 67.0, 989.0), ("H100 PCIe", 51.0, 756.0), ("H100", 67.0,
                ("V100", 15.7, 125.0), ("T4", 8.1, 65.0), ("P100", 9.3, 18.7))  # P100 PCIe (Kaggle): fp16 = 2x fp32
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=60, help="timed steps per variant, split over --rounds")
@@ -68,7 +69,10 @@ def parse_args():
     p.add_argument("--compile", default="auto", choices=("off", "auto", "on"), help="variant (d)")
     p.add_argument("--n-images", type=int, default=10000, help="images sampled and zipped")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    return p.parse_args()
+    p.add_argument("--preset", default="kaggle", help="comma-separated presets, as kernel.py --preset (default kaggle)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Config field")
+    p.add_argument("--json", default="", help="also write the rows and timings to this JSON file")
+    return p.parse_args(argv)
 
 
 # helpers
@@ -282,12 +286,12 @@ def fmt_bytes(n):
     return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
-    cfg = Config()  # the kaggle preset
+    cfg = parse_config(["--preset", args.preset] + [a for s in args.set for a in ("--set", s)])[0]
     cfg = dataclasses.replace(cfg, batch_size=args.batch, g_ch=args.g_ch or cfg.g_ch, d_ch=args.d_ch or cfg.d_ch)
     name, peak32, peak16 = device_peak(device)
     torch_defaults = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
@@ -302,7 +306,7 @@ def main():
     print(f"device {name} | torch {torch.__version__} | python {platform.python_version()}", flush=True)
     data, data_desc, prep_full_s = load_data(args, cfg)
     G0, D0 = build_models(cfg, len(data.classes))
-    print(f"model: kaggle preset ({cfg.arch}, loss {cfg.loss}), g_ch {cfg.g_ch} d_ch {cfg.d_ch}, "
+    print(f"model: preset {args.preset} {' '.join('--set ' + s for s in args.set)} ({cfg.arch}, loss {cfg.loss}), g_ch {cfg.g_ch} d_ch {cfg.d_ch}, "
           f"G {count_params(G0) / 1e6:.2f}M D {count_params(D0) / 1e6:.2f}M params, batch {cfg.batch_size}, "
           f"joint D forward {D0.joint_ok} | data: {data_desc}")
     print(f"measuring: {warmup} warm-up steps, then {args.steps} timed steps per variant in "
@@ -387,6 +391,13 @@ def main():
     print(f"data prep: {prep}")
     print(f"sampling {args.n_images:,} images (generate_images, batch {cfg.sample_batch}): {sample_s:.1f}s")
     print(f"writing the verified zip (write_submission, {cfg.data_workers} workers): {zip_s:.1f}s")
+    if args.json:
+        out = {"device": name, "torch": torch.__version__, "batch": cfg.batch_size, "g_ch": cfg.g_ch, "d_ch": cfg.d_ch,
+               "flops_per_step": flops, "peak_tflops": {"fp32": peak32, "fp16": peak16}, "sample_s": sample_s,
+               "zip_s": zip_s, "n_images": args.n_images, "prep_full_s": prep_full_s,
+               "rows": [{"name": r["name"], "it_s": r["it_s"], "rates": r["rates"], "peak_bytes": r["peak"],
+                         "warmup_s": r["warmup_s"], "amp": str(r["amp"])} for r in rows]}
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
