@@ -141,7 +141,8 @@ def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers
     gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
                   device=trainer.device, seed=seed)
     with timer.phase("generate"):
-        G = prepare_for_sampling(G, batch_size=batch, **gen_kw)  # sample_bn "standing": its statistics, once
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch,
+                                 device=trainer.device, amp_dtype=trainer.amp_dtype)  # sample_bn standing: its copy
         images = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
     zip_path = os.path.join(out_dir, "images.zip")
     report_path = os.path.join(out_dir, "report.json")
