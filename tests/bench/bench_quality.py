@@ -132,6 +132,8 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
             break
         if trained >= plan_s - 1.0:
             break  # the last point is scored from the final images below
+        if plan_s - trained < 0.25 * score_every:
+            continue  # train_loop ended the segment a little early: train the rest, score it with the final images
         t0 = time.monotonic()
         s = score(sample_like_kernel(trainer, cfg, label_counts, score_n), ref_feats, extractor)
         score_s += time.monotonic() - t0
