@@ -36,9 +36,9 @@
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
-import io, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal, socket
-import sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
-import torchvision, traceback, types, warnings, xml.etree.ElementTree as ET, zipfile
+import io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil
+import signal, socket, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
@@ -75,8 +75,8 @@ class Config:
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
     # data
     image_size: int = 64  # pixels; the competition wants 64
-    crop_margin: float = 0.1  # fraction of the box's longer side added around it
-    crop_styles: str = "box"  # comma-separated from data.CROP_STYLES: box, tight, padded, top, whole
+    crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
+    crop_styles: str = "square"  # comma-separated from data.CROP_STYLES: square (2nd place), box, tight, padded, top, whole
     include_whole: bool = False  # also train on the centre square of every whole image (3rd place: crops + originals)
     min_aspect: float = 0.0  # drop boxes with w/h below this (1st place: 0.2)
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
@@ -110,11 +110,11 @@ class Config:
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
     batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
     lr_g: float = 2e-4
-    lr_d: float = 8e-4
+    lr_d: float = 8e-4  # the 2nd place's slide deck; both public copies of their code use 4e-4 (batch 64, 50k steps)
     beta1: float = 0.0
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
-    max_steps: int = 0  # stop training after this many G steps (0 = train until the budget's training window closes)
+    max_steps: int = 50000  # stop after this many G steps (0 = at the training window's end); 50,000 = the 2nd place's horizon
     lr_schedule: str = "constant"  # constant | cosine | linear, over the training time the watchdog allows
     lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
@@ -133,6 +133,10 @@ class Config:
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
+    # issue 17: the 2nd place's discriminator, resize filter and sampling statistics
+    d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
+    crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
+    sample_bn: str = "batch"  # G's BN statistics when sampling (sample.py): batch (2nd place) | running | standing
     # upkeep and robustness
     tick_s: float = 180.0  # seconds between progress lines
     check_every: int = 50  # steps between host syncs (finite check, step timing)
@@ -149,6 +153,9 @@ class Config:
     fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
+# the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
+NOT_2ND_PLACE = dict(crop_styles="box", crop_filter="lanczos", sample_bn="running", max_steps=0)
+
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
 PRESETS = {
     "kaggle": {},
@@ -157,20 +164,24 @@ PRESETS = {
         check_every=10, snapshot_every=50, checkpoint_s=0.0, reserve_margin_s=5.0, data_limit=0, time_budget="120s",
     ),
     "dcgan": dict(  # the DCGAN paper's baseline: unconditional, BCE, Adam 2e-4 / (0.5, 0.999)
+        NOT_2ND_PLACE,
         arch="dcgan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, truncation=0.0, ema=False, hflip=True,
     ),
     "dcgan5": dict(  # the DCGAN article's network: 5x5 stride-2 transposed convs in G, 3x3 stride-2 convs in D
+        NOT_2ND_PLACE,
         arch="dcgan5", z_dim=100, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", lr_g=1e-4, lr_d=1e-4, beta1=0.5, real_noise=0.0, truncation=0.0, ema=False,
     ),
     "dcgan-tricks": dict(  # the 1st-public team's DCGAN: head-keeping crops, split BN, margin, SWA, wider G
+        NOT_2ND_PLACE,
         arch="dcgan", z_dim=128, g_ch=96, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
     ),
     "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
+        NOT_2ND_PLACE,
         arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
         truncation=0.0, ema=True, ema_start=0,
@@ -296,7 +307,7 @@ ALLOWED = {
     "demo": _flag(), "resume": _text("a checkpoint.pt path"), "evaluate": _text("a zip or folder path"),
     # data
     "image_size": _number(64, 64, integer=True), "crop_margin": _number(0, 1),
-    "crop_styles": _some_of("box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
+    "crop_styles": _some_of("square", "box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
     "min_aspect": _number(0, 100), "max_aspect": _number(0, 100), "hflip": _flag(), "real_noise": _number(0, 1),
     "instance_noise": _number(0, 10), "data_workers": _number(1, 256, integer=True),
     "threads": _number(0, 1024, integer=True),
@@ -323,6 +334,9 @@ ALLOWED = {
     "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
     "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off", "fp16", "bf16"), "compile": _one_of("off", "auto", "on"),
     "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
+    # issue 17
+    "d_arch": _one_of("2nd-place", "biggan-pytorch"), "crop_filter": _one_of("box", "lanczos"),
+    "sample_bn": _one_of("batch", "running", "standing"),
     # upkeep and robustness
     "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),
     "snapshot_every": _number(1, 10**9, integer=True), "max_rollbacks": _number(0, 1000, integer=True),
@@ -867,7 +881,29 @@ def _crop_whole(box, img_w, img_h, margin):
     return _fit_square(cx, cy, side, (img_w - side) / 2, (img_h - side) / 2, img_w, img_h)
 
 
-CROP_STYLES = {"box": _crop_box, "tight": _crop_tight, "padded": _crop_padded, "top": _crop_top, "whole": _crop_whole}
+def _crop_square(box, img_w, img_h, margin):
+    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, without margin (`margin`
+    is not used). Along a side where the image is shorter than that, the window is the image's whole extent: the crop
+    stays rectangular and the resize squashes it, so the whole dog stays in the picture (the "box" style cuts it)."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+
+    def span(a0, a1, extent):  # [lo, lo + s] of length min(side, extent), centred on the box, moved into the image
+        s = min(side, extent)
+        lo = min(max((a0 + a1 - s) / 2, 0.0), extent - s)
+        return lo, lo + s
+
+    (left, right), (top, bottom) = span(x0, x1, img_w), span(y0, y1, img_h)
+    return (left, top, right, bottom)
+
+
+CROP_STYLES = {"square": _crop_square, "box": _crop_box, "tight": _crop_tight, "padded": _crop_padded, "top": _crop_top, "whole": _crop_whole}
+
+
+# Resize filters of the crops. "box" is area averaging (each output pixel the mean of the input pixels it covers), as
+# the 2nd place's cv2.INTER_AREA; "lanczos" the sharper windowed sinc. Either runs after JPEG draft decoding (a DCT
+# downscale by 1/2..1/8 that keeps every window at >= size pixels), so the filter does the last, < 2x, step.
+RESIZE_FILTERS = {"box": Image.BOX, "lanczos": Image.LANCZOS}
 
 
 # one image
@@ -943,7 +979,7 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_aspect, keep_reference):
+def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_aspect, keep_reference, resize):
     """job = (image path, annotation path or None, label) -> (label, crops uint8 [k,size,size,3] or None,
     reference uint8 [size,size,3] or None, skipped Counter, fixed Counter, boxes used). Never raises."""
     path, ann_path, label = job
@@ -1001,7 +1037,7 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
             if orientation:
                 rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
         fx, fy = rgb.width / img_w, rgb.height / img_h
-        crops = [np.asarray(rgb.resize((size, size), Image.LANCZOS,
+        crops = [np.asarray(rgb.resize((size, size), RESIZE_FILTERS[resize],
                                        box=(l * fx, t * fy, min(r * fx, rgb.width), min(b * fy, rgb.height))))
                  for l, t, r, b in windows]
         ref = np.asarray(rgb.resize((size, size), Image.BILINEAR)) if keep_reference else None
@@ -1038,10 +1074,11 @@ def _run_jobs(fn, jobs, workers, pool):
 
 
 def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("box",), include_whole=False,
-              min_aspect=0.0, max_aspect=float("inf"), keep_reference=True, workers=2, limit=None, pool="thread"):
+              min_aspect=0.0, max_aspect=float("inf"), keep_reference=True, workers=2, limit=None, pool="thread",
+              resize="lanczos"):
     """Every image -> crops (see DogData). annotation_dir=None: whole-image mode, a centre square per image, "dog".
 
-    margin: fraction of the box side added around it; min/max_aspect: keep boxes with min <= w/h <= max (whole-image
+    margin: fraction of the box side added around it (not by "square"); resize: RESIZE_FILTERS; min/max_aspect: keep boxes with min <= w/h <= max (whole-image
     mode: the image's w/h); limit: the first N images (by id) only; pool: "thread" (PIL decodes and resizes without
     the GIL; 1,953 real images, 2 cores: 1.6-1.8 s wall, 1.8 CPU-s) or "fork" (a process pool: 2.3 s, 2.1 CPU-s).
     """
@@ -1049,6 +1086,8 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
     unknown = [s for s in crop_styles if s not in CROP_STYLES]
     if unknown or not crop_styles:
         raise UsageError(f"unknown crop style(s) {unknown or '(none)'}: choose from {', '.join(CROP_STYLES)}")
+    if resize not in RESIZE_FILTERS:
+        raise UsageError(f"unknown resize filter {resize!r}: choose from {', '.join(RESIZE_FILTERS)}")
     images_dir = Path(images_dir)
     skipped = Counter()
     files = list_images(images_dir, skipped) if images_dir.is_dir() else {}
@@ -1063,7 +1102,7 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
         jobs = [(files[k], *annotations[k]) for k in sorted(files) if k in annotations]
     jobs = jobs[:limit] if limit is not None else jobs
     one = functools.partial(_load_one_dog, size=size, margin=margin, styles=styles, include_whole=include_whole,
-                            min_aspect=min_aspect, max_aspect=max_aspect, keep_reference=keep_reference)
+                            min_aspect=min_aspect, max_aspect=max_aspect, keep_reference=keep_reference, resize=resize)
     with warnings.catch_warnings():  # for this call only: a decompression bomb is skipped and counted, not warned about
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "Corrupt EXIF data"
@@ -1280,14 +1319,34 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 
 # spectral norm and layer factories
 
+class SpectralNormFP32(parametrizations._SpectralNorm):
+    """torch's spectral-norm parametrization with its power iteration and sigma always in float32.
+
+    The parametrization runs when the weight is read, i.e. inside the caller's autocast region; CUDA's autocast puts
+    torch.mv on its fp16 list (CPU's does not), so u, v and sigma would be computed in half precision on a GPU -- a
+    precision/range risk with a history of breakage (pytorch/pytorch#125544). Autocast is switched off here, so they
+    run in float32 whatever the autocast state and device. Same buffers and state_dict keys (_u, _v) as torch's.
+    """
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight.float()).to(weight.dtype)
+
+
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (torch.nn.utils.parametrizations, 1 power iteration per training forward).
+    """Spectral-normalize `module.weight` (SpectralNormFP32: torch's parametrization, 1 power iteration per training
+    forward, in float32 under any autocast).
 
     The normalized weight is recomputed on every access of `module.weight`; the raw weight lives in
     `module.parametrizations.weight.original` and the power-iteration vectors u, v are buffers (so they travel in the
     state_dict and get copied by an EMA of buffers).
     """
-    return parametrizations.spectral_norm(module) if enabled else module
+    if not enabled:
+        return module
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
+    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
+                                                                             dim=dim, eps=1e-12))
+    return module
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
@@ -1394,7 +1453,7 @@ recipe of Kaggle's Generative Dog Images: shared class embedding, hierarchical z
 at 32x32, projection discriminator with an auxiliary classifier head, optional minibatch-std layer.
 
 The architecture is a table per output resolution (widths as multiples of `ch`, one row per residual block), so widths
-are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and BIGGAN_D_ARCH.
+are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and to each table of BIGGAN_D_ARCHS.
 """
 
 
@@ -1407,10 +1466,17 @@ are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and BI
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
-# D: resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its out_res is
-# below its input's. The first block is BigGAN's "optimized" block. BigGAN-PyTorch's arch[64].
-BIGGAN_D_ARCH = {
-    64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4)),
+# D: name -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its
+# out_res is below its input's. The first block is BigGAN's "optimized" block. Config.d_arch picks the table by name.
+# - "2nd-place": the Kaggle 2nd place's D (their slide deck: "ResBlock Down 64, Non-Local, ResBlock Down 128, 256, 512,
+#   ReLU, Global Sum Pooling, Embedding 512, FC |C|"; their code: ch=64 with the author's "reduce model depth (remove
+#   last residual block)"): four blocks, 2/4/8/16 x d_ch = 64/128/256/512 channels at 32/16/8/4 px at d_ch 32,
+#   attention on 64 channels at 32 px; 4.99 M parameters at d_ch 32 (theirs: 4.98 M, the difference our biases).
+# - "biggan-pytorch": BigGAN-PyTorch's arch[64] (ch x 1/2/4/8/16): five blocks, the fifth 8ch -> 16ch at 4x4 without
+#   downsampling -- the block the 2nd place removed; 5.01 M parameters at d_ch 32, 73 % of them in that fifth block.
+BIGGAN_D_ARCHS = {
+    "2nd-place": {64: ((0, 2, 32), (2, 4, 16), (4, 8, 8), (8, 16, 4))},
+    "biggan-pytorch": {64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4))},
 }
 
 
@@ -1533,11 +1599,13 @@ class BigDiscriminator(nn.Module):
     """
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
-                 aux_classifier=True, mbstd_group=0, resolution=64):
+                 aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
-        if resolution not in BIGGAN_D_ARCH:
-            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCH)}")
-        rows = BIGGAN_D_ARCH[resolution]
+        if arch not in BIGGAN_D_ARCHS:
+            raise ValueError(f"BigDiscriminator: arch {arch!r} not in {sorted(BIGGAN_D_ARCHS)}")
+        if resolution not in BIGGAN_D_ARCHS[arch]:
+            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCHS[arch])}")
+        rows = BIGGAN_D_ARCHS[arch][resolution]
         _check_attention_res(attention_res, [r for _, _, r in rows])
         self.n_classes, self.resolution = n_classes, resolution
         make_conv = partial(sn_conv, spectral=spectral)
@@ -1900,7 +1968,7 @@ def build_biggan(cfg, n_classes):
                      spectral=cfg.spectral)
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
-                         mbstd_group=cfg.mbstd_group)
+                         mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
     D.joint_ok = cfg.mbstd_group == 0  # a minibatch-stddev group must not mix reals and fakes
     return G, D
 
@@ -1933,6 +2001,7 @@ def build_models(cfg, n_classes):
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
     G, D = ARCHS[cfg.arch](cfg, n_classes)
+    G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     if not hasattr(D, "joint_ok"):
         D.joint_ok = True
     return G, D
@@ -2051,7 +2120,27 @@ def gradient_penalty(D, real, fake, y):
 
 
 # ==== modules/sample.py ====
-"""Sampling: truncated latents, breed labels from the training distribution, generation to uint8 images."""
+"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
+generation to uint8 images.
+
+G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
+- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
+  eval mode); the running statistics are left untouched.
+- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
+  into the averaged copy): statistics of other weights than the ones that generate.
+- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
+  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
+Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
+so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
+"running" mode, where it shrinks the activations relative to the training statistics.
+"""
+
+
+SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
+STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
+STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
+STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
+_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
 
 
 def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
@@ -2082,12 +2171,94 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def _batch_norms(G):
+    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def sample_bn_of(G, sample_bn=None):
+    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
+    mode = sample_bn or getattr(G, "sample_bn", "running")
+    if mode not in SAMPLE_BN_MODES:
+        raise ValueError(f"sample_bn {mode!r} not in {SAMPLE_BN_MODES}")
+    return mode
+
+
+@contextlib.contextmanager
+def sampling_mode(G, sample_bn=None):
+    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
+    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
+    back in the mode it had after."""
+    batch = sample_bn_of(G, sample_bn) == "batch"
+    bns = _batch_norms(G) if batch else []
+    tracked = [m.track_running_stats for m in bns]
+    with eval_mode(G):
+        try:
+            for m in bns:
+                m.train()
+                m.track_running_stats = False  # training-mode BN without running buffers: batch statistics, no update
+            yield G
+        finally:
+            for m, t in zip(bns, tracked):
+                m.track_running_stats = t
+
+
 @torch.no_grad()
-def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None):
-    """Generate n images with G in eval mode -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images."""
+def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
+                   n_batches=STANDING_BATCHES):
+    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
+    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
+    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
+    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
+    G2 = copy.deepcopy(G)
+    bns = _batch_norms(G2)
+    gen = torch.Generator().manual_seed(STANDING_SEED)
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    with eval_mode(G2):
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # None = cumulative moving average over the batches seen since the reset
+            m.train()
+        for _ in range(n_batches if bns else 0):
+            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
+            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                G2(z, y)
+    for m, src in zip(bns, _batch_norms(G)):
+        m.momentum = src.momentum
+    G2.standing_ready, G2.sample_bn = True, "standing"
+    return G2
+
+
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
+    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
+    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is None or cached[0] != key:
+        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
+        _STANDING_CACHE[G] = cached
+    return cached[1]
+
+
+@torch.no_grad()
+def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
+                    sample_bn=None):
+    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
+
+    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
+    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged)."""
+    mode = sample_bn_of(G, sample_bn)
+    if mode == "standing" and not getattr(G, "standing_ready", False):
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    with eval_mode(G):
+    with sampling_mode(G, mode):
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
@@ -2541,6 +2712,8 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.d_steps):
             real, y_real = self.batches.sample(B)
+            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
+                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
@@ -2564,8 +2737,9 @@ class Trainer:
         # the D step's (detached, from before D's update), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
-            self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
+        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
+        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        self.D.requires_grad_(False)
         with torch.autocast(**ac):
             if self.fresh_real_logits:
                 with torch.no_grad():
@@ -2577,8 +2751,7 @@ class Trainer:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
-        if self.group is not None:
-            self.D.requires_grad_(True)
+        self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
@@ -2719,7 +2892,8 @@ the config as a dict, the step and the training time spent and planned: never pi
 
 
 CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
-CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
+CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral", "d_arch")
+CHECKPOINT_ARCH_BEFORE = {"d_arch": "biggan-pytorch"}  # what a checkpoint from before a key existed was built with
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
@@ -2771,8 +2945,9 @@ def read_checkpoint(path, *, arch):
     if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
         raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
     for key, value in arch.items():
-        if ckpt["config"].get(key) != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={ckpt['config'].get(key)!r}, this run {value!r}; "
+        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+        if had != value:
+            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
                              "resume with the same preset and settings")
     return ckpt
 
@@ -4621,6 +4796,8 @@ def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers
     gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
                   device=trainer.device, seed=seed)
     with timer.phase("generate"):
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch,
+                                 device=trainer.device, amp_dtype=trainer.amp_dtype)  # sample_bn standing: its copy
         images = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
     zip_path = os.path.join(out_dir, "images.zip")
     report_path = os.path.join(out_dir, "report.json")
@@ -4673,7 +4850,7 @@ def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, devi
     z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
     z = z.repeat(n_breeds, 1).to(device)
     y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
-    with eval_mode(G), torch.no_grad():
+    with sampling_mode(G), torch.no_grad():
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
@@ -4722,12 +4899,13 @@ class TrainPlan:
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", resume_path=""):
+                  budget_text="", resume_path="", max_steps=0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
     of --resume (train_seconds, plan_seconds, complete), or None. A window that cannot hold the first step (the loop's
     margin before a step is measured) is a UsageError: such a run would ship an untrained generator's noise.
+    max_steps: the step limit (Config.max_steps, 0 = none), named in the plan line.
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = FINISH_SAFETY * sum(estimates.values())
@@ -4741,7 +4919,9 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
         ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
                   for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
+        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}" +
+        (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
+         f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
     if window <= first_step_s:
         raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                          f"took {format_duration(elapsed_s)} and writing the images needs "
@@ -4905,7 +5085,8 @@ def load_training_data(cfg):
     data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                      crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
                      include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None)
+                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None,
+                     resize=cfg.crop_filter)
     return data, demo_dir
 
 
@@ -4988,7 +5169,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
-                         resume_path=cfg.resume)
+                         resume_path=cfg.resume, max_steps=cfg.max_steps)
     if ctx.distributed:
         plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
         log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "

@@ -3,7 +3,7 @@ recipe of Kaggle's Generative Dog Images: shared class embedding, hierarchical z
 at 32x32, projection discriminator with an auxiliary classifier head, optional minibatch-std layer.
 
 The architecture is a table per output resolution (widths as multiples of `ch`, one row per residual block), so widths
-are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and BIGGAN_D_ARCH.
+are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and to each table of BIGGAN_D_ARCHS.
 """
 from functools import partial
 
@@ -23,10 +23,17 @@ from modules.layers import (BN_EPS, BN_MOMENTUM, ConditionalBatchNorm2d, Minibat
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
-# D: resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its out_res is
-# below its input's. The first block is BigGAN's "optimized" block. BigGAN-PyTorch's arch[64].
-BIGGAN_D_ARCH = {
-    64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4)),
+# D: name -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its
+# out_res is below its input's. The first block is BigGAN's "optimized" block. Config.d_arch picks the table by name.
+# - "2nd-place": the Kaggle 2nd place's D (their slide deck: "ResBlock Down 64, Non-Local, ResBlock Down 128, 256, 512,
+#   ReLU, Global Sum Pooling, Embedding 512, FC |C|"; their code: ch=64 with the author's "reduce model depth (remove
+#   last residual block)"): four blocks, 2/4/8/16 x d_ch = 64/128/256/512 channels at 32/16/8/4 px at d_ch 32,
+#   attention on 64 channels at 32 px; 4.99 M parameters at d_ch 32 (theirs: 4.98 M, the difference our biases).
+# - "biggan-pytorch": BigGAN-PyTorch's arch[64] (ch x 1/2/4/8/16): five blocks, the fifth 8ch -> 16ch at 4x4 without
+#   downsampling -- the block the 2nd place removed; 5.01 M parameters at d_ch 32, 73 % of them in that fifth block.
+BIGGAN_D_ARCHS = {
+    "2nd-place": {64: ((0, 2, 32), (2, 4, 16), (4, 8, 8), (8, 16, 4))},
+    "biggan-pytorch": {64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4))},
 }
 
 
@@ -149,11 +156,13 @@ class BigDiscriminator(nn.Module):
     """
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
-                 aux_classifier=True, mbstd_group=0, resolution=64):
+                 aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
-        if resolution not in BIGGAN_D_ARCH:
-            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCH)}")
-        rows = BIGGAN_D_ARCH[resolution]
+        if arch not in BIGGAN_D_ARCHS:
+            raise ValueError(f"BigDiscriminator: arch {arch!r} not in {sorted(BIGGAN_D_ARCHS)}")
+        if resolution not in BIGGAN_D_ARCHS[arch]:
+            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCHS[arch])}")
+        rows = BIGGAN_D_ARCHS[arch][resolution]
         _check_attention_res(attention_res, [r for _, _, r in rows])
         self.n_classes, self.resolution = n_classes, resolution
         make_conv = partial(sn_conv, spectral=spectral)

@@ -10,7 +10,8 @@ import torch
 from modules.utils import UsageError, atomic_file, warn
 
 CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
-CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
+CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral", "d_arch")
+CHECKPOINT_ARCH_BEFORE = {"d_arch": "biggan-pytorch"}  # what a checkpoint from before a key existed was built with
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
@@ -62,8 +63,9 @@ def read_checkpoint(path, *, arch):
     if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
         raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
     for key, value in arch.items():
-        if ckpt["config"].get(key) != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={ckpt['config'].get(key)!r}, this run {value!r}; "
+        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+        if had != value:
+            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
                              "resume with the same preset and settings")
     return ckpt
 

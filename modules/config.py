@@ -28,8 +28,8 @@ class Config:
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
     # data
     image_size: int = 64  # pixels; the competition wants 64
-    crop_margin: float = 0.1  # fraction of the box's longer side added around it
-    crop_styles: str = "box"  # comma-separated from data.CROP_STYLES: box, tight, padded, top, whole
+    crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
+    crop_styles: str = "square"  # comma-separated from data.CROP_STYLES: square (2nd place), box, tight, padded, top, whole
     include_whole: bool = False  # also train on the centre square of every whole image (3rd place: crops + originals)
     min_aspect: float = 0.0  # drop boxes with w/h below this (1st place: 0.2)
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
@@ -63,11 +63,11 @@ class Config:
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
     batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
     lr_g: float = 2e-4
-    lr_d: float = 8e-4
+    lr_d: float = 8e-4  # the 2nd place's slide deck; both public copies of their code use 4e-4 (batch 64, 50k steps)
     beta1: float = 0.0
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
-    max_steps: int = 0  # stop training after this many G steps (0 = train until the budget's training window closes)
+    max_steps: int = 50000  # stop after this many G steps (0 = at the training window's end); 50,000 = the 2nd place's horizon
     lr_schedule: str = "constant"  # constant | cosine | linear, over the training time the watchdog allows
     lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
@@ -86,6 +86,10 @@ class Config:
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
+    # issue 17: the 2nd place's discriminator, resize filter and sampling statistics
+    d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
+    crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
+    sample_bn: str = "batch"  # G's BN statistics when sampling (sample.py): batch (2nd place) | running | standing
     # upkeep and robustness
     tick_s: float = 180.0  # seconds between progress lines
     check_every: int = 50  # steps between host syncs (finite check, step timing)
@@ -102,6 +106,9 @@ class Config:
     fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
 
 
+# the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
+NOT_2ND_PLACE = dict(crop_styles="box", crop_filter="lanczos", sample_bn="running", max_steps=0)
+
 # Preset name -> overrides of the defaults above. The defaults are the "kaggle" preset (2nd place, BigGAN-style + RaLS).
 PRESETS = {
     "kaggle": {},
@@ -110,20 +117,24 @@ PRESETS = {
         check_every=10, snapshot_every=50, checkpoint_s=0.0, reserve_margin_s=5.0, data_limit=0, time_budget="120s",
     ),
     "dcgan": dict(  # the DCGAN paper's baseline: unconditional, BCE, Adam 2e-4 / (0.5, 0.999)
+        NOT_2ND_PLACE,
         arch="dcgan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, truncation=0.0, ema=False, hflip=True,
     ),
     "dcgan5": dict(  # the DCGAN article's network: 5x5 stride-2 transposed convs in G, 3x3 stride-2 convs in D
+        NOT_2ND_PLACE,
         arch="dcgan5", z_dim=100, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", lr_g=1e-4, lr_d=1e-4, beta1=0.5, real_noise=0.0, truncation=0.0, ema=False,
     ),
     "dcgan-tricks": dict(  # the 1st-public team's DCGAN: head-keeping crops, split BN, margin, SWA, wider G
+        NOT_2ND_PLACE,
         arch="dcgan", z_dim=128, g_ch=96, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
     ),
     "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
+        NOT_2ND_PLACE,
         arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
         mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
         truncation=0.0, ema=True, ema_start=0,
@@ -249,7 +260,7 @@ ALLOWED = {
     "demo": _flag(), "resume": _text("a checkpoint.pt path"), "evaluate": _text("a zip or folder path"),
     # data
     "image_size": _number(64, 64, integer=True), "crop_margin": _number(0, 1),
-    "crop_styles": _some_of("box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
+    "crop_styles": _some_of("square", "box", "tight", "padded", "top", "whole"), "include_whole": _flag(),
     "min_aspect": _number(0, 100), "max_aspect": _number(0, 100), "hflip": _flag(), "real_noise": _number(0, 1),
     "instance_noise": _number(0, 10), "data_workers": _number(1, 256, integer=True),
     "threads": _number(0, 1024, integer=True),
@@ -276,6 +287,9 @@ ALLOWED = {
     "n_images": _number(1, 100000, integer=True), "truncation": _number(0.05, 10, off=0),
     "sample_batch": _number(1, 10000, integer=True), "amp": _one_of("auto", "off", "fp16", "bf16"), "compile": _one_of("off", "auto", "on"),
     "diffaug": _some_of("color", "translation", "cutout", empty=True), "pg_fade": _number(0, 1),
+    # issue 17
+    "d_arch": _one_of("2nd-place", "biggan-pytorch"), "crop_filter": _one_of("box", "lanczos"),
+    "sample_bn": _one_of("batch", "running", "standing"),
     # upkeep and robustness
     "tick_s": _number(0, 86400, above=True), "check_every": _number(1, 10**6, integer=True),
     "snapshot_every": _number(1, 10**9, integer=True), "max_rollbacks": _number(0, 1000, integer=True),

@@ -13,9 +13,9 @@ from PIL import Image
 from modules.evaluate import MAX_CROPS_PIXEL_NN, evaluate_images, self_check
 from modules.metrics import frechet_distance, memorization_distance, nearest_pixel
 from modules.report import plot_losses, save_grid
-from modules.sample import generate_images, to_uint8, truncated_z
+from modules.sample import generate_images, prepare_for_sampling, sampling_mode, to_uint8, truncated_z
 from modules.submission import SubmissionError, encode_pngs, write_submission
-from modules.utils import UsageError, eval_mode, format_duration, log, warn
+from modules.utils import UsageError, format_duration, log, warn
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
@@ -141,6 +141,8 @@ def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers
     gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
                   device=trainer.device, seed=seed)
     with timer.phase("generate"):
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch,
+                                 device=trainer.device, amp_dtype=trainer.amp_dtype)  # sample_bn standing: its copy
         images = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device, report=report)
     zip_path = os.path.join(out_dir, "images.zip")
     report_path = os.path.join(out_dir, "report.json")
@@ -193,7 +195,7 @@ def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, devi
     z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
     z = z.repeat(n_breeds, 1).to(device)
     y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
-    with eval_mode(G), torch.no_grad():
+    with sampling_mode(G), torch.no_grad():
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))

@@ -8,7 +8,7 @@ parametrization's first power iterations run on the final initial weight.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
 BN_MOMENTUM = 0.1  # BigGAN-PyTorch's ccbn/bn momentum (running stats for eval-mode sampling)
@@ -17,14 +17,34 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 
 # spectral norm and layer factories
 
+class SpectralNormFP32(parametrizations._SpectralNorm):
+    """torch's spectral-norm parametrization with its power iteration and sigma always in float32.
+
+    The parametrization runs when the weight is read, i.e. inside the caller's autocast region; CUDA's autocast puts
+    torch.mv on its fp16 list (CPU's does not), so u, v and sigma would be computed in half precision on a GPU -- a
+    precision/range risk with a history of breakage (pytorch/pytorch#125544). Autocast is switched off here, so they
+    run in float32 whatever the autocast state and device. Same buffers and state_dict keys (_u, _v) as torch's.
+    """
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight.float()).to(weight.dtype)
+
+
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (torch.nn.utils.parametrizations, 1 power iteration per training forward).
+    """Spectral-normalize `module.weight` (SpectralNormFP32: torch's parametrization, 1 power iteration per training
+    forward, in float32 under any autocast).
 
     The normalized weight is recomputed on every access of `module.weight`; the raw weight lives in
     `module.parametrizations.weight.original` and the power-iteration vectors u, v are buffers (so they travel in the
     state_dict and get copied by an EMA of buffers).
     """
-    return parametrizations.spectral_norm(module) if enabled else module
+    if not enabled:
+        return module
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
+    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
+                                                                             dim=dim, eps=1e-12))
+    return module
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):

@@ -197,7 +197,8 @@ def load_training_data(cfg):
     data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                      crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
                      include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None)
+                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None,
+                     resize=cfg.crop_filter)
     return data, demo_dir
 
 
@@ -280,7 +281,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
-                         resume_path=cfg.resume)
+                         resume_path=cfg.resume, max_steps=cfg.max_steps)
     if ctx.distributed:
         plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
         log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "

@@ -108,7 +108,7 @@ def build_biggan(cfg, n_classes):
                      spectral=cfg.spectral)
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
-                         mbstd_group=cfg.mbstd_group)
+                         mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
     D.joint_ok = cfg.mbstd_group == 0  # a minibatch-stddev group must not mix reals and fakes
     return G, D
 
@@ -141,6 +141,7 @@ def build_models(cfg, n_classes):
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
     G, D = ARCHS[cfg.arch](cfg, n_classes)
+    G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     if not hasattr(D, "joint_ok"):
         D.joint_ok = True
     return G, D

@@ -42,12 +42,13 @@ class TrainPlan:
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", resume_path=""):
+                  budget_text="", resume_path="", max_steps=0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
     of --resume (train_seconds, plan_seconds, complete), or None. A window that cannot hold the first step (the loop's
     margin before a step is measured) is a UsageError: such a run would ship an untrained generator's noise.
+    max_steps: the step limit (Config.max_steps, 0 = none), named in the plan line.
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = FINISH_SAFETY * sum(estimates.values())
@@ -61,7 +62,9 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
         ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
                   for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}")
+        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}" +
+        (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
+         f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
     if window <= first_step_s:
         raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                          f"took {format_duration(elapsed_s)} and writing the images needs "

@@ -300,6 +300,8 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.d_steps):
             real, y_real = self.batches.sample(B)
+            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
+                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
@@ -323,8 +325,9 @@ class Trainer:
         # the D step's (detached, from before D's update), saving a D forward over reals
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        if self.group is not None:  # D's gradients of the G step are thrown away: not computed, never all-reduced
-            self.D.requires_grad_(False)  # (and the plain D, not DDP's wrapper, so no D collective at all)
+        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
+        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        self.D.requires_grad_(False)
         with torch.autocast(**ac):
             if self.fresh_real_logits:
                 with torch.no_grad():
@@ -336,8 +339,7 @@ class Trainer:
                 loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
-        if self.group is not None:
-            self.D.requires_grad_(True)
+        self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1

@@ -142,10 +142,27 @@ def test_attention_at_32_and_switch_off():
     G, D = BigGenerator(ch=CH), BigDiscriminator(ch=CH)
     assert list(G.attn) == ["2"] and list(D.attn) == ["0"]  # G block 2 and D block 0 output 32x32
     assert G.attn["2"].gamma.item() == 0.0 and D.attn["0"].gamma.item() == 0.0
-    assert G.attn["2"].theta.in_channels == 4 * CH and D.attn["0"].theta.in_channels == CH
+    assert G.attn["2"].theta.in_channels == 4 * CH and D.attn["0"].theta.in_channels == 2 * CH  # 2nd place's D
     for model in (BigGenerator(ch=CH, attention_res=()), BigDiscriminator(ch=CH, attention_res=())):
         assert not any(isinstance(m, SelfAttention) for m in model.modules())
         assert not any("gamma" in name for name, _ in model.named_parameters())
+
+
+def test_d_tables_the_2nd_places_and_biggan_pytorchs():
+    """Default: the 2nd place's D, four blocks of 64/128/256/512 channels at 32/16/8/4 px at d_ch 32, attention on 64
+    channels at 32 px, 4.99 M parameters (theirs 4.98 M: our biases); BigGAN-PyTorch's arch[64] (five blocks, the
+    fifth at 4x4 without downsampling) stays selectable by name."""
+    D = BigDiscriminator(ch=32)
+    assert [b.conv2.out_channels for b in D.blocks] == [64, 128, 256, 512] and [b.downsample for b in D.blocks] == [True] * 4
+    assert D.attn["0"].theta.in_channels == 64
+    assert sum(p.numel() for p in D.parameters()) == pytest.approx(4.99e6, rel=0.002)
+    old = BigDiscriminator(ch=32, arch="biggan-pytorch")
+    assert [b.conv2.out_channels for b in old.blocks] == [32, 64, 128, 256, 512]
+    assert [b.downsample for b in old.blocks] == [True, True, True, True, False]
+    for d in (D, old):
+        assert d(torch.randn(2, 3, 64, 64), torch.randint(0, 120, (2,)))[0].shape == (2,)
+    with pytest.raises(ValueError, match="arch"):
+        BigDiscriminator(ch=CH, arch="biggan5")
 
 
 # minibatch std

@@ -52,6 +52,9 @@ def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
     _save(tmp_path / "c.pt", _trainer())
     with pytest.raises(UsageError, match="g_ch=2, this run 4"):
         read_checkpoint(str(tmp_path / "c.pt"), arch={"g_ch": 4})
+    with pytest.raises(UsageError, match="d_arch='biggan-pytorch', this run '2nd-place'"):  # from before d_arch
+        read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "2nd-place"})
+    assert read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "biggan-pytorch"})
     ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
     with pytest.raises(UsageError, match="trained on 3 breeds, this data has 2"):
         restore_checkpoint(ckpt, "c.pt", _trainer(), classes=["a", "b"])

@@ -8,10 +8,12 @@ import pytest
 
 from conftest import KERNEL, ROOT
 from modules.augment import AUGMENTS
+from modules.biggan import BIGGAN_D_ARCHS
 from modules.config import ALLOWED, PRESETS, Config, apply_overrides, check_config, config_to_json, parse_config
-from modules.data import CROP_STYLES
+from modules.data import CROP_STYLES, RESIZE_FILTERS
 from modules.losses import LOSSES
 from modules.models import ARCHS
+from modules.sample import SAMPLE_BN_MODES
 from modules.utils import UsageError, parse_duration
 
 
@@ -76,7 +78,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "sample_batch": 0, "amp": "fp8", "compile": "max", "diffaug": "color,blur", "pg_fade": 1.5, "tick_s": 0.0,
     "check_every": 0, "snapshot_every": 0, "max_rollbacks": -1, "rollback_lr_factor": 0.0, "checkpoint_s": -1.0,
     "reserve_margin_s": float("inf"), "feature_weights": "w\0", "self_check": "false", "dev_counts": "yes",
-    "fault": "boom@3",
+    "fault": "boom@3", "d_arch": "biggan5", "crop_filter": "bicubic", "sample_bn": "eval",
 }
 
 
@@ -105,6 +107,9 @@ def test_choices_match_the_registries():
     assert set(ALLOWED["arch"].choices) == set(ARCHS)
     assert set(ALLOWED["loss"].choices) == set(LOSSES)
     assert set(ALLOWED["crop_styles"].choices) == set(CROP_STYLES)
+    assert set(ALLOWED["d_arch"].choices) == set(BIGGAN_D_ARCHS)
+    assert set(ALLOWED["crop_filter"].choices) == set(RESIZE_FILTERS)
+    assert set(ALLOWED["sample_bn"].choices) == set(SAMPLE_BN_MODES)
     assert set(ALLOWED["diffaug"].choices) == set(AUGMENTS)
     assert set(ALLOWED["preset"].choices) == set(PRESETS)
 

@@ -87,8 +87,12 @@ def test_crop_window_inside_image_and_contains_box_centre(style):
         eps = 1e-6
         assert -eps <= l < r <= img_w + eps and -eps <= t < b <= img_h + eps, (style, box, img_w, img_h)
         assert l - eps <= cx <= r + eps and t - eps <= cy <= b + eps, (style, box, img_w, img_h)
-        if style != "tight":
+        if style not in ("tight", "square"):
             assert abs((r - l) - (b - t)) < 1e-6  # square
+        if style == "square":  # the whole box inside; each side max(w, h), or the image's extent where it is shorter
+            assert l - eps <= box[0] and box[2] <= r + eps and t - eps <= box[1] and box[3] <= b + eps
+            side = max(box[2] - box[0], box[3] - box[1])
+            assert r - l == pytest.approx(min(side, img_w)) and b - t == pytest.approx(min(side, img_h))
 
 
 def test_box_style_side_and_largest_square_when_image_too_small():
@@ -97,6 +101,31 @@ def test_box_style_side_and_largest_square_when_image_too_small():
     assert CROP_STYLES["box"]((10, 10, 210, 150), 300, 160, 0.1) == pytest.approx((30, 0, 190, 160))
     # box at the image edge: shifted inside instead of padded
     assert CROP_STYLES["box"]((0, 0, 50, 50), 400, 400, 0.2) == pytest.approx((0, 0, 60, 60))
+
+
+def test_square_style_is_the_2nd_places_crop():
+    """The box padded to a square inside the image without margin; rectangular where the image is too short, so the
+    resize squashes it and the whole dog stays in the picture (the "box" style would cut it)."""
+    assert CROP_STYLES["square"]((100, 100, 200, 150), 400, 400, 0.1) == pytest.approx((100, 75, 200, 175))
+    assert CROP_STYLES["square"]((10, 10, 210, 150), 300, 160, 0.1) == pytest.approx((10, 0, 210, 160))
+    assert CROP_STYLES["square"]((0, 0, 50, 20), 400, 400, 0.5) == pytest.approx((0, 0, 50, 50))  # at the edge
+
+
+def test_resize_filters_box_is_area_averaging(tmp_path):
+    """crop_filter "box" averages the pixels each output pixel covers (cv2's INTER_AREA); lanczos is another filter;
+    an unknown one is a usage error."""
+    root = tmp_path / "d"
+    stripes = np.zeros((128, 128, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # 1-px columns: area averaging (4x4 at SIZE 32) gives flat grey 127/128
+    buf = io.BytesIO()
+    Image.fromarray(stripes).save(buf, format="PNG")
+    add(root, "n01-alpha", "a", data=buf.getvalue(), xml=voc([(0, 0, 128, 128)], size=(128, 128)))
+    box, lanczos = (load_dogs(*find_data_dir(root), size=SIZE, resize=f, workers=1, keep_reference=False).images[0]
+                    for f in ("box", "lanczos"))
+    assert np.abs(box.astype(float) - 127.5).max() <= 1
+    assert not np.array_equal(box, lanczos)
+    with pytest.raises(UsageError, match="resize filter"):
+        load_dogs(*find_data_dir(root), size=SIZE, resize="cubic")
 
 
 def test_top_style_keeps_the_top_of_tall_boxes_and_whole_is_centre_square():

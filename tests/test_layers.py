@@ -3,6 +3,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -46,6 +47,47 @@ def test_sn_survives_two_forwards_in_one_graph():
     loss.backward()
     assert lin.parametrizations.weight.original.grad is not None
 
+
+
+def _mv_like_cuda(monkeypatch, dtype):
+    """A test double for torch.mv that behaves as under CUDA autocast, where mv is on the low-precision list (CPU
+    autocast leaves it in float32): inside an enabled CPU autocast region its inputs are cast to `dtype`. -> the list
+    of the dtypes mv computed in."""
+    real_mv, seen = torch.mv, []
+
+    def mv(a, b):
+        if torch.is_autocast_enabled("cpu"):
+            a, b = a.to(dtype), b.to(dtype)
+        seen.append(a.dtype)
+        return real_mv(a, b)
+
+    monkeypatch.setattr(torch, "mv", mv)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_spectral_norm_runs_in_float32_under_autocast(monkeypatch, dtype, training):
+    """The power iteration and sigma run in float32 under any autocast: with mv forced onto the low-precision path
+    (as CUDA's autocast does), every mv still computes in float32 and the normalised weight equals a float64 reference
+    made from the same u, v (a bf16/fp16 sigma is off by ~1e-3 relative)."""
+    lin = sn_linear(48, 40)
+    lin.train(training)
+    sn = lin.parametrizations.weight[0]
+    w, u, v = (t.detach().double().clone() for t in (lin.parametrizations.weight.original, sn._u, sn._v))
+    if training:  # one power iteration, as the parametrization makes per training-mode read
+        u = F.normalize(w @ v, dim=0, eps=1e-12)
+        v = F.normalize(w.T @ u, dim=0, eps=1e-12)
+    reference = w / torch.dot(u, w @ v)
+    seen = _mv_like_cuda(monkeypatch, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        got = lin.weight
+        y = lin(torch.randn(3, 48))
+    assert seen and all(d == torch.float32 for d in seen), seen
+    assert got.dtype == torch.float32 and sn._u.dtype == sn._v.dtype == torch.float32
+    assert torch.allclose(got.double(), reference, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(sn._u.double(), u, atol=1e-6) and torch.allclose(sn._v.double(), v, atol=1e-6)
+    assert y.dtype == dtype  # the layer's own matmul still runs in the autocast dtype
 
 # attention
 

@@ -45,6 +45,7 @@ def test_print_config_shows_the_recipe():
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
     assert cfg["arch"] == "biggan" and cfg["loss"] == "rals" and cfg["preset"] == "kaggle"
+    assert cfg["d_arch"] == "2nd-place" and cfg["max_steps"] == 50000  # the D table by name; the recipe's horizon
 
 
 def test_empty_dir_exits_2_with_one_line(tmp_path):
@@ -90,6 +91,7 @@ def test_smoke_on_real_sample(real_data, tmp_path):
     assert report["data"]["images_read"] > 1900 and report["train"]["total_steps"] > 10
     assert "local" in json.dumps(report["metrics"]) and "fid" not in report["metrics"]  # proxy: never called FID
     assert "done:" in proc.stdout.splitlines()[-1]
+    assert re.search(r"finish reserve .* training until \S+ or step 40, whichever comes first", proc.stdout)
 
 
 def _salt(root):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from modules.sample import generate_images, sample_labels, to_uint8, truncated_z
+from modules.layers import sn_linear
+from modules.sample import generate_images, prepare_for_sampling, sample_labels, to_uint8, truncated_z
 
 
 @pytest.mark.parametrize("threshold", [2.0, 0.8])
@@ -47,3 +48,68 @@ def test_generate_images_is_seeded_and_restores_mode():
     kw = dict(n=10, z_dim=8, label_counts=[1, 1], truncation=2.0, batch_size=4, device=torch.device("cpu"), seed=5)
     a, b = generate_images(G, **kw), generate_images(G, **kw)
     assert a.shape == (10, 4, 4, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and G.training
+
+
+class TinyBN(torch.nn.Module):
+    """z -> spectral-normed linear -> BatchNorm -> tanh, images [N,3,4,4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = sn_linear(8, 3 * 4 * 4)
+        self.bn = torch.nn.BatchNorm1d(3 * 4 * 4)
+
+    def forward(self, z, y):
+        return torch.tanh(self.bn(self.lin(z) + 3.0)).view(-1, 3, 4, 4)  # +3: far from the fresh running mean 0
+
+
+KW = dict(n=64, z_dim=8, label_counts=[1, 1], truncation=2.0, batch_size=32, device=torch.device("cpu"), seed=5)
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_sample_bn_batch_uses_each_batchs_statistics_and_leaves_running_ones():
+    torch.manual_seed(0)
+    G = TinyBN().train()
+    before = _state(G)
+    batch = generate_images(G, sample_bn="batch", **KW)
+    running = generate_images(G, sample_bn="running", **KW)
+    after = _state(G)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats, counters, u and v untouched
+    assert G.training and G.bn.track_running_stats
+    assert not np.array_equal(batch, running)
+    z = truncated_z(32, 8, 2.0, generator=torch.Generator().manual_seed(5))  # the first batch, by hand
+    h = G.lin(z) + 3.0
+    expected = to_uint8(torch.tanh((h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + G.bn.eps)).view(-1, 3, 4, 4))
+    assert np.abs(batch[:32].astype(int) - expected.astype(int)).max() <= 1
+    G.sample_bn = "batch"  # G's own setting (build_models sets it from Config.sample_bn) is the default
+    assert np.array_equal(generate_images(G, **KW), batch)
+
+
+def test_sample_bn_standing_reestimates_statistics_on_a_copy():
+    torch.manual_seed(0)
+    G = TinyBN().eval()
+    G.sample_bn = "standing"
+    before = _state(G)
+    ready = prepare_for_sampling(G, z_dim=8, label_counts=[1, 1], truncation=2.0, batch_size=32,
+                                 device=torch.device("cpu"))
+    assert ready is not G and all(torch.equal(before[k], v) for k, v in G.state_dict().items())
+    assert prepare_for_sampling(ready, z_dim=8, label_counts=[1, 1], truncation=2.0, batch_size=32,
+                                device=torch.device("cpu")) is ready  # once per state of G's weights
+    with torch.no_grad():
+        G.lin.parametrizations.weight.original.mul_(1.01)  # an optimiser step or EMA update
+    assert prepare_for_sampling(G, z_dim=8, label_counts=[1, 1], truncation=2.0, batch_size=32,
+                                device=torch.device("cpu")) is not ready
+    with torch.no_grad():
+        G.lin.parametrizations.weight.original.div_(1.01)
+    sn = "lin.parametrizations.weight.0."
+    assert torch.equal(ready.state_dict()[sn + "_u"], before[sn + "_u"])  # spectral norm stayed in eval mode
+    with torch.no_grad():
+        h = G.lin(truncated_z(4096, 8, 2.0)) + 3.0
+    assert torch.allclose(ready.bn.running_mean, h.mean(0), atol=0.1)  # the samples' statistics, not G's stale ones
+    assert torch.allclose(ready.bn.running_var, h.var(0), rtol=0.2)
+    assert ready.bn.momentum == G.bn.momentum
+    a = generate_images(ready, **KW)
+    assert np.array_equal(a, generate_images(G, **KW))  # an unprepared G gets standing statistics too
+    assert not np.array_equal(a, generate_images(G, sample_bn="running", **KW))

@@ -189,3 +189,36 @@ def test_inf_gradient_skips_that_step_halves_the_scale_and_rolls_nothing_back():
     p = trainer.precision_summary()
     assert (p["skipped_d"], p["d_steps"], p["skipped_g"], p["g_steps"]) == (1, 2, 0, 2)
     assert describe_skips(p).startswith("GradScalers skipped 0 of 2 G steps and 1 of 2 D steps")
+
+
+def test_g_step_computes_no_d_gradients():
+    """One rank too, the G step runs with D frozen (BigGAN-PyTorch's toggle_grads): D's weight gradient is computed once
+    per step (its own), not a second time to be thrown away; D is trainable again after the step."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_cfg(batch_size=4), tiny_data(), CPU)
+    calls = []
+    trainer.D.linear.parametrizations.weight.original.register_hook(lambda g: calls.append(1))
+    trainer.step()
+    assert len(calls) == trainer.d_steps == 1
+    assert all(p.requires_grad for p in trainer.D.parameters())
+
+
+def test_pggan_reals_are_faded_in_the_d_step():
+    """PGGAN: while a level fades in, D's reals get fade_reals (the same blend of level and level-1 detail as the
+    fakes), and D sees exactly those reals."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(apply_overrides(Config(), PRESETS["pggan"], "pggan"),
+                          {"g_ch": 4, "d_ch": 4, "batch_size": 4}, "test")
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    trainer.set_progress(0.375)  # level 2 of 0..4, halfway through its fade
+    assert (trainer.D.level, trainer.D.alpha) == (2, pytest.approx(0.5))
+    faded, seen = [], []
+    fade = trainer.D.fade_reals
+    trainer.D.fade_reals = lambda x: faded.append((x, fade(x))) or faded[-1][1]
+    forward = trainer.D.forward
+    trainer.D.forward = lambda x, y=None: seen.append(x) or forward(x, y)
+    trainer.step()
+    assert len(faded) == trainer.d_steps == 1
+    sharp, blended = faded[0]
+    assert not torch.allclose(sharp, blended)  # a fade changes the reals...
+    assert torch.equal(seen[0], blended)  # ...and D's first forward (the reals) sees the faded ones

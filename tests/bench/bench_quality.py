@@ -13,8 +13,10 @@ scoring interval; train_loop ends a segment early rather than overrun it, so poi
 configured truncation, breeds drawn with the training distribution, the run's seed) and --score-n images are scored;
 scoring time is not training time. At the end --final-n images go through the kernel's zip writer
 (modules/submission.write_submission), are read back from the zip and scored; the last curve point is the first
---score-n of those. --sampling-variants also scores the final generator without truncation and with uniform breeds
-(sampling changes only: no retraining).
+--score-n of those. --sampling-variants also scores the final generator with the other BatchNorm statistics (sample_bn: batch, running,
+standing), without truncation and with uniform breeds (sampling changes only: no retraining; "bn": the first only).
+--merge combines runs made separately, e.g. one process per variant started together so that every variant meets
+the same load on a shared machine (tests/bench/results/issue17/run.sh).
 
 Scores: fid_mnv2 and mem_mnv2 (tests/bench/mnv2.py) against every whole training image squashed to 64x64, as Kaggle's
 public scorer did. They are a development metric in ImageNet MobileNet-v2 features: NOT Kaggle's score and not
@@ -56,13 +58,14 @@ from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.loop import train_loop  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
-from modules.sample import generate_images  # noqa: E402
+from modules.sample import SAMPLE_BN_MODES, generate_images  # noqa: E402
 from modules.submission import write_submission  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 from modules.utils import Deadline, UsageError, log, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA_KEYS = ("image_size", "crop_margin", "crop_styles", "include_whole", "min_aspect", "max_aspect", "data_limit")
+DATA_KEYS = ("image_size", "crop_margin", "crop_styles", "crop_filter", "include_whole", "min_aspect", "max_aspect",
+             "data_limit")
 
 
 def parse_variant(spec):
@@ -129,6 +132,8 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
             break
         if trained >= plan_s - 1.0:
             break  # the last point is scored from the final images below
+        if plan_s - trained < 0.25 * score_every:
+            continue  # train_loop ended the segment a little early: train the rest, score it with the final images
         t0 = time.monotonic()
         s = score(sample_like_kernel(trainer, cfg, label_counts, score_n), ref_feats, extractor)
         score_s += time.monotonic() - t0
@@ -154,15 +159,20 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
     if sampling_variants:
         extra = {}
         options = []
-        if cfg.truncation:
+        if cfg.truncation and sampling_variants == "all":
             options.append(("no truncation", dict(truncation=0.0)))
-        if cfg.conditional and len(data.classes) > 1:
+        if cfg.conditional and len(data.classes) > 1 and sampling_variants == "all":
             options.append(("uniform breeds", dict(labels=np.ones(len(data.classes)))))
+        shipped = trainer.generator_to_ship()
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in shipped.modules()):
+            # the same trained generator with the other BatchNorm statistics (sample.py); the curve used cfg.sample_bn
+            options += [(f"sample_bn={m}", dict(sample_bn=m)) for m in SAMPLE_BN_MODES if m != shipped.sample_bn]
         for label, kw in options:
             imgs = generate_images(trainer.generator_to_ship(), n=final_n, z_dim=cfg.z_dim,
                                    label_counts=kw.get("labels", label_counts),
                                    truncation=kw.get("truncation", cfg.truncation), batch_size=cfg.sample_batch,
-                                   device=trainer.device, seed=cfg.seed, amp_dtype=trainer.amp_dtype)
+                                   device=trainer.device, seed=cfg.seed, amp_dtype=trainer.amp_dtype,
+                                   sample_bn=kw.get("sample_bn"))
             s = score(imgs, ref_feats, extractor)
             s.pop("feats")
             extra[label] = s
@@ -190,7 +200,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def plot_curves(results, path):
+def plot_curves(results, path, note=""):
     import matplotlib  # optional: benchmark-only dependency
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,7 +208,7 @@ def plot_curves(results, path):
     for r in results:
         ax.plot([p["train_s"] / 60 for p in r["points"]], [p["fid_mnv2"] for p in r["points"]], "o-", label=r["name"])
     n = sorted({p["n"] for r in results for p in r["points"]})
-    ax.set_xlabel("training wall time (min, 2 shared CPU cores)")
+    ax.set_xlabel(f"training wall time (min, {note or '2 shared CPU cores'})", fontsize=8)
     ax.set_ylabel(f"fid_mnv2 (n={','.join(map(str, n))}; not Kaggle's FID)")
     ax.set_title("fid_mnv2 vs training time (lower is better; CPU-scale early training)")
     ax.grid(alpha=0.3)
@@ -206,6 +216,22 @@ def plot_curves(results, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def merge(dirs, out, *, note):
+    """The results of several runs (one results.json each) -> one results.json, table.md and curves.png in out."""
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    results = [r for run in runs for r in run["results"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"merged": [str(d) for d in dirs], "note": note,
+                                                  "args": [run["args"] for run in runs],
+                                                  "calibration": runs[0]["calibration"], "results": results},
+                                                 indent=1, default=str))
+    table = format_table(results)
+    (out / "table.md").write_text(table + "\n")
+    plot_curves(results, out / "curves.png", note)
+    print(f"{table}\nwritten: {out}", flush=True)
+    return 0
 
 
 def main(argv=None):
@@ -219,13 +245,20 @@ def main(argv=None):
     p.add_argument("--score-every", type=float, default=150.0, help="seconds of training between scores (default 150)")
     p.add_argument("--score-n", type=int, default=1000, help="images per curve point (default 1000)")
     p.add_argument("--final-n", type=int, default=10000, help="images in each final zip, all scored (default 10000)")
-    p.add_argument("--sampling-variants", action="store_true",
-                   help="also score each final generator without truncation and with uniform breeds")
+    p.add_argument("--sampling-variants", nargs="?", const="all", default="", choices=["all", "bn"],
+                   help="also score each final generator (no retraining) with the other sample_bn modes, and (all, "
+                        "the default) without truncation and with uniform breeds")
     p.add_argument("--threads", type=int, default=2, help="torch and TFLite threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder (default tests/bench/runs/quality-<time>)")
     p.add_argument("--calibration", action="store_true", help="print the calibration table and exit")
+    p.add_argument("--note", default="", help="how the runs shared the machine, for the curves' x label")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="combine the results.json of runs made separately (e.g. one process per variant, run "
+                        "concurrently so that every variant meets the same machine load) into --out, and exit")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), note=args.note)
     try:
         variants = [parse_variant(v) for v in args.variant]
         if not variants and not args.calibration:
@@ -254,7 +287,8 @@ def main(argv=None):
             datasets[key] = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                                       crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
                                       include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                                      max_aspect=cfg.max_aspect or float("inf"), limit=cfg.data_limit or None)
+                                      max_aspect=cfg.max_aspect or float("inf"), limit=cfg.data_limit or None,
+                                      resize=cfg.crop_filter)
         return datasets[key]
 
     base = data_for(Config())
@@ -275,7 +309,7 @@ def main(argv=None):
                                                       "results": results}, indent=1, default=str))
         table = format_table(results)
         (out / "table.md").write_text(table + "\n")
-        plot_curves(results, out / "curves.png")
+        plot_curves(results, out / "curves.png", args.note)
     print(f"fid_mnv2/mem_mnv2: MobileNet-v2 features, not Kaggle's score; reference: {len(base.reference)} whole "
           f"training images squashed to 64x64\n{table}\nwritten: {out}", flush=True)
     return 0
