@@ -189,11 +189,21 @@ def test_exception_ships_a_degraded_run(fault_run):
 
 
 def test_bad_checkpoints_exit_2(fault_run, tmp_path):
-    """A truncated file, garbage, and a checkpoint of another architecture: one line each, exit 2, before the data."""
+    """A truncated file, garbage, a checkpoint of another architecture, one that loads but carries wrong-typed or
+    absurd fields (issue 19), and a FIFO: one line each, exit 2, before the data, no output folder left."""
     ckpt = fault_run[0] / "checkpoint.pt"
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:50000])
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint\n" * 100)
-    cases = {"truncated": (["--resume", tmp_path / "truncated.pt"], "not a readable checkpoint"),
+    good = torch.load(ckpt, map_location="cpu", weights_only=True)
+    crafted = {"str_seconds": {"train_seconds": "12"}, "inf_seconds": {"train_seconds": float("inf")},
+               "no_classes": {"classes": []}, "bad_step": {"trainer": {**good["trainer"], "step": -5}}}
+    for name, change in crafted.items():
+        torch.save({**good, **change}, tmp_path / f"{name}.pt")
+    os.mkfifo(tmp_path / "fifo.pt")
+    cases = {"fifo": (["--resume", tmp_path / "fifo.pt"], "is a FIFO"),
+             **{name: (["--resume", tmp_path / f"{name}.pt"], f"damaged checkpoint: {field}")
+                for name, field in zip(crafted, ("train_seconds", "train_seconds", "classes", "trainer.step"))},
+             "truncated": (["--resume", tmp_path / "truncated.pt"], "not a readable checkpoint"),
              "garbage": (["--resume", tmp_path / "garbage.pt"], "not a readable checkpoint"),
              "other_arch": (["--resume", ckpt, "--preset", "dcgan,smoke"], "arch='biggan'"),
              "other_width": (["--resume", ckpt, "--set", "g_ch=8"], "g_ch=2"),
@@ -207,6 +217,8 @@ def test_bad_checkpoints_exit_2(fault_run, tmp_path):
         stdout, stderr = p.communicate(timeout=60)
         _one_line_error(types.SimpleNamespace(returncode=p.returncode, stdout=stdout, stderr=stderr),
                         "--resume", cases[name][1])
+        assert not (tmp_path / name).exists(), name  # refused before the output folder is made
+        assert "data:" not in stdout, name  # and before the data is read
 
 
 # the zip and the output folder
