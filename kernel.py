@@ -31,14 +31,14 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   config -> utils -> annotations -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample
-#   -> speed -> train -> checkpoint -> distributed -> loop -> features -> metrics -> report -> evaluate -> submission ->
+#   -> speed -> train -> checkpoint -> distributed -> loop -> features -> metrics -> report -> submission -> evaluate ->
 #   finish -> plan -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
 import io, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal, socket
-import stat, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
-import torchvision, traceback, types, warnings, xml.etree.ElementTree as ET, zipfile
+import stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import torch.nn.functional as F, torchvision, traceback, types, warnings, xml.etree.ElementTree as ET, zipfile, zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -565,6 +565,23 @@ def atomic_file(path, mode="wb", *, tmp=None, verify=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def require_regular_file(path, flag, *, folder_ok=False):
+    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
+    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a regular file")
+    raise UsageError(f"{flag} {path} is {kind}: pass a regular file" + (" or a folder" if folder_ok else ""))
 
 
 @contextlib.contextmanager
@@ -2661,23 +2678,6 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def require_regular_file(path, flag, *, folder_ok=False):
-    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
-    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
-    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
-        return
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "not a regular file")
-    raise UsageError(f"{flag} {path} is {kind}: pass a regular file" + (" or a folder" if folder_ok else ""))
-
-
 def read_checkpoint(path, *, arch):
     """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
 
@@ -3965,6 +3965,221 @@ class RunReport:
             warn(f"report.json not written ({type(exc).__name__}: {exc})")
 
 
+# ==== modules/submission.py ====
+"""The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
+re-opened and verified, and only then renamed over any earlier images.zip.
+"""
+
+
+PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+
+
+class SubmissionError(Exception):
+    """The zip on disk is not a valid submission (count, names, format or size)."""
+
+
+def encode_png(image):
+    """uint8 [H,W,3] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def encode_pngs(images, workers=2):
+    """uint8 [N,H,W,3] -> list of PNG bytes; zlib releases the GIL, so threads use every core."""
+    if workers <= 1:
+        return [encode_png(im) for im in images]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(encode_png, images, chunksize=64))
+
+
+SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored uncompressed: larger entries are refused unread
+SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's by 1000x
+SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass
+class SubmissionScan:
+    """What scan_submission found: the one definition of a valid submission, used by verify_zip (the kernel's writer)
+    and by --evaluate. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG of size x
+    size 8-bit RGB that reads back whole."""
+    count: int  # entries whose name ends in .png
+    entries: int  # all file entries
+    problems: dict  # kind (SUBMISSION_PROBLEMS) -> ["name (detail)", ...]
+    images: list  # decode=True: uint8 [size,size,3] of every readable size x size PNG (non-RGB converted), name order
+
+    @property
+    def ok(self):
+        return not any(self.problems.values())
+
+    def summary(self, n_expected):
+        """One line: the first problems of each kind."""
+        parts = [f"{self.entries} entries ({self.count} .png), expected exactly {n_expected} named 0.png..."
+                 f"{n_expected - 1}.png"] if self.problems["bad_name"] or self.problems["missing"] else []
+        parts += [f"{kind}: {', '.join(names[:3])}" + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+                  for kind, names in self.problems.items() if names]
+        return "; ".join(parts)
+
+
+def _zip_entry_count(path):
+    """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
+    tiny entries would take gigabytes there). None when not found (zipfile then says what is wrong); -1 for a ZIP64
+    end record, which no 10,000-PNG submission needs."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.seek(max(0, f.tell() - (1 << 16) - 22))
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    total = struct.unpack("<H", tail[at + 10:at + 12])[0]
+    return -1 if total == 0xFFFF or b"PK\x06\x06" in tail[:at] else total
+
+
+def _submission_files(path, limit):
+    """(name, size from the directory, compressed size, read(max_bytes) -> bytes) per file entry of a zip or a folder,
+    in name order; a link or non-regular file under a folder comes with read None. Stops past `limit` entries with
+    ("", count, 0, None)."""
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):  # links to folders are not followed
+            dirs.sort()
+            for n in names:
+                files.append(os.path.join(root, n))
+                if len(files) > limit:
+                    yield "", len(files), 0, None
+                    return
+        for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
+            st = os.lstat(f)
+            regular = stat.S_ISREG(st.st_mode)
+
+            def read(max_bytes, f=f):
+                with open(f, "rb") as fh:
+                    return fh.read(max_bytes)
+            yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
+        return
+    n = _zip_entry_count(path)
+    if n is not None and (n < 0 or n > limit):
+        yield "", n if n >= 0 else limit + 1, 0, None
+        return
+    with zipfile.ZipFile(path) as zf:
+        for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):
+            def read(max_bytes, info=info):
+                with zf.open(info) as fh:  # stops at the directory's size; a lie there fails the CRC check
+                    return fh.read(max_bytes)
+            yield info.filename, info.file_size, info.compress_size, read
+
+
+def _png_header(data):
+    """-> (width, height, bit depth, colour type) from the IHDR chunk, or None if data does not start like a PNG."""
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h, data[24], data[25]
+
+
+def scan_submission(path, *, n_expected, size=64, decode=False):
+    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan.
+
+    Nothing is decompressed or decoded before it is known small: non-.png names are not read at all; entries are
+    refused on the directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far;
+    the PNG header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or
+    OSError when path is neither a readable zip nor a folder.
+    """
+    problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
+    expected = {f"{i}.png" for i in range(n_expected)}
+    seen, images, count, entries = set(), [], 0, 0
+    for name, file_size, compress_size, read in _submission_files(path, limit=2 * n_expected + 100):
+        if not name:
+            problems["too_many"].append(f"{file_size} entries")
+            break
+        entries += 1
+        is_png_name = name.lower().endswith(".png")
+        if name in expected and name not in seen:
+            seen.add(name)
+        elif is_png_name:
+            problems["bad_name"].append(name)  # a subfolder, ../, an absolute path, 00001.png, a duplicate
+        if not is_png_name:
+            problems["non_png"].append(name)
+            continue
+        count += 1
+        if read is None:
+            problems["unreadable"].append(f"{name} (not a regular file)")
+            continue
+        if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
+                file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
+            problems["too_large"].append(f"{name} ({file_size} bytes, {compress_size} compressed)")
+            continue
+        try:
+            data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+            problems["unreadable"].append(f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
+            continue
+        if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
+            problems["too_large"].append(f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
+            continue
+        header = _png_header(data)
+        if header is None:
+            kind = "unreadable" if data[:4] == PNG_SIGNATURE[:4] else "non_png"
+            problems[kind].append(f"{name} (not a PNG)" if kind == "non_png" else f"{name} (damaged PNG header)")
+            continue
+        w, h, depth, colour = header
+        if (w, h) != (size, size):
+            problems["wrong_size"].append(f"{name} ({w}x{h})")
+            continue
+        if (depth, colour) != (8, 2):
+            problems["non_rgb"].append(f"{name} (bit depth {depth}, colour type {colour})")
+        if decode:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception here, not text
+                    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                        if img.size != (size, size):
+                            raise ValueError(f"{img.size[0]}x{img.size[1]}")
+                        img.load()
+                        images.append(np.asarray(img.convert("RGB"), np.uint8))
+            except Exception as exc:  # PIL raises several types for broken files
+                problems["unreadable"].append(f"{name} ({type(exc).__name__})")
+    problems["missing"] = sorted(expected - seen, key=lambda n: int(n[:-4]))
+    return SubmissionScan(count=count, entries=entries, problems=problems, images=images)
+
+
+def verify_zip(path, *, n_expected, size=64):
+    """Re-open the zip and check it against scan_submission's definition (every entry read back, CRC-checked, and its
+    PNG header checked; pixels are not decoded). Raises SubmissionError."""
+    try:
+        scan = scan_submission(path, n_expected=n_expected, size=size)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SubmissionError(f"{path}: cannot be read back ({exc})") from None
+    if not scan.ok:
+        raise SubmissionError(f"{path}: {scan.summary(n_expected)}")
+
+
+def write_submission(images, path, *, workers=2, corrupt=False):
+    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
+    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
+    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
+    SubmissionError.
+
+    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
+    """
+    n, h, w, c = images.shape
+    assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        pngs = encode_pngs(images, workers)
+        with atomic_file(path, verify=lambda tmp: verify_zip(tmp, n_expected=n, size=h)) as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
+                for i, data in enumerate(pngs):
+                    zf.writestr(f"{i}.png", data)
+            if corrupt:
+                f.truncate(f.tell() // 2)
+    except OSError as exc:  # the .tmp is gone already (atomic_file), any earlier zip at path is untouched
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 # ==== modules/evaluate.py ====
 """Score images the way Kaggle did, locally: submission format checks, FID/MiFID in a feature space, memorization.
 
@@ -3987,54 +4202,28 @@ NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 s
 
 # submission files
 
-def _submission_entries(path):
-    """(name, bytes) for every file in a zip or under a folder, in name order."""
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield str(f.relative_to(path)), f.read_bytes()
-        return
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):
-                yield info.filename, zf.read(info)
-    except zipfile.BadZipFile:
-        raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip") from None
-
-
 def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
     """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
 
-    The report mirrors Kaggle's checks: `count` .png entries against `expected`, then the entries that are not PNG, have
-    the wrong size (left out of the array), are not RGB (converted), or cannot be decoded (left out); `ok` when none.
+    The checks are the kernel's own (submission.scan_submission: names 0.png ... {expected-1}.png at the top level, PNG,
+    64x64, RGB, sizes checked before anything is decompressed or decoded). The report gives `count` .png entries against
+    `expected`, then per problem kind its count and first names; images with a wrong name or not RGB are still loaded
+    (converted), those of a wrong size or unreadable are left out; `ok` when there is no problem.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"submission {str(path)!r} not found")
-    problems = {key: [] for key in ("non_png", "wrong_size", "non_rgb", "unreadable")}
-    images, count = [], 0
-    for name, data in _submission_entries(path):
-        if not name.lower().endswith(".png"):
-            problems["non_png"].append(name)
-            continue
-        count += 1
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                if img.format != "PNG":
-                    problems["non_png"].append(f"{name} ({img.format})")
-                if img.size != EVAL_SUBMISSION_SIZE:
-                    problems["wrong_size"].append(f"{name} ({img.size[0]}x{img.size[1]})")
-                    continue
-                if img.mode != "RGB":
-                    problems["non_rgb"].append(f"{name} ({img.mode})")
-                images.append(np.asarray(img.convert("RGB"), np.uint8))
-        except Exception as exc:  # PIL raises several types for broken files
-            problems["unreadable"].append(f"{name} ({type(exc).__name__})")
-    report = {"path": str(path), "count": count, "expected": expected, "n_loaded": len(images)}
-    for key, names in problems.items():
+    require_regular_file(str(path), "--evaluate", folder_ok=True)
+    try:
+        scan = scan_submission(str(path), n_expected=expected, size=EVAL_SUBMISSION_SIZE[0], decode=True)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip ({type(exc).__name__})") from None
+    report = {"path": str(path), "count": scan.count, "entries": scan.entries, "expected": expected,
+              "n_loaded": len(scan.images)}
+    for key, names in scan.problems.items():
         report[key] = {"count": len(names), "first": names[:5]}
-    report["ok"] = count == expected and not any(problems.values())
-    return (np.stack(images) if images else None), report
+    report["ok"] = scan.ok
+    return (np.stack(scan.images) if scan.images else None), report
 
 
 # scores
@@ -4146,75 +4335,6 @@ def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=No
     log(f"self-check: memorization {memorization:.4f} [{extractor.name}], nearest crop RMS min {rms.min():.4f} "
         f"median {np.median(rms):.4f} over {len(crops)} crops")
     return result
-
-
-# ==== modules/submission.py ====
-"""The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
-re-opened and verified, and only then renamed over any earlier images.zip.
-"""
-
-
-PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
-
-
-class SubmissionError(Exception):
-    """The zip on disk is not a valid submission (count, names, format or size)."""
-
-
-def encode_png(image):
-    """uint8 [H,W,3] -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
-
-def encode_pngs(images, workers=2):
-    """uint8 [N,H,W,3] -> list of PNG bytes; zlib releases the GIL, so threads use every core."""
-    if workers <= 1:
-        return [encode_png(im) for im in images]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(encode_png, images, chunksize=64))
-
-
-def verify_zip(path, *, n_expected, size=64):
-    """Re-open the zip and check every entry: names 0.png…, PNG, size×size, RGB. Raises SubmissionError."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            expected = {f"{i}.png" for i in range(n_expected)}
-            if len(names) != n_expected or set(names) != expected:
-                raise SubmissionError(f"{path}: {len(names)} entries, expected exactly {n_expected} named 0.png…")
-            for name in names:
-                with Image.open(io.BytesIO(zf.read(name))) as im:
-                    if im.format != "PNG" or im.size != (size, size) or im.mode != "RGB":
-                        raise SubmissionError(f"{path}: {name} is {im.format} {im.mode} {im.size}, expected PNG RGB "
-                                              f"{size}x{size}")
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise SubmissionError(f"{path}: cannot be read back ({exc})") from None
-
-
-def write_submission(images, path, *, workers=2, corrupt=False):
-    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
-    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
-    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError.
-
-    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
-    """
-    n, h, w, c = images.shape
-    assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        pngs = encode_pngs(images, workers)
-        with atomic_file(path, verify=lambda tmp: verify_zip(tmp, n_expected=n, size=h)) as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
-                for i, data in enumerate(pngs):
-                    zf.writestr(f"{i}.png", data)
-            if corrupt:
-                f.truncate(f.tell() // 2)
-    except OSError as exc:  # the .tmp is gone already (atomic_file), any earlier zip at path is untouched
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
 
 
 # ==== modules/finish.py ====
@@ -4509,6 +4629,7 @@ verification; a problem the user can fix is found before training and ends with 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
+EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -4634,14 +4755,18 @@ def load_training_data(cfg):
 
 
 def evaluate_submission(cfg):
-    """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
+    """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
+    before the data is loaded), then FID (or proxy), memorization and MiFID against the training data when at least
+    two images are readable (FID needs two)."""
+    images, fmt = read_submission(cfg.evaluate)
+    result = {"format": fmt}
+    if images is None or len(images) < 2:
+        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+        return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
     extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
-    images, fmt = read_submission(cfg.evaluate)
-    result = {"format": fmt}
-    if images is not None and len(images):
-        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
 
 
@@ -4770,6 +4895,9 @@ def run(argv=None):
         with contextlib.redirect_stdout(sys.stderr):
             result = evaluate_submission(cfg)
         print(json.dumps(result, indent=2, default=str))
+        if not result["format"]["ok"]:
+            print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+            return EXIT_REJECTED
         return 0
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
@@ -4928,7 +5056,7 @@ class KernelExit(Exception):
 
     def __init__(self, code):
         self.code = code
-        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written", EXIT_INTERRUPTED: "interrupted before the zip",
+        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written (--evaluate: the zip would be rejected)", EXIT_INTERRUPTED: "interrupted before the zip",
                    EXIT_USAGE: "a problem you can fix, named in the error line above"}
         super().__init__(f"kernel.py stopped with exit code {code}: {meaning.get(code, 'see above')}")
 

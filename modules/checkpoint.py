@@ -5,11 +5,10 @@ import errno
 import math
 import os
 import shutil
-import stat
 
 import torch
 
-from modules.utils import UsageError, atomic_file, warn
+from modules.utils import UsageError, atomic_file, require_regular_file, warn
 
 CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
 CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral")
@@ -46,23 +45,6 @@ def describe_write_error(exc, path):
         return f"disk full: {path} needs more space than is left{free}"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(exc).__name__}: {first[:200]}"
-
-
-def require_regular_file(path, flag, *, folder_ok=False):
-    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
-    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
-    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
-        return
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "not a regular file")
-    raise UsageError(f"{flag} {path} is {kind}: pass a regular file" + (" or a folder" if folder_ok else ""))
 
 
 def read_checkpoint(path, *, arch):

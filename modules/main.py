@@ -75,6 +75,7 @@ from modules.utils import (
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
+EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
@@ -200,14 +201,18 @@ def load_training_data(cfg):
 
 
 def evaluate_submission(cfg):
-    """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
+    """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
+    before the data is loaded), then FID (or proxy), memorization and MiFID against the training data when at least
+    two images are readable (FID needs two)."""
+    images, fmt = read_submission(cfg.evaluate)
+    result = {"format": fmt}
+    if images is None or len(images) < 2:
+        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+        return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
     extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
-    images, fmt = read_submission(cfg.evaluate)
-    result = {"format": fmt}
-    if images is not None and len(images):
-        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
 
 
@@ -336,6 +341,9 @@ def run(argv=None):
         with contextlib.redirect_stdout(sys.stderr):
             result = evaluate_submission(cfg)
         print(json.dumps(result, indent=2, default=str))
+        if not result["format"]["ok"]:
+            print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+            return EXIT_REJECTED
         return 0
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
@@ -494,7 +502,7 @@ class KernelExit(Exception):
 
     def __init__(self, code):
         self.code = code
-        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written", EXIT_INTERRUPTED: "interrupted before the zip",
+        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written (--evaluate: the zip would be rejected)", EXIT_INTERRUPTED: "interrupted before the zip",
                    EXIT_USAGE: "a problem you can fix, named in the error line above"}
         super().__init__(f"kernel.py stopped with exit code {code}: {meaning.get(code, 'see above')}")
 

@@ -191,6 +191,7 @@ def test_evaluate_flags_copies_and_format(tmp_path):
     proc, _ = run_kernel(["--data-dir", data, "--evaluate", tmp_path / "bad.zip"], timeout=300)
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert not result["format"]["ok"] and "size" in json.dumps(result["format"])
+    assert proc.returncode == 1 and "would be rejected" in proc.stderr  # a script can tell (issue 19)
 
 
 def test_demo_runs_end_to_end(tmp_path):
