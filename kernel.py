@@ -182,6 +182,7 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+MAX_DURATION_S = 7 * 86400.0  # issue 19: a time budget beyond a week is a typo (100h, 1e300), not a plan
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -202,6 +203,9 @@ def parse_duration(text):
         value = h * 3600 + mi * 60 + se
     if value <= 0:
         raise UsageError(f"duration {text!r} must be positive")
+    if value > MAX_DURATION_S:
+        raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
+                         "ask for; Kaggle sessions end after 9h")
     return value
 
 
@@ -277,7 +281,7 @@ def _duration():
             return isinstance(v, str) and parse_duration(v) > 0
         except UsageError:
             return False
-    return Allowed("a positive duration: 9h, 90m, 600s, 8h30m or seconds", ok)
+    return Allowed("a positive duration up to a week (168h): 9h, 90m, 600s, 8h30m or seconds", ok)
 
 
 def _items_matching(regex, what):
@@ -549,10 +553,11 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
+    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
     verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
     path stays as it was, so a reader sees the old file or the new one, never half of one."""
-    tmp = str(tmp or f"{path}.tmp")
+    tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f
@@ -4630,7 +4635,13 @@ verification; a problem the user can fix is found before training and ends with 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
 EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
+KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
+
+
+def in_kaggle_session():
+    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
 
 
 # output folder
@@ -4659,6 +4670,18 @@ def check_out_dir(out_dir):
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
 
+def check_out_not_in_data(out_dir, data_dir):
+    """The output folder must not be the data folder or inside it: samples.png and losses.png would land among the
+    training images, and the next run on that folder would train on them. data_dir "" means Kaggle's input."""
+    out = os.path.realpath(out_dir)
+    for root in [data_dir] if data_dir else KAGGLE_DATA_ROOTS:
+        root = os.path.realpath(os.path.expanduser(root))
+        if os.path.isdir(root) and (out == root or out.startswith(root.rstrip(os.sep) + os.sep)):
+            where = "is the data folder" if out == root else f"is inside the data folder {root}"
+            raise UsageError(f"output folder {out_dir} {where}: its samples.png and losses.png would be read as "
+                             "training images by the next run; pass another --out")
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(out_dir):
     """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
@@ -4671,6 +4694,27 @@ def removed_if_left_empty(out_dir):
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only an empty folder
         raise
+
+
+def remove_stale_temp_files(out_dir):
+    """Remove what a killed run left while writing: images.zip.tmpPID and checkpoint.pt.tmpPID (atomic_file's names)
+    whose process is gone, and the unnumbered names of earlier versions. Another live run's files are left alone: two
+    runs sharing a folder each write their own temporary file (the later rename wins)."""
+    for name in os.listdir(out_dir):
+        for stem in ("images.zip.tmp", "checkpoint.pt.tmp"):
+            suffix = name[len(stem):] if name.startswith(stem) else None
+            if suffix is None or (suffix and not suffix.isdigit()):
+                continue
+            if suffix and int(suffix) != os.getpid():
+                try:
+                    os.kill(int(suffix), 0)
+                    continue  # that process still runs
+                except ProcessLookupError:
+                    pass
+                except (OSError, OverflowError):  # EPERM: another user's live process
+                    continue
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def prepare_out_dir(out_dir, *, resume):
@@ -4694,9 +4738,7 @@ def prepare_out_dir(out_dir, *, resume):
         with contextlib.suppress(OSError):
             os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
-    for name in ("images.zip.tmp", "checkpoint.pt.tmp"):  # a run killed while writing leaves these
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out_dir, name))
+    remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")
     if os.path.isfile(ckpt) and not (resume and os.path.exists(resume) and os.path.samefile(resume, ckpt)):
         warn(f"{ckpt} of an earlier run will be replaced by this run's checkpoints; to continue that run instead, "
@@ -4902,6 +4944,9 @@ def run(argv=None):
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+        warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
+             "Kaggle stops the session first, and the zip is written only at the budget's end")
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     if world > 1:
@@ -4910,6 +4955,8 @@ def run(argv=None):
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
     if ctx.is_main:  # only rank 0 writes
+        if not cfg.demo:
+            check_out_not_in_data(out_dir, cfg.data_dir)
         check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
     resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
     if cfg.resume:

@@ -101,10 +101,11 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
+    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
     verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
     path stays as it was, so a reader sees the old file or the new one, never half of one."""
-    tmp = str(tmp or f"{path}.tmp")
+    tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f

@@ -21,7 +21,7 @@ def test_zip_round_trip(tmp_path):
         assert sorted(zf.namelist(), key=lambda s: int(s[:-4])) == [f"{i}.png" for i in range(50)]
         back = np.asarray(Image.open(io.BytesIO(zf.read("7.png"))))
     assert np.array_equal(back, imgs[7])
-    assert not os.path.exists(path + ".tmp")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_verify_catches_wrong_count(tmp_path):
