@@ -201,19 +201,22 @@ def verify_zip(path, *, n_expected, size=64):
         raise SubmissionError(f"{path}: {scan.summary(n_expected)}")
 
 
-def write_submission(images, path, *, workers=2, corrupt=False):
+def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
     """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
     re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
     it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
     SubmissionError.
 
+    pngs: the images' PNG bytes when they are encoded already (finish encodes them while generating).
     corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
     """
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        pngs = encode_pngs(images, workers)
+        if pngs is None:
+            pngs = encode_pngs(images, workers)
+        assert len(pngs) == n, (len(pngs), n)
         with atomic_file(path, verify=lambda tmp: verify_zip(tmp, n_expected=n, size=h)) as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed already
                 for i, data in enumerate(pngs):
