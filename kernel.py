@@ -3997,15 +3997,28 @@ class SubmissionError(Exception):
     """The zip on disk is not a valid submission (count, names, format or size)."""
 
 
+def _png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def encode_png(image):
-    """uint8 [H,W,3] -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
+    """uint8 [H,W,3] -> PNG bytes: 8-bit RGB, every row with the "Up" filter (the difference to the row above; the
+    first row unfiltered), one zlib stream at PNG_COMPRESS_LEVEL. Written directly, not through PIL's encoder: ~2.3x
+    less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes, measured on the sample's crops
+    (tests/bench/results/finish). Lossless: PIL reads back the same pixels (test_submission)."""
+    h, w, c = image.shape
+    assert c == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
+    flat = image.reshape(h, w * 3)
+    rows = np.empty((h, 1 + w * 3), np.uint8)
+    rows[:, 0] = 2  # filter type Up
+    rows[0, 0], rows[0, 1:] = 0, flat[0]  # nothing above the first row: unfiltered
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 wraps modulo 256, as PNG's filters do
+    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)), _png_chunk(b"IEND", b"")))
 
 
 def encode_pngs(images, workers=2):
-    """uint8 [N,H,W,3] -> list of PNG bytes; zlib releases the GIL, so threads use every core."""
+    """uint8 [N,H,W,3] -> list of PNG bytes; zlib and numpy release the GIL, so threads use every core."""
     if workers <= 1:
         return [encode_png(im) for im in images]
     with ThreadPoolExecutor(workers) as pool:
