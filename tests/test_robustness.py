@@ -149,10 +149,10 @@ def fault_run(tmp_path_factory):
 def interrupted_run(tmp_path_factory):
     """SIGTERM 2 s into training -> (out, returncode, seconds from the signal to the exit, log text), with the full
     10,000 images: schedulers give 10-30 s between SIGTERM and SIGKILL, so that finish must fit 30 s (issue 19). Since
-    the PNGs are encoded while generating, the finish reserve is ~1.25 x the generation (~20 s on a loaded CI core):
-    a 75 s budget is still training at the signal."""
+    the PNGs are encoded while generating, the finish reserve is ~1.25 x the generation (~20-40 s on a loaded CI box):
+    a 90 s budget is still training at the signal (75 s was refused here with four other kernels beside it)."""
     out = tmp_path_factory.mktemp("sigterm")
-    kernel = _Kernel([*CHEAP, *NO_CHECK, "--time-budget", "75s", "--out", out], out.parent / f"{out.name}.log")
+    kernel = _Kernel([*CHEAP, *NO_CHECK, "--time-budget", "90s", "--out", out], out.parent / f"{out.name}.log")
     kernel.wait_for("training started", timeout=60)
     time.sleep(2.0)
     t_signal = time.monotonic()
@@ -196,14 +196,10 @@ def test_bad_checkpoints_exit_2(fault_run, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:50000])
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint\n" * 100)
     good = torch.load(ckpt, map_location="cpu", weights_only=True)
-    crafted = {"str_seconds": {"train_seconds": "12"}, "inf_seconds": {"train_seconds": float("inf")},
-               "no_classes": {"classes": []}, "bad_step": {"trainer": {**good["trainer"], "step": -5}}}
-    for name, change in crafted.items():
-        torch.save({**good, **change}, tmp_path / f"{name}.pt")
+    torch.save({**good, "train_seconds": "12"}, tmp_path / "str_seconds.pt")  # the other fields: test_checkpoint.py
     os.mkfifo(tmp_path / "fifo.pt")
     cases = {"fifo": (["--resume", tmp_path / "fifo.pt"], "is a FIFO"),
-             **{name: (["--resume", tmp_path / f"{name}.pt"], f"damaged checkpoint: {field}")
-                for name, field in zip(crafted, ("train_seconds", "train_seconds", "classes", "trainer.step"))},
+             "str_seconds": (["--resume", tmp_path / "str_seconds.pt"], "damaged checkpoint: train_seconds is '12'"),
              "truncated": (["--resume", tmp_path / "truncated.pt"], "not a readable checkpoint"),
              "garbage": (["--resume", tmp_path / "garbage.pt"], "not a readable checkpoint"),
              "other_arch": (["--resume", ckpt, "--preset", "dcgan,smoke"], "arch='biggan'"),
@@ -215,7 +211,7 @@ def test_bad_checkpoints_exit_2(fault_run, tmp_path):
                                     env={**os.environ, **ENV})
              for name, (args, _) in cases.items()}
     for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=60)
+        stdout, stderr = p.communicate(timeout=120)  # 9 kernels importing torch at once on a loaded box
         _one_line_error(types.SimpleNamespace(returncode=p.returncode, stdout=stdout, stderr=stderr),
                         "--resume", cases[name][1])
         assert not (tmp_path / name).exists(), name  # refused before the output folder is made
@@ -425,17 +421,17 @@ def test_resume_continues_the_steps_within_the_plan_left(interrupted_run, tmp_pa
     before = read_checkpoint(str(out / "checkpoint.pt"), arch={})
     left = before["plan_seconds"] - before["train_seconds"]
     old_zip = _sha(out / "images.zip")
-    proc, wall = run_kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "90s", "--out", out,
-                             "--resume", out / "checkpoint.pt"], timeout=180, env=ENV)
+    proc, wall = run_kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "120s", "--out", out,
+                             "--resume", out / "checkpoint.pt"], timeout=240, env=ENV)  # the plan left: up to ~70 s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step0 = before["trainer"]["step"]
     assert f"at step {step0}:" in proc.stdout and "training the remaining" in proc.stdout
     report = _report(out)
     assert report["resumed_from"]["step"] == step0 and report["train"]["total_steps"] > step0
-    assert report["train"]["seconds"] <= left + 2.0, (report["train"]["seconds"], left)  # the plan's rest, not 90 s
+    assert report["train"]["seconds"] <= left + 2.0, (report["train"]["seconds"], left)  # the plan's rest, not 120 s
     assert report["train"]["train_seconds_total"] == pytest.approx(before["plan_seconds"], abs=2.0)
     assert len(report["history"]["loss_d"]) > len(before["history"]["loss_d"])  # the loss curves carry on
-    assert wall <= 90, wall
+    assert wall <= 120, wall
     verify_zip(out / "images.zip", n_expected=2000)
     assert _sha(out / "images.zip") != old_zip
     after = read_checkpoint(str(out / "checkpoint.pt"), arch={})
