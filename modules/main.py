@@ -544,7 +544,8 @@ class KernelExit(Exception):
 
     def __init__(self, code):
         self.code = code
-        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written (--evaluate: the zip would be rejected)", EXIT_INTERRUPTED: "interrupted before the zip",
+        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written (--evaluate: the zip would be rejected)",
+                   EXIT_INTERRUPTED: "interrupted before the zip",
                    EXIT_USAGE: "a problem you can fix, named in the error line above"}
         super().__init__(f"kernel.py stopped with exit code {code}: {meaning.get(code, 'see above')}")
 
@@ -554,7 +555,8 @@ class KernelExit(Exception):
 
 def main(argv=None):
     """Entry point: returns the exit code (0 ok, also after a crash or interrupt that still wrote the zip; 1 no valid
-    zip could be written; 2 usage error; 130 interrupted before the zip)."""
+    zip could be written, or with --evaluate the zip would be rejected; 2 usage error; 130 interrupted before the
+    zip)."""
     try:
         return run(argv)
     except SystemExit as exc:  # argparse's --help: exit 0 as a return value (a notebook cell then ends without error)
