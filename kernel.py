@@ -4060,13 +4060,14 @@ def _zip_entry_count(path):
     end record, which no 10,000-PNG submission needs."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        size = f.seek(max(0, f.tell() - (1 << 16) - 22))
+        f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
         tail = f.read()
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) < at + 22:
         return None
     total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-    return -1 if total == 0xFFFF or b"PK\x06\x06" in tail[:at] else total
+    zip64 = at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"  # the ZIP64 locator sits just before the end record
+    return -1 if total == 0xFFFF or zip64 else total
 
 
 def _submission_files(path, limit):
@@ -4083,7 +4084,11 @@ def _submission_files(path, limit):
                     yield "", len(files), 0, None
                     return
         for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
-            st = os.lstat(f)
+            try:
+                st = os.lstat(f)
+            except OSError:  # gone since the listing
+                yield os.path.relpath(f, path).replace(os.sep, "/"), 0, 0, None
+                continue
             regular = stat.S_ISREG(st.st_mode)
 
             def read(max_bytes, f=f):

@@ -216,3 +216,23 @@ def test_evaluate_exit_codes_and_a_single_image(tmp_path, capsys):
     (tmp_path / "junk.zip").write_bytes(b"junk")
     code, out, err = _evaluate([tmp_path / "junk.zip"], capsys)
     assert code == 2 and "neither a folder nor a readable zip" in err
+
+
+def test_a_zip64_or_a_directory_of_millions_is_refused_before_zipfile_reads_it(tmp_path):
+    """The entry count comes from the end record before zipfile builds its directory in memory."""
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(150):
+            zf.writestr(f"{i}.txt", b"")
+    _, rep = read_submission(path, expected=4)  # at most 2 * 4 + 100 = 108 entries: none is looked at
+    assert rep["too_many"]["first"] == ["150 entries"] and rep["non_png"]["count"] == 0 and not rep["ok"]
+    _, rep = read_submission(path, expected=100)  # at most 300: all are looked at
+    assert rep["non_png"]["count"] == 150 and rep["too_many"]["count"] == 0
+    with zipfile.ZipFile(tmp_path / "z64.zip", "w") as zf:
+        zf.writestr("0.png", png_bytes(images(1)[0]))
+    data = bytearray((tmp_path / "z64.zip").read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    data[at + 8:at + 12] = b"\xff\xff\xff\xff"  # entry counts 0xFFFF: a ZIP64 archive
+    (tmp_path / "z64.zip").write_bytes(bytes(data))
+    _, rep = read_submission(tmp_path / "z64.zip", expected=1)
+    assert not rep["ok"] and rep["too_many"]["count"] == 1
