@@ -16,6 +16,7 @@ from modules.utils import warn
 DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
+MAX_BOXES_PER_IMAGE = 12  # issue 19: one file with 300 boxes made 300 of 352 crops one image (the real sample: at most 3)
 
 
 # folders
@@ -28,8 +29,8 @@ def _inside(path, top):
 
 def _entries(path, skipped, top=None):
     """-> (sub-folders, files) of path, sorted, hidden entries ignored. Counted in skipped (a Counter), never raised:
-    a folder that cannot be listed (unreadable_folder, listed as empty) and, given top, a linked folder whose target
-    lies outside it (link_outside, left out)."""
+    a folder that cannot be listed (unreadable_folder, listed as empty) and, given top, a linked folder or file whose
+    target lies outside it (link_outside, left out)."""
     dirs, files = [], []
     try:
         with os.scandir(path) as it:
@@ -43,7 +44,10 @@ def _entries(path, skipped, top=None):
                         else:
                             dirs.append(Path(e.path))
                     elif e.is_file():
-                        files.append(Path(e.path))
+                        if top is not None and e.is_symlink() and not _inside(e.path, top):
+                            skipped["link_outside"] += 1  # a linked file out of the folder is not read (issue 19)
+                        else:
+                            files.append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed
                     skipped["unreadable_entry"] += 1
     except OSError:  # e.g. permission denied
@@ -115,9 +119,11 @@ def list_images(images_dir, skipped):
 
 def list_annotations(annotation_dir, skipped):
     """-> (classes, {image id: (xml path, label)}) from annotation_dir/<wnid>-<breed>/<id>[.xml]. A breed folder that
-    cannot be listed, or is a link out of annotation_dir, is skipped and counted; one holding no file is no class."""
+    cannot be listed, or is a link out of annotation_dir, is skipped and counted, and so is an annotation file that
+    is a link out of it (it is not read); one holding no file is no class. (Image files may be links anywhere: a
+    folder of links into a shared store is a common layout, and every image is decoded and checked.)"""
     top = os.path.realpath(annotation_dir)
-    held = {f: _entries(f, skipped)[1] for f in _entries(annotation_dir, skipped, top)[0]}
+    held = {f: _entries(f, skipped, top)[1] for f in _entries(annotation_dir, skipped, top)[0]}
     breed = {f: f.name.split("-", 1)[-1] for f, files in held.items() if files}
     classes = sorted(set(breed.values()))
     index = {c: i for i, c in enumerate(classes)}
@@ -135,8 +141,10 @@ def list_annotations(annotation_dir, skipped):
 # one annotation file
 
 def read_voc(path):
-    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?) or a skip
-    reason: unreadable_xml (the file cannot be read), bad_xml (not XML), no_object. Namespaced tags are accepted."""
+    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
+    count) or a skip reason: unreadable_xml (the file cannot be read), bad_xml (not XML), no_object. Namespaced tags
+    are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped (and counted): one image
+    must not fill the training set with copies of itself."""
     try:
         text = Path(path).read_bytes()
     except OSError:
@@ -162,4 +170,5 @@ def read_voc(path):
         size = (float(root.find("size/width").text), float(root.find("size/height").text))
     except (AttributeError, TypeError, ValueError):
         size = None
-    return boxes, size, bad, namespaced
+    kept = list(dict.fromkeys(boxes))[:MAX_BOXES_PER_IMAGE]  # exact repeats out, order kept, then the cap
+    return kept, size, bad, namespaced, len(boxes) - len(kept)

@@ -2,16 +2,20 @@
 the config as a dict, the step and the training time spent and planned: never pickled modules."""
 import contextlib
 import errno
+import math
 import os
 import shutil
 
 import torch
 
-from modules.utils import UsageError, atomic_file, warn
+from modules.utils import UsageError, atomic_file, require_regular_file, warn
 
 CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
 CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral", "d_arch")
 CHECKPOINT_ARCH_BEFORE = {"d_arch": "biggan-pytorch"}  # what a checkpoint from before a key existed was built with
+CHECKPOINT_MAX_SECONDS = 366 * 86400.0  # train/plan seconds beyond a year of training are not a real run's
+CHECKPOINT_MAX_CLASSES = 100000  # breeds (the dataset has 120)
+CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "step")  # Trainer.load_state_dict reads these
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
@@ -50,6 +54,7 @@ def read_checkpoint(path, *, arch):
     arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
     A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
     """
+    require_regular_file(path, "--resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -62,12 +67,59 @@ def read_checkpoint(path, *, arch):
     missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
         raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
+    check_checkpoint_fields(ckpt, path)
     for key, value in arch.items():
         had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
         if had != value:
             raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
                              "resume with the same preset and settings")
     return ckpt
+
+
+def _is_real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_checkpoint_fields(ckpt, path):
+    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
+    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    def bad(field, value, want):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
+        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
+                         "of an earlier run")
+
+    for field in ("train_seconds", "plan_seconds"):
+        if field in ckpt or field == "train_seconds":
+            v = ckpt[field]
+            if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
+                bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
+    if not isinstance(ckpt.get("complete", True), bool):
+        bad("complete", ckpt["complete"], "true or false")
+    n = ckpt["n_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHECKPOINT_MAX_CLASSES:
+        bad("n_classes", n, f"a whole number in [1, {CHECKPOINT_MAX_CLASSES}]")
+    classes = ckpt["classes"]
+    if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
+        bad("classes", classes, f"a list of {n} breed names")
+    history = ckpt.get("history", {})
+    if not isinstance(history, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(
+                _is_real(x) or (isinstance(x, (list, tuple)) and all(map(_is_real, x))) for x in v)
+            for k, v in history.items()):
+        bad("history", history, "{name: [numbers or (step, value) pairs]}")
+    state = ckpt["trainer"]
+    missing = [k for k in CHECKPOINT_TRAINER_KEYS if k not in state]
+    if missing:
+        bad("trainer", f"missing {', '.join(missing)}", "the state of a trainer")
+    for key in ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "ema", "swa"):
+        if key in state and not isinstance(state[key], dict):
+            bad(f"trainer.{key}", state[key], "a state dict")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
+        bad("trainer.step", step, "a whole number >= 0")
+    lr_scale = state.get("lr_scale", 1.0)
+    if not _is_real(lr_scale) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1e3:
+        bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
 
 
 def restore_checkpoint(ckpt, path, trainer, *, classes):

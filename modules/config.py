@@ -146,6 +146,7 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+MAX_DURATION_S = 7 * 86400.0  # issue 19: a time budget beyond a week is a typo (100h, 1e300), not a plan
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -166,6 +167,9 @@ def parse_duration(text):
         value = h * 3600 + mi * 60 + se
     if value <= 0:
         raise UsageError(f"duration {text!r} must be positive")
+    if value > MAX_DURATION_S:
+        raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
+                         "ask for; Kaggle sessions end after 9h")
     return value
 
 
@@ -241,7 +245,7 @@ def _duration():
             return isinstance(v, str) and parse_duration(v) > 0
         except UsageError:
             return False
-    return Allowed("a positive duration: 9h, 90m, 600s, 8h30m or seconds", ok)
+    return Allowed("a positive duration up to a week (168h): 9h, 90m, 600s, 8h30m or seconds", ok)
 
 
 def _items_matching(regex, what):

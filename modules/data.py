@@ -21,10 +21,11 @@ import numpy as np
 from PIL import Image
 
 from modules.annotations import DATA_SEARCH_DEPTH, list_annotations, list_images, read_voc, search_data_root
-from modules.utils import UsageError, log
+from modules.utils import UsageError, log, warn
 
 # where the data is
 
+FEW_IMAGES_WARN = 100  # issue 19: fewer images read than this -> a memorization WARNING (the demo set has 120)
 KAGGLE_DATA_ROOTS = ("/kaggle/input/generative-dog-images", "/kaggle/input")  # current layout, then the 2019 one
 
 
@@ -200,12 +201,13 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
     path, ann_path, label = job
     skipped, fixed = Counter(), Counter()
     try:
-        voc = read_voc(ann_path) if ann_path is not None else ([], None, 0, False)
+        voc = read_voc(ann_path) if ann_path is not None else ([], None, 0, False, 0)
         if isinstance(voc, str):
             skipped[voc] += 1
-            voc = ([], None, 0, False)
-        raw_boxes, xml_size, n_bad, namespaced = voc
+            voc = ([], None, 0, False, 0)
+        raw_boxes, xml_size, n_bad, namespaced, n_dropped = voc
         skipped["box_unparseable"] += n_bad
+        skipped["box_repeated_or_over_cap"] += n_dropped
         fixed["xml_namespace"] += namespaced
         if os.path.getsize(path) == 0:
             skipped["empty_file"] += 1
@@ -347,5 +349,8 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
     log(f"data: {images_read} images read, {boxes_used} boxes used, {len(images)} rows {size}x{size} "
         f"({'+'.join(stats['styles'])}), {len(classes)} classes, skipped: "
         f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'} ({seconds:.1f}s, {workers} {pool} workers)")
+    if images_read < FEW_IMAGES_WARN:
+        warn(f"only {images_read} images ({len(images)} crops): a GAN trained on so few copies them, and Kaggle's "
+             "MiFID penalises copies; use more data (the competition has 20,579 images)")
     return DogData(images=images, labels=np.concatenate(labels), classes=classes,
                    reference=np.stack(refs) if refs else None, stats=stats, seconds=seconds)

@@ -3,7 +3,6 @@
 Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score"), and a proxy
 feature space's distance is never called FID.
 """
-import io
 import time
 import zipfile
 from pathlib import Path
@@ -15,7 +14,8 @@ from PIL import Image
 from modules.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score, mifid,
                              memorization_distance, nearest_pixel)
 from modules.report import image_grid
-from modules.utils import UsageError, format_duration, log, warn
+from modules.submission import scan_submission
+from modules.utils import UsageError, format_duration, log, require_regular_file, warn
 
 EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
 EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
@@ -31,54 +31,28 @@ NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 s
 
 # submission files
 
-def _submission_entries(path):
-    """(name, bytes) for every file in a zip or under a folder, in name order."""
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield str(f.relative_to(path)), f.read_bytes()
-        return
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):
-                yield info.filename, zf.read(info)
-    except zipfile.BadZipFile:
-        raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip") from None
-
-
 def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
     """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
 
-    The report mirrors Kaggle's checks: `count` .png entries against `expected`, then the entries that are not PNG, have
-    the wrong size (left out of the array), are not RGB (converted), or cannot be decoded (left out); `ok` when none.
+    The checks are the kernel's own (submission.scan_submission: names 0.png ... {expected-1}.png at the top level, PNG,
+    64x64, RGB, sizes checked before anything is decompressed or decoded). The report gives `count` .png entries against
+    `expected`, then per problem kind its count and first names; images with a wrong name or not RGB are still loaded
+    (converted), those of a wrong size or unreadable are left out; `ok` when there is no problem.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"submission {str(path)!r} not found")
-    problems = {key: [] for key in ("non_png", "wrong_size", "non_rgb", "unreadable")}
-    images, count = [], 0
-    for name, data in _submission_entries(path):
-        if not name.lower().endswith(".png"):
-            problems["non_png"].append(name)
-            continue
-        count += 1
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                if img.format != "PNG":
-                    problems["non_png"].append(f"{name} ({img.format})")
-                if img.size != EVAL_SUBMISSION_SIZE:
-                    problems["wrong_size"].append(f"{name} ({img.size[0]}x{img.size[1]})")
-                    continue
-                if img.mode != "RGB":
-                    problems["non_rgb"].append(f"{name} ({img.mode})")
-                images.append(np.asarray(img.convert("RGB"), np.uint8))
-        except Exception as exc:  # PIL raises several types for broken files
-            problems["unreadable"].append(f"{name} ({type(exc).__name__})")
-    report = {"path": str(path), "count": count, "expected": expected, "n_loaded": len(images)}
-    for key, names in problems.items():
+    require_regular_file(str(path), "--evaluate", folder_ok=True)
+    try:
+        scan = scan_submission(str(path), n_expected=expected, size=EVAL_SUBMISSION_SIZE[0], decode=True)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip ({type(exc).__name__})") from None
+    report = {"path": str(path), "count": scan.count, "entries": scan.entries, "expected": expected,
+              "n_loaded": len(scan.images)}
+    for key, names in scan.problems.items():
         report[key] = {"count": len(names), "first": names[:5]}
-    report["ok"] = count == expected and not any(problems.values())
-    return (np.stack(images) if images else None), report
+    report["ok"] = scan.ok
+    return (np.stack(scan.images) if scan.images else None), report
 
 
 # scores

@@ -28,7 +28,7 @@ from modules.checkpoint import (
     save_checkpoint,
 )
 from modules.config import config_to_json, parse_config, resolve_out_dir
-from modules.data import find_data_dir, load_dogs
+from modules.data import KAGGLE_DATA_ROOTS, find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
 from modules.distributed import (
     DistContext,
@@ -77,7 +77,14 @@ from modules.utils import (
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
 DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
+EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
+KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
+
+
+def in_kaggle_session():
+    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
 
 
 # output folder
@@ -106,6 +113,18 @@ def check_out_dir(out_dir):
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
 
+def check_out_not_in_data(out_dir, data_dir):
+    """The output folder must not be the data folder or inside it: samples.png and losses.png would land among the
+    training images, and the next run on that folder would train on them. data_dir "" means Kaggle's input."""
+    out = os.path.realpath(out_dir)
+    for root in [data_dir] if data_dir else KAGGLE_DATA_ROOTS:
+        root = os.path.realpath(os.path.expanduser(root))
+        if os.path.isdir(root) and (out == root or out.startswith(root.rstrip(os.sep) + os.sep)):
+            where = "is the data folder" if out == root else f"is inside the data folder {root}"
+            raise UsageError(f"output folder {out_dir} {where}: its samples.png and losses.png would be read as "
+                             "training images by the next run; pass another --out")
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(out_dir):
     """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
@@ -118,6 +137,27 @@ def removed_if_left_empty(out_dir):
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only an empty folder
         raise
+
+
+def remove_stale_temp_files(out_dir):
+    """Remove what a killed run left while writing: images.zip.tmpPID and checkpoint.pt.tmpPID (atomic_file's names)
+    whose process is gone, and the unnumbered names of earlier versions. Another live run's files are left alone: two
+    runs sharing a folder each write their own temporary file (the later rename wins)."""
+    for name in os.listdir(out_dir):
+        for stem in ("images.zip.tmp", "checkpoint.pt.tmp"):
+            suffix = name[len(stem):] if name.startswith(stem) else None
+            if suffix is None or (suffix and not suffix.isdigit()):
+                continue
+            if suffix and int(suffix) != os.getpid():
+                try:
+                    os.kill(int(suffix), 0)
+                    continue  # that process still runs
+                except ProcessLookupError:
+                    pass
+                except (OSError, OverflowError):  # EPERM: another user's live process
+                    continue
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def prepare_out_dir(out_dir, *, resume):
@@ -141,9 +181,7 @@ def prepare_out_dir(out_dir, *, resume):
         with contextlib.suppress(OSError):
             os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
-    for name in ("images.zip.tmp", "checkpoint.pt.tmp"):  # a run killed while writing leaves these
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out_dir, name))
+    remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")
     if os.path.isfile(ckpt) and not (resume and os.path.exists(resume) and os.path.samefile(resume, ckpt)):
         warn(f"{ckpt} of an earlier run will be replaced by this run's checkpoints; to continue that run instead, "
@@ -228,14 +266,18 @@ def check_setting_memory(cfg, device, *, world, data=None):
 
 
 def evaluate_submission(cfg):
-    """--evaluate: the format checks Kaggle ran, then FID (or proxy), memorization and MiFID against the training data."""
+    """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
+    before the data is loaded), then FID (or proxy), memorization and MiFID against the training data when at least
+    two images are readable (FID needs two)."""
+    images, fmt = read_submission(cfg.evaluate)
+    result = {"format": fmt}
+    if images is None or len(images) < 2:
+        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+        return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
     extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
-    images, fmt = read_submission(cfg.evaluate)
-    result = {"format": fmt}
-    if images is not None and len(images):
-        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
 
 
@@ -369,10 +411,16 @@ def run(argv=None):
         with contextlib.redirect_stdout(sys.stderr):
             result = evaluate_submission(cfg)
         print(json.dumps(result, indent=2, default=str))
+        if not result["format"]["ok"]:
+            print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+            return EXIT_REJECTED
         return 0
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+        warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
+             "Kaggle stops the session first, and the zip is written only at the budget's end")
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     if world > 1:
@@ -381,6 +429,8 @@ def run(argv=None):
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
     if ctx.is_main:  # only rank 0 writes
+        if not cfg.demo:
+            check_out_not_in_data(out_dir, cfg.data_dir)
         check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
     resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
     if cfg.resume:
@@ -534,7 +584,8 @@ class KernelExit(Exception):
 
     def __init__(self, code):
         self.code = code
-        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written", EXIT_INTERRUPTED: "interrupted before the zip",
+        meaning = {EXIT_ZIP_FAILED: "no valid images.zip could be written (--evaluate: the zip would be rejected)",
+                   EXIT_INTERRUPTED: "interrupted before the zip",
                    EXIT_USAGE: "a problem you can fix, named in the error line above"}
         super().__init__(f"kernel.py stopped with exit code {code}: {meaning.get(code, 'see above')}")
 
@@ -544,7 +595,8 @@ class KernelExit(Exception):
 
 def main(argv=None):
     """Entry point: returns the exit code (0 ok, also after a crash or interrupt that still wrote the zip; 1 no valid
-    zip could be written; 2 usage error; 130 interrupted before the zip)."""
+    zip could be written, or with --evaluate the zip would be rejected; 2 usage error; 130 interrupted before the
+    zip)."""
     try:
         return run(argv)
     except SystemExit as exc:  # argparse's --help: exit 0 as a return value (a notebook cell then ends without error)

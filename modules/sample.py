@@ -134,11 +134,12 @@ def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, devi
 
 @torch.no_grad()
 def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
-                    sample_bn=None):
+                    sample_bn=None, on_batch=None):
     """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
 
     G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
-    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged)."""
+    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
+    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
     mode = sample_bn_of(G, sample_bn)
     if mode == "standing" and not getattr(G, "standing_ready", False):
         G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
@@ -153,6 +154,8 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 x = G(z, y)
             out.append(to_uint8(x))
+            if on_batch is not None:
+                on_batch(out[-1])
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images

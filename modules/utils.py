@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import random
+import stat
 import sys
 import time
 
@@ -100,10 +101,11 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmp), flushed to the disk, checked by
+    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
+    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
     verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
     path stays as it was, so a reader sees the old file or the new one, never half of one."""
-    tmp = str(tmp or f"{path}.tmp")
+    tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f
@@ -116,6 +118,23 @@ def atomic_file(path, mode="wb", *, tmp=None, verify=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def require_regular_file(path, flag, *, folder_ok=False):
+    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
+    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a regular file")
+    raise UsageError(f"{flag} {path} is {kind}: pass a regular file" + (" or a folder" if folder_ok else ""))
 
 
 @contextlib.contextmanager

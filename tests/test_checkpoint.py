@@ -1,5 +1,9 @@
 """modules/checkpoint.py: the round trip, the checks on reading, atomic writes, and a full disk said as such."""
+import contextlib
 import errno
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -58,6 +62,52 @@ def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
     with pytest.raises(UsageError, match="trained on 3 breeds, this data has 2"):
         restore_checkpoint(ckpt, "c.pt", _trainer(), classes=["a", "b"])
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"train_seconds": "12.5"}, "train_seconds"), ({"train_seconds": float("inf")}, "train_seconds"),
+    ({"train_seconds": -1.0}, "train_seconds"), ({"plan_seconds": 1e300}, "plan_seconds"),
+    ({"complete": "yes"}, "complete"), ({"n_classes": "3"}, "n_classes"), ({"classes": []}, "classes"),
+    ({"classes": [1, 2, 3]}, "classes"), ({"history": {"loss_d": "x"}}, "history"),
+    ({"trainer": {"G": {}}}, "trainer"), ({"trainer.step": 1.5}, "trainer.step"),
+    ({"trainer.lr_scale": float("nan")}, "trainer.lr_scale"), ({"trainer.opt_g": [1]}, "trainer.opt_g")])
+def test_wrong_typed_or_absurd_fields_are_one_line_usage_errors(tmp_path, change, field):
+    """Issue 19: a checkpoint that loads but carries a string for seconds, no classes, infinite seconds... is refused
+    when read (before the data), naming the field, instead of crashing the run later."""
+    _save(tmp_path / "c.pt", _trainer())
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    for key, value in change.items():
+        if key.startswith("trainer."):
+            ckpt["trainer"][key.split(".", 1)[1]] = value
+        else:
+            ckpt[key] = value
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match=f"damaged checkpoint: {field} is") as err:
+        read_checkpoint(str(tmp_path / "bad.pt"), arch=ARCH)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def unblock_fifo_later(path, after_s=3.0):
+    """A writer opens and closes the FIFO after after_s (for 30 s, whenever a reader waits): code that opens it reads
+    EOF and fails there instead of hanging the test."""
+    def writer():
+        time.sleep(after_s)
+        for _ in range(150):
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while no reader has it open
+            time.sleep(0.2)
+
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def test_a_fifo_or_folder_is_refused_without_opening_it(tmp_path):
+    """Issue 19: torch.load on a FIFO blocks until a writer comes; it is refused by stat before any open."""
+    os.mkfifo(tmp_path / "fifo.pt")
+    unblock_fifo_later(tmp_path / "fifo.pt")
+    with pytest.raises(UsageError, match="is a FIFO"):
+        read_checkpoint(str(tmp_path / "fifo.pt"), arch=ARCH)
+    with pytest.raises(UsageError, match="is a folder"):
+        read_checkpoint(str(tmp_path), arch=ARCH)
 
 
 def _torch_disk_full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write

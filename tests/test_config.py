@@ -146,6 +146,15 @@ def test_parse_duration_refuses_non_finite_and_negative(text):
         parse_duration(text)
 
 
+@pytest.mark.parametrize("text", ["200h", "1e300", "169h", "604801", "10081m"])
+def test_parse_duration_refuses_more_than_a_week(text):
+    """Issue 19: `--time-budget 1e300` (a 300-digit duration in the log) or 200h is one clear error (100h is not: a
+    long run elsewhere; inside Kaggle it is warned about)."""
+    with pytest.raises(UsageError, match="more than a week"):
+        parse_duration(text)
+    assert parse_duration("168h") == 7 * 86400
+
+
 def test_kernel_refuses_a_bad_setting_in_one_line_before_reading_data(tmp_path):
     """The bundled kernel: exit 2, one stderr line, no usage block, nothing created, in seconds (torch import included)."""
     t0 = time.monotonic()

@@ -500,3 +500,25 @@ def test_real_sample_counts_are_plausible():
     assert 1900 <= d.stats["images_read"] <= 1953 and 2000 <= d.stats["boxes_used"] <= 2100
     assert d.images.shape == (d.stats["rows"], 64, 64, 3) and d.reference.shape == (d.stats["images_read"], 64, 64, 3)
     assert sum(d.stats["skipped"].values()) < 20
+
+
+# hostile annotations (issue 19)
+
+def test_repeated_boxes_are_dropped_and_few_images_warned(tmp_path, capsys):
+    """One file with 300 identical boxes must not make 300 crops of one image; 6 images warn of memorization."""
+    good_dataset(tmp_path)
+    add(tmp_path, "n01-alpha", "many", image_bytes(seed=9), voc([GOOD_BOX] * 300 + [(10 + i, 10, 150, 140) for i in range(20)]))
+    d = load_dogs(tmp_path / "all-dogs", tmp_path / "Annotation")
+    assert len(d.images) == 6 + 12  # one box per good image, the capped 12 of the crowded one
+    assert d.stats["skipped"]["box_repeated_or_over_cap"] == 299 + 9
+    assert "WARNING: only 7 images" in capsys.readouterr().out
+
+
+def test_an_annotation_file_linked_out_of_the_folder_is_not_read(tmp_path):
+    good_dataset(tmp_path / "data")
+    secret = tmp_path / "secret.xml"
+    secret.write_text(voc([GOOD_BOX, (0, 0, 50, 50)]))
+    add(tmp_path / "data", "n01-alpha", "linked", image_bytes(seed=7))
+    (tmp_path / "data" / "Annotation" / "n01-alpha" / "linked").symlink_to(secret)
+    d = load_dogs(tmp_path / "data" / "all-dogs", tmp_path / "data" / "Annotation")
+    assert d.stats["skipped"]["link_outside"] == 1 and d.stats["skipped"]["no_annotation"] == 1

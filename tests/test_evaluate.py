@@ -1,5 +1,11 @@
 import io
+import json
+import os
+import struct
+import tracemalloc
+import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -7,7 +13,10 @@ from PIL import Image
 
 from modules.evaluate import evaluate_images, read_submission, self_check
 from modules.features import build_feature_extractor
+from modules.main import main
+from modules.submission import SubmissionError, verify_zip
 from modules.utils import UsageError
+from test_checkpoint import unblock_fifo_later
 
 
 def images(n, seed=0, size=64):
@@ -33,7 +42,7 @@ def test_read_submission_zip_reports_problems(tmp_path):
     path = tmp_path / "images.zip"
     with zipfile.ZipFile(path, "w") as zf:
         for i, im in enumerate(good):
-            zf.writestr(f"{i:05d}.png", png_bytes(im))
+            zf.writestr(f"{i}.png", png_bytes(im))
         zf.writestr("big.png", png_bytes(images(1, seed=1, size=128)[0]))
         zf.writestr("gray.png", png_bytes(good[0], mode="L"))
         zf.writestr("broken.png", b"\x89PNG not really")
@@ -44,6 +53,7 @@ def test_read_submission_zip_reports_problems(tmp_path):
     assert rep["count"] == 13 and rep["n_loaded"] == 11 and not rep["ok"]
     assert rep["wrong_size"] == {"count": 1, "first": ["big.png (128x128)"]}
     assert rep["non_rgb"]["count"] == 1 and rep["unreadable"]["count"] == 1 and rep["non_png"]["first"] == ["notes.txt"]
+    assert rep["bad_name"]["first"] == ["big.png", "broken.png", "gray.png"]
 
 
 def test_read_submission_folder_ok(tmp_path):
@@ -111,3 +121,118 @@ def test_self_check_writes_nearest_png(proxy, tmp_path):
     assert res["n_near_copies"] == 2 and res["n_crops_searched"] == 50 and not res["crops_subsampled"]
     res = self_check(gen, None, crops, proxy, memorization=0.05)  # precomputed distance, no picture
     assert res["proxy_memorized_public"] and "nearest_png" not in res
+
+
+# hostile submissions (issue 19)
+
+def test_a_zip_bomb_is_refused_from_the_directory_without_decompressing(tmp_path):
+    """A text entry and a .png entry of 64 MiB of zeros each (deflated to ~64 KB): neither is decompressed; memory
+    stays far below their size."""
+    path = tmp_path / "bomb.zip"
+    zeros = bytes(64 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i, im in enumerate(images(3)):
+            zf.writestr(f"{i}.png", png_bytes(im))
+        zf.writestr("zeros.txt", zeros)
+        zf.writestr("3.png", zeros)
+    del zeros
+    tracemalloc.start()
+    try:
+        arr, rep = read_submission(path, expected=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated"
+    assert arr.shape == (3, 64, 64, 3) and not rep["ok"]
+    assert rep["too_large"]["count"] == 1 and rep["too_large"]["first"][0].startswith("3.png (67108864 bytes")
+    assert rep["non_png"]["first"] == ["zeros.txt"]
+    with pytest.raises(SubmissionError, match="too_large: 3.png"):
+        verify_zip(path, n_expected=4)
+
+
+def _png_with_header(width, height):
+    """A small PNG file whose header claims width x height (its data is one zlib'd row: not decodable)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * 64))) + chunk(b"IEND", b""))
+
+
+def test_huge_png_dimensions_are_refused_from_the_header_without_pil_warnings(tmp_path, capfd):
+    path = tmp_path / "huge.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("0.png", _png_with_header(30000, 30000))  # PIL: DecompressionBombWarning / Error
+        zf.writestr("1.png", png_bytes(images(1)[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (PIL's DecompressionBombWarning) fails the test
+        arr, rep = read_submission(path, expected=2)
+    assert rep["wrong_size"]["first"] == ["0.png (30000x30000)"] and arr.shape == (1, 64, 64, 3)
+    assert "DecompressionBomb" not in "".join(capfd.readouterr())
+
+
+def test_evaluate_and_the_writer_share_one_definition_of_valid(tmp_path):
+    """Subfolders, ../ and absolute names, and zero-padded names are refused by --evaluate as by verify_zip."""
+    for case, names in {"subfolder": [f"images/{i}.png" for i in range(3)],
+                        "traversal": ["../0.png", "/1.png", "2.png"], "padded": ["0000.png", "1.png", "2.png"],
+                        "duplicate": ["0.png", "1.png", "1.png"]}.items():
+        path = tmp_path / f"{case}.zip"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+            with zipfile.ZipFile(path, "w") as zf:
+                for name, im in zip(names, images(3)):
+                    zf.writestr(name, png_bytes(im))
+        _, rep = read_submission(path, expected=3)
+        assert not rep["ok"] and rep["bad_name"]["count"] >= 1, (case, rep)
+        with pytest.raises(SubmissionError, match="expected exactly 3 named 0.png"):
+            verify_zip(path, n_expected=3)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for i, im in enumerate(images(3)):
+        (folder / "sub" / f"{i}.png").write_bytes(png_bytes(im))
+    _, rep = read_submission(folder, expected=3)
+    assert not rep["ok"] and rep["bad_name"]["first"] == ["sub/0.png", "sub/1.png", "sub/2.png"]
+
+
+def _evaluate(args, capsys):
+    code = main(["--evaluate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_exit_codes_and_a_single_image(tmp_path, capsys):
+    """A rejected zip exits 1 with its JSON on stdout; a single image (FID needs two) is one such rejection, not an
+    AssertionError; a FIFO or a non-zip is a usage error (2, one line), refused before the data is read."""
+    path = tmp_path / "one.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("0.png", png_bytes(images(1)[0]))
+    code, out, err = _evaluate([path], capsys)
+    result = json.loads(out)
+    assert code == 1 and not result["format"]["ok"] and "scores need 2" in result["scores_skipped"]
+    assert err.strip().splitlines()[-1] == f"error: {path} would be rejected: see \"format\" above"
+    os.mkfifo(tmp_path / "fifo.zip")
+    unblock_fifo_later(tmp_path / "fifo.zip")
+    code, out, err = _evaluate([tmp_path / "fifo.zip"], capsys)
+    assert code == 2 and "is a FIFO" in err and len(err.strip().splitlines()) == 1 and not out
+    (tmp_path / "junk.zip").write_bytes(b"junk")
+    code, out, err = _evaluate([tmp_path / "junk.zip"], capsys)
+    assert code == 2 and "neither a folder nor a readable zip" in err
+
+
+def test_a_zip64_or_a_directory_of_millions_is_refused_before_zipfile_reads_it(tmp_path):
+    """The entry count comes from the end record before zipfile builds its directory in memory."""
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(150):
+            zf.writestr(f"{i}.txt", b"")
+    _, rep = read_submission(path, expected=4)  # at most 2 * 4 + 100 = 108 entries: none is looked at
+    assert rep["too_many"]["first"] == ["150 entries"] and rep["non_png"]["count"] == 0 and not rep["ok"]
+    _, rep = read_submission(path, expected=100)  # at most 300: all are looked at
+    assert rep["non_png"]["count"] == 150 and rep["too_many"]["count"] == 0
+    with zipfile.ZipFile(tmp_path / "z64.zip", "w") as zf:
+        zf.writestr("0.png", png_bytes(images(1)[0]))
+    data = bytearray((tmp_path / "z64.zip").read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    data[at + 8:at + 12] = b"\xff\xff\xff\xff"  # entry counts 0xFFFF: a ZIP64 archive
+    (tmp_path / "z64.zip").write_bytes(bytes(data))
+    _, rep = read_submission(tmp_path / "z64.zip", expected=1)
+    assert not rep["ok"] and rep["too_many"]["count"] == 1

@@ -1,10 +1,14 @@
 """modules/finish.py: the finish writes a verified zip and report.json from keywords (no Config), skips the optional
 parts when time is short, and the measured reserve has its parts; RunReport writes report.json's keys."""
+import io
 import json
 import threading
+import zipfile
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.finish import finish, measure_finish_seconds, save_pictures
@@ -66,3 +70,25 @@ def test_measured_finish_has_its_parts():
         checkpoint_state=trainer.state_dict())
     assert set(est) == {"generate", "zip", "checkpoint"} and all(v > 0 for v in est.values())
     assert info["batch"] == 25 and info["zip_bytes"] > 100 * 1000 and info["checkpoint_bytes"] > 0
+
+
+def test_pngs_are_encoded_while_generating_and_the_zip_holds_the_same_images(tmp_path, monkeypatch):
+    """Issue 19, defect 9 (SIGTERM -> exit took 39 s, PNG encoding after generation among the causes): the finish
+    encodes each generated batch on a thread while the next one is generated, and write_submission takes those PNGs
+    instead of encoding the 10,000 images again after generation."""
+    import modules.finish as finish_module
+    import modules.submission as submission_module
+    calls = []
+    real = submission_module.encode_pngs
+    monkeypatch.setattr(finish_module, "encode_pngs", lambda images, workers=2: calls.append(
+        (threading.current_thread() is threading.main_thread(), len(images))) or real(images, workers))
+    monkeypatch.setattr(submission_module, "encode_pngs", lambda *a, **k: pytest.fail("encoded after generation"))
+    trainer = _trainer()
+    G = trainer.generator_to_ship()
+    layout = {k: v.stride() for k, v in G.state_dict().items()}
+    images, _ = _finish(trainer, tmp_path, n=60)
+    assert calls and not any(main for main, _ in calls) and sum(n for _, n in calls) == 60  # per batch, off the main thread
+    assert {k: v.stride() for k, v in G.state_dict().items()} == layout  # channels-last only while generating
+    with zipfile.ZipFile(tmp_path / "images.zip") as zf:
+        back = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(f"{i}.png")))) for i in range(60)])
+    np.testing.assert_array_equal(back, images)

@@ -61,6 +61,49 @@ def test_budget_too_small_exits_2(tmp_path):
     assert proc.returncode == 2 and "too small" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_absurd_budgets_are_refused_and_kaggle_is_warned_past_9h(tmp_path, monkeypatch, capsys):
+    """Issue 19: 1e300 s is one line (exit 2), not a 300-digit duration in the log; inside a Kaggle session a budget
+    over its 9 hours is warned about (this run then stops at the empty data folder)."""
+    from modules.main import main
+    assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--time-budget", "1e300"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "up to a week" in err
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--time-budget", "10h"]) == 2
+    assert "more than a Kaggle session's 9h" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path, capsys):
+    """Issue 19: --out equal to or inside --data-dir would put samples.png and losses.png among the training images."""
+    from modules.main import main
+    data = tmp_path / "data"
+    (data / "all-dogs").mkdir(parents=True)
+    for out, why in ((data, "is the data folder"), (data / "all-dogs" / "out", "is inside the data folder")):
+        assert main(["--data-dir", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and why in err and "pass another --out" in err
+    assert not (data / "all-dogs" / "out").exists()
+    os.symlink(data, tmp_path / "link")  # the same folder by another name
+    assert main(["--data-dir", str(tmp_path / "link"), "--out", str(data / "x")]) == 2
+    assert "inside the data folder" in capsys.readouterr().err
+
+
+def test_runs_sharing_an_out_folder_keep_their_own_temp_files(tmp_path):
+    """Issue 19: each process writes images.zip/checkpoint.pt through its own temporary name, and a run starting in
+    the folder removes only the leftovers of processes that are gone, not a live run's file being written."""
+    from modules.main import prepare_out_dir
+    from modules.utils import atomic_file
+    with atomic_file(str(tmp_path / "images.zip")) as f:
+        f.write(b"x")
+        assert os.listdir(tmp_path) == [f"images.zip.tmp{os.getpid()}"]
+    live, dead = f"images.zip.tmp{os.getppid()}", "checkpoint.pt.tmp999999999"
+    for name in (live, dead, "images.zip.tmp", "images.zip.tmpnotes"):
+        (tmp_path / name).write_bytes(b"partial")
+    prepare_out_dir(str(tmp_path), resume="")
+    assert sorted(os.listdir(tmp_path)) == sorted(["images.zip", live, "images.zip.tmpnotes"])
+
+
 def test_refused_plan_leaves_no_folder_and_one_clock(tmp_path):
     """Refused after the output folder was made (no training window left): the folder goes again, and the error's
     "took" agrees with the log's clock on the line before it."""
@@ -194,6 +237,7 @@ def test_evaluate_flags_copies_and_format(tmp_path):
     proc, _ = run_kernel(["--data-dir", data, "--evaluate", tmp_path / "bad.zip"], timeout=300)
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert not result["format"]["ok"] and "size" in json.dumps(result["format"])
+    assert proc.returncode == 1 and "would be rejected" in proc.stderr  # a script can tell (issue 19)
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -39,8 +39,8 @@ NO_CHECK = ["--set", "self_check=false"]
 # keep training going until the fault or the signal. On a loaded box the finish reserve, measured and then re-timed
 # while the budget runs share the cores, grew to most of a 180 s budget (CI: 13.6 s of training, no step 40).
 FAULT_BUDGET = 600
-# The signal tests time the signal path: 2,000 images (a fifth of the finish) keep it apart from a loaded core's
-# generation speed (10,000 images took 21.4 s to generate and 6.9 s to zip on CI: 30.1 s after the SIGTERM).
+# The resumed run writes 2,000 images (a fifth of the finish). The SIGTERM run writes all 10,000 (issue 19): before the
+# PNGs were encoded while generating, they took 21.4 s to generate and 6.9 s to zip on CI, 30.1 s after the SIGTERM.
 FEWER = ["--set", "n_images=2000", "--set", "dev_counts=true"]
 
 
@@ -147,11 +147,12 @@ def fault_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory):
-    """SIGTERM 2 s into training -> (out, returncode, seconds from the signal to the exit, log text). 2,000 images (the
-    10,000-image finish after an interrupt is the notebook test's and every fault run's): the finish reserve is ~15 s,
-    so a 60 s budget is still training at the signal (with 10,000 images this machine left 0.9 s of training)."""
+    """SIGTERM 2 s into training -> (out, returncode, seconds from the signal to the exit, log text), with the full
+    10,000 images: schedulers give 10-30 s between SIGTERM and SIGKILL, so that finish must fit 30 s (issue 19). Since
+    the PNGs are encoded while generating, the finish reserve is ~1.25 x the generation (~20-40 s on a loaded CI box):
+    a 90 s budget is still training at the signal (75 s was refused here with four other kernels beside it)."""
     out = tmp_path_factory.mktemp("sigterm")
-    kernel = _Kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "60s", "--out", out], out.parent / f"{out.name}.log")
+    kernel = _Kernel([*CHEAP, *NO_CHECK, "--time-budget", "90s", "--out", out], out.parent / f"{out.name}.log")
     kernel.wait_for("training started", timeout=60)
     time.sleep(2.0)
     t_signal = time.monotonic()
@@ -189,11 +190,17 @@ def test_exception_ships_a_degraded_run(fault_run):
 
 
 def test_bad_checkpoints_exit_2(fault_run, tmp_path):
-    """A truncated file, garbage, and a checkpoint of another architecture: one line each, exit 2, before the data."""
+    """A truncated file, garbage, a checkpoint of another architecture, one that loads but carries wrong-typed or
+    absurd fields (issue 19), and a FIFO: one line each, exit 2, before the data, no output folder left."""
     ckpt = fault_run[0] / "checkpoint.pt"
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:50000])
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint\n" * 100)
-    cases = {"truncated": (["--resume", tmp_path / "truncated.pt"], "not a readable checkpoint"),
+    good = torch.load(ckpt, map_location="cpu", weights_only=True)
+    torch.save({**good, "train_seconds": "12"}, tmp_path / "str_seconds.pt")  # the other fields: test_checkpoint.py
+    os.mkfifo(tmp_path / "fifo.pt")
+    cases = {"fifo": (["--resume", tmp_path / "fifo.pt"], "is a FIFO"),
+             "str_seconds": (["--resume", tmp_path / "str_seconds.pt"], "damaged checkpoint: train_seconds is '12'"),
+             "truncated": (["--resume", tmp_path / "truncated.pt"], "not a readable checkpoint"),
              "garbage": (["--resume", tmp_path / "garbage.pt"], "not a readable checkpoint"),
              "other_arch": (["--resume", ckpt, "--preset", "dcgan,smoke"], "arch='biggan'"),
              "other_width": (["--resume", ckpt, "--set", "g_ch=8"], "g_ch=2"),
@@ -204,9 +211,11 @@ def test_bad_checkpoints_exit_2(fault_run, tmp_path):
                                     env={**os.environ, **ENV})
              for name, (args, _) in cases.items()}
     for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=60)
+        stdout, stderr = p.communicate(timeout=120)  # 9 kernels importing torch at once on a loaded box
         _one_line_error(types.SimpleNamespace(returncode=p.returncode, stdout=stdout, stderr=stderr),
                         "--resume", cases[name][1])
+        assert not (tmp_path / name).exists(), name  # refused before the output folder is made
+        assert "data:" not in stdout, name  # and before the data is read
 
 
 # the zip and the output folder
@@ -223,7 +232,7 @@ def test_failed_zip_write_keeps_the_old_zip(fault_run, tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no valid images.zip" in lines[0] and str(out / "images.zip") in lines[0]
-    assert _sha(out / "images.zip") == old and not (out / "images.zip.tmp").exists()
+    assert _sha(out / "images.zip") == old and not list(out.glob("images.zip.tmp*"))
     verify_zip(out / "images.zip", n_expected=10000)
     report = _report(out)
     assert report["degraded"] is True and report["zip"] is None
@@ -383,7 +392,7 @@ def test_sigterm_ships_a_zip_within_30s(interrupted_run):
     assert "SIGTERM: stopping training" in log and "training stopped (interrupted: SIGTERM)" in log
     print(f"SIGTERM -> exit {code} after {after_signal:.1f}s")
     assert after_signal <= 30, f"{after_signal:.1f}s from SIGTERM to exit"
-    verify_zip(out / "images.zip", n_expected=2000)
+    verify_zip(out / "images.zip", n_expected=10000)
     assert _report(out)["train"]["reason"] == "interrupted"
     assert not read_checkpoint(str(out / "checkpoint.pt"), arch={})["complete"]  # the checkpoint after an interrupt
 
@@ -412,17 +421,17 @@ def test_resume_continues_the_steps_within_the_plan_left(interrupted_run, tmp_pa
     before = read_checkpoint(str(out / "checkpoint.pt"), arch={})
     left = before["plan_seconds"] - before["train_seconds"]
     old_zip = _sha(out / "images.zip")
-    proc, wall = run_kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "90s", "--out", out,
-                             "--resume", out / "checkpoint.pt"], timeout=180, env=ENV)
+    proc, wall = run_kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "120s", "--out", out,
+                             "--resume", out / "checkpoint.pt"], timeout=240, env=ENV)  # the plan left: up to ~70 s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step0 = before["trainer"]["step"]
     assert f"at step {step0}:" in proc.stdout and "training the remaining" in proc.stdout
     report = _report(out)
     assert report["resumed_from"]["step"] == step0 and report["train"]["total_steps"] > step0
-    assert report["train"]["seconds"] <= left + 2.0, (report["train"]["seconds"], left)  # the plan's rest, not 90 s
+    assert report["train"]["seconds"] <= left + 2.0, (report["train"]["seconds"], left)  # the plan's rest, not 120 s
     assert report["train"]["train_seconds_total"] == pytest.approx(before["plan_seconds"], abs=2.0)
     assert len(report["history"]["loss_d"]) > len(before["history"]["loss_d"])  # the loss curves carry on
-    assert wall <= 90, wall
+    assert wall <= 120, wall
     verify_zip(out / "images.zip", n_expected=2000)
     assert _sha(out / "images.zip") != old_zip
     after = read_checkpoint(str(out / "checkpoint.pt"), arch={})
