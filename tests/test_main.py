@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import KERNEL, ROOT, run_kernel
+from modules.config import Config
 from modules.data import load_dogs
 from modules.demo import make_demo_dataset
 from modules.submission import verify_zip, write_submission
@@ -49,8 +50,11 @@ def test_print_config_shows_the_recipe():
 
 
 def test_empty_dir_exits_2_with_one_line(tmp_path):
-    proc, wall = run_kernel(["--data-dir", tmp_path, "--out", tmp_path / "out", "--preset", "smoke"], timeout=60)
-    assert proc.returncode == 2 and wall < 5 + 5  # + interpreter and torch import on a loaded CI box
+    (tmp_path / "data").mkdir()  # empty; the output folder beside it (inside it is refused first, issue 19)
+    proc, wall = run_kernel(["--data-dir", tmp_path / "data", "--out", tmp_path / "out", "--preset", "smoke"],
+                            timeout=60)
+    # refused before any data work: seconds (torch's import on a loaded box)
+    assert proc.returncode == 2 and "inside the data folder" not in proc.stderr and wall < 30
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()  # a usage error leaves no empty output folder
@@ -123,12 +127,13 @@ def test_smoke_on_real_sample(real_data, tmp_path):
     40 steps in a 180 s budget: the finish (10,000 images, zip, self-check) measured 1m10s on this 2-core machine, idle,
     and its reserve (the self-check's estimate is about twice its real time on CPU) 1m44s-2m26s, so the 120 s of the
     first version of this test was refused up front on a slow day, or, on a loaded one, left no time for the
-    self-check (the kernel then skips it, by design, and writes no nearest.png)."""
+    self-check (the kernel then skips it, by design, and writes no nearest.png). So the run ends by its step count, and
+    its 600 s budget only has to hold the finish and the self-check however loaded the machine is."""
     out = tmp_path / "out"
-    proc, wall = run_kernel(["--data-dir", real_data, "--out", out, "--preset", "smoke", "--time-budget", "180s",
-                             "--set", "max_steps=40"])
+    proc, wall = run_kernel(["--data-dir", real_data, "--out", out, "--preset", "smoke", "--time-budget", "600s",
+                             "--set", "max_steps=40"], timeout=700)  # ends at step 40; the budget holds the finish
     report = _assert_valid_run(out, proc)
-    assert wall <= 180, wall
+    assert wall <= 600, wall
     for name in ("samples.png", "losses.png", "nearest.png", "report.json"):
         assert (out / name).stat().st_size > 0, name
     assert report["data"]["images_read"] > 1900 and report["train"]["total_steps"] > 10
@@ -218,7 +223,9 @@ def test_presets_run_the_smoke_path(tmp_path):
 
 def test_evaluate_flags_copies_and_format(tmp_path):
     data = make_demo_dataset(tmp_path / "demo")
-    d = load_dogs(data / "all-dogs", data / "Annotation")
+    cfg = Config()  # the crops the kernel trains on (and --evaluate compares with): its default style and filter
+    d = load_dogs(data / "all-dogs", data / "Annotation", crop_styles=tuple(cfg.crop_styles.split(",")),
+                  resize=cfg.crop_filter)
     copies = np.resize(d.images, (10000, 64, 64, 3))  # 10,000 copies of training crops: pure memorization
     write_submission(copies, str(tmp_path / "copies.zip"))
     proc, _ = run_kernel(["--data-dir", data, "--evaluate", tmp_path / "copies.zip"], timeout=300)
@@ -243,10 +250,11 @@ def test_evaluate_flags_copies_and_format(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     # 60 steps (past ema_start 20): the run ends well before its budget (filling a budget is test_robustness's job);
     # the self-check of a kernel run is test_smoke_on_real_sample's
-    proc, wall = run_kernel(["--demo", "--out", tmp_path, "--preset", "smoke", "--time-budget", "100s",
-                             "--set", "max_steps=60", *FAST])
+    # (it ends by its step count: the 400 s budget only has to admit the finish of 10,000 images on a loaded box)
+    proc, wall = run_kernel(["--demo", "--out", tmp_path, "--preset", "smoke", "--time-budget", "400s",
+                             "--set", "max_steps=60", *FAST], timeout=500)
     _assert_valid_run(tmp_path, proc)
-    assert wall <= 100 and "demo" in proc.stdout
+    assert wall <= 400 and "demo" in proc.stdout
 
 
 def test_fp16_on_the_cpu_runs_end_to_end(tmp_path):

@@ -462,7 +462,8 @@ def test_budgets_hold_under_contention(budget_runs):
     ends within its budget, measured from outside, with a verified zip; the 90 and 180 s runs may instead be refused
     up front (exit 2, one line: the finish measured under this contention has reached 2m12s on this machine). The 300 s
     run is never refused: its self-check runs, or (CI measured it at 3m18s under this contention) the plan leaves it
-    out of the finish reserve and says so."""
+    out of the finish reserve and says so, or a finish re-timed slower near the end leaves it no time and the kernel
+    says so then (seen once the finish got faster: a reserve of 2m30s that the re-timing grew to 5m13s)."""
     for budget, (out, kernel) in sorted(budget_runs.items()):
         wall, text = kernel.wait(timeout=budget + 120), kernel.log()
         print(f"budget {budget}s: exit {kernel.proc.returncode} after {wall:.1f}s (measured from outside)")
@@ -476,6 +477,9 @@ def test_budgets_hold_under_contention(budget_runs):
         assert report["train"]["total_steps"] > 0 and report["wall_seconds"] <= budget
     out, kernel = budget_runs[300]
     if "self_check" not in _report(out)["phases"]:  # the self-check is optional: it may not fit beside training
-        assert "is left out of the finish reserve" in kernel.log(), kernel.log()[-3000:]  # ... then the plan says so,
-        assert "self-check not in the finish reserve" in " ".join(_report(out)["warnings"])  # and so does the report
-        warnings.warn("the 300 s run's self-check was left out of its finish reserve under this contention")
+        said = " ".join(_report(out)["warnings"])
+        if "is left out of the finish reserve" in kernel.log():  # the plan left it out: the report says so too,
+            assert "self-check not in the finish reserve" in said
+        else:  # or it was planned, and a finish re-timed slower under the contention left it no time: said at the end
+            assert "self-check skipped" in kernel.log() and "self-check skipped" in said, kernel.log()[-3000:]
+        warnings.warn("the 300 s run's self-check did not fit under this contention")

@@ -118,10 +118,13 @@ def test_host_sync_trap_catches_a_sync_in_step(monkeypatch):
     tr.step()
     original_stats = tr.stats
 
-    class SyncingStats:
-        def __iadd__(self, other):
-            float(other[0])  # what a careless `log(float(loss))` would do
-            return original_stats.__iadd__(other)
+    class SyncingStats:  # step() accumulates into slices and items of its stats tensor on the device
+        def __getitem__(self, index):
+            return original_stats[index]
+
+        def __setitem__(self, index, value):
+            float(value.reshape(-1)[0])  # what a careless `log(float(loss))` would do
+            original_stats[index] = value
 
     tr.stats = SyncingStats()
     with monkeypatch.context() as m:
