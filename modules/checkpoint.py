@@ -5,6 +5,7 @@ import errno
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -134,3 +135,29 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
         raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What --resume carries into a run: the checked checkpoint (read_checkpoint's payload, for restore_checkpoint)
+    and the times of the run it continues."""
+
+    path: str
+    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    step: int  # the trainer's step count in the checkpoint
+    train_seconds: float  # training done by the run(s) it continues
+    plan_seconds: float  # the training time their schedule spans
+    complete: bool  # did that training reach the end of its plan?
+    history: dict  # {series: [(train seconds, value)]}, carried on in report.json and losses.png
+
+    @classmethod
+    def read(cls, path, *, arch):
+        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
+        ckpt = read_checkpoint(path, arch=arch)
+        train_s = float(ckpt["train_seconds"])
+        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+                   plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
+                   history={k: list(v) for k, v in ckpt.get("history", {}).items()})
+
+    def restore(self, trainer, *, classes):
+        restore_checkpoint(self.payload, self.path, trainer, classes=classes)

@@ -1,34 +1,31 @@
-"""Several GPUs in one run, through torch.distributed: how many ranks (`--gpus auto|N`), three ways in (one process;
-`torchrun`; workers this process starts itself, also from a notebook cell), the process groups, and the few collectives
-the training loop agrees through.
+"""Several GPUs in one run, through torch.distributed: who a process is in the run (DistContext) and the few
+collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
+many ranks there are and how they start is launch.py's.
 
-Ways in:
+Ways in (launch.py):
 - torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
   its own, we start nothing;
 - `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
   is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
   import the notebook's `__main__`, which it cannot. The devices are counted through NVML
   (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
-- --gpus 1 (or one visible device): today's single-process path, no process group at all.
+- --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
+  return their local values, so the training loop has a single path.
 
 Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
 the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
 and the stop decisions, so a dead or hung rank costs at most that timeout.
 """
 import contextlib
-import ctypes
 import datetime
-import multiprocessing
 import os
 import signal
-import socket
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from modules.utils import UsageError, warn
+from modules.utils import warn
 
 DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
@@ -57,143 +54,51 @@ class DistContext:
     def distributed(self):
         return self.world_size > 1
 
+    # the few collectives of a run: with one rank each returns the local value (no group exists), so the training
+    # loop has one path for any number of ranks
 
-# how many ranks
+    def agree(self, *, stop, progress, interval, device, interrupted):
+        """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
+        sync, plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
+        if not self.distributed:
+            return stop, progress, interval
+        if self.is_main:
+            vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
+        else:
+            vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.group)
+        code, progress, interval = t.tolist()
+        own = int(code) % INTERRUPT_VOTE
+        reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
+        return reason, progress, max(int(interval), 1)
 
+    def sync_buffers(self, modules):
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+        if not self.distributed:
+            return
+        for m in modules:
+            for b in m.buffers():
+                dist.broadcast(b, src=0, group=self.group)
 
-def torchrun_env():
-    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
+    def broadcast(self, obj):
+        """Rank 0's obj to every rank (default group) -> obj."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
+    def dead_workers(self):
+        """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
+        return [i for i, p in enumerate(self.workers, start=1) if p.exitcode is not None]
 
-def visible_cuda_devices():
-    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
-    afterwards. 0 without CUDA."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
-    if not torch.cuda.is_available():  # (read by torch at each call)
-        return 0
-    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
-
-
-def resolve_world_size(gpus, device):
-    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
-    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    text = str(gpus).strip().lower()
-    if text != "auto":
-        try:
-            n = int(text)
-        except ValueError:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
-        if n < 1:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
-    if device == "cpu":
-        return 1 if text == "auto" else n
-    if device.startswith("cuda:"):
-        if text not in ("auto", "1"):
-            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
-        return 1
-    count = visible_cuda_devices()
-    if count == 0:
-        if text not in ("auto", "1"):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if text == "auto":
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
-
-
-def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
-    if ctx.distributed and device != "cpu":
-        return f"cuda:{ctx.local_rank}"
-    return device
-
-
-def split_batch(batch_size, batch_per_gpu, world_size):
-    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
-    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
-    if batch_per_gpu > 0:
-        return batch_per_gpu
-    if batch_size % world_size:
-        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
-                         f"{world_size}, or --set batch_per_gpu=N")
-    return batch_size // world_size
-
-
-# starting the ranks
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _RankStderr:
-    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
-
-    def __init__(self, stream, rank):
-        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
-
-    def write(self, text):
-        out = []
-        for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
-            self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-
-
-def quiet_worker_output(rank):
-    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
-    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
-    sys.stdout = open(os.devnull, "w")
-    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
-
-
-def _die_with_parent():
-    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def fork_workers(world_size, target):
-    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
-        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
-             "running one process on one GPU; restart the notebook's kernel to use every GPU")
-        return DistContext()
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-    ctx_fork = multiprocessing.get_context("fork")
-    workers = []
-
-    def child(rank):
-        _die_with_parent()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
-        quiet_worker_output(rank)
-        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
-
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
-        p.start()
-        workers.append(p)
-    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
+    def mark_broken(self, error):
+        """A collective may have failed (a dead rank, an interrupt mid-collective): none is made after this. -> the
+        reason kept ("" with one rank: there is no group to break)."""
+        if self.distributed:
+            self.broken = self.broken or error
+        return self.broken
 
 
 def init_group(ctx, *, backend):
@@ -234,38 +139,6 @@ def training_timeout(finish_s, checkpoint_s):
                                                                                          0.5 * finish_s)))
 
 
-def broadcast_object(ctx, obj):
-    """Rank 0's obj to every rank (default group) -> obj."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# the decisions of the training loop
-
-
-def agree(ctx, *, stop, progress, interval, device, interrupted=False):
-    """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next sync,
-    plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
-    if ctx.is_main:
-        vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
-    else:
-        vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
-    t = torch.tensor(vals, dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=ctx.group)
-    code, progress, interval = t.tolist()
-    own = int(code) % INTERRUPT_VOTE
-    reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
-    return reason, progress, max(int(interval), 1)
-
-
-def sync_buffers(ctx, modules):
-    """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
-    for m in modules:
-        for b in m.buffers():
-            dist.broadcast(b, src=0, group=ctx.group)
-
-
 # faults and the end
 
 
@@ -294,11 +167,6 @@ def failed_ranks(ctx, wait_s=2.0):
                 if store.check([key]):
                     why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
     return why
-
-
-def dead_workers(ctx):
-    """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
-    return [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode is not None]
 
 
 def stop_workers(ctx, wait_s=WORKER_JOIN_S):

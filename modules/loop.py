@@ -1,5 +1,6 @@
-"""The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
-(finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
+"""The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
+path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
+checkpoints) at host syncs only, which every rank makes after the same step."""
 import sys
 import time
 import traceback
@@ -7,27 +8,30 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.distributed import agree, dead_workers, sync_buffers
-from modules.memory import EARLY_OOM_STEPS, describe_early_oom, is_out_of_memory
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
-from modules.utils import UsageError, eval_mode, format_duration, log, warn
+from modules.utils import eval_mode, format_duration, is_out_of_memory, log, warn
 
-SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
-SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
-FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
-PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
+EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
 
 
-# the loop
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop keeps watch (Config's "upkeep and robustness" fields and max_steps; build_loop_settings)."""
+
+    tick_s: float  # seconds between progress lines
+    check_every: int  # steps between host syncs (at most SYNC_MAX_S of steps)
+    snapshot_every: int  # steps between the in-memory snapshots a divergence rolls back to
+    max_rollbacks: int  # after this many roll-backs training stops ("diverged")
+    rollback_lr_factor: float  # learning rates x this at each roll-back
+    checkpoint_s: float  # seconds between checkpoints (0 = only the final one, written by main)
+    max_steps: int  # stop at this G step (0 = no step limit)
 
 
-@torch.no_grad()
-def sample_spread(G, z):
-    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
-    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    with eval_mode(G):
-        return float(G(z, y).float().std(0).mean())
+def build_loop_settings(cfg):
+    return LoopSettings(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
+                        max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
+                        checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps)
 
 
 @dataclass
@@ -48,223 +52,208 @@ class TrainSummary:
     peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps (issue 18)
 
 
-def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
-    """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
-    for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
-    reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
-    first EARLY_OOM_STEPS steps, a setting that does not fit: a UsageError naming the batch per rank and what to set. Every keyword is required: the values
-    come from Config (build_* and main read it), never from defaults here.
+def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
+    """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
+    Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
+    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory
+    error in the first EARLY_OOM_STEPS steps, a setting that does not fit, which is re-raised for main to name.
 
-    Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
-    is measured). Other processes slow the finish too, so the stop moves earlier by plan.finish_s * (slowdown - 1),
-    slowdown being how much slower the steps run now than at first, or (near the end, where it can still matter) how
-    much slower a generation batch runs now than at start, re-timed with finish_probe() (-> seconds for one batch of
-    plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
-    Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
-    ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
-    the time plan).
-    Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
-    snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
-    plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
-    sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
-    Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
-    number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
-    margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
-    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
-    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
-    Returns a TrainSummary.
+    One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
+    clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
+    the next sync, so all stop after the same step; loss statistics are summed over the ranks, so roll-backs happen
+    together; only rank 0 logs, re-times the finish and checkpoints. A step starts only if it is predicted to end in
+    time (Pace.steps_fit). progress = (plan.prior_train_s + seconds trained here) / plan.plan_s.
+    checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train seconds, value)]},
+    appended to; before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary.
     """
-    train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
-    t_start = deadline.elapsed()
-    window = plan.window(t_start)  # this run's training time
-    step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
-    base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
-    slowdown, gen_slowdown, level = 1.0, 1.0, None
-    last_probe, probes, said_gen = -float("inf"), [], 1.0
-    last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-    last_tick = last_ckpt = time.monotonic()
-    ckpt_est = 0.0  # duration of the last checkpoint
-    snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
-    first_step = trainer.step_count
-    reason, error, peak_memory = "budget", None, None
-    loss_d = loss_g = float("nan")
-    dist_on = ctx is not None and ctx.distributed
-    main = ctx is None or ctx.is_main
-    next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
-
-    def log_interrupt():
-        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-            "(interrupt again to exit at once)")
-
-    def trained():
-        return prior_train_s + deadline.elapsed() - t_start
-
+    s, plan, deadline = settings, pace.plan, pace.deadline
+    t_start, first = deadline.elapsed(), trainer.step_count
+    guard = _Guard(trainer, settings)
+    upkeep = _Upkeep(trainer, settings, pace, history, checkpoint_fn, t_start) if ctx.is_main else None
+    reason, error, peak = "budget", None, None
     try:
-        snapshot = trainer.snapshot()
-        fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+        guard.snapshot()
+        last_t, last_step = time.monotonic(), trainer.step_count
         while True:
-            until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
-            margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
-            if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+            # decide: rank 0's clock, agreed by every rank
+            done, trained = trainer.step_count - first, plan.prior_train_s + deadline.elapsed() - t_start
+            interval = pace.sync_interval(check_every=s.check_every, done=done)
+            if s.max_steps:
+                interval = max(1, min(interval, s.max_steps - trainer.step_count))
+            stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
+            stop, progress, interval = ctx.agree(stop=stop, progress=min(trained / plan.plan_s, 1.0), interval=interval,
+                                                 device=trainer.device, interrupted=_is_set(stop_event))
+            if stop:
+                reason = stop
+                if stop == "interrupted" and ctx.is_main:
+                    log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                        "(interrupt again to exit at once)")
+                break
+            # steps: no host sync until the last one
+            trainer.set_progress(progress)
+            for _ in range(interval):
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
-                if trainer.step_count < next_sync:
-                    continue
-            elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
-                step_est = step_s if step_s is not None else plan.first_step_s
-                done = trainer.step_count - first_step
-                interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
-                if max_steps:
-                    interval = max(1, min(interval, max_steps - trainer.step_count))
-                stop = ""
-                if main:
-                    if stop_event is not None and stop_event.is_set():
-                        stop = "interrupted"
-                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
-                        stop = "budget"
-                    elif max_steps and trainer.step_count >= max_steps:
-                        stop = "steps"
-                    elif dead := dead_workers(ctx):
-                        raise RuntimeError(f"rank(s) {dead} ended")
-                stop, progress, interval = agree(
-                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
-                    interrupted=stop_event is not None and stop_event.is_set())
-                if stop:
-                    reason = stop
-                    if stop == "interrupted" and main:
-                        log_interrupt()
-                    break
-                trainer.set_progress(progress)
-                next_sync = trainer.step_count + interval
-                trainer.step()
-                if trainer.step_count < next_sync:
-                    continue
-            else:
-                if stop_event is not None and stop_event.is_set():
-                    reason = "interrupted"
-                    log_interrupt()
-                    break
-                if deadline.elapsed() + margin >= until or trained() >= plan_s:
-                    break
-                if max_steps and trainer.step_count >= max_steps:
-                    reason = "steps"
-                    break
-                trainer.set_progress(trained() / plan_s)
-                trainer.step()
-                done = trainer.step_count - first_step
-                if not (done <= 2 or trainer.step_count % check_every == 0
-                        or time.monotonic() - last_sync_t >= SYNC_MAX_S):
-                    continue
-            done = trainer.step_count - first_step
+            # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
-            if done == 2 and peak_memory is None and trainer.device.type == "cuda":  # what the batch really takes
-                peak_memory = torch.cuda.max_memory_allocated(trainer.device)
-                if main:
-                    total = torch.cuda.get_device_properties(trainer.device).total_memory
-                    log(f"memory: peak {peak_memory / 2**30:.2f} GiB allocated in the first 2 steps "
-                        f"(torch.cuda.max_memory_allocated) of {total / 2**30:.1f} GiB on {trainer.device}")
-            t = time.monotonic()
-            measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
-            if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
-                step_s = max(step_s or 0.0, measured)
-            else:
-                step_s = 0.7 * step_s + 0.3 * measured
-                if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
-                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
-                    if new_level != level:
-                        level, base_s = new_level, None
-                if base_s is None:
-                    base_s = recent_s = measured
-                recent_s = 0.7 * recent_s + 0.3 * measured
-                slowdown = min(max(recent_s / base_s, 1.0), SLOWDOWN_MAX)
-            last_sync_t, last_sync_step = t, trainer.step_count
-            history.setdefault("loss_d", []).append((trained(), loss_d))
-            history.setdefault("loss_g", []).append((trained(), loss_g))
-            if bad:
-                rollbacks += 1
-                if rollbacks > max_rollbacks:
-                    warn(f"non-finite losses at step {trainer.step_count} after {max_rollbacks} roll-backs: "
-                         "stopping training, shipping the last good averaged generator")
-                    trainer.rollback(snapshot, 1.0)
-                    reason = "diverged"
-                    break
-                trainer.rollback(snapshot, rollback_lr_factor)
-                warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
-                     f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
-                last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-                next_sync = trainer.step_count  # several ranks: all rolled back alike; agree again before stepping
-                continue
-            # upkeep, on checked state only; its time is not step time
-            if dist_on:
-                sync_buffers(ctx, (trainer.G, trainer.D))
-            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
-                    and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
-                last_probe = time.monotonic()
-                try:
-                    probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
-                except Exception as exc:  # never worth a crash: train on without re-timing
-                    warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
-                    finish_probe, probes = None, probes or [1.0]
-                gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
-                if gen_slowdown > 1.2 and gen_slowdown > 1.2 * said_gen:
-                    said_gen = gen_slowdown
-                    log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                        f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")
-            if trainer.step_count - snapshot_step >= snapshot_every:
-                snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
-            now = time.monotonic()
-            if main and now - last_tick >= tick_s:
-                last_tick = now
-                spread = sample_spread(trainer.generator_to_ship(), fixed_z)
-                rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
-                log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
-                    f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
-                    f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}"
-                    + (f"  steps {slowdown:.1f}x slower than at first" if slowdown > 1.1 else ""))
-                history.setdefault("spread", []).append((trained(), spread))
-                if spread < 0.02:
-                    warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-            if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
-                    and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
-                t0 = time.monotonic()
-                checkpoint_fn(trained(), plan_s, False)
-                last_ckpt = time.monotonic()
-                ckpt_est = last_ckpt - t0
-            last_sync_t = time.monotonic()
+            done = trainer.step_count - first
+            peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
+                history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
+            if bad and not guard.roll_back(last_step):
+                reason = "diverged"
+                break
+            if not bad:
+                # upkeep per tick, on checked state only; its time is not step time
+                ctx.sync_buffers((trainer.G, trainer.D))
+                guard.maybe_snapshot()
+                if upkeep is not None:
+                    upkeep.tick(loss_d, loss_g)
+            last_t, last_step = time.monotonic(), trainer.step_count
     except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
-        reason = "interrupted"
-        if dist_on:  # it may have come mid-collective: the other ranks are stopped by rank 0, not by agreement
-            ctx.broken = trainer.group_broken = "KeyboardInterrupt"
+        reason = "interrupted"  # it may have come mid-collective: the other ranks are stopped by rank 0
+        trainer.group_broken = ctx.mark_broken("KeyboardInterrupt")
         if stop_event is not None:
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
-        if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
-            raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
-                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
-                device=trainer.device)) from None
-        reason = "crashed"
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if dist_on:  # the group may be broken (a dead rank): no collective after this
-            ctx.broken = trainer.group_broken = error
+        if is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS:
+            raise  # the setting does not fit: main names it in one line (exit 2), not an untrained generator's noise
+        reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout if main else sys.stderr)
+        traceback.print_exc(file=sys.stdout if ctx.is_main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
-    if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
+    if reason != "diverged":
+        guard.check_last_steps()
+    seconds, steps = deadline.elapsed() - t_start, trainer.step_count - first
+    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason,
+                        rollbacks=guard.rollbacks, it_per_s=steps / max(seconds, 1e-9),
+                        images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
+                        train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
+                        slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
+
+
+def _is_set(event):
+    return event is not None and event.is_set()
+
+
+def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
+    """Rank 0, before the next `interval` steps: "interrupted", "budget" (they would not end in time, or the plan is
+    done), "steps" (max_steps reached) or "" to go on. A forked rank that has ended fails the run."""
+    if _is_set(stop_event):
+        return "interrupted"
+    if not pace.steps_fit(interval) or trained >= pace.plan.plan_s:
+        return "budget"
+    if settings.max_steps and trainer.step_count >= settings.max_steps:
+        return "steps"
+    if dead := ctx.dead_workers():
+        raise RuntimeError(f"rank(s) {dead} ended")
+    return ""
+
+
+def _level(trainer):
+    """The PGGAN level being trained (its step time is its own), None for other architectures."""
+    return pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0] if trainer.progressive else None
+
+
+def _peak_memory(trainer, done, *, say):
+    """CUDA, after the first 2 steps: what the batch really takes (logged by rank 0) -> bytes, or None."""
+    if done < 2 or trainer.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(trainer.device)
+    if say:
+        total = torch.cuda.get_device_properties(trainer.device).total_memory
+        log(f"memory: peak {peak / 2**30:.2f} GiB allocated in the first 2 steps (torch.cuda.max_memory_allocated) "
+            f"of {total / 2**30:.1f} GiB on {trainer.device}")
+    return peak
+
+
+class _Guard:
+    """Snapshots of the whole training state, and the roll-back to the last one when the losses turn non-finite."""
+
+    def __init__(self, trainer, settings):
+        self.trainer, self.settings = trainer, settings
+        self.state, self.step, self.rollbacks = None, trainer.step_count, 0
+
+    def snapshot(self):
+        self.state, self.step = self.trainer.snapshot(), self.trainer.step_count
+
+    def maybe_snapshot(self):
+        if self.trainer.step_count - self.step >= self.settings.snapshot_every:
+            self.snapshot()
+
+    def roll_back(self, since):
+        """Non-finite losses in the steps after `since`: back to the snapshot at lower learning rates -> True, or
+        (past max_rollbacks) back to it at the same rates -> False: stop training."""
+        t, s = self.trainer, self.settings
+        self.rollbacks += 1
+        if self.rollbacks > s.max_rollbacks:
+            warn(f"non-finite losses at step {t.step_count} after {s.max_rollbacks} roll-backs: "
+                 "stopping training, shipping the last good averaged generator")
+            t.rollback(self.state, 1.0)
+            return False
+        t.rollback(self.state, s.rollback_lr_factor)
+        warn(f"non-finite losses by step {since}: rolled back to step {self.step}, "
+             f"learning rates x{t.lr_scale:g} (roll-back {self.rollbacks}/{s.max_rollbacks})")
+        return True
+
+    def check_last_steps(self):
+        """The steps after the last sync are unchecked: check them before anything ships."""
+        t = self.trainer
         try:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-            bad = trainer.read_stats()[2]
-            if bad and snapshot is not None:
-                warn(f"non-finite losses in the last steps: rolled back to step {snapshot_step}")
-                trainer.rollback(snapshot, 1.0)
-                rollbacks += 1
+            if t.device.type == "cuda":
+                torch.cuda.synchronize(t.device)
+            if t.read_stats()[2] and self.state is not None:
+                warn(f"non-finite losses in the last steps: rolled back to step {self.step}")
+                t.rollback(self.state, 1.0)
+                self.rollbacks += 1
         except Exception as exc:
             warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
-    seconds = deadline.elapsed() - t_start
-    steps = trainer.step_count - first_step
-    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
-                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
-                        train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
-                        slowdown=max(slowdown, gen_slowdown), error=error, peak_memory_bytes=peak_memory)
+
+
+@torch.no_grad()
+def sample_spread(G, z):
+    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
+    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    with eval_mode(G):
+        return float(G(z, y).float().std(0).mean())
+
+
+class _Upkeep:
+    """Rank 0's upkeep at host syncs: the finish re-timed near the end, a progress line per tick, and checkpoints that
+    never start when they could overrun the stop."""
+
+    def __init__(self, trainer, settings, pace, history, checkpoint_fn, t_start):
+        self.trainer, self.settings, self.pace, self.history = trainer, settings, pace, history
+        self.checkpoint_fn, self.t_start, self.first = checkpoint_fn, t_start, trainer.step_count
+        self.last_tick = self.last_ckpt = time.monotonic()
+        self.ckpt_s = 0.0  # how long the last checkpoint took
+        self.fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+
+    def tick(self, loss_d, loss_g):
+        t, s, pace, deadline = self.trainer, self.settings, self.pace, self.pace.deadline
+        pace.retime()
+        seconds = deadline.elapsed() - self.t_start
+        trained = pace.plan.prior_train_s + seconds
+        now = time.monotonic()
+        if now - self.last_tick >= s.tick_s:
+            self.last_tick = now
+            spread = sample_spread(t.generator_to_ship(), self.fixed_z)
+            window = pace.plan.window(self.t_start)
+            log(f"step {t.step_count}  {(t.step_count - self.first) / max(seconds, 1e-9):.2f} it/s  "
+                f"loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  lr_g {t.opt_g.param_groups[0]['lr']:.2e}  "
+                f"spread {spread:.3f}  train {format_duration(seconds)}/{format_duration(window)}"
+                + (f"  steps {pace.step_slowdown:.1f}x slower than at first" if pace.step_slowdown > 1.1 else ""))
+            self.history.setdefault("spread", []).append((trained, spread))
+            if spread < 0.02:
+                warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
+        if (self.checkpoint_fn is not None and s.checkpoint_s > 0 and now - self.last_ckpt >= s.checkpoint_s
+                and pace.checkpoint_fits(self.ckpt_s)):
+            t0 = time.monotonic()
+            self.checkpoint_fn(trained, pace.plan.plan_s, False)
+            self.last_ckpt = time.monotonic()
+            self.ckpt_s = self.last_ckpt - t0

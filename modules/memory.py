@@ -28,7 +28,6 @@ PROBE_IMAGES = 2
 ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
 MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
 GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
-EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
 KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
 
 
@@ -216,11 +215,6 @@ def check_memory(est, *, available, where, ranks=1, world=1):
 
 
 # out of memory in training
-
-
-def is_out_of_memory(exc):
-    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
 
 
 def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):

@@ -3,7 +3,7 @@ run carries on the schedule of the run it continues. plan_training() computes it
 and report.json read it."""
 from dataclasses import dataclass
 
-from modules.finish import FINISH_SAFETY
+from modules.pace import FINISH_SAFETY, finish_reserve_s
 from modules.utils import UsageError, format_duration, log, warn
 
 OPTIONAL_FINISH = "self_check"  # the one part of the finish a run can do without: the zip never waits for it
@@ -17,7 +17,7 @@ class TrainPlan:
     estimates: dict  # the measured finish, {part: seconds}: generate, zip, checkpoint (+ self_check), before safety
     finish_s: float  # FINISH_SAFETY x the reserved parts of estimates: the finish reserve; the loop stretches it
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
-    train_until: float  # training stops here on the Deadline's clock: budget_s - finish_s - margin_s
+    train_until: float  # training stops here on the Deadline's clock: budget_s - hold_back_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
     plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
     inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
@@ -25,6 +25,7 @@ class TrainPlan:
     gen_batch: int  # images per generation batch that fits (the finish's batch)
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
+    hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
 
     @property
     def reserve_s(self):
@@ -42,23 +43,25 @@ class TrainPlan:
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", resume_path="", max_steps=0):
+                  budget_text="", max_steps=0, hold_back_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
-    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
-    of --resume (train_seconds, plan_seconds, complete), or None. A window that cannot hold the first step (the loop's
-    margin before a step is measured) is a UsageError: such a run would ship an untrained generator's noise.
-    max_steps: the step limit (Config.max_steps, 0 = none), named in the plan line.
+    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
+    checkpoint.Resumed) or None. A window that cannot hold the first step (the loop's margin before a step is measured)
+    is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
+    0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
+    training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
-    finish_s = FINISH_SAFETY * sum(estimates.values())
+    finish_s = finish_reserve_s(estimates)
     check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
-    window = budget_s - finish_s - margin_s - elapsed_s
+    usable_s = budget_s - hold_back_s
+    window = usable_s - finish_s - margin_s - elapsed_s
     reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training
     if not reserved:
         finish_s -= check_s
         window += check_s
-    train_until = budget_s - finish_s - margin_s
+    train_until = usable_s - finish_s - margin_s
     log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
         ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
                   for k, v in estimates.items()) +
@@ -74,15 +77,15 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
-    prior_s = float(resumed["train_seconds"]) if resumed is not None else 0.0
+    prior_s = resumed.train_seconds if resumed is not None else 0.0
     plan_s, inherited = prior_s + window, False
     if resumed is not None:
-        step = resumed["trainer"].get("step", 0) if isinstance(resumed.get("trainer"), dict) else 0
-        if resumed.get("complete", True):
+        resume_path, step = resumed.path, resumed.step
+        if resumed.complete:
             log(f"resumed from {resume_path} at step {step}: its training was complete "
                 f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
         else:
-            plan_s, inherited = max(float(resumed.get("plan_seconds", 0.0)), prior_s), True
+            plan_s, inherited = max(resumed.plan_seconds, prior_s), True
             left = plan_s - prior_s
             log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
@@ -91,4 +94,4 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)

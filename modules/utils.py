@@ -188,3 +188,8 @@ def cpu_count():
 
 def in_notebook():
     return "ipykernel" in sys.modules
+
+
+def is_out_of_memory(exc):
+    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)

@@ -20,6 +20,10 @@ if str(ROOT) not in sys.path:  # plain `pytest` as well as `python -m pytest`
     sys.path.insert(0, str(ROOT))
 
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402 (after the path above)
+from modules.distributed import DistContext  # noqa: E402
+from modules.faults import FaultInjector  # noqa: E402
+from modules.loop import LoopSettings, build_loop_settings, train_loop  # noqa: E402
+from modules.pace import Pace  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 
 
@@ -69,8 +73,15 @@ def window_plan(deadline, seconds, *, finish_s=0.0, prior_train_s=0.0, plan_s=No
 
 
 def loop_kwargs(cfg, **kw):
-    """train_loop's keywords from a Config, as main.train passes them (no checkpoints, no finish probe), + overrides."""
-    base = dict(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
-                max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None,
-                checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps, history={}, finish_probe=None)
+    """run_loop's keywords from a Config, as run.train passes them (no checkpoints, no finish probe; the faults of
+    cfg.fault injected), + overrides."""
+    base = {**dataclasses.asdict(build_loop_settings(cfg)), "checkpoint_fn": None, "history": {}, "finish_probe": None,
+            "before_step": FaultInjector(cfg.fault, rank=0).before_step}
     return {**base, **kw}
+
+
+def run_loop(trainer, *, plan, deadline, stop_event, ctx=None, **kw):
+    """train_loop on one rank, its LoopSettings and Pace made from loop_kwargs()-style keywords."""
+    settings = LoopSettings(**{f.name: kw.pop(f.name) for f in dataclasses.fields(LoopSettings)})
+    pace = Pace(plan, deadline, probe=kw.pop("finish_probe"))
+    return train_loop(trainer, settings=settings, pace=pace, ctx=ctx or DistContext(), stop_event=stop_event, **kw)

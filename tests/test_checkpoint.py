@@ -10,7 +10,7 @@ import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.checkpoint import describe_write_error, read_checkpoint, restore_checkpoint, save_checkpoint
-from modules.main import make_checkpointer
+from modules.run import make_checkpointer
 from modules.report import RunReport
 from modules.train import build_trainer
 from modules.utils import UsageError

@@ -18,7 +18,7 @@ import torch
 
 from conftest import KERNEL, ROOT, run_kernel
 from modules.config import PRESETS, Config, apply_overrides
-from modules.distributed import resolve_world_size, split_batch, torchrun_env
+from modules.launch import resolve_world_size, split_batch, torchrun_env
 from modules.train import build_trainer
 from modules.utils import UsageError
 
@@ -138,7 +138,7 @@ def _rank_worker(rank, port, out_dir):
 
 
 def test_two_ranks_step_equals_one_process_and_g_step_skips_d_allreduce(tmp_path):
-    from modules.distributed import _free_port
+    from modules.launch import _free_port
     port = _free_port()
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(tmp_path))) for r in range(2)]

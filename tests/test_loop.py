@@ -2,10 +2,9 @@ import threading
 
 import torch
 
-from modules.loop import train_loop
 from modules.train import build_trainer
 from modules.utils import Deadline
-from conftest import CPU, loop_kwargs, tiny_cfg, tiny_data, window_plan
+from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
 
 
 def test_nan_is_rolled_back_and_training_goes_on():
@@ -13,7 +12,7 @@ def test_nan_is_rolled_back_and_training_goes_on():
     cfg = tiny_cfg(batch_size=4, fault="nan@12", snapshot_every=5)
     trainer = build_trainer(cfg, tiny_data(), CPU)
     d = Deadline(3600)
-    summary = train_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+    summary = run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
                          **loop_kwargs(cfg, check_every=5, snapshot_every=5, tick_s=1e9, max_steps=25))
     assert summary.rollbacks == 1 and summary.reason == "steps" and trainer.step_count == 25
     for p in list(trainer.generator_to_ship().parameters()) + list(trainer.D.parameters()):
@@ -26,7 +25,7 @@ def test_repeated_divergence_stops_training():
     trainer = build_trainer(cfg, tiny_data(), CPU)
     trainer.step = _always_nan(trainer.step, trainer)  # every step reports a non-finite loss
     d = Deadline(3600)
-    summary = train_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+    summary = run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
                          **loop_kwargs(cfg, check_every=2, snapshot_every=2, tick_s=1e9, max_rollbacks=2, max_steps=50))
     assert summary.reason == "diverged" and summary.rollbacks == 3
     for p in trainer.generator_to_ship().parameters():
@@ -46,7 +45,7 @@ def test_stop_event_ends_loop():
     ev = threading.Event()
     ev.set()
     d = Deadline(3600)
-    summary = train_loop(trainer, plan=window_plan(d, 100), deadline=d, stop_event=ev, **loop_kwargs(cfg))
+    summary = run_loop(trainer, plan=window_plan(d, 100), deadline=d, stop_event=ev, **loop_kwargs(cfg))
     assert summary.reason == "interrupted" and summary.steps == 0
 
 
@@ -55,7 +54,7 @@ def test_loop_stops_before_the_window_closes():
     trainer = build_trainer(cfg, tiny_data(), CPU)
     d = Deadline(3600)
     plan = window_plan(d, 3.0)
-    summary = train_loop(trainer, plan=plan, deadline=d, stop_event=None, **loop_kwargs(cfg, check_every=2, tick_s=1e9))
+    summary = run_loop(trainer, plan=plan, deadline=d, stop_event=None, **loop_kwargs(cfg, check_every=2, tick_s=1e9))
     assert summary.reason == "budget" and summary.steps > 0 and d.elapsed() <= plan.train_until + 3.0  # CI stalls
 
 
@@ -65,6 +64,7 @@ def test_no_config_default_is_repeated():
     import inspect
 
     from modules.finish import finish, save_pictures
+    from modules.loop import train_loop
     from modules.train import EMA, DeviceBatches, Trainer, build_trainer
 
     for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures):
@@ -88,7 +88,7 @@ def test_a_slower_finish_moves_the_stop_earlier():
         probes.append(d.elapsed())
         return 0.04
 
-    summary = train_loop(trainer, plan=plan, deadline=d, stop_event=None,
+    summary = run_loop(trainer, plan=plan, deadline=d, stop_event=None,
                          **loop_kwargs(cfg, check_every=2, tick_s=1e9, finish_probe=probe))
     assert summary.reason == "budget" and summary.steps > 0 and probes
     assert summary.slowdown == 4.0

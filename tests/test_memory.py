@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import CPU, loop_kwargs, tiny_cfg, tiny_data, window_plan
+from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
 from modules.config import PRESETS, Config, apply_overrides
-from modules.loop import train_loop
 from modules.main import main
-from modules.memory import GIB, build_memory_estimate, check_memory, is_out_of_memory
+from modules.memory import GIB, build_memory_estimate, check_memory, describe_early_oom
+from modules.utils import is_out_of_memory
 from modules.models import build_models, count_params
 from modules.train import build_trainer
 from modules.utils import Deadline, UsageError
@@ -66,12 +66,13 @@ def test_out_of_memory_in_the_first_steps_is_a_usage_error_later_a_crash():
         cfg = tiny_cfg(batch_size=4, fault=f"oom@{at}")
         trainer = build_trainer(cfg, tiny_data(), CPU)
         d = Deadline(3600)
-        run = lambda: train_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,  # noqa: E731
+        run = lambda: run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,  # noqa: E731
                                  **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=10))
-        if early:
-            with pytest.raises(UsageError) as info:
+        if early:  # the loop re-raises it; run.train names the setting in one line (exit 2, the next test)
+            with pytest.raises(torch.cuda.OutOfMemoryError) as info:
                 run()
-            msg = str(info.value)
+            msg = describe_early_oom(info.value, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
+                                     world_size=trainer.world_size, device=trainer.device)
             assert msg.startswith("out of memory in training step 2 at 4 images per rank (") and "\n" not in msg
             assert "GiB free on the host now" in msg and "set --set batch_size=2" in msg and "OutOfMemoryError" in msg
         else:  # later in training: a crash like any other, the run ships what it has

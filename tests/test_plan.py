@@ -1,7 +1,8 @@
 """modules/plan.py: the budget split into start-up, training and the finish reserve, and the resume arithmetic."""
 import pytest
 
-from modules.finish import FINISH_SAFETY
+from modules.checkpoint import Resumed
+from modules.pace import FINISH_SAFETY
 from modules.plan import plan_training
 from modules.utils import UsageError
 
@@ -26,10 +27,10 @@ def test_fresh_run_plan():
 
 
 def test_resumed_runs():
-    done = {"train_seconds": 30.0, "plan_seconds": 30.0, "complete": True, "trainer": {"step": 7}}
+    done = Resumed(path="c.pt", payload={}, step=7, train_seconds=30.0, plan_seconds=30.0, complete=True, history={})
     p = _plan(resumed=done)
     assert p.prior_train_s == 30.0 and p.plan_s == pytest.approx(30.0 + p.train_until - 10.0) and not p.inherited
-    half = {"train_seconds": 30.0, "plan_seconds": 50.0, "complete": False, "trainer": {"step": 7}}
+    half = Resumed(path="c.pt", payload={}, step=7, train_seconds=30.0, plan_seconds=50.0, complete=False, history={})
     p = _plan(resumed=half)
     assert p.inherited and p.plan_s == 50.0 and p.window(10.0) == pytest.approx(20.0)  # the plan's rest only
     assert not p.complete(reason="budget", train_seconds_total=40.0)
@@ -70,3 +71,11 @@ def test_a_self_check_dearer_than_training_is_left_out_of_the_reserve_not_refuse
     assert not p.self_check_reserved and p.window(10.0) == pytest.approx(100.0 - 10.0 - 20.0)
     with pytest.raises(UsageError, match="writing the images needs 20.0s"):  # the zip itself still has to fit
         _plan(estimates=est, budget_s=29.0)
+
+
+def test_a_collective_timeout_moves_the_stop_not_the_budget():
+    """Several ranks: training stops hold_back_s earlier (a hung rank costs up to the collective timeout), and the
+    plan is right as built: budget_s is the run's own, not a patched copy."""
+    p, q = _plan(), _plan(hold_back_s=7.0)
+    assert q.budget_s == p.budget_s == 100.0 and q.train_until == pytest.approx(p.train_until - 7.0)
+    assert q.plan_s == pytest.approx(p.plan_s - 7.0)

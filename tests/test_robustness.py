@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, tiny_cfg, tiny_data, window_plan
+from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, run_loop, tiny_cfg, tiny_data, window_plan
 from modules.finish import measure_finish_seconds
 from modules.submission import verify_zip
 from modules.checkpoint import read_checkpoint, save_checkpoint
-from modules.loop import train_loop
 from modules.train import build_trainer
 from modules.utils import Deadline, UsageError
 
@@ -279,7 +278,7 @@ def _tiny_trainer(**kw):
 
 
 def _loop(trainer, d, seconds, stop_event, **kw):
-    return train_loop(trainer, plan=window_plan(d, seconds), deadline=d, stop_event=stop_event,
+    return run_loop(trainer, plan=window_plan(d, seconds), deadline=d, stop_event=stop_event,
                       **loop_kwargs(tiny_cfg(), **kw))
 
 

@@ -25,7 +25,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.distributed import DistContext, _free_port, make_training_group  # noqa: E402
+from modules.distributed import DistContext, make_training_group  # noqa: E402
+from modules.launch import _free_port  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 from modules.utils import cpu_count  # noqa: E402
 

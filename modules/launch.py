@@ -1,0 +1,153 @@
+"""How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
+this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
+get, its collectives and the process groups are in distributed.py."""
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from modules.distributed import DistContext
+from modules.utils import UsageError, warn
+
+
+# how many ranks
+
+
+def torchrun_env():
+    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
+
+
+def visible_cuda_devices():
+    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
+    afterwards. 0 without CUDA."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
+    if not torch.cuda.is_available():  # (read by torch at each call)
+        return 0
+    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+
+
+def resolve_world_size(gpus, device):
+    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
+    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
+    text = str(gpus).strip().lower()
+    if text != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
+        if n < 1:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
+    if device == "cpu":
+        return 1 if text == "auto" else n
+    if device.startswith("cuda:"):
+        if text not in ("auto", "1"):
+            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
+        return 1
+    count = visible_cuda_devices()
+    if count == 0:
+        if text not in ("auto", "1"):
+            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
+        return 1
+    if text == "auto":
+        return count
+    if n > count:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
+    return min(n, count)
+
+
+def rank_device(ctx, device):
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    if ctx.distributed and device != "cpu":
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+def split_batch(batch_size, batch_per_gpu, world_size):
+    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
+    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
+    if batch_per_gpu > 0:
+        return batch_per_gpu
+    if batch_size % world_size:
+        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
+                         f"{world_size}, or --set batch_per_gpu=N")
+    return batch_size // world_size
+
+
+# starting the ranks
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RankStderr:
+    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+
+    def __init__(self, stream, rank):
+        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text):
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def quiet_worker_output(rank):
+    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
+    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
+
+
+def _die_with_parent():
+    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def fork_workers(world_size, target):
+    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
+    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
+    if torch.cuda.is_initialized():
+        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
+             "running one process on one GPU; restart the notebook's kernel to use every GPU")
+        return DistContext()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    ctx_fork = multiprocessing.get_context("fork")
+    workers = []
+
+    def child(rank):
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
+        quiet_worker_output(rank)
+        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
+
+    for rank in range(1, world_size):
+        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+        p.start()
+        workers.append(p)
+    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
