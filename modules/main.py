@@ -27,7 +27,7 @@ from modules.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from modules.config import config_to_json, parse_config, resolve_out_dir
+from modules.cli import config_to_json, parse_config, resolve_out_dir
 from modules.data import KAGGLE_DATA_ROOTS, find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
 from modules.distributed import (
