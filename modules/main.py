@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from modules.config import config_to_json, parse_config
+from modules.cli import config_to_json, parse_config
 from modules.distributed import DistContext, record_failure
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor

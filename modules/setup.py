@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from modules.checkpoint import CHECKPOINT_ARCH_KEYS, Resumed
-from modules.config import resolve_out_dir
+from modules.cli import resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
 from modules.launch import quiet_worker_output, rank_device, resolve_world_size, split_batch

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from modules.config import UsageError, parse_duration, parse_faults  # re-exported: defined in config.py, which needs nothing of ours
+from modules.config import UsageError  # re-exported: defined in config.py, which needs nothing of ours
+from modules.grammar import parse_duration, parse_faults  # re-exported
 
 # helpers
 

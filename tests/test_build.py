@@ -1,5 +1,6 @@
 """build_kernel.py: each bundling rule on small fake modules/ dirs, the output layout, --check, and the real bundle."""
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from build_kernel import BuildError, build, main  # noqa: E402
+from build_kernel import LANDMARKS, BuildError, build, main  # noqa: E402
 
 # helpers
 
@@ -42,6 +43,11 @@ if __name__ == "__main__":
 '''
 
 
+def fake(modules_dir):
+    """build() on a fake modules/ dir: it has none of the real landmarks, so its header has no table of contents."""
+    return build(modules_dir, landmarks=())
+
+
 def make(tmp_path, files, name="modules"):
     """Write {stem: source} as tmp_path/<name>/<stem>.py; returns the directory."""
     d = tmp_path / name
@@ -54,7 +60,7 @@ def make(tmp_path, files, name="modules"):
 def refused(tmp_path, files, *fragments):
     """build() must raise a BuildError whose message contains every fragment; returns the message."""
     with pytest.raises(BuildError) as info:
-        build(make(tmp_path, files))
+        fake(make(tmp_path, files))
     msg = str(info.value)
     for fragment in fragments:
         assert fragment in msg, msg
@@ -152,7 +158,7 @@ def test_refuses_cycle(tmp_path):
 
 
 def test_init_must_be_empty_or_docstring(tmp_path):
-    build(make(tmp_path, {"utils": UTILS, "__init__": '"""The package."""\n'}))
+    fake(make(tmp_path, {"utils": UTILS, "__init__": '"""The package."""\n'}))
     refused(tmp_path, {"utils": UTILS, "__init__": '"""The package."""\nX = 1\n'}, "__init__.py:2:")
 
 
@@ -191,7 +197,7 @@ def test_hoists_and_dedups_imports(tmp_path):
         import json  # a nested import stays where it is
         return json.dumps(helper(1))
     '''
-    text = build(make(tmp_path, {"utils": utils, "data": data}))
+    text = fake(make(tmp_path, {"utils": utils, "data": data}))
     head = text.split("# ==== modules/")[0]
     assert "\nimport numpy as np, os, torch.nn as nn\n" in head  # plain imports packed onto few lines
     assert "from typing import Dict, List, Optional\n" in head
@@ -216,14 +222,15 @@ def test_order_follows_dependencies(tmp_path):
         "config": "from modules.models import M\n\nC = M\n",  # preferred first, needs models: models first
         "models": "M = 2\n",
     }
-    assert banners(build(make(tmp_path, files))) == [
+    assert banners(fake(make(tmp_path, files))) == [
         "modules/models.py", "modules/config.py", "modules/zeta.py", "modules/utils.py", "modules/alpha.py",
         "modules/main.py"]
 
 
 def test_output_compiles_and_runs_main_guard(tmp_path):
     out = tmp_path / "kernel.py"
-    assert main(["--modules", str(make(tmp_path, {"utils": UTILS, "main": MAIN})), "--out", str(out)]) == 0
+    modules = make(tmp_path, {"utils": UTILS, "main": MAIN})
+    assert main(["--modules", str(modules), "--out", str(out)], landmarks=()) == 0
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# kernel.py — Generative Dog Images") and "# MAINTAINERS: this file is GENERATED" in text
     assert text.endswith('    print("MAIN RAN", main())\n') and not text.endswith("\n\n") and "\r" not in text
@@ -236,15 +243,15 @@ def test_output_compiles_and_runs_main_guard(tmp_path):
 
 def test_blank_lines_inside_statements_stay_verbatim(tmp_path):
     src = 'TEXT = """a\n\n\n\n\nb"""\n\n\n\n\n\nB = 1\n'
-    text = build(make(tmp_path, {"data": src}))
+    text = fake(make(tmp_path, {"data": src}))
     assert 'TEXT = """a\n\n\n\n\nb"""\n\n\nB = 1\n' in text
 
 
 def test_reproducible(tmp_path):
     files = {"utils": UTILS, "main": MAIN, "data": "import numpy as np\nfrom modules.utils import helper\n\nD = 1\n"}
-    first = build(make(tmp_path / "one", files))
-    assert build(make(tmp_path / "one", files)) == first
-    assert build(make(tmp_path / "two" / "elsewhere", files)) == first  # no paths of this machine in the output
+    first = fake(make(tmp_path / "one", files))
+    assert fake(make(tmp_path / "one", files)) == first
+    assert fake(make(tmp_path / "two" / "elsewhere", files)) == first  # no paths of this machine in the output
     assert str(tmp_path) not in first
 
 
@@ -252,19 +259,19 @@ def test_check(tmp_path, capsys):
     modules = make(tmp_path, {"utils": UTILS, "main": MAIN})
     out = tmp_path / "kernel.py"
     args = ["--modules", str(modules), "--out", str(out)]
-    assert main(args + ["--check"]) == 1  # missing
-    assert main(args) == 0
-    assert main(args + ["--check"]) == 0
+    assert main(args + ["--check"], landmarks=()) == 1  # missing
+    assert main(args, landmarks=()) == 0
+    assert main(args + ["--check"], landmarks=()) == 0
     (modules / "utils.py").write_text(UTILS + "\n\nEXTRA = 1\n", encoding="utf-8")
     capsys.readouterr()
-    assert main(args + ["--check"]) == 1
+    assert main(args + ["--check"], landmarks=()) == 1
     err = capsys.readouterr().err
     assert err.startswith("build_kernel: ") and err.count("\n") == 1 and "differs" in err
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
     modules = make(tmp_path, {"data": 'print("hi")\n'})
-    assert main(["--modules", str(modules), "--out", str(tmp_path / "k.py")]) == 1
+    assert main(["--modules", str(modules), "--out", str(tmp_path / "k.py")], landmarks=()) == 1
     err = capsys.readouterr().err
     assert err.startswith("build_kernel: ") and "data.py:1: " in err and err.count("\n") == 1
     assert not (tmp_path / "k.py").exists()
@@ -308,7 +315,7 @@ def test_reexported_own_import_may_be_imported(tmp_path):
     files = {"config": "class UsageError(Exception):\n    pass\n",
              "utils": "from modules.config import UsageError\n\n\ndef helper():\n    return UsageError\n",
              "data": "from modules.utils import UsageError, helper\n\nD = (UsageError, helper)\n"}
-    text = build(make(tmp_path, files))
+    text = fake(make(tmp_path, files))
     assert banners(text) == ["modules/config.py", "modules/utils.py", "modules/data.py"]
     namespace = {}
     exec(compile(text, "kernel.py", "exec"), namespace)
@@ -317,7 +324,7 @@ def test_reexported_own_import_may_be_imported(tmp_path):
 
 def test_plain_imports_are_packed_within_the_line_limit(tmp_path):
     names = [f"mod_name_number_{i}" for i in range(12)]
-    text = build(make(tmp_path, {"data": "".join(f"import json as {n}\n" for n in names)}))
+    text = fake(make(tmp_path, {"data": "".join(f"import json as {n}\n" for n in names)}))
     lines = [line for line in text.splitlines() if line.startswith("import ")]
     assert 1 < len(lines) < len(names) and all(len(line) <= 120 for line in lines)
     assert sorted(n for line in lines for n in line[len("import "):].split(", ")) == sorted(f"json as {n}" for n in names)
@@ -367,3 +374,60 @@ def test_editing_a_config_default_in_kernel_py_works(tmp_path):
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert '"time_budget": "2h"' in proc.stdout
+
+
+# the table of contents (LANDMARKS) and the reading order
+
+def test_missing_landmark_is_a_build_error(tmp_path):
+    files = {"utils": UTILS + "\n\nclass Tool:\n    def use(self):\n        return 1\n"}
+    text = build(make(tmp_path, files), landmarks=(("a helper", "utils", "helper"), ("a method", "utils", "Tool.use")))
+    lines = text.splitlines()
+    assert contents(lines) == [(lines.index("def helper():") + 1, "helper"),
+                               (lines.index("    def use(self):") + 1, "Tool.use")]
+    for landmarks, fragment in [((("gone", "utils", "nothere"),), "landmark 'nothere' (gone) is not defined here"),
+                                ((("gone", "utils", "Tool.gone"),), "landmark 'Tool.gone'"),
+                                ((("elsewhere", "data", "helper"),), "no such module for landmark 'helper'")]:
+        with pytest.raises(BuildError) as info:
+            build(make(tmp_path, files), landmarks=landmarks)
+        assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def contents(lines):
+    """The header's table of contents in the first 60 lines: [(line, dotted name)]."""
+    start = next(i for i, line in enumerate(lines[:60]) if line.startswith("# CONTENTS"))
+    entries = []
+    for line in lines[start + 1:60]:
+        m = re.match(r"^#\s+(\d+)\s+([A-Za-z_][\w.]*)\s+\S", line)
+        if not m:
+            break
+        entries.append((int(m.group(1)), m.group(2)))
+    return entries
+
+
+@needs_main
+def test_contents_in_the_first_60_lines_name_the_right_lines():
+    lines = (ROOT / "kernel.py").read_text(encoding="utf-8").splitlines()
+    entries = contents(lines)
+    assert sorted(name for _, name in entries) == sorted(name for _, _, name in LANDMARKS)  # all of it before line 60
+    assert [n for n, _ in entries] == sorted(n for n, _ in entries)  # in the file's order
+    for number, dotted in entries:
+        *owner, name = dotted.split(".")
+        line = lines[number - 1]
+        if owner:  # a method: `    def name(` inside `class Owner`
+            assert re.match(rf"    def {name}\(", line), (dotted, number, line)
+            cls = next(text for text in reversed(lines[:number - 1]) if text.startswith("class "))
+            assert re.match(rf"class {owner[0]}\b", cls), (dotted, cls)
+        else:
+            assert re.match(rf"(class {name}\b|def {name}\(|{name}(: [^=]+)? = )", line), (dotted, number, line)
+
+
+@needs_main
+def test_recipe_before_machinery():
+    """The reading order: Config, the model and losses, the step, the loop; the machinery after the loop."""
+    order = [name.split("/")[1][:-3] for name in banners((ROOT / "kernel.py").read_text(encoding="utf-8"))]
+    assert order[0] == "config" and order[-1] == "main"
+    recipe = ["layers", "biggan", "pggan", "models", "losses", "augment", "sample", "train", "loop"]
+    assert [order.index(m) for m in recipe] == sorted(order.index(m) for m in recipe)
+    machinery = ["crops", "annotations", "data", "demo", "checkpoint", "features", "metrics", "report", "submission",
+                 "evaluate", "finish", "plan", "cli"]
+    assert min(order.index(m) for m in machinery) > order.index("loop")

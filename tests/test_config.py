@@ -9,8 +9,9 @@ import pytest
 from conftest import KERNEL, ROOT
 from modules.augment import AUGMENTS
 from modules.biggan import BIGGAN_D_ARCHS
-from modules.config import ALLOWED, PRESETS, Config, apply_overrides, check_config, config_to_json, parse_config
-from modules.data import CROP_STYLES, RESIZE_FILTERS
+from modules.cli import ALLOWED, REGISTRY_CHOICES, check_config, config_to_json, parse_config
+from modules.config import LIMITS, PRESETS, Config, apply_overrides
+from modules.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.losses import LOSSES
 from modules.models import ARCHS
 from modules.sample import SAMPLE_BN_MODES
@@ -112,6 +113,16 @@ def test_choices_match_the_registries():
     assert set(ALLOWED["sample_bn"].choices) == set(SAMPLE_BN_MODES)
     assert set(ALLOWED["diffaug"].choices) == set(AUGMENTS)
     assert set(ALLOWED["preset"].choices) == set(PRESETS)
+
+
+def test_every_field_has_one_rule():
+    """A field is checked by its type (bool), its parser (preset, time_budget, fault), a registry or LIMITS: one."""
+    parsed = {"preset", "time_budget", "fault"}
+    for field in dataclasses.fields(Config):
+        rules = [field.name in LIMITS, field.name in REGISTRY_CHOICES, field.name in parsed,
+                 isinstance(field.default, bool)]
+        assert sum(rules) == 1, (field.name, rules)
+    assert set(LIMITS) | set(REGISTRY_CHOICES) <= {f.name for f in dataclasses.fields(Config)}
 
 
 @pytest.mark.parametrize("argv, field", [

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from modules.annotations import read_voc
-from modules.data import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box, find_data_dir, load_dogs
+from modules.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
+from modules.data import find_data_dir, load_dogs
 from modules.utils import UsageError
 
 REAL_SAMPLE = Path("/work/shared/data/dogs-1953")  # 1,953 real images and their annotations; absent on most machines

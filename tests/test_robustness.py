@@ -302,9 +302,17 @@ def _stop_at(trainer, step, stop_event):
 def test_nan_after_the_last_check_never_ships(one_thread):
     """NaN in the steps after the last sync: caught on the way out and rolled back before anything ships."""
     trainer, ev, d = _tiny_trainer(fault="nan@3"), threading.Event(), Deadline(3600)
-    _stop_at(trainer, 6, ev)
+    step = trainer.step
+
+    def step_then_interrupt():  # a notebook's interrupt at step 6, between two host syncs
+        step()
+        if trainer.step_count == 6:
+            raise KeyboardInterrupt
+
+    trainer.step = step_then_interrupt
     summary = _loop(trainer, d, 600, ev, check_every=10 ** 6, snapshot_every=10 ** 6, tick_s=1e9)
-    assert summary.total_steps == 0 and summary.rollbacks == 1 and _finite(trainer)
+    assert summary.reason == "interrupted" and summary.total_steps == 0 and summary.rollbacks == 1
+    assert _finite(trainer)
 
 
 def test_checkpoints_hold_checked_state_only(one_thread):

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from modules.config import parse_config  # noqa: E402
+from modules.cli import parse_config  # noqa: E402
 from modules.finish import _finish_generate  # noqa: E402
 from modules.main import label_counts_of, load_training_data  # noqa: E402
 from modules.report import RunReport  # noqa: E402

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT, add_recipe_args, load_data, md_table, recipe  # noqa: E402
 
 import modules.train  # noqa: E402  (build_models is patched there for the peer)
-from modules.config import parse_duration  # noqa: E402
+from modules.utils import parse_duration  # noqa: E402
 from modules.models import count_params  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 from modules.utils import check_device  # noqa: E402

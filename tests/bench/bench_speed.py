@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modules.config import parse_config  # noqa: E402
+from modules.cli import parse_config  # noqa: E402
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.losses import LOSSES  # noqa: E402
 from modules.models import build_models, count_params  # noqa: E402
