@@ -25,8 +25,8 @@ PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the
     "grammar", "utils",  # small helpers: everything from sample on imports utils
     "sample", "precision", "speed", "train", "pace", "loop",  # generation, the step and its schedule, the loop
     "crops", "annotations", "data", "demo",  # the machinery: data (its robustness), the synthetic demo set
-    "faults", "distributed", "memory", "checkpoint", "features", "metrics", "report", "submission", "evaluate",
-    "finish", "plan", "cli", "main")
+    "faults", "distributed", "launch", "memory", "checkpoint", "features", "metrics", "report", "submission",
+    "evaluate", "finish", "plan", "cli", "outdir", "setup", "run", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.
 LANDMARKS = (
@@ -39,10 +39,13 @@ LANDMARKS = (
     ("the losses (loss): D's and G's for each", "losses", "LOSSES"),
     ("one training step: D, then G, EMA", "train", "Trainer.step"),
     ("the schedule: learning rate, PGGAN growth, noise decay", "train", "Trainer.set_progress"),
+    ("the pace: step time, slowdown, when training must stop", "pace", "Pace"),
     ("the training loop: steps, checks, roll-backs, ticks, stop", "loop", "train_loop"),
     ("the finish: images, the verified zip, self-check, pictures", "finish", "finish"),
     ("the command line -> a checked Config", "cli", "parse_config"),
-    ("the run: settings, data, trainer, plan, training, finish", "main", "main"),
+    ("one rank's run: device, trainer, plan, training, the zip", "run", "run_rank"),
+    ("the run: settings, checks and data, the ranks started", "main", "run"),
+    ("the entry point and its exit codes", "main", "main"),
 )
 THIRD_PARTY = ("PIL", "numpy", "scipy", "torch", "torchvision")  # plus sys.stdlib_module_names
 MAX_LINE = 120  # a merged `from x import ...` header line longer than this is wrapped in parentheses
