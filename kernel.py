@@ -31,8 +31,8 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   config -> utils -> annotations -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample
-#   -> speed -> train -> checkpoint -> distributed -> memory -> loop -> features -> metrics -> report -> submission ->
-#   evaluate -> finish -> plan -> main
+#   -> speed -> averaging -> batches -> precision -> settings -> train -> checkpoint -> distributed -> memory -> loop ->
+#   features -> metrics -> report -> submission -> evaluate -> finish -> faults -> plan -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
@@ -2466,13 +2466,45 @@ def maybe_compile(module, *, mode, device):
     return module
 
 
-# ==== modules/train.py ====
-"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back
-on divergence, and the trainer's state dict. The loop that drives it is in loop.py; checkpoint files in checkpoint.py.
-"""
+# ==== modules/averaging.py ====
+"""The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
+the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema."""
 
 
-# data on the device
+class EMA:
+    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
+
+    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
+    (`n_averaged == 0`) and so syncs every step. half_life_images: images after which an old weight's share has halved;
+    batch: images per update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images).
+    """
+
+    def __init__(self, model, *, half_life_images, batch):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = 0.5 ** (batch / half_life_images)
+
+    def _pairs(self, model):
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
+        return src, dst
+
+    @torch.no_grad()
+    def update(self, model, copy_only=False):
+        src, dst = self._pairs(model)
+        fs = [s for s in src if s.is_floating_point()]
+        fd = [d for d in dst if d.is_floating_point()]
+        if copy_only:
+            torch._foreach_copy_(fd, fs)
+        else:
+            torch._foreach_lerp_(fd, fs, 1 - self.decay)
+        for s, d in zip(src, dst):
+            if not s.is_floating_point():
+                d.copy_(s)
+
+
+# ==== modules/batches.py ====
+"""The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
+there (no host-to-device copy per step, no DataLoader)."""
 
 
 class DeviceBatches:
@@ -2502,41 +2534,9 @@ class DeviceBatches:
         return self.labels[torch.randint(self.n, (batch_size,), device=self.device)]
 
 
-# averaging
-
-
-class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
-
-    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
-    (`n_averaged == 0`) and so syncs every step. Decay is per step at ref_batch and rescaled for other batch sizes,
-    so the half-life in images stays fixed.
-    """
-
-    def __init__(self, model, *, decay, batch_size, ref_batch):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay ** (batch_size / ref_batch)
-
-    def _pairs(self, model):
-        src = list(model.parameters()) + list(model.buffers())
-        dst = list(self.model.parameters()) + list(self.model.buffers())
-        return src, dst
-
-    @torch.no_grad()
-    def update(self, model, copy_only=False):
-        src, dst = self._pairs(model)
-        fs = [s for s in src if s.is_floating_point()]
-        fd = [d for d in dst if d.is_floating_point()]
-        if copy_only:
-            torch._foreach_copy_(fd, fs)
-        else:
-            torch._foreach_lerp_(fd, fs, 1 - self.decay)
-        for s, d in zip(src, dst):
-            if not s.is_floating_point():
-                d.copy_(s)
-
-
-# the trainer
+# ==== modules/precision.py ====
+"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
+are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
@@ -2574,12 +2574,21 @@ def _amp_problem(dtype, device):
             with torch.autocast(device.type, dtype=dtype):
                 out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
             if dtype == torch.float16:
-                _grad_scaler(device.type, enabled=True)
+                grad_scaler(device.type, enabled=True)
     except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
         return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
     if out.dtype != dtype:
         return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
     return ""
+
+
+def grad_scaler(device_type, *, enabled):
+    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
+    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
+    refuses amp=fp16 on their CPU)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def describe_skips(precision):
@@ -2601,13 +2610,111 @@ def describe_amp(amp_dtype):
     return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
 
 
-def _grad_scaler(device_type, *, enabled):
-    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
-    refuses amp=fp16 on their CPU)."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device_type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+# ==== modules/settings.py ====
+"""The Trainer's settings, in small frozen groups built once from Config by trainer_settings(), as StyleGAN2-ADA's
+training loop takes G_kwargs / loss_kwargs / G_opt_kwargs. A field takes Config's field of the same name (see Config
+for its default and allowed values) unless trainer_settings derives it, so a new knob is two edits: Config and its group.
+"""
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How D's and G's losses are made."""
+
+    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan | wgan
+    aux_weight: float  # weight of the auxiliary breed classifier's cross-entropy in D's and G's loss; 0 = off
+    real_label: float  # bce: target for reals (one-sided label smoothing: 0.9); the other losses ignore it
+    margin: float  # D's real loss is zero where the real logit exceeds this (logit units); 0 = off
+    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
+    fresh_real_logits: bool  # rals: G's step recomputes D's real logits with the updated D; False reuses the D step's
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Adam for G and D (learning rates at schedule factor 1, before roll-backs lower them)."""
+
+    lr_g: float  # G's learning rate
+    lr_d: float  # D's learning rate
+    beta1: float  # Adam's first-moment decay, per step
+    beta2: float  # Adam's second-moment decay, per step
+    d_steps: int  # D steps per G step (each on a fresh batch)
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What follows training progress, the fraction of the planned training time spent, in [0,1]."""
+
+    lr_schedule: str  # constant | cosine | linear: the learning-rate factor over progress
+    lr_final: float  # learning-rate factor at progress 1 (cosine, linear), a fraction of the start's
+    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
+
+
+@dataclass(frozen=True)
+class AveragingSettings:
+    """The averaged copies of G that can be shipped instead of G itself."""
+
+    ema: bool  # keep an exponential moving average of G's weights (and float buffers)
+    ema_half_life_images: float  # images (over all ranks) after which a weight's share in the EMA has halved
+    ema_start: int  # G steps during which the EMA copies G instead of averaging (it starts averaging after)
+    swa: bool  # keep the plain average of G over the second half of training (shipped once it has averaged)
+    swa_every: int  # G steps between SWA updates
+
+
+@dataclass(frozen=True)
+class DInputSettings:
+    """What D sees of every image batch, real and fake, besides the images themselves."""
+
+    instance_noise: float  # std of Gaussian noise added (in [-1,1] pixel units) at progress 0, decaying linearly to 0
+    diffaug: str  # DiffAugment policy: comma-separated color, translation, cutout; "" = off
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Everything a Trainer is built with besides the models, the data and the ranks' layout."""
+
+    z_dim: int  # latent size
+    batch_per_rank: int  # images per step on this rank (Config.batch_size is over all ranks)
+    amp: str  # Config.amp: auto | off | fp16 | bf16, resolved against the device by precision.resolve_amp
+    loss: LossSettings
+    optim: OptimSettings
+    schedule: ScheduleSettings
+    averaging: AveragingSettings
+    d_input: DInputSettings
+
+
+def ema_half_life_images(decay, ref_batch):
+    """Config's EMA (decay per step at ref_batch images per step) -> its half-life in images: ref_batch * ln 0.5 /
+    ln decay (decay 1: never forgets, an infinite half-life)."""
+    return math.inf if decay >= 1 else ref_batch * math.log(0.5) / math.log(decay)
+
+
+def _group(cls, cfg, **derived):
+    """A settings group: each field is Config's field of the same name, unless given in `derived`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert set(derived) <= set(names), f"{cls.__name__} has no field(s) {sorted(set(derived) - set(names))}"
+    return cls(**{n: derived[n] if n in derived else getattr(cfg, n) for n in names})
+
+
+def trainer_settings(cfg, *, world_size):
+    """Config -> TrainerSettings: the one mapping, used by build_trainer (and so by main, the tests and the benches).
+    world_size: the number of ranks Config.batch_size is split over."""
+    batch_per_rank = cfg.batch_size
+    if world_size > 1:
+        batch_per_rank = cfg.batch_per_gpu or cfg.batch_size // world_size  # checked by distributed.split_batch
+    return _group(
+        TrainerSettings, cfg, batch_per_rank=batch_per_rank,
+        loss=_group(LossSettings, cfg, name=cfg.loss), optim=_group(OptimSettings, cfg),
+        schedule=_group(ScheduleSettings, cfg),
+        averaging=_group(AveragingSettings, cfg,
+                         ema_half_life_images=ema_half_life_images(cfg.ema_decay, cfg.ema_ref_batch)),
+        d_input=_group(DInputSettings, cfg))
+
+
+# ==== modules/train.py ====
+"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
+trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
+loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
+"""
 
 
 def _adam(params, lr, betas, device):
@@ -2618,21 +2725,23 @@ def _adam(params, lr, betas, device):
 
 class Trainer:
     """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    Every keyword is required: the values come from Config through build_trainer, never from defaults here.
+    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
+    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
+    layout (several ranks: then attach_group()).
 
     Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
     """
 
-    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
-                 margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
-                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, fresh_real_logits,
-                 rank=0, world_size=1):
+    def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
+        s = settings
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
-        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
+        self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
+        self.loss, self.optim, self.schedule, self.averaging, self.d_input = (
+            s.loss, s.optim, s.schedule, s.averaging, s.d_input)
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
-        self.global_batch = batch_size * world_size  # images per step over all ranks
+        self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
         # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
@@ -2645,29 +2754,24 @@ class Trainer:
         # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
         # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
-        self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
-        self.fresh_real_logits = fresh_real_logits and loss == "rals"  # rals is the one G loss that reads real logits
-        self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
-        self.gp_weight, self.instance_noise = gp_weight, instance_noise
-        self.diffaug = parse_augment_policy(diffaug)
-        self.base_lr = {"g": lr_g, "d": lr_d}
+        self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
+        self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
+        self.diffaug = parse_augment_policy(s.d_input.diffaug)
+        self.base_lr = {"g": s.optim.lr_g, "d": s.optim.lr_d}
         self.lr_scale = 1.0  # lowered by each roll-back
-        self.lr_schedule, self.lr_final = lr_schedule, lr_final
-        self.opt_g = _adam(self.G.parameters(), lr_g, betas, self.device)
-        self.opt_d = _adam(self.D.parameters(), lr_d, betas, self.device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        betas = (s.optim.beta1, s.optim.beta2)
+        self.opt_g = _adam(self.G.parameters(), s.optim.lr_g, betas, self.device)
+        self.opt_d = _adam(self.D.parameters(), s.optim.lr_d, betas, self.device)
+        self.amp_dtype = resolve_amp(s.amp, self.device)
         use_scaler = self.amp_dtype == torch.float16
-        self.scaler_g = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.scaler_d = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.ema = EMA(self.G, decay=ema_decay, batch_size=self.global_batch, ref_batch=ema_ref_batch) if ema else None
-        self.ema_start = ema_start
-        self.swa = AveragedModel(self.G, use_buffers=True) if swa else None
-        self.swa_every = swa_every
+        self.scaler_g = grad_scaler(self.device.type, enabled=use_scaler)
+        self.scaler_d = grad_scaler(self.device.type, enabled=use_scaler)
+        av = s.averaging
+        self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
+        self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
         self.progressive = hasattr(self.G, "set_growth")
-        self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
         # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
@@ -2693,17 +2797,18 @@ class Trainer:
     def set_progress(self, progress):
         """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
         self.progress = p = min(max(progress, 0.0), 1.0)
-        if self.lr_schedule == "cosine":
-            f = self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * p))
-        elif self.lr_schedule == "linear":
-            f = 1 - (1 - self.lr_final) * p
+        kind, final = self.schedule.lr_schedule, self.schedule.lr_final
+        if kind == "cosine":
+            f = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+        elif kind == "linear":
+            f = 1 - (1 - final) * p
         else:
             f = 1.0
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
         if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.pg_fade)
+            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
             for m in self.shipped_models():
                 m.set_growth(level, alpha)
 
@@ -2726,8 +2831,8 @@ class Trainer:
     def _noisy(self, x):
         """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
-        if self.instance_noise:
-            sigma = self.instance_noise * (1 - self.progress)
+        if self.d_input.instance_noise:
+            sigma = self.d_input.instance_noise * (1 - self.progress)
             if sigma > 0:
                 x = x + sigma * torch.randn_like(x)
         return x
@@ -2747,10 +2852,9 @@ class Trainer:
 
     def step(self):
         """One G step after d_steps D steps. Returns nothing; no host sync."""
-        self._inject_fault()
-        B, dev, amp = self.batch_size, self.device, self.amp_dtype
+        B, dev, amp, loss = self.batch_per_rank, self.device, self.amp_dtype, self.loss
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
-        for _ in range(self.d_steps):
+        for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
             if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
                 real = self.D.fade_reals(real)
@@ -2760,14 +2864,11 @@ class Trainer:
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
                 real_logits, fake_logits, cls_real = self._d_logits(self._noisy(real), y_real, self._noisy(fake), y_fake)
-                loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=self.real_target, margin=self.margin)
-                if cls_real is not None and self.aux_weight:
-                    loss_d = loss_d + self.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if self.gp_weight:
-                loss_d = loss_d + self.gp_weight * gradient_penalty(self.D, real, fake, y_real)
-            if self.faults.get("nan") == self.step_count:
-                del self.faults["nan"]  # one shot: the step after a roll-back passes
-                loss_d = loss_d * float("nan")
+                loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
+                if cls_real is not None and loss.aux_weight:
+                    loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
+            if loss.gp_weight:
+                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
@@ -2787,8 +2888,8 @@ class Trainer:
             fake = self.G_train(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
-            if cls_fake is not None and self.aux_weight:
-                loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
+            if cls_fake is not None and loss.aux_weight:
+                loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
         self.D.requires_grad_(True)
@@ -2817,7 +2918,7 @@ class Trainer:
         made (this process, read at host syncs), with their final scales. None where not known."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
-               "d_steps": self.steps_counted * self.d_steps}
+               "d_steps": self.steps_counted * self.optim.d_steps}
         if on:
             out.update(skipped_g=self.skipped["g"] if self.skips_known else None,
                        skipped_d=self.skipped["d"] if self.skips_known else None,
@@ -2826,26 +2927,9 @@ class Trainer:
 
     def _average(self):
         if self.ema is not None:
-            self.ema.update(self.G, copy_only=self.step_count <= self.ema_start)
-        if self.swa is not None and self.progress >= 0.5 and self.step_count % self.swa_every == 0:
+            self.ema.update(self.G, copy_only=self.step_count <= self.averaging.ema_start)
+        if self.swa is not None and self.progress >= 0.5 and self.step_count % self.averaging.swa_every == 0:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
-
-    def _inject_fault(self):
-        if self.faults.get("raise") == self.step_count:
-            del self.faults["raise"]  # one shot
-            raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
-        if self.faults.get("oom") == self.step_count:  # issue 18: what a GPU too small for the batch raises
-            del self.faults["oom"]
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
-                                              f"{self.step_count}, --set fault=oom@STEP)")
-        if "slow" in self.faults:
-            time.sleep(self.faults["slow"])
-        if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
-            delay = self.faults.pop("slowgen")
-            for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
-                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
@@ -2906,21 +2990,11 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
     Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
     seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
-    n_classes = len(data.classes)
-    G, D = build_models(cfg, n_classes)
-    batch_size = cfg.batch_size
+    G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
-        batch_size = cfg.batch_per_gpu or cfg.batch_size // world_size  # checked by distributed.split_batch
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(
-        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
-        betas=(cfg.beta1, cfg.beta2), d_steps=cfg.d_steps, aux_weight=cfg.aux_weight, real_target=cfg.real_label,
-        margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
-        ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
-        swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault, fresh_real_logits=cfg.fresh_real_logits,
-        rank=rank, world_size=world_size)
+    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
@@ -3645,7 +3719,7 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, before_step, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
     reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
@@ -3659,7 +3733,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
     Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
     ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
-    the time plan).
+    the time plan). before_step(trainer), if not None, is called right before each trainer.step() (faults.py's test
+    faults).
     Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
     plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
@@ -3703,6 +3778,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
             margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
             if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
@@ -3732,6 +3809,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     break
                 trainer.set_progress(progress)
                 next_sync = trainer.step_count + interval
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
@@ -3746,6 +3825,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     reason = "steps"
                     break
                 trainer.set_progress(trained() / plan_s)
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 done = trainer.step_count - first_step
                 if not (done <= 2 or trainer.step_count % check_every == 0
@@ -3766,7 +3847,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             else:
                 step_s = 0.7 * step_s + 0.3 * measured
                 if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
-                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
+                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0]
                     if new_level != level:
                         level, base_s = new_level, None
                 if base_s is None:
@@ -3837,7 +3918,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     except Exception as exc:  # CUDA OOM included: ship what there is
         if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
             raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
-                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
+                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank, world_size=trainer.world_size,
                 device=trainer.device)) from None
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -5117,6 +5198,58 @@ def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, devi
     return [classes[i] for i in breeds]
 
 
+# ==== modules/faults.py ====
+"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
+trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+
+
+STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
+
+
+class FaultInjector:
+    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+    raise@STEP   a RuntimeError, as any failure inside training
+    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises (issue 18)
+    slow@S       every step sleeps S seconds first
+    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
+    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
+    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
+    """
+
+    def __init__(self, fault_text, *, rank):
+        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+        self.rank = rank
+
+    def before_step(self, trainer):
+        f, step = self.faults, trainer.step_count
+        if f.get("raise") == step:
+            del f["raise"]
+            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
+        if f.get("oom") == step:
+            del f["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{step}, --set fault=oom@STEP)")
+        if "slow" in f:
+            time.sleep(f["slow"])
+        if f.get("kill") == step and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in f:
+            delay = f.pop("slowgen")
+            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
+        if f.get("nan") == step:
+            del f["nan"]  # one shot: the steps after the roll-back pass
+            with torch.no_grad():
+                for p in trainer.D.parameters():
+                    p.fill_(float("nan"))
+
+
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    injector = FaultInjector(fault_text, rank=rank)
+    return injector.before_step if injector.faults else None
+
+
 # ==== modules/plan.py ====
 """The run's plan as data: how the time budget splits into start-up, training and the finish reserve, and how a resumed
 run carries on the schedule of the run it continues. plan_training() computes it once; the loop, the final checkpoint
@@ -5470,11 +5603,11 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
                                    estimates["checkpoint"])
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
-                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         batch_size=trainer.batch_per_rank, resumed=resumed, budget_text=cfg.time_budget,
                          resume_path=cfg.resume, max_steps=cfg.max_steps)
     if ctx.distributed:
         plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
-        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+        log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
     if not plan.self_check_reserved:
@@ -5526,7 +5659,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg),
+            before_step=fault_hook(cfg.fault, rank=ctx.rank), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"

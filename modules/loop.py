@@ -49,7 +49,7 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
+               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, before_step, ctx=None):
     """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
     for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
     reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
@@ -63,7 +63,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
     Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
     ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
-    the time plan).
+    the time plan). before_step(trainer), if not None, is called right before each trainer.step() (faults.py's test
+    faults).
     Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
     snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
     plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
@@ -107,6 +108,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
             margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
             if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
@@ -136,6 +139,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     break
                 trainer.set_progress(progress)
                 next_sync = trainer.step_count + interval
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 if trainer.step_count < next_sync:
                     continue
@@ -150,6 +155,8 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
                     reason = "steps"
                     break
                 trainer.set_progress(trained() / plan_s)
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
                 done = trainer.step_count - first_step
                 if not (done <= 2 or trainer.step_count % check_every == 0
@@ -170,7 +177,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
             else:
                 step_s = 0.7 * step_s + 0.3 * measured
                 if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
-                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
+                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0]
                     if new_level != level:
                         level, base_s = new_level, None
                 if base_s is None:
@@ -241,7 +248,7 @@ def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snap
     except Exception as exc:  # CUDA OOM included: ship what there is
         if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
             raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
-                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
+                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank, world_size=trainer.world_size,
                 device=trainer.device)) from None
         reason = "crashed"
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

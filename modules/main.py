@@ -49,16 +49,18 @@ from modules.distributed import (
     training_timeout,
 )
 from modules.evaluate import evaluate_images, read_submission
+from modules.faults import fault_hook
 from modules.features import build_feature_extractor
 from modules.finish import FINISH_SAFETY, finish, measure_finish_seconds
 from modules.loop import TrainSummary, train_loop
 from modules.memory import GIB, KAGGLE_IMAGES, build_memory_estimate, check_memory, device_available_bytes
 from modules.plan import plan_training
+from modules.precision import describe_amp, describe_skips, resolve_amp
 from modules.report import RunReport
 from modules.sample import generate_images
 from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
-from modules.train import build_trainer, describe_amp, describe_skips, resolve_amp
+from modules.train import build_trainer
 from modules.utils import (
     Deadline,
     PhaseTimer,
@@ -322,11 +324,11 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
                                    estimates["checkpoint"])
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
-                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
+                         batch_size=trainer.batch_per_rank, resumed=resumed, budget_text=cfg.time_budget,
                          resume_path=cfg.resume, max_steps=cfg.max_steps)
     if ctx.distributed:
         plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
-        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
+        log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
     if not plan.self_check_reserved:
@@ -378,7 +380,8 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg),
+            before_step=fault_hook(cfg.fault, rank=ctx.rank), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` as well as `python -m pytest`
     sys.path.insert(0, str(ROOT))
 
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402 (after the path above)
+from modules.faults import fault_hook  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 
 
@@ -69,8 +70,10 @@ def window_plan(deadline, seconds, *, finish_s=0.0, prior_train_s=0.0, plan_s=No
 
 
 def loop_kwargs(cfg, **kw):
-    """train_loop's keywords from a Config, as main.train passes them (no checkpoints, no finish probe), + overrides."""
+    """train_loop's keywords from a Config, as main.train passes them (no checkpoints, no finish probe; cfg.fault's
+    step faults injected as main does), + overrides."""
     base = dict(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
                 max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None,
-                checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps, history={}, finish_probe=None)
+                checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps, history={}, finish_probe=None,
+                before_step=fault_hook(cfg.fault, rank=0))
     return {**base, **kw}

@@ -123,7 +123,7 @@ def _rank_worker(rank, port, out_dir):
     one_step = dict(calls)
     if rank == 0:
         torch.save({"state": trainer.state_dict(), "calls_1": one_step}, os.path.join(out_dir, "rank0.pt"))
-    trainer.d_steps = 3  # D all-reduces must scale with the D steps alone
+    trainer.optim = dataclasses.replace(trainer.optim, d_steps=3)  # D all-reduces must scale with the D steps alone
     inputs = _inputs()
     lo, hi = rank * half, (rank + 1) * half
     real, y_real = inputs[0][lo:hi], inputs[1][lo:hi]
