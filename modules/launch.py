@@ -77,17 +77,6 @@ def rank_device(ctx, device):
     return device
 
 
-def split_batch(batch_size, batch_per_gpu, world_size):
-    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
-    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
-    if batch_per_gpu > 0:
-        return batch_per_gpu
-    if batch_size % world_size:
-        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
-                         f"{world_size}, or --set batch_per_gpu=N")
-    return batch_size // world_size
-
-
 # starting the ranks
 
 

@@ -157,7 +157,7 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 
 def _level(trainer):
     """The PGGAN level being trained (its step time is its own), None for other architectures."""
-    return pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0] if trainer.progressive else None
+    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
 
 
 def _peak_memory(trainer, done, *, say):

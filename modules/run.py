@@ -23,10 +23,9 @@ from modules.distributed import (
     stop_workers,
     training_timeout,
 )
-from modules.faults import FaultInjector
+from modules.faults import fault_hook
 from modules.features import build_feature_extractor
 from modules.finish import build_finish_settings, finish, measure_finish_seconds
-from modules.launch import split_batch
 from modules.loop import TrainSummary, build_loop_settings, train_loop
 from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
@@ -36,7 +35,8 @@ from modules.sample import build_sampler
 from modules.setup import open_device
 from modules.speed import env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
-from modules.train import build_trainer, describe_skips
+from modules.precision import describe_skips
+from modules.train import build_trainer
 from modules.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, warn
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
@@ -91,9 +91,6 @@ def build_rank(ctx, cfg, device, setup):
     plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
     plan (None: rank 0 stopped -> None here). Several ranks: the training group, with the plan's collective timeout."""
     report, data = setup.report, setup.data
-    if ctx.distributed:
-        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
-                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
         extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
@@ -101,6 +98,9 @@ def build_rank(ctx, cfg, device, setup):
     try:
         with setup.timer.phase("build"):
             trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
+            if ctx.distributed:
+                report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                                "batch_per_rank": trainer.batch_per_rank}
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
@@ -206,7 +206,7 @@ def train(rank, setup, stop_event):
         with setup.timer.phase("train"):
             summary = train_loop(trainer, settings=build_loop_settings(rank.cfg), pace=rank.pace, ctx=ctx,
                                  stop_event=stop_event, checkpoint_fn=rank.checkpoint, history=report.history,
-                                 before_step=FaultInjector(rank.cfg.fault, rank=ctx.rank).before_step)
+                                 before_step=fault_hook(rank.cfg.fault, rank=ctx.rank))
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"

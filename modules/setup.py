@@ -12,12 +12,13 @@ from modules.checkpoint import CHECKPOINT_ARCH_KEYS, Resumed
 from modules.cli import resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
-from modules.launch import quiet_worker_output, rank_device, resolve_world_size, split_batch
+from modules.launch import quiet_worker_output, rank_device, resolve_world_size
 from modules.memory import GIB, KAGGLE_IMAGES, build_memory_estimate, check_memory, device_available_bytes
 from modules.outdir import check_out_dir, check_out_not_in_data
 from modules.report import RunReport
+from modules.settings import split_batch
 from modules.speed import configure_backends, configure_threads
-from modules.train import describe_amp, resolve_amp
+from modules.precision import describe_amp, resolve_amp
 from modules.utils import (
     Deadline,
     PhaseTimer,

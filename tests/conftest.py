@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` as well as `python -m pytest`
 
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402 (after the path above)
 from modules.distributed import DistContext  # noqa: E402
-from modules.faults import FaultInjector  # noqa: E402
+from modules.faults import fault_hook  # noqa: E402
 from modules.loop import LoopSettings, build_loop_settings, train_loop  # noqa: E402
 from modules.pace import Pace  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
@@ -76,7 +76,7 @@ def loop_kwargs(cfg, **kw):
     """run_loop's keywords from a Config, as run.train passes them (no checkpoints, no finish probe; the faults of
     cfg.fault injected), + overrides."""
     base = {**dataclasses.asdict(build_loop_settings(cfg)), "checkpoint_fn": None, "history": {}, "finish_probe": None,
-            "before_step": FaultInjector(cfg.fault, rank=0).before_step}
+            "before_step": fault_hook(cfg.fault, rank=0)}
     return {**base, **kw}
 
 

@@ -18,7 +18,8 @@ import torch
 
 from conftest import KERNEL, ROOT, run_kernel
 from modules.config import PRESETS, Config, apply_overrides
-from modules.launch import resolve_world_size, split_batch, torchrun_env
+from modules.launch import resolve_world_size, torchrun_env
+from modules.settings import split_batch
 from modules.train import build_trainer
 from modules.utils import UsageError
 
@@ -123,7 +124,7 @@ def _rank_worker(rank, port, out_dir):
     one_step = dict(calls)
     if rank == 0:
         torch.save({"state": trainer.state_dict(), "calls_1": one_step}, os.path.join(out_dir, "rank0.pt"))
-    trainer.d_steps = 3  # D all-reduces must scale with the D steps alone
+    trainer.optim = dataclasses.replace(trainer.optim, d_steps=3)  # D all-reduces must scale with the D steps alone
     inputs = _inputs()
     lo, hi = rank * half, (rank + 1) * half
     real, y_real = inputs[0][lo:hi], inputs[1][lo:hi]

@@ -63,16 +63,23 @@ def test_no_config_default_is_repeated():
     is required (a default here could silently disagree with Config's, as four once did)."""
     import inspect
 
+    from modules.averaging import EMA
+    from modules.batches import DeviceBatches
+    from modules.faults import FaultInjector, fault_hook
     from modules.finish import finish, save_pictures
     from modules.loop import train_loop
-    from modules.train import EMA, DeviceBatches, Trainer, build_trainer
+    from modules.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings, ScheduleSettings,
+                                  TrainerSettings, trainer_settings)
+    from modules.train import Trainer, build_trainer
 
-    for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures):
+    groups = (TrainerSettings, LossSettings, OptimSettings, ScheduleSettings, AveragingSettings, DInputSettings)
+    for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures,
+               trainer_settings, FaultInjector.__init__, fault_hook, *groups):
         params = inspect.signature(fn).parameters.values()
         with_default = [p.name for p in params if p.default is not inspect.Parameter.empty
                         and p.name not in ("rank", "world_size", "ctx")]  # the ranks' layout, not a Config setting
         assert not with_default, f"{fn.__qualname__} has defaults for {with_default}: make them required keywords"
-    assert "aux_weight" in inspect.signature(Trainer.__init__).parameters  # the walk sees the real signature
+    assert "aux_weight" in inspect.signature(LossSettings).parameters  # the walk sees the real signature
 
 
 def test_a_slower_finish_moves_the_stop_earlier():

@@ -26,6 +26,7 @@ from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, run_loop, tiny_
 from modules.finish import measure_finish_seconds
 from modules.submission import verify_zip
 from modules.checkpoint import read_checkpoint, save_checkpoint
+from modules.faults import fault_hook
 from modules.train import build_trainer
 from modules.utils import Deadline, UsageError
 
@@ -301,7 +302,7 @@ def _stop_at(trainer, step, stop_event):
 
 def test_nan_after_the_last_check_never_ships(one_thread):
     """NaN in the steps after the last sync: caught on the way out and rolled back before anything ships."""
-    trainer, ev, d = _tiny_trainer(fault="nan@3"), threading.Event(), Deadline(3600)
+    trainer, ev, d = _tiny_trainer(), threading.Event(), Deadline(3600)
     step = trainer.step
 
     def step_then_interrupt():  # a notebook's interrupt at step 6, between two host syncs
@@ -310,14 +311,15 @@ def test_nan_after_the_last_check_never_ships(one_thread):
             raise KeyboardInterrupt
 
     trainer.step = step_then_interrupt
-    summary = _loop(trainer, d, 600, ev, check_every=10 ** 6, snapshot_every=10 ** 6, tick_s=1e9)
+    summary = _loop(trainer, d, 600, ev, check_every=10 ** 6, snapshot_every=10 ** 6, tick_s=1e9,
+                    before_step=fault_hook("nan@3", rank=0))
     assert summary.reason == "interrupted" and summary.total_steps == 0 and summary.rollbacks == 1
     assert _finite(trainer)
 
 
 def test_checkpoints_hold_checked_state_only(one_thread):
     """A periodic checkpoint is written only right after a clean finite check: never with NaN weights in it."""
-    trainer, ev, d = _tiny_trainer(fault="nan@7"), threading.Event(), Deadline(3600)
+    trainer, ev, d = _tiny_trainer(), threading.Event(), Deadline(3600)
     _stop_at(trainer, 20, ev)
     seen = []
 
@@ -325,7 +327,7 @@ def test_checkpoints_hold_checked_state_only(one_thread):
         seen.append((trainer.step_count, _finite(trainer)))
 
     summary = _loop(trainer, d, 600, ev, check_every=5, snapshot_every=5, tick_s=1e9, checkpoint_fn=checkpoint,
-                    checkpoint_s=1e-9)
+                    checkpoint_s=1e-9, before_step=fault_hook("nan@7", rank=0))
     assert summary.rollbacks == 1 and len(seen) > 3 and all(ok for _, ok in seen), seen
 
 

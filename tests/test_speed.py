@@ -22,7 +22,8 @@ from modules.speed import (
     env_threads,
     maybe_compile,
 )
-from modules.train import build_trainer, resolve_amp
+from modules.precision import resolve_amp
+from modules.train import build_trainer
 from modules.utils import UsageError
 
 CPU = torch.device("cpu")

@@ -1,4 +1,5 @@
-import contextlib
+import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -6,8 +7,12 @@ import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.config import PRESETS, Config, apply_overrides
-from modules.train import EMA, DeviceBatches, build_trainer, describe_skips, resolve_amp
-from modules.utils import UsageError
+from modules.averaging import EMA
+from modules.batches import DeviceBatches
+from modules.precision import describe_skips
+from modules.settings import ema_half_life_images, trainer_settings
+from modules.train import build_trainer
+
 
 def test_device_batches_range_flip_and_labels():
     data = tiny_data()
@@ -27,7 +32,7 @@ def test_device_batches_range_flip_and_labels():
 def test_ema_update_equals_formula():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    ema = EMA(model, decay=0.9, batch_size=64, ref_batch=64)
+    ema = EMA(model, half_life_images=ema_half_life_images(0.9, 64), batch=64)  # decay 0.9 per step of 64
     before = [p.clone() for p in ema.model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -41,31 +46,36 @@ def test_ema_update_equals_formula():
 
 def test_ema_decay_is_batch_size_independent():
     model = torch.nn.Linear(2, 2)
-    a = EMA(model, decay=0.999, batch_size=64, ref_batch=64)
-    b = EMA(model, decay=0.999, batch_size=128, ref_batch=64)
+    half_life = ema_half_life_images(0.999, 64)
+    a = EMA(model, half_life_images=half_life, batch=64)
+    b = EMA(model, half_life_images=half_life, batch=128)
     assert b.decay == pytest.approx(a.decay ** 2)  # one step of 128 images = two of 64
 
 
-def test_amp_off_on_cpu():
-    assert resolve_amp("auto", CPU) is None
+@pytest.mark.parametrize("decay, ref_batch, batch", [(0.999, 64, 64), (0.999, 64, 32), (0.9999, 64, 128),
+                                                     (0.99, 16, 48), (1.0, 64, 64)])
+def test_ema_half_life_in_images_equals_the_old_per_step_decay(decay, ref_batch, batch):
+    """Config's ema_decay per step at ema_ref_batch, as a half-life in images: 0.5 ** (batch / half-life) is exactly
+    the decay the EMA had before it took a half-life, decay ** (batch / ref_batch)."""
+    half_life = ema_half_life_images(decay, ref_batch)
+    assert EMA(torch.nn.Linear(2, 2), half_life_images=half_life, batch=batch).decay == pytest.approx(
+        decay ** (batch / ref_batch), rel=1e-12)
+    assert 0.5 ** (ref_batch / half_life) == pytest.approx(decay, rel=1e-12)
 
 
-def test_amp_forced_on_the_cpu():
-    """amp=fp16 / bf16 force that autocast dtype on the CPU too (issue 18); off is fp32 everywhere."""
-    assert resolve_amp("off", CPU) is None
-    assert resolve_amp("fp16", CPU) == torch.float16 and resolve_amp("bf16", CPU) == torch.bfloat16
-
-
-def test_forced_amp_refused_in_one_line_by_a_torch_without_it(monkeypatch):
-    """torch 2.1/2.2 have no torch.amp.GradScaler("cpu"); an old CPU autocast falls back to fp32 with a warning."""
-    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
-    with pytest.raises(UsageError, match=r"amp=fp16 cannot be used on cpu .*GradScaler.*use amp=auto or amp=off"):
-        resolve_amp("fp16", CPU)
-    monkeypatch.undo()
-    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # autocast that does nothing
-    with pytest.raises(UsageError, match=r"amp=bf16 .*does not compute in torch.bfloat16") as info:
-        resolve_amp("bf16", CPU)
-    assert "\n" not in str(info.value)
+def test_trainer_settings_map_config_and_the_ema_follows_the_global_batch():
+    """One mapping from Config: the groups hold Config's values; batch_size is global, batch_per_rank per rank, and
+    the EMA's decay per step follows the global batch (the same half-life in images on any number of ranks)."""
+    cfg = tiny_cfg(batch_size=8, lr_g=1e-3, ema_decay=0.99, ema_ref_batch=16, gp_weight=2.0, diffaug="color")
+    one, two = trainer_settings(cfg, world_size=1), trainer_settings(cfg, world_size=2)
+    assert (one.batch_per_rank, two.batch_per_rank) == (8, 4)
+    assert trainer_settings(dataclasses.replace(cfg, batch_per_gpu=6), world_size=2).batch_per_rank == 6
+    assert (one.loss.name, one.loss.gp_weight, one.optim.lr_g, one.d_input.diffaug) == (cfg.loss, 2.0, 1e-3, "color")
+    assert one.averaging == two.averaging  # a half-life in images: the same whatever the ranks
+    assert one.averaging.ema_half_life_images == pytest.approx(16 * math.log(0.5) / math.log(0.99))
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    assert trainer.batch_per_rank == trainer.global_batch == 8
+    assert trainer.ema.decay == pytest.approx(0.99 ** (8 / 16))
 
 
 def test_learning_is_wired():
@@ -103,7 +113,7 @@ def test_lr_schedules():
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(trainer.base_lr["g"])
     trainer.set_progress(1.0)
     assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(0.1 * trainer.base_lr["d"])
-    trainer.lr_schedule = "linear"
+    trainer.schedule = dataclasses.replace(trainer.schedule, lr_schedule="linear")
     trainer.set_progress(0.5)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(0.55 * trainer.base_lr["g"])
 
@@ -199,7 +209,7 @@ def test_g_step_computes_no_d_gradients():
     calls = []
     trainer.D.linear.parametrizations.weight.original.register_hook(lambda g: calls.append(1))
     trainer.step()
-    assert len(calls) == trainer.d_steps == 1
+    assert len(calls) == trainer.optim.d_steps == 1
     assert all(p.requires_grad for p in trainer.D.parameters())
 
 
@@ -218,7 +228,7 @@ def test_pggan_reals_are_faded_in_the_d_step():
     forward = trainer.D.forward
     trainer.D.forward = lambda x, y=None: seen.append(x) or forward(x, y)
     trainer.step()
-    assert len(faded) == trainer.d_steps == 1
+    assert len(faded) == trainer.optim.d_steps == 1
     sharp, blended = faded[0]
     assert not torch.allclose(sharp, blended)  # a fade changes the reals...
     assert torch.equal(seen[0], blended)  # ...and D's first forward (the reals) sees the faded ones

@@ -125,12 +125,12 @@ def measure(cfg, data, device, batch, *, crops_per_image=None, profile=True):
     gc.collect()
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, data, device)
-    trainer.batch_size = 2  # the first steps make the gradients and Adam's states (their size does not depend on B);
+    trainer.batch_per_rank = 2  # the first steps make the gradients and Adam's states (their size does not depend on B);
     for _ in range(20):  # under fp16 the GradScaler skips the first steps (inf at its initial scale): no Adam state yet
         trainer.step()
         if trainer.opt_g.state and trainer.opt_d.state:
             break
-    trainer.batch_size = batch
+    trainer.batch_per_rank = batch
     row = {"batch": batch, "g_params": count_params(trainer.G), "d_params": count_params(trainer.D),
            "amp": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(trainer.amp_dtype, "fp32")}
     row.update(persistent_bytes(trainer))

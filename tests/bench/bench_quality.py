@@ -97,7 +97,7 @@ def train_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
     return train_loop(trainer, plan=plan, deadline=deadline, stop_event=None, tick_s=cfg.tick_s,
                       check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
                       rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None, checkpoint_s=0.0, max_steps=0,
-                      history=history, finish_probe=None)
+                      history=history, finish_probe=None, before_step=None)
 
 
 def sample_like_kernel(trainer, cfg, label_counts, n, *, truncation=None):

@@ -45,7 +45,8 @@ from modules.models import build_models, count_params  # noqa: E402
 from modules.sample import generate_images  # noqa: E402
 from modules.speed import compile_support, configure_backends, maybe_compile  # noqa: E402
 from modules.submission import write_submission  # noqa: E402
-from modules.train import build_trainer, resolve_amp  # noqa: E402
+from modules.precision import resolve_amp  # noqa: E402
+from modules.train import build_trainer  # noqa: E402
 
 REAL_SAMPLE = ROOT.parent / "shared" / "data" / "dogs-1953"
 FULL_DATASET = 20579  # images in Kaggle's all-dogs

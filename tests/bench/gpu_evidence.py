@@ -53,7 +53,8 @@ from modules.plan import TrainPlan  # noqa: E402
 from modules.sample import generate_images  # noqa: E402
 from modules.speed import compile_support  # noqa: E402
 from modules.submission import verify_zip, write_submission  # noqa: E402
-from modules.train import build_trainer, resolve_amp  # noqa: E402
+from modules.precision import resolve_amp  # noqa: E402
+from modules.train import build_trainer  # noqa: E402
 from modules.utils import Deadline, seed_everything  # noqa: E402
 
 TEST_FILES = ("tests/test_train.py", "tests/test_speed.py", "tests/test_sample.py", "tests/test_loop.py",
@@ -122,7 +123,8 @@ def train_for(cfg, data, device, seconds):
     summary = train_loop(trainer, plan=plan, deadline=deadline, stop_event=None, tick_s=cfg.tick_s,
                          check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
                          max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
-                         checkpoint_fn=None, checkpoint_s=0.0, max_steps=0, history=history, finish_probe=None)
+                         checkpoint_fn=None, checkpoint_s=0.0, max_steps=0, history=history, finish_probe=None,
+                         before_step=None)
     sync(device)
     return trainer, summary, history, syncs, skips
 
@@ -191,7 +193,7 @@ def s_train(ctx):
         trainer, summary, history, syncs, skips = train_for(cfg, ctx.data, ctx.device, ctx.train_s)
         r = {"amp": amp, "dtype": str(trainer.amp_dtype), "steps": summary.steps, "seconds": summary.seconds,
              "it_s": summary.it_per_s, "reason": summary.reason, "error": summary.error,
-             "rollbacks": summary.rollbacks, "batch": trainer.batch_size, "wall_s": time.perf_counter() - t0,
+             "rollbacks": summary.rollbacks, "batch": trainer.batch_per_rank, "wall_s": time.perf_counter() - t0,
              "loss_d": history.get("loss_d", []), "loss_g": history.get("loss_g", []), "syncs": syncs,
              "nonfinite": sum(s["nonfinite"] for s in syncs),
              "skipped_g": int(skips["g"]["n"]), "skipped_d": int(skips["d"]["n"]),
