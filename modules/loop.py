@@ -9,14 +9,11 @@ import torch
 
 from modules.distributed import agree, dead_workers, sync_buffers
 from modules.memory import EARLY_OOM_STEPS, describe_early_oom, is_out_of_memory
+from modules.pace import FINISH_SLOWDOWN_MAX, PROBE_COST, SLOWDOWN_MAX, SYNC_MAX_S
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
 from modules.utils import UsageError, eval_mode, format_duration, log, warn
 
-SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
-SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
-FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
-PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
 
 
 # the loop
