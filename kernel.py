@@ -6,7 +6,7 @@
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:
 #       import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--preset", "kaggle", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 65): each field says its unit or choices.
+#   OR edit a default in `class Config` (line 66): each field says its unit or choices.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -31,8 +31,8 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 # One namespace: the modules' imports, hoisted and merged, then each module in dependency order:
 #   config -> utils -> annotations -> data -> demo -> augment -> layers -> biggan -> pggan -> models -> losses -> sample
-#   -> speed -> train -> checkpoint -> distributed -> memory -> loop -> features -> metrics -> report -> submission ->
-#   evaluate -> finish -> plan -> main
+#   -> speed -> train -> checkpoint -> distributed -> memory -> pace -> loop -> features -> metrics -> report ->
+#   submission -> evaluate -> finish -> measure -> plan -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+from typing import Callable
 
 
 # ==== modules/config.py ====
@@ -2170,6 +2171,10 @@ G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `
 Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
 so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
 "running" mode, where it shrinks the activations relative to the training statistics.
+
+A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
+`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
+and its pictures all call it, so they sample alike.
 """
 
 
@@ -2309,6 +2314,53 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images
+
+
+# the run's sampler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
+class Sampler:
+    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
+
+    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
+    averages), unless `ready()` fixed it."""
+
+    model: Callable  # () -> the generator to sample
+    z_dim: int
+    truncation: float  # resample |z| above this (0: none)
+    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
+    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
+    device: torch.device
+    batch: int  # images per generated batch
+    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+
+    def __call__(self, n, seed=0, *, on_batch=None):
+        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
+                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
+                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+
+    def with_batch(self, batch):
+        return dataclasses.replace(self, batch=batch)
+
+    def with_model(self, G):
+        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
+        return dataclasses.replace(self, model=lambda: G)
+
+    def ready(self):
+        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
+        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
+        return self.with_model(prepare_for_sampling(
+            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
+            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+
+
+def build_sampler(cfg, trainer, data):
+    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
+    generation batch; breeds drawn with the training set's frequencies."""
+    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
+                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
+                   device=trainer.device, batch=cfg.sample_batch)
 
 
 # ==== modules/speed.py ====
@@ -3604,15 +3656,134 @@ def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
             + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
 
 
-# ==== modules/loop.py ====
-"""The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
-(finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
+# ==== modules/pace.py ====
+"""The run's pace: how fast training steps and the finish's generation run now against how fast they ran when measured,
+and what that means for when training must stop and which part of the finish still fits. Every piece of the
+finish-safety arithmetic (FINISH_SAFETY x measured estimates x slowdown) lives here: the plan (plan.py), the loop's stop
+(`Pace.stop_at`), the collective timeout (main) and the finish's optional parts (`Pace.need`) all ask this module."""
 
 
+FINISH_SAFETY = 1.25  # measured finish times x this: they are timed on ~1% of the work, and other load comes and goes
+FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
+FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
 FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
 PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
+
+
+def finish_reserve_s(estimates):
+    """The finish reserve of measured estimates ({part: seconds}): FINISH_SAFETY x their sum (margin not included)."""
+    return FINISH_SAFETY * sum(estimates.values())
+
+
+class Pace:
+    """Step time and slowdown, measured at the loop's host syncs, and the finish's re-timing near the end.
+
+    plan: the TrainPlan (train_until, finish_s, first_step_s, gen_batch_s, estimates); deadline: the run's Deadline;
+    probe: () -> seconds for one generation batch of plan.gen_batch images now, or None not to re-time.
+    slowdown = max(steps now vs their first steady measurement (per PGGAN level), a re-timed generation batch vs at
+    start): the finish reserve is stretched by it, so training stops earlier when the machine got slower.
+    """
+
+    def __init__(self, plan, deadline, *, probe=None):
+        self.plan, self.deadline, self.probe = plan, deadline, probe
+        self.step_s = None  # seconds per step for the margin (the first steps, with autotuning, weigh in)
+        self.base_s = self.recent_s = None  # steady seconds per step: the first measured (per level), a running average
+        self.level = None  # PGGAN level the base was measured at
+        self.step_slowdown, self.gen_slowdown = 1.0, 1.0
+        self.last_probe, self.probes, self.said_gen = -float("inf"), [], 1.0
+
+    @property
+    def slowdown(self):
+        return max(self.step_slowdown, self.gen_slowdown)
+
+    def step_estimate(self):
+        """Seconds per step: measured, or plan.first_step_s before the first measurement."""
+        return self.step_s if self.step_s is not None else self.plan.first_step_s
+
+    def stop_at(self):
+        """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
+        to the finish."""
+        return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
+
+    def steps_fit(self, steps):
+        """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
+        return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
+
+    def sync_interval(self, *, check_every, done):
+        """Steps to the next host sync: 1 for the first two (their time sets the margin), then check_every, but no
+        more than SYNC_MAX_S of steps."""
+        if done < 2:
+            return 1
+        return max(1, min(check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
+
+    def margin(self):
+        """Time kept free before the stop: the step we start + one queued on the GPU (before a measurement: the plan's
+        first-step margin)."""
+        return 2 * self.step_s if self.step_s is not None else self.plan.first_step_s
+
+    def record(self, seconds, steps, *, done, level=None):
+        """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
+        (each has its own step time: the slowdown is measured within one), None for other architectures."""
+        measured = seconds / max(steps, 1)
+        if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
+            self.step_s = max(self.step_s or 0.0, measured)
+            return
+        self.step_s = 0.7 * self.step_s + 0.3 * measured
+        if level != self.level:
+            self.level, self.base_s = level, None
+        if self.base_s is None:
+            self.base_s = self.recent_s = measured
+        self.recent_s = 0.7 * self.recent_s + 0.3 * measured
+        self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
+
+    def checkpoint_fits(self, checkpoint_s):
+        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe) fit before stop_at()?"""
+        return self.deadline.elapsed() + 2 * checkpoint_s + self.margin() < self.stop_at()
+
+    def retime(self):
+        """Near the end (where a slower finish can still move the stop), re-time a generation batch at most every
+        max(1 s, its time / PROBE_COST); the lesser of the last two counts (not one hiccup). Never raises."""
+        plan = self.plan
+        if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
+            return
+        if time.monotonic() - self.last_probe < max(1.0, plan.gen_batch_s / PROBE_COST):
+            return
+        self.last_probe = time.monotonic()
+        try:
+            self.probes = (self.probes + [self.probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+        except Exception as exc:  # never worth a crash: train on without re-timing
+            warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
+            self.probe, self.probes = None, self.probes or [1.0]
+        self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
+        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+            self.said_gen = self.gen_slowdown
+            log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
+                f"{format_duration(plan.finish_s * self.slowdown + plan.margin_s)}")
+
+    # the finish
+
+    def remaining(self):
+        """Seconds left in the whole budget."""
+        return self.deadline.remaining()
+
+    def need(self, part):
+        """Seconds that must be left to start an optional part of the finish now, at the measured slowdown:
+        "zip_retry" (a second, single-threaded zip: twice the measured zip), "self_check", "pictures"."""
+        est, s = self.plan.estimates, self.slowdown
+        if part == "zip_retry":
+            return 2 * est["zip"] * s + FINISH_EXIT_S
+        if part == "self_check":
+            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
+        if part == "pictures":
+            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
+        raise ValueError(f"unknown finish part {part!r}")
+
+
+# ==== modules/loop.py ====
+"""The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
+(finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
 
 
 # the loop
@@ -4900,90 +5071,30 @@ def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=No
 
 
 # ==== modules/finish.py ====
-"""Finishing a run: measuring what the finish will cost on this device (the watchdog's reserve), generating the
-images, writing and verifying the zip, the self-check, samples.png and losses.png."""
+"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
+What each part costs was measured before training (measure.py); whether an optional part still fits is the Pace's
+call (pace.py): no time arithmetic here."""
 
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
-SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
-FINISH_SAFETY = 1.25  # measured finish times x this: they are timed on ~1% of the work, and other load comes and goes
-FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
-FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
 
 
-# finishing: generation, self-check, zip
+@dataclass(frozen=True)
+class FinishSettings:
+    """What the finish writes (build_finish_settings)."""
+
+    n_images: int  # images in the zip
+    seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
+    workers: int  # threads encoding PNGs
+    corrupt_zip: bool  # a test fault ("zipfail"): the first zip written is corrupted
 
 
-def _finish_timed(fn, *args, **kw):
-    t0 = time.monotonic()
-    out = fn(*args, **kw)
-    return time.monotonic() - t0, out
+def build_finish_settings(cfg):
+    return FinishSettings(n_images=cfg.n_images, seed=cfg.seed, workers=cfg.data_workers,
+                          corrupt_zip="zipfail" in parse_faults(cfg.fault))
 
 
-def measure_finish_seconds(G, *, n_images, z_dim, label_counts, truncation, batch_size, device, amp_dtype, workers,
-                           disk_bytes_per_s, checkpoint_state, extractor=None, n_reference=0, crops=None):
-    """Time each part of the finish on a sample and scale it to the whole run's finish:
-
-    generate: two real batches after a warm-up one (the slower counts); a batch that does not fit is halved;
-    zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
-    generation it overlaps (all of it on one core);
-    checkpoint: serialising the trainer's state and writing it;
-    self_check (with an extractor): features, covariances, the Fréchet sqrtm (scaled by dim^3, Inception only), the
-    memorization distance matrix and the pixel nearest-neighbour search.
-    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
-    """
-    batch = min(batch_size, n_images)
-    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
-    while True:
-        try:
-            generate_images(G, n=batch, batch_size=batch, **gen_kw)  # warm-up (cudnn autotune, allocator)
-            times = []
-            for seed in (1, 2):
-                dt, imgs = _finish_timed(generate_images, G, n=batch, batch_size=batch, seed=seed, **gen_kw)
-                times.append(dt)
-            break
-        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            if batch <= 8:
-                raise
-            warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
-            batch //= 2
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
-    scale = n_images / len(imgs)
-    t_enc, pngs = _finish_timed(encode_pngs, imgs, workers)
-    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
-    t_verify, _ = _finish_timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
-    t_enc *= scale
-    if device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess counts
-        t_enc = max(0.0, t_enc - est["generate"])
-    est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
-    buf = io.BytesIO()
-    t_ser, _ = _finish_timed(torch.save, checkpoint_state, buf)
-    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
-    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
-    if extractor is not None:
-        k, n_all, dim = 200, n_images + n_reference, extractor.dim
-        probe = np.resize(imgs, (k, *imgs.shape[1:]))  # 200 images whatever the batch: per-call overheads must not scale
-        rng = np.random.default_rng(0)
-        extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
-        nearest_pixel(probe[:8], crops[:8], device=extractor.device)
-        t_feat, _ = _finish_timed(extractor, probe)
-        feats = rng.random((k, dim))
-        t_cov, _ = _finish_timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
-        t_sqrtm = 0.0
-        if not extractor.is_proxy:
-            m = min(dim, SQRTM_PROBE_DIM)
-            a = rng.standard_normal((m, 2 * m))
-            sigma = a @ a.T / (2 * m)
-            t_sqrtm = _finish_timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
-        m_ref = max(min(n_reference, 2048), 1)
-        t_mem, _ = _finish_timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
-        m_crops = min(len(crops), 1024)
-        t_pix, _ = _finish_timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
-        est["self_check"] = 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
-                                   + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
-    return est, info
+# finishing: generation, zip, self-check, pictures
 
 
 @contextlib.contextmanager
@@ -5003,34 +5114,34 @@ def fast_inference(G, device):
             G.to(memory_format=torch.contiguous_format)
 
 
-def _finish_generate(G, *, n, batch, gen_kw, device, report, workers=1):
+def _finish_generate(sampler, *, n, seed, report, workers):
     """All n images -> (uint8 [n,H,W,3], their PNG bytes or None), the PNGs encoded on `workers` threads while the
-    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding."""
+    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding.
+    sampler: ready() (one model for the try and the retry)."""
     try:
-        with fast_inference(G, device), ThreadPoolExecutor(max(workers, 1)) as pool:
+        with fast_inference(sampler.model(), sampler.device), ThreadPoolExecutor(max(workers, 1)) as pool:
             encoded = []  # futures of each batch's PNG bytes, in order (zlib and torch release the GIL)
-            images = generate_images(G, n=n, batch_size=batch, **gen_kw,
-                                     on_batch=lambda b: encoded.append(pool.submit(encode_pngs, b, 1)))
+            images = sampler(n, seed, on_batch=lambda b: encoded.append(pool.submit(encode_pngs, b, 1)))
             return images, [png for future in encoded for png in future.result()]
     except Exception as exc:
         warn(f"generation failed ({type(exc).__name__}: {exc}); retrying at a smaller batch")
         report.warn(f"generation retried: {exc}")
-        if device.type == "cuda":
+        if sampler.device.type == "cuda":
             torch.cuda.empty_cache()
-        return generate_images(G, n=n, batch_size=max(1, batch // 4), **gen_kw), None
+        return sampler.with_batch(max(1, sampler.batch // 4))(n, seed), None
 
 
-def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, deadline, pngs=None):
-    """The verified zip (pngs: the images' PNG bytes, encoded already). A UsageError (a full disk, a read-only folder)
-    ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has retry_s
-    seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier zip at zip_path is left
-    as it was."""
+def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs):
+    """The verified zip (pngs: the images' PNG bytes, encoded already, or None). A UsageError (a full disk, a read-only
+    folder) ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has
+    pace.need("zip_retry") seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier
+    zip at zip_path is left as it was."""
     try:
         return write_submission(images, zip_path, workers=workers, corrupt=corrupt, pngs=pngs)
     except UsageError:
         raise
     except Exception as exc:
-        if deadline.remaining() < retry_s:
+        if pace.remaining() < pace.need("zip_retry"):
             raise SubmissionError(f"{exc} (no time left to retry)") from None
         warn(f"writing the zip failed ({type(exc).__name__}: {exc}); retrying single-threaded")
         report.warn(f"zip retried: {exc}")
@@ -5042,79 +5153,177 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         raise SubmissionError(f"{zip_path}: {type(exc).__name__}: {exc}") from None
 
 
-def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers, self_check_on, corrupt_zip, deadline,
-           extractor, timer, report, estimates, batch, slowdown, stop_event):
+def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, stop_event):
     """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
     no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
 
-    report: the RunReport, filled in here (zip, metrics, self_check, samples_breeds, warnings). slowdown: how much
-    slower the machine runs than when the estimates were measured (TrainSummary.slowdown). corrupt_zip: a test fault.
+    sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
+    extractor: the self-check's feature extractor, None for no self-check. pace: the run's Pace (what is left of the
+    budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
+    metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
     """
-    G = trainer.generator_to_ship()
-    label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
-                  device=trainer.device, seed=seed)
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
-        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch,
-                                 device=trainer.device, amp_dtype=trainer.amp_dtype)  # sample_bn standing: its copy
-        images, pngs = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device,
-                                        report=report, workers=workers)
+        sampler = sampler.ready()  # sample_bn "standing": its copy with standing statistics, for the pictures too
+        images, pngs = _finish_generate(sampler, n=settings.n_images, seed=settings.seed, report=report,
+                                        workers=settings.workers)
     zip_path = os.path.join(out_dir, "images.zip")
     report_path = os.path.join(out_dir, "report.json")
     with timer.phase("zip"):
-        _finish_write_zip(images, zip_path, workers=workers, corrupt=corrupt_zip, report=report, pngs=pngs,
-                          retry_s=2 * estimates["zip"] * slowdown + FINISH_EXIT_S, deadline=deadline)  # 1 thread: 2x
+        _finish_write_zip(images, zip_path, workers=settings.workers, corrupt=settings.corrupt_zip, report=report,
+                          pace=pace, pngs=pngs)
     log(f"wrote {zip_path}: {len(images)} verified PNGs")
     report.zip = zip_path
     report.write(report_path)  # a kill from here on still leaves the zip and a report
 
-    interrupted = stop_event is not None and stop_event.is_set()
-    if self_check_on and extractor is not None:
-        need = FINISH_SAFETY * estimates.get("self_check", 0.0) * slowdown + FINISH_EXIT_S
-        if interrupted or deadline.remaining() < need:
-            why = "interrupted" if interrupted else (f"{format_duration(max(deadline.remaining(), 0))} left, it needs "
-                                                     f"~{format_duration(need)}")
-            warn(f"self-check skipped ({why}); the zip is written")
-            report.warn(f"self-check skipped: {why}")
-        else:
-            with timer.phase("self_check"):
-                try:
-                    report.metrics = evaluate_images(images, data.reference, extractor)
-                    report.self_check = self_check(
-                        images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                        memorization=report.metrics["memorization_distance"], seed=seed)
-                    log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
-                except Exception as exc:
-                    warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
-                    report.warn(f"self-check failed: {exc}")
-    late = deadline.remaining() < (FINISH_PICTURES_S + FINISH_EXIT_S) * slowdown
+    if extractor is not None:
+        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor, pace=pace,
+                           timer=timer, report=report, interrupted=stop_event is not None and stop_event.is_set())
+    late = pace.remaining() < pace.need("pictures")
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
         return images
     with timer.phase("pictures"):
         try:
-            report.samples_breeds = save_pictures(G, classes=data.classes, history=report.history, out_dir=out_dir,
-                                                  z_dim=z_dim, truncation=truncation, seed=seed, device=trainer.device)
+            report.samples_breeds = save_pictures(sampler, classes=data.classes, history=report.history,
+                                                  out_dir=out_dir, seed=settings.seed)
         except Exception as exc:
             warn(f"pictures failed ({type(exc).__name__}: {exc})")
             report.warn(f"pictures failed: {exc}")
     return images
 
 
-def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, device):
-    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves. -> the breeds
-    shown, one per row."""
+def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, report, interrupted):
+    """The self-check on the zip's images (report.metrics, report.self_check, nearest.png), or a warning saying why
+    it is skipped (an interrupt, too little time left) or failed: the zip is written either way."""
+    need = pace.need("self_check")
+    if interrupted or pace.remaining() < need:
+        why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
+                                                 f"~{format_duration(need)}")
+        warn(f"self-check skipped ({why}); the zip is written")
+        report.warn(f"self-check skipped: {why}")
+        return
+    with timer.phase("self_check"):
+        try:
+            report.metrics = evaluate_images(images, data.reference, extractor)
+            report.self_check = self_check(
+                images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
+                memorization=report.metrics["memorization_distance"], seed=seed)
+            log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+        except Exception as exc:
+            warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
+            report.warn(f"self-check failed: {exc}")
+
+
+def save_pictures(sampler, *, classes, history, out_dir, seed):
+    """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
+    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
     breeds = np.linspace(0, len(classes) - 1, n_breeds).round().astype(int)
-    z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
+    z = truncated_z(per_row, sampler.z_dim, sampler.truncation, generator=torch.Generator().manual_seed(seed))
     z = z.repeat(n_breeds, 1).to(device)
     y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
-    with sampling_mode(G), torch.no_grad():
+    with sampling_mode(G, sampler.sample_bn), torch.no_grad():
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
     return [classes[i] for i in breeds]
+
+
+# ==== modules/measure.py ====
+"""Measuring what the finish will cost on this device before training: the finish reserve (plan.py) is built from
+these times, so training stops early enough to write the zip."""
+
+
+SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
+SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    out = fn(*args, **kw)
+    return time.monotonic() - t0, out
+
+
+def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
+                           crops):
+    """Time each part of the finish on a sample and scale it to the whole run's finish:
+
+    generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
+    does not fit is halved;
+    zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
+    generation it overlaps (all of it on one core);
+    checkpoint: serialising the trainer's state (checkpoint_state) and writing it;
+    self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
+    Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
+    search against crops (uint8 [N,64,64,3]).
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    """
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    scale = n_images / len(imgs)
+    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
+    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_enc *= scale
+    if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
+        t_enc = max(0.0, t_enc - est["generate"])
+    est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    buf = io.BytesIO()
+    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    if extractor is not None:
+        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
+                                                crops=crops)
+    return est, info
+
+
+def _time_generation(sampler):
+    """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    batch = sampler.batch
+    while True:
+        try:
+            sampler(batch)  # warm-up
+            times = []
+            for seed in (1, 2):
+                dt, imgs = _timed(sampler, batch, seed)
+                times.append(dt)
+            return times, imgs, batch
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            if batch <= 8:
+                raise
+            warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
+            batch //= 2
+            sampler = sampler.with_batch(batch)
+            if sampler.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _self_check_seconds(imgs, *, extractor, n_images, n_reference, crops):
+    """The self-check's time, from its parts timed on SELF_CHECK_PROBE images (per-call overheads must not scale)."""
+    k, n_all, dim = SELF_CHECK_PROBE, n_images + n_reference, extractor.dim
+    probe = np.resize(imgs, (k, *imgs.shape[1:]))
+    rng = np.random.default_rng(0)
+    extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
+    nearest_pixel(probe[:8], crops[:8], device=extractor.device)
+    t_feat, _ = _timed(extractor, probe)
+    feats = rng.random((k, dim))
+    t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
+    t_sqrtm = 0.0
+    if not extractor.is_proxy:
+        m = min(dim, SQRTM_PROBE_DIM)
+        a = rng.standard_normal((m, 2 * m))
+        sigma = a @ a.T / (2 * m)
+        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+    m_ref = max(min(n_reference, 2048), 1)
+    t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+    m_crops = min(len(crops), 1024)
+    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
+    return 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
+                  + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
 
 
 # ==== modules/plan.py ====
@@ -5445,20 +5654,18 @@ def build_restored(cfg, data, device, *, ctx, resumed, report):
 def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
     """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
     the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
-    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    that). -> (Trainer, its Sampler, TrainPlan, collective timeout or 0); fills report.history, resumed_from and
+    reserve."""
     trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+    sampler = build_sampler(cfg, trainer, data)
     if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
-        n, times = pick_cpu_threads(lambda: generate_images(
-            trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-            truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),
-            candidates=sorted({1, max(cpu_count() - 1, 2)}))
+        one = sampler.with_batch(min(cfg.sample_batch, 50))
+        n, times = pick_cpu_threads(lambda: one(one.batch), candidates=sorted({1, max(cpu_count() - 1, 2)}))
         log(f"torch CPU threads {n} (a generation batch: " +
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
-        trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-        truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-        workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-        extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:
@@ -5466,8 +5673,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
                          f"need about {1.2 * need / 2**20:.0f} MiB")
     timeout = 0.0
     if ctx.distributed:
-        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
-                                   estimates["checkpoint"])
+        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
@@ -5479,11 +5685,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
     if not plan.self_check_reserved:
         report.warn("self-check not in the finish reserve (it would have taken more time than training)")
-    return trainer, plan, timeout
-
-
-def label_counts_of(data):
-    return np.bincount(data.labels, minlength=len(data.classes))
+    return trainer, sampler, plan, timeout
 
 
 def make_checkpointer(path, trainer, *, config, classes, report):
@@ -5502,20 +5704,19 @@ def make_checkpointer(path, trainer, *, config, classes, report):
     return checkpoint
 
 
-def make_finish_probe(trainer, plan, *, data, cfg):
+def make_finish_probe(sampler, plan):
     """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
-    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=trainer.device,
-              amp_dtype=trainer.amp_dtype)
+    batch = sampler.with_batch(plan.gen_batch)
 
     def probe():
         t0 = time.monotonic()
-        generate_images(trainer.generator_to_ship(), n=plan.gen_batch, batch_size=plan.gen_batch, seed=1, **kw)
+        batch(plan.gen_batch, seed=1)
         return time.monotonic() - t0
 
     return probe
 
 
-def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
+def train(cfg, trainer, plan, *, sampler, deadline, stop_event, checkpoint, report, ctx):
     """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
@@ -5526,7 +5727,7 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+            finish_probe=make_finish_probe(sampler, plan), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
@@ -5659,10 +5860,11 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
                                            report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
         finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
             if ctx.distributed:
-                broadcast_object(ctx, None if built is None else built[1:])
-        trainer, plan, timeout = built
+                broadcast_object(ctx, None if built is None else built[2:])
+        trainer, sampler, plan, timeout = built
     else:
         trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        sampler = build_sampler(cfg, trainer, data)
         got = broadcast_object(ctx, None)
         if got is None:
             return 0
@@ -5680,7 +5882,7 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
     handlers = install_interrupt_handlers(stop_event)
     try:
         with timer.phase("train"):
-            summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
+            summary = train(cfg, trainer, plan, sampler=sampler, deadline=deadline, stop_event=stop_event,
                             checkpoint=checkpoint, report=report, ctx=ctx)
         torch.set_num_threads(threads)
         if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
@@ -5702,11 +5904,10 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
                 log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
         report_path = os.path.join(out_dir, "report.json")
         try:
-            finish(trainer, data=data, out_dir=out_dir, n_images=cfg.n_images, z_dim=cfg.z_dim,
-                   truncation=cfg.truncation, seed=cfg.seed, workers=cfg.data_workers, self_check_on=cfg.self_check,
-                   corrupt_zip="zipfail" in parse_faults(cfg.fault), deadline=deadline, extractor=extractor,
-                   timer=timer, report=report, estimates=plan.estimates, batch=plan.gen_batch,
-                   slowdown=summary.slowdown, stop_event=stop_event)
+            pace = Pace(plan, deadline)  # for now built here; the loop will own it (issue 20)
+            pace.step_slowdown = summary.slowdown  # the loop's final slowdown (steps or a re-timed generation batch)
+            finish(sampler.with_batch(plan.gen_batch), data=data, out_dir=out_dir, settings=build_finish_settings(cfg),
+                   extractor=extractor, pace=pace, timer=timer, report=report, stop_event=stop_event)
         except SubmissionError as exc:
             report.degraded, report.zip = True, None
             report.warn(f"zip not written: {exc}")

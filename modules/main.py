@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import torch
 
 from modules.checkpoint import (
@@ -50,12 +49,14 @@ from modules.distributed import (
 )
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
-from modules.finish import FINISH_SAFETY, finish, measure_finish_seconds
+from modules.finish import build_finish_settings, finish
 from modules.loop import TrainSummary, train_loop
+from modules.measure import measure_finish_seconds
 from modules.memory import GIB, KAGGLE_IMAGES, build_memory_estimate, check_memory, device_available_bytes
+from modules.pace import Pace, finish_reserve_s
 from modules.plan import plan_training
 from modules.report import RunReport
-from modules.sample import generate_images
+from modules.sample import build_sampler
 from modules.speed import configure_backends, configure_threads, env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
 from modules.train import build_trainer, describe_amp, describe_skips, resolve_amp
@@ -68,7 +69,6 @@ from modules.utils import (
     format_duration,
     log,
     parse_duration,
-    parse_faults,
     process_start,
     seed_everything,
     warn,
@@ -297,20 +297,18 @@ def build_restored(cfg, data, device, *, ctx, resumed, report):
 def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
     """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
     the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
-    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
+    that). -> (Trainer, its Sampler, TrainPlan, collective timeout or 0); fills report.history, resumed_from and
+    reserve."""
     trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+    sampler = build_sampler(cfg, trainer, data)
     if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
-        n, times = pick_cpu_threads(lambda: generate_images(
-            trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-            truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),
-            candidates=sorted({1, max(cpu_count() - 1, 2)}))
+        one = sampler.with_batch(min(cfg.sample_batch, 50))
+        n, times = pick_cpu_threads(lambda: one(one.batch), candidates=sorted({1, max(cpu_count() - 1, 2)}))
         log(f"torch CPU threads {n} (a generation batch: " +
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
-        trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-        truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-        workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-        extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:
@@ -318,8 +316,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
                          f"need about {1.2 * need / 2**20:.0f} MiB")
     timeout = 0.0
     if ctx.distributed:
-        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
-                                   estimates["checkpoint"])
+        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
     plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
@@ -331,11 +328,7 @@ def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extract
     report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
     if not plan.self_check_reserved:
         report.warn("self-check not in the finish reserve (it would have taken more time than training)")
-    return trainer, plan, timeout
-
-
-def label_counts_of(data):
-    return np.bincount(data.labels, minlength=len(data.classes))
+    return trainer, sampler, plan, timeout
 
 
 def make_checkpointer(path, trainer, *, config, classes, report):
@@ -354,20 +347,19 @@ def make_checkpointer(path, trainer, *, config, classes, report):
     return checkpoint
 
 
-def make_finish_probe(trainer, plan, *, data, cfg):
+def make_finish_probe(sampler, plan):
     """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
-    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=trainer.device,
-              amp_dtype=trainer.amp_dtype)
+    batch = sampler.with_batch(plan.gen_batch)
 
     def probe():
         t0 = time.monotonic()
-        generate_images(trainer.generator_to_ship(), n=plan.gen_batch, batch_size=plan.gen_batch, seed=1, **kw)
+        batch(plan.gen_batch, seed=1)
         return time.monotonic() - t0
 
     return probe
 
 
-def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
+def train(cfg, trainer, plan, *, sampler, deadline, stop_event, checkpoint, report, ctx):
     """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
     log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
     summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
@@ -378,7 +370,7 @@ def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report,
             check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
             max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
+            finish_probe=make_finish_probe(sampler, plan), ctx=ctx)
     except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
         stop_event.set()
         summary.reason = "interrupted"
@@ -511,10 +503,11 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
                                            report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
         finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
             if ctx.distributed:
-                broadcast_object(ctx, None if built is None else built[1:])
-        trainer, plan, timeout = built
+                broadcast_object(ctx, None if built is None else built[2:])
+        trainer, sampler, plan, timeout = built
     else:
         trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
+        sampler = build_sampler(cfg, trainer, data)
         got = broadcast_object(ctx, None)
         if got is None:
             return 0
@@ -532,7 +525,7 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
     handlers = install_interrupt_handlers(stop_event)
     try:
         with timer.phase("train"):
-            summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
+            summary = train(cfg, trainer, plan, sampler=sampler, deadline=deadline, stop_event=stop_event,
                             checkpoint=checkpoint, report=report, ctx=ctx)
         torch.set_num_threads(threads)
         if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
@@ -554,11 +547,10 @@ def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, devi
                 log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
         report_path = os.path.join(out_dir, "report.json")
         try:
-            finish(trainer, data=data, out_dir=out_dir, n_images=cfg.n_images, z_dim=cfg.z_dim,
-                   truncation=cfg.truncation, seed=cfg.seed, workers=cfg.data_workers, self_check_on=cfg.self_check,
-                   corrupt_zip="zipfail" in parse_faults(cfg.fault), deadline=deadline, extractor=extractor,
-                   timer=timer, report=report, estimates=plan.estimates, batch=plan.gen_batch,
-                   slowdown=summary.slowdown, stop_event=stop_event)
+            pace = Pace(plan, deadline)  # for now built here; the loop will own it (issue 20)
+            pace.step_slowdown = summary.slowdown  # the loop's final slowdown (steps or a re-timed generation batch)
+            finish(sampler.with_batch(plan.gen_batch), data=data, out_dir=out_dir, settings=build_finish_settings(cfg),
+                   extractor=extractor, pace=pace, timer=timer, report=report, stop_event=stop_event)
         except SubmissionError as exc:
             report.degraded, report.zip = True, None
             report.warn(f"zip not written: {exc}")

@@ -3,7 +3,7 @@ run carries on the schedule of the run it continues. plan_training() computes it
 and report.json read it."""
 from dataclasses import dataclass
 
-from modules.finish import FINISH_SAFETY
+from modules.pace import FINISH_SAFETY
 from modules.utils import UsageError, format_duration, log, warn
 
 OPTIONAL_FINISH = "self_check"  # the one part of the finish a run can do without: the zip never waits for it

@@ -1,7 +1,7 @@
 """modules/plan.py: the budget split into start-up, training and the finish reserve, and the resume arithmetic."""
 import pytest
 
-from modules.finish import FINISH_SAFETY
+from modules.pace import FINISH_SAFETY
 from modules.plan import plan_training
 from modules.utils import UsageError
 
