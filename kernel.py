@@ -6,7 +6,7 @@
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:
 #       import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--preset", "kaggle", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 82): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 87): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -31,24 +31,28 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      82  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     179  PRESETS               the presets: named sets of overrides of those defaults
-#     249  LIMITS                what each setting may hold (checked before any data is read)
-#     477  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     488  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#    1009  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1117  LOSSES                the losses (loss): D's and G's for each
-#    1965  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2020  Trainer.step          one training step: D, then G, EMA
-#    2788  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4948  finish                the finish: images, the verified zip, self-check, pictures
-#    5261  parse_config          the command line -> a checked Config
-#    5830  main                  the run: settings, data, trainer, plan, training, finish
+#      87  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     184  PRESETS               the presets: named sets of overrides of those defaults
+#     254  LIMITS                what each setting may hold (checked before any data is read)
+#     482  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1122  LOSSES                the losses (loss): D's and G's for each
+#    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2195  Trainer.step          one training step: D, then G, EMA
+#    2366  Pace                  the pace: step time, slowdown, when training must stop
+#    2516  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5320  finish                the finish: images, the verified zip, self-check, pictures
+#    5639  parse_config          the command line -> a checked Config
+#    5932  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6188  run                   the run: settings, checks and data, the ranks started
+#    6258  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
-#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> speed -> train
-#   -> distributed -> memory -> loop -> crops -> annotations -> data -> demo -> checkpoint -> features -> metrics ->
-#   report -> submission -> evaluate -> finish -> plan -> cli -> main
+#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
+#   speed -> settings -> averaging -> batches -> train -> pace -> loop -> crops -> annotations -> data -> demo -> faults
+#   -> distributed -> launch -> memory -> checkpoint -> features -> metrics -> report -> submission -> evaluate ->
+#   measure -> finish -> plan -> cli -> outdir -> setup -> run -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
@@ -67,6 +71,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+from typing import Callable
 
 
 # ==== modules/config.py ====
@@ -1428,6 +1433,11 @@ def in_notebook():
     return "ipykernel" in sys.modules
 
 
+def is_out_of_memory(exc):
+    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
+
+
 # ==== modules/sample.py ====
 """Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
 generation to uint8 images.
@@ -1442,6 +1452,10 @@ G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `
 Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
 so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
 "running" mode, where it shrinks the activations relative to the training statistics.
+
+A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
+`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
+and its pictures all call it, so they sample alike.
 """
 
 
@@ -1581,6 +1595,129 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images
+
+
+# the run's sampler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
+class Sampler:
+    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
+
+    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
+    averages), unless `ready()` fixed it."""
+
+    model: Callable  # () -> the generator to sample
+    z_dim: int
+    truncation: float  # resample |z| above this (0: none)
+    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
+    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
+    device: torch.device
+    batch: int  # images per generated batch
+    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+
+    def __call__(self, n, seed=0, *, on_batch=None):
+        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
+                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
+                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+
+    def with_batch(self, batch):
+        return dataclasses.replace(self, batch=batch)
+
+    def with_model(self, G):
+        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
+        return dataclasses.replace(self, model=lambda: G)
+
+    def ready(self):
+        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
+        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
+        return self.with_model(prepare_for_sampling(
+            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
+            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+
+
+def build_sampler(cfg, trainer, data):
+    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
+    generation batch; breeds drawn with the training set's frequencies."""
+    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
+                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
+                   device=trainer.device, batch=cfg.sample_batch)
+
+
+# ==== modules/precision.py ====
+"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
+are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+
+
+def resolve_amp(amp, device):
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
+    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
+    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
+    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
+    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = AMP_DTYPES[amp]
+    problem = _amp_problem(dtype, device)
+    if problem:
+        raise UsageError(f"setting amp={amp} cannot be used on {device.type} with torch {torch.__version__}: {problem}; "
+                         "use amp=auto or amp=off")
+    return dtype
+
+
+def _amp_problem(dtype, device):
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
+    linear layer is run under autocast and must come out in `dtype`."""
+    if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
+    try:
+        with warnings.catch_warnings():  # old torch: "In CPU autocast, but the target dtype is not supported"
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
+            if dtype == torch.float16:
+                grad_scaler(device.type, enabled=True)
+    except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
+        return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    if out.dtype != dtype:
+        return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
+    return ""
+
+
+def grad_scaler(device_type, *, enabled):
+    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
+    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
+    refuses amp=fp16 on their CPU)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def describe_skips(precision):
+    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
+    "" without GradScalers."""
+    p = precision
+    if not p.get("grad_scalers"):
+        return ""
+    if p.get("skipped_g") is None:
+        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
+    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
+            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
+
+
+def describe_amp(amp_dtype):
+    """The precision a Trainer runs in, for the log and report.json."""
+    if amp_dtype is None:
+        return "fp32"
+    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
 
 
 # ==== modules/speed.py ====
@@ -1738,13 +1875,154 @@ def maybe_compile(module, *, mode, device):
     return module
 
 
-# ==== modules/train.py ====
-"""Training: device-resident batches, the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back
-on divergence, and the trainer's state dict. The loop that drives it is in loop.py; checkpoint files in checkpoint.py.
+# ==== modules/settings.py ====
+"""The Trainer's settings, in small frozen groups built once from Config by trainer_settings(), as StyleGAN2-ADA's
+training loop takes G_kwargs / loss_kwargs / G_opt_kwargs. A field takes Config's field of the same name (see Config
+for its default and allowed values) unless trainer_settings derives it, so a new knob is two edits: Config and its group.
 """
 
 
-# data on the device
+@dataclass(frozen=True)
+class LossSettings:
+    """How D's and G's losses are made."""
+
+    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan | wgan
+    aux_weight: float  # weight of the auxiliary breed classifier's cross-entropy in D's and G's loss; 0 = off
+    real_label: float  # bce: target for reals (one-sided label smoothing: 0.9); the other losses ignore it
+    margin: float  # D's real loss is zero where the real logit exceeds this (logit units); 0 = off
+    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
+    fresh_real_logits: bool  # rals: G's step recomputes D's real logits with the updated D; False reuses the D step's
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Adam for G and D (learning rates at schedule factor 1, before roll-backs lower them)."""
+
+    lr_g: float  # G's learning rate
+    lr_d: float  # D's learning rate
+    beta1: float  # Adam's first-moment decay, per step
+    beta2: float  # Adam's second-moment decay, per step
+    d_steps: int  # D steps per G step (each on a fresh batch)
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What follows training progress, the fraction of the planned training time spent, in [0,1]."""
+
+    lr_schedule: str  # constant | cosine | linear: the learning-rate factor over progress
+    lr_final: float  # learning-rate factor at progress 1 (cosine, linear), a fraction of the start's
+    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
+
+
+@dataclass(frozen=True)
+class AveragingSettings:
+    """The averaged copies of G that can be shipped instead of G itself."""
+
+    ema: bool  # keep an exponential moving average of G's weights (and float buffers)
+    ema_half_life_images: float  # images (over all ranks) after which a weight's share in the EMA has halved
+    ema_start: int  # G steps during which the EMA copies G instead of averaging (it starts averaging after)
+    swa: bool  # keep the plain average of G over the second half of training (shipped once it has averaged)
+    swa_every: int  # G steps between SWA updates
+
+
+@dataclass(frozen=True)
+class DInputSettings:
+    """What D sees of every image batch, real and fake, besides the images themselves."""
+
+    instance_noise: float  # std of Gaussian noise added (in [-1,1] pixel units) at progress 0, decaying linearly to 0
+    diffaug: str  # DiffAugment policy: comma-separated color, translation, cutout; "" = off
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Everything a Trainer is built with besides the models, the data and the ranks' layout."""
+
+    z_dim: int  # latent size
+    batch_per_rank: int  # images per step on this rank (Config.batch_size is over all ranks)
+    amp: str  # Config.amp: auto | off | fp16 | bf16, resolved against the device by precision.resolve_amp
+    loss: LossSettings
+    optim: OptimSettings
+    schedule: ScheduleSettings
+    averaging: AveragingSettings
+    d_input: DInputSettings
+
+
+def ema_half_life_images(decay, ref_batch):
+    """Config's EMA (decay per step at ref_batch images per step) -> its half-life in images: ref_batch * ln 0.5 /
+    ln decay (decay 1: never forgets, an infinite half-life)."""
+    return math.inf if decay >= 1 else ref_batch * math.log(0.5) / math.log(decay)
+
+
+def _group(cls, cfg, **derived):
+    """A settings group: each field is Config's field of the same name, unless given in `derived`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert set(derived) <= set(names), f"{cls.__name__} has no field(s) {sorted(set(derived) - set(names))}"
+    return cls(**{n: derived[n] if n in derived else getattr(cfg, n) for n in names})
+
+
+def split_batch(batch_size, batch_per_gpu, world_size):
+    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
+    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
+    if batch_per_gpu > 0:
+        return batch_per_gpu
+    if batch_size % world_size:
+        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
+                         f"{world_size}, or --set batch_per_gpu=N")
+    return batch_size // world_size
+
+
+def trainer_settings(cfg, *, world_size):
+    """Config -> TrainerSettings: the one mapping, used by build_trainer (and so by main, the tests and the benches).
+    world_size: the number of ranks Config.batch_size is split over."""
+    batch_per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world_size) if world_size > 1 else cfg.batch_size
+    return _group(
+        TrainerSettings, cfg, batch_per_rank=batch_per_rank,
+        loss=_group(LossSettings, cfg, name=cfg.loss), optim=_group(OptimSettings, cfg),
+        schedule=_group(ScheduleSettings, cfg),
+        averaging=_group(AveragingSettings, cfg,
+                         ema_half_life_images=ema_half_life_images(cfg.ema_decay, cfg.ema_ref_batch)),
+        d_input=_group(DInputSettings, cfg))
+
+
+# ==== modules/averaging.py ====
+"""The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
+the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema."""
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
+
+    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
+    (`n_averaged == 0`) and so syncs every step. half_life_images: images after which an old weight's share has halved;
+    batch: images per update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images).
+    """
+
+    def __init__(self, model, *, half_life_images, batch):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = 0.5 ** (batch / half_life_images)
+
+    def _pairs(self, model):
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
+        return src, dst
+
+    @torch.no_grad()
+    def update(self, model, copy_only=False):
+        src, dst = self._pairs(model)
+        fs = [s for s in src if s.is_floating_point()]
+        fd = [d for d in dst if d.is_floating_point()]
+        if copy_only:
+            torch._foreach_copy_(fd, fs)
+        else:
+            torch._foreach_lerp_(fd, fs, 1 - self.decay)
+        for s, d in zip(src, dst):
+            if not s.is_floating_point():
+                d.copy_(s)
+
+
+# ==== modules/batches.py ====
+"""The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
+there (no host-to-device copy per step, no DataLoader)."""
 
 
 class DeviceBatches:
@@ -1774,112 +2052,11 @@ class DeviceBatches:
         return self.labels[torch.randint(self.n, (batch_size,), device=self.device)]
 
 
-# averaging
-
-
-class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
-
-    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
-    (`n_averaged == 0`) and so syncs every step. Decay is per step at ref_batch and rescaled for other batch sizes,
-    so the half-life in images stays fixed.
-    """
-
-    def __init__(self, model, *, decay, batch_size, ref_batch):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay ** (batch_size / ref_batch)
-
-    def _pairs(self, model):
-        src = list(model.parameters()) + list(model.buffers())
-        dst = list(self.model.parameters()) + list(self.model.buffers())
-        return src, dst
-
-    @torch.no_grad()
-    def update(self, model, copy_only=False):
-        src, dst = self._pairs(model)
-        fs = [s for s in src if s.is_floating_point()]
-        fd = [d for d in dst if d.is_floating_point()]
-        if copy_only:
-            torch._foreach_copy_(fd, fs)
-        else:
-            torch._foreach_lerp_(fd, fs, 1 - self.decay)
-        for s, d in zip(src, dst):
-            if not s.is_floating_point():
-                d.copy_(s)
-
-
-# the trainer
-
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
-
-
-def resolve_amp(amp, device):
-    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
-    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
-    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
-    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        major, _ = torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
-    dtype = AMP_DTYPES[amp]
-    problem = _amp_problem(dtype, device)
-    if problem:
-        raise UsageError(f"setting amp={amp} cannot be used on {device.type} with torch {torch.__version__}: {problem}; "
-                         "use amp=auto or amp=off")
-    return dtype
-
-
-def _amp_problem(dtype, device):
-    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`."""
-    if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
-        return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
-    try:
-        with warnings.catch_warnings():  # old torch: "In CPU autocast, but the target dtype is not supported"
-            warnings.simplefilter("ignore")
-            with torch.autocast(device.type, dtype=dtype):
-                out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
-            if dtype == torch.float16:
-                _grad_scaler(device.type, enabled=True)
-    except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
-        return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    if out.dtype != dtype:
-        return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
-    return ""
-
-
-def describe_skips(precision):
-    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
-    "" without GradScalers."""
-    p = precision
-    if not p.get("grad_scalers"):
-        return ""
-    if p.get("skipped_g") is None:
-        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
-    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
-            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
-
-
-def describe_amp(amp_dtype):
-    """The precision a Trainer runs in, for the log and report.json."""
-    if amp_dtype is None:
-        return "fp32"
-    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
-
-
-def _grad_scaler(device_type, *, enabled):
-    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
-    refuses amp=fp16 on their CPU)."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device_type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+# ==== modules/train.py ====
+"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
+trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
+loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
+"""
 
 
 def _adam(params, lr, betas, device):
@@ -1890,21 +2067,23 @@ def _adam(params, lr, betas, device):
 
 class Trainer:
     """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    Every keyword is required: the values come from Config through build_trainer, never from defaults here.
+    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
+    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
+    layout (several ranks: then attach_group()).
 
     Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
     """
 
-    def __init__(self, G, D, batches, *, z_dim, loss, batch_size, lr_g, lr_d, betas, d_steps, aux_weight, real_target,
-                 margin, gp_weight, instance_noise, ema, ema_decay, ema_ref_batch, ema_start, swa, swa_every,
-                 lr_schedule, lr_final, pg_fade, amp, diffaug, fault, fresh_real_logits,
-                 rank=0, world_size=1):
+    def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
+        s = settings
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
-        self.z_dim, self.batch_size, self.d_steps = z_dim, batch_size, d_steps  # batch_size: per rank
+        self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
+        self.loss, self.optim, self.schedule, self.averaging, self.d_input = (
+            s.loss, s.optim, s.schedule, s.averaging, s.d_input)
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
-        self.global_batch = batch_size * world_size  # images per step over all ranks
+        self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
         # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
@@ -1917,29 +2096,24 @@ class Trainer:
         # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
         # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
-        self.d_loss_fn, self.g_loss_fn = LOSSES[loss]
-        self.fresh_real_logits = fresh_real_logits and loss == "rals"  # rals is the one G loss that reads real logits
-        self.aux_weight, self.real_target, self.margin = aux_weight, real_target, margin
-        self.gp_weight, self.instance_noise = gp_weight, instance_noise
-        self.diffaug = parse_augment_policy(diffaug)
-        self.base_lr = {"g": lr_g, "d": lr_d}
+        self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
+        self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
+        self.diffaug = parse_augment_policy(s.d_input.diffaug)
+        self.base_lr = {"g": s.optim.lr_g, "d": s.optim.lr_d}
         self.lr_scale = 1.0  # lowered by each roll-back
-        self.lr_schedule, self.lr_final = lr_schedule, lr_final
-        self.opt_g = _adam(self.G.parameters(), lr_g, betas, self.device)
-        self.opt_d = _adam(self.D.parameters(), lr_d, betas, self.device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        betas = (s.optim.beta1, s.optim.beta2)
+        self.opt_g = _adam(self.G.parameters(), s.optim.lr_g, betas, self.device)
+        self.opt_d = _adam(self.D.parameters(), s.optim.lr_d, betas, self.device)
+        self.amp_dtype = resolve_amp(s.amp, self.device)
         use_scaler = self.amp_dtype == torch.float16
-        self.scaler_g = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.scaler_d = _grad_scaler(self.device.type, enabled=use_scaler)
-        self.ema = EMA(self.G, decay=ema_decay, batch_size=self.global_batch, ref_batch=ema_ref_batch) if ema else None
-        self.ema_start = ema_start
-        self.swa = AveragedModel(self.G, use_buffers=True) if swa else None
-        self.swa_every = swa_every
+        self.scaler_g = grad_scaler(self.device.type, enabled=use_scaler)
+        self.scaler_d = grad_scaler(self.device.type, enabled=use_scaler)
+        av = s.averaging
+        self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
+        self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
         self.progressive = hasattr(self.G, "set_growth")
-        self.pg_fade = pg_fade
         self.progress = 0.0
         self.step_count = 0
-        self.faults = parse_faults(fault)  # fault injection for tests: kind -> step (nan, raise) or seconds (slow); see config.FAULT_RE
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
         # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
@@ -1965,17 +2139,18 @@ class Trainer:
     def set_progress(self, progress):
         """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
         self.progress = p = min(max(progress, 0.0), 1.0)
-        if self.lr_schedule == "cosine":
-            f = self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * p))
-        elif self.lr_schedule == "linear":
-            f = 1 - (1 - self.lr_final) * p
+        kind, final = self.schedule.lr_schedule, self.schedule.lr_final
+        if kind == "cosine":
+            f = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+        elif kind == "linear":
+            f = 1 - (1 - final) * p
         else:
             f = 1.0
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
         if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.pg_fade)
+            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
             for m in self.shipped_models():
                 m.set_growth(level, alpha)
 
@@ -1998,8 +2173,8 @@ class Trainer:
     def _noisy(self, x):
         """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
-        if self.instance_noise:
-            sigma = self.instance_noise * (1 - self.progress)
+        if self.d_input.instance_noise:
+            sigma = self.d_input.instance_noise * (1 - self.progress)
             if sigma > 0:
                 x = x + sigma * torch.randn_like(x)
         return x
@@ -2019,10 +2194,9 @@ class Trainer:
 
     def step(self):
         """One G step after d_steps D steps. Returns nothing; no host sync."""
-        self._inject_fault()
-        B, dev, amp = self.batch_size, self.device, self.amp_dtype
+        B, dev, amp, loss = self.batch_per_rank, self.device, self.amp_dtype, self.loss
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
-        for _ in range(self.d_steps):
+        for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
             if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
                 real = self.D.fade_reals(real)
@@ -2032,14 +2206,11 @@ class Trainer:
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
                 real_logits, fake_logits, cls_real = self._d_logits(self._noisy(real), y_real, self._noisy(fake), y_fake)
-                loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=self.real_target, margin=self.margin)
-                if cls_real is not None and self.aux_weight:
-                    loss_d = loss_d + self.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if self.gp_weight:
-                loss_d = loss_d + self.gp_weight * gradient_penalty(self.D, real, fake, y_real)
-            if self.faults.get("nan") == self.step_count:
-                del self.faults["nan"]  # one shot: the step after a roll-back passes
-                loss_d = loss_d * float("nan")
+                loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
+                if cls_real is not None and loss.aux_weight:
+                    loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
+            if loss.gp_weight:
+                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
@@ -2059,8 +2230,8 @@ class Trainer:
             fake = self.G_train(z, y_fake)
             fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
             loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
-            if cls_fake is not None and self.aux_weight:
-                loss_g = loss_g + self.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
+            if cls_fake is not None and loss.aux_weight:
+                loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
         self.D.requires_grad_(True)
@@ -2089,7 +2260,7 @@ class Trainer:
         made (this process, read at host syncs), with their final scales. None where not known."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
-               "d_steps": self.steps_counted * self.d_steps}
+               "d_steps": self.steps_counted * self.optim.d_steps}
         if on:
             out.update(skipped_g=self.skipped["g"] if self.skips_known else None,
                        skipped_d=self.skipped["d"] if self.skips_known else None,
@@ -2098,26 +2269,9 @@ class Trainer:
 
     def _average(self):
         if self.ema is not None:
-            self.ema.update(self.G, copy_only=self.step_count <= self.ema_start)
-        if self.swa is not None and self.progress >= 0.5 and self.step_count % self.swa_every == 0:
+            self.ema.update(self.G, copy_only=self.step_count <= self.averaging.ema_start)
+        if self.swa is not None and self.progress >= 0.5 and self.step_count % self.averaging.swa_every == 0:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
-
-    def _inject_fault(self):
-        if self.faults.get("raise") == self.step_count:
-            del self.faults["raise"]  # one shot
-            raise RuntimeError(f"injected fault at step {self.step_count} (--set fault=...)")
-        if self.faults.get("oom") == self.step_count:  # issue 18: what a GPU too small for the batch raises
-            del self.faults["oom"]
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
-                                              f"{self.step_count}, --set fault=oom@STEP)")
-        if "slow" in self.faults:
-            time.sleep(self.faults["slow"])
-        if self.faults.get("kill") == self.step_count and self.rank == 1:  # a rank dies without a word (tests)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if "slowgen" in self.faults:  # from the first step on, generation (G in eval mode) runs slower than measured
-            delay = self.faults.pop("slowgen")
-            for m in {id(m): m for m in (self.G, *self.shipped_models()[2:])}.values():
-                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
 
     def read_stats(self):
         """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
@@ -2178,593 +2332,167 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
     Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
     seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
-    n_classes = len(data.classes)
-    G, D = build_models(cfg, n_classes)
-    batch_size = cfg.batch_size
+    G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
-        batch_size = cfg.batch_per_gpu or cfg.batch_size // world_size  # checked by distributed.split_batch
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(
-        G, D, batches, z_dim=cfg.z_dim, loss=cfg.loss, batch_size=batch_size, lr_g=cfg.lr_g, lr_d=cfg.lr_d,
-        betas=(cfg.beta1, cfg.beta2), d_steps=cfg.d_steps, aux_weight=cfg.aux_weight, real_target=cfg.real_label,
-        margin=cfg.margin, gp_weight=cfg.gp_weight, instance_noise=cfg.instance_noise, ema=cfg.ema,
-        ema_decay=cfg.ema_decay, ema_ref_batch=cfg.ema_ref_batch, ema_start=cfg.ema_start, swa=cfg.swa,
-        swa_every=cfg.swa_every, lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, pg_fade=cfg.pg_fade, amp=cfg.amp,
-        diffaug=cfg.diffaug, fault=cfg.fault, fresh_real_logits=cfg.fresh_real_logits,
-        rank=rank, world_size=world_size)
+    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
     maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
 
 
-# ==== modules/distributed.py ====
-"""Several GPUs in one run, through torch.distributed: how many ranks (`--gpus auto|N`), three ways in (one process;
-`torchrun`; workers this process starts itself, also from a notebook cell), the process groups, and the few collectives
-the training loop agrees through.
-
-Ways in:
-- torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
-  its own, we start nothing;
-- `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
-  is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
-  import the notebook's `__main__`, which it cannot. The devices are counted through NVML
-  (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
-- --gpus 1 (or one visible device): today's single-process path, no process group at all.
-
-Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
-the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
-and the stop decisions, so a dead or hung rank costs at most that timeout.
-"""
-
-
-DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
-DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
-DIST_TIMEOUT_MAX_S = 120.0
-WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
-STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
-INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
-
-
-@dataclass
-class DistContext:
-    """Who this process is in the run. world_size 1 = the single-process path (no group, nothing started)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launcher: str = "single"  # single | torchrun | fork
-    workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
-    group: object = None  # the training group (DDP, decisions); None until make_training_group()
-    broken: str = ""  # why collectives can no longer be used ("" while they can)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-
-# how many ranks
-
-
-def torchrun_env():
-    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
-
-
-def visible_cuda_devices():
-    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
-    afterwards. 0 without CUDA."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
-    if not torch.cuda.is_available():  # (read by torch at each call)
-        return 0
-    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
-
-
-def resolve_world_size(gpus, device):
-    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
-    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    text = str(gpus).strip().lower()
-    if text != "auto":
-        try:
-            n = int(text)
-        except ValueError:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
-        if n < 1:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
-    if device == "cpu":
-        return 1 if text == "auto" else n
-    if device.startswith("cuda:"):
-        if text not in ("auto", "1"):
-            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
-        return 1
-    count = visible_cuda_devices()
-    if count == 0:
-        if text not in ("auto", "1"):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if text == "auto":
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
-
-
-def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
-    if ctx.distributed and device != "cpu":
-        return f"cuda:{ctx.local_rank}"
-    return device
-
-
-def split_batch(batch_size, batch_per_gpu, world_size):
-    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
-    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
-    if batch_per_gpu > 0:
-        return batch_per_gpu
-    if batch_size % world_size:
-        raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks: pick a multiple of "
-                         f"{world_size}, or --set batch_per_gpu=N")
-    return batch_size // world_size
-
-
-# starting the ranks
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _RankStderr:
-    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
-
-    def __init__(self, stream, rank):
-        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
-
-    def write(self, text):
-        out = []
-        for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
-            self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-
-
-def quiet_worker_output(rank):
-    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
-    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
-    sys.stdout = open(os.devnull, "w")
-    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
-
-
-def _die_with_parent():
-    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def fork_workers(world_size, target):
-    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
-        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
-             "running one process on one GPU; restart the notebook's kernel to use every GPU")
-        return DistContext()
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-    ctx_fork = multiprocessing.get_context("fork")
-    workers = []
-
-    def child(rank):
-        _die_with_parent()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
-        quiet_worker_output(rank)
-        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
-
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
-        p.start()
-        workers.append(p)
-    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
-
-
-def init_group(ctx, *, backend):
-    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
-    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
-    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
-        dist.barrier()
-        return True
-    except Exception as exc:
-        if ctx.rank != 0 or ctx.launcher == "torchrun":
-            raise
-        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
-             "running one process on one device")
-        stop_workers(ctx)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-        return False
-
-
-def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (a collective call on
-    every rank)."""
-    ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
-    return ctx.group
-
-
-def training_timeout(finish_s, checkpoint_s):
-    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
-    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
-    return min(max(DIST_TIMEOUT_MIN_S, 3 * checkpoint_s + 5.0), max(DIST_TIMEOUT_MIN_S, min(DIST_TIMEOUT_MAX_S,
-                                                                                         0.5 * finish_s)))
-
-
-def broadcast_object(ctx, obj):
-    """Rank 0's obj to every rank (default group) -> obj."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# the decisions of the training loop
-
-
-def agree(ctx, *, stop, progress, interval, device, interrupted=False):
-    """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next sync,
-    plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
-    if ctx.is_main:
-        vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
-    else:
-        vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
-    t = torch.tensor(vals, dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=ctx.group)
-    code, progress, interval = t.tolist()
-    own = int(code) % INTERRUPT_VOTE
-    reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
-    return reason, progress, max(int(interval), 1)
-
-
-def sync_buffers(ctx, modules):
-    """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
-    for m in modules:
-        for b in m.buffers():
-            dist.broadcast(b, src=0, group=ctx.group)
-
-
-# faults and the end
-
-
-def record_failure(error):
-    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
-    with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
-
-
-def failed_ranks(ctx, wait_s=2.0):
-    """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
-    why = {}
-    for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
-        if p.exitcode is not None and p.exitcode < 0:
-            why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
-        elif p.exitcode not in (None, 0):
-            why[i] = f"exited with code {p.exitcode}"
-    with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(datetime.timedelta(seconds=1))
-        for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
-    return why
-
-
-def dead_workers(ctx):
-    """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
-    return [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode is not None]
-
-
-def stop_workers(ctx, wait_s=WORKER_JOIN_S):
-    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
-    for p in ctx.workers:
-        p.join(wait_s)
-    for p in ctx.workers:
-        if p.is_alive():
-            p.terminate()
-            p.join(2.0)
-        if p.is_alive():
-            p.kill()
-            p.join(2.0)
-
-
-def end_group(ctx):
-    """Leave the process group (a notebook may run the kernel again in the same process)."""
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-    ctx.group = None
-
-
-# ==== modules/memory.py ====
-"""Memory: what a setting needs, estimated before training from the models' own layers, checked against what the
-device and the host have (one estimator for both); and an out-of-memory error in the first training steps said as a
-problem the user can fix. (Issue 18 part 2, issue 19 defect 6.)
-
-The estimate builds G and D at three small widths on the CPU (never at the asked width: g_ch=1024 would not fit), counts
-their parameters (a quadratic in the width, fitted exactly), and runs them on two images, counting the tensors autograd
-keeps for backward in training mode, and in eval mode the largest few that generation holds one operation at a time
-(all linear in the width and in the images, fitted from two widths); widths up to DIRECT_WIDTH are measured as they
-are. From these: the optimiser state, the activations of the larger of the D and G steps at the batch per rank, and
-the generation batch's working memory. Activations are counted in fp32 (autocast keeps fewer bytes: an upper bound).
-Checked on the CPU: smoke widths, 1,000 images generated at once raised the peak resident memory by 2.15 GiB; the
-estimate says 2.70 GiB.
-"""
-
-
-GIB = 2 ** 30
-PROBE_WIDTHS = (8, 16, 24)  # g_ch = d_ch the models are built at for the fits (multiples of 8: attention has ch // 8)
-DIRECT_WIDTH = 16  # up to this g_ch / d_ch the models are measured at their own widths (cheaper than the fits)
-PROBE_IMAGES = 2
-ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
-MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
-GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
-EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
-KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes one rank needs: `state` (parameters, gradients, Adam's two moments, EMA/SWA copies and the roll-back
-    snapshot), `crops` (the uint8 training crops on the device), `train` (activations of one step at batch_per_rank),
-    `generate` (working memory of one generation batch of sample_batch). Per-image figures scale the last two."""
-
-    params: int  # G + D parameters
-    state: int
-    crops: int
-    train_per_image: float
-    generate_per_image: float
-    batch_per_rank: int
-    sample_batch: int
-
-    @property
-    def train(self):
-        return int(self.train_per_image * self.batch_per_rank)
-
-    @property
-    def generate(self):
-        return int(self.generate_per_image * self.sample_batch)
-
-    @property
-    def peak(self):  # generation (the finish's measurement, the loop's re-timing) runs beside the trainer's state
-        return self.state + self.crops + max(self.train, self.generate)
-
-    def text(self):
-        return (f"~{self.peak / GIB:.2f} GiB (model state {self.state / GIB:.2f} GiB for {self.params / 1e6:.1f}M "
-                f"parameters, crops {self.crops / GIB:.2f}, training activations {self.train / GIB:.2f} at "
-                f"{self.batch_per_rank} images per rank, generation {self.generate / GIB:.2f} at sample_batch "
-                f"{self.sample_batch})")
-
-
-def _probe_models(cfg, n_classes, width=None):
-    """Build G and D at g_ch = d_ch = width (None: the Config's widths) on the CPU -> (G params, D params, G's saved
-    bytes per image, D's saved bytes per image, [bytes per image of each tensor G keeps in eval mode, in order])."""
-    G, D = build_models(cfg if width is None else dataclasses.replace(cfg, g_ch=width, d_ch=width), n_classes)
-    if hasattr(G, "set_growth"):  # PGGAN: the last level holds the most
-        level, alpha = pggan_growth(1.0, fade_fraction=cfg.pg_fade)
-        G.set_growth(level, alpha)
-        D.set_growth(level, alpha)
-    params = {id(p) for m in (G, D) for p in m.parameters()}
-    saved = []
-
-    def pack(t):
-        if id(t) not in params:
-            saved.append(t.numel() * t.element_size())
-        return t
-
-    n = PROBE_IMAGES
-    z = torch.randn(n, cfg.z_dim, generator=torch.Generator().manual_seed(0))
-    y = torch.zeros(n, dtype=torch.long)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = G(z, y)
-        n_g = len(saved)
-        D(x.detach(), y)
-        g_saved, d_saved = sum(saved[:n_g]), sum(saved[n_g:])
-        saved.clear()
-        with eval_mode(G):  # generation: what G's operations hold, in eval mode (one by one under no_grad)
-            G(z, y)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return count(G), count(D), g_saved / n, d_saved / n, np.asarray(saved, np.float64) / n
-
-
-def build_memory_estimate(cfg, *, batch_per_rank, n_classes, n_crops):
-    """Config -> MemoryEstimate for one rank (see the module's docstring). A few hundred ms on a CPU."""
-    if max(cfg.g_ch, cfg.d_ch) <= DIRECT_WIDTH:  # small models (smoke widths): measured as they are, no fit
-        p_g, p_d, g_s, d_s, sizes = _probe_models(cfg, n_classes)
-    else:
-        probes = [_probe_models(cfg, n_classes, w) for w in PROBE_WIDTHS]
-        w = np.asarray(PROBE_WIDTHS, np.float64)
-
-        def quad(values, at):  # exact for a parameter count, a quadratic in the width
-            return max(float(np.polyval(np.polyfit(w, np.asarray(values, np.float64), 2), at)), 0.0)
-
-        def line(values, at):  # activations are linear in the width (attention maps: constant)
-            return float(np.polyval(np.polyfit(w[:2], np.asarray(values[:2], np.float64), 1), at))
-
-        p_g, p_d = quad([p[0] for p in probes], cfg.g_ch), quad([p[1] for p in probes], cfg.d_ch)
-        g_s, d_s = line([p[2] for p in probes], cfg.g_ch), line([p[3] for p in probes], cfg.d_ch)
-        ops = [p[4] for p in probes[:2]]  # the same tensors at both probe widths: each one fitted to the asked width
-        if len(ops[0]) == len(ops[1]):
-            sizes = ops[0] + (ops[1] - ops[0]) / (w[1] - w[0]) * (cfg.g_ch - w[0])
-        else:  # (not seen) the larger probe's, scaled with the width
-            sizes = ops[1] * max(cfg.g_ch / w[1], 1.0)
-    # generation under no_grad holds about one operation's inputs and output at a time (plus a residual branch): the
-    # 3 largest tensors G keeps in eval mode
-    gen = float(np.sort(sizes)[-3:].sum())
-    # D step: D keeps its activations for 2B images (reals + fakes); G step: G's for B, D's for B; WGAN-GP runs D on B
-    # interpolates with a graph of its gradient (about twice D's)
-    train = max(2 * d_s, g_s + d_s) + (2 * d_s if cfg.gp_weight else 0.0)
-    copies = (1 if cfg.ema else 0) + (1 if cfg.swa else 0)
-    # parameters + gradients + Adam's 2 moments = 16 bytes each; EMA/SWA 4 per G parameter; the roll-back snapshot
-    # holds G, D, Adam's state and the EMA again
-    state = 16 * (p_g + p_d) + 4 * copies * p_g + (12 * (p_g + p_d) + 4 * copies * p_g)
-    return MemoryEstimate(params=round(p_g + p_d), state=int(state), crops=int(n_crops * cfg.image_size ** 2 * 3),
-                          train_per_image=ACTIVATION_OVERHEAD * train, generate_per_image=ACTIVATION_OVERHEAD * gen,
-                          batch_per_rank=batch_per_rank, sample_batch=cfg.sample_batch)
-
-
-# what there is
-
-
-def host_available_bytes():
-    """Memory this process can still take on the host: /proc/meminfo's MemAvailable, capped by a container's cgroup
-    limit (v2 or v1; page cache that can be dropped is not counted as used). None where neither can be read."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_path, usage_path, stat_path in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-             "/sys/fs/cgroup/memory/memory.stat")):
-        try:
-            with open(limit_path) as f:
-                limit = int(f.read().strip())  # "max" (no limit) -> ValueError
-            with open(usage_path) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        cache = 0
-        try:
-            with open(stat_path) as f:
-                stats = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
-            cache = int(stats.get("inactive_file", stats.get("total_inactive_file", 0)))
-        except (OSError, ValueError):
-            pass
-        if limit < 2 ** 60:
-            found.append(max(limit - usage + cache, 0))
-        break
-    return min(found) if found else None
-
-
-def device_available_bytes(device):
-    """Free memory on a CUDA device (torch.cuda.mem_get_info), or the host's for the CPU; None where unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return host_available_bytes()
-
-
-# the check
-
-
-def check_memory(est, *, available, where, ranks=1, world=1):
-    """est: MemoryEstimate of one rank; available: bytes free on `where` (a device's name; None = unknown: no check),
-    shared by `ranks` ranks (CPU ranks share the host; world: all ranks, for the batch_size to suggest). -> the sample_batch to use: the estimate's, or a lower one that
-    fits, with a warning (generation's batch only sets speed). A training batch, or widths, that cannot fit even so is
-    a UsageError naming what to set (one line, exit 2)."""
-    if available is None:
-        log(f"memory: needs {est.text()}; free memory on {where} unknown, not checked")
-        return est.sample_batch
-    room = MEMORY_FRACTION * available / ranks  # what one rank may plan to use
-    gen_room = GENERATE_FRACTION * available / ranks
-    head = (f"settings need {est.text()}{f' per rank, {ranks} ranks' if ranks > 1 else ''} on {where}, which has "
-            f"{available / GIB:.2f} GiB free")
-    if est.peak <= room and est.generate <= gen_room:
-        log(f"memory: needs {est.text()} of {available / GIB:.2f} GiB free on {where}")
-        return est.sample_batch
-    left = room - est.state - est.crops
-    if left <= 0:
-        raise UsageError(f"{head}: the models alone (g_ch, d_ch) take {(est.state + est.crops) / GIB:.2f} GiB; "
-                         "lower g_ch / d_ch")
-    if est.train > left:
-        fits = int(left // est.train_per_image)
-        what = (f"set --set batch_size={fits * world}" + (f" (or batch_per_gpu={fits})" if world > 1 else "")
-                + " or lower" if fits >= 2 else "lower g_ch / d_ch")
-        raise UsageError(f"{head}: a training step at {est.batch_per_rank} images per rank needs "
-                         f"{est.train / GIB:.2f} GiB of activations; {what}")
-    batch = int(min(left, gen_room) // est.generate_per_image)
-    if batch < 1:
-        raise UsageError(f"{head}: generating one image needs {est.generate_per_image / GIB:.2f} GiB; "
-                         "lower g_ch / d_ch")
-    batch = min(est.sample_batch - 1, batch if batch < 50 else batch // 25 * 25)
-    warn(f"sample_batch={est.sample_batch} would need {est.generate / GIB:.2f} GiB to generate at once, more than "
-         f"{GENERATE_FRACTION:.0%} of the {available / GIB:.2f} GiB free on {where}: generating {batch} at a time instead")
-    return batch
-
-
-# out of memory in training
-
-
-def is_out_of_memory(exc):
-    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
-
-
-def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
-    """The one line for an out-of-memory error in the first training steps: the batch per rank, the memory seen, and
-    what to set (half the batch per rank)."""
-    if device.type == "cuda":
-        seen = (f"peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB allocated of "
-                f"{torch.cuda.get_device_properties(device).total_memory / GIB:.1f} GiB on {device}")
-    else:
-        free = host_available_bytes()
-        seen = f"{free / GIB:.2f} GiB free on the host now" if free is not None else "host memory unknown"
-    half = max(batch_per_rank // 2, 2)
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
-            + (f" x {world_size} ranks" if world_size > 1 else "") + f" ({seen}): set --set batch_size="
-            f"{half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
-            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
-
-
-# ==== modules/loop.py ====
-"""The training loop: steps until the Deadline's training window closes, an interrupt or divergence; does its upkeep
-(finite check, step timing, roll-back snapshots, progress lines, checkpoints) once per check and per tick."""
-
-
+# ==== modules/pace.py ====
+"""The run's pace: how fast training steps and the finish's generation run now against how fast they ran when measured,
+and what that means for when training must stop and which part of the finish still fits. Every piece of the
+finish-safety arithmetic (FINISH_SAFETY x measured estimates x slowdown) lives here: the plan (plan.py), the loop's stop
+(`Pace.stop_at`), the collective timeout (main) and the finish's optional parts (`Pace.need`) all ask this module."""
+
+
+FINISH_SAFETY = 1.25  # measured finish times x this: they are timed on ~1% of the work, and other load comes and goes
+FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
+FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
 FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
 PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time (and every 1 s)
 
 
-# the loop
+def finish_reserve_s(estimates):
+    """The finish reserve of measured estimates ({part: seconds}): FINISH_SAFETY x their sum (margin not included)."""
+    return FINISH_SAFETY * sum(estimates.values())
 
 
-@torch.no_grad()
-def sample_spread(G, z):
-    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
-    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    with eval_mode(G):
-        return float(G(z, y).float().std(0).mean())
+class Pace:
+    """Step time and slowdown, measured at the loop's host syncs, and the finish's re-timing near the end.
+
+    plan: the TrainPlan (train_until, finish_s, first_step_s, gen_batch_s, estimates); deadline: the run's Deadline;
+    probe: () -> seconds for one generation batch of plan.gen_batch images now, or None not to re-time.
+    slowdown = max(steps now vs their first steady measurement (per PGGAN level), a re-timed generation batch vs at
+    start): the finish reserve is stretched by it, so training stops earlier when the machine got slower.
+    """
+
+    def __init__(self, plan, deadline, *, probe=None):
+        self.plan, self.deadline, self.probe = plan, deadline, probe
+        self.step_s = None  # seconds per step for the margin (the first steps, with autotuning, weigh in)
+        self.base_s = self.recent_s = None  # steady seconds per step: the first measured (per level), a running average
+        self.level = None  # PGGAN level the base was measured at
+        self.step_slowdown, self.gen_slowdown = 1.0, 1.0
+        self.last_probe, self.probes, self.said_gen = -float("inf"), [], 1.0
+
+    @property
+    def slowdown(self):
+        return max(self.step_slowdown, self.gen_slowdown)
+
+    def step_estimate(self):
+        """Seconds per step: measured, or plan.first_step_s before the first measurement."""
+        return self.step_s if self.step_s is not None else self.plan.first_step_s
+
+    def stop_at(self):
+        """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
+        to the finish."""
+        return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
+
+    def steps_fit(self, steps):
+        """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
+        return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
+
+    def sync_interval(self, *, check_every, done):
+        """Steps to the next host sync: 1 for the first two (their time sets the margin), then check_every, but no
+        more than SYNC_MAX_S of steps."""
+        if done < 2:
+            return 1
+        return max(1, min(check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
+
+    def margin(self):
+        """Time kept free before the stop: the step we start + one queued on the GPU (before a measurement: the plan's
+        first-step margin)."""
+        return 2 * self.step_s if self.step_s is not None else self.plan.first_step_s
+
+    def record(self, seconds, steps, *, done, level=None):
+        """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
+        (each has its own step time: the slowdown is measured within one), None for other architectures."""
+        measured = seconds / max(steps, 1)
+        if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
+            self.step_s = max(self.step_s or 0.0, measured)
+            return
+        self.step_s = 0.7 * self.step_s + 0.3 * measured
+        if level != self.level:
+            self.level, self.base_s = level, None
+        if self.base_s is None:
+            self.base_s = self.recent_s = measured
+        self.recent_s = 0.7 * self.recent_s + 0.3 * measured
+        self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
+
+    def checkpoint_fits(self, checkpoint_s):
+        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe) fit before stop_at()?"""
+        return self.deadline.elapsed() + 2 * checkpoint_s + self.margin() < self.stop_at()
+
+    def retime(self):
+        """Near the end (where a slower finish can still move the stop), re-time a generation batch at most every
+        max(1 s, its time / PROBE_COST); the lesser of the last two counts (not one hiccup). Never raises."""
+        plan = self.plan
+        if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
+            return
+        if time.monotonic() - self.last_probe < max(1.0, plan.gen_batch_s / PROBE_COST):
+            return
+        self.last_probe = time.monotonic()
+        try:
+            self.probes = (self.probes + [self.probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
+        except Exception as exc:  # never worth a crash: train on without re-timing
+            warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
+            self.probe, self.probes = None, self.probes or [1.0]
+        self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
+        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+            self.said_gen = self.gen_slowdown
+            log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
+                f"{format_duration(plan.finish_s * self.slowdown + plan.margin_s)}")
+
+    # the finish
+
+    def remaining(self):
+        """Seconds left in the whole budget."""
+        return self.deadline.remaining()
+
+    def need(self, part):
+        """Seconds that must be left to start an optional part of the finish now, at the measured slowdown:
+        "zip_retry" (a second, single-threaded zip: twice the measured zip), "self_check", "pictures"."""
+        est, s = self.plan.estimates, self.slowdown
+        if part == "zip_retry":
+            return 2 * est["zip"] * s + FINISH_EXIT_S
+        if part == "self_check":
+            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
+        if part == "pictures":
+            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
+        raise ValueError(f"unknown finish part {part!r}")
+
+
+# ==== modules/loop.py ====
+"""The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
+path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
+checkpoints) at host syncs only, which every rank makes after the same step."""
+
+
+EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop keeps watch (Config's "upkeep and robustness" fields and max_steps; build_loop_settings)."""
+
+    tick_s: float  # seconds between progress lines
+    check_every: int  # steps between host syncs (at most SYNC_MAX_S of steps)
+    snapshot_every: int  # steps between the in-memory snapshots a divergence rolls back to
+    max_rollbacks: int  # after this many roll-backs training stops ("diverged")
+    rollback_lr_factor: float  # learning rates x this at each roll-back
+    checkpoint_s: float  # seconds between checkpoints (0 = only the final one, written by main)
+    max_steps: int  # stop at this G step (0 = no step limit)
+
+
+def build_loop_settings(cfg):
+    return LoopSettings(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
+                        max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
+                        checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps)
 
 
 @dataclass
@@ -2785,226 +2513,211 @@ class TrainSummary:
     peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps (issue 18)
 
 
-def train_loop(trainer, *, plan, deadline, stop_event, tick_s, check_every, snapshot_every, max_rollbacks,
-               rollback_lr_factor, checkpoint_fn, checkpoint_s, max_steps, history, finish_probe, ctx=None):
-    """Train until the Deadline's clock reaches plan.train_until, an interrupt, divergence or a failure. Never raises
-    for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it returns with
-    reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory error in the
-    first EARLY_OOM_STEPS steps, a setting that does not fit: a UsageError naming the batch per rank and what to set. Every keyword is required: the values
-    come from Config (build_* and main read it), never from defaults here.
+def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
+    """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
+    Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
+    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory
+    error in the first EARLY_OOM_STEPS steps, a setting that does not fit, which is re-raised for main to name.
 
-    Time: a step starts only if it is predicted to end in time: 2x the measured step time (plan.first_step_s before one
-    is measured). Other processes slow the finish too, so the stop moves earlier by plan.finish_s * (slowdown - 1),
-    slowdown being how much slower the steps run now than at first, or (near the end, where it can still matter) how
-    much slower a generation batch runs now than at start, re-timed with finish_probe() (-> seconds for one batch of
-    plan.gen_batch images, or None not to re-time); the larger counts, capped at FINISH_SLOWDOWN_MAX.
-    Schedule: progress = (plan.prior_train_s + seconds trained here) / plan.plan_s; training also stops where the plan
-    ends (a resumed run trains what its plan has left), or at step max_steps (0 = no limit; the schedule still follows
-    the time plan).
-    Upkeep happens at host syncs only (every check_every steps or SYNC_MAX_S): the finite check and roll-back,
-    snapshots, progress lines, and checkpoints, which so never hold unchecked state: checkpoint_fn(train_seconds,
-    plan_seconds, complete) every checkpoint_s seconds (0 = never; checkpoint_fn may be None). The steps after the last
-    sync are checked on the way out too. history: {series: [(train seconds, value)]}, appended to.
-    Several ranks (ctx.distributed): rank 0's clock decides. The ranks stop, take the schedule's progress and the
-    number of steps to the next host sync only from distributed.agree() at each host sync (rank 0's stop reason, with a
-    margin for the steps to the next sync), so they all stop after the same step; the loss statistics are summed
-    over the ranks, so roll-backs happen together. Only rank 0 logs, probes and checkpoints. A collective that fails
-    (a dead rank) ends training with reason "crashed" and ctx.broken set: no collective is made after it.
-    Returns a TrainSummary.
+    One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
+    clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
+    the next sync, so all stop after the same step; loss statistics are summed over the ranks, so roll-backs happen
+    together; only rank 0 logs, re-times the finish and checkpoints. A step starts only if it is predicted to end in
+    time (Pace.steps_fit). progress = (plan.prior_train_s + seconds trained here) / plan.plan_s.
+    checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train seconds, value)]},
+    appended to; before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary.
     """
-    train_until, prior_train_s, plan_s, finish_s = plan.train_until, plan.prior_train_s, plan.plan_s, plan.finish_s
-    t_start = deadline.elapsed()
-    window = plan.window(t_start)  # this run's training time
-    step_s = None  # seconds per step for the margin, measured at syncs (the first steps, with autotuning, weigh in)
-    base_s = recent_s = None  # steady seconds per step: the first measured (per PGGAN level), and a running average
-    slowdown, gen_slowdown, level = 1.0, 1.0, None
-    last_probe, probes, said_gen = -float("inf"), [], 1.0
-    last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-    last_tick = last_ckpt = time.monotonic()
-    ckpt_est = 0.0  # duration of the last checkpoint
-    snapshot, snapshot_step, rollbacks = None, trainer.step_count, 0
-    first_step = trainer.step_count
-    reason, error, peak_memory = "budget", None, None
-    loss_d = loss_g = float("nan")
-    dist_on = ctx is not None and ctx.distributed
-    main = ctx is None or ctx.is_main
-    next_sync = trainer.step_count  # several ranks: the step at which the next agreed host sync happens
-
-    def log_interrupt():
-        log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
-            "(interrupt again to exit at once)")
-
-    def trained():
-        return prior_train_s + deadline.elapsed() - t_start
-
+    s, plan, deadline = settings, pace.plan, pace.deadline
+    t_start, first = deadline.elapsed(), trainer.step_count
+    guard = _Guard(trainer, settings)
+    upkeep = _Upkeep(trainer, settings, pace, history, checkpoint_fn, t_start) if ctx.is_main else None
+    reason, error, peak = "budget", None, None
     try:
-        snapshot = trainer.snapshot()
-        fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+        guard.snapshot()
+        last_t, last_step = time.monotonic(), trainer.step_count
         while True:
-            until = train_until - finish_s * (max(slowdown, gen_slowdown) - 1)
-            margin = 2 * step_s if step_s is not None else plan.first_step_s  # the step we start + one queued on the GPU
-            if dist_on and trainer.step_count < next_sync:  # between agreed syncs: only steps
+            # decide: rank 0's clock, agreed by every rank
+            done, trained = trainer.step_count - first, plan.prior_train_s + deadline.elapsed() - t_start
+            interval = pace.sync_interval(check_every=s.check_every, done=done)
+            if s.max_steps:
+                interval = max(1, min(interval, s.max_steps - trainer.step_count))
+            stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
+            stop, progress, interval = ctx.agree(stop=stop, progress=min(trained / plan.plan_s, 1.0), interval=interval,
+                                                 device=trainer.device, interrupted=_is_set(stop_event))
+            if stop:
+                reason = stop
+                if stop == "interrupted" and ctx.is_main:
+                    log(f"{getattr(stop_event, 'why', 'interrupt')}: stopping training, writing the zip "
+                        "(interrupt again to exit at once)")
+                break
+            # steps: no host sync until the last one
+            trainer.set_progress(progress)
+            for _ in range(interval):
+                if before_step is not None:
+                    before_step(trainer)
                 trainer.step()
-                if trainer.step_count < next_sync:
-                    continue
-            elif dist_on:  # an agreed sync point (also before the first step): rank 0 decides, all follow
-                step_est = step_s if step_s is not None else plan.first_step_s
-                done = trainer.step_count - first_step
-                interval = 1 if done < 2 else max(1, min(check_every, int(SYNC_MAX_S / max(step_est, 1e-9))))
-                if max_steps:
-                    interval = max(1, min(interval, max_steps - trainer.step_count))
-                stop = ""
-                if main:
-                    if stop_event is not None and stop_event.is_set():
-                        stop = "interrupted"
-                    elif deadline.elapsed() + (interval + 1) * step_est >= until or trained() >= plan_s:
-                        stop = "budget"
-                    elif max_steps and trainer.step_count >= max_steps:
-                        stop = "steps"
-                    elif dead := dead_workers(ctx):
-                        raise RuntimeError(f"rank(s) {dead} ended")
-                stop, progress, interval = agree(
-                    ctx, stop=stop, progress=min(trained() / plan_s, 1.0), interval=interval, device=trainer.device,
-                    interrupted=stop_event is not None and stop_event.is_set())
-                if stop:
-                    reason = stop
-                    if stop == "interrupted" and main:
-                        log_interrupt()
-                    break
-                trainer.set_progress(progress)
-                next_sync = trainer.step_count + interval
-                trainer.step()
-                if trainer.step_count < next_sync:
-                    continue
-            else:
-                if stop_event is not None and stop_event.is_set():
-                    reason = "interrupted"
-                    log_interrupt()
-                    break
-                if deadline.elapsed() + margin >= until or trained() >= plan_s:
-                    break
-                if max_steps and trainer.step_count >= max_steps:
-                    reason = "steps"
-                    break
-                trainer.set_progress(trained() / plan_s)
-                trainer.step()
-                done = trainer.step_count - first_step
-                if not (done <= 2 or trainer.step_count % check_every == 0
-                        or time.monotonic() - last_sync_t >= SYNC_MAX_S):
-                    continue
-            done = trainer.step_count - first_step
+            # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
-            if done == 2 and peak_memory is None and trainer.device.type == "cuda":  # what the batch really takes
-                peak_memory = torch.cuda.max_memory_allocated(trainer.device)
-                if main:
-                    total = torch.cuda.get_device_properties(trainer.device).total_memory
-                    log(f"memory: peak {peak_memory / 2**30:.2f} GiB allocated in the first 2 steps "
-                        f"(torch.cuda.max_memory_allocated) of {total / 2**30:.1f} GiB on {trainer.device}")
-            t = time.monotonic()
-            measured = (t - last_sync_t) / max(trainer.step_count - last_sync_step, 1)
-            if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
-                step_s = max(step_s or 0.0, measured)
-            else:
-                step_s = 0.7 * step_s + 0.3 * measured
-                if trainer.progressive:  # each PGGAN level has its own step time: measure the slowdown within a level
-                    new_level = pggan_growth(trainer.progress, fade_fraction=trainer.pg_fade)[0]
-                    if new_level != level:
-                        level, base_s = new_level, None
-                if base_s is None:
-                    base_s = recent_s = measured
-                recent_s = 0.7 * recent_s + 0.3 * measured
-                slowdown = min(max(recent_s / base_s, 1.0), SLOWDOWN_MAX)
-            last_sync_t, last_sync_step = t, trainer.step_count
-            history.setdefault("loss_d", []).append((trained(), loss_d))
-            history.setdefault("loss_g", []).append((trained(), loss_g))
-            if bad:
-                rollbacks += 1
-                if rollbacks > max_rollbacks:
-                    warn(f"non-finite losses at step {trainer.step_count} after {max_rollbacks} roll-backs: "
-                         "stopping training, shipping the last good averaged generator")
-                    trainer.rollback(snapshot, 1.0)
-                    reason = "diverged"
-                    break
-                trainer.rollback(snapshot, rollback_lr_factor)
-                warn(f"non-finite losses by step {last_sync_step}: rolled back to step {snapshot_step}, "
-                     f"learning rates x{trainer.lr_scale:g} (roll-back {rollbacks}/{max_rollbacks})")
-                last_sync_t, last_sync_step = time.monotonic(), trainer.step_count
-                next_sync = trainer.step_count  # several ranks: all rolled back alike; agree again before stepping
-                continue
-            # upkeep, on checked state only; its time is not step time
-            if dist_on:
-                sync_buffers(ctx, (trainer.G, trainer.D))
-            if main and finish_probe is not None and deadline.elapsed() >= train_until - finish_s * (FINISH_SLOWDOWN_MAX - 1) \
-                    and time.monotonic() - last_probe >= max(1.0, plan.gen_batch_s / PROBE_COST):
-                last_probe = time.monotonic()
-                try:
-                    probes = (probes + [finish_probe() / max(plan.gen_batch_s, 1e-9)])[-2:]
-                except Exception as exc:  # never worth a crash: train on without re-timing
-                    warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
-                    finish_probe, probes = None, probes or [1.0]
-                gen_slowdown = min(max(min(probes), 1.0), FINISH_SLOWDOWN_MAX)  # the lesser of two: not one hiccup
-                if gen_slowdown > 1.2 and gen_slowdown > 1.2 * said_gen:
-                    said_gen = gen_slowdown
-                    log(f"generation {gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                        f"{format_duration(finish_s * max(slowdown, gen_slowdown) + plan.margin_s)}")
-            if trainer.step_count - snapshot_step >= snapshot_every:
-                snapshot, snapshot_step = trainer.snapshot(), trainer.step_count
-            now = time.monotonic()
-            if main and now - last_tick >= tick_s:
-                last_tick = now
-                spread = sample_spread(trainer.generator_to_ship(), fixed_z)
-                rate = (trainer.step_count - first_step) / max(deadline.elapsed() - t_start, 1e-9)
-                log(f"step {trainer.step_count}  {rate:.2f} it/s  loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  "
-                    f"lr_g {trainer.opt_g.param_groups[0]['lr']:.2e}  spread {spread:.3f}  "
-                    f"train {format_duration(deadline.elapsed() - t_start)}/{format_duration(window)}"
-                    + (f"  steps {slowdown:.1f}x slower than at first" if slowdown > 1.1 else ""))
-                history.setdefault("spread", []).append((trained(), spread))
-                if spread < 0.02:
-                    warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
-            if (main and checkpoint_fn is not None and checkpoint_s > 0 and now - last_ckpt >= checkpoint_s
-                    and deadline.elapsed() + 2 * ckpt_est + margin < until):  # never start one that would overrun
-                t0 = time.monotonic()
-                checkpoint_fn(trained(), plan_s, False)
-                last_ckpt = time.monotonic()
-                ckpt_est = last_ckpt - t0
-            last_sync_t = time.monotonic()
+            done = trainer.step_count - first
+            peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
+                history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
+            if bad and not guard.roll_back(last_step):
+                reason = "diverged"
+                break
+            if not bad:
+                # upkeep per tick, on checked state only; its time is not step time
+                ctx.sync_buffers((trainer.G, trainer.D))
+                guard.maybe_snapshot()
+                if upkeep is not None:
+                    upkeep.tick(loss_d, loss_g)
+            last_t, last_step = time.monotonic(), trainer.step_count
     except KeyboardInterrupt:  # a notebook's interrupt, where no signal handler could be installed
-        reason = "interrupted"
-        if dist_on:  # it may have come mid-collective: the other ranks are stopped by rank 0, not by agreement
-            ctx.broken = trainer.group_broken = "KeyboardInterrupt"
+        reason = "interrupted"  # it may have come mid-collective: the other ranks are stopped by rank 0
+        trainer.group_broken = ctx.mark_broken("KeyboardInterrupt")
         if stop_event is not None:
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
-        if is_out_of_memory(exc) and trainer.step_count - first_step < EARLY_OOM_STEPS:  # the setting does not fit:
-            raise UsageError(describe_early_oom(  # one line, exit 2 (not an untrained generator's noise, exit 0)
-                exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_size, world_size=trainer.world_size,
-                device=trainer.device)) from None
-        reason = "crashed"
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if dist_on:  # the group may be broken (a dead rank): no collective after this
-            ctx.broken = trainer.group_broken = error
+        if is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS:
+            raise  # the setting does not fit: main names it in one line (exit 2), not an untrained generator's noise
+        reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout if main else sys.stderr)
+        traceback.print_exc(file=sys.stdout if ctx.is_main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
-    if reason != "diverged":  # the steps since the last sync are unchecked: check them before anything ships
+    if reason != "diverged":
+        guard.check_last_steps()
+    seconds, steps = deadline.elapsed() - t_start, trainer.step_count - first
+    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason,
+                        rollbacks=guard.rollbacks, it_per_s=steps / max(seconds, 1e-9),
+                        images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
+                        train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
+                        slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
+
+
+def _is_set(event):
+    return event is not None and event.is_set()
+
+
+def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
+    """Rank 0, before the next `interval` steps: "interrupted", "budget" (they would not end in time, or the plan is
+    done), "steps" (max_steps reached) or "" to go on. A forked rank that has ended fails the run."""
+    if _is_set(stop_event):
+        return "interrupted"
+    if not pace.steps_fit(interval) or trained >= pace.plan.plan_s:
+        return "budget"
+    if settings.max_steps and trainer.step_count >= settings.max_steps:
+        return "steps"
+    if dead := ctx.dead_workers():
+        raise RuntimeError(f"rank(s) {dead} ended")
+    return ""
+
+
+def _level(trainer):
+    """The PGGAN level being trained (its step time is its own), None for other architectures."""
+    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
+
+
+def _peak_memory(trainer, done, *, say):
+    """CUDA, after the first 2 steps: what the batch really takes (logged by rank 0) -> bytes, or None."""
+    if done < 2 or trainer.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(trainer.device)
+    if say:
+        total = torch.cuda.get_device_properties(trainer.device).total_memory
+        log(f"memory: peak {peak / 2**30:.2f} GiB allocated in the first 2 steps (torch.cuda.max_memory_allocated) "
+            f"of {total / 2**30:.1f} GiB on {trainer.device}")
+    return peak
+
+
+class _Guard:
+    """Snapshots of the whole training state, and the roll-back to the last one when the losses turn non-finite."""
+
+    def __init__(self, trainer, settings):
+        self.trainer, self.settings = trainer, settings
+        self.state, self.step, self.rollbacks = None, trainer.step_count, 0
+
+    def snapshot(self):
+        self.state, self.step = self.trainer.snapshot(), self.trainer.step_count
+
+    def maybe_snapshot(self):
+        if self.trainer.step_count - self.step >= self.settings.snapshot_every:
+            self.snapshot()
+
+    def roll_back(self, since):
+        """Non-finite losses in the steps after `since`: back to the snapshot at lower learning rates -> True, or
+        (past max_rollbacks) back to it at the same rates -> False: stop training."""
+        t, s = self.trainer, self.settings
+        self.rollbacks += 1
+        if self.rollbacks > s.max_rollbacks:
+            warn(f"non-finite losses at step {t.step_count} after {s.max_rollbacks} roll-backs: "
+                 "stopping training, shipping the last good averaged generator")
+            t.rollback(self.state, 1.0)
+            return False
+        t.rollback(self.state, s.rollback_lr_factor)
+        warn(f"non-finite losses by step {since}: rolled back to step {self.step}, "
+             f"learning rates x{t.lr_scale:g} (roll-back {self.rollbacks}/{s.max_rollbacks})")
+        return True
+
+    def check_last_steps(self):
+        """The steps after the last sync are unchecked: check them before anything ships."""
+        t = self.trainer
         try:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-            bad = trainer.read_stats()[2]
-            if bad and snapshot is not None:
-                warn(f"non-finite losses in the last steps: rolled back to step {snapshot_step}")
-                trainer.rollback(snapshot, 1.0)
-                rollbacks += 1
+            if t.device.type == "cuda":
+                torch.cuda.synchronize(t.device)
+            if t.read_stats()[2] and self.state is not None:
+                warn(f"non-finite losses in the last steps: rolled back to step {self.step}")
+                t.rollback(self.state, 1.0)
+                self.rollbacks += 1
         except Exception as exc:
             warn(f"could not check the last steps ({type(exc).__name__}: {exc})")
-    seconds = deadline.elapsed() - t_start
-    steps = trainer.step_count - first_step
-    return TrainSummary(steps=steps, total_steps=trainer.step_count, seconds=seconds, reason=reason, rollbacks=rollbacks,
-                        it_per_s=steps / max(seconds, 1e-9), images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
-                        train_seconds_total=prior_train_s + seconds, plan_seconds=plan_s,
-                        slowdown=max(slowdown, gen_slowdown), error=error, peak_memory_bytes=peak_memory)
+
+
+@torch.no_grad()
+def sample_spread(G, z):
+    """Mean per-pixel std over a fixed batch of samples: near 0 means mode collapse."""
+    y = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    with eval_mode(G):
+        return float(G(z, y).float().std(0).mean())
+
+
+class _Upkeep:
+    """Rank 0's upkeep at host syncs: the finish re-timed near the end, a progress line per tick, and checkpoints that
+    never start when they could overrun the stop."""
+
+    def __init__(self, trainer, settings, pace, history, checkpoint_fn, t_start):
+        self.trainer, self.settings, self.pace, self.history = trainer, settings, pace, history
+        self.checkpoint_fn, self.t_start, self.first = checkpoint_fn, t_start, trainer.step_count
+        self.last_tick = self.last_ckpt = time.monotonic()
+        self.ckpt_s = 0.0  # how long the last checkpoint took
+        self.fixed_z = truncated_z(16, trainer.z_dim, 0, generator=torch.Generator().manual_seed(1)).to(trainer.device)
+
+    def tick(self, loss_d, loss_g):
+        t, s, pace, deadline = self.trainer, self.settings, self.pace, self.pace.deadline
+        pace.retime()
+        seconds = deadline.elapsed() - self.t_start
+        trained = pace.plan.prior_train_s + seconds
+        now = time.monotonic()
+        if now - self.last_tick >= s.tick_s:
+            self.last_tick = now
+            spread = sample_spread(t.generator_to_ship(), self.fixed_z)
+            window = pace.plan.window(self.t_start)
+            log(f"step {t.step_count}  {(t.step_count - self.first) / max(seconds, 1e-9):.2f} it/s  "
+                f"loss_d {loss_d:.4f}  loss_g {loss_g:.4f}  lr_g {t.opt_g.param_groups[0]['lr']:.2e}  "
+                f"spread {spread:.3f}  train {format_duration(seconds)}/{format_duration(window)}"
+                + (f"  steps {pace.step_slowdown:.1f}x slower than at first" if pace.step_slowdown > 1.1 else ""))
+            self.history.setdefault("spread", []).append((trained, spread))
+            if spread < 0.02:
+                warn(f"samples of a fixed batch barely differ (spread {spread:.4f}): possible mode collapse")
+        if (self.checkpoint_fn is not None and s.checkpoint_s > 0 and now - self.last_ckpt >= s.checkpoint_s
+                and pace.checkpoint_fits(self.ckpt_s)):
+            t0 = time.monotonic()
+            self.checkpoint_fn(trained, pace.plan.plan_s, False)
+            self.last_ckpt = time.monotonic()
+            self.ckpt_s = self.last_ckpt - t0
 
 
 # ==== modules/crops.py ====
@@ -3638,6 +3351,604 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
     return root
 
 
+# ==== modules/faults.py ====
+"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
+trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+
+
+STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
+
+
+class FaultInjector:
+    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+    raise@STEP   a RuntimeError, as any failure inside training
+    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises (issue 18)
+    slow@S       every step sleeps S seconds first
+    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
+    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
+    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
+    """
+
+    def __init__(self, fault_text, *, rank):
+        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+        self.rank = rank
+
+    def before_step(self, trainer):
+        f, step = self.faults, trainer.step_count
+        if f.get("raise") == step:
+            del f["raise"]
+            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
+        if f.get("oom") == step:
+            del f["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{step}, --set fault=oom@STEP)")
+        if "slow" in f:
+            time.sleep(f["slow"])
+        if f.get("kill") == step and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in f:
+            delay = f.pop("slowgen")
+            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
+        if f.get("nan") == step:
+            del f["nan"]  # one shot: the steps after the roll-back pass
+            with torch.no_grad():
+                for p in trainer.D.parameters():
+                    p.fill_(float("nan"))
+
+
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    injector = FaultInjector(fault_text, rank=rank)
+    return injector.before_step if injector.faults else None
+
+
+# ==== modules/distributed.py ====
+"""Several GPUs in one run, through torch.distributed: who a process is in the run (DistContext) and the few
+collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
+many ranks there are and how they start is launch.py's.
+
+Ways in (launch.py):
+- torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
+  its own, we start nothing;
+- `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
+  is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
+  import the notebook's `__main__`, which it cannot. The devices are counted through NVML
+  (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
+- --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
+  return their local values, so the training loop has a single path.
+
+Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
+the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
+and the stop decisions, so a dead or hung rank costs at most that timeout.
+"""
+
+
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
+DIST_TIMEOUT_MAX_S = 120.0
+WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
+STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
+INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
+
+
+@dataclass
+class DistContext:
+    """Who this process is in the run. world_size 1 = the single-process path (no group, nothing started)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"  # single | torchrun | fork
+    workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
+    group: object = None  # the training group (DDP, decisions); None until make_training_group()
+    broken: str = ""  # why collectives can no longer be used ("" while they can)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    # the few collectives of a run: with one rank each returns the local value (no group exists), so the training
+    # loop has one path for any number of ranks
+
+    def agree(self, *, stop, progress, interval, device, interrupted):
+        """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
+        sync, plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
+        if not self.distributed:
+            return stop, progress, interval
+        if self.is_main:
+            vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
+        else:
+            vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.group)
+        code, progress, interval = t.tolist()
+        own = int(code) % INTERRUPT_VOTE
+        reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
+        return reason, progress, max(int(interval), 1)
+
+    def sync_buffers(self, modules):
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+        if not self.distributed:
+            return
+        for m in modules:
+            for b in m.buffers():
+                dist.broadcast(b, src=0, group=self.group)
+
+    def broadcast(self, obj):
+        """Rank 0's obj to every rank (default group) -> obj."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def dead_workers(self):
+        """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
+        return [i for i, p in enumerate(self.workers, start=1) if p.exitcode is not None]
+
+    def mark_broken(self, error):
+        """A collective may have failed (a dead rank, an interrupt mid-collective): none is made after this. -> the
+        reason kept ("" with one rank: there is no group to break)."""
+        if self.distributed:
+            self.broken = self.broken or error
+        return self.broken
+
+
+def init_group(ctx, *, backend):
+    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
+    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
+    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
+        dist.barrier()
+        return True
+    except Exception as exc:
+        if ctx.rank != 0 or ctx.launcher == "torchrun":
+            raise
+        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+             "running one process on one device")
+        stop_workers(ctx)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        return False
+
+
+def make_training_group(ctx, timeout_s):
+    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (a collective call on
+    every rank)."""
+    ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx.group
+
+
+def training_timeout(finish_s, checkpoint_s):
+    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
+    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
+    return min(max(DIST_TIMEOUT_MIN_S, 3 * checkpoint_s + 5.0), max(DIST_TIMEOUT_MIN_S, min(DIST_TIMEOUT_MAX_S,
+                                                                                         0.5 * finish_s)))
+
+
+# faults and the end
+
+
+def record_failure(error):
+    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
+
+
+def failed_ranks(ctx, wait_s=2.0):
+    """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
+    why = {}
+    for i, p in enumerate(ctx.workers, start=1):
+        p.join(wait_s if i == 1 else 0.2)
+        if p.exitcode is not None and p.exitcode < 0:
+            why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
+        elif p.exitcode not in (None, 0):
+            why[i] = f"exited with code {p.exitcode}"
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=1))
+        for r in range(1, ctx.world_size):
+            key = f"dogs-gan/error/{r}"
+            with contextlib.suppress(Exception):
+                if store.check([key]):
+                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+    return why
+
+
+def stop_workers(ctx, wait_s=WORKER_JOIN_S):
+    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
+    for p in ctx.workers:
+        p.join(wait_s)
+    for p in ctx.workers:
+        if p.is_alive():
+            p.terminate()
+            p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+def end_group(ctx):
+    """Leave the process group (a notebook may run the kernel again in the same process)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    ctx.group = None
+
+
+# ==== modules/launch.py ====
+"""How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
+this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
+get, its collectives and the process groups are in distributed.py."""
+
+
+# how many ranks
+
+
+def torchrun_env():
+    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
+
+
+def visible_cuda_devices():
+    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
+    afterwards. 0 without CUDA."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
+    if not torch.cuda.is_available():  # (read by torch at each call)
+        return 0
+    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+
+
+def resolve_world_size(gpus, device):
+    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
+    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
+    text = str(gpus).strip().lower()
+    if text != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
+        if n < 1:
+            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
+    if device == "cpu":
+        return 1 if text == "auto" else n
+    if device.startswith("cuda:"):
+        if text not in ("auto", "1"):
+            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
+        return 1
+    count = visible_cuda_devices()
+    if count == 0:
+        if text not in ("auto", "1"):
+            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
+        return 1
+    if text == "auto":
+        return count
+    if n > count:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
+    return min(n, count)
+
+
+def rank_device(ctx, device):
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    if ctx.distributed and device != "cpu":
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+# starting the ranks
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RankStderr:
+    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+
+    def __init__(self, stream, rank):
+        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text):
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def quiet_worker_output(rank):
+    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
+    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
+
+
+def _die_with_parent():
+    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def fork_workers(world_size, target):
+    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
+    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
+    if torch.cuda.is_initialized():
+        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
+             "running one process on one GPU; restart the notebook's kernel to use every GPU")
+        return DistContext()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    ctx_fork = multiprocessing.get_context("fork")
+    workers = []
+
+    def child(rank):
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
+        quiet_worker_output(rank)
+        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
+
+    for rank in range(1, world_size):
+        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+        p.start()
+        workers.append(p)
+    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
+
+
+# ==== modules/memory.py ====
+"""Memory: what a setting needs, estimated before training from the models' own layers, checked against what the
+device and the host have (one estimator for both); and an out-of-memory error in the first training steps said as a
+problem the user can fix. (Issue 18 part 2, issue 19 defect 6.)
+
+The estimate builds G and D at three small widths on the CPU (never at the asked width: g_ch=1024 would not fit), counts
+their parameters (a quadratic in the width, fitted exactly), and runs them on two images, counting the tensors autograd
+keeps for backward in training mode, and in eval mode the largest few that generation holds one operation at a time
+(all linear in the width and in the images, fitted from two widths); widths up to DIRECT_WIDTH are measured as they
+are. From these: the optimiser state, the activations of the larger of the D and G steps at the batch per rank, and
+the generation batch's working memory. Activations are counted in fp32 (autocast keeps fewer bytes: an upper bound).
+Checked on the CPU: smoke widths, 1,000 images generated at once raised the peak resident memory by 2.15 GiB; the
+estimate says 2.70 GiB.
+"""
+
+
+GIB = 2 ** 30
+PROBE_WIDTHS = (8, 16, 24)  # g_ch = d_ch the models are built at for the fits (multiples of 8: attention has ch // 8)
+DIRECT_WIDTH = 16  # up to this g_ch / d_ch the models are measured at their own widths (cheaper than the fits)
+PROBE_IMAGES = 2
+ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
+MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
+GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
+KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs: `state` (parameters, gradients, Adam's two moments, EMA/SWA copies and the roll-back
+    snapshot), `crops` (the uint8 training crops on the device), `train` (activations of one step at batch_per_rank),
+    `generate` (working memory of one generation batch of sample_batch). Per-image figures scale the last two."""
+
+    params: int  # G + D parameters
+    state: int
+    crops: int
+    train_per_image: float
+    generate_per_image: float
+    batch_per_rank: int
+    sample_batch: int
+
+    @property
+    def train(self):
+        return int(self.train_per_image * self.batch_per_rank)
+
+    @property
+    def generate(self):
+        return int(self.generate_per_image * self.sample_batch)
+
+    @property
+    def peak(self):  # generation (the finish's measurement, the loop's re-timing) runs beside the trainer's state
+        return self.state + self.crops + max(self.train, self.generate)
+
+    def text(self):
+        return (f"~{self.peak / GIB:.2f} GiB (model state {self.state / GIB:.2f} GiB for {self.params / 1e6:.1f}M "
+                f"parameters, crops {self.crops / GIB:.2f}, training activations {self.train / GIB:.2f} at "
+                f"{self.batch_per_rank} images per rank, generation {self.generate / GIB:.2f} at sample_batch "
+                f"{self.sample_batch})")
+
+
+def _probe_models(cfg, n_classes, width=None):
+    """Build G and D at g_ch = d_ch = width (None: the Config's widths) on the CPU -> (G params, D params, G's saved
+    bytes per image, D's saved bytes per image, [bytes per image of each tensor G keeps in eval mode, in order])."""
+    G, D = build_models(cfg if width is None else dataclasses.replace(cfg, g_ch=width, d_ch=width), n_classes)
+    if hasattr(G, "set_growth"):  # PGGAN: the last level holds the most
+        level, alpha = pggan_growth(1.0, fade_fraction=cfg.pg_fade)
+        G.set_growth(level, alpha)
+        D.set_growth(level, alpha)
+    params = {id(p) for m in (G, D) for p in m.parameters()}
+    saved = []
+
+    def pack(t):
+        if id(t) not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    n = PROBE_IMAGES
+    z = torch.randn(n, cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(n, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = G(z, y)
+        n_g = len(saved)
+        D(x.detach(), y)
+        g_saved, d_saved = sum(saved[:n_g]), sum(saved[n_g:])
+        saved.clear()
+        with eval_mode(G):  # generation: what G's operations hold, in eval mode (one by one under no_grad)
+            G(z, y)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(G), count(D), g_saved / n, d_saved / n, np.asarray(saved, np.float64) / n
+
+
+def build_memory_estimate(cfg, *, batch_per_rank, n_classes, n_crops):
+    """Config -> MemoryEstimate for one rank (see the module's docstring). A few hundred ms on a CPU."""
+    if max(cfg.g_ch, cfg.d_ch) <= DIRECT_WIDTH:  # small models (smoke widths): measured as they are, no fit
+        p_g, p_d, g_s, d_s, sizes = _probe_models(cfg, n_classes)
+    else:
+        probes = [_probe_models(cfg, n_classes, w) for w in PROBE_WIDTHS]
+        w = np.asarray(PROBE_WIDTHS, np.float64)
+
+        def quad(values, at):  # exact for a parameter count, a quadratic in the width
+            return max(float(np.polyval(np.polyfit(w, np.asarray(values, np.float64), 2), at)), 0.0)
+
+        def line(values, at):  # activations are linear in the width (attention maps: constant)
+            return float(np.polyval(np.polyfit(w[:2], np.asarray(values[:2], np.float64), 1), at))
+
+        p_g, p_d = quad([p[0] for p in probes], cfg.g_ch), quad([p[1] for p in probes], cfg.d_ch)
+        g_s, d_s = line([p[2] for p in probes], cfg.g_ch), line([p[3] for p in probes], cfg.d_ch)
+        ops = [p[4] for p in probes[:2]]  # the same tensors at both probe widths: each one fitted to the asked width
+        if len(ops[0]) == len(ops[1]):
+            sizes = ops[0] + (ops[1] - ops[0]) / (w[1] - w[0]) * (cfg.g_ch - w[0])
+        else:  # (not seen) the larger probe's, scaled with the width
+            sizes = ops[1] * max(cfg.g_ch / w[1], 1.0)
+    # generation under no_grad holds about one operation's inputs and output at a time (plus a residual branch): the
+    # 3 largest tensors G keeps in eval mode
+    gen = float(np.sort(sizes)[-3:].sum())
+    # D step: D keeps its activations for 2B images (reals + fakes); G step: G's for B, D's for B; WGAN-GP runs D on B
+    # interpolates with a graph of its gradient (about twice D's)
+    train = max(2 * d_s, g_s + d_s) + (2 * d_s if cfg.gp_weight else 0.0)
+    copies = (1 if cfg.ema else 0) + (1 if cfg.swa else 0)
+    # parameters + gradients + Adam's 2 moments = 16 bytes each; EMA/SWA 4 per G parameter; the roll-back snapshot
+    # holds G, D, Adam's state and the EMA again
+    state = 16 * (p_g + p_d) + 4 * copies * p_g + (12 * (p_g + p_d) + 4 * copies * p_g)
+    return MemoryEstimate(params=round(p_g + p_d), state=int(state), crops=int(n_crops * cfg.image_size ** 2 * 3),
+                          train_per_image=ACTIVATION_OVERHEAD * train, generate_per_image=ACTIVATION_OVERHEAD * gen,
+                          batch_per_rank=batch_per_rank, sample_batch=cfg.sample_batch)
+
+
+# what there is
+
+
+def host_available_bytes():
+    """Memory this process can still take on the host: /proc/meminfo's MemAvailable, capped by a container's cgroup
+    limit (v2 or v1; page cache that can be dropped is not counted as used). None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path, stat_path in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+             "/sys/fs/cgroup/memory/memory.stat")):
+        try:
+            with open(limit_path) as f:
+                limit = int(f.read().strip())  # "max" (no limit) -> ValueError
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        cache = 0
+        try:
+            with open(stat_path) as f:
+                stats = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+            cache = int(stats.get("inactive_file", stats.get("total_inactive_file", 0)))
+        except (OSError, ValueError):
+            pass
+        if limit < 2 ** 60:
+            found.append(max(limit - usage + cache, 0))
+        break
+    return min(found) if found else None
+
+
+def device_available_bytes(device):
+    """Free memory on a CUDA device (torch.cuda.mem_get_info), or the host's for the CPU; None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_available_bytes()
+
+
+# the check
+
+
+def check_memory(est, *, available, where, ranks=1, world=1):
+    """est: MemoryEstimate of one rank; available: bytes free on `where` (a device's name; None = unknown: no check),
+    shared by `ranks` ranks (CPU ranks share the host; world: all ranks, for the batch_size to suggest). -> the sample_batch to use: the estimate's, or a lower one that
+    fits, with a warning (generation's batch only sets speed). A training batch, or widths, that cannot fit even so is
+    a UsageError naming what to set (one line, exit 2)."""
+    if available is None:
+        log(f"memory: needs {est.text()}; free memory on {where} unknown, not checked")
+        return est.sample_batch
+    room = MEMORY_FRACTION * available / ranks  # what one rank may plan to use
+    gen_room = GENERATE_FRACTION * available / ranks
+    head = (f"settings need {est.text()}{f' per rank, {ranks} ranks' if ranks > 1 else ''} on {where}, which has "
+            f"{available / GIB:.2f} GiB free")
+    if est.peak <= room and est.generate <= gen_room:
+        log(f"memory: needs {est.text()} of {available / GIB:.2f} GiB free on {where}")
+        return est.sample_batch
+    left = room - est.state - est.crops
+    if left <= 0:
+        raise UsageError(f"{head}: the models alone (g_ch, d_ch) take {(est.state + est.crops) / GIB:.2f} GiB; "
+                         "lower g_ch / d_ch")
+    if est.train > left:
+        fits = int(left // est.train_per_image)
+        what = (f"set --set batch_size={fits * world}" + (f" (or batch_per_gpu={fits})" if world > 1 else "")
+                + " or lower" if fits >= 2 else "lower g_ch / d_ch")
+        raise UsageError(f"{head}: a training step at {est.batch_per_rank} images per rank needs "
+                         f"{est.train / GIB:.2f} GiB of activations; {what}")
+    batch = int(min(left, gen_room) // est.generate_per_image)
+    if batch < 1:
+        raise UsageError(f"{head}: generating one image needs {est.generate_per_image / GIB:.2f} GiB; "
+                         "lower g_ch / d_ch")
+    batch = min(est.sample_batch - 1, batch if batch < 50 else batch // 25 * 25)
+    warn(f"sample_batch={est.sample_batch} would need {est.generate / GIB:.2f} GiB to generate at once, more than "
+         f"{GENERATE_FRACTION:.0%} of the {available / GIB:.2f} GiB free on {where}: generating {batch} at a time instead")
+    return batch
+
+
+# out of memory in training
+
+
+def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
+    """The one line for an out-of-memory error in the first training steps: the batch per rank, the memory seen, and
+    what to set (half the batch per rank)."""
+    if device.type == "cuda":
+        seen = (f"peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB allocated of "
+                f"{torch.cuda.get_device_properties(device).total_memory / GIB:.1f} GiB on {device}")
+    else:
+        free = host_available_bytes()
+        seen = f"{free / GIB:.2f} GiB free on the host now" if free is not None else "host memory unknown"
+    half = max(batch_per_rank // 2, 2)
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
+            + (f" x {world_size} ranks" if world_size > 1 else "") + f" ({seen}): set --set batch_size="
+            f"{half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
+
+
 # ==== modules/checkpoint.py ====
 """Checkpoints: written atomically and durably, read back with checks, restored into a Trainer. They hold state dicts,
 the config as a dict, the step and the training time spent and planned: never pickled modules."""
@@ -3767,6 +4078,32 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
         raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What --resume carries into a run: the checked checkpoint (read_checkpoint's payload, for restore_checkpoint)
+    and the times of the run it continues."""
+
+    path: str
+    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    step: int  # the trainer's step count in the checkpoint
+    train_seconds: float  # training done by the run(s) it continues
+    plan_seconds: float  # the training time their schedule spans
+    complete: bool  # did that training reach the end of its plan?
+    history: dict  # {series: [(train seconds, value)]}, carried on in report.json and losses.png
+
+    @classmethod
+    def read(cls, path, *, arch):
+        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
+        ckpt = read_checkpoint(path, arch=arch)
+        train_s = float(ckpt["train_seconds"])
+        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+                   plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
+                   history={k: list(v) for k, v in ckpt.get("history", {}).items()})
+
+    def restore(self, trainer, *, classes):
+        restore_checkpoint(self.payload, self.path, trainer, classes=classes)
 
 
 # ==== modules/features.py ====
@@ -4802,91 +5139,126 @@ def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=No
     return result
 
 
-# ==== modules/finish.py ====
-"""Finishing a run: measuring what the finish will cost on this device (the watchdog's reserve), generating the
-images, writing and verifying the zip, the self-check, samples.png and losses.png."""
+# ==== modules/measure.py ====
+"""Measuring what the finish will cost on this device before training: the finish reserve (plan.py) is built from
+these times, so training stops early enough to write the zip."""
 
 
-SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
-FINISH_SAFETY = 1.25  # measured finish times x this: they are timed on ~1% of the work, and other load comes and goes
-FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
-FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
+SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
 
 
-# finishing: generation, self-check, zip
-
-
-def _finish_timed(fn, *args, **kw):
+def _timed(fn, *args, **kw):
     t0 = time.monotonic()
     out = fn(*args, **kw)
     return time.monotonic() - t0, out
 
 
-def measure_finish_seconds(G, *, n_images, z_dim, label_counts, truncation, batch_size, device, amp_dtype, workers,
-                           disk_bytes_per_s, checkpoint_state, extractor=None, n_reference=0, crops=None):
+def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
+                           crops):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
-    generate: two real batches after a warm-up one (the slower counts); a batch that does not fit is halved;
+    generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
+    does not fit is halved;
     zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
     generation it overlaps (all of it on one core);
-    checkpoint: serialising the trainer's state and writing it;
-    self_check (with an extractor): features, covariances, the Fréchet sqrtm (scaled by dim^3, Inception only), the
-    memorization distance matrix and the pixel nearest-neighbour search.
+    checkpoint: serialising the trainer's state (checkpoint_state) and writing it;
+    self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
+    Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
+    search against crops (uint8 [N,64,64,3]).
     -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
     """
-    batch = min(batch_size, n_images)
-    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    scale = n_images / len(imgs)
+    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
+    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_enc *= scale
+    if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
+        t_enc = max(0.0, t_enc - est["generate"])
+    est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    buf = io.BytesIO()
+    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    if extractor is not None:
+        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
+                                                crops=crops)
+    return est, info
+
+
+def _time_generation(sampler):
+    """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    batch = sampler.batch
     while True:
         try:
-            generate_images(G, n=batch, batch_size=batch, **gen_kw)  # warm-up (cudnn autotune, allocator)
+            sampler(batch)  # warm-up
             times = []
             for seed in (1, 2):
-                dt, imgs = _finish_timed(generate_images, G, n=batch, batch_size=batch, seed=seed, **gen_kw)
+                dt, imgs = _timed(sampler, batch, seed)
                 times.append(dt)
-            break
+            return times, imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
                 raise
             warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
             batch //= 2
-            if device.type == "cuda":
+            sampler = sampler.with_batch(batch)
+            if sampler.device.type == "cuda":
                 torch.cuda.empty_cache()
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
-    scale = n_images / len(imgs)
-    t_enc, pngs = _finish_timed(encode_pngs, imgs, workers)
-    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
-    t_verify, _ = _finish_timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
-    t_enc *= scale
-    if device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess counts
-        t_enc = max(0.0, t_enc - est["generate"])
-    est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
-    buf = io.BytesIO()
-    t_ser, _ = _finish_timed(torch.save, checkpoint_state, buf)
-    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
-    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
-    if extractor is not None:
-        k, n_all, dim = 200, n_images + n_reference, extractor.dim
-        probe = np.resize(imgs, (k, *imgs.shape[1:]))  # 200 images whatever the batch: per-call overheads must not scale
-        rng = np.random.default_rng(0)
-        extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
-        nearest_pixel(probe[:8], crops[:8], device=extractor.device)
-        t_feat, _ = _finish_timed(extractor, probe)
-        feats = rng.random((k, dim))
-        t_cov, _ = _finish_timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
-        t_sqrtm = 0.0
-        if not extractor.is_proxy:
-            m = min(dim, SQRTM_PROBE_DIM)
-            a = rng.standard_normal((m, 2 * m))
-            sigma = a @ a.T / (2 * m)
-            t_sqrtm = _finish_timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
-        m_ref = max(min(n_reference, 2048), 1)
-        t_mem, _ = _finish_timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
-        m_crops = min(len(crops), 1024)
-        t_pix, _ = _finish_timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
-        est["self_check"] = 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
-                                   + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
-    return est, info
+
+
+def _self_check_seconds(imgs, *, extractor, n_images, n_reference, crops):
+    """The self-check's time, from its parts timed on SELF_CHECK_PROBE images (per-call overheads must not scale)."""
+    k, n_all, dim = SELF_CHECK_PROBE, n_images + n_reference, extractor.dim
+    probe = np.resize(imgs, (k, *imgs.shape[1:]))
+    rng = np.random.default_rng(0)
+    extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
+    nearest_pixel(probe[:8], crops[:8], device=extractor.device)
+    t_feat, _ = _timed(extractor, probe)
+    feats = rng.random((k, dim))
+    t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
+    t_sqrtm = 0.0
+    if not extractor.is_proxy:
+        m = min(dim, SQRTM_PROBE_DIM)
+        a = rng.standard_normal((m, 2 * m))
+        sigma = a @ a.T / (2 * m)
+        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+    m_ref = max(min(n_reference, 2048), 1)
+    t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+    m_crops = min(len(crops), 1024)
+    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
+    return 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
+                  + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
+
+
+# ==== modules/finish.py ====
+"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
+What each part costs was measured before training (measure.py); whether an optional part still fits is the Pace's
+call (pace.py): no time arithmetic here."""
+
+
+SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
+
+
+@dataclass(frozen=True)
+class FinishSettings:
+    """What the finish writes (build_finish_settings)."""
+
+    n_images: int  # images in the zip
+    seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
+    workers: int  # threads encoding PNGs
+    corrupt_zip: bool  # a test fault ("zipfail"): the first zip written is corrupted
+
+
+def build_finish_settings(cfg):
+    return FinishSettings(n_images=cfg.n_images, seed=cfg.seed, workers=cfg.data_workers,
+                          corrupt_zip="zipfail" in parse_faults(cfg.fault))
+
+
+# finishing: generation, zip, self-check, pictures
 
 
 @contextlib.contextmanager
@@ -4906,34 +5278,34 @@ def fast_inference(G, device):
             G.to(memory_format=torch.contiguous_format)
 
 
-def _finish_generate(G, *, n, batch, gen_kw, device, report, workers=1):
+def _finish_generate(sampler, *, n, seed, report, workers):
     """All n images -> (uint8 [n,H,W,3], their PNG bytes or None), the PNGs encoded on `workers` threads while the
-    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding."""
+    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding.
+    sampler: ready() (one model for the try and the retry)."""
     try:
-        with fast_inference(G, device), ThreadPoolExecutor(max(workers, 1)) as pool:
+        with fast_inference(sampler.model(), sampler.device), ThreadPoolExecutor(max(workers, 1)) as pool:
             encoded = []  # futures of each batch's PNG bytes, in order (zlib and torch release the GIL)
-            images = generate_images(G, n=n, batch_size=batch, **gen_kw,
-                                     on_batch=lambda b: encoded.append(pool.submit(encode_pngs, b, 1)))
+            images = sampler(n, seed, on_batch=lambda b: encoded.append(pool.submit(encode_pngs, b, 1)))
             return images, [png for future in encoded for png in future.result()]
     except Exception as exc:
         warn(f"generation failed ({type(exc).__name__}: {exc}); retrying at a smaller batch")
         report.warn(f"generation retried: {exc}")
-        if device.type == "cuda":
+        if sampler.device.type == "cuda":
             torch.cuda.empty_cache()
-        return generate_images(G, n=n, batch_size=max(1, batch // 4), **gen_kw), None
+        return sampler.with_batch(max(1, sampler.batch // 4))(n, seed), None
 
 
-def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, deadline, pngs=None):
-    """The verified zip (pngs: the images' PNG bytes, encoded already). A UsageError (a full disk, a read-only folder)
-    ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has retry_s
-    seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier zip at zip_path is left
-    as it was."""
+def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs):
+    """The verified zip (pngs: the images' PNG bytes, encoded already, or None). A UsageError (a full disk, a read-only
+    folder) ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has
+    pace.need("zip_retry") seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier
+    zip at zip_path is left as it was."""
     try:
         return write_submission(images, zip_path, workers=workers, corrupt=corrupt, pngs=pngs)
     except UsageError:
         raise
     except Exception as exc:
-        if deadline.remaining() < retry_s:
+        if pace.remaining() < pace.need("zip_retry"):
             raise SubmissionError(f"{exc} (no time left to retry)") from None
         warn(f"writing the zip failed ({type(exc).__name__}: {exc}); retrying single-threaded")
         report.warn(f"zip retried: {exc}")
@@ -4945,75 +5317,78 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, retry_s, de
         raise SubmissionError(f"{zip_path}: {type(exc).__name__}: {exc}") from None
 
 
-def finish(trainer, *, data, out_dir, n_images, z_dim, truncation, seed, workers, self_check_on, corrupt_zip, deadline,
-           extractor, timer, report, estimates, batch, slowdown, stop_event):
+def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, stop_event):
     """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
     no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
 
-    report: the RunReport, filled in here (zip, metrics, self_check, samples_breeds, warnings). slowdown: how much
-    slower the machine runs than when the estimates were measured (TrainSummary.slowdown). corrupt_zip: a test fault.
+    sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
+    extractor: the self-check's feature extractor, None for no self-check. pace: the run's Pace (what is left of the
+    budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
+    metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
     """
-    G = trainer.generator_to_ship()
-    label_counts = np.bincount(data.labels, minlength=len(data.classes))
-    gen_kw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, amp_dtype=trainer.amp_dtype,
-                  device=trainer.device, seed=seed)
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
-        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch,
-                                 device=trainer.device, amp_dtype=trainer.amp_dtype)  # sample_bn standing: its copy
-        images, pngs = _finish_generate(G, n=n_images, batch=batch, gen_kw=gen_kw, device=trainer.device,
-                                        report=report, workers=workers)
+        sampler = sampler.ready()  # sample_bn "standing": its copy with standing statistics, for the pictures too
+        images, pngs = _finish_generate(sampler, n=settings.n_images, seed=settings.seed, report=report,
+                                        workers=settings.workers)
     zip_path = os.path.join(out_dir, "images.zip")
     report_path = os.path.join(out_dir, "report.json")
     with timer.phase("zip"):
-        _finish_write_zip(images, zip_path, workers=workers, corrupt=corrupt_zip, report=report, pngs=pngs,
-                          retry_s=2 * estimates["zip"] * slowdown + FINISH_EXIT_S, deadline=deadline)  # 1 thread: 2x
+        _finish_write_zip(images, zip_path, workers=settings.workers, corrupt=settings.corrupt_zip, report=report,
+                          pace=pace, pngs=pngs)
     log(f"wrote {zip_path}: {len(images)} verified PNGs")
     report.zip = zip_path
     report.write(report_path)  # a kill from here on still leaves the zip and a report
 
-    interrupted = stop_event is not None and stop_event.is_set()
-    if self_check_on and extractor is not None:
-        need = FINISH_SAFETY * estimates.get("self_check", 0.0) * slowdown + FINISH_EXIT_S
-        if interrupted or deadline.remaining() < need:
-            why = "interrupted" if interrupted else (f"{format_duration(max(deadline.remaining(), 0))} left, it needs "
-                                                     f"~{format_duration(need)}")
-            warn(f"self-check skipped ({why}); the zip is written")
-            report.warn(f"self-check skipped: {why}")
-        else:
-            with timer.phase("self_check"):
-                try:
-                    report.metrics = evaluate_images(images, data.reference, extractor)
-                    report.self_check = self_check(
-                        images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                        memorization=report.metrics["memorization_distance"], seed=seed)
-                    log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
-                except Exception as exc:
-                    warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
-                    report.warn(f"self-check failed: {exc}")
-    late = deadline.remaining() < (FINISH_PICTURES_S + FINISH_EXIT_S) * slowdown
+    if extractor is not None:
+        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor, pace=pace,
+                           timer=timer, report=report, interrupted=stop_event is not None and stop_event.is_set())
+    late = pace.remaining() < pace.need("pictures")
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
         return images
     with timer.phase("pictures"):
         try:
-            report.samples_breeds = save_pictures(G, classes=data.classes, history=report.history, out_dir=out_dir,
-                                                  z_dim=z_dim, truncation=truncation, seed=seed, device=trainer.device)
+            report.samples_breeds = save_pictures(sampler, classes=data.classes, history=report.history,
+                                                  out_dir=out_dir, seed=settings.seed)
         except Exception as exc:
             warn(f"pictures failed ({type(exc).__name__}: {exc})")
             report.warn(f"pictures failed: {exc}")
     return images
 
 
-def save_pictures(G, *, classes, history, out_dir, z_dim, truncation, seed, device):
-    """samples.png: fixed z, one row per breed for a handful of breeds; losses.png: the loss curves. -> the breeds
-    shown, one per row."""
+def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, report, interrupted):
+    """The self-check on the zip's images (report.metrics, report.self_check, nearest.png), or a warning saying why
+    it is skipped (an interrupt, too little time left) or failed: the zip is written either way."""
+    need = pace.need("self_check")
+    if interrupted or pace.remaining() < need:
+        why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
+                                                 f"~{format_duration(need)}")
+        warn(f"self-check skipped ({why}); the zip is written")
+        report.warn(f"self-check skipped: {why}")
+        return
+    with timer.phase("self_check"):
+        try:
+            report.metrics = evaluate_images(images, data.reference, extractor)
+            report.self_check = self_check(
+                images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
+                memorization=report.metrics["memorization_distance"], seed=seed)
+            log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+        except Exception as exc:
+            warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
+            report.warn(f"self-check failed: {exc}")
+
+
+def save_pictures(sampler, *, classes, history, out_dir, seed):
+    """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
+    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
     breeds = np.linspace(0, len(classes) - 1, n_breeds).round().astype(int)
-    z = truncated_z(per_row, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
+    z = truncated_z(per_row, sampler.z_dim, sampler.truncation, generator=torch.Generator().manual_seed(seed))
     z = z.repeat(n_breeds, 1).to(device)
     y = torch.as_tensor(np.repeat(breeds, per_row), dtype=torch.long, device=device)
-    with sampling_mode(G), torch.no_grad():
+    with sampling_mode(G, sampler.sample_bn), torch.no_grad():
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
@@ -5037,7 +5412,7 @@ class TrainPlan:
     estimates: dict  # the measured finish, {part: seconds}: generate, zip, checkpoint (+ self_check), before safety
     finish_s: float  # FINISH_SAFETY x the reserved parts of estimates: the finish reserve; the loop stretches it
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
-    train_until: float  # training stops here on the Deadline's clock: budget_s - finish_s - margin_s
+    train_until: float  # training stops here on the Deadline's clock: budget_s - hold_back_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
     plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
     inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
@@ -5045,6 +5420,7 @@ class TrainPlan:
     gen_batch: int  # images per generation batch that fits (the finish's batch)
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
+    hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
 
     @property
     def reserve_s(self):
@@ -5062,23 +5438,25 @@ class TrainPlan:
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", resume_path="", max_steps=0):
+                  budget_text="", max_steps=0, hold_back_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
-    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the read_checkpoint() payload
-    of --resume (train_seconds, plan_seconds, complete), or None. A window that cannot hold the first step (the loop's
-    margin before a step is measured) is a UsageError: such a run would ship an untrained generator's noise.
-    max_steps: the step limit (Config.max_steps, 0 = none), named in the plan line.
+    elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
+    checkpoint.Resumed) or None. A window that cannot hold the first step (the loop's margin before a step is measured)
+    is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
+    0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
+    training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
-    finish_s = FINISH_SAFETY * sum(estimates.values())
+    finish_s = finish_reserve_s(estimates)
     check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
-    window = budget_s - finish_s - margin_s - elapsed_s
+    usable_s = budget_s - hold_back_s
+    window = usable_s - finish_s - margin_s - elapsed_s
     reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training
     if not reserved:
         finish_s -= check_s
         window += check_s
-    train_until = budget_s - finish_s - margin_s
+    train_until = usable_s - finish_s - margin_s
     log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
         ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
                   for k, v in estimates.items()) +
@@ -5094,15 +5472,15 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
-    prior_s = float(resumed["train_seconds"]) if resumed is not None else 0.0
+    prior_s = resumed.train_seconds if resumed is not None else 0.0
     plan_s, inherited = prior_s + window, False
     if resumed is not None:
-        step = resumed["trainer"].get("step", 0) if isinstance(resumed.get("trainer"), dict) else 0
-        if resumed.get("complete", True):
+        resume_path, step = resumed.path, resumed.step
+        if resumed.complete:
             log(f"resumed from {resume_path} at step {step}: its training was complete "
                 f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
         else:
-            plan_s, inherited = max(float(resumed.get("plan_seconds", 0.0)), prior_s), True
+            plan_s, inherited = max(resumed.plan_seconds, prior_s), True
             left = plan_s - prior_s
             log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
@@ -5111,7 +5489,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)
 
 
 # ==== modules/cli.py ====
@@ -5297,31 +5675,12 @@ def config_to_json(cfg):
     return json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
 
 
-# ==== modules/main.py ====
-"""The run: config -> checks (budget, faults, output path, --resume checkpoint, device) -> data -> output folder ->
-models, measured finish and the TrainPlan -> training -> checkpoint, images.zip, report.json, then (time allowing) the
-self-check and pictures.
-
-The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
-interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
-verification; a problem the user can fix is found before training and ends with one line and exit code 2.
-"""
+# ==== modules/outdir.py ====
+"""The output folder: what can be told of it before anything is read (a file in its place, an unwritable parent, inside
+the data), its creation with a write probe that also measures the disk, and what a killed run left in it."""
 
 
-MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
-EXIT_ZIP_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # exit codes besides 0
-DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
-EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
-KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
-
-
-def in_kaggle_session():
-    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
-
-
-# output folder
 
 
 def check_out_dir(out_dir):
@@ -5423,6 +5782,363 @@ def prepare_out_dir(out_dir, *, resume):
     return speed
 
 
+# ==== modules/setup.py ====
+"""Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
+checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
+each rank, the device it runs on with the memory its settings need."""
+
+
+MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
+KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
+DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
+
+
+@dataclass
+class RunSetup:
+    """What every rank's run starts from (prepare()); forked ranks inherit it as it is."""
+
+    cfg: object  # the Config
+    deadline: Deadline  # the run's clock (from process start) and budget
+    timer: PhaseTimer  # wall seconds per phase, for the log and report.json
+    out_dir: str  # checked, not created yet (rank 0 creates it once the trainer is built)
+    world: int  # ranks of this run (1 = one process)
+    resumed: Resumed  # the --resume checkpoint, or None
+    data: object  # DogData: the uint8 crops, labels, breeds, reference images
+    report: RunReport  # report.json, filled in as the run goes
+    device: object = None  # the checked torch.device; None in a run that forks: each rank opens its own after the fork
+    demo_dir: object = None  # --demo: the synthetic data's TemporaryDirectory (removed when the run ends)
+
+
+def in_kaggle_session():
+    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
+
+
+def prepare(cfg, ctx):
+    """The budget, the ranks, the output folder and --resume checked (a problem: one line, exit 2, before any data is
+    read and before the output folder exists), then the data -> RunSetup. ctx: this process's DistContext (torchrun's
+    rank, or rank 0 of a run that forks its other ranks later)."""
+    deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
+    if deadline.budget_s < MIN_BUDGET_S:
+        raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+        warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
+             "Kaggle stops the session first, and the zip is written only at the budget's end")
+    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    if world > 1:
+        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    if not ctx.is_main:
+        quiet_worker_output(ctx.rank)
+    out_dir = resolve_out_dir(cfg.out)
+    if ctx.is_main:  # only rank 0 writes
+        if not cfg.demo:
+            check_out_not_in_data(out_dir, cfg.data_dir)
+        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
+    # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
+    resumed = Resumed.read(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS}) if cfg.resume else None
+    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
+        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
+                            if world > 1 else ""))
+    report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
+    device = None
+    if not (world > 1 and ctx.launcher != "torchrun"):  # what it can use, said in the first seconds (a forked run's
+        device, cfg = open_device(cfg, ctx, report=report, world=world)  # ranks open theirs after the fork)
+    seed_everything(cfg.seed)
+    timer = PhaseTimer()
+    with timer.phase("data"):
+        data, demo_dir = load_training_data(cfg)
+    report.data = data.stats
+    return RunSetup(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, world=world, resumed=resumed, data=data,
+                    report=report, device=device, demo_dir=demo_dir)
+
+
+def load_training_data(cfg):
+    """-> (DogData, the --demo temp dir or None: keep it referenced while the data is needed)."""
+    data_dir, demo_dir = cfg.data_dir or None, None
+    if cfg.demo:
+        demo_dir = tempfile.TemporaryDirectory(prefix="dogs-demo-")
+        data_dir = make_demo_dataset(os.path.join(demo_dir.name, "data"), seed=cfg.seed)
+        log(f"demo: synthetic dataset in {data_dir}")
+    images_dir, annotation_dir = find_data_dir(data_dir)
+    data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
+                     crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
+                     include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
+                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None,
+                     resize=cfg.crop_filter)
+    return data, demo_dir
+
+
+def open_device(cfg, ctx, *, report, world, data=None):
+    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks, settings that do not fit
+    its memory: one line, exit 2) -> (device, the Config with sample_batch lowered if only the generation batch did
+    not fit). Fills report.json's device, memory and config. Before the data (data None) in a run of one process or
+    torchrun's ranks; in a forked run in each rank after the fork (CUDA must not be initialised before it)."""
+    device = check_device(rank_device(ctx, cfg.device))
+    log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
+    log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
+    cfg, report.memory = check_setting_memory(cfg, device, world=world, data=data)
+    report.device, report.config = str(device), dataclasses.asdict(cfg)
+    return device, cfg
+
+
+def check_setting_memory(cfg, device, *, world, data=None):
+    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
+    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
+    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
+    Without the data (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
+    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
+    if data is not None:
+        n_crops, n_classes = len(data.images), len(data.classes)
+    else:
+        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
+        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
+        n_crops, n_classes = int(images * 1.25 * styles), 120
+    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
+    available = device_available_bytes(device)
+    where = str(device) if device.type == "cuda" else "the host"
+    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
+    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
+            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
+            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
+    if batch != cfg.sample_batch:
+        info["sample_batch_asked"] = cfg.sample_batch
+        cfg = dataclasses.replace(cfg, sample_batch=batch)
+    return cfg, info
+
+
+# ==== modules/run.py ====
+"""One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
+TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
+report.json. Only rank 0 logs and writes."""
+
+
+EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
+
+
+@dataclass
+class Rank:
+    """What one rank trains and ships with, built once (build_rank)."""
+
+    ctx: DistContext
+    cfg: object  # the Config (sample_batch as the device's memory allows)
+    trainer: object  # the Trainer
+    sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
+    plan: object  # the TrainPlan, identical on every rank
+    extractor: object  # rank 0 with the self-check on: the feature extractor; else None
+    checkpoint: object  # rank 0: checkpoint(train_seconds, plan_seconds, complete) -> bool; else None
+    pace: object = None  # the Pace of training (train() makes it; the finish asks it what still fits)
+
+
+def run_rank(ctx, setup):
+    """The run from the device to the zip, on every rank -> exit code."""
+    device, cfg = setup.device, setup.cfg
+    if device is None:  # a forked rank (rank 0 included) opens its device after the fork
+        device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+        ctx = DistContext()  # the workers could not start: one process, one device (warned)
+        setup.report.warn("distributed start failed: ran one process")
+    try:
+        rank = build_rank(ctx, cfg, device, setup)
+        if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
+            return 0
+        stop_event = StopRequest()
+        handlers = install_interrupt_handlers(stop_event)
+        try:
+            summary = train(rank, setup, stop_event)
+            if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+                if summary.reason == "crashed":
+                    record_failure(summary.error)
+                    return 1
+                return 0
+            return ship(rank, setup, summary, stop_event)
+        finally:
+            restore_handlers(handlers)
+    finally:
+        if ctx.distributed and ctx.is_main:
+            stop_workers(ctx)
+            end_group(ctx)
+
+
+def build_rank(ctx, cfg, device, setup):
+    """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
+    plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
+    plan (None: rank 0 stopped -> None here). Several ranks: the training group, with the plan's collective timeout."""
+    report, data = setup.report, setup.data
+    extractor = checkpoint = plan = None
+    if cfg.self_check and ctx.is_main:
+        extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
+                                            seed=cfg.seed)
+    try:
+        with setup.timer.phase("build"):
+            trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
+            if ctx.distributed:
+                report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
+                                "batch_per_rank": trainer.batch_per_rank}
+            if setup.resumed is not None:
+                restore(trainer, setup.resumed, data=data, report=report)
+            sampler = build_sampler(cfg, trainer, data)
+            if ctx.is_main:
+                with removed_if_left_empty(setup.out_dir):
+                    disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
+                    plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
+                                            disk_speed=disk_speed)
+                checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
+                                               config=report.config, classes=data.classes, report=report)
+    finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
+        plan = ctx.broadcast(plan)
+    if plan is None:
+        return None
+    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
+        trainer.attach_group(make_training_group(ctx, plan.hold_back_s))
+        ctx.sync_buffers((trainer.G, trainer.D))
+    return Rank(ctx=ctx, cfg=cfg, trainer=trainer, sampler=sampler, plan=plan, extractor=extractor,
+                checkpoint=checkpoint)
+
+
+def restore(trainer, resumed, *, data, report):
+    resumed.restore(trainer, classes=data.classes)
+    report.history = {k: list(v) for k, v in resumed.history.items()}
+    report.resumed_from = {"path": resumed.path, "step": trainer.step_count, "train_seconds": resumed.train_seconds,
+                           "plan_seconds": resumed.plan_seconds, "complete": resumed.complete}
+
+
+def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
+    """Rank 0: the CPU threads picked, the finish measured on this device, the disk space checked -> the TrainPlan.
+    Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to that)."""
+    device, data, out_dir = trainer.device, setup.data, setup.out_dir
+    if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
+        probe = sampler.with_batch(min(cfg.sample_batch, 50))
+        n, times = pick_cpu_threads(lambda: probe(probe.batch), candidates=sorted({1, max(cpu_count() - 1, 2)}))
+        log(f"torch CPU threads {n} (a generation batch: " +
+            ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
+    estimates, info = measure_finish_seconds(
+        sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
+    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * need:
+        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
+                         f"need about {1.2 * need / 2**20:.0f} MiB")
+    timeout = 0.0
+    if ctx.distributed:
+        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+    plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
+                         gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
+                         batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
+                         max_steps=cfg.max_steps, hold_back_s=timeout)
+    if ctx.distributed:
+        log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
+            f"{format_duration(timeout)} (training stops that much earlier)")
+    setup.report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
+    if not plan.self_check_reserved:
+        setup.report.warn("self-check not in the finish reserve (it would have taken more time than training)")
+    return plan
+
+
+def make_checkpointer(path, trainer, *, config, classes, report):
+    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
+    warning, never the end of the run: the zip matters more."""
+
+    def checkpoint(train_seconds, plan_seconds, complete):
+        try:
+            save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
+                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
+            return True
+        except Exception as exc:
+            warn(f"checkpoint not written: {describe_write_error(exc, path)}")
+            return False
+
+    return checkpoint
+
+
+def finish_probe(sampler, batch):
+    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
+    one = sampler.with_batch(batch)
+
+    def probe():
+        t0 = time.monotonic()
+        one(batch, seed=1)
+        return time.monotonic() - t0
+
+    return probe
+
+
+def train(rank, setup, stop_event):
+    """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
+    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set (exit 2)."""
+    ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
+    threads = torch.get_num_threads()
+    if ctx.distributed and trainer.device.type == "cpu":  # N CPU ranks share the cores while training
+        torch.set_num_threads(max(1, threads // ctx.world_size))  # (rank 0 finishes on all)
+        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
+    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
+    rank.pace = Pace(plan, setup.deadline, probe=finish_probe(rank.sampler, plan.gen_batch) if ctx.is_main else None)
+    summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
+                           plan_seconds=plan.plan_s)
+    try:
+        with setup.timer.phase("train"):
+            summary = train_loop(trainer, settings=build_loop_settings(rank.cfg), pace=rank.pace, ctx=ctx,
+                                 stop_event=stop_event, checkpoint_fn=rank.checkpoint, history=report.history,
+                                 before_step=fault_hook(rank.cfg.fault, rank=ctx.rank))
+    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
+        stop_event.set()
+        summary.reason = "interrupted"
+    except Exception as exc:  # train_loop catches failures in training; this is a last resort
+        if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
+            raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
+                                                world_size=trainer.world_size, device=trainer.device)) from None
+        summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
+        warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
+        ctx.mark_broken(summary.error)
+    torch.set_num_threads(threads)
+    if summary.reason in ("crashed", "diverged"):
+        report.degraded = True
+        report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
+    log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
+        + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
+    report.train = dataclasses.asdict(summary)
+    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
+    if describe_skips(report.precision):
+        log(describe_skips(report.precision))
+    return summary
+
+
+def ship(rank, setup, summary, stop_event):
+    """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
+    ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
+    if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+        failed = failed_ranks(ctx)
+        stop_workers(ctx, wait_s=0.0)
+        report.failed_ranks = {str(r): why for r, why in failed.items()}
+        report.degraded = True
+        report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
+                                        or f"a collective failed ({ctx.broken})"))
+        warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    with timer.phase("checkpoint"):
+        complete = rank.plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
+        if rank.checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):
+            log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
+    report_path = os.path.join(out_dir, "report.json")
+    try:
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
+               extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
+    except SubmissionError as exc:
+        report.degraded, report.zip = True, None
+        report.warn(f"zip not written: {exc}")
+        report.write(report_path)
+        print(f"error: no valid images.zip could be written ({exc}); any earlier "
+              f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
+              file=sys.stderr, flush=True)
+        return EXIT_ZIP_FAILED
+    report.phases, report.wall_seconds = dict(timer.seconds), setup.deadline.elapsed()
+    report.write(report_path)
+    log(f"done: {trainer.step_count} steps, {summary.images_per_s:.0f} images/s; {timer.summary()}; "
+        f"wall {format_duration(setup.deadline.elapsed())} of {format_duration(setup.deadline.budget_s)}"
+        + ("; DEGRADED run, see report.json" if report.degraded else ""))
+    return 0
+
+
 # interrupts
 
 
@@ -5432,8 +6148,8 @@ class StopRequest(threading.Event):
 
 
 def install_interrupt_handlers(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops at the next step; the checkpoint and zip are written, the
-    optional parts skipped). Second: exit at once. The handler does no buffered I/O: a print from a handler that
+    """First SIGINT/SIGTERM: set stop_event (training stops at the next decision; the checkpoint and zip are written,
+    the optional parts skipped). Second: exit at once. The handler does no buffered I/O: a print from a handler that
     interrupts a print in progress raises "reentrant call", which would land in the middle of training."""
     previous = {}
 
@@ -5455,48 +6171,56 @@ def restore_handlers(previous):
         signal.signal(sig, h)
 
 
-# main
+# ==== modules/main.py ====
+"""The run, straight: config -> prepare (checks, data: a RunSetup) -> start the ranks (one process, torchrun's, or
+forked ones) -> run_rank on every rank (device, trainer, plan, training, the zip); --evaluate scores a zip instead.
+
+The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
+interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
+verification; a problem the user can fix is found before training and ends with one line and exit code 2.
+"""
 
 
-def load_training_data(cfg):
-    """-> (DogData, the --demo temp dir or None: keep it referenced while the data is needed)."""
-    data_dir, demo_dir = cfg.data_dir or None, None
-    if cfg.demo:
-        demo_dir = tempfile.TemporaryDirectory(prefix="dogs-demo-")
-        data_dir = make_demo_dataset(os.path.join(demo_dir.name, "data"), seed=cfg.seed)
-        log(f"demo: synthetic dataset in {data_dir}")
-    images_dir, annotation_dir = find_data_dir(data_dir)
-    data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
-                     crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
-                     include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, limit=cfg.data_limit or None,
-                     resize=cfg.crop_filter)
-    return data, demo_dir
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # exit codes besides 0 and EXIT_ZIP_FAILED
+EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
 
 
-def check_setting_memory(cfg, device, *, world, data=None):
-    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
-    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
-    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
-    Before the data is read (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
-    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
-    if data is not None:
-        n_crops, n_classes = len(data.images), len(data.classes)
-    else:
-        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
-        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
-        n_crops, n_classes = int(images * 1.25 * styles), 120
-    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
-    available = device_available_bytes(device)
-    where = str(device) if device.type == "cuda" else "the host"
-    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
-    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
-            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
-            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
-    if batch != cfg.sample_batch:
-        info["sample_batch_asked"] = cfg.sample_batch
-        cfg = dataclasses.replace(cfg, sample_batch=batch)
-    return cfg, info
+def run(argv=None):
+    """The steps of a run -> exit code (see main)."""
+    cfg, print_config = parse_config(argv)
+    if print_config:
+        print(config_to_json(cfg))
+        return 0
+    if cfg.evaluate:
+        return evaluate_command(cfg)
+    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
+    setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
+    if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+    return run_rank(ctx, setup)
+
+
+def worker_main(ctx, setup):
+    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    code = 1
+    try:
+        code = run_rank(ctx, setup)
+    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
+        record_failure(f"{type(exc).__name__}: {exc}")
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def evaluate_command(cfg):
+    """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_submission(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    if not result["format"]["ok"]:
+        print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+        return EXIT_REJECTED
+    return 0
 
 
 def evaluate_submission(cfg):
@@ -5513,302 +6237,6 @@ def evaluate_submission(cfg):
     extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
     result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
-
-
-def build_restored(cfg, data, device, *, ctx, resumed, report):
-    """The trainer of this rank, restored from --resume (every rank loads it: Adam's state must match too)."""
-    trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
-    if resumed is not None:
-        restore_checkpoint(resumed, cfg.resume, trainer, classes=data.classes)
-        report.history = {k: list(v) for k, v in resumed.get("history", {}).items()}
-        prior_s = float(resumed["train_seconds"])
-        report.resumed_from = {"path": cfg.resume, "step": trainer.step_count, "train_seconds": prior_s,
-                               "plan_seconds": resumed.get("plan_seconds", prior_s),
-                               "complete": resumed.get("complete", True)}
-    return trainer
-
-
-def build_and_plan(cfg, data, device, *, ctx, deadline, resumed, report, extractor, out_dir, disk_speed):
-    """Rank 0: the trainer (restored from --resume), the finish measured on this device, the disk space checked, and
-    the plan. Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to
-    that). -> (Trainer, TrainPlan, collective timeout or 0); fills report.history, resumed_from and reserve."""
-    trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
-    if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
-        n, times = pick_cpu_threads(lambda: generate_images(
-            trainer.generator_to_ship(), n=min(cfg.sample_batch, 50), z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-            truncation=cfg.truncation, batch_size=min(cfg.sample_batch, 50), device=device),
-            candidates=sorted({1, max(cpu_count() - 1, 2)}))
-        log(f"torch CPU threads {n} (a generation batch: " +
-            ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
-    estimates, info = measure_finish_seconds(
-        trainer.generator_to_ship(), n_images=cfg.n_images, z_dim=cfg.z_dim, label_counts=label_counts_of(data),
-        truncation=cfg.truncation, batch_size=cfg.sample_batch, device=device, amp_dtype=trainer.amp_dtype,
-        workers=cfg.data_workers, disk_bytes_per_s=disk_speed, checkpoint_state=trainer.state_dict(),
-        extractor=extractor, n_reference=len(data.reference), crops=data.images)
-    need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
-    free = shutil.disk_usage(out_dir).free
-    if free < 1.2 * need:
-        raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
-                         f"need about {1.2 * need / 2**20:.0f} MiB")
-    timeout = 0.0
-    if ctx.distributed:
-        timeout = training_timeout(FINISH_SAFETY * sum(estimates.values()) + cfg.reserve_margin_s,
-                                   estimates["checkpoint"])
-    plan = plan_training(budget_s=deadline.budget_s - timeout, elapsed_s=deadline.elapsed(), estimates=estimates,
-                         gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
-                         batch_size=trainer.batch_size, resumed=resumed, budget_text=cfg.time_budget,
-                         resume_path=cfg.resume, max_steps=cfg.max_steps)
-    if ctx.distributed:
-        plan = dataclasses.replace(plan, budget_s=deadline.budget_s)
-        log(f"{ctx.world_size} ranks, {trainer.batch_size} images each per step; collective timeout "
-            f"{format_duration(timeout)} (training stops that much earlier)")
-    report.reserve = {**estimates, "margin": cfg.reserve_margin_s, "disk_mib_s": disk_speed / 2**20}
-    if not plan.self_check_reserved:
-        report.warn("self-check not in the finish reserve (it would have taken more time than training)")
-    return trainer, plan, timeout
-
-
-def label_counts_of(data):
-    return np.bincount(data.labels, minlength=len(data.classes))
-
-
-def make_checkpointer(path, trainer, *, config, classes, report):
-    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
-    warning, never the end of the run: the zip matters more."""
-
-    def checkpoint(train_seconds, plan_seconds, complete):
-        try:
-            save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
-                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
-            return True
-        except Exception as exc:
-            warn(f"checkpoint not written: {describe_write_error(exc, path)}")
-            return False
-
-    return checkpoint
-
-
-def make_finish_probe(trainer, plan, *, data, cfg):
-    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
-    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=trainer.device,
-              amp_dtype=trainer.amp_dtype)
-
-    def probe():
-        t0 = time.monotonic()
-        generate_images(trainer.generator_to_ship(), n=plan.gen_batch, batch_size=plan.gen_batch, seed=1, **kw)
-        return time.monotonic() - t0
-
-    return probe
-
-
-def train(cfg, trainer, plan, *, data, deadline, stop_event, checkpoint, report, ctx):
-    """The training phase: the loop, with a last resort around it. -> TrainSummary; notes a crash in report."""
-    log(f"training started at step {trainer.step_count} (SIGINT/SIGTERM: stop and write the zip; twice: exit now)")
-    summary = TrainSummary(total_steps=trainer.step_count, train_seconds_total=plan.prior_train_s,
-                           plan_seconds=plan.plan_s)
-    try:
-        summary = train_loop(
-            trainer, plan=plan, deadline=deadline, stop_event=stop_event, tick_s=cfg.tick_s,
-            check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
-            rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=checkpoint, checkpoint_s=cfg.checkpoint_s,
-            max_steps=cfg.max_steps, history=report.history,
-            finish_probe=make_finish_probe(trainer, plan, data=data, cfg=cfg), ctx=ctx)
-    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
-        stop_event.set()
-        summary.reason = "interrupted"
-    except UsageError:  # an out-of-memory error in the first steps (train_loop): exit 2, not a crashed run
-        raise
-    except Exception as exc:  # train_loop catches failures in training; this is a last resort
-        summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
-        warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
-        ctx.broken = ctx.broken or summary.error
-    if summary.reason in ("crashed", "diverged"):
-        report.degraded = True
-        report.warn(f"training {summary.reason}" + (f": {summary.error}" if summary.error else ""))
-    log(f"training stopped ({summary.reason}" + (f": {stop_event.why}" if summary.reason == "interrupted" else "")
-        + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
-    report.train = dataclasses.asdict(summary)
-    report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
-    if describe_skips(report.precision):
-        log(describe_skips(report.precision))
-    return summary
-
-
-def run(argv=None):
-    """The steps of a run. -> exit code (see main). Several ranks: this process is rank 0 and forks the others after
-    the data is read (or is one of torchrun's ranks); run_rank() is the rest of the run, on every rank."""
-    cfg, print_config = parse_config(argv)
-    if print_config:
-        print(config_to_json(cfg))
-        return 0
-    if cfg.evaluate:  # stdout carries the JSON object alone; the log goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate_submission(cfg)
-        print(json.dumps(result, indent=2, default=str))
-        if not result["format"]["ok"]:
-            print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
-            return EXIT_REJECTED
-        return 0
-    deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
-    if deadline.budget_s < MIN_BUDGET_S:
-        raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
-        warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
-             "Kaggle stops the session first, and the zip is written only at the budget's end")
-    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
-    if not ctx.is_main:
-        quiet_worker_output(ctx.rank)
-    out_dir = resolve_out_dir(cfg.out)
-    if ctx.is_main:  # only rank 0 writes
-        if not cfg.demo:
-            check_out_not_in_data(out_dir, cfg.data_dir)
-        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
-    resumed = None  # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
-    if cfg.resume:
-        resumed = read_checkpoint(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS})
-    log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
-                            if world > 1 else ""))
-    fork = world > 1 and ctx.launcher != "torchrun"  # we start ranks 1..N-1: after the data, before CUDA
-    device = None
-    if not fork:
-        device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
-        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
-        cfg, memory = check_setting_memory(cfg, device, world=world)  # before the data: too much is exit 2
-    seed_everything(cfg.seed)
-    report = RunReport(config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__)
-    if not fork:
-        report.memory = memory
-    timer = PhaseTimer()
-    with timer.phase("data"):
-        data, demo_dir = load_training_data(cfg)  # demo_dir: the --demo data's temp dir, removed when run() returns
-    report.data = data.stats
-    run_kw = dict(cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report, data=data,
-                  device=device)
-    if fork:
-        ctx = fork_workers(world, lambda wctx: worker_main(wctx, run_kw))
-    return run_rank(ctx, **run_kw)
-
-
-def worker_main(ctx, run_kw):
-    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
-    code = 1
-    try:
-        code = run_rank(ctx, **run_kw)
-    except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
-        record_failure(f"{type(exc).__name__}: {exc}")
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    finally:
-        os._exit(code)
-
-
-def run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
-    """The run from the device check (when not done yet) to the zip, on every rank; only rank 0 logs and writes."""
-    if device is None:
-        device = check_device(rank_device(ctx, cfg.device))
-        log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
-        log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
-        report.device = str(device)
-        cfg, report.memory = check_setting_memory(cfg, device, world=ctx.world_size, data=data)  # forked: after data
-        report.config = dataclasses.asdict(cfg)
-    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
-        ctx = DistContext()  # the workers could not start: one process, one device (warned)
-        report.warn("distributed start failed: ran one process")
-    try:
-        return _run_rank(ctx, cfg=cfg, deadline=deadline, timer=timer, out_dir=out_dir, resumed=resumed, report=report,
-                         data=data, device=device)
-    finally:
-        if ctx.distributed and ctx.is_main:
-            stop_workers(ctx)
-            end_group(ctx)
-
-
-def _run_rank(ctx, *, cfg, deadline, timer, out_dir, resumed, report, data, device):
-    if ctx.distributed:
-        report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
-                        "batch_per_rank": split_batch(cfg.batch_size, cfg.batch_per_gpu, ctx.world_size)}
-    extractor = None
-    if cfg.self_check and ctx.is_main:
-        extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
-                                            seed=cfg.seed)
-    built = None
-    if ctx.is_main:
-        try:
-            with removed_if_left_empty(out_dir):
-                disk_speed = prepare_out_dir(out_dir, resume=cfg.resume)
-                with timer.phase("build"):
-                    built = build_and_plan(cfg, data, device, ctx=ctx, deadline=deadline, resumed=resumed,
-                                           report=report, extractor=extractor, out_dir=out_dir, disk_speed=disk_speed)
-        finally:  # the other ranks wait for the plan; None tells them rank 0 stopped (a usage error, a failure)
-            if ctx.distributed:
-                broadcast_object(ctx, None if built is None else built[1:])
-        trainer, plan, timeout = built
-    else:
-        trainer = build_restored(cfg, data, device, ctx=ctx, resumed=resumed, report=report)
-        got = broadcast_object(ctx, None)
-        if got is None:
-            return 0
-        plan, timeout = got
-    if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
-        trainer.attach_group(make_training_group(ctx, timeout))
-        sync_buffers(ctx, (trainer.G, trainer.D))
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = make_checkpointer(ckpt_path, trainer, config=report.config, classes=data.classes, report=report)
-    threads = torch.get_num_threads()
-    if ctx.distributed and device.type == "cpu":  # N CPU ranks share the cores while training (rank 0 finishes on all)
-        torch.set_num_threads(max(1, threads // ctx.world_size))
-        log(f"{ctx.world_size} ranks on the CPU: {torch.get_num_threads()} threads each while training")
-    stop_event = StopRequest()
-    handlers = install_interrupt_handlers(stop_event)
-    try:
-        with timer.phase("train"):
-            summary = train(cfg, trainer, plan, data=data, deadline=deadline, stop_event=stop_event,
-                            checkpoint=checkpoint, report=report, ctx=ctx)
-        torch.set_num_threads(threads)
-        if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-            if summary.reason == "crashed":
-                record_failure(summary.error)
-                return 1
-            return 0
-        if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
-            failed = failed_ranks(ctx)
-            stop_workers(ctx, wait_s=0.0)
-            report.failed_ranks = {str(r): why for r, why in failed.items()}
-            report.degraded = True
-            report.warn("ranks failed: " + ("; ".join(f"rank {r}: {w}" for r, w in failed.items())
-                                            or f"a collective failed ({ctx.broken})"))
-            warn(f"{report.warnings[-1]}; rank 0 ships the zip from its averaged generator")
-        with timer.phase("checkpoint"):
-            complete = plan.complete(reason=summary.reason, train_seconds_total=summary.train_seconds_total)
-            if checkpoint(summary.train_seconds_total, summary.plan_seconds, complete):
-                log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
-        report_path = os.path.join(out_dir, "report.json")
-        try:
-            finish(trainer, data=data, out_dir=out_dir, n_images=cfg.n_images, z_dim=cfg.z_dim,
-                   truncation=cfg.truncation, seed=cfg.seed, workers=cfg.data_workers, self_check_on=cfg.self_check,
-                   corrupt_zip="zipfail" in parse_faults(cfg.fault), deadline=deadline, extractor=extractor,
-                   timer=timer, report=report, estimates=plan.estimates, batch=plan.gen_batch,
-                   slowdown=summary.slowdown, stop_event=stop_event)
-        except SubmissionError as exc:
-            report.degraded, report.zip = True, None
-            report.warn(f"zip not written: {exc}")
-            report.write(report_path)
-            print(f"error: no valid images.zip could be written ({exc}); any earlier "
-                  f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
-                  file=sys.stderr, flush=True)
-            return EXIT_ZIP_FAILED
-        report.phases, report.wall_seconds = dict(timer.seconds), deadline.elapsed()
-        report.write(report_path)
-        log(f"done: {trainer.step_count} steps, {summary.images_per_s:.0f} images/s; {timer.summary()}; "
-            f"wall {format_duration(deadline.elapsed())} of {format_duration(deadline.budget_s)}"
-            + ("; DEGRADED run, see report.json" if report.degraded else ""))
-        return 0
-    finally:
-        restore_handlers(handlers)
 
 
 class KernelExit(Exception):

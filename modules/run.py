@@ -25,8 +25,9 @@ from modules.distributed import (
 )
 from modules.faults import fault_hook
 from modules.features import build_feature_extractor
-from modules.finish import build_finish_settings, finish, measure_finish_seconds
+from modules.finish import build_finish_settings, finish
 from modules.loop import TrainSummary, build_loop_settings, train_loop
+from modules.measure import measure_finish_seconds
 from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
 from modules.pace import Pace, finish_reserve_s
@@ -248,7 +249,7 @@ def ship(rank, setup, summary, stop_event):
             log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
     report_path = os.path.join(out_dir, "report.json")
     try:
-        finish(rank.sampler, data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
                extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
     except SubmissionError as exc:
         report.degraded, report.zip = True, None

@@ -11,11 +11,17 @@ G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `
 Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
 so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
 "running" mode, where it shrinks the activations relative to the training statistics.
+
+A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
+`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
+and its pictures all call it, so they sample alike.
 """
 import contextlib
 import copy
+import dataclasses
 import itertools
 import weakref
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,3 +165,50 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
     images = np.concatenate(out)
     assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
     return images
+
+
+# the run's sampler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
+class Sampler:
+    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
+
+    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
+    averages), unless `ready()` fixed it."""
+
+    model: Callable  # () -> the generator to sample
+    z_dim: int
+    truncation: float  # resample |z| above this (0: none)
+    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
+    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
+    device: torch.device
+    batch: int  # images per generated batch
+    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+
+    def __call__(self, n, seed=0, *, on_batch=None):
+        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
+                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
+                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+
+    def with_batch(self, batch):
+        return dataclasses.replace(self, batch=batch)
+
+    def with_model(self, G):
+        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
+        return dataclasses.replace(self, model=lambda: G)
+
+    def ready(self):
+        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
+        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
+        return self.with_model(prepare_for_sampling(
+            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
+            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+
+
+def build_sampler(cfg, trainer, data):
+    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
+    generation batch; breeds drawn with the training set's frequencies."""
+    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
+                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
+                   device=trainer.device, batch=cfg.sample_batch)

@@ -1,8 +1,10 @@
-"""modules/finish.py: the finish writes a verified zip and report.json from keywords (no Config), skips the optional
-parts when time is short, and the measured reserve has its parts; RunReport writes report.json's keys."""
+"""modules/finish.py: the finish writes a verified zip and report.json from a Sampler and its settings (no Config),
+skips the optional parts when time is short (the Pace says); RunReport writes report.json's keys."""
 import io
 import json
+import dataclasses
 import threading
+import types
 import zipfile
 
 import numpy as np
@@ -11,8 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import CPU, tiny_cfg, tiny_data
-from modules.finish import finish, measure_finish_seconds, save_pictures
+from modules.finish import FinishSettings, build_finish_settings, finish, save_pictures
+from modules.pace import Pace
 from modules.report import RunReport
+from modules.sample import build_sampler
 from modules.submission import verify_zip
 from modules.train import build_trainer
 from modules.utils import Deadline, PhaseTimer
@@ -28,11 +32,15 @@ def _finish(trainer, out, *, budget=3600.0, stop=False, n=60):
     ev = threading.Event()
     if stop:
         ev.set()
-    images = finish(trainer, data=tiny_data(), out_dir=str(out), n_images=n, z_dim=trainer.z_dim, truncation=2.0,
-                    seed=0, workers=1, self_check_on=False, corrupt_zip=False, deadline=Deadline(budget),
-                    extractor=None, timer=PhaseTimer(), report=report,
-                    estimates={"generate": 1.0, "zip": 1.0, "checkpoint": 0.0}, batch=25, slowdown=1.0, stop_event=ev)
+    plan = types.SimpleNamespace(estimates={"generate": 1.0, "zip": 1.0, "checkpoint": 0.0})  # what Pace.need reads
+    images = finish(_sampler(trainer).with_batch(25), data=tiny_data(), out_dir=str(out),
+                    settings=FinishSettings(n_images=n, seed=0, workers=1, corrupt_zip=False), extractor=None,
+                    pace=Pace(plan, Deadline(budget)), timer=PhaseTimer(), report=report, stop_event=ev)
     return images, report
+
+
+def _sampler(trainer):
+    return build_sampler(dataclasses.replace(tiny_cfg(), z_dim=trainer.z_dim, truncation=2.0), trainer, tiny_data())
 
 
 def test_finish_writes_the_zip_report_and_pictures(tmp_path):
@@ -57,19 +65,15 @@ def test_finish_skips_the_pictures_when_interrupted_or_late(tmp_path):
 def test_save_pictures_keeps_the_generator_mode(tmp_path):
     trainer = _trainer()
     G = trainer.G.train()
-    breeds = save_pictures(G, classes=["a", "b"], history={}, out_dir=str(tmp_path), z_dim=trainer.z_dim,
-                           truncation=2.0, seed=0, device=CPU)
+    breeds = save_pictures(_sampler(trainer).with_model(G), classes=["a", "b"], history={}, out_dir=str(tmp_path),
+                           seed=0)
     assert breeds == ["a", "b"] and G.training and (tmp_path / "samples.png").is_file()
 
 
-def test_measured_finish_has_its_parts():
-    trainer = _trainer()
-    est, info = measure_finish_seconds(
-        trainer.generator_to_ship(), n_images=100, z_dim=trainer.z_dim, label_counts=np.ones(3), truncation=2.0,
-        batch_size=25, device=CPU, amp_dtype=None, workers=1, disk_bytes_per_s=1e8,
-        checkpoint_state=trainer.state_dict())
-    assert set(est) == {"generate", "zip", "checkpoint"} and all(v > 0 for v in est.values())
-    assert info["batch"] == 25 and info["zip_bytes"] > 100 * 1000 and info["checkpoint_bytes"] > 0
+def test_finish_settings_come_from_the_config():
+    s = build_finish_settings(tiny_cfg(n_images=40, seed=7, data_workers=3, fault="zipfail"))
+    assert s == FinishSettings(n_images=40, seed=7, workers=3, corrupt_zip=True)
+    assert not build_finish_settings(tiny_cfg(fault="")).corrupt_zip
 
 
 def test_pngs_are_encoded_while_generating_and_the_zip_holds_the_same_images(tmp_path, monkeypatch):

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, run_loop, tiny_cfg, tiny_data, window_plan
-from modules.finish import measure_finish_seconds
+from modules.measure import measure_finish_seconds
 from modules.submission import verify_zip
 from modules.checkpoint import read_checkpoint, save_checkpoint
 from modules.faults import fault_hook
+from modules.sample import Sampler
 from modules.train import build_trainer
 from modules.utils import Deadline, UsageError
 
@@ -367,10 +368,11 @@ def test_reserve_covers_the_frechet_sqrtm(one_thread):
     crops = np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
     est = {}
     for proxy in (False, True):
+        sampler = Sampler(model=trainer.generator_to_ship, z_dim=trainer.z_dim, truncation=2.0, label_counts=np.ones(3),
+                          amp_dtype=None, device=torch.device("cpu"), batch=16)
         est[proxy], info = measure_finish_seconds(
-            trainer.generator_to_ship(), n_images=1000, z_dim=trainer.z_dim, label_counts=np.ones(3), truncation=2.0,
-            batch_size=16, device=torch.device("cpu"), amp_dtype=None, workers=1, disk_bytes_per_s=1e8,
-            checkpoint_state=trainer.state_dict(), extractor=_FakeExtractor(2048, proxy), n_reference=100, crops=crops)
+            sampler, n_images=1000, workers=1, disk_bytes_per_s=1e8, checkpoint_state=trainer.state_dict(),
+            extractor=_FakeExtractor(2048, proxy), n_reference=100, crops=crops)
     assert est[False]["self_check"] - est[True]["self_check"] > 2.0, est  # (2048/512)^3 x a 512 sqrtm
     assert set(est[False]) == {"generate", "zip", "checkpoint", "self_check"} and info["batch"] == 16
     assert info["zip_bytes"] > 1000 * 1000 and info["checkpoint_bytes"] > 0

@@ -1,10 +1,20 @@
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from modules.biggan import BigGenerator
 from modules.layers import sn_linear
-from modules.sample import generate_images, prepare_for_sampling, sample_labels, to_uint8, truncated_z
+from modules.sample import (
+    Sampler,
+    build_sampler,
+    generate_images,
+    prepare_for_sampling,
+    sample_labels,
+    to_uint8,
+    truncated_z,
+)
 
 
 @pytest.mark.parametrize("threshold", [2.0, 0.8])
@@ -127,3 +137,49 @@ def test_on_batch_sees_each_batch_as_it_is_made():
     assert [len(b) for b in seen] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(seen), images)
     np.testing.assert_array_equal(generate_images(G, **kw), images)
+
+
+def _sampler(G, **kw):
+    return Sampler(**{**dict(model=lambda: G, z_dim=8, truncation=2.0, label_counts=np.array([1, 1]), amp_dtype=None,
+                             device=torch.device("cpu"), batch=32), **kw})
+
+
+def test_sampler_generates_as_generate_images():
+    """sampler(n, seed) is generate_images with the sampler's settings: the same images for the same seed; with_batch
+    changes only the batch; model() is read at each call (the shipped G can switch from the EMA to SWA)."""
+    torch.manual_seed(0)
+    G = TinyBN().eval()
+    sampler = _sampler(G)
+    a = sampler(64, 5)
+    np.testing.assert_array_equal(a, generate_images(G, **KW))
+    seen = []
+    np.testing.assert_array_equal(sampler.with_batch(16)(64, 5, on_batch=seen.append), generate_images(
+        G, **{**KW, "batch_size": 16}))
+    assert [len(b) for b in seen] == [16] * 4 and sampler.batch == 32
+    shipped = [G]
+    live = _sampler(None, model=lambda: shipped[0])
+    shipped[0] = TinyBN().eval()
+    np.testing.assert_array_equal(live(64, 5), generate_images(shipped[0], **KW))
+    assert not np.array_equal(live(64, 5), a)
+
+
+def test_sampler_ready_fixes_the_standing_copy():
+    torch.manual_seed(0)
+    G = TinyBN().eval()
+    G.sample_bn = "standing"
+    ready = _sampler(G).ready()
+    G2 = ready.model()
+    assert G2 is not G and G2.standing_ready and ready.model() is G2 and ready.with_batch(8).model() is G2
+    np.testing.assert_array_equal(ready(64, 5), generate_images(G, **KW))  # the images generate_images makes
+    assert _sampler(G, sample_bn="running")(64, 5).tolist() == generate_images(G, sample_bn="running", **KW).tolist()
+    plain = _sampler(TinyBN().eval())
+    assert plain.ready().model() is plain.model()  # nothing to prepare: G itself
+
+
+def test_build_sampler_counts_every_breed():
+    cfg = types.SimpleNamespace(z_dim=8, truncation=1.5, sample_batch=12)
+    trainer = types.SimpleNamespace(generator_to_ship=lambda: "G", amp_dtype=None, device=torch.device("cpu"))
+    data = types.SimpleNamespace(labels=np.array([0, 0, 2]), classes=["a", "b", "c", "d"])
+    s = build_sampler(cfg, trainer, data)
+    assert s.label_counts.tolist() == [2, 0, 1, 0] and s.model() == "G" and (s.z_dim, s.truncation, s.batch) == (
+        8, 1.5, 12) and s.sample_bn is None

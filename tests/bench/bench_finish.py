@@ -21,14 +21,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from modules.cli import parse_config  # noqa: E402
 from modules.finish import _finish_generate  # noqa: E402
-from modules.main import label_counts_of, load_training_data  # noqa: E402
+from modules.main import load_training_data  # noqa: E402
 from modules.report import RunReport  # noqa: E402
-from modules.sample import generate_images  # noqa: E402
+from modules.sample import build_sampler  # noqa: E402
 from modules.submission import write_submission  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 
@@ -64,26 +63,25 @@ def main():
     data, _ = load_training_data(cfg)
     cpu = torch.device("cpu")
     trainer = build_trainer(cfg, data, cpu)
-    G = trainer.generator_to_ship()
-    kw = dict(z_dim=cfg.z_dim, label_counts=label_counts_of(data), truncation=cfg.truncation, device=cpu, seed=0)
-    generate_images(G, n=200, batch_size=cfg.sample_batch, **kw)  # warm-up
+    sampler = build_sampler(cfg, trainer, data)  # the kernel's: batch cfg.sample_batch
+    sampler(200)  # warm-up
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()
-            generate_images(G, n=2000, batch_size=cfg.sample_batch, **kw)
+            sampler(2000)
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(15)
-        images, w, c = timed(lambda: generate_images(G, n=args.n, batch_size=cfg.sample_batch, **kw))
+        images, w, c = timed(lambda: sampler(args.n))
         rows["before: generate"] = (w, c)
         pngs, w, c = timed(lambda: pil_encode_pngs(images, cfg.data_workers))
         rows["before: encode PNGs (PIL)"] = (w, c)
         _, w, c = timed(lambda: write_submission(images, os.path.join(tmp, "a.zip"), workers=cfg.data_workers,
                                                  pngs=pngs))
         rows["before: write + verify"] = (w, c)
-        (images2, pngs2), w, c = timed(lambda: _finish_generate(G, n=args.n, batch=cfg.sample_batch, gen_kw=kw,
-                                                                device=cpu, report=RunReport(config={}, device="cpu", torch=torch.__version__),
+        report = RunReport(config={}, device="cpu", torch=torch.__version__)
+        (images2, pngs2), w, c = timed(lambda: _finish_generate(sampler.ready(), n=args.n, seed=0, report=report,
                                                                 workers=cfg.data_workers))
         rows["after: generate + encode (overlapped)"] = (w, c)
         assert pngs2 is not None and len(pngs2) == args.n, "the overlapped encoding gave no PNGs"

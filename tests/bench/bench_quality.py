@@ -8,9 +8,9 @@ Each --variant is NAME=PRESETS[:FIELD=VALUE,...] (PRESETS comma-separated as for
 after ':' are --set overrides). The variants train one after another, each for --minutes of training wall time, in one
 process with the same threads, through the kernel's own build_trainer and train_loop (called in segments, one per
 scoring interval; train_loop ends a segment early rather than overrun it, so points fall at or before each
---score-every mark). Every segment the generator the kernel would ship
-(trainer.generator_to_ship(): EMA/SWA) is sampled as the kernel samples it (modules/sample.generate_images: the
-configured truncation, breeds drawn with the training distribution, the run's seed) and --score-n images are scored;
+--score-every mark). Every segment the generator the kernel would ship (trainer.generator_to_ship(): EMA/SWA) is
+sampled as the kernel samples it (the kernel's own Sampler, modules/sample.build_sampler: the configured truncation,
+breeds drawn with the training distribution, the run's seed) and --score-n images are scored;
 scoring time is not training time. At the end --final-n images go through the kernel's zip writer
 (modules/submission.write_submission), are read back from the zip and scored; the last curve point is the first
 --score-n of those. --sampling-variants also scores the final generator with the other BatchNorm statistics (sample_bn: batch, running,
@@ -58,7 +58,7 @@ from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.loop import train_loop  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
-from modules.sample import SAMPLE_BN_MODES, generate_images  # noqa: E402
+from modules.sample import SAMPLE_BN_MODES, build_sampler  # noqa: E402
 from modules.submission import write_submission  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 from modules.utils import Deadline, UsageError, log, seed_everything  # noqa: E402
@@ -100,14 +100,6 @@ def train_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
                       history=history, finish_probe=None, before_step=None)
 
 
-def sample_like_kernel(trainer, cfg, label_counts, n, *, truncation=None):
-    """The images the kernel would write: the shipped generator, its truncation and label sampling, the run's seed."""
-    return generate_images(trainer.generator_to_ship(), n=n, z_dim=cfg.z_dim, label_counts=label_counts,
-                           truncation=cfg.truncation if truncation is None else truncation,
-                           batch_size=cfg.sample_batch, device=trainer.device, seed=cfg.seed,
-                           amp_dtype=trainer.amp_dtype)
-
-
 def read_zip_images(path):
     with zipfile.ZipFile(path) as zf:
         names = sorted(zf.namelist(), key=lambda s: int(s.split(".")[0]))
@@ -118,7 +110,7 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
                 sampling_variants):
     seed_everything(cfg.seed)
     trainer = build_trainer(cfg, data, torch.device("cpu"))
-    label_counts = np.bincount(data.labels, minlength=len(data.classes))
+    sampler = build_sampler(cfg, trainer, data)  # the images the kernel would write: sampler(n, cfg.seed)
     plan_s = minutes * 60.0
     trained, history, points, score_s = 0.0, {}, [], 0.0
     t_wall = time.monotonic()
@@ -135,7 +127,7 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
         if plan_s - trained < 0.25 * score_every:
             continue  # train_loop ended the segment a little early: train the rest, score it with the final images
         t0 = time.monotonic()
-        s = score(sample_like_kernel(trainer, cfg, label_counts, score_n), ref_feats, extractor)
+        s = score(sampler(score_n, cfg.seed), ref_feats, extractor)
         score_s += time.monotonic() - t0
         points.append({"train_s": trained, "step": trainer.step_count, "n": s["n"], "fid_mnv2": s["fid_mnv2"],
                        "mem_mnv2": s["mem_mnv2"]})
@@ -144,7 +136,7 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     zip_path = out_dir / f"images-{name}.zip"
-    write_submission(sample_like_kernel(trainer, cfg, label_counts, final_n), str(zip_path))
+    write_submission(sampler(final_n, cfg.seed), str(zip_path))
     images = read_zip_images(zip_path)
     zip_path.unlink()  # scored; not kept
     final = score(images, ref_feats, extractor)
@@ -160,19 +152,16 @@ def run_variant(name, cfg, data, *, ref_feats, extractor, minutes, score_every, 
         extra = {}
         options = []
         if cfg.truncation and sampling_variants == "all":
-            options.append(("no truncation", dict(truncation=0.0)))
+            options.append(("no truncation", dataclasses.replace(sampler, truncation=0.0)))
         if cfg.conditional and len(data.classes) > 1 and sampling_variants == "all":
-            options.append(("uniform breeds", dict(labels=np.ones(len(data.classes)))))
+            options.append(("uniform breeds", dataclasses.replace(sampler, label_counts=np.ones(len(data.classes)))))
         shipped = trainer.generator_to_ship()
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in shipped.modules()):
             # the same trained generator with the other BatchNorm statistics (sample.py); the curve used cfg.sample_bn
-            options += [(f"sample_bn={m}", dict(sample_bn=m)) for m in SAMPLE_BN_MODES if m != shipped.sample_bn]
-        for label, kw in options:
-            imgs = generate_images(trainer.generator_to_ship(), n=final_n, z_dim=cfg.z_dim,
-                                   label_counts=kw.get("labels", label_counts),
-                                   truncation=kw.get("truncation", cfg.truncation), batch_size=cfg.sample_batch,
-                                   device=trainer.device, seed=cfg.seed, amp_dtype=trainer.amp_dtype,
-                                   sample_bn=kw.get("sample_bn"))
+            options += [(f"sample_bn={m}", dataclasses.replace(sampler, sample_bn=m))
+                        for m in SAMPLE_BN_MODES if m != shipped.sample_bn]
+        for label, other in options:
+            imgs = other(final_n, cfg.seed)
             s = score(imgs, ref_feats, extractor)
             s.pop("feats")
             extra[label] = s

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import CPU, tiny_data  # noqa: E402
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.sample import generate_images  # noqa: E402
+from modules.sample import build_sampler  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
 from modules.utils import cpu_count  # noqa: E402
 
@@ -37,16 +36,14 @@ def main():
     data = tiny_data(n=64, n_classes=6)
     torch.manual_seed(0)
     trainer = build_trainer(cfg, data, CPU)
-    G = trainer.generator_to_ship()
-    counts = np.bincount(data.labels)
+    sampler = build_sampler(cfg, trainer, data)  # the kernel's: a batch is Config.sample_batch images
     threads = [int(t) for t in args.threads.split(",")]
     times = {(n, part): [] for n in threads for part in ("generate", "step")}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for n in threads:
             torch.set_num_threads(n)
             t0 = time.perf_counter()
-            generate_images(G, n=cfg.sample_batch, z_dim=cfg.z_dim, label_counts=counts, truncation=cfg.truncation,
-                            batch_size=cfg.sample_batch, device=CPU)
+            sampler(sampler.batch)
             t1 = time.perf_counter()
             trainer.step()
             trainer.read_stats()

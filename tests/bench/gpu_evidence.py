@@ -6,7 +6,7 @@
 
 --make-npz runs the kernel's own data loader (modules/data.load_dogs, the recipe's crop settings) on --data-dir
 (default ../shared/data/dogs-1953) and stores the uint8 crops [N,64,64,3], labels and breed names. The GPU run reads that
-file and drives the kernel's build_trainer / train_loop / generate_images / write_submission directly (as bench_quality.py does),
+file and drives the kernel's build_trainer / train_loop / build_sampler / write_submission directly (as bench_quality.py does),
 so it needs neither the photos nor the annotations.
 
 Sections, in order of importance (each one's failure is recorded and the next one runs; the JSON and the table are
@@ -37,7 +37,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +49,7 @@ from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.demo import make_demo_dataset  # noqa: E402
 from modules.loop import train_loop  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
-from modules.sample import generate_images  # noqa: E402
+from modules.sample import build_sampler  # noqa: E402
 from modules.speed import compile_support  # noqa: E402
 from modules.submission import verify_zip, write_submission  # noqa: E402
 from modules.precision import resolve_amp  # noqa: E402
@@ -174,8 +173,7 @@ def s_cuda_checks(ctx):
     out["inf_gradient"] = {"scale_before": scale0, "scale_after": scale1, "halved": scale1 == scale0 / 2,
                            "g_weights_unchanged": unchanged, "applies": t.scaler_g.is_enabled()}
     t0 = time.perf_counter()
-    imgs = generate_images(t.generator_to_ship(), n=16, z_dim=cfg.z_dim, label_counts=np.bincount(data.labels),
-                           truncation=cfg.truncation, batch_size=16, device=dev, amp_dtype=t.amp_dtype)
+    imgs = build_sampler(cfg, t, data).with_batch(16)(16)
     out["generate"] = {"shape": list(imgs.shape), "dtype": str(imgs.dtype), "seconds": time.perf_counter() - t0}
     bad = [k for k, v in out.items() if k.startswith("amp_") and not v["finite"]]
     if out["inf_gradient"]["applies"] and not (out["inf_gradient"]["halved"] and unchanged):
@@ -204,7 +202,8 @@ def s_train(ctx):
             r["reserved_gib"] = torch.cuda.memory_reserved(ctx.device) / 2**30
         out[amp] = r
         if amp == "fp16":  # the finish samples this generator; the rest is freed before the fp32 run's peak
-            ctx.fp16_G, ctx.fp16_amp = copy.deepcopy(trainer.generator_to_ship()), trainer.amp_dtype
+            ctx.fp16_sampler = build_sampler(cfg, trainer, ctx.data).with_model(
+                copy.deepcopy(trainer.generator_to_ship()))
         del trainer
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -242,14 +241,12 @@ def plot_curves(train, path):
 
 
 def s_finish(ctx):
-    G = ctx.fp16_G
-    if G is None:
+    sampler = ctx.fp16_sampler  # the fp16 run's shipped generator, as the kernel samples it (batch cfg.sample_batch)
+    if sampler is None:
         return {"skipped": "no fp16 generator (the train section failed)"}
     dev, cfg, n = ctx.device, ctx.cfg, ctx.n_images
-    kw = dict(z_dim=cfg.z_dim, label_counts=np.bincount(ctx.data.labels, minlength=len(ctx.data.classes)),
-              truncation=cfg.truncation, device=dev, amp_dtype=ctx.fp16_amp)
     t0 = time.perf_counter()
-    images = generate_images(G, n=n, batch_size=cfg.sample_batch, seed=cfg.seed, **kw)
+    images = sampler(n, cfg.seed)
     sync(dev)
     gen_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="evidence-zip-") as tmp:
@@ -446,7 +443,7 @@ def summarize(name, r):
 class Context:
     def __init__(self, args, out):
         self.args, self.out, self.results = args, out, {}
-        self.fp16_G, self.fp16_amp, self.meta = None, None, {}
+        self.fp16_sampler, self.meta = None, {}
 
     def left(self):
         return self.args.budget_s - (time.monotonic() - self.t0)

@@ -1,0 +1,103 @@
+"""Measuring what the finish will cost on this device before training: the finish reserve (plan.py) is built from
+these times, so training stops early enough to write the zip."""
+import io
+import math
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules.evaluate import MAX_CROPS_PIXEL_NN
+from modules.metrics import frechet_distance, memorization_distance, nearest_pixel
+from modules.submission import encode_pngs
+from modules.utils import cpu_count, warn
+
+SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
+SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    out = fn(*args, **kw)
+    return time.monotonic() - t0, out
+
+
+def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
+                           crops):
+    """Time each part of the finish on a sample and scale it to the whole run's finish:
+
+    generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
+    does not fit is halved;
+    zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
+    generation it overlaps (all of it on one core);
+    checkpoint: serialising the trainer's state (checkpoint_state) and writing it;
+    self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
+    Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
+    search against crops (uint8 [N,64,64,3]).
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    """
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    scale = n_images / len(imgs)
+    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
+    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_enc *= scale
+    if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
+        t_enc = max(0.0, t_enc - est["generate"])
+    est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    buf = io.BytesIO()
+    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    if extractor is not None:
+        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
+                                                crops=crops)
+    return est, info
+
+
+def _time_generation(sampler):
+    """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    batch = sampler.batch
+    while True:
+        try:
+            sampler(batch)  # warm-up
+            times = []
+            for seed in (1, 2):
+                dt, imgs = _timed(sampler, batch, seed)
+                times.append(dt)
+            return times, imgs, batch
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            if batch <= 8:
+                raise
+            warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
+            batch //= 2
+            sampler = sampler.with_batch(batch)
+            if sampler.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _self_check_seconds(imgs, *, extractor, n_images, n_reference, crops):
+    """The self-check's time, from its parts timed on SELF_CHECK_PROBE images (per-call overheads must not scale)."""
+    k, n_all, dim = SELF_CHECK_PROBE, n_images + n_reference, extractor.dim
+    probe = np.resize(imgs, (k, *imgs.shape[1:]))
+    rng = np.random.default_rng(0)
+    extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
+    nearest_pixel(probe[:8], crops[:8], device=extractor.device)
+    t_feat, _ = _timed(extractor, probe)
+    feats = rng.random((k, dim))
+    t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
+    t_sqrtm = 0.0
+    if not extractor.is_proxy:
+        m = min(dim, SQRTM_PROBE_DIM)
+        a = rng.standard_normal((m, 2 * m))
+        sigma = a @ a.T / (2 * m)
+        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+    m_ref = max(min(n_reference, 2048), 1)
+    t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+    m_crops = min(len(crops), 1024)
+    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
+    return 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
+                  + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
