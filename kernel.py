@@ -41,12 +41,12 @@
 #    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2195  Trainer.step          one training step: D, then G, EMA
 #    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2516  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5320  finish                the finish: images, the verified zip, self-check, pictures
-#    5639  parse_config          the command line -> a checked Config
-#    5932  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6188  run                   the run: settings, checks and data, the ranks started
-#    6258  main                  the entry point and its exit codes
+#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5321  finish                the finish: images, the verified zip, self-check, pictures
+#    5640  parse_config          the command line -> a checked Config
+#    5933  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6189  run                   the run: settings, checks and data, the ranks started
+#    6259  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2397,12 +2397,13 @@ class Pace:
         """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
         return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
 
-    def sync_interval(self, *, check_every, done):
-        """Steps to the next host sync: 1 for the first two (their time sets the margin), then check_every, but no
-        more than SYNC_MAX_S of steps."""
+    def sync_interval(self, *, check_every, done, step):
+        """Steps to the next host sync: 1 for the first two of this run (their time sets the margin), then to the next
+        multiple of check_every (syncs at round step counts: 10, 20, ...), but no more than SYNC_MAX_S of steps.
+        done: steps made in this run; step: the trainer's step count."""
         if done < 2:
             return 1
-        return max(1, min(check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
+        return max(1, min(check_every - step % check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
 
     def margin(self):
         """Time kept free before the stop: the step we start + one queued on the GPU (before a measurement: the plan's
@@ -2538,7 +2539,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
         while True:
             # decide: rank 0's clock, agreed by every rank
             done, trained = trainer.step_count - first, plan.prior_train_s + deadline.elapsed() - t_start
-            interval = pace.sync_interval(check_every=s.check_every, done=done)
+            interval = pace.sync_interval(check_every=s.check_every, done=done, step=trainer.step_count)
             if s.max_steps:
                 interval = max(1, min(interval, s.max_steps - trainer.step_count))
             stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
@@ -2563,7 +2564,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
-            if bad and not guard.roll_back(last_step):
+            if bad and not guard.roll_back(trainer.step_count):
                 reason = "diverged"
                 break
             if not bad:
@@ -2647,8 +2648,8 @@ class _Guard:
         if self.trainer.step_count - self.step >= self.settings.snapshot_every:
             self.snapshot()
 
-    def roll_back(self, since):
-        """Non-finite losses in the steps after `since`: back to the snapshot at lower learning rates -> True, or
+    def roll_back(self, by):
+        """Non-finite losses in the steps up to step `by`: back to the snapshot at lower learning rates -> True, or
         (past max_rollbacks) back to it at the same rates -> False: stop training."""
         t, s = self.trainer, self.settings
         self.rollbacks += 1
@@ -2658,7 +2659,7 @@ class _Guard:
             t.rollback(self.state, 1.0)
             return False
         t.rollback(self.state, s.rollback_lr_factor)
-        warn(f"non-finite losses by step {since}: rolled back to step {self.step}, "
+        warn(f"non-finite losses by step {by}: rolled back to step {self.step}, "
              f"learning rates x{t.lr_scale:g} (roll-back {self.rollbacks}/{s.max_rollbacks})")
         return True
 
@@ -5449,7 +5450,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
-    check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
+    check_s = finish_reserve_s({OPTIONAL_FINISH: estimates.get(OPTIONAL_FINISH, 0.0)})
     usable_s = budget_s - hold_back_s
     window = usable_s - finish_s - margin_s - elapsed_s
     reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.special
-from PIL import Image
 
 from modules.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score, mifid,
                              memorization_distance, nearest_pixel)

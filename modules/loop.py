@@ -77,7 +77,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
         while True:
             # decide: rank 0's clock, agreed by every rank
             done, trained = trainer.step_count - first, plan.prior_train_s + deadline.elapsed() - t_start
-            interval = pace.sync_interval(check_every=s.check_every, done=done)
+            interval = pace.sync_interval(check_every=s.check_every, done=done, step=trainer.step_count)
             if s.max_steps:
                 interval = max(1, min(interval, s.max_steps - trainer.step_count))
             stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
@@ -102,7 +102,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
-            if bad and not guard.roll_back(last_step):
+            if bad and not guard.roll_back(trainer.step_count):
                 reason = "diverged"
                 break
             if not bad:
@@ -186,8 +186,8 @@ class _Guard:
         if self.trainer.step_count - self.step >= self.settings.snapshot_every:
             self.snapshot()
 
-    def roll_back(self, since):
-        """Non-finite losses in the steps after `since`: back to the snapshot at lower learning rates -> True, or
+    def roll_back(self, by):
+        """Non-finite losses in the steps up to step `by`: back to the snapshot at lower learning rates -> True, or
         (past max_rollbacks) back to it at the same rates -> False: stop training."""
         t, s = self.trainer, self.settings
         self.rollbacks += 1
@@ -197,7 +197,7 @@ class _Guard:
             t.rollback(self.state, 1.0)
             return False
         t.rollback(self.state, s.rollback_lr_factor)
-        warn(f"non-finite losses by step {since}: rolled back to step {self.step}, "
+        warn(f"non-finite losses by step {by}: rolled back to step {self.step}, "
              f"learning rates x{t.lr_scale:g} (roll-back {self.rollbacks}/{s.max_rollbacks})")
         return True
 

@@ -54,12 +54,13 @@ class Pace:
         """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
         return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
 
-    def sync_interval(self, *, check_every, done):
-        """Steps to the next host sync: 1 for the first two (their time sets the margin), then check_every, but no
-        more than SYNC_MAX_S of steps."""
+    def sync_interval(self, *, check_every, done, step):
+        """Steps to the next host sync: 1 for the first two of this run (their time sets the margin), then to the next
+        multiple of check_every (syncs at round step counts: 10, 20, ...), but no more than SYNC_MAX_S of steps.
+        done: steps made in this run; step: the trainer's step count."""
         if done < 2:
             return 1
-        return max(1, min(check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
+        return max(1, min(check_every - step % check_every, int(SYNC_MAX_S / max(self.step_estimate(), 1e-9))))
 
     def margin(self):
         """Time kept free before the stop: the step we start + one queued on the GPU (before a measurement: the plan's

@@ -54,7 +54,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
-    check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
+    check_s = finish_reserve_s({OPTIONAL_FINISH: estimates.get(OPTIONAL_FINISH, 0.0)})
     usable_s = budget_s - hold_back_s
     window = usable_s - finish_s - margin_s - elapsed_s
     reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from modules.cli import parse_config  # noqa: E402
 from modules.finish import _finish_generate  # noqa: E402
-from modules.main import load_training_data  # noqa: E402
+from modules.setup import load_training_data  # noqa: E402
 from modules.report import RunReport  # noqa: E402
 from modules.sample import build_sampler  # noqa: E402
 from modules.submission import write_submission  # noqa: E402

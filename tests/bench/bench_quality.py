@@ -55,7 +55,9 @@ from mnv2 import (  # noqa: E402
 
 from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.data import find_data_dir, load_dogs  # noqa: E402
-from modules.loop import train_loop  # noqa: E402
+from modules.distributed import DistContext  # noqa: E402
+from modules.loop import build_loop_settings, train_loop  # noqa: E402
+from modules.pace import Pace  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
 from modules.sample import SAMPLE_BN_MODES, build_sampler  # noqa: E402
@@ -94,10 +96,9 @@ def train_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
     plan = TrainPlan(budget_s=seconds + 3600.0, estimates={}, finish_s=0.0, margin_s=0.0, train_until=seconds,
                      prior_train_s=prior_train_s, plan_s=plan_s, inherited=False, first_step_s=0.0,
                      gen_batch=cfg.sample_batch, gen_batch_s=0.0)
-    return train_loop(trainer, plan=plan, deadline=deadline, stop_event=None, tick_s=cfg.tick_s,
-                      check_every=cfg.check_every, snapshot_every=cfg.snapshot_every, max_rollbacks=cfg.max_rollbacks,
-                      rollback_lr_factor=cfg.rollback_lr_factor, checkpoint_fn=None, checkpoint_s=0.0, max_steps=0,
-                      history=history, finish_probe=None, before_step=None)
+    return train_loop(trainer, settings=dataclasses.replace(build_loop_settings(cfg), checkpoint_s=0.0, max_steps=0),
+           pace=Pace(plan, deadline), ctx=DistContext(), stop_event=None, checkpoint_fn=None,
+           history=history, before_step=None)
 
 
 def read_zip_images(path):

@@ -47,7 +47,9 @@ from benchlib import ROOT, add_recipe_args, load_data, load_npz, md_table, mib, 
 
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.demo import make_demo_dataset  # noqa: E402
-from modules.loop import train_loop  # noqa: E402
+from modules.distributed import DistContext  # noqa: E402
+from modules.loop import build_loop_settings, train_loop  # noqa: E402
+from modules.pace import Pace  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
 from modules.sample import build_sampler  # noqa: E402
 from modules.speed import compile_support  # noqa: E402
@@ -119,11 +121,9 @@ def train_for(cfg, data, device, seconds):
     plan = TrainPlan(budget_s=seconds + 3600.0, estimates={}, finish_s=0.0, margin_s=0.0, train_until=seconds,
                      prior_train_s=0.0, plan_s=seconds, inherited=False, first_step_s=0.0,
                      gen_batch=cfg.sample_batch, gen_batch_s=0.0)
-    summary = train_loop(trainer, plan=plan, deadline=deadline, stop_event=None, tick_s=cfg.tick_s,
-                         check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
-                         max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
-                         checkpoint_fn=None, checkpoint_s=0.0, max_steps=0, history=history, finish_probe=None,
-                         before_step=None)
+    summary = train_loop(trainer, settings=dataclasses.replace(build_loop_settings(cfg), checkpoint_s=0.0, max_steps=0),
+              pace=Pace(plan, deadline), ctx=DistContext(), stop_event=None, checkpoint_fn=None,
+              history=history, before_step=None)
     sync(device)
     return trainer, summary, history, syncs, skips
 
