@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2195  Trainer.step          one training step: D, then G, EMA
-#    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5321  finish                the finish: images, the verified zip, self-check, pictures
-#    5640  parse_config          the command line -> a checked Config
-#    5933  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6189  run                   the run: settings, checks and data, the ranks started
-#    6259  main                  the entry point and its exit codes
+#    2158  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2214  Trainer.step          one training step: D, then G, EMA
+#    2386  Pace                  the pace: step time, slowdown, when training must stop
+#    2537  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5354  finish                the finish: images, the verified zip, self-check, pictures
+#    5677  parse_config          the command line -> a checked Config
+#    5970  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6239  run                   the run: settings, checks and data, the ranks started
+#    6309  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -1819,30 +1819,36 @@ def compile_support(device):
 
 
 class CompiledForward:
-    """Replaces `module.forward` in place: the compiled forward, or the eager one for good if the first call raises.
+    """Replaces `module.forward` in place: the compiled forward, or the eager one for good once a compiled call raises.
 
-    In place, so the module keeps its class, attributes (joint_ok, set_growth) and state_dict keys. A deep copy of the
-    module (EMA, SWA) gets its own eager forward: the compiled function is bound to the original's parameters.
+    Any call may compile anew (the first; G in grad mode after eval mode; the finish's batch shape), so every call is
+    guarded: a failure is one warning, then that call and all later ones run eager. An out-of-memory error is not
+    compile's: it is raised as it is. In place, so the module keeps its class, attributes (joint_ok, set_growth) and
+    state_dict keys. A deep copy of the module (EMA, SWA) gets its own eager forward: the compiled function is bound to
+    the original's parameters.
     """
 
     def __init__(self, module, compiled):
         self.module, self.compiled, self.eager = module, compiled, module.forward
-        self.checked = False  # True after the first compiled call succeeded
+        self.calls = 0  # compiled calls started
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
-            if self.checked:
-                return self.compiled(*args, **kwargs)
+            self.calls += 1
             try:
-                out = self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
-                self.checked = True
-                return out
+                return self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
             except Exception as exc:
-                first_line = (str(exc).splitlines() or [""])[0][:160]
-                warn(f"torch.compile of {type(self.module).__name__} failed at its first call "
-                     f"({type(exc).__name__}: {first_line}): running eager from now on")
-                self.compiled = None
+                if is_out_of_memory(exc):
+                    raise
+                self.fall_back(exc, where="its first call" if self.calls == 1 else f"call {self.calls}")
         return self.eager(*args, **kwargs)
+
+    def fall_back(self, exc, *, where):
+        """Eager from now on, said once."""
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        warn(f"torch.compile of {type(self.module).__name__} failed at {where} ({type(exc).__name__}: {first_line}): "
+             "running eager from now on")
+        self.compiled = None
 
     def __deepcopy__(self, memo):
         twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
@@ -1873,6 +1879,19 @@ def maybe_compile(module, *, mode, device):
     module.forward = CompiledForward(module, compiled)
     log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
     return module
+
+
+def fall_back_to_eager(exc, *modules):
+    """After `exc` escaped a step of compiled modules (a backward torch.compile builds lazily, at its first backward):
+    the compiled ones run eager from now on -> True when any was compiled (the step may be retried), else False. An
+    out-of-memory error is not compile's: False."""
+    if is_out_of_memory(exc):
+        return False
+    compiled = [f for f in (m.__dict__.get("forward") for m in modules)
+                if isinstance(f, CompiledForward) and f.compiled is not None]
+    for f in compiled:
+        f.fall_back(exc, where="a training step")
+    return bool(compiled)
 
 
 # ==== modules/settings.py ====
@@ -2338,7 +2357,8 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
+    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
+    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
     return trainer
 
 
@@ -2517,8 +2537,9 @@ class TrainSummary:
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
     """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
     Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory
-    error in the first EARLY_OOM_STEPS steps, a setting that does not fit, which is re-raised for main to name.
+    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
+    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
+    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
 
     One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
     clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
@@ -2556,7 +2577,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                trainer.step()
+                _step(trainer, ctx)
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
@@ -2581,8 +2602,9 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
-        if is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS:
-            raise  # the setting does not fit: main names it in one line (exit 2), not an untrained generator's noise
+        if trainer.step_count == first or (is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS):
+            raise  # a setup problem, or a setting that does not fit: run.train names it in one line (exit 2), not
+            # an untrained generator's noise
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
@@ -2597,6 +2619,17 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
+
+
+def _step(trainer, ctx):
+    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
+    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
+    try:
+        trainer.step()
+    except Exception as exc:
+        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
+            raise
+        trainer.step()
 
 
 def _is_set(event):
@@ -5592,6 +5625,10 @@ def check_config(cfg):
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
+    if cfg.compile == "on" and cfg.gp_weight:  # compile=auto leaves D eager instead (build_trainer)
+        raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
+                         "needs a double backward through D, which torch.compile does not support; use compile=off "
+                         "or auto (D then runs eager), or gp_weight=0")
     if cfg.max_aspect and cfg.max_aspect < cfg.min_aspect:
         raise UsageError(f"setting max_aspect={cfg.max_aspect} is not allowed: 0 (no limit) or >= min_aspect "
                          f"({cfg.min_aspect})")
@@ -5938,22 +5975,23 @@ def run_rank(ctx, setup):
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
-    try:
-        rank = build_rank(ctx, cfg, device, setup)
-        if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
-            return 0
-        stop_event = StopRequest()
-        handlers = install_interrupt_handlers(stop_event)
-        try:
-            summary = train(rank, setup, stop_event)
-            if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-                if summary.reason == "crashed":
-                    record_failure(summary.error)
-                    return 1
+    try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
+        with removed_if_left_empty(setup.out_dir) if ctx.is_main else contextlib.nullcontext():
+            rank = build_rank(ctx, cfg, device, setup)
+            if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
                 return 0
-            return ship(rank, setup, summary, stop_event)
-        finally:
-            restore_handlers(handlers)
+            stop_event = StopRequest()
+            handlers = install_interrupt_handlers(stop_event)
+            try:
+                summary = train(rank, setup, stop_event)
+                if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+                    if summary.reason == "crashed":
+                        record_failure(summary.error)
+                        return 1
+                    return 0
+                return ship(rank, setup, summary, stop_event)
+            finally:
+                restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
             stop_workers(ctx)
@@ -5978,11 +6016,10 @@ def build_rank(ctx, cfg, device, setup):
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
-            if ctx.is_main:
-                with removed_if_left_empty(setup.out_dir):
-                    disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
-                    plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
-                                            disk_speed=disk_speed)
+            if ctx.is_main:  # run_rank removes the folder again if it was made for this run and a check fails
+                disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
+                plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
+                                        disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
@@ -6066,8 +6103,10 @@ def finish_probe(sampler, batch):
 
 def train(rank, setup, stop_event):
     """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
-    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set (exit 2)."""
+    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set, and any other
+    failure before the first step completed is a UsageError naming it (exit 2, nothing shipped: no step trained)."""
     ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
+    first = trainer.step_count
     threads = torch.get_num_threads()
     if ctx.distributed and trainer.device.type == "cpu":  # N CPU ranks share the cores while training
         torch.set_num_threads(max(1, threads // ctx.world_size))  # (rank 0 finishes on all)
@@ -6088,6 +6127,8 @@ def train(rank, setup, stop_event):
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
             raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
                                                 world_size=trainer.world_size, device=trainer.device)) from None
+        if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
+            raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
         ctx.mark_broken(summary.error)
@@ -6102,6 +6143,15 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_failure(exc, *, step):
+    """The one line for a failure before the first training step completed: the error and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"training failed in step {step}, before any step completed ({type(exc).__name__}: {first}){where}: "
+            "nothing was trained, so nothing is shipped; fix the setting or environment it names and run again")
 
 
 def ship(rank, setup, summary, stop_event):

@@ -301,5 +301,6 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
+    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
+    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
     return trainer
