@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2158  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2214  Trainer.step          one training step: D, then G, EMA
-#    2386  Pace                  the pace: step time, slowdown, when training must stop
-#    2537  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5354  finish                the finish: images, the verified zip, self-check, pictures
-#    5677  parse_config          the command line -> a checked Config
-#    5970  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6239  run                   the run: settings, checks and data, the ranks started
-#    6309  main                  the entry point and its exit codes
+#    2174  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2230  Trainer.step          one training step: D, then G, EMA
+#    2402  Pace                  the pace: step time, slowdown, when training must stop
+#    2553  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5370  finish                the finish: images, the verified zip, self-check, pictures
+#    5693  parse_config          the command line -> a checked Config
+#    5986  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6255  run                   the run: settings, checks and data, the ranks started
+#    6325  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2078,10 +2078,26 @@ loop that drives it is in loop.py (test faults: faults.py); checkpoint files in 
 """
 
 
+ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
+
+
 def _adam(params, lr, betas, device):
     # fused Adam on CUDA (one kernel for all parameters), foreach elsewhere
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
+def _load_optimizer(opt, saved):
+    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
+    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
+    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
+    so that torch also places the `step` counters where this implementation wants them."""
+    mine = opt.param_groups
+    groups = [{**{k: v for k, v in g.items() if k not in ADAM_IMPLEMENTATION_KEYS},
+               **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(saved["param_groups"], mine)]
+    if len(saved["param_groups"]) != len(mine):
+        groups = saved["param_groups"]  # torch names the mismatch
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 class Trainer:
@@ -2323,8 +2339,8 @@ class Trainer:
     def load_state_dict(self, state):
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        _load_optimizer(self.opt_g, state["opt_g"])
+        _load_optimizer(self.opt_d, state["opt_d"])
         for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
             if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
                 continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)

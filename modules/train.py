@@ -22,10 +22,26 @@ from modules.settings import trainer_settings
 from modules.speed import maybe_compile
 
 
+ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
+
+
 def _adam(params, lr, betas, device):
     # fused Adam on CUDA (one kernel for all parameters), foreach elsewhere
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
+def _load_optimizer(opt, saved):
+    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
+    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
+    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
+    so that torch also places the `step` counters where this implementation wants them."""
+    mine = opt.param_groups
+    groups = [{**{k: v for k, v in g.items() if k not in ADAM_IMPLEMENTATION_KEYS},
+               **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(saved["param_groups"], mine)]
+    if len(saved["param_groups"]) != len(mine):
+        groups = saved["param_groups"]  # torch names the mismatch
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 class Trainer:
@@ -267,8 +283,8 @@ class Trainer:
     def load_state_dict(self, state):
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        _load_optimizer(self.opt_g, state["opt_g"])
+        _load_optimizer(self.opt_d, state["opt_d"])
         for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
             if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
                 continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
