@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2174  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2230  Trainer.step          one training step: D, then G, EMA
-#    2402  Pace                  the pace: step time, slowdown, when training must stop
-#    2553  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5370  finish                the finish: images, the verified zip, self-check, pictures
-#    5693  parse_config          the command line -> a checked Config
-#    5986  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6255  run                   the run: settings, checks and data, the ranks started
-#    6325  main                  the entry point and its exit codes
+#    2206  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2262  Trainer.step          one training step: D, then G, EMA
+#    2434  Pace                  the pace: step time, slowdown, when training must stop
+#    2585  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5410  finish                the finish: images, the verified zip, self-check, pictures
+#    5733  parse_config          the command line -> a checked Config
+#    6026  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6295  run                   the run: settings, checks and data, the ranks started
+#    6365  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -1406,9 +1406,19 @@ def check_device(want="auto"):
     if not torch.cuda.is_available():
         raise UsageError(f"device {want!r} asked for, but torch {torch.__version__} sees no CUDA GPU")
     dev = torch.device("cuda" if want == "auto" else want)
-    name = torch.cuda.get_device_name(dev)
-    major, minor = torch.cuda.get_device_capability(dev)
-    archs = torch.cuda.get_arch_list()
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError(f"device {want!r} does not exist: torch sees {count} CUDA GPU{'' if count == 1 else 's'} ("
+                         + ("cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}")
+                         + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "") + ")")
+    try:
+        name = torch.cuda.get_device_name(dev)
+        major, minor = torch.cuda.get_device_capability(dev)
+        archs = torch.cuda.get_arch_list()
+    except Exception as exc:  # a driver that fails to initialise this GPU
+        raise UsageError(f"device {want!r} cannot be opened ({type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:160]})") from None
     try:
         x = torch.arange(8, device=dev, dtype=torch.float32)
         float((x * 2).sum())  # forces a real kernel launch and sync
@@ -1433,9 +1443,23 @@ def in_notebook():
     return "ipykernel" in sys.modules
 
 
+OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
+    "out of memory",  # "CUDA error: out of memory" (RuntimeError; AcceleratorError in torch 2.8+), NCCL's "Cuda failure
+    # 'out of memory'" (DistBackendError), HIP's
+    "not enough memory",  # the CPU allocator: "DefaultCPUAllocator: not enough memory: you tried to allocate ..."
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its handle or workspace
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN up to 8
+    "ALLOCATION_FAILED",  # cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED / _DEVICE_ALLOCATION_FAILED
+)
+
+
 def is_out_of_memory(exc):
-    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
+    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
+    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(t.lower() in text for t in OUT_OF_MEMORY_TEXTS)
 
 
 # ==== modules/sample.py ====
@@ -1650,6 +1674,7 @@ are described in the log and report.json. The Trainer (train.py) uses them; noth
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampere (sm_80) and later
 
 
 def resolve_amp(amp, device):
@@ -1657,7 +1682,8 @@ def resolve_amp(amp, device):
     bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
     GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
     A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
+    has no bf16."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -1675,7 +1701,13 @@ def resolve_amp(amp, device):
 
 def _amp_problem(dtype, device):
     """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`."""
+    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
+    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < BF16_MIN_CAPABILITY:
+            return (f"sm_{major}{minor} has no bf16 tensor cores (sm_{BF16_MIN_CAPABILITY}0+), so torch would emulate "
+                    "bf16 slowly there")
     if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
         return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
     try:
@@ -2572,6 +2604,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     reason, error, peak = "budget", None, None
     try:
         guard.snapshot()
+        _reset_peak_memory(trainer.device)
         last_t, last_step = time.monotonic(), trainer.step_count
         while True:
             # decide: rank 0's clock, agreed by every rank
@@ -2669,6 +2702,13 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 def _level(trainer):
     """The PGGAN level being trained (its step time is its own), None for other architectures."""
     return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
+
+
+def _reset_peak_memory(device):
+    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
+    not the finish measured before training (a larger generation batch)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(trainer, done, *, say):

@@ -75,6 +75,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     reason, error, peak = "budget", None, None
     try:
         guard.snapshot()
+        _reset_peak_memory(trainer.device)
         last_t, last_step = time.monotonic(), trainer.step_count
         while True:
             # decide: rank 0's clock, agreed by every rank
@@ -172,6 +173,13 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 def _level(trainer):
     """The PGGAN level being trained (its step time is its own), None for other architectures."""
     return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
+
+
+def _reset_peak_memory(device):
+    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
+    not the finish measured before training (a larger generation batch)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(trainer, done, *, say):

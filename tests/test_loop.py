@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 
+from modules import loop
 from modules.speed import CompiledForward
 from modules.train import build_trainer
 from modules.utils import Deadline
@@ -151,3 +152,23 @@ def test_a_step_whose_compiled_backward_fails_is_retried_eager(capsys):
     assert summary.reason == "steps" and trainer.step_count == 4 and trainer.D.forward.compiled is None
     out = capsys.readouterr().out
     assert out.count("WARNING") == 1 and "failed at a training step (RuntimeError: compiled backward failed" in out
+
+
+def test_peak_memory_is_counted_from_the_start_of_training(monkeypatch):
+    """The memory line after the first 2 steps reads torch.cuda.max_memory_allocated: its counter is reset at the start
+    of training, before any step and after the finish was measured (which generates a larger batch). CUDA faked: the
+    counter is a dict; the loop's own call is seen through a spy on the CPU trainer."""
+    counter = {"allocated": 1 << 30, "peak": 6 << 30}  # 6 GiB: the finish measurement's generation batch
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: counter.update(peak=counter["allocated"]))
+    loop._reset_peak_memory(torch.device("cuda", 0))
+    assert counter["peak"] == 1 << 30
+    loop._reset_peak_memory(CPU)  # nothing to reset on the CPU (no call into torch.cuda)
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    seen = []
+    monkeypatch.setattr(loop, "_reset_peak_memory", lambda device: seen.append((device, trainer.step_count)))
+    d = Deadline(3600)
+    run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+             **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=2))
+    assert seen == [(CPU, 0)]
