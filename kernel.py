@@ -40,13 +40,13 @@
 #    1122  LOSSES                the losses (loss): D's and G's for each
 #    2206  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2262  Trainer.step          one training step: D, then G, EMA
-#    2434  Pace                  the pace: step time, slowdown, when training must stop
-#    2585  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5410  finish                the finish: images, the verified zip, self-check, pictures
-#    5733  parse_config          the command line -> a checked Config
-#    6026  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6295  run                   the run: settings, checks and data, the ranks started
-#    6365  main                  the entry point and its exit codes
+#    2436  Pace                  the pace: step time, slowdown, when training must stop
+#    2587  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5412  finish                the finish: images, the verified zip, self-check, pictures
+#    5735  parse_config          the command line -> a checked Config
+#    6028  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6297  run                   the run: settings, checks and data, the ranks started
+#    6367  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2290,18 +2290,20 @@ class Trainer:
         # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
         # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
         self.D.requires_grad_(False)
-        with torch.autocast(**ac):
-            if self.fresh_real_logits:
-                with torch.no_grad():
-                    real_logits, _ = self.D(self._noisy(real), y_real)
-            fake = self.G_train(z, y_fake)
-            fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
-            loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
-            if cls_fake is not None and loss.aux_weight:
-                loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(loss_g).backward()
-        self.D.requires_grad_(True)
+        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+            with torch.autocast(**ac):
+                if self.fresh_real_logits:
+                    with torch.no_grad():
+                        real_logits, _ = self.D(self._noisy(real), y_real)
+                fake = self.G_train(z, y_fake)
+                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
+                if cls_fake is not None and loss.aux_weight:
+                    loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(loss_g).backward()
+        finally:
+            self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
