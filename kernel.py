@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2206  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2262  Trainer.step          one training step: D, then G, EMA
-#    2436  Pace                  the pace: step time, slowdown, when training must stop
-#    2587  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5412  finish                the finish: images, the verified zip, self-check, pictures
-#    5735  parse_config          the command line -> a checked Config
-#    6028  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6297  run                   the run: settings, checks and data, the ranks started
-#    6367  main                  the entry point and its exit codes
+#    2204  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2260  Trainer.step          one training step: D, then G, EMA
+#    2434  Pace                  the pace: step time, slowdown, when training must stop
+#    2585  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5410  finish                the finish: images, the verified zip, self-check, pictures
+#    5733  parse_config          the command line -> a checked Config
+#    6026  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6295  run                   the run: settings, checks and data, the ranks started
+#    6365  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2124,11 +2124,9 @@ def _load_optimizer(opt, saved):
     the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
     Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
     so that torch also places the `step` counters where this implementation wants them."""
-    mine = opt.param_groups
-    groups = [{**{k: v for k, v in g.items() if k not in ADAM_IMPLEMENTATION_KEYS},
-               **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(saved["param_groups"], mine)]
-    if len(saved["param_groups"]) != len(mine):
-        groups = saved["param_groups"]  # torch names the mismatch
+    mine, groups = opt.param_groups, saved["param_groups"]
+    if len(groups) == len(mine):  # else torch names the mismatch
+        groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
     opt.load_state_dict({**saved, "param_groups": groups})
 
 

@@ -36,11 +36,9 @@ def _load_optimizer(opt, saved):
     the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
     Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
     so that torch also places the `step` counters where this implementation wants them."""
-    mine = opt.param_groups
-    groups = [{**{k: v for k, v in g.items() if k not in ADAM_IMPLEMENTATION_KEYS},
-               **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(saved["param_groups"], mine)]
-    if len(saved["param_groups"]) != len(mine):
-        groups = saved["param_groups"]  # torch names the mismatch
+    mine, groups = opt.param_groups, saved["param_groups"]
+    if len(groups) == len(mine):  # else torch names the mismatch
+        groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
     opt.load_state_dict({**saved, "param_groups": groups})
 
 
