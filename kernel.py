@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2195  Trainer.step          one training step: D, then G, EMA
-#    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5321  finish                the finish: images, the verified zip, self-check, pictures
-#    5640  parse_config          the command line -> a checked Config
-#    5933  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6189  run                   the run: settings, checks and data, the ranks started
-#    6259  main                  the entry point and its exit codes
+#    2204  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2260  Trainer.step          one training step: D, then G, EMA
+#    2434  Pace                  the pace: step time, slowdown, when training must stop
+#    2585  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5410  finish                the finish: images, the verified zip, self-check, pictures
+#    5733  parse_config          the command line -> a checked Config
+#    6026  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6295  run                   the run: settings, checks and data, the ranks started
+#    6365  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -153,7 +153,7 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
-    compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
+    compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
@@ -1406,9 +1406,19 @@ def check_device(want="auto"):
     if not torch.cuda.is_available():
         raise UsageError(f"device {want!r} asked for, but torch {torch.__version__} sees no CUDA GPU")
     dev = torch.device("cuda" if want == "auto" else want)
-    name = torch.cuda.get_device_name(dev)
-    major, minor = torch.cuda.get_device_capability(dev)
-    archs = torch.cuda.get_arch_list()
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError(f"device {want!r} does not exist: torch sees {count} CUDA GPU{'' if count == 1 else 's'} ("
+                         + ("cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}")
+                         + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "") + ")")
+    try:
+        name = torch.cuda.get_device_name(dev)
+        major, minor = torch.cuda.get_device_capability(dev)
+        archs = torch.cuda.get_arch_list()
+    except Exception as exc:  # a driver that fails to initialise this GPU
+        raise UsageError(f"device {want!r} cannot be opened ({type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:160]})") from None
     try:
         x = torch.arange(8, device=dev, dtype=torch.float32)
         float((x * 2).sum())  # forces a real kernel launch and sync
@@ -1433,9 +1443,23 @@ def in_notebook():
     return "ipykernel" in sys.modules
 
 
+OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
+    "out of memory",  # "CUDA error: out of memory" (RuntimeError; AcceleratorError in torch 2.8+), NCCL's "Cuda failure
+    # 'out of memory'" (DistBackendError), HIP's
+    "not enough memory",  # the CPU allocator: "DefaultCPUAllocator: not enough memory: you tried to allocate ..."
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its handle or workspace
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN up to 8
+    "ALLOCATION_FAILED",  # cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED / _DEVICE_ALLOCATION_FAILED
+)
+
+
 def is_out_of_memory(exc):
-    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
+    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
+    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(t.lower() in text for t in OUT_OF_MEMORY_TEXTS)
 
 
 # ==== modules/sample.py ====
@@ -1650,6 +1674,7 @@ are described in the log and report.json. The Trainer (train.py) uses them; noth
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampere (sm_80) and later
 
 
 def resolve_amp(amp, device):
@@ -1657,7 +1682,8 @@ def resolve_amp(amp, device):
     bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
     GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
     A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
+    has no bf16."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -1675,7 +1701,13 @@ def resolve_amp(amp, device):
 
 def _amp_problem(dtype, device):
     """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`."""
+    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
+    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < BF16_MIN_CAPABILITY:
+            return (f"sm_{major}{minor} has no bf16 tensor cores (sm_{BF16_MIN_CAPABILITY}0+), so torch would emulate "
+                    "bf16 slowly there")
     if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
         return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
     try:
@@ -1819,30 +1851,36 @@ def compile_support(device):
 
 
 class CompiledForward:
-    """Replaces `module.forward` in place: the compiled forward, or the eager one for good if the first call raises.
+    """Replaces `module.forward` in place: the compiled forward, or the eager one for good once a compiled call raises.
 
-    In place, so the module keeps its class, attributes (joint_ok, set_growth) and state_dict keys. A deep copy of the
-    module (EMA, SWA) gets its own eager forward: the compiled function is bound to the original's parameters.
+    Any call may compile anew (the first; G in grad mode after eval mode; the finish's batch shape), so every call is
+    guarded: a failure is one warning, then that call and all later ones run eager. An out-of-memory error is not
+    compile's: it is raised as it is. In place, so the module keeps its class, attributes (joint_ok, set_growth) and
+    state_dict keys. A deep copy of the module (EMA, SWA) gets its own eager forward: the compiled function is bound to
+    the original's parameters.
     """
 
     def __init__(self, module, compiled):
         self.module, self.compiled, self.eager = module, compiled, module.forward
-        self.checked = False  # True after the first compiled call succeeded
+        self.calls = 0  # compiled calls started
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
-            if self.checked:
-                return self.compiled(*args, **kwargs)
+            self.calls += 1
             try:
-                out = self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
-                self.checked = True
-                return out
+                return self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
             except Exception as exc:
-                first_line = (str(exc).splitlines() or [""])[0][:160]
-                warn(f"torch.compile of {type(self.module).__name__} failed at its first call "
-                     f"({type(exc).__name__}: {first_line}): running eager from now on")
-                self.compiled = None
+                if is_out_of_memory(exc):
+                    raise
+                self.fall_back(exc, where="its first call" if self.calls == 1 else f"call {self.calls}")
         return self.eager(*args, **kwargs)
+
+    def fall_back(self, exc, *, where):
+        """Eager from now on, said once."""
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        warn(f"torch.compile of {type(self.module).__name__} failed at {where} ({type(exc).__name__}: {first_line}): "
+             "running eager from now on")
+        self.compiled = None
 
     def __deepcopy__(self, memo):
         twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
@@ -1873,6 +1911,19 @@ def maybe_compile(module, *, mode, device):
     module.forward = CompiledForward(module, compiled)
     log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
     return module
+
+
+def fall_back_to_eager(exc, *modules):
+    """After `exc` escaped a step of compiled modules (a backward torch.compile builds lazily, at its first backward):
+    the compiled ones run eager from now on -> True when any was compiled (the step may be retried), else False. An
+    out-of-memory error is not compile's: False."""
+    if is_out_of_memory(exc):
+        return False
+    compiled = [f for f in (m.__dict__.get("forward") for m in modules)
+                if isinstance(f, CompiledForward) and f.compiled is not None]
+    for f in compiled:
+        f.fall_back(exc, where="a training step")
+    return bool(compiled)
 
 
 # ==== modules/settings.py ====
@@ -2059,10 +2110,24 @@ loop that drives it is in loop.py (test faults: faults.py); checkpoint files in 
 """
 
 
+ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
+
+
 def _adam(params, lr, betas, device):
     # fused Adam on CUDA (one kernel for all parameters), foreach elsewhere
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
+def _load_optimizer(opt, saved):
+    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
+    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
+    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
+    so that torch also places the `step` counters where this implementation wants them."""
+    mine, groups = opt.param_groups, saved["param_groups"]
+    if len(groups) == len(mine):  # else torch names the mismatch
+        groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 class Trainer:
@@ -2223,18 +2288,20 @@ class Trainer:
         # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
         # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
         self.D.requires_grad_(False)
-        with torch.autocast(**ac):
-            if self.fresh_real_logits:
-                with torch.no_grad():
-                    real_logits, _ = self.D(self._noisy(real), y_real)
-            fake = self.G_train(z, y_fake)
-            fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
-            loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
-            if cls_fake is not None and loss.aux_weight:
-                loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(loss_g).backward()
-        self.D.requires_grad_(True)
+        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+            with torch.autocast(**ac):
+                if self.fresh_real_logits:
+                    with torch.no_grad():
+                        real_logits, _ = self.D(self._noisy(real), y_real)
+                fake = self.G_train(z, y_fake)
+                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
+                if cls_fake is not None and loss.aux_weight:
+                    loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(loss_g).backward()
+        finally:
+            self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
@@ -2304,8 +2371,8 @@ class Trainer:
     def load_state_dict(self, state):
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        _load_optimizer(self.opt_g, state["opt_g"])
+        _load_optimizer(self.opt_d, state["opt_d"])
         for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
             if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
                 continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
@@ -2338,7 +2405,8 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
+    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
+    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
     return trainer
 
 
@@ -2517,8 +2585,9 @@ class TrainSummary:
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
     """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
     Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory
-    error in the first EARLY_OOM_STEPS steps, a setting that does not fit, which is re-raised for main to name.
+    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
+    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
+    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
 
     One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
     clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
@@ -2535,6 +2604,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     reason, error, peak = "budget", None, None
     try:
         guard.snapshot()
+        _reset_peak_memory(trainer.device)
         last_t, last_step = time.monotonic(), trainer.step_count
         while True:
             # decide: rank 0's clock, agreed by every rank
@@ -2556,7 +2626,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                trainer.step()
+                _step(trainer, ctx)
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
@@ -2581,8 +2651,9 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
-        if is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS:
-            raise  # the setting does not fit: main names it in one line (exit 2), not an untrained generator's noise
+        if trainer.step_count == first or (is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS):
+            raise  # a setup problem, or a setting that does not fit: run.train names it in one line (exit 2), not
+            # an untrained generator's noise
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
@@ -2597,6 +2668,17 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
+
+
+def _step(trainer, ctx):
+    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
+    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
+    try:
+        trainer.step()
+    except Exception as exc:
+        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
+            raise
+        trainer.step()
 
 
 def _is_set(event):
@@ -2620,6 +2702,13 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 def _level(trainer):
     """The PGGAN level being trained (its step time is its own), None for other architectures."""
     return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
+
+
+def _reset_peak_memory(device):
+    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
+    not the finish measured before training (a larger generation batch)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(trainer, done, *, say):
@@ -5592,6 +5681,10 @@ def check_config(cfg):
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
+    if cfg.compile == "on" and cfg.gp_weight:  # compile=auto leaves D eager instead (build_trainer)
+        raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
+                         "needs a double backward through D, which torch.compile does not support; use compile=off "
+                         "or auto (D then runs eager), or gp_weight=0")
     if cfg.max_aspect and cfg.max_aspect < cfg.min_aspect:
         raise UsageError(f"setting max_aspect={cfg.max_aspect} is not allowed: 0 (no limit) or >= min_aspect "
                          f"({cfg.min_aspect})")
@@ -5938,22 +6031,23 @@ def run_rank(ctx, setup):
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
-    try:
-        rank = build_rank(ctx, cfg, device, setup)
-        if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
-            return 0
-        stop_event = StopRequest()
-        handlers = install_interrupt_handlers(stop_event)
-        try:
-            summary = train(rank, setup, stop_event)
-            if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-                if summary.reason == "crashed":
-                    record_failure(summary.error)
-                    return 1
+    try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
+        with removed_if_left_empty(setup.out_dir) if ctx.is_main else contextlib.nullcontext():
+            rank = build_rank(ctx, cfg, device, setup)
+            if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
                 return 0
-            return ship(rank, setup, summary, stop_event)
-        finally:
-            restore_handlers(handlers)
+            stop_event = StopRequest()
+            handlers = install_interrupt_handlers(stop_event)
+            try:
+                summary = train(rank, setup, stop_event)
+                if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+                    if summary.reason == "crashed":
+                        record_failure(summary.error)
+                        return 1
+                    return 0
+                return ship(rank, setup, summary, stop_event)
+            finally:
+                restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
             stop_workers(ctx)
@@ -5978,11 +6072,10 @@ def build_rank(ctx, cfg, device, setup):
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
-            if ctx.is_main:
-                with removed_if_left_empty(setup.out_dir):
-                    disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
-                    plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
-                                            disk_speed=disk_speed)
+            if ctx.is_main:  # run_rank removes the folder again if it was made for this run and a check fails
+                disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
+                plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
+                                        disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
@@ -6066,8 +6159,10 @@ def finish_probe(sampler, batch):
 
 def train(rank, setup, stop_event):
     """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
-    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set (exit 2)."""
+    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set, and any other
+    failure before the first step completed is a UsageError naming it (exit 2, nothing shipped: no step trained)."""
     ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
+    first = trainer.step_count
     threads = torch.get_num_threads()
     if ctx.distributed and trainer.device.type == "cpu":  # N CPU ranks share the cores while training
         torch.set_num_threads(max(1, threads // ctx.world_size))  # (rank 0 finishes on all)
@@ -6088,6 +6183,8 @@ def train(rank, setup, stop_event):
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
             raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
                                                 world_size=trainer.world_size, device=trainer.device)) from None
+        if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
+            raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
         ctx.mark_broken(summary.error)
@@ -6102,6 +6199,15 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_failure(exc, *, step):
+    """The one line for a failure before the first training step completed: the error and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"training failed in step {step}, before any step completed ({type(exc).__name__}: {first}){where}: "
+            "nothing was trained, so nothing is shipped; fix the setting or environment it names and run again")
 
 
 def ship(rank, setup, summary, stop_event):

@@ -78,7 +78,7 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
-    compile: str = "off"  # off | auto | on: torch.compile G and D (auto: CUDA sm_70+ with Triton, never the P100)
+    compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in

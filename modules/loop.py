@@ -10,6 +10,7 @@ import torch
 
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
+from modules.speed import fall_back_to_eager
 from modules.utils import eval_mode, format_duration, is_out_of_memory, log, warn
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
@@ -55,8 +56,9 @@ class TrainSummary:
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
     """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
     Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except an out-of-memory
-    error in the first EARLY_OOM_STEPS steps, a setting that does not fit, which is re-raised for main to name.
+    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
+    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
+    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
 
     One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
     clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
@@ -73,6 +75,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     reason, error, peak = "budget", None, None
     try:
         guard.snapshot()
+        _reset_peak_memory(trainer.device)
         last_t, last_step = time.monotonic(), trainer.step_count
         while True:
             # decide: rank 0's clock, agreed by every rank
@@ -94,7 +97,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                trainer.step()
+                _step(trainer, ctx)
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
@@ -119,8 +122,9 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             stop_event.set()
         warn(f"KeyboardInterrupt at step {trainer.step_count}: stopping training, writing the zip")
     except Exception as exc:  # CUDA OOM included: ship what there is
-        if is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS:
-            raise  # the setting does not fit: main names it in one line (exit 2), not an untrained generator's noise
+        if trainer.step_count == first or (is_out_of_memory(exc) and trainer.step_count - first < EARLY_OOM_STEPS):
+            raise  # a setup problem, or a setting that does not fit: run.train names it in one line (exit 2), not
+            # an untrained generator's noise
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
@@ -135,6 +139,17 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
+
+
+def _step(trainer, ctx):
+    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
+    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
+    try:
+        trainer.step()
+    except Exception as exc:
+        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
+            raise
+        trainer.step()
 
 
 def _is_set(event):
@@ -158,6 +173,13 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 def _level(trainer):
     """The PGGAN level being trained (its step time is its own), None for other architectures."""
     return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
+
+
+def _reset_peak_memory(device):
+    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
+    not the finish measured before training (a larger generation batch)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(trainer, done, *, say):

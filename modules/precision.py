@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from modules.utils import UsageError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampere (sm_80) and later
 
 
 def resolve_amp(amp, device):
@@ -15,7 +16,8 @@ def resolve_amp(amp, device):
     bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
     GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
     A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), and an older CPU autocast silently falls back to fp32 for float16."""
+    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
+    has no bf16."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -33,7 +35,13 @@ def resolve_amp(amp, device):
 
 def _amp_problem(dtype, device):
     """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`."""
+    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
+    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < BF16_MIN_CAPABILITY:
+            return (f"sm_{major}{minor} has no bf16 tensor cores (sm_{BF16_MIN_CAPABILITY}0+), so torch would emulate "
+                    "bf16 slowly there")
     if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
         return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
     try:

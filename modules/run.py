@@ -1,6 +1,7 @@
 """One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
 TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
 report.json. Only rank 0 logs and writes."""
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -65,22 +67,23 @@ def run_rank(ctx, setup):
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
-    try:
-        rank = build_rank(ctx, cfg, device, setup)
-        if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
-            return 0
-        stop_event = StopRequest()
-        handlers = install_interrupt_handlers(stop_event)
-        try:
-            summary = train(rank, setup, stop_event)
-            if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-                if summary.reason == "crashed":
-                    record_failure(summary.error)
-                    return 1
+    try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
+        with removed_if_left_empty(setup.out_dir) if ctx.is_main else contextlib.nullcontext():
+            rank = build_rank(ctx, cfg, device, setup)
+            if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
                 return 0
-            return ship(rank, setup, summary, stop_event)
-        finally:
-            restore_handlers(handlers)
+            stop_event = StopRequest()
+            handlers = install_interrupt_handlers(stop_event)
+            try:
+                summary = train(rank, setup, stop_event)
+                if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
+                    if summary.reason == "crashed":
+                        record_failure(summary.error)
+                        return 1
+                    return 0
+                return ship(rank, setup, summary, stop_event)
+            finally:
+                restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
             stop_workers(ctx)
@@ -105,11 +108,10 @@ def build_rank(ctx, cfg, device, setup):
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
-            if ctx.is_main:
-                with removed_if_left_empty(setup.out_dir):
-                    disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
-                    plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
-                                            disk_speed=disk_speed)
+            if ctx.is_main:  # run_rank removes the folder again if it was made for this run and a check fails
+                disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
+                plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
+                                        disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
@@ -193,8 +195,10 @@ def finish_probe(sampler, batch):
 
 def train(rank, setup, stop_event):
     """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
-    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set (exit 2)."""
+    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set, and any other
+    failure before the first step completed is a UsageError naming it (exit 2, nothing shipped: no step trained)."""
     ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
+    first = trainer.step_count
     threads = torch.get_num_threads()
     if ctx.distributed and trainer.device.type == "cpu":  # N CPU ranks share the cores while training
         torch.set_num_threads(max(1, threads // ctx.world_size))  # (rank 0 finishes on all)
@@ -215,6 +219,8 @@ def train(rank, setup, stop_event):
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
             raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
                                                 world_size=trainer.world_size, device=trainer.device)) from None
+        if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
+            raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
         ctx.mark_broken(summary.error)
@@ -229,6 +235,15 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_failure(exc, *, step):
+    """The one line for a failure before the first training step completed: the error and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"training failed in step {step}, before any step completed ({type(exc).__name__}: {first}){where}: "
+            "nothing was trained, so nothing is shipped; fix the setting or environment it names and run again")
 
 
 def ship(rank, setup, summary, stop_event):

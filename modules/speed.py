@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from modules.utils import UsageError, cpu_count, log, warn
+from modules.utils import UsageError, cpu_count, is_out_of_memory, log, warn
 
 COMPILE_MODES = ("off", "auto", "on")  # Config.compile
 COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
@@ -103,30 +103,36 @@ def compile_support(device):
 
 
 class CompiledForward:
-    """Replaces `module.forward` in place: the compiled forward, or the eager one for good if the first call raises.
+    """Replaces `module.forward` in place: the compiled forward, or the eager one for good once a compiled call raises.
 
-    In place, so the module keeps its class, attributes (joint_ok, set_growth) and state_dict keys. A deep copy of the
-    module (EMA, SWA) gets its own eager forward: the compiled function is bound to the original's parameters.
+    Any call may compile anew (the first; G in grad mode after eval mode; the finish's batch shape), so every call is
+    guarded: a failure is one warning, then that call and all later ones run eager. An out-of-memory error is not
+    compile's: it is raised as it is. In place, so the module keeps its class, attributes (joint_ok, set_growth) and
+    state_dict keys. A deep copy of the module (EMA, SWA) gets its own eager forward: the compiled function is bound to
+    the original's parameters.
     """
 
     def __init__(self, module, compiled):
         self.module, self.compiled, self.eager = module, compiled, module.forward
-        self.checked = False  # True after the first compiled call succeeded
+        self.calls = 0  # compiled calls started
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
-            if self.checked:
-                return self.compiled(*args, **kwargs)
+            self.calls += 1
             try:
-                out = self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
-                self.checked = True
-                return out
+                return self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
             except Exception as exc:
-                first_line = (str(exc).splitlines() or [""])[0][:160]
-                warn(f"torch.compile of {type(self.module).__name__} failed at its first call "
-                     f"({type(exc).__name__}: {first_line}): running eager from now on")
-                self.compiled = None
+                if is_out_of_memory(exc):
+                    raise
+                self.fall_back(exc, where="its first call" if self.calls == 1 else f"call {self.calls}")
         return self.eager(*args, **kwargs)
+
+    def fall_back(self, exc, *, where):
+        """Eager from now on, said once."""
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        warn(f"torch.compile of {type(self.module).__name__} failed at {where} ({type(exc).__name__}: {first_line}): "
+             "running eager from now on")
+        self.compiled = None
 
     def __deepcopy__(self, memo):
         twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
@@ -157,3 +163,16 @@ def maybe_compile(module, *, mode, device):
     module.forward = CompiledForward(module, compiled)
     log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
     return module
+
+
+def fall_back_to_eager(exc, *modules):
+    """After `exc` escaped a step of compiled modules (a backward torch.compile builds lazily, at its first backward):
+    the compiled ones run eager from now on -> True when any was compiled (the step may be retried), else False. An
+    out-of-memory error is not compile's: False."""
+    if is_out_of_memory(exc):
+        return False
+    compiled = [f for f in (m.__dict__.get("forward") for m in modules)
+                if isinstance(f, CompiledForward) and f.compiled is not None]
+    for f in compiled:
+        f.fall_back(exc, where="a training step")
+    return bool(compiled)

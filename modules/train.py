@@ -22,10 +22,24 @@ from modules.settings import trainer_settings
 from modules.speed import maybe_compile
 
 
+ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
+
+
 def _adam(params, lr, betas, device):
     # fused Adam on CUDA (one kernel for all parameters), foreach elsewhere
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
+def _load_optimizer(opt, saved):
+    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
+    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
+    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
+    so that torch also places the `step` counters where this implementation wants them."""
+    mine, groups = opt.param_groups, saved["param_groups"]
+    if len(groups) == len(mine):  # else torch names the mismatch
+        groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 class Trainer:
@@ -186,18 +200,20 @@ class Trainer:
         # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
         # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
         self.D.requires_grad_(False)
-        with torch.autocast(**ac):
-            if self.fresh_real_logits:
-                with torch.no_grad():
-                    real_logits, _ = self.D(self._noisy(real), y_real)
-            fake = self.G_train(z, y_fake)
-            fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
-            loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
-            if cls_fake is not None and loss.aux_weight:
-                loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(loss_g).backward()
-        self.D.requires_grad_(True)
+        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+            with torch.autocast(**ac):
+                if self.fresh_real_logits:
+                    with torch.no_grad():
+                        real_logits, _ = self.D(self._noisy(real), y_real)
+                fake = self.G_train(z, y_fake)
+                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
+                if cls_fake is not None and loss.aux_weight:
+                    loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(loss_g).backward()
+        finally:
+            self.D.requires_grad_(True)
         self.scaler_g.step(self.opt_g)
         self._update_scaler(self.scaler_g, self.opt_g, 4)
         self.step_count += 1
@@ -267,8 +283,8 @@ class Trainer:
     def load_state_dict(self, state):
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        _load_optimizer(self.opt_g, state["opt_g"])
+        _load_optimizer(self.opt_d, state["opt_d"])
         for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
             if scaler.is_enabled() and not saved:  # a run without fp16 (CPU, bf16) resumed in fp16: the scalers start
                 continue  # at their initial scale (torch would refuse the empty state of a disabled GradScaler)
@@ -301,5 +317,6 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
+    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
+    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
     return trainer

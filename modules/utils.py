@@ -164,9 +164,19 @@ def check_device(want="auto"):
     if not torch.cuda.is_available():
         raise UsageError(f"device {want!r} asked for, but torch {torch.__version__} sees no CUDA GPU")
     dev = torch.device("cuda" if want == "auto" else want)
-    name = torch.cuda.get_device_name(dev)
-    major, minor = torch.cuda.get_device_capability(dev)
-    archs = torch.cuda.get_arch_list()
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError(f"device {want!r} does not exist: torch sees {count} CUDA GPU{'' if count == 1 else 's'} ("
+                         + ("cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}")
+                         + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "") + ")")
+    try:
+        name = torch.cuda.get_device_name(dev)
+        major, minor = torch.cuda.get_device_capability(dev)
+        archs = torch.cuda.get_arch_list()
+    except Exception as exc:  # a driver that fails to initialise this GPU
+        raise UsageError(f"device {want!r} cannot be opened ({type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:160]})") from None
     try:
         x = torch.arange(8, device=dev, dtype=torch.float32)
         float((x * 2).sum())  # forces a real kernel launch and sync
@@ -191,6 +201,20 @@ def in_notebook():
     return "ipykernel" in sys.modules
 
 
+OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
+    "out of memory",  # "CUDA error: out of memory" (RuntimeError; AcceleratorError in torch 2.8+), NCCL's "Cuda failure
+    # 'out of memory'" (DistBackendError), HIP's
+    "not enough memory",  # the CPU allocator: "DefaultCPUAllocator: not enough memory: you tried to allocate ..."
+    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its handle or workspace
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN up to 8
+    "ALLOCATION_FAILED",  # cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED / _DEVICE_ALLOCATION_FAILED
+)
+
+
 def is_out_of_memory(exc):
-    """A CUDA out-of-memory error (torch.cuda.OutOfMemoryError), Python's MemoryError, or the CPU allocator's."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "not enough memory" in str(exc)
+    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
+    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(t.lower() in text for t in OUT_OF_MEMORY_TEXTS)

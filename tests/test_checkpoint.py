@@ -142,6 +142,40 @@ def test_other_write_errors_keep_their_first_line():
     assert describe_write_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x/c.pt").startswith("disk full")
 
 
+def test_resume_keeps_this_devices_adam(tmp_path):
+    """A GPU run's checkpoint holds fused Adam's flags (fused=True, foreach=None) and float32 step counters; resumed
+    on the CPU, the optimisers keep the CPU's foreach Adam (torch < 2.4 has no fused CPU Adam) and a step runs. The
+    other way (a CPU checkpoint into fused Adam, as on a GPU): fused stays, the step counters follow it."""
+    a = _trainer(0)
+    a.step()
+    state = a.state_dict()
+    for key in ("opt_g", "opt_d"):  # as a GPU run writes them
+        for group in state[key]["param_groups"]:
+            group.update(fused=True, foreach=None, capturable=False)
+        for s in state[key]["state"].values():
+            s["step"] = s["step"].to(torch.float32)
+    a.state_dict = lambda: state
+    _save(tmp_path / "gpu.pt", a)
+    b = _trainer(1)
+    restore_checkpoint(read_checkpoint(str(tmp_path / "gpu.pt"), arch=ARCH), "gpu.pt", b, classes=["c0", "c1", "c2"])
+    for opt in (b.opt_g, b.opt_d):
+        assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups), opt.param_groups[0]
+    b.step()
+    assert b.step_count == 2 and all(torch.isfinite(p).all() for p in b.G.parameters())
+
+    c = _trainer(2)
+    c.opt_g = torch.optim.Adam(c.G.parameters(), lr=1e-4, betas=(0.0, 0.99), fused=True)  # as _adam builds on CUDA
+    c.opt_d = torch.optim.Adam(c.D.parameters(), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    cpu = _trainer(3)
+    cpu.step()
+    _save(tmp_path / "cpu.pt", cpu)
+    restore_checkpoint(read_checkpoint(str(tmp_path / "cpu.pt"), arch=ARCH), "cpu.pt", c, classes=["c0", "c1", "c2"])
+    for opt in (c.opt_g, c.opt_d):
+        assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
+    c.step()
+    assert c.step_count == 2 and all(s["step"] == 2 for s in c.opt_g.state.values())
+
+
 def test_grad_scalers_go_through_the_checkpoint(tmp_path):
     """fp16 (issue 18): the GradScalers' scales and growth trackers are restored by --resume; a checkpoint of a run
     without them (fp32 on the CPU, bf16) resumes in fp16 with fresh scalers, and an fp16 one resumes in fp32."""

@@ -144,6 +144,16 @@ def test_other_counts_need_the_development_flag():
     assert cfg.n_images == 5
 
 
+def test_compile_on_with_a_gradient_penalty_is_refused():
+    """torch.compile has no double backward (the gradient penalty's): compile=on with gp_weight > 0 would crash the
+    first D step, so it is refused when parsed; compile=auto and the penalty pass (build_trainer leaves D eager)."""
+    for argv in (["--preset", "pggan,smoke", "--set", "compile=on"], ["--set", "compile=on", "--set", "gp_weight=10"]):
+        with pytest.raises(UsageError, match="compile=on is not allowed with gp_weight=10: .*double backward"):
+            parse_config(argv)
+    assert parse_config(["--preset", "pggan,smoke", "--set", "compile=auto"])[0].gp_weight == 10
+    assert parse_config(["--set", "compile=on"])[0].compile == "on"
+
+
 def test_argparse_errors_are_one_line():
     with pytest.raises(UsageError, match="--seed"):
         parse_config(["--seed", "x"])

@@ -1,7 +1,10 @@
 import threading
 
+import pytest
 import torch
 
+from modules import loop
+from modules.speed import CompiledForward
 from modules.train import build_trainer
 from modules.utils import Deadline
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
@@ -100,3 +103,76 @@ def test_a_slower_finish_moves_the_stop_earlier():
     assert summary.reason == "budget" and summary.steps > 0 and probes
     assert summary.slowdown == 4.0
     assert d.elapsed() <= plan.train_until - 1.5 * 3 + 1.0, (d.elapsed(), plan.train_until)  # + one step, CI stalls
+
+
+def test_a_failure_before_the_first_step_is_raised_later_ones_ship():
+    """Nothing trained yet: the failure is re-raised (run.train names it, exit 2); after one completed step it is a
+    crash, and the loop returns for the caller to ship what there is."""
+    for at, early in ((0, True), (1, False)):
+        cfg = tiny_cfg(batch_size=4, fault=f"raise@{at}")
+        trainer = build_trainer(cfg, tiny_data(), CPU)
+        d = Deadline(3600)
+        run = lambda: run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,  # noqa: E731
+                               **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=4))
+        if early:
+            with pytest.raises(RuntimeError, match="injected fault at step 0"):
+                run()
+            assert trainer.step_count == 0
+        else:
+            summary = run()
+            assert summary.reason == "crashed" and summary.steps == 1 and "injected fault" in summary.error
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity forward; its backward raises, as a backward torch.compile builds lazily and fails to."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("compiled backward failed (injected)")
+
+
+@pytest.mark.parametrize("which", ["D", "G"])  # G's fails in the G step, after D was frozen for it
+def test_a_step_whose_compiled_backward_fails_is_retried_eager(capsys, which):
+    """D or G "compiled" with a backward that fails: the step is retried once with G and D eager, training goes on
+    (D trainable again), and the fall-back is one warning."""
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    model = getattr(trainer, which)
+    eager = model.forward
+
+    def compiled(*args, **kwargs):
+        out = eager(*args, **kwargs)
+        fail = lambda o: _FailingBackward.apply(o) if torch.is_tensor(o) and o.requires_grad else o  # noqa: E731
+        return tuple(map(fail, out)) if isinstance(out, tuple) else fail(out)
+    model.forward = CompiledForward(model, compiled)
+    d = Deadline(3600)
+    summary = run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+                       **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=4))
+    assert summary.reason == "steps" and trainer.step_count == 4 and model.forward.compiled is None, summary.error
+    assert all(p.requires_grad for p in trainer.D.parameters())
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 1 and "failed at a training step (RuntimeError: compiled backward failed" in out
+
+
+def test_peak_memory_is_counted_from_the_start_of_training(monkeypatch):
+    """The memory line after the first 2 steps reads torch.cuda.max_memory_allocated: its counter is reset at the start
+    of training, before any step and after the finish was measured (which generates a larger batch). CUDA faked: the
+    counter is a dict; the loop's own call is seen through a spy on the CPU trainer."""
+    counter = {"allocated": 1 << 30, "peak": 6 << 30}  # 6 GiB: the finish measurement's generation batch
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: counter.update(peak=counter["allocated"]))
+    loop._reset_peak_memory(torch.device("cuda", 0))
+    assert counter["peak"] == 1 << 30
+    loop._reset_peak_memory(CPU)  # nothing to reset on the CPU (no call into torch.cuda)
+    cfg = tiny_cfg(batch_size=4)
+    trainer = build_trainer(cfg, tiny_data(), CPU)
+    seen = []
+    monkeypatch.setattr(loop, "_reset_peak_memory", lambda device: seen.append((device, trainer.step_count)))
+    d = Deadline(3600)
+    run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
+             **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=2))
+    assert seen == [(CPU, 0)]

@@ -121,6 +121,25 @@ def test_refused_plan_leaves_no_folder_and_one_clock(tmp_path):
     assert abs(float(logged) - float(took)) <= 0.2, (logged, took)
 
 
+def test_failure_before_the_first_step_exits_2_and_ships_nothing(tmp_path):
+    """A failure before any training step completed (here an injected one, --set fault=raise@0) is a setup problem:
+    one stderr line naming the error and where it was raised, exit 2, no zip, and no output folder when the run made
+    it; a folder that was there before stays, with what it held."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", kept):
+        proc, _ = run_kernel(["--demo", "--preset", "smoke", "--device", "cpu", "--out", out, "--time-budget", "120s",
+                              "--set", "fault=raise@0", *FAST], timeout=200, env={"OMP_NUM_THREADS": "1"})
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, proc.stderr
+        assert err[0].startswith("error: training failed in step 1, before any step completed (RuntimeError: injected "
+                                 "fault at step 0") and "kernel.py:" in err[0] and "in before_step" in err[0], err[0]
+        assert "Traceback" not in proc.stdout + proc.stderr and "shipping" not in proc.stdout
+    assert not (tmp_path / "new").exists()
+    assert sorted(os.listdir(kept)) == ["notes.txt"]
+
+
 def test_smoke_on_real_sample(real_data, tmp_path):
     """Smoke preset on the 1,953-image sample, with every report file: the self-check's nearest.png included.
 

@@ -90,4 +90,4 @@ def test_kernel_exits_2_on_an_out_of_memory_error_in_the_first_step(tmp_path, ca
     assert code == 2 and len(err) == 1, captured.err
     assert err[0].startswith("error: out of memory in training step 1 at 16 images per rank") and "batch_size=8" in err[0]
     assert "Traceback" not in captured.out + captured.err and "shipping" not in captured.out
-    assert not (out / "images.zip").exists()
+    assert not out.exists()  # made for this run and left empty: removed again

@@ -244,6 +244,50 @@ def test_compile_failure_at_first_call_falls_back_to_eager(monkeypatch, capsys):
     assert out.count("WARNING") == 1 and "triton" in out and "more details" not in out
 
 
+def test_compiled_call_failing_later_falls_back_to_eager_once(capsys):
+    """A recompile may fail at any call (G in grad mode after eval mode, the finish's batch): a compiled callable that
+    raises on its 2nd call -> that call's result comes from the eager forward, one warning, eager from then on; an
+    out-of-memory error is not compile's and passes through."""
+    torch.manual_seed(0)
+    m = Doubler()
+    x = torch.randn(4, 3)
+    want = m(x)
+    calls = {"n": 0}
+
+    def compiled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("InductorError: recompilation failed\nmore details")
+        return m.forward.eager(*args, **kwargs)
+    m.forward = CompiledForward(m, compiled)
+    assert torch.equal(m(x), want) and capsys.readouterr().out == ""
+    assert torch.equal(m(x), want) and torch.equal(m(x), want)
+    assert calls["n"] == 2 and m.forward.compiled is None
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 1 and "failed at call 2 (RuntimeError: InductorError" in out
+    assert "more details" not in out
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    m.forward = CompiledForward(m, out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        m(x)
+    assert m.forward.compiled is not None
+
+
+def test_gradient_penalty_leaves_d_eager(monkeypatch):
+    """torch.compile has no double backward: with gp_weight > 0 build_trainer compiles G only (compile=on with a
+    penalty is refused when parsed; this is compile=auto's path, and a Config made in code)."""
+    calls = fake_compile(monkeypatch, "run")
+    cfg = dataclasses.replace(apply_overrides(Config(), PRESETS["smoke"], "smoke"), compile="on", gp_weight=10.0)
+    rng = np.random.default_rng(0)
+    data = types.SimpleNamespace(images=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
+                                 labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=None)
+    trainer = build_trainer(cfg, data, CPU)
+    assert isinstance(trainer.G.forward, CompiledForward) and "forward" not in trainer.D.__dict__
+    assert calls["compile"] == 1
+
+
 def test_compile_refused_at_wrap_time_returns_eager(monkeypatch, capsys):
     def refuse(fn, **kwargs):
         raise RuntimeError("unsupported")

@@ -1,8 +1,18 @@
+import re
 import time
 
 import pytest
+import torch
 
-from modules.utils import Deadline, PhaseTimer, UsageError, check_device, format_duration, parse_duration
+from modules.utils import (
+    Deadline,
+    PhaseTimer,
+    UsageError,
+    check_device,
+    format_duration,
+    is_out_of_memory,
+    parse_duration,
+)
 
 
 @pytest.mark.parametrize("text,seconds", [
@@ -42,3 +52,58 @@ def test_phase_timer_accumulates():
 
 def test_check_device_cpu():
     assert check_device("cpu").type == "cpu"
+
+
+def _fake_gpus(monkeypatch, count, name_error=None):
+    """torch.cuda as a machine with `count` GPUs would show it (nothing is launched: the tests stop before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    def name(device=None):
+        if name_error:
+            raise name_error
+        return "Tesla T4"
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+
+
+@pytest.mark.parametrize("count, want, says", [(2, "cuda:2", "torch sees 2 CUDA GPUs (cuda:0 to cuda:1"),
+                                               (1, "cuda:7", "torch sees 1 CUDA GPU (cuda:0")])
+def test_check_device_names_the_visible_gpus_for_one_that_does_not_exist(monkeypatch, count, want, says):
+    _fake_gpus(monkeypatch, count)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1"[: 2 * count - 1])
+    with pytest.raises(UsageError, match=rf"device '{want}' does not exist: {re.escape(says)}; CUDA_VISIBLE_DEVICES=")\
+            as info:
+        check_device(want)
+    assert "\n" not in str(info.value)
+
+
+def test_check_device_one_line_when_the_gpu_cannot_be_read(monkeypatch):
+    _fake_gpus(monkeypatch, 1, name_error=RuntimeError("CUDA error: invalid device ordinal\nCUDA kernel errors ..."))
+    with pytest.raises(UsageError, match=r"device 'cuda:0' cannot be opened \(RuntimeError: CUDA error: invalid device "
+                                         r"ordinal\)$"):
+        check_device("cuda:0")
+
+
+@pytest.mark.parametrize("exc", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    MemoryError(),
+    RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9663676416 bytes."),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call"),
+    getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: out of memory"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"),
+    getattr(torch.distributed, "DistBackendError", RuntimeError)(
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO for details), NCCL "
+        "version 2.18.1\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\nCuda failure 'out of memory'"),
+])
+def test_allocation_failures_are_out_of_memory(exc):
+    assert is_out_of_memory(exc)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("injected fault at step 0"),
+                                 RuntimeError("CUDA error: device-side assert triggered"),
+                                 RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+                                 ValueError("memory format not supported")])
+def test_other_errors_are_not_out_of_memory(exc):
+    assert not is_out_of_memory(exc)
