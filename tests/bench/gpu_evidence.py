@@ -1,27 +1,47 @@
-"""Everything the first GPU should measure, in one process, in at most ~8 minutes: one JSON and one markdown table.
+"""Everything the first GPU should measure, in one process, in at most 9 minutes: one JSON and one markdown table.
 
-    python tests/bench/gpu_evidence.py --make-npz dogs64.npz                 # here: the sample's crops -> .npz (~25 MB)
-    python tests/bench/gpu_evidence.py --npz dogs64.npz --out evidence/      # on the GPU machine (no ../shared there)
-    python tests/bench/gpu_evidence.py --dry-run --out /tmp/evidence          # the same script on the CPU, tiny, ~30 s
+    python tests/bench/gpu_evidence.py --make-npz tests/bench/runs/dogs64.npz   # here: the sample's crops (22.5 MiB)
+    python tests/bench/gpu_evidence.py --dry-run --out /tmp/evidence             # the same script on the CPU, tiny, ~40 s
+    python tests/bench/score_gpu_samples.py DIR --out tests/bench/results/gpu   # back here: score the samples
+
+The device command (the `run` tool: carry ["tests/bench/runs/dogs64.npz"], timeout_s 580; checked here by appending
+--dry-run with OUT=/tmp/out-dry):
+
+    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_evidence.py --npz tests/bench/runs/dogs64.npz --out "$OUT" > "$OUT/evidence.log" 2>&1; rc=$?; tail -n 40 "$OUT/evidence.log"; exit $rc
+
+It leaves exactly 8 files under $OUT (what comes back): evidence.json, evidence.md, evidence.log, samples-1.npz,
+samples-2.npz, samples-3.npz (uint8 [1000,64,64,3], compressed, < 12 MiB each), samples-grid.png, curves.png.
+Everything else (bench_speed's JSON, the kill case's output, zips) goes to temporary folders.
 
 --make-npz runs the kernel's own data loader (modules/data.load_dogs, the recipe's crop settings) on --data-dir
 (default ../shared/data/dogs-1953) and stores the uint8 crops [N,64,64,3], labels and breed names. The GPU run reads that
-file and drives the kernel's build_trainer / train_loop / build_sampler / write_submission directly (as bench_quality.py does),
-so it needs neither the photos nor the annotations.
+file and drives the kernel's build_trainer / train_loop / build_sampler / write_submission directly (as bench_quality.py
+does), so it needs neither the photos nor the annotations. Before measuring it applies the kernel's own backend and
+thread configuration (modules/speed.configure_backends, configure_threads: cuDNN autotuning, TF32 on Ampere+).
 
-Sections, in order of importance (each one's failure is recorded and the next one runs; the JSON and the table are
-rewritten after every section, so a run cut short still leaves what it measured):
-  env          torch, CUDA, cuDNN, the GPU, what amp=auto resolves to, whether torch.compile is allowed
-  cuda_checks  tiny-width checks on the device: fp16 steps with the GradScalers on and finite losses; an injected inf
-               gradient makes that optimiser step skipped (scale halves, weights unchanged); fused Adam; generation
-  train        the recipe (--preset/--set) for --train-s seconds each with amp=fp16 and amp=off, same seed and data:
-               loss curves, scaler scales, skipped steps, non-finite losses, roll-backs, it/s, peak memory
-  finish       the fp16 run's generator: 10,000 images on the device, the zip written and verified; build + finish time
-  memory       bench_memory.measure at 32/64/128 images per rank (fp16 and fp32): max_memory_allocated per step vs the
-               CPU prediction in tests/bench/results/memory/results.json
-  predict      FLOPs per step (bench_flops), the utilisation reached here, and the P100 / two-T4 predictions re-stated
-  speed        tests/bench/bench_speed.py at full width (amp auto vs fp32 vs naive, compiled where allowed), subprocess
-  tests        the GPU-relevant test files (pytest, subprocess; they run on the CPU of that machine)
+Sections, in order of value (each one's failure is recorded and the next one runs; the JSON and the table are rewritten
+after every section, so a run cut short still leaves what it measured). Budget on the H200, in seconds: "need" is what
+a section must have left of --budget-s (default 540) to start, else it is skipped and says so:
+  section      expected  need  what
+  (start)          ~15     -   imports, CUDA initialisation, the .npz
+  env               ~2     0   torch, CUDA, cuDNN, the GPU, the backends set, what amp=auto resolves to, compile allowed
+  cuda_checks      ~15    20   tiny widths: fp16 steps with the GradScalers on and finite losses; an injected inf
+                               gradient makes that optimiser step skipped (scale halves, weights unchanged); fused Adam
+  quality         ~255   260   the recipe at amp=fp16 (Kaggle's T4: fp16 + GradScalers) on the crops for 240 s of
+                               training; at --quality-points (60,150,240 s) --quality-n (1000) images from the shipped
+                               generator as the finish makes them -> samples-<i>.npz, and samples-grid.png (a row each)
+  train            ~50    55   --train-s (20) s each with amp=fp16 and amp=off, same seed: loss curves, scales, skipped
+                               steps, non-finite losses, roll-backs, it/s, peak memory (curves.png)
+  finish           ~20    30   the fp16 run's generator: 10,000 images, the zip written and verified; build + finish time
+  speed           <=100   60   bench_speed.py (amp auto vs fp32 vs naive, compiled where allowed), subprocess killed at
+                               100 s or when only 55 s are left; its JSON is written after every variant and chunk
+  memory           ~30    40   bench_memory.measure at 32/64/128 images per rank (fp16, fp32) vs the CPU prediction
+  kill2              0  0|180  two visible GPUs only (else skipped, as on the one-GPU H200): kernel.py --gpus 2 --demo
+                               --preset smoke --set fault=kill@30 in a 120 s budget: rc, wall time, zip verified,
+                               report.json's degraded and failed_ranks
+  predict           ~5    10   FLOPs per step, the utilisation reached here, the P100 / two-T4 predictions re-stated
+  tests          rest     30   the GPU-relevant test files (pytest on that machine's CPU), if time is left
+  total           ~530         of 540; the command's timeout_s 580 leaves ~5 min of the 15 for the machine's start
 """
 import argparse
 import copy
