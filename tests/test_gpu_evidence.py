@@ -45,10 +45,10 @@ def test_gpu_evidence_dry_run(dry_run):
     res = doc["results"]
     failed = {k: v.get("error") for k, v in res.items() if "traceback" in v}
     assert not failed, failed
-    assert set(res) >= {"env", "cuda_checks", "quality", "train", "finish", "memory", "kill2", "predict", "speed",
-                        "tests", "make_npz"}
+    assert set(res) >= {"env", "cuda_checks", "quality", "kernel", "train", "finish", "memory", "kill2", "predict",
+                        "speed", "tests", "make_npz"}
     # the order of value: quality right after the CUDA checks
-    assert list(res)[list(res).index("env"):][:4] == ["env", "cuda_checks", "quality", "train"]
+    assert list(res)[list(res).index("env"):][:5] == ["env", "cuda_checks", "quality", "kernel", "train"]
     # the kernel's own backend and thread configuration was applied before measuring
     assert "torch CPU threads" in res["env"]["backends"] and res["env"]["torch_threads"] == 1
     assert "2 CUDA" not in res["kill2"]["skipped"] and "needs 2" in res["kill2"]["skipped"]
@@ -159,6 +159,19 @@ def test_kill_command_and_outcome(tmp_path):
     assert not bad["ok"] and not bad["zip_verified"] and bad["zip_error"]
     hung = gpu_evidence.kill_outcome(tmp_path / "none", rc=124, wall_s=180.0, budget_s=120.0)
     assert not hung["ok"] and not hung["report"] and not hung["zip_verified"]
+
+
+def test_kernel_command_and_a_run_without_a_failed_rank(tmp_path):
+    cmd = gpu_evidence.kernel_command(device=torch.device("cuda"), budget_s=60, out_dir=tmp_path)
+    assert cmd[1].endswith("kernel.py") and cmd[2:] == ["--demo", "--preset", "smoke", "--device", "cuda", "--gpus",
+                                                        "1", "--time-budget", "60s", "--out", str(tmp_path)]
+    write_submission(np.zeros((5, 64, 64, 3), np.uint8), str(tmp_path / "images.zip"), workers=1)
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"n_images": 5}, "degraded": False,
+                                                      "reserve": {"generate": 1.0}, "phases": {"train": 40.0}}))
+    run = gpu_evidence.kernel_outcome(tmp_path, rc=0, wall_s=50.0, budget_s=60.0)
+    assert run["zip_verified"] and run["within_budget"] and run["reserve"] == {"generate": 1.0}
+    assert run["phases"] == {"train": 40.0}
+    assert not gpu_evidence.kill_outcome(tmp_path, rc=0, wall_s=50.0, budget_s=60.0)["ok"]  # no rank was lost
 
 
 def test_bench_speed_json_keeps_the_rows_measured_before_a_failing_variant(tmp_path, monkeypatch):

@@ -30,18 +30,21 @@ a section must have left of --budget-s (default 540) to start, else it is skippe
   quality         ~255   260   the recipe at amp=fp16 (Kaggle's T4: fp16 + GradScalers) on the crops for 240 s of
                                training; at --quality-points (60,150,240 s) --quality-n (1000) images from the shipped
                                generator as the finish makes them -> samples-<i>.npz, and samples-grid.png (a row each)
-  train            ~50    55   --train-s (20) s each with amp=fp16 and amp=off, same seed: loss curves, scales, skipped
+  kernel           ~60    70   kernel.py --demo --preset smoke --gpus 1 --time-budget 60s on the device: exit 0, zip
+                               verified, within budget, report.json's finish reserve vs its measured phases
+  train            ~40    45   --train-s (15) s each with amp=fp16 and amp=off, same seed: loss curves, scales, skipped
                                steps, non-finite losses, roll-backs, it/s, peak memory (curves.png)
   finish           ~20    30   the fp16 run's generator: 10,000 images, the zip written and verified; build + finish time
-  speed           <=100   60   bench_speed.py (amp auto vs fp32 vs naive, compiled where allowed), subprocess killed at
-                               100 s or when only 55 s are left; its JSON is written after every variant and chunk
+  speed           <=80    60   bench_speed.py (amp auto vs fp32 vs naive, compiled where allowed), subprocess killed at
+                               100 s or when only 55 s are left (~80 s here); its JSON is written after every variant and chunk
   memory           ~30    40   bench_memory.measure at 32/64/128 images per rank (fp16, fp32) vs the CPU prediction
   kill2              0  0|180  two visible GPUs only (else skipped, as on the one-GPU H200): kernel.py --gpus 2 --demo
                                --preset smoke --set fault=kill@30 in a 120 s budget: rc, wall time, zip verified,
                                report.json's degraded and failed_ranks
   predict           ~5    10   FLOPs per step, the utilisation reached here, the P100 / two-T4 predictions re-stated
   tests          rest     30   the GPU-relevant test files (pytest on that machine's CPU), if time is left
-  total           ~530         of 540; the command's timeout_s 580 leaves ~5 min of the 15 for the machine's start
+  total           ~535         of 540 (speed takes what memory and predict leave); the command's timeout_s 580
+                               leaves ~5 of the 15 device minutes for the machine's start
 """
 import argparse
 import copy
@@ -332,15 +335,16 @@ def kill_command(*, step, budget_s, out_dir):
             f"fault=kill@{step}", "--time-budget", f"{budget_s:g}s", "--out", str(out_dir)]
 
 
-def kill_outcome(out_dir, *, rc, wall_s, budget_s):
-    """What the killed run left: exit code, wall time vs budget, whether its zip verified, report.json's degraded and
-    failed_ranks."""
+def kernel_outcome(out_dir, *, rc, wall_s, budget_s):
+    """What a kernel.py run left in out_dir: exit code, wall time vs its budget, whether its zip verified, and from
+    report.json degraded, failed_ranks, the finish reserve and the measured phases. -> (dict, report)."""
     out = {"rc": rc, "wall_s": wall_s, "budget_s": budget_s, "within_budget": wall_s <= budget_s}
     report_path, zip_path = Path(out_dir) / "report.json", Path(out_dir) / "images.zip"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     n_images = (report.get("config") or {}).get("n_images") or 10000
     out.update(report=report_path.is_file(), degraded=report.get("degraded"), failed_ranks=report.get("failed_ranks"),
-               n_images=n_images)
+               n_images=n_images, reserve=report.get("reserve"), phases=report.get("phases"),
+               train=report.get("train"), precision=report.get("precision"), warnings=report.get("warnings"))
     if zip_path.is_file():
         try:
             verify_zip(str(zip_path), n_expected=n_images)
@@ -349,7 +353,35 @@ def kill_outcome(out_dir, *, rc, wall_s, budget_s):
             out["zip_verified"], out["zip_error"] = False, f"{type(exc).__name__}: {exc}"
     else:
         out["zip_verified"] = False
+    return out
+
+
+def kill_outcome(out_dir, *, rc, wall_s, budget_s):
+    """The killed run: exit 0, a verified zip within the budget, and rank 1 named in report.json's failed_ranks."""
+    out = kernel_outcome(out_dir, rc=rc, wall_s=wall_s, budget_s=budget_s)
     out["ok"] = rc == 0 and out["zip_verified"] and out["within_budget"] and bool(out["failed_ranks"])
+    return out
+
+
+def kernel_command(*, device, budget_s, out_dir):
+    """The bundled kernel end to end on one device: the demo photos at the smoke preset's widths."""
+    return [sys.executable, str(ROOT / "kernel.py"), "--demo", "--preset", "smoke", "--device", str(device), "--gpus",
+            "1", "--time-budget", f"{budget_s:g}s", "--out", str(out_dir)]
+
+
+def s_kernel(ctx):
+    """kernel.py itself on the device (its main, finish, report: what no other section runs): exit 0, a verified zip,
+    within its --time-budget, and its finish reserve beside the phases it measured."""
+    if not ctx.kernel_budget_s:
+        return {"skipped": "dry run: the suite runs the kernel end to end (tests/test_main.py)"}
+    budget = ctx.kernel_budget_s
+    with tempfile.TemporaryDirectory(prefix="evidence-kernel-") as tmp:
+        cmd = kernel_command(device=ctx.device, budget_s=budget, out_dir=tmp)
+        t0 = time.perf_counter()
+        p = run_capped(cmd, timeout=min(budget + 30, ctx.left() - 5))
+        out = kernel_outcome(tmp, rc=p.returncode, wall_s=time.perf_counter() - t0, budget_s=budget)
+    out.update(command=" ".join(cmd[1:]), stdout_tail=p.stdout[-3000:], stderr_tail=p.stderr[-2000:])
+    out["ok"] = p.returncode == 0 and out["zip_verified"] and out["within_budget"] and not out["degraded"]
     return out
 
 
@@ -512,6 +544,7 @@ def s_tests(ctx):
 # --budget-s is skipped, recorded as such; the order is the order of value
 SECTIONS = (("env", s_env, lambda c: 0), ("cuda_checks", s_cuda_checks, lambda c: 20),
             ("quality", s_quality, lambda c: c.quality_points[-1] + 20),
+            ("kernel", s_kernel, lambda c: c.kernel_budget_s + 10),
             ("train", s_train, lambda c: 2 * c.train_s + 15), ("finish", s_finish, lambda c: 30),
             ("speed", s_speed, lambda c: 60), ("memory", s_memory, lambda c: 40),
             ("kill2", s_kill2, lambda c: c.kill_budget_s + 60 if c.gpus >= 2 else 0),
@@ -570,6 +603,10 @@ def summarize(name, r):
             for p in r["points"]) + f"; skipped G/D {r['skipped_g']}/{r['skipped_d']}, non-finite {r['nonfinite']}"
             + (f", peak {r['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in r else "")
             + (f"; STOPPED {r['stopped']}" if "stopped" in r else ""))
+    if name == "kernel":
+        res = r.get("reserve") or {}
+        return (f"rc {r['rc']} in {r['wall_s']:.0f}s of {r['budget_s']:g}s, zip verified {r['zip_verified']}, "
+                f"degraded {r['degraded']}; reserve {json.dumps(res)[:120]}; phases {json.dumps(r.get('phases'))[:120]}")
     if name == "kill2":
         return (f"rc {r['rc']} in {r['wall_s']:.0f}s of {r['budget_s']:g}s, zip verified {r['zip_verified']}, "
                 f"degraded {r['degraded']}, failed ranks {r['failed_ranks']}")
@@ -626,7 +663,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "dogs-1953"))
     p.add_argument("--out", default="", help="output folder (default tests/bench/runs/evidence-<time>)")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda:N")
-    p.add_argument("--train-s", type=float, default=20.0, help="train: seconds per precision (default 20)")
+    p.add_argument("--train-s", type=float, default=15.0, help="train: seconds per precision (default 15)")
     p.add_argument("--quality-points", default="60,150,240", metavar="S,S,S",
                    help="quality: training seconds at which 1,000 samples are saved (default 60,150,240)")
     p.add_argument("--quality-n", type=int, default=1000, help="quality: images per point (default 1000)")
@@ -674,6 +711,7 @@ def main(argv=None):
         ctx.test_files = TEST_FILES
         ctx.speed_timeout, ctx.tests_timeout = 100, 150
     ctx.kill_step, ctx.kill_budget_s = args.kill_step, 120.0
+    ctx.kernel_budget_s = 0.0 if args.dry_run else 60.0
     ctx.gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     # the kernel's own configuration (modules/setup.py does the same): cuDNN autotuning, TF32 on Ampere+, threads
     ctx.backends = f"{configure_backends(device)}; {configure_threads(cfg.threads, device)}"
