@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import platform
 import resource
 import sys
@@ -283,6 +284,19 @@ def count_step_flops(cfg, data, device):
     return counter.get_total_flops()
 
 
+def write_json(path, meta, rows, *, done):
+    """--json after every variant's build and every timed chunk, so a slow variant (a compile) that is killed leaves
+    the rows measured before it; `done` says the run reached its end. Rows without a timed chunk have it_s null."""
+    if not path:
+        return
+    out = dict(meta, done=done, rows=[{"name": r["name"], "it_s": max(r["rates"]) if r["rates"] else None,
+                                       "rates": r["rates"], "peak_bytes": r["peak"], "warmup_s": r["warmup_s"],
+                                       "amp": str(r["amp"])} for r in rows])
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+
+
 def fmt_bytes(n):
     return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
 
@@ -334,13 +348,20 @@ def main(argv=None):
         reason = why if not ok else ("--compile off" if args.compile == "off" else
                                      "--compile auto compiles on CUDA only; --compile on forces it")
         print(f"  (d) compiled: skipped ({reason})")
-    variants = [build_variant(name, build, warmup=max(warmup, 3) if name.startswith("(d)") else warmup,
-                              device=device, backends=backends) for name, build, backends in builds]
+    meta = {"device": name, "torch": torch.__version__, "batch": cfg.batch_size, "g_ch": cfg.g_ch, "d_ch": cfg.d_ch,
+            "flops_per_step": flops, "peak_tflops": {"fp32": peak32, "fp16": peak16}, "n_images": args.n_images,
+            "prep_full_s": prep_full_s}
+    variants = []
+    for vname, build, backends in builds:
+        variants.append(build_variant(vname, build, warmup=max(warmup, 3) if vname.startswith("(d)") else warmup,
+                                      device=device, backends=backends))
+        write_json(args.json, meta, variants, done=False)
     rounds = max(1, min(args.rounds, args.steps))
     chunk = math.ceil(args.steps / rounds)
     for r in range(rounds):  # round-robin, so a slow spell on a shared machine hits every variant alike
         for v in variants:
             time_chunk(v, chunk, device)
+            write_json(args.json, meta, variants, done=False)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v['name'][:3]} {v['rates'][-1]:.3f}" for v in variants)
               + " it/s", flush=True)
     rows = [{k: v[k] for k in ("name", "peak", "warmup_s", "amp", "rates")} for v in variants]
@@ -392,14 +413,8 @@ def main(argv=None):
     print(f"data prep: {prep}")
     print(f"sampling {args.n_images:,} images (generate_images, batch {cfg.sample_batch}): {sample_s:.1f}s")
     print(f"writing the verified zip (write_submission, {cfg.data_workers} workers): {zip_s:.1f}s")
-    if args.json:
-        out = {"device": name, "torch": torch.__version__, "batch": cfg.batch_size, "g_ch": cfg.g_ch, "d_ch": cfg.d_ch,
-               "flops_per_step": flops, "peak_tflops": {"fp32": peak32, "fp16": peak16}, "sample_s": sample_s,
-               "zip_s": zip_s, "n_images": args.n_images, "prep_full_s": prep_full_s,
-               "rows": [{"name": r["name"], "it_s": r["it_s"], "rates": r["rates"], "peak_bytes": r["peak"],
-                         "warmup_s": r["warmup_s"], "amp": str(r["amp"])} for r in rows]}
-        Path(args.json).write_text(json.dumps(out, indent=1))
-
+    meta.update(sample_s=sample_s, zip_s=zip_s)
+    write_json(args.json, meta, rows, done=True)
 
 if __name__ == "__main__":
     main()

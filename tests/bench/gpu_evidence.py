@@ -1,31 +1,55 @@
-"""Everything the first GPU should measure, in one process, in at most ~8 minutes: one JSON and one markdown table.
+"""Everything the first GPU should measure, in one process, in at most 9 minutes: one JSON and one markdown table.
 
-    python tests/bench/gpu_evidence.py --make-npz dogs64.npz                 # here: the sample's crops -> .npz (~25 MB)
-    python tests/bench/gpu_evidence.py --npz dogs64.npz --out evidence/      # on the GPU machine (no ../shared there)
-    python tests/bench/gpu_evidence.py --dry-run --out /tmp/evidence          # the same script on the CPU, tiny, ~30 s
+    python tests/bench/gpu_evidence.py --make-npz tests/bench/runs/dogs64.npz   # here: the sample's crops (22.5 MiB)
+    python tests/bench/gpu_evidence.py --dry-run --out /tmp/evidence             # the same script on the CPU, tiny, ~40 s
+    python tests/bench/score_gpu_samples.py DIR --out tests/bench/results/gpu   # back here: score the samples
+
+The device command (the `run` tool: carry ["tests/bench/runs/dogs64.npz"], timeout_s 580; checked here by appending
+--dry-run with OUT=/tmp/out-dry):
+
+    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_evidence.py --npz tests/bench/runs/dogs64.npz --out "$OUT" > "$OUT/evidence.log" 2>&1; rc=$?; tail -n 40 "$OUT/evidence.log"; exit $rc
+
+It leaves exactly 8 files under $OUT (what comes back): evidence.json, evidence.md, evidence.log, samples-1.npz,
+samples-2.npz, samples-3.npz (uint8 [1000,64,64,3], compressed, < 12 MiB each), samples-grid.png, curves.png.
+Everything else (bench_speed's JSON, the kill case's output, zips) goes to temporary folders.
 
 --make-npz runs the kernel's own data loader (modules/data.load_dogs, the recipe's crop settings) on --data-dir
 (default ../shared/data/dogs-1953) and stores the uint8 crops [N,64,64,3], labels and breed names. The GPU run reads that
-file and drives the kernel's build_trainer / train_loop / build_sampler / write_submission directly (as bench_quality.py does),
-so it needs neither the photos nor the annotations.
+file and drives the kernel's build_trainer / train_loop / build_sampler / write_submission directly (as bench_quality.py
+does), so it needs neither the photos nor the annotations. Before measuring it applies the kernel's own backend and
+thread configuration (modules/speed.configure_backends, configure_threads: cuDNN autotuning, TF32 on Ampere+).
 
-Sections, in order of importance (each one's failure is recorded and the next one runs; the JSON and the table are
-rewritten after every section, so a run cut short still leaves what it measured):
-  env          torch, CUDA, cuDNN, the GPU, what amp=auto resolves to, whether torch.compile is allowed
-  cuda_checks  tiny-width checks on the device: fp16 steps with the GradScalers on and finite losses; an injected inf
-               gradient makes that optimiser step skipped (scale halves, weights unchanged); fused Adam; generation
-  train        the recipe (--preset/--set) for --train-s seconds each with amp=fp16 and amp=off, same seed and data:
-               loss curves, scaler scales, skipped steps, non-finite losses, roll-backs, it/s, peak memory
-  finish       the fp16 run's generator: 10,000 images on the device, the zip written and verified; build + finish time
-  memory       bench_memory.measure at 32/64/128 images per rank (fp16 and fp32): max_memory_allocated per step vs the
-               CPU prediction in tests/bench/results/memory/results.json
-  predict      FLOPs per step (bench_flops), the utilisation reached here, and the P100 / two-T4 predictions re-stated
-  speed        tests/bench/bench_speed.py at full width (amp auto vs fp32 vs naive, compiled where allowed), subprocess
-  tests        the GPU-relevant test files (pytest, subprocess; they run on the CPU of that machine)
+Sections, in order of value (each one's failure is recorded and the next one runs; the JSON and the table are rewritten
+after every section, so a run cut short still leaves what it measured). Budget on the H200, in seconds: "need" is what
+a section must have left of --budget-s (default 540) to start, else it is skipped and says so:
+  section      expected  need  what
+  (start)          ~15     -   imports, CUDA initialisation, the .npz
+  env               ~2     0   torch, CUDA, cuDNN, the GPU, the backends set, what amp=auto resolves to, compile allowed
+  cuda_checks      ~15    20   tiny widths: fp16 steps with the GradScalers on and finite losses; an injected inf
+                               gradient makes that optimiser step skipped (scale halves, weights unchanged); fused Adam
+  quality         ~255   260   the recipe at amp=fp16 (Kaggle's T4: fp16 + GradScalers) on the crops for 240 s of
+                               training; at --quality-points (60,150,240 s) --quality-n (1000) images from the shipped
+                               generator as the finish makes them -> samples-<i>.npz, and samples-grid.png (a row each)
+  kernel           ~60    70   kernel.py --demo --preset smoke --gpus 1 --time-budget 60s on the device: exit 0, zip
+                               verified, within budget, report.json's finish reserve vs its measured phases
+  train            ~40    45   --train-s (15) s each with amp=fp16 and amp=off, same seed: loss curves, scales, skipped
+                               steps, non-finite losses, roll-backs, it/s, peak memory (curves.png)
+  finish           ~20    30   the fp16 run's generator: 10,000 images, the zip written and verified; build + finish time
+  speed           <=80    60   bench_speed.py (amp auto vs fp32 vs naive, compiled where allowed), subprocess killed at
+                               100 s or when only 55 s are left (~80 s here); its JSON is written after every variant and chunk
+  memory           ~30    40   bench_memory.measure at 32/64/128 images per rank (fp16, fp32) vs the CPU prediction
+  kill2              0  0|180  two visible GPUs only (else skipped, as on the one-GPU H200): kernel.py --gpus 2 --demo
+                               --preset smoke --set fault=kill@30 in a 120 s budget: rc, wall time, zip verified,
+                               report.json's degraded and failed_ranks
+  predict           ~5    10   FLOPs per step, the utilisation reached here, the P100 / two-T4 predictions re-stated
+  tests          rest     30   the GPU-relevant test files (pytest on that machine's CPU), if time is left
+  total           ~535         of 540 (speed takes what memory and predict leave); the command's timeout_s 580
+                               leaves ~5 of the 15 device minutes for the machine's start
 """
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -37,6 +61,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,11 +73,13 @@ from benchlib import ROOT, add_recipe_args, load_data, load_npz, md_table, mib, 
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.demo import make_demo_dataset  # noqa: E402
 from modules.distributed import DistContext  # noqa: E402
+from modules.finish import fast_inference  # noqa: E402
 from modules.loop import build_loop_settings, train_loop  # noqa: E402
 from modules.pace import Pace  # noqa: E402
 from modules.plan import TrainPlan  # noqa: E402
+from modules.report import save_grid  # noqa: E402
 from modules.sample import build_sampler  # noqa: E402
-from modules.speed import compile_support  # noqa: E402
+from modules.speed import compile_support, configure_backends, configure_threads  # noqa: E402
 from modules.submission import verify_zip, write_submission  # noqa: E402
 from modules.precision import resolve_amp  # noqa: E402
 from modules.train import build_trainer  # noqa: E402
@@ -99,33 +126,61 @@ def count_skips(scaler):
     return box
 
 
-def train_for(cfg, data, device, seconds):
-    """The kernel's train_loop for `seconds`, through a plan spanning them; -> (trainer, summary, history, syncs)."""
-    seed_everything(cfg.seed)
-    trainer = build_trainer(cfg, data, device)
+def instrument(trainer):
+    """Record the loop's host syncs (read_stats, already a sync) with the scalers' state and skipped steps.
+    -> (syncs, skips, detach): detach() removes the wrapper, which refers to the trainer and would otherwise keep it
+    (and its device memory) alive in a reference cycle until the next gc."""
     skips = {"g": count_skips(trainer.scaler_g), "d": count_skips(trainer.scaler_d)}
     syncs = []
     read = trainer.read_stats
 
-    def read_stats():  # the loop's host syncs: record the scalers' state there (already a sync)
+    def read_stats():
         out = read()
         syncs.append({"step": trainer.step_count, "loss_d": out[0], "loss_g": out[1], "nonfinite": out[2],
                       "scale_g": trainer.scaler_g.get_scale(), "scale_d": trainer.scaler_d.get_scale(),
                       "skipped_g": int(skips["g"]["n"]), "skipped_d": int(skips["d"]["n"])})
         return out
     trainer.read_stats = read_stats
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    history = {}
+
+    def detach():
+        del trainer.read_stats  # the instance attribute: the class's method shows through again
+        for scaler in (trainer.scaler_g, trainer.scaler_d):
+            del scaler.update
+    return syncs, skips, detach
+
+
+def loop_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
+    """The kernel's train_loop for `seconds` more, on a time plan of plan_s seconds in all (the LR schedule follows it
+    as in a kernel run); no finish, no checkpoints (as bench_quality.train_segment)."""
     deadline = Deadline(seconds + 3600.0, start=time.monotonic())
     plan = TrainPlan(budget_s=seconds + 3600.0, estimates={}, finish_s=0.0, margin_s=0.0, train_until=seconds,
-                     prior_train_s=0.0, plan_s=seconds, inherited=False, first_step_s=0.0,
+                     prior_train_s=prior_train_s, plan_s=plan_s, inherited=False, first_step_s=0.0,
                      gen_batch=cfg.sample_batch, gen_batch_s=0.0)
-    summary = train_loop(trainer, settings=dataclasses.replace(build_loop_settings(cfg), checkpoint_s=0.0, max_steps=0),
-              pace=Pace(plan, deadline), ctx=DistContext(), stop_event=None, checkpoint_fn=None,
-              history=history, before_step=None)
+    return train_loop(trainer, settings=dataclasses.replace(build_loop_settings(cfg), checkpoint_s=0.0, max_steps=0),
+                      pace=Pace(plan, deadline), ctx=DistContext(), stop_event=None, checkpoint_fn=None,
+                      history=history, before_step=None)
+
+
+def train_for(cfg, data, device, seconds):
+    """The kernel's train_loop for `seconds`, through a plan spanning them; -> (trainer, summary, history, syncs,
+    skips), the trainer free of this script's wrappers."""
+    seed_everything(cfg.seed)
+    trainer = build_trainer(cfg, data, device)
+    syncs, skips, detach = instrument(trainer)
+    history = {}
+    summary = loop_segment(trainer, cfg, seconds=seconds, prior_train_s=0.0, plan_s=seconds, history=history)
     sync(device)
+    detach()
     return trainer, summary, history, syncs, skips
+
+
+def free_device(device):
+    """Between runs: collect what is unreachable (cycles included) and return the cached blocks, then restart the peak
+    counter, so the next run's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # sections
@@ -135,7 +190,9 @@ def s_env(ctx):
     out = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
            else None, "amp_auto": str(resolve_amp("auto", dev)), "compile": compile_support(dev),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "backends": ctx.backends,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark, "matmul_precision": torch.get_float32_matmul_precision(),
+           "torch_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         out.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
@@ -187,6 +244,7 @@ def s_train(ctx):
     out = {}
     for amp in ("fp16", "off"):
         cfg = dataclasses.replace(ctx.cfg, amp=amp)
+        free_device(ctx.device)
         t0 = time.perf_counter()
         trainer, summary, history, syncs, skips = train_for(cfg, ctx.data, ctx.device, ctx.train_s)
         r = {"amp": amp, "dtype": str(trainer.amp_dtype), "steps": summary.steps, "seconds": summary.seconds,
@@ -205,8 +263,7 @@ def s_train(ctx):
             ctx.fp16_sampler = build_sampler(cfg, trainer, ctx.data).with_model(
                 copy.deepcopy(trainer.generator_to_ship()))
         del trainer
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device(ctx.device)
         ctx.results["train"] = out
         ctx.save()
     ends = {a: (out[a]["loss_d"][-1][1] if out[a]["loss_d"] else None) for a in out}
@@ -217,6 +274,128 @@ def s_train(ctx):
         out["plot"] = "curves.png"
     except ImportError:
         out["plot"] = "matplotlib missing: no curves.png (the curves are in evidence.json)"
+    return out
+
+
+def s_quality(ctx):
+    """The default recipe at amp=fp16 (Kaggle's T4: fp16 with GradScalers) for the last of ctx.quality_points seconds
+    of training, on one time plan; at each point ctx.quality_n images from the shipped generator exactly as the finish
+    makes them (Sampler.ready, fast_inference, the run's seed) -> samples-<i>.npz (uint8, compressed); one grid png
+    with a row per point. score_gpu_samples.py scores the .npz files back home."""
+    cfg = dataclasses.replace(ctx.cfg, amp="fp16")
+    free_device(ctx.device)
+    seed_everything(cfg.seed)
+    trainer = build_trainer(cfg, ctx.data, ctx.device)
+    syncs, skips, detach = instrument(trainer)
+    sampler = build_sampler(cfg, trainer, ctx.data)
+    plan_s, history, trained, points = ctx.quality_points[-1], {}, 0.0, []
+    out = {"amp": "fp16", "plan_s": plan_s, "n": ctx.quality_n, "batch": trainer.batch_per_rank, "points": points,
+           "syncs": syncs}
+    grid = []
+    for i, at in enumerate(ctx.quality_points, 1):
+        summary = loop_segment(trainer, cfg, seconds=max(at - trained, 0.5), prior_train_s=trained, plan_s=plan_s,
+                               history=history)
+        trained += summary.seconds
+        t0 = time.perf_counter()
+        ready = sampler.ready()
+        with fast_inference(ready.model(), ready.device):
+            images = ready(ctx.quality_n, cfg.seed)  # [n,64,64,3] uint8, the same z at every point
+        sample_s = time.perf_counter() - t0
+        name = f"samples-{i}.npz"
+        np.savez_compressed(ctx.out / name, images=images, train_s=trained, step=trainer.step_count,
+                            seed=cfg.seed, amp="fp16", preset=cfg.preset)
+        grid.append(images[:16])
+        points.append({"file": name, "train_s": trained, "step": trainer.step_count, "n": len(images),
+                       "sample_s": sample_s, "reason": summary.reason, "error": summary.error,
+                       "rollbacks": summary.rollbacks, "it_s": summary.it_per_s, "bytes": (ctx.out / name).stat().st_size})
+        out.update(steps=trainer.step_count, skipped_g=int(skips["g"]["n"]), skipped_d=int(skips["d"]["n"]),
+                   nonfinite=sum(s["nonfinite"] for s in syncs), final_scale_g=trainer.scaler_g.get_scale(),
+                   final_scale_d=trainer.scaler_d.get_scale(), loss_d=history.get("loss_d", []),
+                   loss_g=history.get("loss_g", []))
+        if ctx.device.type == "cuda":
+            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+        ctx.results["quality"] = out
+        ctx.save()  # a run cut short keeps the points it made
+        if summary.reason not in ("budget", "steps"):
+            out["stopped"] = f"{summary.reason}: {summary.error}"
+            break
+    save_grid(np.concatenate(grid), ctx.out / "samples-grid.png", nrow=16)
+    out["grid"] = "samples-grid.png (one row of 16 per point, the first images of each .npz)"
+    detach()
+    del trainer, sampler
+    free_device(ctx.device)
+    out["ok"] = "stopped" not in out and out["nonfinite"] == 0 and len(points) == len(ctx.quality_points)
+    return out
+
+
+def kill_command(*, step, budget_s, out_dir):
+    """The two-GPU kill case (issue 26 §1): rank 1 dies by SIGKILL at `step`; rank 0 must still ship a verified zip
+    within the budget."""
+    return [sys.executable, str(ROOT / "kernel.py"), "--gpus", "2", "--demo", "--preset", "smoke", "--set",
+            f"fault=kill@{step}", "--time-budget", f"{budget_s:g}s", "--out", str(out_dir)]
+
+
+def kernel_outcome(out_dir, *, rc, wall_s, budget_s):
+    """What a kernel.py run left in out_dir: exit code, wall time vs its budget, whether its zip verified, and from
+    report.json degraded, failed_ranks, the finish reserve and the measured phases. -> (dict, report)."""
+    out = {"rc": rc, "wall_s": wall_s, "budget_s": budget_s, "within_budget": wall_s <= budget_s}
+    report_path, zip_path = Path(out_dir) / "report.json", Path(out_dir) / "images.zip"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    n_images = (report.get("config") or {}).get("n_images") or 10000
+    out.update(report=report_path.is_file(), degraded=report.get("degraded"), failed_ranks=report.get("failed_ranks"),
+               n_images=n_images, reserve=report.get("reserve"), phases=report.get("phases"),
+               train=report.get("train"), precision=report.get("precision"), warnings=report.get("warnings"))
+    if zip_path.is_file():
+        try:
+            verify_zip(str(zip_path), n_expected=n_images)
+            out["zip_verified"] = True
+        except Exception as exc:  # SubmissionError, or a zip that cannot be opened
+            out["zip_verified"], out["zip_error"] = False, f"{type(exc).__name__}: {exc}"
+    else:
+        out["zip_verified"] = False
+    return out
+
+
+def kill_outcome(out_dir, *, rc, wall_s, budget_s):
+    """The killed run: exit 0, a verified zip within the budget, and rank 1 named in report.json's failed_ranks."""
+    out = kernel_outcome(out_dir, rc=rc, wall_s=wall_s, budget_s=budget_s)
+    out["ok"] = rc == 0 and out["zip_verified"] and out["within_budget"] and bool(out["failed_ranks"])
+    return out
+
+
+def kernel_command(*, device, budget_s, out_dir):
+    """The bundled kernel end to end on one device: the demo photos at the smoke preset's widths."""
+    return [sys.executable, str(ROOT / "kernel.py"), "--demo", "--preset", "smoke", "--device", str(device), "--gpus",
+            "1", "--time-budget", f"{budget_s:g}s", "--out", str(out_dir)]
+
+
+def s_kernel(ctx):
+    """kernel.py itself on the device (its main, finish, report: what no other section runs): exit 0, a verified zip,
+    within its --time-budget, and its finish reserve beside the phases it measured."""
+    if not ctx.kernel_budget_s:
+        return {"skipped": "dry run: the suite runs the kernel end to end (tests/test_main.py)"}
+    budget = ctx.kernel_budget_s
+    with tempfile.TemporaryDirectory(prefix="evidence-kernel-") as tmp:
+        cmd = kernel_command(device=ctx.device, budget_s=budget, out_dir=tmp)
+        t0 = time.perf_counter()
+        p = run_capped(cmd, timeout=min(budget + 30, ctx.left() - 5))
+        out = kernel_outcome(tmp, rc=p.returncode, wall_s=time.perf_counter() - t0, budget_s=budget)
+    out.update(command=" ".join(cmd[1:]), stdout_tail=p.stdout[-3000:], stderr_tail=p.stderr[-2000:])
+    out["ok"] = p.returncode == 0 and out["zip_verified"] and out["within_budget"] and not out["degraded"]
+    return out
+
+
+def s_kill2(ctx):
+    n = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    if n < 2:
+        return {"skipped": f"{n} CUDA device(s) visible: the two-GPU kill case needs 2"}
+    budget = ctx.kill_budget_s
+    with tempfile.TemporaryDirectory(prefix="evidence-kill-") as tmp:
+        cmd = kill_command(step=ctx.kill_step, budget_s=budget, out_dir=tmp)
+        t0 = time.perf_counter()
+        p = run_capped(cmd, timeout=min(budget + 60, ctx.left() - 5))
+        out = kill_outcome(tmp, rc=p.returncode, wall_s=time.perf_counter() - t0, budget_s=budget)
+    out.update(command=" ".join(cmd[1:]), stdout_tail=p.stdout[-2000:], stderr_tail=p.stderr[-2000:])
     return out
 
 
@@ -325,17 +504,17 @@ def bench_flops_peaks():
 
 
 def s_speed(ctx):
-    js = ctx.out / "speed.json"
+    js = Path(tempfile.mkdtemp(prefix="evidence-speed-")) / "speed.json"  # not under --out: it goes into evidence.json
     cmd = [sys.executable, str(ROOT / "tests" / "bench" / "bench_speed.py"), "--json", str(js), "--device",
            str(ctx.device), "--preset", ctx.speed_preset] + [a for s in ctx.args.set for a in ("--set", s)]
     cmd += ctx.speed_args
     t0 = time.perf_counter()
-    p = run_capped(cmd, timeout=min(ctx.speed_timeout, ctx.left() - 5))
+    p = run_capped(cmd, timeout=min(ctx.speed_timeout, ctx.left() - 55))  # 55 s: memory and predict still run
     out = {"command": " ".join(cmd[1:]), "rc": p.returncode, "seconds": time.perf_counter() - t0,
            "stdout_tail": p.stdout[-4000:], "stderr_tail": p.stderr[-2000:]}
     if js.is_file():
         out["result"] = json.loads(js.read_text())
-    out["ok"] = p.returncode == 0
+    out["ok"] = p.returncode == 0 and out.get("result", {}).get("done", False)
     return out
 
 
@@ -361,8 +540,15 @@ def s_tests(ctx):
             "ok": p.returncode == 0}
 
 
-SECTIONS = (("env", s_env, 0), ("cuda_checks", s_cuda_checks, 20), ("train", s_train, None), ("finish", s_finish, 30),
-            ("memory", s_memory, 40), ("predict", s_predict, 10), ("speed", s_speed, None), ("tests", s_tests, None))
+# name, function, seconds it needs (a function of the context): a section that would not fit in what is left of
+# --budget-s is skipped, recorded as such; the order is the order of value
+SECTIONS = (("env", s_env, lambda c: 0), ("cuda_checks", s_cuda_checks, lambda c: 20),
+            ("quality", s_quality, lambda c: c.quality_points[-1] + 20),
+            ("kernel", s_kernel, lambda c: c.kernel_budget_s + 10),
+            ("train", s_train, lambda c: 2 * c.train_s + 15), ("finish", s_finish, lambda c: 30),
+            ("speed", s_speed, lambda c: 60), ("memory", s_memory, lambda c: 40),
+            ("kill2", s_kill2, lambda c: c.kill_budget_s + 60 if c.gpus >= 2 else 0),
+            ("predict", s_predict, lambda c: 10), ("tests", s_tests, lambda c: 30))
 
 
 # output
@@ -411,6 +597,19 @@ def summarize(name, r):
                 f"{r['amp_fp16']['finite']}, fused Adam {r['amp_auto']['fused_adam']}; inf gradient: scale "
                 f"{inf['scale_before']:g} -> {inf['scale_after']:g}, G unchanged {inf['g_weights_unchanged']}"
                 + (f"; FAILED: {r['failed']}" if r["failed"] else ""))
+    if name == "quality":
+        return (f"amp=fp16, batch {r['batch']}: " + ", ".join(
+            f"{p['file']} at {p['train_s']:.0f}s/step {p['step']} (n={p['n']}, sampled in {p['sample_s']:.1f}s)"
+            for p in r["points"]) + f"; skipped G/D {r['skipped_g']}/{r['skipped_d']}, non-finite {r['nonfinite']}"
+            + (f", peak {r['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in r else "")
+            + (f"; STOPPED {r['stopped']}" if "stopped" in r else ""))
+    if name == "kernel":
+        res = r.get("reserve") or {}
+        return (f"rc {r['rc']} in {r['wall_s']:.0f}s of {r['budget_s']:g}s, zip verified {r['zip_verified']}, "
+                f"degraded {r['degraded']}; reserve {json.dumps(res)[:120]}; phases {json.dumps(r.get('phases'))[:120]}")
+    if name == "kill2":
+        return (f"rc {r['rc']} in {r['wall_s']:.0f}s of {r['budget_s']:g}s, zip verified {r['zip_verified']}, "
+                f"degraded {r['degraded']}, failed ranks {r['failed_ranks']}")
     if name == "train":
         return "; ".join(f"amp={a}: {r[a]['steps']} steps in {r[a]['seconds']:.0f}s ({r[a]['it_s']:.2f} it/s, batch "
                          f"{r[a]['batch']}), skipped G/D {r[a]['skipped_g']}/{r[a]['skipped_d']}"
@@ -464,10 +663,20 @@ def main(argv=None):
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "dogs-1953"))
     p.add_argument("--out", default="", help="output folder (default tests/bench/runs/evidence-<time>)")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda:N")
-    p.add_argument("--train-s", type=float, default=90.0, help="training seconds per precision (default 90)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="wall time for all sections (default 480)")
+    p.add_argument("--train-s", type=float, default=15.0, help="train: seconds per precision (default 15)")
+    p.add_argument("--quality-points", default="60,150,240", metavar="S,S,S",
+                   help="quality: training seconds at which 1,000 samples are saved (default 60,150,240)")
+    p.add_argument("--quality-n", type=int, default=1000, help="quality: images per point (default 1000)")
+    p.add_argument("--kill-step", type=int, default=30, help="kill2: the step at which rank 1 is killed (default 30)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="wall time for all sections (default 540)")
     p.add_argument("--dry-run", action="store_true", help="the same script on the CPU at tiny sizes (the test suite)")
     args = p.parse_args(argv)
+    try:
+        points = tuple(float(x) for x in args.quality_points.split(",") if x.strip())
+    except ValueError:
+        points = ()
+    if not points or any(b <= a for a, b in zip((0.0,) + points, points)):
+        p.error(f"--quality-points {args.quality_points!r}: give increasing positive seconds, e.g. 60,150,240")
     t_start = time.monotonic()
     cfg = recipe(args)
     if args.make_npz:
@@ -482,7 +691,6 @@ def main(argv=None):
                           ("cpu" if args.device == "auto" else args.device))
     if args.dry_run:  # the recipe at the smoke preset's widths, a few steps of everything
         device = torch.device("cpu")
-        torch.set_num_threads(1)
         cfg = recipe(argparse.Namespace(preset=args.preset + ",smoke", set=args.set),
                      batch_size=4, sample_batch=50, check_every=2, snapshot_every=4, tick_s=5)
         ctx.tiny_cfg, ctx.tiny_steps = dataclasses.replace(cfg, batch_size=4), 1
@@ -490,6 +698,7 @@ def main(argv=None):
         ctx.speed_args = ["--batch", "4", "--steps", "1", "--rounds", "1", "--warmup", "0", "--n-images", "20",
                           "--synthetic", "32", "--naive-workers", "0", "--compile", "off", "--set", "sample_batch=20"]
         ctx.speed_preset = args.preset + ",smoke"
+        ctx.quality_points, ctx.quality_n = (1.0, 2.0, 3.0), 20
         ctx.test_files = ()
         ctx.speed_timeout, ctx.tests_timeout = 120, 60
     else:
@@ -498,8 +707,14 @@ def main(argv=None):
         ctx.train_s, ctx.n_images, ctx.mem_batches, ctx.mem_amps = args.train_s, 10000, (32, 64, 128), ("fp16", "off")
         ctx.speed_args = ["--batch", str(cfg.batch_size), "--steps", "30", "--rounds", "3", "--synthetic", "2085"]
         ctx.speed_preset = args.preset
+        ctx.quality_points, ctx.quality_n = points, args.quality_n
         ctx.test_files = TEST_FILES
-        ctx.speed_timeout, ctx.tests_timeout = 240, 150
+        ctx.speed_timeout, ctx.tests_timeout = 100, 150
+    ctx.kill_step, ctx.kill_budget_s = args.kill_step, 120.0
+    ctx.kernel_budget_s = 0.0 if args.dry_run else 60.0
+    ctx.gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    # the kernel's own configuration (modules/setup.py does the same): cuDNN autotuning, TF32 on Ampere+, threads
+    ctx.backends = f"{configure_backends(device)}; {configure_threads(cfg.threads, device)}"
     ctx.device, ctx.cfg = device, cfg
     t0 = time.perf_counter()
     if args.dry_run and not args.npz:  # exercise --make-npz on the kernel's synthetic demo photos
@@ -516,11 +731,12 @@ def main(argv=None):
     ctx.build_s = time.perf_counter() - t0  # the data part of the non-training time (the trainer's build is added)
     ctx.meta = {"command": "python tests/bench/gpu_evidence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": args.dry_run,
-                "data": desc, "config": dataclasses.asdict(cfg), "train_s": ctx.train_s}
+                "data": desc, "config": dataclasses.asdict(cfg), "train_s": ctx.train_s,
+                "quality_points": ctx.quality_points, "quality_n": ctx.quality_n}
     print(f"gpu_evidence: device {device}, data {desc}, out {out}", flush=True)
     for name, fn, need in SECTIONS:
         left = args.budget_s - (time.monotonic() - t_start)
-        need = need if need is not None else {"train": 2 * ctx.train_s + 20, "speed": 60, "tests": 30}[name]
+        need = need(ctx)
         if left < need and not args.dry_run:
             ctx.results[name] = {"skipped": f"out of time ({left:.0f}s left of --budget-s {args.budget_s:g})"}
             continue
