@@ -42,11 +42,11 @@
 #    2195  Trainer.step          one training step: D, then G, EMA
 #    2366  Pace                  the pace: step time, slowdown, when training must stop
 #    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5321  finish                the finish: images, the verified zip, self-check, pictures
-#    5640  parse_config          the command line -> a checked Config
-#    5933  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6189  run                   the run: settings, checks and data, the ranks started
-#    6259  main                  the entry point and its exit codes
+#    5334  finish                the finish: images, the verified zip, self-check, pictures
+#    5671  parse_config          the command line -> a checked Config
+#    5964  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6223  run                   the run: settings, checks and data, the ranks started
+#    6293  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -5147,6 +5147,8 @@ these times, so training stops early enough to write the zip."""
 
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
 SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
+CPU_GEN_BATCH_MAX = 64  # on the CPU the finish generates at most this many images at once: memory grows with the batch
+# (~10 MB per image at full width: 4.8 GiB at 500), the time per image hardly drops past a few dozen
 
 
 def _timed(fn, *args, **kw):
@@ -5156,7 +5158,7 @@ def _timed(fn, *args, **kw):
 
 
 def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
-                           crops):
+                           crops, check=None):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
     generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
@@ -5167,10 +5169,16 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
     Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
     search against crops (uint8 [N,64,64,3]).
+    check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
+    each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
     -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
     """
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    check = check or (lambda partial: None)
+    cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+                                          first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
     est = {"generate": max(times) * math.ceil(n_images / batch)}
+    check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
@@ -5179,9 +5187,11 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
         t_enc = max(0.0, t_enc - est["generate"])
     est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    check(est)
     buf = io.BytesIO()
     t_ser, _ = _timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
+    check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
     if extractor is not None:
         est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
@@ -5189,9 +5199,10 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     return est, info
 
 
-def _time_generation(sampler):
+def _time_generation(sampler, first):
     """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
-    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8). first(seconds, batch): called
+    after the first timed batch (it may raise: the second is not timed then)."""
     batch = sampler.batch
     while True:
         try:
@@ -5200,6 +5211,8 @@ def _time_generation(sampler):
             for seed in (1, 2):
                 dt, imgs = _timed(sampler, batch, seed)
                 times.append(dt)
+                if seed == 1:
+                    first(dt, batch)
             return times, imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
@@ -5438,6 +5451,26 @@ class TrainPlan:
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
 
+def budget_too_small(budget_s, elapsed_s, reserve_s, *, budget_text="", left="", at_least=False):
+    """The one line a budget that cannot hold training and the finish ends with (a UsageError, exit 2)."""
+    return UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
+                      f"took {format_duration(elapsed_s)} and writing the images needs "
+                      f"{'at least ' if at_least else ''}{format_duration(reserve_s)}{left}")
+
+
+def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budget_text=""):
+    """While the finish is still being measured: raise budget_too_small as soon as the parts measured so far
+    (partial: {part: seconds}; the optional self-check does not count) leave no training time. The full measurement
+    only adds parts and the clock only moves on, so plan_training would refuse this run too, minutes later."""
+    reserve_s = finish_reserve_s({k: v for k, v in partial.items() if k != OPTIONAL_FINISH}) + margin_s
+    if elapsed_s + reserve_s >= budget_s:
+        log(f"finish reserve at least {format_duration(reserve_s)} (measured so far: " +
+            ", ".join(f"{k} {format_duration(v)}" for k, v in partial.items()) +
+            f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}): more than the budget leaves, measuring stopped")
+        raise budget_too_small(budget_s, elapsed_s, reserve_s, budget_text=budget_text, at_least=True,
+                               left=" (measurement stopped early)")
+
+
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
                   budget_text="", max_steps=0, hold_back_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
@@ -5465,11 +5498,9 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
         (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
          f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
     if window <= first_step_s:
-        raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
-                         f"took {format_duration(elapsed_s)} and writing the images needs "
-                         f"{format_duration(finish_s + margin_s)}" +
-                         (f", which leaves {format_duration(window)}: less than one training step "
-                          f"(~{format_duration(first_step_s)})" if window > 0 else ""))
+        raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
+                               left=f", which leaves {format_duration(window)}: less than one training step "
+                                    f"(~{format_duration(first_step_s)})" if window > 0 else "")
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
@@ -6014,7 +6045,10 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
+                                                          elapsed_s=setup.deadline.elapsed(),
+                                                          margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:

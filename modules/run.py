@@ -31,7 +31,7 @@ from modules.measure import measure_finish_seconds
 from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
 from modules.pace import Pace, finish_reserve_s
-from modules.plan import plan_training
+from modules.plan import plan_training, refuse_if_finish_cannot_fit
 from modules.sample import build_sampler
 from modules.setup import open_device
 from modules.speed import env_threads, pick_cpu_threads
@@ -141,7 +141,10 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
+                                                          elapsed_s=setup.deadline.elapsed(),
+                                                          margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:
