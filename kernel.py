@@ -41,12 +41,12 @@
 #    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2195  Trainer.step          one training step: D, then G, EMA
 #    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5334  finish                the finish: images, the verified zip, self-check, pictures
-#    5671  parse_config          the command line -> a checked Config
-#    5964  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6223  run                   the run: settings, checks and data, the ranks started
-#    6293  main                  the entry point and its exit codes
+#    2524  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5344  finish                the finish: images, the verified zip, self-check, pictures
+#    5684  parse_config          the command line -> a checked Config
+#    5977  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6236  run                   the run: settings, checks and data, the ranks started
+#    6306  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2391,7 +2391,14 @@ class Pace:
     def stop_at(self):
         """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
         to the finish."""
-        return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
+        return self.plan.train_until - self.finish_stretch_s()
+
+    def finish_stretch_s(self):
+        """Seconds the slowdown adds to the finish reserve: every part slower by it, and the PNG encoding measured as
+        hidden behind generation on another core counted too, in proportion as generation slowed (a re-timed batch
+        twice as slow: the other cores are busy, all of it runs in the finish's time)."""
+        lost = min(max(self.gen_slowdown - 1.0, 0.0), 1.0) * self.plan.encode_hidden_s
+        return self.plan.finish_s * (self.slowdown - 1) + FINISH_SAFETY * lost * self.slowdown
 
     def steps_fit(self, steps):
         """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
@@ -2447,7 +2454,7 @@ class Pace:
         if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
             self.said_gen = self.gen_slowdown
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                f"{format_duration(plan.finish_s * self.slowdown + plan.margin_s)}")
+                f"{format_duration(plan.finish_s + self.finish_stretch_s() + plan.margin_s)}")
 
     # the finish
 
@@ -5171,7 +5178,8 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     search against crops (uint8 [N,64,64,3]).
     check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
     each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
-    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...,
+    "encode_hidden_s": PNG encoding expected to run on other cores during generation, not in the zip's estimate})
     """
     check = check or (lambda partial: None)
     cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
@@ -5184,15 +5192,17 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
     t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     t_enc *= scale
+    hidden = 0.0
     if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
-        t_enc = max(0.0, t_enc - est["generate"])
+        hidden = min(t_enc, est["generate"])
+        t_enc -= hidden
     est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
     check(est)
     buf = io.BytesIO()
     t_ser, _ = _timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
     check(est)
-    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell(), "encode_hidden_s": hidden}
     if extractor is not None:
         est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
                                                 crops=crops)
@@ -5435,6 +5445,7 @@ class TrainPlan:
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
     hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
+    encode_hidden_s: float = 0.0  # PNG encoding measured as hidden behind generation on other cores (not in finish_s)
 
     @property
     def reserve_s(self):
@@ -5472,7 +5483,7 @@ def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budge
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", max_steps=0, hold_back_s=0.0):
+                  budget_text="", max_steps=0, hold_back_s=0.0, encode_hidden_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
@@ -5480,6 +5491,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
     0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
     training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
+    encode_hidden_s: the measurement's info["encode_hidden_s"], for the Pace (a loaded machine has no spare core).
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
@@ -5521,7 +5533,8 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s,
+                     encode_hidden_s=encode_hidden_s)
 
 
 # ==== modules/cli.py ====
@@ -6060,7 +6073,7 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
-                         max_steps=cfg.max_steps, hold_back_s=timeout)
+                         max_steps=cfg.max_steps, hold_back_s=timeout, encode_hidden_s=info["encode_hidden_s"])
     if ctx.distributed:
         log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")

@@ -26,6 +26,7 @@ class TrainPlan:
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
     hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
+    encode_hidden_s: float = 0.0  # PNG encoding measured as hidden behind generation on other cores (not in finish_s)
 
     @property
     def reserve_s(self):
@@ -63,7 +64,7 @@ def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budge
 
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", max_steps=0, hold_back_s=0.0):
+                  budget_text="", max_steps=0, hold_back_s=0.0, encode_hidden_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
@@ -71,6 +72,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
     0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
     training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
+    encode_hidden_s: the measurement's info["encode_hidden_s"], for the Pace (a loaded machine has no spare core).
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
@@ -112,4 +114,5 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s,
+                     encode_hidden_s=encode_hidden_s)

@@ -156,7 +156,7 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
-                         max_steps=cfg.max_steps, hold_back_s=timeout)
+                         max_steps=cfg.max_steps, hold_back_s=timeout, encode_hidden_s=info["encode_hidden_s"])
     if ctx.distributed:
         log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")

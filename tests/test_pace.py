@@ -1,5 +1,7 @@
 """modules/pace.py: the stop time, the step-time slowdown, the finish re-timing and what the finish's optional parts
 need, all from the plan's measured estimates; and the one-rank DistContext whose collectives the loop calls."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,3 +89,17 @@ def test_one_rank_collectives_return_local_values():
     assert ctx.broadcast(box) is box and ctx.dead_workers() == []
     ctx.sync_buffers([torch.nn.BatchNorm1d(2)])  # nothing to send, nothing raised
     assert ctx.mark_broken("a failure") == "" and ctx.broken == ""  # nothing to break alone
+
+
+def test_a_slower_generation_also_counts_the_encoding_hidden_behind_it():
+    """The zip's estimate leaves out the PNG encoding measured as running on another core during generation; once a
+    re-timed batch is slower (other load has the cores) that encoding runs in the finish's time: at 2x all of it
+    stretches the reserve, on a quiet machine none."""
+    d = Deadline(3600)
+    plan = dataclasses.replace(window_plan(d, 5.0, finish_s=10.0), encode_hidden_s=8.0)
+    quiet, loaded, half = (Pace(plan, d, probe=lambda x=x: x) for x in (0.01, 0.02, 0.015))
+    for pace in (quiet, loaded, half):
+        pace.retime()
+    assert quiet.stop_at() == pytest.approx(plan.train_until)
+    assert loaded.stop_at() == pytest.approx(plan.train_until - 10.0 - FINISH_SAFETY * 8.0 * 2)
+    assert half.stop_at() == pytest.approx(plan.train_until - 5.0 - FINISH_SAFETY * 4.0 * 1.5)
