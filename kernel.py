@@ -41,12 +41,12 @@
 #    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2195  Trainer.step          one training step: D, then G, EMA
 #    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2524  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5344  finish                the finish: images, the verified zip, self-check, pictures
-#    5684  parse_config          the command line -> a checked Config
-#    5977  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6236  run                   the run: settings, checks and data, the ranks started
-#    6306  main                  the entry point and its exit codes
+#    2527  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5347  finish                the finish: images, the verified zip, self-check, pictures
+#    5687  parse_config          the command line -> a checked Config
+#    5980  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6239  run                   the run: settings, checks and data, the ranks started
+#    6309  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2453,8 +2453,11 @@ class Pace:
         self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
         if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
             self.said_gen = self.gen_slowdown
+            reserve, left = plan.finish_s + self.finish_stretch_s() + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                f"{format_duration(plan.finish_s + self.finish_stretch_s() + plan.margin_s)}")
+                f"{format_duration(reserve)}" + ("" if reserve <= left else
+                                                 f", more than the {format_duration(max(left, 0.0))} left: at this "
+                                                 f"load the zip will be late"))
 
     # the finish
 

@@ -110,8 +110,11 @@ class Pace:
         self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
         if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
             self.said_gen = self.gen_slowdown
+            reserve, left = plan.finish_s + self.finish_stretch_s() + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                f"{format_duration(plan.finish_s + self.finish_stretch_s() + plan.margin_s)}")
+                f"{format_duration(reserve)}" + ("" if reserve <= left else
+                                                 f", more than the {format_duration(max(left, 0.0))} left: at this "
+                                                 f"load the zip will be late"))
 
     # the finish
 

@@ -57,7 +57,7 @@ def test_step_time_sets_the_sync_interval_and_the_slowdown():
     assert pace.base_s == pytest.approx(0.1) and pace.step_slowdown == 1.0
 
 
-def test_retime_only_near_the_end_and_never_raises():
+def test_retime_only_near_the_end_and_never_raises(capsys):
     calls = []
 
     def probe():
@@ -70,6 +70,10 @@ def test_retime_only_near_the_end_and_never_raises():
     near = _pace(5.0, finish_s=1.0, probe=probe)
     near.retime()
     assert calls and near.gen_slowdown == pytest.approx(4.0)
+    assert "at this load the zip will be late" not in capsys.readouterr().out  # 1 s x 4 fits the hour left
+    late = _pace(5.0, finish_s=2000.0, probe=probe)  # 2000 s x 4 is more than the hour's budget
+    late.retime()
+    assert "at this load the zip will be late" in capsys.readouterr().out
 
     def broken():
         raise RuntimeError("no")
