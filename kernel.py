@@ -41,12 +41,12 @@
 #    2204  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2260  Trainer.step          one training step: D, then G, EMA
 #    2434  Pace                  the pace: step time, slowdown, when training must stop
-#    2585  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5410  finish                the finish: images, the verified zip, self-check, pictures
-#    5733  parse_config          the command line -> a checked Config
-#    6026  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6295  run                   the run: settings, checks and data, the ranks started
-#    6365  main                  the entry point and its exit codes
+#    2595  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5436  finish                the finish: images, the verified zip, self-check, pictures
+#    5780  parse_config          the command line -> a checked Config
+#    6073  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6345  run                   the run: settings, checks and data, the ranks started
+#    6415  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -2459,7 +2459,14 @@ class Pace:
     def stop_at(self):
         """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
         to the finish."""
-        return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
+        return self.plan.train_until - self.finish_stretch_s()
+
+    def finish_stretch_s(self):
+        """Seconds the slowdown adds to the finish reserve: every part slower by it, and the PNG encoding measured as
+        hidden behind generation on another core counted too, in proportion as generation slowed (a re-timed batch
+        twice as slow: the other cores are busy, all of it runs in the finish's time)."""
+        lost = min(max(self.gen_slowdown - 1.0, 0.0), 1.0) * self.plan.encode_hidden_s
+        return self.plan.finish_s * (self.slowdown - 1) + FINISH_SAFETY * lost * self.slowdown
 
     def steps_fit(self, steps):
         """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
@@ -2514,8 +2521,11 @@ class Pace:
         self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
         if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
             self.said_gen = self.gen_slowdown
+            reserve, left = plan.finish_s + self.finish_stretch_s() + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                f"{format_duration(plan.finish_s * self.slowdown + plan.margin_s)}")
+                f"{format_duration(reserve)}" + ("" if reserve <= left else
+                                                 f", more than the {format_duration(max(left, 0.0))} left: at this "
+                                                 f"load the zip will be late"))
 
     # the finish
 
@@ -5236,6 +5246,8 @@ these times, so training stops early enough to write the zip."""
 
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
 SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
+CPU_GEN_BATCH_MAX = 64  # on the CPU the finish generates at most this many images at once: memory grows with the batch
+# (~10 MB per image at full width: 4.8 GiB at 500), the time per image hardly drops past a few dozen
 
 
 def _timed(fn, *args, **kw):
@@ -5245,7 +5257,7 @@ def _timed(fn, *args, **kw):
 
 
 def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
-                           crops):
+                           crops, check=None):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
     generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
@@ -5256,31 +5268,43 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
     Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
     search against crops (uint8 [N,64,64,3]).
-    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
+    each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...,
+    "encode_hidden_s": PNG encoding expected to run on other cores during generation, not in the zip's estimate})
     """
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    check = check or (lambda partial: None)
+    cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+                                          first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
     est = {"generate": max(times) * math.ceil(n_images / batch)}
+    check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
     t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     t_enc *= scale
+    hidden = 0.0
     if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
-        t_enc = max(0.0, t_enc - est["generate"])
+        hidden = min(t_enc, est["generate"])
+        t_enc -= hidden
     est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    check(est)
     buf = io.BytesIO()
     t_ser, _ = _timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
-    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    check(est)
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell(), "encode_hidden_s": hidden}
     if extractor is not None:
         est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
                                                 crops=crops)
     return est, info
 
 
-def _time_generation(sampler):
+def _time_generation(sampler, first):
     """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
-    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8). first(seconds, batch): called
+    after the first timed batch (it may raise: the second is not timed then)."""
     batch = sampler.batch
     while True:
         try:
@@ -5289,6 +5313,8 @@ def _time_generation(sampler):
             for seed in (1, 2):
                 dt, imgs = _timed(sampler, batch, seed)
                 times.append(dt)
+                if seed == 1:
+                    first(dt, batch)
             return times, imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
@@ -5511,6 +5537,7 @@ class TrainPlan:
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
     hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
+    encode_hidden_s: float = 0.0  # PNG encoding measured as hidden behind generation on other cores (not in finish_s)
 
     @property
     def reserve_s(self):
@@ -5527,8 +5554,28 @@ class TrainPlan:
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
 
+def budget_too_small(budget_s, elapsed_s, reserve_s, *, budget_text="", left="", at_least=False):
+    """The one line a budget that cannot hold training and the finish ends with (a UsageError, exit 2)."""
+    return UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
+                      f"took {format_duration(elapsed_s)} and writing the images needs "
+                      f"{'at least ' if at_least else ''}{format_duration(reserve_s)}{left}")
+
+
+def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budget_text=""):
+    """While the finish is still being measured: raise budget_too_small as soon as the parts measured so far
+    (partial: {part: seconds}; the optional self-check does not count) leave no training time. The full measurement
+    only adds parts and the clock only moves on, so plan_training would refuse this run too, minutes later."""
+    reserve_s = finish_reserve_s({k: v for k, v in partial.items() if k != OPTIONAL_FINISH}) + margin_s
+    if elapsed_s + reserve_s >= budget_s:
+        log(f"finish reserve at least {format_duration(reserve_s)} (measured so far: " +
+            ", ".join(f"{k} {format_duration(v)}" for k, v in partial.items()) +
+            f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}): more than the budget leaves, measuring stopped")
+        raise budget_too_small(budget_s, elapsed_s, reserve_s, budget_text=budget_text, at_least=True,
+                               left=" (measurement stopped early)")
+
+
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", max_steps=0, hold_back_s=0.0):
+                  budget_text="", max_steps=0, hold_back_s=0.0, encode_hidden_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
@@ -5536,6 +5583,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
     0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
     training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
+    encode_hidden_s: the measurement's info["encode_hidden_s"], for the Pace (a loaded machine has no spare core).
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
@@ -5554,11 +5602,9 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
         (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
          f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
     if window <= first_step_s:
-        raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
-                         f"took {format_duration(elapsed_s)} and writing the images needs "
-                         f"{format_duration(finish_s + margin_s)}" +
-                         (f", which leaves {format_duration(window)}: less than one training step "
-                          f"(~{format_duration(first_step_s)})" if window > 0 else ""))
+        raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
+                               left=f", which leaves {format_duration(window)}: less than one training step "
+                                    f"(~{format_duration(first_step_s)})" if window > 0 else "")
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
@@ -5579,7 +5625,8 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s,
+                     encode_hidden_s=encode_hidden_s)
 
 
 # ==== modules/cli.py ====
@@ -6107,7 +6154,10 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
+                                                          elapsed_s=setup.deadline.elapsed(),
+                                                          margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:
@@ -6119,7 +6169,7 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
-                         max_steps=cfg.max_steps, hold_back_s=timeout)
+                         max_steps=cfg.max_steps, hold_back_s=timeout, encode_hidden_s=info["encode_hidden_s"])
     if ctx.distributed:
         log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")

@@ -15,6 +15,8 @@ from modules.utils import cpu_count, warn
 
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
 SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
+CPU_GEN_BATCH_MAX = 64  # on the CPU the finish generates at most this many images at once: memory grows with the batch
+# (~10 MB per image at full width: 4.8 GiB at 500), the time per image hardly drops past a few dozen
 
 
 def _timed(fn, *args, **kw):
@@ -24,7 +26,7 @@ def _timed(fn, *args, **kw):
 
 
 def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
-                           crops):
+                           crops, check=None):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
     generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
@@ -35,31 +37,43 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
     Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
     search against crops (uint8 [N,64,64,3]).
-    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...})
+    check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
+    each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
+    -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...,
+    "encode_hidden_s": PNG encoding expected to run on other cores during generation, not in the zip's estimate})
     """
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images)))
+    check = check or (lambda partial: None)
+    cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
+    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+                                          first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
     est = {"generate": max(times) * math.ceil(n_images / batch)}
+    check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
     t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     t_enc *= scale
+    hidden = 0.0
     if sampler.device.type == "cuda" or cpu_count() > 1:  # encoded on other cores while generating: only the excess
-        t_enc = max(0.0, t_enc - est["generate"])
+        hidden = min(t_enc, est["generate"])
+        t_enc -= hidden
     est["zip"] = (t_enc + t_verify * scale + 2 * zip_bytes / disk_bytes_per_s) * 1.2
+    check(est)
     buf = io.BytesIO()
     t_ser, _ = _timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
-    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
+    check(est)
+    info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell(), "encode_hidden_s": hidden}
     if extractor is not None:
         est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
                                                 crops=crops)
     return est, info
 
 
-def _time_generation(sampler):
+def _time_generation(sampler, first):
     """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
-    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8)."""
+    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8). first(seconds, batch): called
+    after the first timed batch (it may raise: the second is not timed then)."""
     batch = sampler.batch
     while True:
         try:
@@ -68,6 +82,8 @@ def _time_generation(sampler):
             for seed in (1, 2):
                 dt, imgs = _timed(sampler, batch, seed)
                 times.append(dt)
+                if seed == 1:
+                    first(dt, batch)
             return times, imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:

@@ -48,7 +48,14 @@ class Pace:
     def stop_at(self):
         """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
         to the finish."""
-        return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
+        return self.plan.train_until - self.finish_stretch_s()
+
+    def finish_stretch_s(self):
+        """Seconds the slowdown adds to the finish reserve: every part slower by it, and the PNG encoding measured as
+        hidden behind generation on another core counted too, in proportion as generation slowed (a re-timed batch
+        twice as slow: the other cores are busy, all of it runs in the finish's time)."""
+        lost = min(max(self.gen_slowdown - 1.0, 0.0), 1.0) * self.plan.encode_hidden_s
+        return self.plan.finish_s * (self.slowdown - 1) + FINISH_SAFETY * lost * self.slowdown
 
     def steps_fit(self, steps):
         """Do `steps` more steps, plus one queued on the GPU, end before stop_at()?"""
@@ -103,8 +110,11 @@ class Pace:
         self.gen_slowdown = min(max(min(self.probes), 1.0), FINISH_SLOWDOWN_MAX)
         if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
             self.said_gen = self.gen_slowdown
+            reserve, left = plan.finish_s + self.finish_stretch_s() + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
-                f"{format_duration(plan.finish_s * self.slowdown + plan.margin_s)}")
+                f"{format_duration(reserve)}" + ("" if reserve <= left else
+                                                 f", more than the {format_duration(max(left, 0.0))} left: at this "
+                                                 f"load the zip will be late"))
 
     # the finish
 

@@ -26,6 +26,7 @@ class TrainPlan:
     gen_batch_s: float  # seconds per generation batch as measured at start: the finish's pace, re-timed near the end
     self_check_reserved: bool = True  # False: the self-check is not in finish_s; it runs only if training ends early
     hold_back_s: float = 0.0  # several ranks: the training group's collective timeout; train_until is this much earlier
+    encode_hidden_s: float = 0.0  # PNG encoding measured as hidden behind generation on other cores (not in finish_s)
 
     @property
     def reserve_s(self):
@@ -42,8 +43,28 @@ class TrainPlan:
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
 
+def budget_too_small(budget_s, elapsed_s, reserve_s, *, budget_text="", left="", at_least=False):
+    """The one line a budget that cannot hold training and the finish ends with (a UsageError, exit 2)."""
+    return UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
+                      f"took {format_duration(elapsed_s)} and writing the images needs "
+                      f"{'at least ' if at_least else ''}{format_duration(reserve_s)}{left}")
+
+
+def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budget_text=""):
+    """While the finish is still being measured: raise budget_too_small as soon as the parts measured so far
+    (partial: {part: seconds}; the optional self-check does not count) leave no training time. The full measurement
+    only adds parts and the clock only moves on, so plan_training would refuse this run too, minutes later."""
+    reserve_s = finish_reserve_s({k: v for k, v in partial.items() if k != OPTIONAL_FINISH}) + margin_s
+    if elapsed_s + reserve_s >= budget_s:
+        log(f"finish reserve at least {format_duration(reserve_s)} (measured so far: " +
+            ", ".join(f"{k} {format_duration(v)}" for k, v in partial.items()) +
+            f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}): more than the budget leaves, measuring stopped")
+        raise budget_too_small(budget_s, elapsed_s, reserve_s, budget_text=budget_text, at_least=True,
+                               left=" (measurement stopped early)")
+
+
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
-                  budget_text="", max_steps=0, hold_back_s=0.0):
+                  budget_text="", max_steps=0, hold_back_s=0.0, encode_hidden_s=0.0):
     """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
 
     elapsed_s: the Deadline's clock now (start-up, data and measurement spent). resumed: the --resume checkpoint (a
@@ -51,6 +72,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     is a UsageError: such a run would ship an untrained generator's noise. max_steps: the step limit (Config.max_steps,
     0 = none), named in the plan line. hold_back_s: training stops this much earlier still (several ranks: the
     training group's collective timeout, which a hung rank can cost); budget_s stays the whole run's.
+    encode_hidden_s: the measurement's info["encode_hidden_s"], for the Pace (a loaded machine has no spare core).
     """
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
     finish_s = finish_reserve_s(estimates)
@@ -69,11 +91,9 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
         (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
          f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
     if window <= first_step_s:
-        raise UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
-                         f"took {format_duration(elapsed_s)} and writing the images needs "
-                         f"{format_duration(finish_s + margin_s)}" +
-                         (f", which leaves {format_duration(window)}: less than one training step "
-                          f"(~{format_duration(first_step_s)})" if window > 0 else ""))
+        raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
+                               left=f", which leaves {format_duration(window)}: less than one training step "
+                                    f"(~{format_duration(first_step_s)})" if window > 0 else "")
     if not reserved:
         warn(f"the self-check (~{format_duration(check_s)}) is left out of the finish reserve: it would leave "
              f"{format_duration(max(window - check_s, 0.0))} of training; it runs only if training ends early")
@@ -94,4 +114,5 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch,
-                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s)
+                     gen_batch_s=estimates["generate"] / batches, self_check_reserved=reserved, hold_back_s=hold_back_s,
+                     encode_hidden_s=encode_hidden_s)

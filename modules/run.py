@@ -33,7 +33,7 @@ from modules.measure import measure_finish_seconds
 from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
 from modules.pace import Pace, finish_reserve_s
-from modules.plan import plan_training
+from modules.plan import plan_training, refuse_if_finish_cannot_fit
 from modules.sample import build_sampler
 from modules.setup import open_device
 from modules.speed import env_threads, pick_cpu_threads
@@ -143,7 +143,10 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images)
+        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
+                                                          elapsed_s=setup.deadline.elapsed(),
+                                                          margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))
     need = info["zip_bytes"] + 2 * info["checkpoint_bytes"]  # the new zip beside the old; checkpoint.pt.tmp beside it
     free = shutil.disk_usage(out_dir).free
     if free < 1.2 * need:
@@ -155,7 +158,7 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
-                         max_steps=cfg.max_steps, hold_back_s=timeout)
+                         max_steps=cfg.max_steps, hold_back_s=timeout, encode_hidden_s=info["encode_hidden_s"])
     if ctx.distributed:
         log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")

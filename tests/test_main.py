@@ -65,6 +65,17 @@ def test_budget_too_small_exits_2(tmp_path):
     assert proc.returncode == 2 and "too small" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_full_width_budget_too_small_is_refused_inside_the_budget(tmp_path):
+    """The default preset on the CPU with 60 s: the finish's measurement stops at its first timed generation batch
+    (10,000 full-width images take minutes here) and the run ends with the "too small" line inside the budget, not
+    after minutes of measuring; no output folder is left."""
+    out = tmp_path / "out"
+    proc, wall = run_kernel(["--demo", "--out", out, "--time-budget", "60s", "--device", "cpu"], timeout=400)
+    assert proc.returncode == 2 and "is too small" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    assert wall < 60, wall
+
+
 def test_absurd_budgets_are_refused_and_kaggle_is_warned_past_9h(tmp_path, monkeypatch, capsys):
     """Issue 19: 1e300 s is one line (exit 2), not a 300-digit duration in the log; inside a Kaggle session a budget
     over its 9 hours is warned about (this run then stops at the empty data folder)."""

@@ -1,5 +1,7 @@
 """modules/pace.py: the stop time, the step-time slowdown, the finish re-timing and what the finish's optional parts
 need, all from the plan's measured estimates; and the one-rank DistContext whose collectives the loop calls."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,7 +57,7 @@ def test_step_time_sets_the_sync_interval_and_the_slowdown():
     assert pace.base_s == pytest.approx(0.1) and pace.step_slowdown == 1.0
 
 
-def test_retime_only_near_the_end_and_never_raises():
+def test_retime_only_near_the_end_and_never_raises(capsys):
     calls = []
 
     def probe():
@@ -68,6 +70,10 @@ def test_retime_only_near_the_end_and_never_raises():
     near = _pace(5.0, finish_s=1.0, probe=probe)
     near.retime()
     assert calls and near.gen_slowdown == pytest.approx(4.0)
+    assert "at this load the zip will be late" not in capsys.readouterr().out  # 1 s x 4 fits the hour left
+    late = _pace(5.0, finish_s=2000.0, probe=probe)  # 2000 s x 4 is more than the hour's budget
+    late.retime()
+    assert "at this load the zip will be late" in capsys.readouterr().out
 
     def broken():
         raise RuntimeError("no")
@@ -87,3 +93,17 @@ def test_one_rank_collectives_return_local_values():
     assert ctx.broadcast(box) is box and ctx.dead_workers() == []
     ctx.sync_buffers([torch.nn.BatchNorm1d(2)])  # nothing to send, nothing raised
     assert ctx.mark_broken("a failure") == "" and ctx.broken == ""  # nothing to break alone
+
+
+def test_a_slower_generation_also_counts_the_encoding_hidden_behind_it():
+    """The zip's estimate leaves out the PNG encoding measured as running on another core during generation; once a
+    re-timed batch is slower (other load has the cores) that encoding runs in the finish's time: at 2x all of it
+    stretches the reserve, on a quiet machine none."""
+    d = Deadline(3600)
+    plan = dataclasses.replace(window_plan(d, 5.0, finish_s=10.0), encode_hidden_s=8.0)
+    quiet, loaded, half = (Pace(plan, d, probe=lambda x=x: x) for x in (0.01, 0.02, 0.015))
+    for pace in (quiet, loaded, half):
+        pace.retime()
+    assert quiet.stop_at() == pytest.approx(plan.train_until)
+    assert loaded.stop_at() == pytest.approx(plan.train_until - 10.0 - FINISH_SAFETY * 8.0 * 2)
+    assert half.stop_at() == pytest.approx(plan.train_until - 5.0 - FINISH_SAFETY * 4.0 * 1.5)

@@ -3,7 +3,7 @@ import pytest
 
 from modules.checkpoint import Resumed
 from modules.pace import FINISH_SAFETY
-from modules.plan import plan_training
+from modules.plan import plan_training, refuse_if_finish_cannot_fit
 from modules.utils import UsageError
 
 EST = {"generate": 8.0, "zip": 4.0, "checkpoint": 0.0}
@@ -79,3 +79,12 @@ def test_a_collective_timeout_moves_the_stop_not_the_budget():
     p, q = _plan(), _plan(hold_back_s=7.0)
     assert q.budget_s == p.budget_s == 100.0 and q.train_until == pytest.approx(p.train_until - 7.0)
     assert q.plan_s == pytest.approx(p.plan_s - 7.0)
+
+
+def test_a_partly_measured_finish_that_cannot_fit_is_refused_early():
+    """The finish measured so far (the self-check aside) x FINISH_SAFETY + margin past the budget: the plan's
+    "too small" line, at once; a finish that still fits is let through to be measured in full."""
+    with pytest.raises(UsageError, match=r"--time-budget 1m is too small: start-up and loading took 20.0s and writing "
+                                         r"the images needs at least 45.0s \(measurement stopped early\)"):
+        refuse_if_finish_cannot_fit({"generate": 32.0}, budget_s=60.0, elapsed_s=20.0, margin_s=5.0, budget_text="1m")
+    refuse_if_finish_cannot_fit({"generate": 20.0, "self_check": 500.0}, budget_s=60.0, elapsed_s=20.0, margin_s=5.0)
