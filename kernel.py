@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2195  Trainer.step          one training step: D, then G, EMA
-#    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5334  finish                the finish: images, the verified zip, self-check, pictures
-#    5679  parse_config          the command line -> a checked Config
-#    5974  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6230  run                   the run: settings, checks and data, the ranks started
-#    6300  main                  the entry point and its exit codes
+#    2162  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2218  Trainer.step          one training step: D, then G, EMA
+#    2389  Pace                  the pace: step time, slowdown, when training must stop
+#    2540  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5357  finish                the finish: images, the verified zip, self-check, pictures
+#    5702  parse_config          the command line -> a checked Config
+#    5997  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6252  run                   the run: settings, checks and data, the ranks started
+#    6322  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -1263,11 +1263,34 @@ Nothing here reads the Config; every function takes explicit arguments.
 PROCESS_START = time.monotonic()  # the moment the kernel started; the Deadline counts from here
 
 
+_DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more is written to them
+
+
+def say(text, file=None):
+    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
+    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
+    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
+    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    stream = sys.stdout if file is None else file
+    if stream is None or id(stream) in _DROPPED_STREAMS:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, EIO, a closed file
+        _DROPPED_STREAMS.add(id(stream))
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = stream.fileno()
+            if fd in (1, 2):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 def log(msg):
     """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
     since process_start(), so the log and the messages that quote the Deadline agree."""
     elapsed = time.monotonic() - process_start()
-    print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
+    say(f"[{format_duration(elapsed):>8}] {msg}")
 
 
 def warn(msg):
@@ -2586,7 +2609,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout if ctx.is_main else sys.stderr)
+        say(traceback.format_exc().rstrip("\n"), sys.stdout if ctx.is_main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
     if reason != "diverged":
@@ -6169,9 +6192,8 @@ def ship(rank, setup, summary, stop_event):
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
         report.write(report_path)
-        print(f"error: no valid images.zip could be written ({exc}); any earlier "
-              f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
-              file=sys.stderr, flush=True)
+        say(f"error: no valid images.zip could be written ({exc}); any earlier "
+            f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}", sys.stderr)
         return EXIT_ZIP_FAILED
     report.phases, report.wall_seconds = dict(timer.seconds), setup.deadline.elapsed()
     report.write(report_path)
@@ -6231,7 +6253,7 @@ def run(argv=None):
     """The steps of a run -> exit code (see main)."""
     cfg, print_config = parse_config(argv)
     if print_config:
-        print(config_to_json(cfg))
+        say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
@@ -6249,7 +6271,7 @@ def worker_main(ctx, setup):
         code = run_rank(ctx, setup)
     except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
         record_failure(f"{type(exc).__name__}: {exc}")
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {type(exc).__name__}: {exc}", sys.stderr)
     finally:
         os._exit(code)
 
@@ -6258,9 +6280,9 @@ def evaluate_command(cfg):
     """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_submission(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    say(json.dumps(result, indent=2, default=str))
     if not result["format"]["ok"]:
-        print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+        say(f"error: {cfg.evaluate} would be rejected: see \"format\" above", sys.stderr)
         return EXIT_REJECTED
     return 0
 
@@ -6308,10 +6330,10 @@ def main(argv=None):
             return 0
         raise
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        say("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -17,7 +17,7 @@ from modules.features import build_feature_extractor
 from modules.launch import fork_workers, torchrun_env
 from modules.run import EXIT_ZIP_FAILED, run_rank
 from modules.setup import load_training_data, prepare
-from modules.utils import UsageError, check_device
+from modules.utils import UsageError, check_device, say
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # exit codes besides 0 and EXIT_ZIP_FAILED
 EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
@@ -27,7 +27,7 @@ def run(argv=None):
     """The steps of a run -> exit code (see main)."""
     cfg, print_config = parse_config(argv)
     if print_config:
-        print(config_to_json(cfg))
+        say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
@@ -45,7 +45,7 @@ def worker_main(ctx, setup):
         code = run_rank(ctx, setup)
     except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
         record_failure(f"{type(exc).__name__}: {exc}")
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {type(exc).__name__}: {exc}", sys.stderr)
     finally:
         os._exit(code)
 
@@ -54,9 +54,9 @@ def evaluate_command(cfg):
     """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_submission(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    say(json.dumps(result, indent=2, default=str))
     if not result["format"]["ok"]:
-        print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+        say(f"error: {cfg.evaluate} would be rejected: see \"format\" above", sys.stderr)
         return EXIT_REJECTED
     return 0
 
@@ -104,10 +104,10 @@ def main(argv=None):
             return 0
         raise
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        say("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
 
 

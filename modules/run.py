@@ -38,7 +38,7 @@ from modules.speed import env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
 from modules.precision import describe_skips
 from modules.train import build_trainer
-from modules.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, warn
+from modules.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, say, warn
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
 
@@ -255,9 +255,8 @@ def ship(rank, setup, summary, stop_event):
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
         report.write(report_path)
-        print(f"error: no valid images.zip could be written ({exc}); any earlier "
-              f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
-              file=sys.stderr, flush=True)
+        say(f"error: no valid images.zip could be written ({exc}); any earlier "
+            f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}", sys.stderr)
         return EXIT_ZIP_FAILED
     report.phases, report.wall_seconds = dict(timer.seconds), setup.deadline.elapsed()
     report.write(report_path)
