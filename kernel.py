@@ -45,8 +45,8 @@
 #    5357  finish                the finish: images, the verified zip, self-check, pictures
 #    5702  parse_config          the command line -> a checked Config
 #    5997  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6252  run                   the run: settings, checks and data, the ranks started
-#    6322  main                  the entry point and its exit codes
+#    6270  run                   the run: settings, checks and data, the ranks started
+#    6341  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -6230,6 +6230,24 @@ def install_interrupt_handlers(stop_event):
     return previous
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
+    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
+    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
+
+
 def restore_handlers(previous):
     for sig, h in previous.items():
         signal.signal(sig, h)
@@ -6258,10 +6276,11 @@ def run(argv=None):
     if cfg.evaluate:
         return evaluate_command(cfg)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
-    if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
-    return run_rank(ctx, setup)
+    with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
+        setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
+        if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        return run_rank(ctx, setup)
 
 
 def worker_main(ctx, setup):

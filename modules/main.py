@@ -15,7 +15,7 @@ from modules.distributed import DistContext, record_failure
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
 from modules.launch import fork_workers, torchrun_env
-from modules.run import EXIT_ZIP_FAILED, run_rank
+from modules.run import EXIT_ZIP_FAILED, run_rank, sigterm_interrupts
 from modules.setup import load_training_data, prepare
 from modules.utils import UsageError, check_device, say
 
@@ -32,10 +32,11 @@ def run(argv=None):
     if cfg.evaluate:
         return evaluate_command(cfg)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
-    if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
-    return run_rank(ctx, setup)
+    with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
+        setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
+        if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        return run_rank(ctx, setup)
 
 
 def worker_main(ctx, setup):

@@ -1,6 +1,7 @@
 """One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
 TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
 report.json. Only rank 0 logs and writes."""
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -291,6 +292,24 @@ def install_interrupt_handlers(stop_event):
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
     return previous
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
+    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
+    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
 
 
 def restore_handlers(previous):
