@@ -1,8 +1,9 @@
+import io
 import time
 
 import pytest
 
-from modules.utils import Deadline, PhaseTimer, UsageError, check_device, format_duration, parse_duration
+from modules.utils import Deadline, PhaseTimer, UsageError, check_device, format_duration, parse_duration, say
 
 
 @pytest.mark.parametrize("text,seconds", [
@@ -42,3 +43,24 @@ def test_phase_timer_accumulates():
 
 def test_check_device_cpu():
     assert check_device("cpu").type == "cpu"
+
+
+def test_say_drops_a_stream_that_fails_and_never_raises():
+    """A write to a closed stream (a reader gone) is dropped, and so is every later one: logging never ends a run."""
+    class Broken:
+        writes = 0
+
+        def write(self, text):
+            Broken.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stream = Broken()
+    say("one", stream)
+    say("two", stream)
+    assert Broken.writes == 1
+    closed = io.StringIO()
+    closed.close()
+    say("three", closed)  # ValueError: I/O operation on closed file
