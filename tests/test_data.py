@@ -2,7 +2,7 @@
 layouts, discovery (links, stray entries, folders that cannot be listed), EXIF orientation, modes, filters.
 
 Tests run as root here, and chmod does not stop root from listing or reading: "permission denied" is simulated by a
-monkeypatch of os.scandir / os.listdir / Path.read_bytes raising PermissionError for one path.
+monkeypatch of os.scandir / os.listdir / the annotations module's open raising PermissionError for one path.
 """
 import io
 import os
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modules import annotations
 from modules.annotations import ANNOTATION_MAX_BYTES, read_voc
 from modules.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
 from modules.data import find_data_dir, load_dogs
@@ -461,10 +462,10 @@ def test_namespaced_xml_is_read_and_each_skip_has_its_own_reason(tmp_path, monke
     add(tmp_path, "n01-alpha", "malformed", g, "<annotation><object>")
     add(tmp_path, "n01-alpha", "locked", g, voc([GOOD_BOX]))
     locked = tmp_path / "Annotation" / "n01-alpha" / "locked"
-    real_read = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes",
-                        lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
-                        if self == locked else real_read(self))
+    real_open = open
+    monkeypatch.setattr(annotations, "open", raising=False,  # the module's open: what read_voc reads the file with
+                        value=lambda path, *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if Path(path) == locked else real_open(path, *a))
     assert read_voc(locked) == "unreadable_xml"
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
     assert d.stats["skipped"] == {"bad_xml": 1, "unreadable_xml": 1}
