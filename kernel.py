@@ -38,15 +38,15 @@
 #     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1122  LOSSES                the losses (loss): D's and G's for each
-#    2204  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2260  Trainer.step          one training step: D, then G, EMA
-#    2434  Pace                  the pace: step time, slowdown, when training must stop
-#    2595  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5436  finish                the finish: images, the verified zip, self-check, pictures
-#    5780  parse_config          the command line -> a checked Config
-#    6073  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6345  run                   the run: settings, checks and data, the ranks started
-#    6415  main                  the entry point and its exit codes
+#    2227  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2283  Trainer.step          one training step: D, then G, EMA
+#    2457  Pace                  the pace: step time, slowdown, when training must stop
+#    2618  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5472  finish                the finish: images, the verified zip, self-check, pictures
+#    5842  parse_config          the command line -> a checked Config
+#    6137  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6426  run                   the run: settings, checks and data, the ranks started
+#    6497  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -55,11 +55,11 @@
 #   measure -> finish -> plan -> cli -> outdir -> setup -> run -> main
 
 
-import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, errno, functools, importlib.util
-import io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil
-import signal, socket, stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
-import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
-import zlib
+import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
+import importlib.util, io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg
+import scipy.special, shutil, signal, socket, stat, struct, sys, tempfile, threading, time, torch
+import torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision, traceback, types, warnings
+import weakref, xml.etree.ElementTree as ET, zipfile, zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -1263,11 +1263,34 @@ Nothing here reads the Config; every function takes explicit arguments.
 PROCESS_START = time.monotonic()  # the moment the kernel started; the Deadline counts from here
 
 
+_DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more is written to them
+
+
+def say(text, file=None):
+    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
+    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
+    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
+    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    stream = sys.stdout if file is None else file
+    if stream is None or id(stream) in _DROPPED_STREAMS:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, EIO, a closed file
+        _DROPPED_STREAMS.add(id(stream))
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = stream.fileno()
+            if fd in (1, 2):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 def log(msg):
     """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
     since process_start(), so the log and the messages that quote the Deadline agree."""
     elapsed = time.monotonic() - process_start()
-    print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
+    say(f"[{format_duration(elapsed):>8}] {msg}")
 
 
 def warn(msg):
@@ -2667,7 +2690,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout if ctx.is_main else sys.stderr)
+        say(traceback.format_exc().rstrip("\n"), sys.stdout if ctx.is_main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
     if reason != "diverged":
@@ -2980,6 +3003,7 @@ counted by reason, like a bad image file.
 DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
+ANNOTATION_MAX_BYTES = 1 << 20  # a Stanford Dogs file is < 1 KB; 2,000 objects in its layout take ~0.5 MiB
 MAX_BOXES_PER_IMAGE = 12  # issue 19: one file with 300 boxes made 300 of 352 crops one image (the real sample: at most 3)
 
 
@@ -3106,13 +3130,20 @@ def list_annotations(annotation_dir, skipped):
 
 def read_voc(path):
     """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
-    count) or a skip reason: unreadable_xml (the file cannot be read), bad_xml (not XML), no_object. Namespaced tags
+    count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
+    refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
+    no_object. Namespaced tags
     are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped (and counted): one image
     must not fill the training set with copies of itself."""
     try:
-        text = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:
+                return "annotation_too_large"
+            text = f.read(ANNOTATION_MAX_BYTES + 1)  # a file growing since the stat is still read only that far
     except OSError:
         return "unreadable_xml"
+    if len(text) > ANNOTATION_MAX_BYTES:
+        return "annotation_too_large"
     try:
         root = ET.fromstring(text)
     except (ET.ParseError, ValueError):
@@ -4918,18 +4949,23 @@ class SubmissionScan:
 
 def _zip_entry_count(path):
     """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
-    tiny entries would take gigabytes there). None when not found (zipfile then says what is wrong); -1 for a ZIP64
-    end record, which no 10,000-PNG submission needs."""
+    tiny entries would take gigabytes there); for a ZIP64 archive (`zip -fz`) the count in its ZIP64 end record. None
+    when not found (zipfile then says what is wrong)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
         tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) < at + 22:
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return None
+        total = struct.unpack("<H", tail[at + 10:at + 12])[0]
+        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # the ZIP64 locator sits just before the end record
+            return total
+        f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])  # the locator holds the ZIP64 end record's offset
+        record = f.read(40)
+    if len(record) < 40 or record[:4] != b"PK\x06\x06":
         return None
-    total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-    zip64 = at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"  # the ZIP64 locator sits just before the end record
-    return -1 if total == 0xFFFF or zip64 else total
+    return struct.unpack("<Q", record[32:40])[0]  # total entries in the central directory
 
 
 def _submission_files(path, limit):
@@ -4959,8 +4995,8 @@ def _submission_files(path, limit):
             yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
         return
     n = _zip_entry_count(path)
-    if n is not None and (n < 0 or n > limit):
-        yield "", n if n >= 0 else limit + 1, 0, None
+    if n is not None and n > limit:
+        yield "", n, 0, None
         return
     with zipfile.ZipFile(path) as zf:
         for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):
@@ -5757,9 +5793,35 @@ def _dash_values(parser, argv):
     return out
 
 
+# added by others, not typed by the user: Jupyter's --f=FILE, traitlets' --IPKernelApp.x=y, and the --local-rank=N that
+# the older `python -m torch.distributed.launch` passes each process
+FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)?")
+
+
+def _refuse_unknown(parser, unknown):
+    """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
+    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any other unknown argument is a UsageError
+    naming it, with the closest flag when one is near (a mistyped flag must not be silently ignored)."""
+    i = 0
+    while i < len(unknown):
+        item = unknown[i]
+        if item == "-f" or (FOREIGN_ARG.fullmatch(item) and "=" not in item):
+            i += 2 if i + 1 < len(unknown) and not unknown[i + 1].startswith("-") else 1  # the option and its value
+            continue
+        if FOREIGN_ARG.fullmatch(item):
+            i += 1
+            continue
+        if not item.startswith("-"):
+            raise UsageError(f"unexpected argument {item!r}: kernel.py takes only flags (see --help)")
+        flag = item.split("=", 1)[0]
+        near = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+        raise UsageError(f"unknown flag {flag}" + (f"; did you mean {near[0]}?" if near else " (see --help)"))
+
+
 def build_parser():
-    p = _Parser(
-        prog="kernel.py", description="Generative Dog Images: train a GAN and write images.zip (10,000 64x64 PNGs).")
+    p = _Parser(  # allow_abbrev=False: Jupyter's --f=FILE must not be taken for --feature-weights, nor a typo for a flag
+        prog="kernel.py", description="Generative Dog Images: train a GAN and write images.zip (10,000 64x64 PNGs).",
+        allow_abbrev=False)
     p.add_argument("--data-dir", help="folder holding all-dogs/ and Annotation/ (default: Kaggle's input), or a folder of images")
     p.add_argument("--out", help="output folder (default: /kaggle/working if it exists, else ./output)")
     p.add_argument("--time-budget", help="wall time for the whole run: 9h, 90m, 600s, 8h30m or seconds (default 8h45m)")
@@ -5778,10 +5840,12 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """argv -> (Config, print_config flag). Unknown arguments (Jupyter's `-f kernel.json`) are ignored."""
+    """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
+    unknown argument is a UsageError."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, _unknown = parser.parse_known_args(_dash_values(parser, argv))
+    args, unknown = parser.parse_known_args(_dash_values(parser, argv))
+    _refuse_unknown(parser, unknown)
     cfg = Config()
     preset = args.preset or cfg.preset
     for name in [n.strip() for n in preset.split(",") if n.strip()]:
@@ -6284,9 +6348,8 @@ def ship(rank, setup, summary, stop_event):
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
         report.write(report_path)
-        print(f"error: no valid images.zip could be written ({exc}); any earlier "
-              f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
-              file=sys.stderr, flush=True)
+        say(f"error: no valid images.zip could be written ({exc}); any earlier "
+            f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}", sys.stderr)
         return EXIT_ZIP_FAILED
     report.phases, report.wall_seconds = dict(timer.seconds), setup.deadline.elapsed()
     report.write(report_path)
@@ -6323,6 +6386,24 @@ def install_interrupt_handlers(stop_event):
     return previous
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
+    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
+    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
+
+
 def restore_handlers(previous):
     for sig, h in previous.items():
         signal.signal(sig, h)
@@ -6346,15 +6427,16 @@ def run(argv=None):
     """The steps of a run -> exit code (see main)."""
     cfg, print_config = parse_config(argv)
     if print_config:
-        print(config_to_json(cfg))
+        say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
-    if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
-    return run_rank(ctx, setup)
+    with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
+        setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
+        if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        return run_rank(ctx, setup)
 
 
 def worker_main(ctx, setup):
@@ -6364,7 +6446,7 @@ def worker_main(ctx, setup):
         code = run_rank(ctx, setup)
     except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
         record_failure(f"{type(exc).__name__}: {exc}")
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {type(exc).__name__}: {exc}", sys.stderr)
     finally:
         os._exit(code)
 
@@ -6373,9 +6455,9 @@ def evaluate_command(cfg):
     """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_submission(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    say(json.dumps(result, indent=2, default=str))
     if not result["format"]["ok"]:
-        print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+        say(f"error: {cfg.evaluate} would be rejected: see \"format\" above", sys.stderr)
         return EXIT_REJECTED
     return 0
 
@@ -6423,10 +6505,10 @@ def main(argv=None):
             return 0
         raise
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        say("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -16,6 +16,7 @@ from modules.utils import warn
 DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
+ANNOTATION_MAX_BYTES = 1 << 20  # a Stanford Dogs file is < 1 KB; 2,000 objects in its layout take ~0.5 MiB
 MAX_BOXES_PER_IMAGE = 12  # issue 19: one file with 300 boxes made 300 of 352 crops one image (the real sample: at most 3)
 
 
@@ -142,13 +143,20 @@ def list_annotations(annotation_dir, skipped):
 
 def read_voc(path):
     """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
-    count) or a skip reason: unreadable_xml (the file cannot be read), bad_xml (not XML), no_object. Namespaced tags
+    count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
+    refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
+    no_object. Namespaced tags
     are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped (and counted): one image
     must not fill the training set with copies of itself."""
     try:
-        text = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:
+                return "annotation_too_large"
+            text = f.read(ANNOTATION_MAX_BYTES + 1)  # a file growing since the stat is still read only that far
     except OSError:
         return "unreadable_xml"
+    if len(text) > ANNOTATION_MAX_BYTES:
+        return "annotation_too_large"
     try:
         root = ET.fromstring(text)
     except (ET.ParseError, ValueError):

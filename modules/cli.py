@@ -7,6 +7,7 @@ naming the field, the value and what is allowed; main() prints it and exits 2.
 """
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -140,9 +141,35 @@ def _dash_values(parser, argv):
     return out
 
 
+# added by others, not typed by the user: Jupyter's --f=FILE, traitlets' --IPKernelApp.x=y, and the --local-rank=N that
+# the older `python -m torch.distributed.launch` passes each process
+FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)?")
+
+
+def _refuse_unknown(parser, unknown):
+    """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
+    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any other unknown argument is a UsageError
+    naming it, with the closest flag when one is near (a mistyped flag must not be silently ignored)."""
+    i = 0
+    while i < len(unknown):
+        item = unknown[i]
+        if item == "-f" or (FOREIGN_ARG.fullmatch(item) and "=" not in item):
+            i += 2 if i + 1 < len(unknown) and not unknown[i + 1].startswith("-") else 1  # the option and its value
+            continue
+        if FOREIGN_ARG.fullmatch(item):
+            i += 1
+            continue
+        if not item.startswith("-"):
+            raise UsageError(f"unexpected argument {item!r}: kernel.py takes only flags (see --help)")
+        flag = item.split("=", 1)[0]
+        near = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+        raise UsageError(f"unknown flag {flag}" + (f"; did you mean {near[0]}?" if near else " (see --help)"))
+
+
 def build_parser():
-    p = _Parser(
-        prog="kernel.py", description="Generative Dog Images: train a GAN and write images.zip (10,000 64x64 PNGs).")
+    p = _Parser(  # allow_abbrev=False: Jupyter's --f=FILE must not be taken for --feature-weights, nor a typo for a flag
+        prog="kernel.py", description="Generative Dog Images: train a GAN and write images.zip (10,000 64x64 PNGs).",
+        allow_abbrev=False)
     p.add_argument("--data-dir", help="folder holding all-dogs/ and Annotation/ (default: Kaggle's input), or a folder of images")
     p.add_argument("--out", help="output folder (default: /kaggle/working if it exists, else ./output)")
     p.add_argument("--time-budget", help="wall time for the whole run: 9h, 90m, 600s, 8h30m or seconds (default 8h45m)")
@@ -161,10 +188,12 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """argv -> (Config, print_config flag). Unknown arguments (Jupyter's `-f kernel.json`) are ignored."""
+    """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
+    unknown argument is a UsageError."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, _unknown = parser.parse_known_args(_dash_values(parser, argv))
+    args, unknown = parser.parse_known_args(_dash_values(parser, argv))
+    _refuse_unknown(parser, unknown)
     cfg = Config()
     preset = args.preset or cfg.preset
     for name in [n.strip() for n in preset.split(",") if n.strip()]:

@@ -11,7 +11,7 @@ import torch
 from modules.pggan import pggan_growth
 from modules.sample import truncated_z
 from modules.speed import fall_back_to_eager
-from modules.utils import eval_mode, format_duration, is_out_of_memory, log, warn
+from modules.utils import eval_mode, format_duration, is_out_of_memory, log, say, warn
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
 
@@ -128,7 +128,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
         reason, error = "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         trainer.group_broken = ctx.mark_broken(error)  # a dead rank: no collective after this
         warn(f"training crashed at step {trainer.step_count} ({error}); shipping the averaged generator")
-        traceback.print_exc(file=sys.stdout if ctx.is_main else sys.stderr)
+        say(traceback.format_exc().rstrip("\n"), sys.stdout if ctx.is_main else sys.stderr)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
     if reason != "diverged":

@@ -15,9 +15,9 @@ from modules.distributed import DistContext, record_failure
 from modules.evaluate import evaluate_images, read_submission
 from modules.features import build_feature_extractor
 from modules.launch import fork_workers, torchrun_env
-from modules.run import EXIT_ZIP_FAILED, run_rank
+from modules.run import EXIT_ZIP_FAILED, run_rank, sigterm_interrupts
 from modules.setup import load_training_data, prepare
-from modules.utils import UsageError, check_device
+from modules.utils import UsageError, check_device, say
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # exit codes besides 0 and EXIT_ZIP_FAILED
 EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
@@ -27,15 +27,16 @@ def run(argv=None):
     """The steps of a run -> exit code (see main)."""
     cfg, print_config = parse_config(argv)
     if print_config:
-        print(config_to_json(cfg))
+        say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
-    if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
-    return run_rank(ctx, setup)
+    with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
+        setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
+        if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        return run_rank(ctx, setup)
 
 
 def worker_main(ctx, setup):
@@ -45,7 +46,7 @@ def worker_main(ctx, setup):
         code = run_rank(ctx, setup)
     except BaseException as exc:  # one line on stderr (prefixed with the rank), the reason in rank 0's store
         record_failure(f"{type(exc).__name__}: {exc}")
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {type(exc).__name__}: {exc}", sys.stderr)
     finally:
         os._exit(code)
 
@@ -54,9 +55,9 @@ def evaluate_command(cfg):
     """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_submission(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    say(json.dumps(result, indent=2, default=str))
     if not result["format"]["ok"]:
-        print(f"error: {cfg.evaluate} would be rejected: see \"format\" above", file=sys.stderr, flush=True)
+        say(f"error: {cfg.evaluate} would be rejected: see \"format\" above", sys.stderr)
         return EXIT_REJECTED
     return 0
 
@@ -104,10 +105,10 @@ def main(argv=None):
             return 0
         raise
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        say("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
 
 

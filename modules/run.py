@@ -40,7 +40,7 @@ from modules.speed import env_threads, pick_cpu_threads
 from modules.submission import SubmissionError
 from modules.precision import describe_skips
 from modules.train import build_trainer
-from modules.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, warn
+from modules.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, say, warn
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
 
@@ -273,9 +273,8 @@ def ship(rank, setup, summary, stop_event):
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
         report.write(report_path)
-        print(f"error: no valid images.zip could be written ({exc}); any earlier "
-              f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}",
-              file=sys.stderr, flush=True)
+        say(f"error: no valid images.zip could be written ({exc}); any earlier "
+            f"{os.path.join(out_dir, 'images.zip')} is left as it was; the trained model is in {ckpt_path}", sys.stderr)
         return EXIT_ZIP_FAILED
     report.phases, report.wall_seconds = dict(timer.seconds), setup.deadline.elapsed()
     report.write(report_path)
@@ -310,6 +309,24 @@ def install_interrupt_handlers(stop_event):
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
     return previous
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
+    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
+    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
 
 
 def restore_handlers(previous):

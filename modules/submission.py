@@ -82,18 +82,23 @@ class SubmissionScan:
 
 def _zip_entry_count(path):
     """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
-    tiny entries would take gigabytes there). None when not found (zipfile then says what is wrong); -1 for a ZIP64
-    end record, which no 10,000-PNG submission needs."""
+    tiny entries would take gigabytes there); for a ZIP64 archive (`zip -fz`) the count in its ZIP64 end record. None
+    when not found (zipfile then says what is wrong)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
         tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) < at + 22:
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return None
+        total = struct.unpack("<H", tail[at + 10:at + 12])[0]
+        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # the ZIP64 locator sits just before the end record
+            return total
+        f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])  # the locator holds the ZIP64 end record's offset
+        record = f.read(40)
+    if len(record) < 40 or record[:4] != b"PK\x06\x06":
         return None
-    total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-    zip64 = at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"  # the ZIP64 locator sits just before the end record
-    return -1 if total == 0xFFFF or zip64 else total
+    return struct.unpack("<Q", record[32:40])[0]  # total entries in the central directory
 
 
 def _submission_files(path, limit):
@@ -123,8 +128,8 @@ def _submission_files(path, limit):
             yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
         return
     n = _zip_entry_count(path)
-    if n is not None and (n < 0 or n > limit):
-        yield "", n if n >= 0 else limit + 1, 0, None
+    if n is not None and n > limit:
+        yield "", n, 0, None
         return
     with zipfile.ZipFile(path) as zf:
         for info in sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename):

@@ -21,11 +21,34 @@ from modules.grammar import parse_duration, parse_faults  # re-exported
 PROCESS_START = time.monotonic()  # the moment the kernel started; the Deadline counts from here
 
 
+_DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more is written to them
+
+
+def say(text, file=None):
+    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
+    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
+    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
+    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    stream = sys.stdout if file is None else file
+    if stream is None or id(stream) in _DROPPED_STREAMS:
+        return
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, EIO, a closed file
+        _DROPPED_STREAMS.add(id(stream))
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = stream.fileno()
+            if fd in (1, 2):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 def log(msg):
     """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
     since process_start(), so the log and the messages that quote the Deadline agree."""
     elapsed = time.monotonic() - process_start()
-    print(f"[{format_duration(elapsed):>8}] {msg}", flush=True)
+    say(f"[{format_duration(elapsed):>8}] {msg}")
 
 
 def warn(msg):

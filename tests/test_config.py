@@ -192,3 +192,28 @@ def test_kernel_refuses_a_bad_setting_in_one_line_before_reading_data(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: setting {field}=") and "usage:" not in proc.stderr
         assert not (tmp_path / "out").exists() and proc.stdout == ""
         assert wall < imports_s + 5, (wall, imports_s)  # noisy on a loaded box; the check itself takes milliseconds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time-budjet", "100s"], "unknown flag --time-budjet; did you mean --time-budget?"),
+    (["--time-budjet=100s"], "unknown flag --time-budjet; did you mean --time-budget?"),
+    (["--time", "100s"], "unknown flag --time; did you mean --time-budget?"),  # no abbreviations
+    (["--zzz"], "unknown flag --zzz (see --help)"),
+    (["--seed", "3", "stray"], "unexpected argument 'stray': kernel.py takes only flags (see --help)"),
+])
+def test_a_mistyped_flag_or_a_stray_argument_is_refused(argv, message):
+    with pytest.raises(UsageError) as e:
+        parse_config(argv)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("extra", [
+    ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"], ["--f=/root/.local/share/jupyter/runtime/k.json"],
+    ["-f=/tmp/k.json"], ["--HistoryManager.hist_file=:memory:"], ["--IPKernelApp.parent_handle", "7"],
+    ["--local-rank=1"], ["--local_rank", "0"],
+])
+def test_what_a_notebook_kernel_adds_to_argv_passes(extra):
+    """ipykernel_launcher's `-f FILE` (VS Code writes `--f=FILE`), traitlets options and torch.distributed.launch's
+    --local-rank; --f is not --feature-weights."""
+    cfg, _ = parse_config(extra + ["--seed", "3"])
+    assert cfg.seed == 3 and cfg.feature_weights == Config().feature_weights

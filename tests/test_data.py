@@ -2,7 +2,7 @@
 layouts, discovery (links, stray entries, folders that cannot be listed), EXIF orientation, modes, filters.
 
 Tests run as root here, and chmod does not stop root from listing or reading: "permission denied" is simulated by a
-monkeypatch of os.scandir / os.listdir / Path.read_bytes raising PermissionError for one path.
+monkeypatch of os.scandir / os.listdir / the annotations module's open raising PermissionError for one path.
 """
 import io
 import os
@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.annotations import read_voc
+from modules import annotations
+from modules.annotations import ANNOTATION_MAX_BYTES, read_voc
 from modules.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
 from modules.data import find_data_dir, load_dogs
+from modules.demo import _DEMO_OBJECT, _DEMO_XML
 from modules.utils import UsageError
 
 REAL_SAMPLE = Path("/work/shared/data/dogs-1953")  # 1,953 real images and their annotations; absent on most machines
@@ -199,6 +201,27 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 150)  # the 300 x 300 image now counts as a bomb
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=2)
     assert d.stats["skipped"] == {"too_large": 1} and len(d.images) == 2
+
+
+def test_a_huge_annotation_is_refused_from_its_size_and_counted(tmp_path):
+    """A 4 GiB annotation (sparse: no disk) is skipped as annotation_too_large before it is read; the image stays."""
+    good_dataset(tmp_path, n=1)
+    add(tmp_path, "n01-alpha", "huge_xml", image_bytes(), voc([GOOD_BOX]))
+    with open(tmp_path / "Annotation" / "n01-alpha" / "huge_xml", "r+b") as f:
+        f.truncate(4 << 30)
+    assert read_voc(tmp_path / "Annotation" / "n01-alpha" / "huge_xml") == "annotation_too_large"
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
+    assert d.stats["skipped"] == {"annotation_too_large": 1} and d.stats["images_read"] == 3
+
+
+def test_an_annotation_of_2000_objects_is_read(tmp_path):
+    """2,000 objects in the Stanford Dogs layout (a long breed name, 4-digit coordinates) fit ANNOTATION_MAX_BYTES."""
+    obj = _DEMO_OBJECT.format(breed="Greater_Swiss_Mountain_dog", x0=1000, y0=1000, x1=2000, y1=2000)
+    text = _DEMO_XML.format(folder="02107574", id="n02107574_1000", w=3000, h=3000, objects=obj * 2000)
+    (tmp_path / "a").write_text(text)
+    assert len(text) < ANNOTATION_MAX_BYTES / 2
+    boxes, _, bad, _, dropped = read_voc(tmp_path / "a")
+    assert boxes == [(1000, 1000, 2000, 2000)] and bad == 0 and dropped == 1999
 
 
 def test_boxes_are_rescaled_when_the_xml_size_differs_from_the_image(tmp_path):
@@ -439,10 +462,10 @@ def test_namespaced_xml_is_read_and_each_skip_has_its_own_reason(tmp_path, monke
     add(tmp_path, "n01-alpha", "malformed", g, "<annotation><object>")
     add(tmp_path, "n01-alpha", "locked", g, voc([GOOD_BOX]))
     locked = tmp_path / "Annotation" / "n01-alpha" / "locked"
-    real_read = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes",
-                        lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
-                        if self == locked else real_read(self))
+    real_open = open
+    monkeypatch.setattr(annotations, "open", raising=False,  # the module's open: what read_voc reads the file with
+                        value=lambda path, *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if Path(path) == locked else real_open(path, *a))
     assert read_voc(locked) == "unreadable_xml"
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
     assert d.stats["skipped"] == {"bad_xml": 1, "unreadable_xml": 1}

@@ -1,7 +1,9 @@
 import io
 import json
 import os
+import shutil
 import struct
+import subprocess
 import tracemalloc
 import warnings
 import zipfile
@@ -14,7 +16,7 @@ from PIL import Image
 from modules.evaluate import evaluate_images, read_submission, self_check
 from modules.features import build_feature_extractor
 from modules.main import main
-from modules.submission import SubmissionError, verify_zip
+from modules.submission import SubmissionError, _zip_entry_count, verify_zip
 from modules.utils import UsageError
 from test_checkpoint import unblock_fifo_later
 
@@ -218,7 +220,7 @@ def test_evaluate_exit_codes_and_a_single_image(tmp_path, capsys):
     assert code == 2 and "neither a folder nor a readable zip" in err
 
 
-def test_a_zip64_or_a_directory_of_millions_is_refused_before_zipfile_reads_it(tmp_path):
+def test_an_end_record_of_many_entries_is_refused_before_zipfile_reads_it(tmp_path):
     """The entry count comes from the end record before zipfile builds its directory in memory."""
     path = tmp_path / "many.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -232,7 +234,42 @@ def test_a_zip64_or_a_directory_of_millions_is_refused_before_zipfile_reads_it(t
         zf.writestr("0.png", png_bytes(images(1)[0]))
     data = bytearray((tmp_path / "z64.zip").read_bytes())
     at = data.rfind(b"PK\x05\x06")
-    data[at + 8:at + 12] = b"\xff\xff\xff\xff"  # entry counts 0xFFFF: a ZIP64 archive
+    data[at + 8:at + 12] = b"\xff\xff\xff\xff"  # entry counts 0xFFFF and no ZIP64 record: 65535 entries
     (tmp_path / "z64.zip").write_bytes(bytes(data))
     _, rep = read_submission(tmp_path / "z64.zip", expected=1)
     assert not rep["ok"] and rep["too_many"]["count"] == 1
+
+
+def _zip64_submission(tmp_path, monkeypatch, n):
+    """A valid n-PNG submission whose directory ends in a ZIP64 end record (as `zip -fz` writes): zipfile writes one
+    when the entry count passes ZIP_FILECOUNT_LIMIT, lowered here so that a tiny archive needs it."""
+    path = tmp_path / "z64.zip"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, img in enumerate(images(n)):
+            zf.writestr(f"{i}.png", png_bytes(img))
+    assert path.read_bytes().rfind(b"PK\x06\x06") > 0  # the ZIP64 end record is there
+    return path
+
+
+def test_a_valid_zip64_submission_is_valid(tmp_path, monkeypatch):
+    """The ZIP64 end record's count is read, so a ZIP64 archive of the right PNGs passes the format check."""
+    path = _zip64_submission(tmp_path, monkeypatch, 3)
+    assert _zip_entry_count(path) == 3
+    _, rep = read_submission(path, expected=3)
+    assert rep["ok"] and rep["too_many"]["count"] == 0
+
+
+def test_zip_fz_submission_is_valid(tmp_path):
+    """The `zip -fz` command's ZIP64 archive of the kernel's PNGs (skipped where zip is not installed)."""
+    if shutil.which("zip") is None:
+        pytest.skip("zip is not installed")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(images(3)):
+        (folder / f"{i}.png").write_bytes(png_bytes(img))
+    subprocess.run(["zip", "-q", "-fz", "-j", str(tmp_path / "fz.zip")] + [str(folder / f"{i}.png") for i in range(3)],
+                   check=True)
+    assert _zip_entry_count(tmp_path / "fz.zip") == 3
+    _, rep = read_submission(tmp_path / "fz.zip", expected=3)
+    assert rep["ok"]

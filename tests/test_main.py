@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -307,3 +308,47 @@ def test_fp16_on_the_cpu_runs_end_to_end(tmp_path):
     memory = report["memory"]  # issue 19 defect 6: checked before the data, against the host's free memory
     assert memory["where"] == "the host" and 0 < memory["estimate_gib"] < memory["available_gib"]
     assert "memory: needs ~" in proc.stdout and memory["sample_batch"] == 25
+
+
+@pytest.mark.parametrize("until", ["preset smoke", "training started"])
+def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path, until):
+    """`kernel.py | head -1`: stdout's reader exits before the data is read, or once training started; the run goes on
+    to its verified zip and exit 0, with no traceback and no "Exception ignored" at exit."""
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(KERNEL), "--demo", "--preset", "smoke", "--time-budget", "120s",
+                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:  # the log lines as they come
+            if until in line:
+                break
+        proc.stdout.close()  # the reader is gone: the next write gets EPIPE
+        code = proc.wait(timeout=400)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "BrokenPipe" not in stderr
+    verify_zip(out / "images.zip", n_expected=Config().n_images)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("when", ["demo: synthetic dataset", "torch CPU threads"])
+def test_a_stop_before_training_ends_with_130_and_one_line(tmp_path, sig, when):
+    """SIGTERM or SIGINT once the data phase (the demo's data made, its crops being read) or the finish measurement
+    (after the output folder was created) began: exit 130, one line on stderr, no output folder, no demo temp folder."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(KERNEL), "--demo", "--preset", "smoke", "--time-budget", "600s",
+                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)})
+        lines = []
+        for line in proc.stdout:  # the log lines as they come
+            lines.append(line)
+            if when in line:
+                proc.send_signal(sig)
+                break
+        lines += proc.stdout.read().splitlines()
+        code = proc.wait(timeout=400)
+    assert not any("training started" in line for line in lines), "the signal came after training started"
+    assert code == 130 and (tmp_path / "stderr").read_text().splitlines() == ["interrupted"]
+    assert not out.exists() and not [p for p in tmp.iterdir() if p.name.startswith("dogs-demo-")]

@@ -1,3 +1,4 @@
+import io
 import re
 import time
 
@@ -12,6 +13,7 @@ from modules.utils import (
     format_duration,
     is_out_of_memory,
     parse_duration,
+    say,
 )
 
 
@@ -107,3 +109,24 @@ def test_allocation_failures_are_out_of_memory(exc):
                                  ValueError("memory format not supported")])
 def test_other_errors_are_not_out_of_memory(exc):
     assert not is_out_of_memory(exc)
+
+
+def test_say_drops_a_stream_that_fails_and_never_raises():
+    """A write to a closed stream (a reader gone) is dropped, and so is every later one: logging never ends a run."""
+    class Broken:
+        writes = 0
+
+        def write(self, text):
+            Broken.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stream = Broken()
+    say("one", stream)
+    say("two", stream)
+    assert Broken.writes == 1
+    closed = io.StringIO()
+    closed.close()
+    say("three", closed)  # ValueError: I/O operation on closed file
