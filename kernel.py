@@ -6,7 +6,7 @@
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:
 #       import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--preset", "kaggle", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 87): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 88): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -31,22 +31,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      87  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     184  PRESETS               the presets: named sets of overrides of those defaults
-#     254  LIMITS                what each setting may hold (checked before any data is read)
-#     482  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1122  LOSSES                the losses (loss): D's and G's for each
-#    2139  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2195  Trainer.step          one training step: D, then G, EMA
-#    2366  Pace                  the pace: step time, slowdown, when training must stop
-#    2517  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5321  finish                the finish: images, the verified zip, self-check, pictures
-#    5640  parse_config          the command line -> a checked Config
-#    5933  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6189  run                   the run: settings, checks and data, the ranks started
-#    6259  main                  the entry point and its exit codes
+#      88  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     185  PRESETS               the presets: named sets of overrides of those defaults
+#     255  LIMITS                what each setting may hold (checked before any data is read)
+#     483  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     494  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#    1015  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1123  LOSSES                the losses (loss): D's and G's for each
+#    2140  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2196  Trainer.step          one training step: D, then G, EMA
+#    2367  Pace                  the pace: step time, slowdown, when training must stop
+#    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5329  finish                the finish: images, the verified zip, self-check, pictures
+#    5648  parse_config          the command line -> a checked Config
+#    5941  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6197  run                   the run: settings, checks and data, the ranks started
+#    6267  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -67,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
@@ -3472,12 +3473,19 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
+        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
         if not self.distributed:
             return
+        by_dtype = {}
         for m in modules:
             for b in m.buffers():
-                dist.broadcast(b, src=0, group=self.group)
+                by_dtype.setdefault((b.dtype, b.device), []).append(b)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors(bufs)
+            dist.broadcast(flat, src=0, group=self.group)
+            for b, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                b.copy_(synced)
 
     def broadcast(self, obj):
         """Rank 0's obj to every rank (default group) -> obj."""

@@ -290,3 +290,47 @@ def test_workers_that_cannot_start_fall_back_to_one_process(monkeypatch, capsys)
         assert init_group(DistContext(rank=0, world_size=2, launcher="fork"), backend="gloo") is False
     assert time.monotonic() - t0 < 30 and not dist.is_initialized()
     assert "could not start" in capsys.readouterr().out
+
+
+# buffers, the dead-rank watcher, the NCCL environment
+
+
+def _buffers_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    from modules.distributed import DistContext
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ctx = DistContext(rank=rank, world_size=2, launcher="fork", group=dist.group.WORLD)
+    torch.manual_seed(rank)  # different buffers on each rank
+    nets = [torch.nn.Sequential(*[torch.nn.BatchNorm2d(4) for _ in range(20)]), torch.nn.BatchNorm1d(3)]
+    for m in nets[0].modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(1, 2)
+            m.num_batches_tracked.fill_(10 + rank)  # int64: a dtype of its own
+    calls = []
+    real = dist.broadcast
+    dist.broadcast = lambda t, *a, **k: calls.append(t.dtype) or real(t, *a, **k)
+    ctx.sync_buffers(nets)
+    dist.broadcast = real
+    torch.save({"buffers": [b.clone() for n in nets for b in n.buffers()], "calls": len(calls)},
+               os.path.join(out_dir, f"buffers{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
+    from modules.launch import _free_port
+    port = _free_port()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_buffers_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"buffers{r}.pt", weights_only=True) for r in range(2))
+    assert len(r0["buffers"]) == 63 and r0["calls"] == r1["calls"] == 2  # float32 and int64
+    for a, b in zip(r0["buffers"], r1["buffers"]):
+        assert torch.equal(a, b)
+    assert int(r1["buffers"][2]) == 10  # rank 0's num_batches_tracked
