@@ -42,11 +42,11 @@
 #    2196  Trainer.step          one training step: D, then G, EMA
 #    2367  Pace                  the pace: step time, slowdown, when training must stop
 #    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5329  finish                the finish: images, the verified zip, self-check, pictures
-#    5648  parse_config          the command line -> a checked Config
-#    5941  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6197  run                   the run: settings, checks and data, the ranks started
-#    6267  main                  the entry point and its exit codes
+#    5425  finish                the finish: images, the verified zip, self-check, pictures
+#    5744  parse_config          the command line -> a checked Config
+#    6037  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6297  run                   the run: settings, checks and data, the ranks started
+#    6367  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -3427,6 +3427,8 @@ and the stop decisions, so a dead or hung rank costs at most that timeout.
 
 
 DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
+WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
 DIST_TIMEOUT_MAX_S = 120.0
 WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
@@ -3444,6 +3446,7 @@ class DistContext:
     workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
     group: object = None  # the training group (DDP, decisions); None until make_training_group()
     broken: str = ""  # why collectives can no longer be used ("" while they can)
+    watch: object = None  # fork, rank 0 while training: the Event that stops watch_workers' thread
 
     @property
     def is_main(self):
@@ -3507,28 +3510,64 @@ class DistContext:
         return self.broken
 
 
-def init_group(ctx, *, backend):
-    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
-    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
-    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+def setup_timeout(remaining_s):
+    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
+    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
+    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
+
+
+def nccl_error_env(torch_version):
+    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
+    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
+    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
+    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
+    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
+
+
+def init_group(ctx, *, backend, remaining_s):
+    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
+    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
+    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join: UsageError."""
+    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
+    if backend == "nccl":
+        os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
+        store = None
+        if ctx.launcher == "fork":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                                  ctx.is_main, timeout=timeout, wait_for_workers=False)
+            if ctx.is_main:
+                wait_for_workers(ctx, store, timeout.total_seconds())
+            else:
+                store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
     except Exception as exc:
-        if ctx.rank != 0 or ctx.launcher == "torchrun":
-            raise
-        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
-             "running one process on one device")
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if ctx.rank != 0:
+            raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
+        warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
         stop_workers(ctx)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return False
+
+
+def wait_for_workers(ctx, store, timeout_s):
+    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
+    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
+    keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead := ctx.dead_workers():
+            raise RuntimeError(f"rank(s) {dead} ended before the group formed")
+        if time.monotonic() > t_end:
+            raise RuntimeError(f"the workers did not sign in within {timeout_s:.0f}s")
+        time.sleep(WATCH_POLL_S / 4)
 
 
 def make_training_group(ctx, timeout_s):
@@ -3536,6 +3575,52 @@ def make_training_group(ctx, timeout_s):
     every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
+
+
+def watch_workers(ctx, *, abort=None, poll_s=WATCH_POLL_S):
+    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
+    kill, a crash; 0 is a normal end) within poll_s, says so and aborts the process groups (abort_groups), so that the
+    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
+    abort = abort or abort_groups
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
+            if failed:
+                warn(f"rank(s) {failed} ended during training: aborting the process groups")
+                ctx.mark_broken(f"rank(s) {failed} ended")
+                abort(ctx)
+                return
+
+    if ctx.workers:
+        threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
+    ctx.watch = stop
+    return stop
+
+
+def stop_watch(ctx):
+    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
+    if ctx.watch is not None:
+        ctx.watch.set()
+
+
+def abort_groups(ctx):
+    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed connection
+    already fails its collectives. -> how many backends were aborted."""
+    done = 0
+    for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
+        with contextlib.suppress(Exception):
+            if group is None or dist.get_backend(group) != "nccl":
+                continue
+            backend = group._get_backend(torch.device("cuda"))
+            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
+            if fn is not None:
+                fn()
+                done += 1
+    return done
 
 
 def training_timeout(finish_s, checkpoint_s):
@@ -3616,6 +3701,10 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
+    if missing:
+        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
+                         "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
 
 
@@ -3658,8 +3747,15 @@ def resolve_world_size(gpus, device):
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
+    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
+    --device as given."""
     if ctx.distributed and device != "cpu":
+        try:
+            torch.cuda.set_device(ctx.local_rank)
+        except Exception as exc:
+            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         return f"cuda:{ctx.local_rank}"
     return device
 
@@ -5943,7 +6039,8 @@ def run_rank(ctx, setup):
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
         device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
-    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
+                                          remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
     try:
@@ -5964,6 +6061,7 @@ def run_rank(ctx, setup):
             restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
+            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
@@ -6000,6 +6098,7 @@ def build_rank(ctx, cfg, device, setup):
     if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
         trainer.attach_group(make_training_group(ctx, plan.hold_back_s))
         ctx.sync_buffers((trainer.G, trainer.D))
+        watch_workers(ctx)  # rank 0 of a forked run: a dead worker aborts the groups (nothing elsewhere)
     return Rank(ctx=ctx, cfg=cfg, trainer=trainer, sampler=sampler, plan=plan, extractor=extractor,
                 checkpoint=checkpoint)
 
@@ -6115,6 +6214,7 @@ def train(rank, setup, stop_event):
 def ship(rank, setup, summary, stop_event):
     """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
+    stop_watch(ctx)
     if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)

@@ -29,6 +29,10 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
+    if missing:
+        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
+                         "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
 
 
@@ -71,8 +75,15 @@ def resolve_world_size(gpus, device):
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
+    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
+    --device as given."""
     if ctx.distributed and device != "cpu":
+        try:
+            torch.cuda.set_device(ctx.local_rank)
+        except Exception as exc:
+            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         return f"cuda:{ctx.local_rank}"
     return device
 

@@ -20,8 +20,10 @@ from modules.distributed import (
     init_group,
     make_training_group,
     record_failure,
+    stop_watch,
     stop_workers,
     training_timeout,
+    watch_workers,
 )
 from modules.faults import fault_hook
 from modules.features import build_feature_extractor
@@ -62,7 +64,8 @@ def run_rank(ctx, setup):
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
         device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
-    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
+                                          remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
     try:
@@ -83,6 +86,7 @@ def run_rank(ctx, setup):
             restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
+            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
@@ -119,6 +123,7 @@ def build_rank(ctx, cfg, device, setup):
     if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
         trainer.attach_group(make_training_group(ctx, plan.hold_back_s))
         ctx.sync_buffers((trainer.G, trainer.D))
+        watch_workers(ctx)  # rank 0 of a forked run: a dead worker aborts the groups (nothing elsewhere)
     return Rank(ctx=ctx, cfg=cfg, trainer=trainer, sampler=sampler, plan=plan, extractor=extractor,
                 checkpoint=checkpoint)
 
@@ -234,6 +239,7 @@ def train(rank, setup, stop_event):
 def ship(rank, setup, summary, stop_event):
     """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
+    stop_watch(ctx)
     if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)
