@@ -45,8 +45,8 @@
 #    5425  finish                the finish: images, the verified zip, self-check, pictures
 #    5744  parse_config          the command line -> a checked Config
 #    6037  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6297  run                   the run: settings, checks and data, the ranks started
-#    6367  main                  the entry point and its exit codes
+#    6296  run                   the run: settings, checks and data, the ranks started
+#    6366  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -6214,7 +6214,6 @@ def train(rank, setup, stop_event):
 def ship(rank, setup, summary, stop_event):
     """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
-    stop_watch(ctx)
     if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)

@@ -239,7 +239,6 @@ def train(rank, setup, stop_event):
 def ship(rank, setup, summary, stop_event):
     """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
-    stop_watch(ctx)
     if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)
