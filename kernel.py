@@ -42,11 +42,11 @@
 #    2196  Trainer.step          one training step: D, then G, EMA
 #    2367  Pace                  the pace: step time, slowdown, when training must stop
 #    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5425  finish                the finish: images, the verified zip, self-check, pictures
-#    5744  parse_config          the command line -> a checked Config
-#    6037  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6296  run                   the run: settings, checks and data, the ranks started
-#    6366  main                  the entry point and its exit codes
+#    5439  finish                the finish: images, the verified zip, self-check, pictures
+#    5758  parse_config          the command line -> a checked Config
+#    6051  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6310  run                   the run: settings, checks and data, the ranks started
+#    6380  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -3800,11 +3800,25 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def fork_workers(world_size, target):
+def cuda_driver_initialised():
+    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
+    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
+    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
+    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    current = ctypes.c_void_p()
+    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
+
+
+def fork_workers(world_size, target, *, cuda):
     """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
+    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
+    cell): a forked child could not use it."""
+    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")
         return DistContext()
@@ -6304,7 +6318,7 @@ def run(argv=None):
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
     if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup), cuda=cfg.device != "cpu")
     return run_rank(ctx, setup)
 
 

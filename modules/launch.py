@@ -128,11 +128,25 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def fork_workers(world_size, target):
+def cuda_driver_initialised():
+    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
+    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
+    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
+    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    current = ctypes.c_void_p()
+    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
+
+
+def fork_workers(world_size, target, *, cuda):
     """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
+    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
+    cell): a forked child could not use it."""
+    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")
         return DistContext()

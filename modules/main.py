@@ -34,7 +34,7 @@ def run(argv=None):
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
     if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+        ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup), cuda=cfg.device != "cpu")
     return run_rank(ctx, setup)
 
 

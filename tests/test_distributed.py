@@ -431,3 +431,33 @@ def test_kernel_torchrun_env_without_peers(tmp_path):
     proc, wall = run_kernel([*base, "--out", tmp_path / "c", "--time-budget", "60s"], env=env, timeout=200)
     assert proc.returncode == 2 and "error: rank 1 could not join the 2 ranks" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and wall < 60
+
+
+def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, capsys):
+    """torch.cuda.is_initialized() stays False after a non-NVML is_available(), but the driver is up (cuInit):
+    libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
+    import ctypes
+
+    from modules import launch
+    answer = {"code": 3}
+
+    class FakeLibcuda:
+        def cuCtxGetCurrent(self, ptr):
+            return answer["code"]
+
+    def fake_cdll(name, *a, **k):
+        if name != "libcuda.so.1":
+            raise AssertionError(name)
+        if answer["code"] is None:
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        return FakeLibcuda()
+    monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
+    assert launch.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
+    answer["code"] = None
+    assert launch.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
+    answer["code"] = 0
+    assert launch.cuda_driver_initialised() is True
+    forked = []
+    ctx = launch.fork_workers(2, forked.append, cuda=True)
+    assert (ctx.world_size, ctx.workers, forked) == (1, [], [])
+    assert "CUDA is already initialised in this process" in capsys.readouterr().out
