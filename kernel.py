@@ -42,11 +42,11 @@
 #    2196  Trainer.step          one training step: D, then G, EMA
 #    2367  Pace                  the pace: step time, slowdown, when training must stop
 #    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5439  finish                the finish: images, the verified zip, self-check, pictures
-#    5758  parse_config          the command line -> a checked Config
-#    6051  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6310  run                   the run: settings, checks and data, the ranks started
-#    6380  main                  the entry point and its exit codes
+#    5441  finish                the finish: images, the verified zip, self-check, pictures
+#    5760  parse_config          the command line -> a checked Config
+#    6053  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6312  run                   the run: settings, checks and data, the ranks started
+#    6382  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -3420,9 +3420,11 @@ Ways in (launch.py):
 - --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
   return their local values, so the training loop has a single path.
 
-Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
-the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
-and the stop decisions, so a dead or hung rank costs at most that timeout.
+Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
+measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
+reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
+NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
+run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
 """
 
 

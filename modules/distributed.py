@@ -12,9 +12,11 @@ Ways in (launch.py):
 - --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
   return their local values, so the training loop has a single path.
 
-Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
-the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
-and the stop decisions, so a dead or hung rank costs at most that timeout.
+Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
+measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
+reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
+NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
+run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
 """
 import contextlib
 import datetime
