@@ -42,11 +42,11 @@
 #    2196  Trainer.step          one training step: D, then G, EMA
 #    2367  Pace                  the pace: step time, slowdown, when training must stop
 #    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5441  finish                the finish: images, the verified zip, self-check, pictures
-#    5760  parse_config          the command line -> a checked Config
-#    6053  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6312  run                   the run: settings, checks and data, the ranks started
-#    6382  main                  the entry point and its exit codes
+#    5442  finish                the finish: images, the verified zip, self-check, pictures
+#    5761  parse_config          the command line -> a checked Config
+#    6054  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6313  run                   the run: settings, checks and data, the ranks started
+#    6383  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -3533,7 +3533,8 @@ def init_group(ctx, *, backend, remaining_s):
     """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
     rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
     ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
-    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join: UsageError."""
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
+    UsageError."""
     timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
     if backend == "nccl":
         os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
@@ -3610,8 +3611,8 @@ def stop_watch(ctx):
 
 def abort_groups(ctx):
     """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
-    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed connection
-    already fails its collectives. -> how many backends were aborted."""
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
+    connection already fails its collectives. -> how many backends were aborted."""
     done = 0
     for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
         with contextlib.suppress(Exception):

@@ -138,7 +138,8 @@ def init_group(ctx, *, backend, remaining_s):
     """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
     rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
     ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
-    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join: UsageError."""
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
+    UsageError."""
     timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
     if backend == "nccl":
         os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
@@ -215,8 +216,8 @@ def stop_watch(ctx):
 
 def abort_groups(ctx):
     """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
-    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed connection
-    already fails its collectives. -> how many backends were aborted."""
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
+    connection already fails its collectives. -> how many backends were aborted."""
     done = 0
     for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
         with contextlib.suppress(Exception):
