@@ -42,11 +42,11 @@
 #    2196  Trainer.step          one training step: D, then G, EMA
 #    2367  Pace                  the pace: step time, slowdown, when training must stop
 #    2518  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5442  finish                the finish: images, the verified zip, self-check, pictures
-#    5761  parse_config          the command line -> a checked Config
-#    6054  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6313  run                   the run: settings, checks and data, the ranks started
-#    6383  main                  the entry point and its exit codes
+#    5459  finish                the finish: images, the verified zip, self-check, pictures
+#    5778  parse_config          the command line -> a checked Config
+#    6071  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6330  run                   the run: settings, checks and data, the ranks started
+#    6400  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -3547,6 +3547,8 @@ def init_group(ctx, *, backend, remaining_s):
                 wait_for_workers(ctx, store, timeout.total_seconds())
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -3559,6 +3561,21 @@ def init_group(ctx, *, backend, remaining_s):
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return False
+
+
+def wait_for_master(addr, port, timeout_s):
+    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
+    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
+    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > t_end:
+                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
+            time.sleep(WATCH_POLL_S)
 
 
 def wait_for_workers(ctx, store, timeout_s):

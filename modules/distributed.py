@@ -23,6 +23,7 @@ import datetime
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ def init_group(ctx, *, backend, remaining_s):
                 wait_for_workers(ctx, store, timeout.total_seconds())
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -164,6 +167,21 @@ def init_group(ctx, *, backend, remaining_s):
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return False
+
+
+def wait_for_master(addr, port, timeout_s):
+    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
+    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
+    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > t_end:
+                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
+            time.sleep(WATCH_POLL_S)
 
 
 def wait_for_workers(ctx, store, timeout_s):
