@@ -6,7 +6,7 @@
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:
 #       import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--preset", "kaggle", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 87): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 88): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -31,22 +31,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      87  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     184  PRESETS               the presets: named sets of overrides of those defaults
-#     254  LIMITS                what each setting may hold (checked before any data is read)
-#     482  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     493  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#    1014  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1122  LOSSES                the losses (loss): D's and G's for each
-#    2227  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2283  Trainer.step          one training step: D, then G, EMA
-#    2457  Pace                  the pace: step time, slowdown, when training must stop
-#    2618  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5472  finish                the finish: images, the verified zip, self-check, pictures
-#    5842  parse_config          the command line -> a checked Config
-#    6137  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6426  run                   the run: settings, checks and data, the ranks started
-#    6497  main                  the entry point and its exit codes
+#      88  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     185  PRESETS               the presets: named sets of overrides of those defaults
+#     255  LIMITS                what each setting may hold (checked before any data is read)
+#     483  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     494  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#    1015  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1123  LOSSES                the losses (loss): D's and G's for each
+#    2228  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2284  Trainer.step          one training step: D, then G, EMA
+#    2458  Pace                  the pace: step time, slowdown, when training must stop
+#    2619  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5610  finish                the finish: images, the verified zip, self-check, pictures
+#    5980  parse_config          the command line -> a checked Config
+#    6275  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6567  run                   the run: settings, checks and data, the ranks started
+#    6638  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -67,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
@@ -3549,13 +3550,17 @@ Ways in (launch.py):
 - --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
   return their local values, so the training loop has a single path.
 
-Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
-the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
-and the stop decisions, so a dead or hung rank costs at most that timeout.
+Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
+measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
+reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
+NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
+run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
 """
 
 
 DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
+WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
 DIST_TIMEOUT_MAX_S = 120.0
 WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
@@ -3573,6 +3578,7 @@ class DistContext:
     workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
     group: object = None  # the training group (DDP, decisions); None until make_training_group()
     broken: str = ""  # why collectives can no longer be used ("" while they can)
+    watch: object = None  # fork, rank 0 while training: the Event that stops watch_workers' thread
 
     @property
     def is_main(self):
@@ -3602,12 +3608,19 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
+        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
         if not self.distributed:
             return
+        by_dtype = {}
         for m in modules:
             for b in m.buffers():
-                dist.broadcast(b, src=0, group=self.group)
+                by_dtype.setdefault((b.dtype, b.device), []).append(b)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors(bufs)
+            dist.broadcast(flat, src=0, group=self.group)
+            for b, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                b.copy_(synced)
 
     def broadcast(self, obj):
         """Rank 0's obj to every rank (default group) -> obj."""
@@ -3629,28 +3642,82 @@ class DistContext:
         return self.broken
 
 
-def init_group(ctx, *, backend):
-    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
-    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
-    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+def setup_timeout(remaining_s):
+    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
+    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
+    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
+
+
+def nccl_error_env(torch_version):
+    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
+    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
+    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
+    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
+    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
+
+
+def init_group(ctx, *, backend, remaining_s):
+    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
+    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
+    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
+    UsageError."""
+    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
+    if backend == "nccl":
+        os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
+        store = None
+        if ctx.launcher == "fork":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                                  ctx.is_main, timeout=timeout, wait_for_workers=False)
+            if ctx.is_main:
+                wait_for_workers(ctx, store, timeout.total_seconds())
+            else:
+                store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
     except Exception as exc:
-        if ctx.rank != 0 or ctx.launcher == "torchrun":
-            raise
-        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
-             "running one process on one device")
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if ctx.rank != 0:
+            raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
+        warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
         stop_workers(ctx)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return False
+
+
+def wait_for_master(addr, port, timeout_s):
+    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
+    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
+    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > t_end:
+                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
+            time.sleep(WATCH_POLL_S)
+
+
+def wait_for_workers(ctx, store, timeout_s):
+    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
+    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
+    keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead := ctx.dead_workers():
+            raise RuntimeError(f"rank(s) {dead} ended before the group formed")
+        if time.monotonic() > t_end:
+            raise RuntimeError(f"the workers did not sign in within {timeout_s:.0f}s")
+        time.sleep(WATCH_POLL_S / 4)
 
 
 def make_training_group(ctx, timeout_s):
@@ -3658,6 +3725,52 @@ def make_training_group(ctx, timeout_s):
     every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
+
+
+def watch_workers(ctx, *, abort=None, poll_s=WATCH_POLL_S):
+    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
+    kill, a crash; 0 is a normal end) within poll_s, says so and aborts the process groups (abort_groups), so that the
+    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
+    abort = abort or abort_groups
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
+            if failed:
+                warn(f"rank(s) {failed} ended during training: aborting the process groups")
+                ctx.mark_broken(f"rank(s) {failed} ended")
+                abort(ctx)
+                return
+
+    if ctx.workers:
+        threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
+    ctx.watch = stop
+    return stop
+
+
+def stop_watch(ctx):
+    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
+    if ctx.watch is not None:
+        ctx.watch.set()
+
+
+def abort_groups(ctx):
+    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
+    connection already fails its collectives. -> how many backends were aborted."""
+    done = 0
+    for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
+        with contextlib.suppress(Exception):
+            if group is None or dist.get_backend(group) != "nccl":
+                continue
+            backend = group._get_backend(torch.device("cuda"))
+            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
+            if fn is not None:
+                fn()
+                done += 1
+    return done
 
 
 def training_timeout(finish_s, checkpoint_s):
@@ -3738,6 +3851,10 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
+    if missing:
+        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
+                         "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
 
 
@@ -3780,8 +3897,15 @@ def resolve_world_size(gpus, device):
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
+    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
+    --device as given."""
     if ctx.distributed and device != "cpu":
+        try:
+            torch.cuda.set_device(ctx.local_rank)
+        except Exception as exc:
+            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         return f"cuda:{ctx.local_rank}"
     return device
 
@@ -3826,11 +3950,25 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def fork_workers(world_size, target):
+def cuda_driver_initialised():
+    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
+    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
+    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
+    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    current = ctypes.c_void_p()
+    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
+
+
+def fork_workers(world_size, target, *, cuda):
     """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
+    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
+    cell): a forked child could not use it."""
+    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")
         return DistContext()
@@ -6139,7 +6277,8 @@ def run_rank(ctx, setup):
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
         device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
-    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
+                                          remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
     try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
@@ -6161,6 +6300,7 @@ def run_rank(ctx, setup):
                 restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
+            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
@@ -6196,6 +6336,7 @@ def build_rank(ctx, cfg, device, setup):
     if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
         trainer.attach_group(make_training_group(ctx, plan.hold_back_s))
         ctx.sync_buffers((trainer.G, trainer.D))
+        watch_workers(ctx)  # rank 0 of a forked run: a dead worker aborts the groups (nothing elsewhere)
     return Rank(ctx=ctx, cfg=cfg, trainer=trainer, sampler=sampler, plan=plan, extractor=extractor,
                 checkpoint=checkpoint)
 
@@ -6435,7 +6576,7 @@ def run(argv=None):
     with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
         setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
         if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup), cuda=cfg.device != "cpu")
         return run_rank(ctx, setup)
 
 

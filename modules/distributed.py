@@ -12,22 +12,31 @@ Ways in (launch.py):
 - --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
   return their local values, so the training loop has a single path.
 
-Two process groups: the default one (long timeout) for the setup, where rank 0 alone measures the finish reserve while
-the others wait; and the training group (short timeout, well inside the finish reserve) that carries DDP's all-reduces
-and the stop decisions, so a dead or hung rank costs at most that timeout.
+Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
+measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
+reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
+NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
+run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
 """
 import contextlib
 import datetime
 import os
+import re
 import signal
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from modules.utils import warn
+from modules.utils import UsageError, warn
 
 DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
+WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
 DIST_TIMEOUT_MAX_S = 120.0
 WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
@@ -45,6 +54,7 @@ class DistContext:
     workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
     group: object = None  # the training group (DDP, decisions); None until make_training_group()
     broken: str = ""  # why collectives can no longer be used ("" while they can)
+    watch: object = None  # fork, rank 0 while training: the Event that stops watch_workers' thread
 
     @property
     def is_main(self):
@@ -74,12 +84,19 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks."""
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
+        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
         if not self.distributed:
             return
+        by_dtype = {}
         for m in modules:
             for b in m.buffers():
-                dist.broadcast(b, src=0, group=self.group)
+                by_dtype.setdefault((b.dtype, b.device), []).append(b)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors(bufs)
+            dist.broadcast(flat, src=0, group=self.group)
+            for b, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                b.copy_(synced)
 
     def broadcast(self, obj):
         """Rank 0's obj to every rank (default group) -> obj."""
@@ -101,28 +118,82 @@ class DistContext:
         return self.broken
 
 
-def init_group(ctx, *, backend):
-    """init_process_group (env:// : torchrun's or fork_workers' MASTER_ADDR/PORT) and a barrier proving every rank is
-    there. -> True; False (rank 0, after a warning) when the group cannot be formed: the run goes on as one process."""
-    if backend == "nccl":  # a collective that times out raises on the host (BLOCKING_WAIT) instead of killing rank 0
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # 2 = abort the communicators, keep the process
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+def setup_timeout(remaining_s):
+    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
+    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
+    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
+
+
+def nccl_error_env(torch_version):
+    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
+    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
+    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
+    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
+    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
+
+
+def init_group(ctx, *, backend, remaining_s):
+    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
+    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
+    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
+    UsageError."""
+    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
+    if backend == "nccl":
+        os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=DIST_SETUP_TIMEOUT_S))
+        store = None
+        if ctx.launcher == "fork":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                                  ctx.is_main, timeout=timeout, wait_for_workers=False)
+            if ctx.is_main:
+                wait_for_workers(ctx, store, timeout.total_seconds())
+            else:
+                store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
     except Exception as exc:
-        if ctx.rank != 0 or ctx.launcher == "torchrun":
-            raise
-        warn(f"the {ctx.world_size} ranks could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
-             "running one process on one device")
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if ctx.rank != 0:
+            raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
+        warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
         stop_workers(ctx)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return False
+
+
+def wait_for_master(addr, port, timeout_s):
+    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
+    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
+    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > t_end:
+                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
+            time.sleep(WATCH_POLL_S)
+
+
+def wait_for_workers(ctx, store, timeout_s):
+    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
+    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
+    keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead := ctx.dead_workers():
+            raise RuntimeError(f"rank(s) {dead} ended before the group formed")
+        if time.monotonic() > t_end:
+            raise RuntimeError(f"the workers did not sign in within {timeout_s:.0f}s")
+        time.sleep(WATCH_POLL_S / 4)
 
 
 def make_training_group(ctx, timeout_s):
@@ -130,6 +201,52 @@ def make_training_group(ctx, timeout_s):
     every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
+
+
+def watch_workers(ctx, *, abort=None, poll_s=WATCH_POLL_S):
+    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
+    kill, a crash; 0 is a normal end) within poll_s, says so and aborts the process groups (abort_groups), so that the
+    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
+    abort = abort or abort_groups
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
+            if failed:
+                warn(f"rank(s) {failed} ended during training: aborting the process groups")
+                ctx.mark_broken(f"rank(s) {failed} ended")
+                abort(ctx)
+                return
+
+    if ctx.workers:
+        threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
+    ctx.watch = stop
+    return stop
+
+
+def stop_watch(ctx):
+    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
+    if ctx.watch is not None:
+        ctx.watch.set()
+
+
+def abort_groups(ctx):
+    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
+    connection already fails its collectives. -> how many backends were aborted."""
+    done = 0
+    for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
+        with contextlib.suppress(Exception):
+            if group is None or dist.get_backend(group) != "nccl":
+                continue
+            backend = group._get_backend(torch.device("cuda"))
+            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
+            if fn is not None:
+                fn()
+                done += 1
+    return done
 
 
 def training_timeout(finish_s, checkpoint_s):

@@ -29,6 +29,10 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
+    if missing:
+        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
+                         "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
 
 
@@ -71,8 +75,15 @@ def resolve_world_size(gpus, device):
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks, else --device as given."""
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
+    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
+    --device as given."""
     if ctx.distributed and device != "cpu":
+        try:
+            torch.cuda.set_device(ctx.local_rank)
+        except Exception as exc:
+            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         return f"cuda:{ctx.local_rank}"
     return device
 
@@ -117,11 +128,25 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def fork_workers(world_size, target):
+def cuda_driver_initialised():
+    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
+    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
+    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
+    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    current = ctypes.c_void_p()
+    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
+
+
+def fork_workers(world_size, target, *, cuda):
     """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA is already initialised
-    in this process (a notebook that ran CUDA code before this cell): a forked child could not use it."""
-    if torch.cuda.is_initialized():
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
+    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
+    cell): a forked child could not use it."""
+    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")
         return DistContext()

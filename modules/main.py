@@ -35,7 +35,7 @@ def run(argv=None):
     with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
         setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
         if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
-            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup))
+            ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup), cuda=cfg.device != "cpu")
         return run_rank(ctx, setup)
 
 

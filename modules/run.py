@@ -22,8 +22,10 @@ from modules.distributed import (
     init_group,
     make_training_group,
     record_failure,
+    stop_watch,
     stop_workers,
     training_timeout,
+    watch_workers,
 )
 from modules.faults import fault_hook
 from modules.features import build_feature_extractor
@@ -64,7 +66,8 @@ def run_rank(ctx, setup):
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
         device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
-    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo"):
+    if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
+                                          remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
         setup.report.warn("distributed start failed: ran one process")
     try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
@@ -86,6 +89,7 @@ def run_rank(ctx, setup):
                 restore_handlers(handlers)
     finally:
         if ctx.distributed and ctx.is_main:
+            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
@@ -121,6 +125,7 @@ def build_rank(ctx, cfg, device, setup):
     if ctx.distributed:  # the training group: DDP and the stop decisions, with a collective timeout
         trainer.attach_group(make_training_group(ctx, plan.hold_back_s))
         ctx.sync_buffers((trainer.G, trainer.D))
+        watch_workers(ctx)  # rank 0 of a forked run: a dead worker aborts the groups (nothing elsewhere)
     return Rank(ctx=ctx, cfg=cfg, trainer=trainer, sampler=sampler, plan=plan, extractor=extractor,
                 checkpoint=checkpoint)
 

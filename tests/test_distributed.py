@@ -48,6 +48,12 @@ def test_world_size_resolution(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UsageError, match="MASTER_ADDR and MASTER_PORT not"):  # a partial torchrun environment
+        torchrun_env()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(UsageError, match="but MASTER_PORT not"):
+        torchrun_env()
+    monkeypatch.setenv("MASTER_PORT", "29500")
     ctx = torchrun_env()
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.launcher) == (1, 2, 1, "torchrun")
 
@@ -222,6 +228,7 @@ def test_kernel_rank1_killed_ships_from_rank0(tmp_path):
     report = _check_run(out, proc, wall, 90)
     assert report["degraded"] and report["train"]["reason"] == "crashed"
     assert report["failed_ranks"] == {"1": "killed by SIGKILL"}, report["failed_ranks"]
+    assert "rank(s) [1] ended during training: aborting the process groups" in proc.stdout  # rank 0's watcher
     assert not _leftovers(out)
 
 
@@ -287,6 +294,170 @@ def test_workers_that_cannot_start_fall_back_to_one_process(monkeypatch, capsys)
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
         t0 = time.monotonic()
-        assert init_group(DistContext(rank=0, world_size=2, launcher="fork"), backend="gloo") is False
+        assert init_group(DistContext(rank=0, world_size=2, launcher="fork"), backend="gloo", remaining_s=600) is False
     assert time.monotonic() - t0 < 30 and not dist.is_initialized()
     assert "could not start" in capsys.readouterr().out
+
+
+# buffers, the dead-rank watcher, the NCCL environment
+
+
+def _buffers_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    from modules.distributed import DistContext
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ctx = DistContext(rank=rank, world_size=2, launcher="fork", group=dist.group.WORLD)
+    torch.manual_seed(rank)  # different buffers on each rank
+    nets = [torch.nn.Sequential(*[torch.nn.BatchNorm2d(4) for _ in range(20)]), torch.nn.BatchNorm1d(3)]
+    for m in nets[0].modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(1, 2)
+            m.num_batches_tracked.fill_(10 + rank)  # int64: a dtype of its own
+    calls = []
+    real = dist.broadcast
+    dist.broadcast = lambda t, *a, **k: calls.append(t.dtype) or real(t, *a, **k)
+    ctx.sync_buffers(nets)
+    dist.broadcast = real
+    torch.save({"buffers": [b.clone() for n in nets for b in n.buffers()], "calls": len(calls)},
+               os.path.join(out_dir, f"buffers{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
+    from modules.launch import _free_port
+    port = _free_port()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_buffers_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"buffers{r}.pt", weights_only=True) for r in range(2))
+    assert len(r0["buffers"]) == 63 and r0["calls"] == r1["calls"] == 2  # float32 and int64
+    for a, b in zip(r0["buffers"], r1["buffers"]):
+        assert torch.equal(a, b)
+    assert int(r1["buffers"][2]) == 10  # rank 0's num_batches_tracked
+
+
+def test_nccl_error_env_per_torch_version(monkeypatch):
+    """Async error handling (2: abort the communicators, keep the process) without blocking wait, under the names the
+    running torch reads: NCCL_* before 2.2, TORCH_NCCL_* from 2.2; init_group sets them before the group exists."""
+    import torch.distributed as dist
+
+    from modules.distributed import DistContext, init_group, nccl_error_env
+    assert nccl_error_env("2.1.2+cu121") == {"NCCL_ASYNC_ERROR_HANDLING": "2", "NCCL_BLOCKING_WAIT": "0"}
+    want = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "0"}
+    assert nccl_error_env("2.2.0") == nccl_error_env("2.14.1") == nccl_error_env("3.0.0a0") == want
+    for prefix in ("NCCL_", "TORCH_NCCL_"):
+        for k in ("ASYNC_ERROR_HANDLING", "BLOCKING_WAIT"):
+            monkeypatch.setenv(prefix + k, "1")  # restored after the test
+    monkeypatch.setattr(torch, "__version__", "2.1.2+cu121")
+
+    def no_group(*a, **k):
+        raise RuntimeError("no NCCL here")
+    monkeypatch.setattr(dist, "init_process_group", no_group)
+    assert init_group(DistContext(rank=0, world_size=2, launcher="torchrun"), backend="nccl", remaining_s=100) is False
+    assert os.environ["NCCL_ASYNC_ERROR_HANDLING"] == "2" and os.environ["NCCL_BLOCKING_WAIT"] == "0"
+
+
+def _exit_at_once(code):
+    os._exit(code)
+
+
+def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
+    """Rank 0's watcher: a worker killed mid-training is noticed within a poll and the abort path runs once."""
+    import threading
+
+    from modules.distributed import DistContext, stop_watch, watch_workers
+    proc = multiprocessing.get_context("fork").Process(target=_exit_at_once, args=(3,))
+    ctx = DistContext(rank=0, world_size=2, launcher="fork", workers=[proc])
+    aborted, calls = threading.Event(), []
+    t0 = time.monotonic()
+    watch_workers(ctx, abort=lambda c: calls.append(c) or aborted.set())
+    proc.start()
+    assert aborted.wait(30), "the watcher never noticed the dead worker"
+    assert time.monotonic() - t0 < 5 and calls == [ctx] and ctx.broken == "rank(s) [1] ended"
+    stop_watch(ctx)
+
+
+def test_rank_device_set_before_cuda_is_touched(monkeypatch):
+    """Every rank of a CUDA run makes cuda:LOCAL_RANK its current device first; a rank that cannot: one line."""
+    from modules.distributed import DistContext
+    from modules.launch import rank_device
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.append(i))
+    assert rank_device(DistContext(rank=1, world_size=2, local_rank=1, launcher="fork"), "cuda") == "cuda:1"
+    assert rank_device(DistContext(), "cuda") == "cuda" and seen == [1]
+
+    def missing(i):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+    monkeypatch.setattr(torch.cuda, "set_device", missing)
+    with pytest.raises(UsageError, match="rank 3 cannot use cuda:3"):
+        rank_device(DistContext(rank=3, world_size=4, local_rank=3, launcher="torchrun"), "cuda")
+
+
+def test_kernel_worker_dead_at_start_falls_back_in_seconds(tmp_path):
+    """A forked worker that dies before the group forms (e.g. CUDA unusable after the fork): rank 0 sees its process
+    end and runs alone at once, instead of waiting the rendezvous timeout (300 s with this budget)."""
+    out = tmp_path / "out"
+    script = tmp_path / "dies.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport modules.main as m\n"
+                      "m.worker_main = lambda ctx, setup: os._exit(1)\nsys.exit(m.main())\n")
+    proc, wall = run_kernel(["--demo", "--preset", "smoke", "--device", "cpu", "--gpus", "2", "--out", out,
+                             "--time-budget", "20m", *FAST, *STEPS], timeout=240, script=script)
+    assert "could not start (RuntimeError: rank(s) [1] ended before the group formed)" in proc.stdout, proc.stdout
+    report = _check_run(out, proc, wall, 1200)
+    assert wall < 150 and report["train"]["reason"] == "steps" and not report.get("ranks"), (wall, report["train"])
+    assert any("distributed start failed" in w for w in report["warnings"])
+
+
+def test_kernel_torchrun_env_without_peers(tmp_path):
+    """A partial torchrun environment: a missing MASTER_* is one line, exit 2; rank 0 whose peers never come runs
+    alone after a wait bounded by the budget; rank 1 without its rank 0 ends with one line, exit 2."""
+    from modules.launch import _free_port
+    base = ["--demo", "--preset", "smoke", "--device", "cpu", *FAST, *STEPS]
+    proc, _ = run_kernel([*base, "--out", tmp_path / "a"], env={"RANK": "1", "WORLD_SIZE": "2"}, timeout=120)
+    assert proc.returncode == 2 and "MASTER_ADDR and MASTER_PORT not" in proc.stderr and "Traceback" not in proc.stderr
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    out = tmp_path / "b"
+    proc, wall = run_kernel([*base, "--out", out, "--time-budget", "60s"], env=env, timeout=200)
+    assert "could not start" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    _check_run(out, proc, wall, 60)
+    env["RANK"] = "1"
+    proc, wall = run_kernel([*base, "--out", tmp_path / "c", "--time-budget", "60s"], env=env, timeout=200)
+    assert proc.returncode == 2 and "error: rank 1 could not join the 2 ranks" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "frame #" not in proc.stderr and wall < 60
+
+
+def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, capsys):
+    """torch.cuda.is_initialized() stays False after a non-NVML is_available(), but the driver is up (cuInit):
+    libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
+    import ctypes
+
+    from modules import launch
+    answer = {"code": 3}
+
+    class FakeLibcuda:
+        def cuCtxGetCurrent(self, ptr):
+            return answer["code"]
+
+    def fake_cdll(name, *a, **k):
+        if name != "libcuda.so.1":
+            raise AssertionError(name)
+        if answer["code"] is None:
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        return FakeLibcuda()
+    monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
+    assert launch.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
+    answer["code"] = None
+    assert launch.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
+    answer["code"] = 0
+    assert launch.cuda_driver_initialised() is True
+    forked = []
+    ctx = launch.fork_workers(2, forked.append, cuda=True)
+    assert (ctx.world_size, ctx.workers, forked) == (1, [], [])
+    assert "CUDA is already initialised in this process" in capsys.readouterr().out
