@@ -197,7 +197,40 @@ def s_env(ctx):
         props = torch.cuda.get_device_properties(dev)
         out.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
                    gpus_visible=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported())
+        out["fork_probe"] = fork_probe()
     return out
+
+
+FORK_PROBE = '''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+import torch
+from modules.launch import cuda_driver_initialised, visible_cuda_devices
+seen = {"after_import": cuda_driver_initialised()}
+seen["gpus_nvml"] = visible_cuda_devices()
+seen["after_nvml_count"] = cuda_driver_initialised()
+os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+torch.cuda.is_available()
+seen["after_runtime_is_available"] = cuda_driver_initialised()
+seen["torch_is_initialized"] = torch.cuda.is_initialized()
+torch.zeros(1, device="cuda")
+seen["after_cuda_op"] = cuda_driver_initialised()
+print(json.dumps(seen))
+'''
+
+
+def fork_probe():
+    """The kernel's check before it forks ranks (launch.cuda_driver_initialised), in a fresh process: False after
+    import and the NVML count (the kernel may fork), True once an earlier notebook cell's plain
+    torch.cuda.is_available() started the driver (it must not), True after a CUDA op. Only a real driver can say."""
+    proc = subprocess.run([sys.executable, "-c", FORK_PROBE, str(ROOT)], capture_output=True, text=True, timeout=120)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen["as_expected"] = (not seen["after_import"] and not seen["after_nvml_count"]
+                           and seen["after_runtime_is_available"] and seen["after_cuda_op"])
+    return seen
 
 
 def s_cuda_checks(ctx):
