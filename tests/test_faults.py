@@ -1,6 +1,7 @@
 """Config.fault's step faults, injected by the loop's before_step hook (modules/faults.py), never by Trainer.step."""
 import inspect
 import os
+import threading
 import time
 
 import pytest
@@ -64,8 +65,9 @@ def test_kill_only_on_rank_1(monkeypatch):
 
 
 def test_slow_and_slowgen(monkeypatch):
-    slept = []
-    monkeypatch.setattr(time, "sleep", slept.append)
+    slept, here, real_sleep = [], threading.current_thread(), time.sleep
+    # this thread's sleeps only: a daemon thread an earlier test left (test_checkpoint's FIFO writer) sleeps too
+    monkeypatch.setattr(time, "sleep", lambda s: slept.append(s) if threading.current_thread() is here else real_sleep(s))
     trainer, hook = _trainer(), FaultInjector("slow@0.25,slowgen@0.5", rank=0).before_step
     hook(trainer)
     hook(trainer)

@@ -316,8 +316,9 @@ def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path, until):
     to its verified zip and exit 0, with no traceback and no "Exception ignored" at exit."""
     out = tmp_path / "out"
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, str(KERNEL), "--demo", "--preset", "smoke", "--time-budget", "120s",
-                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, str(KERNEL), "--demo", "--preset", "smoke", "--time-budget", "600s",
+                                 "--set", "max_steps=10", "--out", str(out)],  # ends by its steps, not the clock
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:  # the log lines as they come
             if until in line:
