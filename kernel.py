@@ -43,10 +43,10 @@
 #    2458  Pace                  the pace: step time, slowdown, when training must stop
 #    2619  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    5610  finish                the finish: images, the verified zip, self-check, pictures
-#    5980  parse_config          the command line -> a checked Config
-#    6275  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6567  run                   the run: settings, checks and data, the ranks started
-#    6638  main                  the entry point and its exit codes
+#    5981  parse_config          the command line -> a checked Config
+#    6276  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6568  run                   the run: settings, checks and data, the ranks started
+#    6639  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -5938,8 +5938,9 @@ FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)
 
 def _refuse_unknown(parser, unknown):
     """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
-    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any other unknown argument is a UsageError
-    naming it, with the closest flag when one is near (a mistyped flag must not be silently ignored)."""
+    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any
+    other unknown argument is a UsageError naming it, with the closest flag when one is near (a mistyped flag must not
+    be silently ignored)."""
     i = 0
     while i < len(unknown):
         item = unknown[i]

@@ -148,8 +148,9 @@ FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)
 
 def _refuse_unknown(parser, unknown):
     """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
-    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any other unknown argument is a UsageError
-    naming it, with the closest flag when one is near (a mistyped flag must not be silently ignored)."""
+    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any
+    other unknown argument is a UsageError naming it, with the closest flag when one is near (a mistyped flag must not
+    be silently ignored)."""
     i = 0
     while i < len(unknown):
         item = unknown[i]
