@@ -32,7 +32,6 @@ from modules.features import build_feature_extractor
 from modules.finish import build_finish_settings, finish
 from modules.loop import TrainSummary, build_loop_settings, train_loop
 from modules.measure import measure_finish_seconds
-from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
 from modules.pace import Pace, finish_reserve_s
 from modules.plan import plan_training, refuse_if_finish_cannot_fit
@@ -52,7 +51,7 @@ class Rank:
     """What one rank trains and ships with, built once (build_rank)."""
 
     ctx: DistContext
-    cfg: object  # the Config (sample_batch as the device's memory allows)
+    cfg: object  # the Config
     trainer: object  # the Trainer
     sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
     plan: object  # the TrainPlan, identical on every rank
@@ -65,7 +64,7 @@ def run_rank(ctx, setup):
     """The run from the device to the zip, on every rank -> exit code."""
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
-        device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
+        device = open_device(cfg, ctx, report=setup.report)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
                                           remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
@@ -243,6 +242,20 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
+    """The one line for an out-of-memory error in the first training steps: the batch per rank, the peak allocated
+    (CUDA), and what to set (half the batch per rank)."""
+    seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
+            if device.type == "cuda" else " on the CPU")
+    half = max(batch_per_rank // 2, 2)
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
+            + (f" x {world_size} ranks" if world_size > 1 else "") + f"{seen}: set --set batch_size={half * world_size}"
+            + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
 
 
 def describe_early_failure(exc, *, step):
