@@ -96,7 +96,8 @@ def run_rank(ctx, setup):
 def build_rank(ctx, cfg, device, setup):
     """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
     plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
-    plan (None: rank 0 stopped -> None here). Several ranks: the training group, with the plan's collective timeout."""
+    plan (None: rank 0 stopped -> None here); out of memory in any of it is a UsageError. Several ranks: the training
+    group, with the plan's collective timeout."""
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
@@ -117,6 +118,11 @@ def build_rank(ctx, cfg, device, setup):
                                         disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
+    except Exception as exc:  # out of memory before any step: the widths do not fit this device (one line, exit 2)
+        if is_out_of_memory(exc):
+            raise UsageError(describe_early_oom(exc, when="before training (building the models, measuring the finish)",
+                                                device=device)) from None
+        raise
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
         plan = ctx.broadcast(plan)
     if plan is None:
@@ -224,8 +230,9 @@ def train(rank, setup, stop_event):
         summary.reason = "interrupted"
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
-            raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
-                                                world_size=trainer.world_size, device=trainer.device)) from None
+            raise UsageError(describe_early_oom(exc, when=f"in training step {trainer.step_count + 1}",
+                                                device=trainer.device, batch_per_rank=trainer.batch_per_rank,
+                                                world_size=trainer.world_size)) from None
         if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
             raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
@@ -244,18 +251,20 @@ def train(rank, setup, stop_event):
     return summary
 
 
-def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
-    """The one line for an out-of-memory error in the first training steps: the batch per rank, the peak allocated
-    (CUDA), and what to set (half the batch per rank)."""
+def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
+    """The one line for an out-of-memory error before training or in its first steps: when, the peak allocated (CUDA)
+    and what to set: half the batch per rank, or the widths (batch_per_rank None: before training no step has run)."""
     seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
             f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
             if device.type == "cuda" else " on the CPU")
-    half = max(batch_per_rank // 2, 2)
+    what = "lower g_ch / d_ch"
+    if batch_per_rank is not None:
+        half = max(batch_per_rank // 2, 2)
+        when += f" at {batch_per_rank} images per rank" + (f" x {world_size} ranks" if world_size > 1 else "")
+        what = (f"set --set batch_size={half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+                + f" or {what}")
     first = (str(exc).strip().splitlines() or [""])[0][:160]
-    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
-            + (f" x {world_size} ranks" if world_size > 1 else "") + f"{seen}: set --set batch_size={half * world_size}"
-            + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
-            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
+    return f"out of memory {when}{seen}: {what} [{type(exc).__name__}: {first}]"
 
 
 def describe_early_failure(exc, *, step):
