@@ -26,7 +26,7 @@ PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the
     "sample", "precision", "speed", "settings", "averaging", "batches", "train",  # generation, the step, its settings
     "pace", "loop",  # when training must stop, and the loop
     "crops", "annotations", "data", "demo",  # the machinery: data (its robustness), the synthetic demo set
-    "faults", "distributed", "launch", "memory", "checkpoint", "features", "metrics", "report", "submission",
+    "faults", "distributed", "launch", "checkpoint", "features", "metrics", "report", "submission",
     "evaluate", "measure", "finish", "plan", "cli", "outdir", "setup", "run", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.

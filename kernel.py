@@ -42,17 +42,17 @@
 #    2284  Trainer.step          one training step: D, then G, EMA
 #    2458  Pace                  the pace: step time, slowdown, when training must stop
 #    2619  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5610  finish                the finish: images, the verified zip, self-check, pictures
-#    5981  parse_config          the command line -> a checked Config
-#    6276  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6568  run                   the run: settings, checks and data, the ranks started
-#    6639  main                  the entry point and its exit codes
+#    5380  finish                the finish: images, the verified zip, self-check, pictures
+#    5751  parse_config          the command line -> a checked Config
+#    6018  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6333  run                   the run: settings, checks and data, the ranks started
+#    6404  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
 #   speed -> settings -> averaging -> batches -> train -> pace -> loop -> crops -> annotations -> data -> demo -> faults
-#   -> distributed -> launch -> memory -> checkpoint -> features -> metrics -> report -> submission -> evaluate ->
-#   measure -> finish -> plan -> cli -> outdir -> setup -> run -> main
+#   -> distributed -> launch -> checkpoint -> features -> metrics -> report -> submission -> evaluate -> measure ->
+#   finish -> plan -> cli -> outdir -> setup -> run -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
@@ -152,7 +152,7 @@ class Config:
     # sampling
     n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
-    sample_batch: int = 500
+    sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
@@ -276,7 +276,7 @@ LIMITS = {
     "ema_decay": Range(0, 1, above=True), "ema_ref_batch": Range(1, 8192), "ema_start": Range(0, 10**9),
     "swa_every": Range(1, 10**6),
     # sampling
-    "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 10000),
+    "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
     "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
@@ -677,10 +677,10 @@ full resolution R = 4·2^max_level, so the training loop stays generic:
 Growth is plain module state set by `set_growth(level, alpha)`. Trainer.set_progress(progress) (train.py, the
 schedule) sets `pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages (EMA, SWA); the loop
 calls it before each step (on several ranks at each sync, with the progress they agreed), progress being the fraction
-of the training window trained so far, so the levels follow time, not steps (memory.py's probe sets the last level
-itself). Growth is a python attribute (reading it needs no GPU sync), so it is NOT in state_dict: a freshly built
-module is at (max_level, 1.0), and loading weights leaves the level as it was until set_progress runs. torch.compile
-would recompile whenever alpha changes, so run these modules eagerly.
+of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute (reading
+it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading weights
+leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so run these
+modules eagerly.
 
 From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
 minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and
@@ -3989,235 +3989,6 @@ def fork_workers(world_size, target, *, cuda):
     return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
 
 
-# ==== modules/memory.py ====
-"""Memory: what a setting needs, estimated before training from the models' own layers, checked against what the
-device and the host have (one estimator for both); and an out-of-memory error in the first training steps said as a
-problem the user can fix. (Issue 18 part 2, issue 19 defect 6.)
-
-The estimate builds G and D at three small widths on the CPU (never at the asked width: g_ch=1024 would not fit), counts
-their parameters (a quadratic in the width, fitted exactly), and runs them on two images, counting the tensors autograd
-keeps for backward in training mode, and in eval mode the largest few that generation holds one operation at a time
-(all linear in the width and in the images, fitted from two widths); widths up to DIRECT_WIDTH are measured as they
-are. From these: the optimiser state, the activations of the larger of the D and G steps at the batch per rank, and
-the generation batch's working memory. Activations are counted in fp32 (autocast keeps fewer bytes: an upper bound).
-Checked on the CPU: smoke widths, 1,000 images generated at once raised the peak resident memory by 2.15 GiB; the
-estimate says 2.70 GiB.
-"""
-
-
-GIB = 2 ** 30
-PROBE_WIDTHS = (8, 16, 24)  # g_ch = d_ch the models are built at for the fits (multiples of 8: attention has ch // 8)
-DIRECT_WIDTH = 16  # up to this g_ch / d_ch the models are measured at their own widths (cheaper than the fits)
-PROBE_IMAGES = 2
-ACTIVATION_OVERHEAD = 1.3  # on counted activations: gradients of activations in backward, allocator rounding, workspace
-MEMORY_FRACTION = 0.85  # of the memory available that a run may plan to use
-GENERATE_FRACTION = 0.5  # ... and one generation batch (past a few hundred images a larger one buys no speed)
-KAGGLE_IMAGES = 20579  # the competition's images, for the crop cache before the data is read (1.07 boxes each)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes one rank needs: `state` (parameters, gradients, Adam's two moments, EMA/SWA copies and the roll-back
-    snapshot), `crops` (the uint8 training crops on the device), `train` (activations of one step at batch_per_rank),
-    `generate` (working memory of one generation batch of sample_batch). Per-image figures scale the last two."""
-
-    params: int  # G + D parameters
-    state: int
-    crops: int
-    train_per_image: float
-    generate_per_image: float
-    batch_per_rank: int
-    sample_batch: int
-
-    @property
-    def train(self):
-        return int(self.train_per_image * self.batch_per_rank)
-
-    @property
-    def generate(self):
-        return int(self.generate_per_image * self.sample_batch)
-
-    @property
-    def peak(self):  # generation (the finish's measurement, the loop's re-timing) runs beside the trainer's state
-        return self.state + self.crops + max(self.train, self.generate)
-
-    def text(self):
-        return (f"~{self.peak / GIB:.2f} GiB (model state {self.state / GIB:.2f} GiB for {self.params / 1e6:.1f}M "
-                f"parameters, crops {self.crops / GIB:.2f}, training activations {self.train / GIB:.2f} at "
-                f"{self.batch_per_rank} images per rank, generation {self.generate / GIB:.2f} at sample_batch "
-                f"{self.sample_batch})")
-
-
-def _probe_models(cfg, n_classes, width=None):
-    """Build G and D at g_ch = d_ch = width (None: the Config's widths) on the CPU -> (G params, D params, G's saved
-    bytes per image, D's saved bytes per image, [bytes per image of each tensor G keeps in eval mode, in order])."""
-    G, D = build_models(cfg if width is None else dataclasses.replace(cfg, g_ch=width, d_ch=width), n_classes)
-    if hasattr(G, "set_growth"):  # PGGAN: the last level holds the most
-        level, alpha = pggan_growth(1.0, fade_fraction=cfg.pg_fade)
-        G.set_growth(level, alpha)
-        D.set_growth(level, alpha)
-    params = {id(p) for m in (G, D) for p in m.parameters()}
-    saved = []
-
-    def pack(t):
-        if id(t) not in params:
-            saved.append(t.numel() * t.element_size())
-        return t
-
-    n = PROBE_IMAGES
-    z = torch.randn(n, cfg.z_dim, generator=torch.Generator().manual_seed(0))
-    y = torch.zeros(n, dtype=torch.long)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = G(z, y)
-        n_g = len(saved)
-        D(x.detach(), y)
-        g_saved, d_saved = sum(saved[:n_g]), sum(saved[n_g:])
-        saved.clear()
-        with eval_mode(G):  # generation: what G's operations hold, in eval mode (one by one under no_grad)
-            G(z, y)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return count(G), count(D), g_saved / n, d_saved / n, np.asarray(saved, np.float64) / n
-
-
-def build_memory_estimate(cfg, *, batch_per_rank, n_classes, n_crops):
-    """Config -> MemoryEstimate for one rank (see the module's docstring). A few hundred ms on a CPU."""
-    if max(cfg.g_ch, cfg.d_ch) <= DIRECT_WIDTH:  # small models (smoke widths): measured as they are, no fit
-        p_g, p_d, g_s, d_s, sizes = _probe_models(cfg, n_classes)
-    else:
-        probes = [_probe_models(cfg, n_classes, w) for w in PROBE_WIDTHS]
-        w = np.asarray(PROBE_WIDTHS, np.float64)
-
-        def quad(values, at):  # exact for a parameter count, a quadratic in the width
-            return max(float(np.polyval(np.polyfit(w, np.asarray(values, np.float64), 2), at)), 0.0)
-
-        def line(values, at):  # activations are linear in the width (attention maps: constant)
-            return float(np.polyval(np.polyfit(w[:2], np.asarray(values[:2], np.float64), 1), at))
-
-        p_g, p_d = quad([p[0] for p in probes], cfg.g_ch), quad([p[1] for p in probes], cfg.d_ch)
-        g_s, d_s = line([p[2] for p in probes], cfg.g_ch), line([p[3] for p in probes], cfg.d_ch)
-        ops = [p[4] for p in probes[:2]]  # the same tensors at both probe widths: each one fitted to the asked width
-        if len(ops[0]) == len(ops[1]):
-            sizes = ops[0] + (ops[1] - ops[0]) / (w[1] - w[0]) * (cfg.g_ch - w[0])
-        else:  # (not seen) the larger probe's, scaled with the width
-            sizes = ops[1] * max(cfg.g_ch / w[1], 1.0)
-    # generation under no_grad holds about one operation's inputs and output at a time (plus a residual branch): the
-    # 3 largest tensors G keeps in eval mode
-    gen = float(np.sort(sizes)[-3:].sum())
-    # D step: D keeps its activations for 2B images (reals + fakes); G step: G's for B, D's for B; WGAN-GP runs D on B
-    # interpolates with a graph of its gradient (about twice D's)
-    train = max(2 * d_s, g_s + d_s) + (2 * d_s if cfg.gp_weight else 0.0)
-    copies = (1 if cfg.ema else 0) + (1 if cfg.swa else 0)
-    # parameters + gradients + Adam's 2 moments = 16 bytes each; EMA/SWA 4 per G parameter; the roll-back snapshot
-    # holds G, D, Adam's state and the EMA again
-    state = 16 * (p_g + p_d) + 4 * copies * p_g + (12 * (p_g + p_d) + 4 * copies * p_g)
-    return MemoryEstimate(params=round(p_g + p_d), state=int(state), crops=int(n_crops * cfg.image_size ** 2 * 3),
-                          train_per_image=ACTIVATION_OVERHEAD * train, generate_per_image=ACTIVATION_OVERHEAD * gen,
-                          batch_per_rank=batch_per_rank, sample_batch=cfg.sample_batch)
-
-
-# what there is
-
-
-def host_available_bytes():
-    """Memory this process can still take on the host: /proc/meminfo's MemAvailable, capped by a container's cgroup
-    limit (v2 or v1; page cache that can be dropped is not counted as used). None where neither can be read."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_path, usage_path, stat_path in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-             "/sys/fs/cgroup/memory/memory.stat")):
-        try:
-            with open(limit_path) as f:
-                limit = int(f.read().strip())  # "max" (no limit) -> ValueError
-            with open(usage_path) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        cache = 0
-        try:
-            with open(stat_path) as f:
-                stats = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
-            cache = int(stats.get("inactive_file", stats.get("total_inactive_file", 0)))
-        except (OSError, ValueError):
-            pass
-        if limit < 2 ** 60:
-            found.append(max(limit - usage + cache, 0))
-        break
-    return min(found) if found else None
-
-
-def device_available_bytes(device):
-    """Free memory on a CUDA device (torch.cuda.mem_get_info), or the host's for the CPU; None where unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return host_available_bytes()
-
-
-# the check
-
-
-def check_memory(est, *, available, where, ranks=1, world=1):
-    """est: MemoryEstimate of one rank; available: bytes free on `where` (a device's name; None = unknown: no check),
-    shared by `ranks` ranks (CPU ranks share the host; world: all ranks, for the batch_size to suggest). -> the sample_batch to use: the estimate's, or a lower one that
-    fits, with a warning (generation's batch only sets speed). A training batch, or widths, that cannot fit even so is
-    a UsageError naming what to set (one line, exit 2)."""
-    if available is None:
-        log(f"memory: needs {est.text()}; free memory on {where} unknown, not checked")
-        return est.sample_batch
-    room = MEMORY_FRACTION * available / ranks  # what one rank may plan to use
-    gen_room = GENERATE_FRACTION * available / ranks
-    head = (f"settings need {est.text()}{f' per rank, {ranks} ranks' if ranks > 1 else ''} on {where}, which has "
-            f"{available / GIB:.2f} GiB free")
-    if est.peak <= room and est.generate <= gen_room:
-        log(f"memory: needs {est.text()} of {available / GIB:.2f} GiB free on {where}")
-        return est.sample_batch
-    left = room - est.state - est.crops
-    if left <= 0:
-        raise UsageError(f"{head}: the models alone (g_ch, d_ch) take {(est.state + est.crops) / GIB:.2f} GiB; "
-                         "lower g_ch / d_ch")
-    if est.train > left:
-        fits = int(left // est.train_per_image)
-        what = (f"set --set batch_size={fits * world}" + (f" (or batch_per_gpu={fits})" if world > 1 else "")
-                + " or lower" if fits >= 2 else "lower g_ch / d_ch")
-        raise UsageError(f"{head}: a training step at {est.batch_per_rank} images per rank needs "
-                         f"{est.train / GIB:.2f} GiB of activations; {what}")
-    batch = int(min(left, gen_room) // est.generate_per_image)
-    if batch < 1:
-        raise UsageError(f"{head}: generating one image needs {est.generate_per_image / GIB:.2f} GiB; "
-                         "lower g_ch / d_ch")
-    batch = min(est.sample_batch - 1, batch if batch < 50 else batch // 25 * 25)
-    warn(f"sample_batch={est.sample_batch} would need {est.generate / GIB:.2f} GiB to generate at once, more than "
-         f"{GENERATE_FRACTION:.0%} of the {available / GIB:.2f} GiB free on {where}: generating {batch} at a time instead")
-    return batch
-
-
-# out of memory in training
-
-
-def describe_early_oom(exc, *, step, batch_per_rank, world_size, device):
-    """The one line for an out-of-memory error in the first training steps: the batch per rank, the memory seen, and
-    what to set (half the batch per rank)."""
-    if device.type == "cuda":
-        seen = (f"peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB allocated of "
-                f"{torch.cuda.get_device_properties(device).total_memory / GIB:.1f} GiB on {device}")
-    else:
-        free = host_available_bytes()
-        seen = f"{free / GIB:.2f} GiB free on the host now" if free is not None else "host memory unknown"
-    half = max(batch_per_rank // 2, 2)
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-    return (f"out of memory in training step {step} at {batch_per_rank} images per rank"
-            + (f" x {world_size} ranks" if world_size > 1 else "") + f" ({seen}): set --set batch_size="
-            f"{half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
-            + f" or lower g_ch / d_ch [{type(exc).__name__}: {first}]")
-
-
 # ==== modules/checkpoint.py ====
 """Checkpoints: written atomically and durably, read back with checks, restored into a Trainer. They hold state dicts,
 the config as a dict, the step and the training time spent and planned: never pickled modules."""
@@ -4996,9 +4767,8 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # issue 18: amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    memory: dict = None  # the settings' estimated memory (GiB) against what the device / host had free, before training
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision", "memory")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
@@ -6129,12 +5899,11 @@ def prepare_out_dir(out_dir, *, resume):
 # ==== modules/setup.py ====
 """Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
 checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
-each rank, the device it runs on with the memory its settings need."""
+each rank, the device it runs on."""
 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
-DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
 
 
 @dataclass
@@ -6186,7 +5955,7 @@ def prepare(cfg, ctx):
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
     device = None
     if not (world > 1 and ctx.launcher != "torchrun"):  # what it can use, said in the first seconds (a forked run's
-        device, cfg = open_device(cfg, ctx, report=report, world=world)  # ranks open theirs after the fork)
+        device = open_device(cfg, ctx, report=report)  # ranks open theirs after the fork)
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -6212,42 +5981,15 @@ def load_training_data(cfg):
     return data, demo_dir
 
 
-def open_device(cfg, ctx, *, report, world, data=None):
-    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks, settings that do not fit
-    its memory: one line, exit 2) -> (device, the Config with sample_batch lowered if only the generation batch did
-    not fit). Fills report.json's device, memory and config. Before the data (data None) in a run of one process or
-    torchrun's ranks; in a forked run in each rank after the fork (CUDA must not be initialised before it)."""
+def open_device(cfg, ctx, *, report):
+    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks: one line, exit 2) ->
+    device; fills report.json's device. Before the data in a run of one process or torchrun's ranks; in a forked run
+    in each rank after the fork (CUDA must not be initialised before it)."""
     device = check_device(rank_device(ctx, cfg.device))
     log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
-    cfg, report.memory = check_setting_memory(cfg, device, world=world, data=data)
-    report.device, report.config = str(device), dataclasses.asdict(cfg)
-    return device, cfg
-
-
-def check_setting_memory(cfg, device, *, world, data=None):
-    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
-    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
-    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
-    Without the data (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
-    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
-    if data is not None:
-        n_crops, n_classes = len(data.images), len(data.classes)
-    else:
-        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
-        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
-        n_crops, n_classes = int(images * 1.25 * styles), 120
-    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
-    available = device_available_bytes(device)
-    where = str(device) if device.type == "cuda" else "the host"
-    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
-    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
-            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
-            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
-    if batch != cfg.sample_batch:
-        info["sample_batch_asked"] = cfg.sample_batch
-        cfg = dataclasses.replace(cfg, sample_batch=batch)
-    return cfg, info
+    report.device = str(device)
+    return device
 
 
 # ==== modules/run.py ====
@@ -6264,7 +6006,7 @@ class Rank:
     """What one rank trains and ships with, built once (build_rank)."""
 
     ctx: DistContext
-    cfg: object  # the Config (sample_batch as the device's memory allows)
+    cfg: object  # the Config
     trainer: object  # the Trainer
     sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
     plan: object  # the TrainPlan, identical on every rank
@@ -6277,7 +6019,7 @@ def run_rank(ctx, setup):
     """The run from the device to the zip, on every rank -> exit code."""
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
-        device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
+        device = open_device(cfg, ctx, report=setup.report)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
                                           remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
@@ -6309,7 +6051,8 @@ def run_rank(ctx, setup):
 def build_rank(ctx, cfg, device, setup):
     """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
     plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
-    plan (None: rank 0 stopped -> None here). Several ranks: the training group, with the plan's collective timeout."""
+    plan (None: rank 0 stopped -> None here); out of memory in any of it is a UsageError. Several ranks: the training
+    group, with the plan's collective timeout."""
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
@@ -6330,6 +6073,11 @@ def build_rank(ctx, cfg, device, setup):
                                         disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
+    except Exception as exc:  # out of memory before any step: the widths do not fit this device (one line, exit 2)
+        if is_out_of_memory(exc):
+            raise UsageError(describe_early_oom(exc, when="before training (building the models, measuring the finish)",
+                                                device=device)) from None
+        raise
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
         plan = ctx.broadcast(plan)
     if plan is None:
@@ -6437,8 +6185,9 @@ def train(rank, setup, stop_event):
         summary.reason = "interrupted"
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
-            raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
-                                                world_size=trainer.world_size, device=trainer.device)) from None
+            raise UsageError(describe_early_oom(exc, when=f"in training step {trainer.step_count + 1}",
+                                                device=trainer.device, batch_per_rank=trainer.batch_per_rank,
+                                                world_size=trainer.world_size)) from None
         if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
             raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
@@ -6455,6 +6204,22 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
+    """The one line for an out-of-memory error before training or in its first steps: when, the peak allocated (CUDA)
+    and what to set: half the batch per rank, or the widths (batch_per_rank None: before training no step has run)."""
+    seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
+            if device.type == "cuda" else " on the CPU")
+    what = "lower g_ch / d_ch"
+    if batch_per_rank is not None:
+        half = max(batch_per_rank // 2, 2)
+        when += f" at {batch_per_rank} images per rank" + (f" x {world_size} ranks" if world_size > 1 else "")
+        what = (f"set --set batch_size={half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+                + f" or {what}")
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"out of memory {when}{seen}: {what} [{type(exc).__name__}: {first}]"
 
 
 def describe_early_failure(exc, *, step):

@@ -76,7 +76,7 @@ class Config:
     # sampling
     n_images: int = 10000  # images in the zip: the competition takes exactly 10,000 (others need dev_counts)
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
-    sample_batch: int = 500
+    sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device; issue 18)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
@@ -200,7 +200,7 @@ LIMITS = {
     "ema_decay": Range(0, 1, above=True), "ema_ref_batch": Range(1, 8192), "ema_start": Range(0, 10**9),
     "swa_every": Range(1, 10**6),
     # sampling
-    "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 10000),
+    "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
     "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),

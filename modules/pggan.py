@@ -8,10 +8,10 @@ full resolution R = 4·2^max_level, so the training loop stays generic:
 Growth is plain module state set by `set_growth(level, alpha)`. Trainer.set_progress(progress) (train.py, the
 schedule) sets `pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages (EMA, SWA); the loop
 calls it before each step (on several ranks at each sync, with the progress they agreed), progress being the fraction
-of the training window trained so far, so the levels follow time, not steps (memory.py's probe sets the last level
-itself). Growth is a python attribute (reading it needs no GPU sync), so it is NOT in state_dict: a freshly built
-module is at (max_level, 1.0), and loading weights leaves the level as it was until set_progress runs. torch.compile
-would recompile whenever alpha changes, so run these modules eagerly.
+of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute (reading
+it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading weights
+leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so run these
+modules eagerly.
 
 From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
 minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and

@@ -196,9 +196,8 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # issue 18: amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    memory: dict = None  # the settings' estimated memory (GiB) against what the device / host had free, before training
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision", "memory")  # left out of report.json while None
+                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)

@@ -32,7 +32,6 @@ from modules.features import build_feature_extractor
 from modules.finish import build_finish_settings, finish
 from modules.loop import TrainSummary, build_loop_settings, train_loop
 from modules.measure import measure_finish_seconds
-from modules.memory import describe_early_oom
 from modules.outdir import prepare_out_dir, removed_if_left_empty
 from modules.pace import Pace, finish_reserve_s
 from modules.plan import plan_training, refuse_if_finish_cannot_fit
@@ -52,7 +51,7 @@ class Rank:
     """What one rank trains and ships with, built once (build_rank)."""
 
     ctx: DistContext
-    cfg: object  # the Config (sample_batch as the device's memory allows)
+    cfg: object  # the Config
     trainer: object  # the Trainer
     sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
     plan: object  # the TrainPlan, identical on every rank
@@ -65,7 +64,7 @@ def run_rank(ctx, setup):
     """The run from the device to the zip, on every rank -> exit code."""
     device, cfg = setup.device, setup.cfg
     if device is None:  # a forked rank (rank 0 included) opens its device after the fork
-        device, cfg = open_device(cfg, ctx, report=setup.report, world=ctx.world_size, data=setup.data)
+        device = open_device(cfg, ctx, report=setup.report)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
                                           remaining_s=setup.deadline.remaining()):
         ctx = DistContext()  # the workers could not start: one process, one device (warned)
@@ -97,7 +96,8 @@ def run_rank(ctx, setup):
 def build_rank(ctx, cfg, device, setup):
     """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
     plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
-    plan (None: rank 0 stopped -> None here). Several ranks: the training group, with the plan's collective timeout."""
+    plan (None: rank 0 stopped -> None here); out of memory in any of it is a UsageError. Several ranks: the training
+    group, with the plan's collective timeout."""
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
@@ -118,6 +118,11 @@ def build_rank(ctx, cfg, device, setup):
                                         disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
                                                config=report.config, classes=data.classes, report=report)
+    except Exception as exc:  # out of memory before any step: the widths do not fit this device (one line, exit 2)
+        if is_out_of_memory(exc):
+            raise UsageError(describe_early_oom(exc, when="before training (building the models, measuring the finish)",
+                                                device=device)) from None
+        raise
     finally:  # the other ranks wait for the plan; None tells them rank 0 stopped
         plan = ctx.broadcast(plan)
     if plan is None:
@@ -225,8 +230,9 @@ def train(rank, setup, stop_event):
         summary.reason = "interrupted"
     except Exception as exc:  # train_loop catches failures in training; this is a last resort
         if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
-            raise UsageError(describe_early_oom(exc, step=trainer.step_count + 1, batch_per_rank=trainer.batch_per_rank,
-                                                world_size=trainer.world_size, device=trainer.device)) from None
+            raise UsageError(describe_early_oom(exc, when=f"in training step {trainer.step_count + 1}",
+                                                device=trainer.device, batch_per_rank=trainer.batch_per_rank,
+                                                world_size=trainer.world_size)) from None
         if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
             raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
@@ -243,6 +249,22 @@ def train(rank, setup, stop_event):
     if describe_skips(report.precision):
         log(describe_skips(report.precision))
     return summary
+
+
+def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
+    """The one line for an out-of-memory error before training or in its first steps: when, the peak allocated (CUDA)
+    and what to set: half the batch per rank, or the widths (batch_per_rank None: before training no step has run)."""
+    seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
+            if device.type == "cuda" else " on the CPU")
+    what = "lower g_ch / d_ch"
+    if batch_per_rank is not None:
+        half = max(batch_per_rank // 2, 2)
+        when += f" at {batch_per_rank} images per rank" + (f" x {world_size} ranks" if world_size > 1 else "")
+        what = (f"set --set batch_size={half * world_size}" + (f" (or batch_per_gpu={half})" if world_size > 1 else "")
+                + f" or {what}")
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"out of memory {when}{seen}: {what} [{type(exc).__name__}: {first}]"
 
 
 def describe_early_failure(exc, *, step):

@@ -1,6 +1,6 @@
 """Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
 checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
-each rank, the device it runs on with the memory its settings need."""
+each rank, the device it runs on."""
 import dataclasses
 import os
 import tempfile
@@ -13,7 +13,6 @@ from modules.cli import resolve_out_dir
 from modules.data import find_data_dir, load_dogs
 from modules.demo import make_demo_dataset
 from modules.launch import quiet_worker_output, rank_device, resolve_world_size
-from modules.memory import GIB, KAGGLE_IMAGES, build_memory_estimate, check_memory, device_available_bytes
 from modules.outdir import check_out_dir, check_out_not_in_data
 from modules.report import RunReport
 from modules.settings import split_batch
@@ -34,7 +33,6 @@ from modules.utils import (
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
-DEMO_IMAGES = 120  # make_demo_dataset's 6 breeds x 20 images: the demo's crop cache before it is made
 
 
 @dataclass
@@ -86,7 +84,7 @@ def prepare(cfg, ctx):
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
     device = None
     if not (world > 1 and ctx.launcher != "torchrun"):  # what it can use, said in the first seconds (a forked run's
-        device, cfg = open_device(cfg, ctx, report=report, world=world)  # ranks open theirs after the fork)
+        device = open_device(cfg, ctx, report=report)  # ranks open theirs after the fork)
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -112,39 +110,12 @@ def load_training_data(cfg):
     return data, demo_dir
 
 
-def open_device(cfg, ctx, *, report, world, data=None):
-    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks, settings that do not fit
-    its memory: one line, exit 2) -> (device, the Config with sample_batch lowered if only the generation batch did
-    not fit). Fills report.json's device, memory and config. Before the data (data None) in a run of one process or
-    torchrun's ranks; in a forked run in each rank after the fork (CUDA must not be initialised before it)."""
+def open_device(cfg, ctx, *, report):
+    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks: one line, exit 2) ->
+    device; fills report.json's device. Before the data in a run of one process or torchrun's ranks; in a forked run
+    in each rank after the fork (CUDA must not be initialised before it)."""
     device = check_device(rank_device(ctx, cfg.device))
     log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
-    cfg, report.memory = check_setting_memory(cfg, device, world=world, data=data)
-    report.device, report.config = str(device), dataclasses.asdict(cfg)
-    return device, cfg
-
-
-def check_setting_memory(cfg, device, *, world, data=None):
-    """What the settings need (models, batch per rank, generation batch) against the memory free on the device (a CPU
-    run: the host, shared by its CPU ranks), before training: -> (cfg with sample_batch lowered if only the generation
-    batch did not fit (a warning), report.json's "memory"). Too much for the rest: a UsageError (one line, exit 2).
-    Without the data (data=None) the crop cache is sized for Kaggle's 20,579 images (or data_limit, the demo's)."""
-    per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world) if world > 1 else cfg.batch_size
-    if data is not None:
-        n_crops, n_classes = len(data.images), len(data.classes)
-    else:
-        images = DEMO_IMAGES if cfg.demo else (cfg.data_limit or KAGGLE_IMAGES)
-        styles = len([s for s in cfg.crop_styles.split(",") if s.strip()]) + cfg.include_whole
-        n_crops, n_classes = int(images * 1.25 * styles), 120
-    est = build_memory_estimate(cfg, batch_per_rank=per_rank, n_classes=n_classes, n_crops=n_crops)
-    available = device_available_bytes(device)
-    where = str(device) if device.type == "cuda" else "the host"
-    batch = check_memory(est, available=available, where=where, ranks=world if device.type == "cpu" else 1, world=world)
-    info = {"where": where, "estimate_gib": est.peak / GIB, "available_gib": available and available / GIB,
-            "state_gib": est.state / GIB, "train_gib": est.train / GIB, "generate_gib": est.generate / GIB,
-            "params": est.params, "batch_per_rank": per_rank, "sample_batch": batch}
-    if batch != cfg.sample_batch:
-        info["sample_batch_asked"] = cfg.sample_batch
-        cfg = dataclasses.replace(cfg, sample_batch=batch)
-    return cfg, info
+    report.device = str(device)
+    return device

@@ -98,6 +98,13 @@ def test_bad_value_of_every_field_is_refused(name):
     assert f"{name}={BAD[name]!r}" in msg and "allowed: " in msg and "\n" not in msg.replace(repr(BAD[name]), "")
 
 
+def test_sample_batch_is_capped_at_parse_time():
+    """sample_batch=10000 held 19 GB generating at once: one line, exit 2, before any data is read."""
+    assert parse_config(["--set", "sample_batch=2000"])[0].sample_batch == 2000
+    with pytest.raises(UsageError, match=r"sample_batch=2001 is not allowed: an integer from 1 to 2000$"):
+        parse_config(["--set", "sample_batch=2001"])
+
+
 def test_defaults_and_every_preset_pass():
     check_config(Config())
     for name in PRESETS:

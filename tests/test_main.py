@@ -305,9 +305,7 @@ def test_fp16_on_the_cpu_runs_end_to_end(tmp_path):
     assert f"GradScalers skipped {p['skipped_g']} of 6 G steps and {p['skipped_d']} of 6 D steps" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["trainer"]["scaler_g"]["scale"] == p["scale_g"]  # what --resume carries on from
-    memory = report["memory"]  # issue 19 defect 6: checked before the data, against the host's free memory
-    assert memory["where"] == "the host" and 0 < memory["estimate_gib"] < memory["available_gib"]
-    assert "memory: needs ~" in proc.stdout and memory["sample_batch"] == 25
+    assert "memory" not in report and "memory: needs" not in proc.stdout  # no estimate: an early OOM says it (exit 2)
 
 
 @pytest.mark.parametrize("until", ["preset smoke", "training started"])
