@@ -37,16 +37,16 @@
 #     483  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     494  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #    1015  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1123  LOSSES                the losses (loss): D's and G's for each
-#    2228  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2284  Trainer.step          one training step: D, then G, EMA
-#    2458  Pace                  the pace: step time, slowdown, when training must stop
-#    2619  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5610  finish                the finish: images, the verified zip, self-check, pictures
-#    5981  parse_config          the command line -> a checked Config
-#    6276  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6568  run                   the run: settings, checks and data, the ranks started
-#    6639  main                  the entry point and its exit codes
+#    1121  LOSSES                the losses (loss): D's and G's for each
+#    2214  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2270  Trainer.step          one training step: D, then G, EMA
+#    2444  Pace                  the pace: step time, slowdown, when training must stop
+#    2605  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5585  finish                the finish: images, the verified zip, self-check, pictures
+#    5964  parse_config          the command line -> a checked Config
+#    6258  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6550  run                   the run: settings, checks and data, the ranks started
+#    6621  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -1016,9 +1016,7 @@ ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5, "
 
 
 def build_models(cfg, n_classes):
-    """-> (G, D) for cfg.arch, on the CPU, in training mode."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
+    """-> (G, D) for cfg.arch (checked against ARCHS when parsed), on the CPU, in training mode."""
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     if not hasattr(D, "joint_ok"):
@@ -1187,12 +1185,8 @@ AUGMENTS = {"color": augment_color, "translation": augment_translation, "cutout"
 
 
 def parse_augment_policy(policy):
-    """'color,translation' -> ('color', 'translation'); '' -> (). Unknown names raise ValueError."""
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    unknown = [p for p in names if p not in AUGMENTS]
-    if unknown:
-        raise ValueError(f"unknown diffaug transform(s) {unknown}; choose from {', '.join(AUGMENTS)}")
-    return names
+    """'color,translation' -> ('color', 'translation'); '' -> (). The names were checked against AUGMENTS when parsed."""
+    return tuple(p.strip() for p in policy.split(",") if p.strip())
 
 
 def diff_augment(x, policy):
@@ -1520,9 +1514,7 @@ def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
     Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
     """
     z = torch.randn(n, dim, generator=generator, device=device)
-    if threshold and threshold > 0:
-        if threshold < 0.05:
-            raise ValueError(f"truncation threshold {threshold} is too small to sample from")
+    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
         bad = z.abs() > threshold
         while bool(bad.any()):
             z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
@@ -1548,10 +1540,7 @@ def _batch_norms(G):
 
 def sample_bn_of(G, sample_bn=None):
     """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
-    mode = sample_bn or getattr(G, "sample_bn", "running")
-    if mode not in SAMPLE_BN_MODES:
-        raise ValueError(f"sample_bn {mode!r} not in {SAMPLE_BN_MODES}")
-    return mode
+    return sample_bn or getattr(G, "sample_bn", "running")
 
 
 @contextlib.contextmanager
@@ -1782,7 +1771,6 @@ support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-
 """
 
 
-COMPILE_MODES = ("off", "auto", "on")  # Config.compile
 COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
 CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
@@ -1912,13 +1900,11 @@ class CompiledForward:
 
 
 def maybe_compile(module, *, mode, device):
-    """mode off | auto | on -> module, compiled in place where supported (see CompiledForward), else unchanged.
+    """mode off | auto | on (Config.compile) -> module, compiled in place where supported (see CompiledForward), else unchanged.
 
     auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
     on: also CPU; an unsupported device gives one warning and the eager module.
     """
-    if mode not in COMPILE_MODES:
-        raise UsageError(f"compile={mode!r}: choose from {', '.join(COMPILE_MODES)}")
     if mode == "off" or isinstance(module.__dict__.get("forward"), CompiledForward):
         return module
     ok, why = compile_support(device)
@@ -3323,12 +3309,8 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
     mode: the image's w/h); limit: the first N images (by id) only; pool: "thread" (PIL decodes and resizes without
     the GIL; 1,953 real images, 2 cores: 1.6-1.8 s wall, 1.8 CPU-s) or "fork" (a process pool: 2.3 s, 2.1 CPU-s).
     """
-    t0 = time.monotonic()
-    unknown = [s for s in crop_styles if s not in CROP_STYLES]
-    if unknown or not crop_styles:
-        raise UsageError(f"unknown crop style(s) {unknown or '(none)'}: choose from {', '.join(CROP_STYLES)}")
-    if resize not in RESIZE_FILTERS:
-        raise UsageError(f"unknown resize filter {resize!r}: choose from {', '.join(RESIZE_FILTERS)}")
+    t0 = time.monotonic()  # a bad style or filter would be counted as an unreadable image: a caller's bug, asserted
+    assert crop_styles and set(crop_styles) <= set(CROP_STYLES) and resize in RESIZE_FILTERS, (crop_styles, resize)
     images_dir = Path(images_dir)
     skipped = Counter()
     files = list_images(images_dir, skipped) if images_dir.is_dir() else {}
@@ -3870,26 +3852,19 @@ def visible_cuda_devices():
 def resolve_world_size(gpus, device):
     """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
     cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    text = str(gpus).strip().lower()
-    if text != "auto":
-        try:
-            n = int(text)
-        except ValueError:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
-        if n < 1:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
+    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
     if device == "cpu":
-        return 1 if text == "auto" else n
+        return n or 1
     if device.startswith("cuda:"):
-        if text not in ("auto", "1"):
+        if n not in (None, 1):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
     if count == 0:
-        if text not in ("auto", "1"):
+        if n not in (None, 1):
             warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
         return 1
-    if text == "auto":
+    if n is None:
         return count
     if n > count:
         warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
@@ -5893,12 +5868,16 @@ def _allowed(field):
 ALLOWED = {field.name: _allowed(field) for field in dataclasses.fields(Config)}
 
 
+def check_value(name, value):
+    """One field's value against ALLOWED -> UsageError (one line) when it is not allowed."""
+    if not ALLOWED[name].ok(value):
+        raise UsageError(f"setting {name}={value!r} is not allowed: {ALLOWED[name].text}")
+
+
 def check_config(cfg):
     """Every field against ALLOWED, then the rules between fields; the first problem -> UsageError (one line)."""
     for field in dataclasses.fields(cfg):
-        value, allowed = getattr(cfg, field.name), ALLOWED[field.name]
-        if not allowed.ok(value):
-            raise UsageError(f"setting {field.name}={value!r} is not allowed: {allowed.text}")
+        check_value(field.name, getattr(cfg, field.name))
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
@@ -5906,6 +5885,10 @@ def check_config(cfg):
         raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
                          "needs a double backward through D, which torch.compile does not support; use compile=off "
                          "or auto (D then runs eager), or gp_weight=0")
+    chunks = len(BIGGAN_G_ARCH[cfg.image_size][1]) + 1  # BigGenerator splits z over its blocks + 1
+    if cfg.arch == "biggan" and cfg.z_dim % chunks:
+        raise UsageError(f"setting z_dim={cfg.z_dim} is not allowed with arch=biggan: G splits z into {chunks} equal "
+                         f"chunks; use a multiple of {chunks} (e.g. {max(chunks, cfg.z_dim - cfg.z_dim % chunks)})")
     if cfg.max_aspect and cfg.max_aspect < cfg.min_aspect:
         raise UsageError(f"setting max_aspect={cfg.max_aspect} is not allowed: 0 (no limit) or >= min_aspect "
                          f"({cfg.min_aspect})")
@@ -5987,9 +5970,8 @@ def parse_config(argv=None):
     _refuse_unknown(parser, unknown)
     cfg = Config()
     preset = args.preset or cfg.preset
-    for name in [n.strip() for n in preset.split(",") if n.strip()]:
-        if name not in PRESETS:
-            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    check_value("preset", preset)  # before its overrides are applied
+    for name in [n.strip() for n in preset.split(",")]:
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
