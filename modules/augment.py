@@ -47,7 +47,7 @@ AUGMENTS = {"color": augment_color, "translation": augment_translation, "cutout"
 
 
 def parse_augment_policy(policy):
-    """'color,translation' -> ('color', 'translation'); '' -> (). The names were checked against AUGMENTS when parsed."""
+    """'color,translation' -> ('color', 'translation'); '' -> (). The names are AUGMENTS' (checked when parsed)."""
     return tuple(p.strip() for p in policy.split(",") if p.strip())
 
 

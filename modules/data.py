@@ -27,7 +27,7 @@ from modules.utils import UsageError, log, warn
 
 # where the data is
 
-FEW_IMAGES_WARN = 100  # issue 19: fewer images read than this -> a memorization WARNING (the demo set has 120)
+FEW_IMAGES_WARN = 100  # fewer images read than this -> a memorization WARNING (the demo set has 120)
 KAGGLE_DATA_ROOTS = ("/kaggle/input/generative-dog-images", "/kaggle/input")  # current layout, then the 2019 one
 
 

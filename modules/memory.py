@@ -1,6 +1,6 @@
 """Memory: what a setting needs, estimated before training from the models' own layers, checked against what the
 device and the host have (one estimator for both); and an out-of-memory error in the first training steps said as a
-problem the user can fix. (Issue 18 part 2, issue 19 defect 6.)
+problem the user can fix.
 
 The estimate builds G and D at three small widths on the CPU (never at the asked width: g_ch=1024 would not fit), counts
 their parameters (a quadratic in the width, fitted exactly), and runs them on two images, counting the tensors autograd
