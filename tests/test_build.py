@@ -359,6 +359,8 @@ def test_header_recipe_is_the_defaults():
     assert set(shown) >= {"g_ch", "d_ch", "z_dim", "loss", "aux_weight", "lr_g", "lr_d", "beta1", "beta2", "batch_size",
                           "ema_decay", "ema_start", "truncation", "max_steps"}
     assert apply_overrides(Config(), shown, "the header") == Config(), shown
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\n".join(line[2:] for line in block.splitlines()[1:]) in readme  # README's recipe: the same block
 
 
 def test_modules_comments_describe_the_code_not_its_history():
