@@ -1907,7 +1907,7 @@ class CompiledForward:
 
 
 def maybe_compile(module, *, mode, device):
-    """mode off | auto | on (Config.compile) -> module, compiled in place where supported (see CompiledForward), else unchanged.
+    """Config.compile (off | auto | on) -> module, compiled in place where supported (see CompiledForward), else as is.
 
     auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
     on: also CPU; an unsupported device gives one warning and the eager module.
