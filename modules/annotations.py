@@ -17,7 +17,7 @@ DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
 ANNOTATION_MAX_BYTES = 1 << 20  # a Stanford Dogs file is < 1 KB; 2,000 objects in its layout take ~0.5 MiB
-MAX_BOXES_PER_IMAGE = 12  # issue 19: one file with 300 boxes made 300 of 352 crops one image (the real sample: at most 3)
+MAX_BOXES_PER_IMAGE = 12  # more are dropped: 300 boxes in one file would make most crops one image (real files: <= 3)
 
 
 # folders
@@ -46,7 +46,7 @@ def _entries(path, skipped, top=None):
                             dirs.append(Path(e.path))
                     elif e.is_file():
                         if top is not None and e.is_symlink() and not _inside(e.path, top):
-                            skipped["link_outside"] += 1  # a linked file out of the folder is not read (issue 19)
+                            skipped["link_outside"] += 1  # a linked file out of the folder is not read
                         else:
                             files.append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed

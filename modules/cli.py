@@ -15,7 +15,7 @@ import re
 import sys
 
 from modules.augment import AUGMENTS
-from modules.biggan import BIGGAN_D_ARCHS
+from modules.biggan import BIGGAN_D_ARCHS, BIGGAN_G_ARCH
 from modules.config import LIMITS, PRESETS, Choice, Config, Match, Range, Text, UsageError, apply_overrides
 from modules.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.grammar import parse_duration, parse_faults
@@ -103,12 +103,16 @@ def _allowed(field):
 ALLOWED = {field.name: _allowed(field) for field in dataclasses.fields(Config)}
 
 
+def check_value(name, value):
+    """One field's value against ALLOWED -> UsageError (one line) when it is not allowed."""
+    if not ALLOWED[name].ok(value):
+        raise UsageError(f"setting {name}={value!r} is not allowed: {ALLOWED[name].text}")
+
+
 def check_config(cfg):
     """Every field against ALLOWED, then the rules between fields; the first problem -> UsageError (one line)."""
     for field in dataclasses.fields(cfg):
-        value, allowed = getattr(cfg, field.name), ALLOWED[field.name]
-        if not allowed.ok(value):
-            raise UsageError(f"setting {field.name}={value!r} is not allowed: {allowed.text}")
+        check_value(field.name, getattr(cfg, field.name))
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
@@ -116,6 +120,10 @@ def check_config(cfg):
         raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
                          "needs a double backward through D, which torch.compile does not support; use compile=off "
                          "or auto (D then runs eager), or gp_weight=0")
+    chunks = len(BIGGAN_G_ARCH[cfg.image_size][1]) + 1  # BigGenerator splits z over its blocks + 1
+    if cfg.arch == "biggan" and cfg.z_dim % chunks:
+        raise UsageError(f"setting z_dim={cfg.z_dim} is not allowed with arch=biggan: G splits z into {chunks} equal "
+                         f"chunks; use a multiple of {chunks} (e.g. {max(chunks, cfg.z_dim - cfg.z_dim % chunks)})")
     if cfg.max_aspect and cfg.max_aspect < cfg.min_aspect:
         raise UsageError(f"setting max_aspect={cfg.max_aspect} is not allowed: 0 (no limit) or >= min_aspect "
                          f"({cfg.min_aspect})")
@@ -197,9 +205,8 @@ def parse_config(argv=None):
     _refuse_unknown(parser, unknown)
     cfg = Config()
     preset = args.preset or cfg.preset
-    for name in [n.strip() for n in preset.split(",") if n.strip()]:
-        if name not in PRESETS:
-            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    check_value("preset", preset)  # before its overrides are applied
+    for name in [n.strip() for n in preset.split(",")]:
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,

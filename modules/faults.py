@@ -14,7 +14,7 @@ STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault
 class FaultInjector:
     """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
     raise@STEP   a RuntimeError, as any failure inside training
-    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises (issue 18)
+    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
     slow@S       every step sleeps S seconds first
     kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
     slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds

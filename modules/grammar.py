@@ -5,7 +5,7 @@ import re
 
 from modules.config import UsageError
 
-MAX_DURATION_S = 7 * 86400.0  # issue 19: a time budget beyond a week is a typo (100h, 1e300), not a plan
+MAX_DURATION_S = 7 * 86400.0  # a time budget beyond a week is a typo (100h, 1e300), not a plan
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 

@@ -48,26 +48,19 @@ def visible_cuda_devices():
 def resolve_world_size(gpus, device):
     """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
     cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    text = str(gpus).strip().lower()
-    if text != "auto":
-        try:
-            n = int(text)
-        except ValueError:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1") from None
-        if n < 1:
-            raise UsageError(f"--gpus {gpus}: expected auto or a whole number >= 1")
+    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
     if device == "cpu":
-        return 1 if text == "auto" else n
+        return n or 1
     if device.startswith("cuda:"):
-        if text not in ("auto", "1"):
+        if n not in (None, 1):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
     if count == 0:
-        if text not in ("auto", "1"):
+        if n not in (None, 1):
             warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
         return 1
-    if text == "auto":
+    if n is None:
         return count
     if n > count:
         warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")

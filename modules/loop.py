@@ -50,7 +50,7 @@ class TrainSummary:
     plan_seconds: float = 0.0  # the training time the schedule spans (TrainPlan.plan_s)
     slowdown: float = 1.0  # the finish's slowdown at the end: steps or a re-timed generation batch, vs at start
     error: str = None  # the failure that ended training, for crashed
-    peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps (issue 18)
+    peak_memory_bytes: int = None  # CUDA: torch.cuda.max_memory_allocated after the first 2 steps
 
 
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):

@@ -137,9 +137,7 @@ ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5, "
 
 
 def build_models(cfg, n_classes):
-    """-> (G, D) for cfg.arch, on the CPU, in training mode."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
+    """-> (G, D) for cfg.arch (checked against ARCHS when parsed), on the CPU, in training mode."""
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     if not hasattr(D, "joint_ok"):

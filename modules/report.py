@@ -195,7 +195,7 @@ class RunReport:
     wall_seconds: float = None
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
-    precision: dict = None  # issue 18: amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
+    precision: dict = None  # amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
     OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
                 "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 

@@ -8,9 +8,8 @@ import types
 
 import torch
 
-from modules.utils import UsageError, cpu_count, is_out_of_memory, log, warn
+from modules.utils import cpu_count, is_out_of_memory, log, warn
 
-COMPILE_MODES = ("off", "auto", "on")  # Config.compile
 COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
 CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
@@ -140,13 +139,11 @@ class CompiledForward:
 
 
 def maybe_compile(module, *, mode, device):
-    """mode off | auto | on -> module, compiled in place where supported (see CompiledForward), else unchanged.
+    """Config.compile (off | auto | on) -> module, compiled in place where supported (see CompiledForward), else as is.
 
     auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
     on: also CPU; an unsupported device gives one warning and the eager module.
     """
-    if mode not in COMPILE_MODES:
-        raise UsageError(f"compile={mode!r}: choose from {', '.join(COMPILE_MODES)}")
     if mode == "off" or isinstance(module.__dict__.get("forward"), CompiledForward):
         return module
     ok, why = compile_support(device)

@@ -7,9 +7,7 @@ from modules.augment import (AUGMENTS, augment_color, augment_cutout, augment_tr
 
 def test_policy_parsing():
     assert parse_augment_policy("") == ()
-    assert parse_augment_policy("color, cutout") == ("color", "cutout")
-    with pytest.raises(ValueError):
-        parse_augment_policy("color,zoom")
+    assert parse_augment_policy("color, cutout") == ("color", "cutout")  # an unknown name: test_config
 
 
 @pytest.mark.parametrize("name", list(AUGMENTS))

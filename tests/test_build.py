@@ -1,5 +1,6 @@
 """build_kernel.py: each bundling rule on small fake modules/ dirs, the output layout, --check, and the real bundle."""
 import ast
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -342,6 +343,32 @@ def test_head_tells_how_to_run_and_configure():
         assert must in head, f"{must!r} missing from the first 40 lines"
     assert head.index("notebook") < head.index("MAINTAINERS")  # how to use it first, how to rebuild it last
     assert all(line.startswith("#") or not line for line in lines[:lines.index("") if "" in lines else 40])
+
+
+@needs_main
+def test_header_recipe_is_the_defaults():
+    """The recipe block above the contents: every `name=value` it shows is that Config field's default, and it names
+    the numbers a reader compares with the 2nd place's."""
+    from modules.config import Config, apply_overrides
+    lines = (ROOT / "kernel.py").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# THE RECIPE"))
+    block = "\n".join(lines[start:lines.index("#", start)])
+    assert start < 10 and start < next(i for i, line in enumerate(lines) if line.startswith("# CONTENTS"))
+    fields = {f.name for f in dataclasses.fields(Config)}
+    shown = {name: value for name, value in re.findall(r"\b([a-z_][a-z0-9_]*)=([^\s,;()]+)", block) if name in fields}
+    assert set(shown) >= {"g_ch", "d_ch", "z_dim", "loss", "aux_weight", "lr_g", "lr_d", "beta1", "beta2", "batch_size",
+                          "ema_decay", "ema_start", "truncation", "max_steps"}
+    assert apply_overrides(Config(), shown, "the header") == Config(), shown
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\n".join(line[2:] for line in block.splitlines()[1:]) in readme  # README's recipe: the same block
+
+
+def test_modules_comments_describe_the_code_not_its_history():
+    """History (which issue asked for what) lives in commit messages; kernel.py's readers never see the issues."""
+    found = [f"{path.name}:{n}" for path in sorted((ROOT / "modules").glob("*.py"))
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if re.search(r"\bissues? \d", line, re.IGNORECASE)]
+    assert not found, found
 
 
 @needs_main

@@ -144,6 +144,30 @@ def test_issue_examples_are_refused_at_parse_time(argv, field):
         parse_config(argv + ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"])
 
 
+@pytest.mark.parametrize("argv, field", [
+    (["--preset", "x"], "preset"), (["--preset", "smoke,x"], "preset"), (["--set", "arch=stylegan"], "arch"),
+    (["--set", "diffaug=color,zoom"], "diffaug"), (["--set", "compile=yes"], "compile"),
+    (["--set", "truncation=0.01"], "truncation"), (["--set", "sample_bn=eval"], "sample_bn"),
+    (["--set", "crop_styles=zoom"], "crop_styles"), (["--set", "crop_styles="], "crop_styles"),
+    (["--set", "crop_filter=cubic"], "crop_filter"), (["--gpus", "two"], "gpus"), (["--gpus", "0"], "gpus"),
+])
+def test_what_deeper_code_trusts_is_refused_at_parse_time(argv, field):
+    """build_models, parse_augment_policy, maybe_compile, truncated_z, sample_bn_of, load_dogs, resolve_world_size and
+    the presets' loop take these values unchecked: the command line refuses a bad one, in one line."""
+    with pytest.raises(UsageError, match=f"^setting {field}=.* is not allowed: [^\n]*$"):
+        parse_config(argv)
+
+
+def test_biggan_z_dim_must_split_into_its_chunks():
+    """BigGenerator splits z into 5 equal chunks (4 blocks + 1): another z_dim is refused when parsed, not a traceback
+    when G is built; the other architectures take any z_dim."""
+    with pytest.raises(UsageError, match=r"^setting z_dim=121 is not allowed with arch=biggan: .* multiple of 5 "
+                                         r"\(e\.g\. 120\)$"):
+        parse_config(["--set", "z_dim=121"])
+    assert parse_config(["--set", "z_dim=125"])[0].z_dim == 125
+    assert parse_config(["--preset", "dcgan", "--set", "z_dim=121"])[0].z_dim == 121
+
+
 def test_other_counts_need_the_development_flag():
     with pytest.raises(UsageError, match="exactly 10000"):
         parse_config(["--set", "n_images=5"])

@@ -116,7 +116,7 @@ def test_square_style_is_the_2nd_places_crop():
 
 def test_resize_filters_box_is_area_averaging(tmp_path):
     """crop_filter "box" averages the pixels each output pixel covers (cv2's INTER_AREA); lanczos is another filter;
-    an unknown one is a usage error."""
+    an unknown one is refused when parsed (test_config)."""
     root = tmp_path / "d"
     stripes = np.zeros((128, 128, 3), dtype=np.uint8)
     stripes[:, ::2] = 255  # 1-px columns: area averaging (4x4 at SIZE 32) gives flat grey 127/128
@@ -127,8 +127,6 @@ def test_resize_filters_box_is_area_averaging(tmp_path):
                     for f in ("box", "lanczos"))
     assert np.abs(box.astype(float) - 127.5).max() <= 1
     assert not np.array_equal(box, lanczos)
-    with pytest.raises(UsageError, match="resize filter"):
-        load_dogs(*find_data_dir(root), size=SIZE, resize="cubic")
 
 
 def test_top_style_keeps_the_top_of_tall_boxes_and_whole_is_centre_square():
@@ -149,9 +147,13 @@ def test_each_style_loads_size_by_size_crops(tmp_path, style):
     assert d.images.std() > 10  # real pixels, not a blank fill
 
 
-def test_unknown_crop_style_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="crop style"):
-        load_dogs(*find_data_dir(good_dataset(tmp_path)), crop_styles=("zoom",))
+def test_unknown_crop_style_or_filter_is_a_callers_bug(tmp_path):
+    """Refused when parsed (test_config); a caller that passes one anyway is stopped, not told that no image could be
+    read (every image would be counted as unreadable)."""
+    root = find_data_dir(good_dataset(tmp_path))
+    for kwargs in (dict(crop_styles=("zoom",)), dict(crop_styles=()), dict(resize="cubic")):
+        with pytest.raises(AssertionError):
+            load_dogs(*root, **kwargs)
 
 
 # bad input: each class skipped or handled, counted, never raised

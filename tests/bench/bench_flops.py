@@ -13,7 +13,7 @@ Predictions (not measurements): steps in the training window of an 8h45m run = w
 where the range comes from). The 2nd place reported ~50k steps in 9 h on a P100.
 
 --peer DIR: a folder holding BigGAN-PyTorch's BigGAN.py, layers.py and sync_batchnorm/
-(github.com/ajbrock/BigGAN-PyTorch; extracted by hand, never committed; see README). Its Generator/Discriminator at the recipe's widths (arch 64, attention
+(github.com/ajbrock/BigGAN-PyTorch; extracted by hand, never committed; see docs/performance.md). Its Generator/Discriminator at the recipe's widths (arch 64, attention
 at 32, hierarchical z, shared embedding) run through the very same Trainer.step (the kernel's losses, Adam, EMA, joint D
 forward; their D has no auxiliary classifier head, so that term is absent for theirs) on the CPU; it/s is the best of
 --rounds round-robin rounds of --steps steps.
