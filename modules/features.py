@@ -94,15 +94,20 @@ def tf1_resize_matrix(n_in, n_out):
     return torch.from_numpy(a).float()
 
 
-# the network: uint8 [B,H,W,3] on the device -> (features [B,2048] float32, logits [B,C])
+# the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits."""
+    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
+    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
+    numpy array, in batches."""
 
-    def __init__(self, net, tf_preprocess):
+    dim = 2048  # pool_3
+
+    def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
         self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
@@ -120,39 +125,18 @@ class InceptionPool3(nn.Module):
         feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
         return feats, n.fc(feats)
 
-
-# extractor
-
-class FeatureExtractor:
-    """images uint8 [N,H,W,3] (numpy) -> Inception features float32 [N,2048] (and logits [N,n_classes])."""
-
-    dim = 2048  # pool_3
-
-    def __init__(self, net, *, name, device, n_classes, weights_path):
-        self.net = net.to(device).eval().requires_grad_(False)
-        self.name = name  # the feature space, printed next to every number computed in it
-        self.device = torch.device(device)
-        self.n_classes = n_classes
-        self.weights_path = weights_path
-
     def features_and_logits(self, images_uint8, batch_size=200):
-        """(features [N,dim] float32, logits [N,n_classes] float32) in one pass."""
+        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
         assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
         assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
-        n = len(images_uint8)
-        feats = np.empty((n, self.dim), np.float32)
-        logits = np.empty((n, self.n_classes), np.float32)
+        device, n = self.net.fc.weight.device, len(images_uint8)
+        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
         # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for i in range(0, n, batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(self.device)
-                f, lg = self.net(batch)
-                feats[i:i + len(batch)] = f.float().cpu().numpy()
-                logits[i:i + len(batch)] = lg.float().cpu().numpy()
+                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
+                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
         return feats, logits
-
-    def __call__(self, images_uint8, batch_size=200):
-        return self.features_and_logits(images_uint8, batch_size)[0]
 
 
 def find_inception_weights():
@@ -193,18 +177,14 @@ def load_inception(weights_path, device):
     if missing or unexpected:
         raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
                          f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    name = ("inception-v3 (pytorch-fid FID weights)" if flavour == "fid"
-            else "inception-v3 (torchvision weights)")
-    return FeatureExtractor(InceptionPool3(net, tf_preprocess=flavour == "fid"), name=name, device=device,
-                            n_classes=n_classes, weights_path=str(path))
+    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
+    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
+    log(f"features: {name} from {path}")
+    return extractor
 
 
 def build_feature_extractor(weights_path, device):
     """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
     so no FID (the finish and --evaluate then check for copies in pixels only)."""
     path = weights_path if weights_path is not None else find_inception_weights()
-    if path is None:
-        return None
-    extractor = load_inception(path, device)
-    log(f"features: {extractor.name} from {extractor.weights_path}")
-    return extractor
+    return None if path is None else load_inception(path, device)

@@ -105,8 +105,8 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
     seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
     if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
         rng, dim = np.random.default_rng(0), extractor.dim
-        extractor(probe[:8])  # warm-up
-        t_feat, _ = _timed(extractor, probe)
+        extractor.features_and_logits(probe[:8])  # warm-up
+        t_feat, _ = _timed(extractor.features_and_logits, probe)
         feats = rng.random((k, dim))
         t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
         m = min(dim, SQRTM_PROBE_DIM)

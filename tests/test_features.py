@@ -37,8 +37,8 @@ def test_inception_fid_weights_load(tmp_path):
     path = tmp_path / "pt_inception-2015-12-05-test.pth"
     torch.save(fid_inception_v3().state_dict(), path)
     ext = build_feature_extractor(path, "cpu")
-    assert ext.name == "inception-v3 (pytorch-fid FID weights)" and ext.n_classes == 1008
-    assert ext(images(1)).shape == (1, 2048)
+    feats, logits = ext.features_and_logits(images(1))
+    assert ext.name == "inception-v3 (pytorch-fid FID weights)" and feats.shape == (1, 2048) and logits.shape == (1, 1008)
 
 
 def test_the_hub_cache_is_searched_and_without_weights_there_is_no_extractor(tmp_path, monkeypatch,

@@ -356,8 +356,8 @@ class _FakeExtractor:
     """Stands in for the Inception extractor: random 2048-d features."""
     dim, device = 2048, "cpu"
 
-    def __call__(self, images):
-        return np.random.default_rng(0).random((len(images), self.dim), dtype=np.float32)
+    def features_and_logits(self, images):
+        return np.random.default_rng(0).random((len(images), self.dim), dtype=np.float32), None
 
 
 def test_reserve_covers_the_frechet_sqrtm(one_thread):
