@@ -49,11 +49,11 @@
 #    2277  Trainer.step          one training step: D, then G, EMA
 #    2451  Pace                  the pace: step time, slowdown, when training must stop
 #    2612  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5362  finish                the finish: images, the verified zip, self-check, pictures
-#    5741  parse_config          the command line -> a checked Config
-#    6007  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6322  run                   the run: settings, checks and data, the ranks started
-#    6393  main                  the entry point and its exit codes
+#    5272  finish                the finish: images, the verified zip, self-check, pictures
+#    5655  parse_config          the command line -> a checked Config
+#    5921  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6236  run                   the run: settings, checks and data, the ranks started
+#    6312  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -178,7 +178,7 @@ class Config:
     checkpoint_s: float = 1200.0  # seconds between checkpoints in <out>; 0 = only at the end
     reserve_margin_s: float = 60.0  # added to the measured time of sampling + zip + self-check
     # evaluation
-    feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = hub cache or proxy network
+    feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = the hub cache's, else no FID
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
@@ -4129,7 +4129,7 @@ class Resumed:
 
 
 # ==== modules/features.py ====
-"""Feature extractors for FID: Inception-v3 pool_3 from a local weights file, or a seeded random-conv proxy.
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
 
 Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
 of `fc.weight`:
@@ -4138,14 +4138,11 @@ of `fc.weight`:
   of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
   resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
   preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
-A proxy feature space gives numbers that are only comparable among themselves: callers must never call them FID.
 """
 
 
-FEATURE_KINDS = ("auto", "inception", "proxy")
 INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
 INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
-PROXY_CHANNELS = (32, 64, 128, 256, 256)  # random-conv proxy: one 3x3 conv + ReLU per entry; stride 2 after the first
 
 
 # FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
@@ -4219,15 +4216,20 @@ def tf1_resize_matrix(n_in, n_out):
     return torch.from_numpy(a).float()
 
 
-# networks: uint8 [B,H,W,3] on the device -> (features [B,D] float32, logits [B,C] or None)
+# the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits."""
+    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
+    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
+    numpy array, in batches."""
 
-    def __init__(self, net, tf_preprocess):
+    dim = 2048  # pool_3
+
+    def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
         self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
@@ -4245,75 +4247,18 @@ class InceptionPool3(nn.Module):
         feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
         return feats, n.fc(feats)
 
-
-class RandConvProxy(nn.Module):
-    """A fixed random conv net: 3x3 convs with ReLU (PROXY_CHANNELS), global average pool -> [B, PROXY_CHANNELS[-1]]."""
-
-    def __init__(self, seed):
-        super().__init__()
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        layers, c_in = [], 3
-        for i, c_out in enumerate(PROXY_CHANNELS):
-            conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1)
-            with torch.no_grad():  # He-normal weights from our own generator: the same in every process
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c_in * 9)) ** 0.5)
-                conv.bias.zero_()
-            layers += [conv, nn.ReLU()]
-            c_in = c_out
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B,3,H,W] in [-1,1]
-        if x.shape[-2:] != (64, 64):
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-        return self.body(x).mean(dim=(2, 3)), None
-
-
-# extractor
-
-class FeatureExtractor:
-    """images uint8 [N,H,W,3] (numpy) -> features float32 [N,dim]; `.logits()` where the net has a classifier."""
-
-    def __init__(self, net, *, name, is_proxy, dim, device, n_classes=0, weights_path=None):
-        self.net = net.to(device).eval().requires_grad_(False)
-        self.name = name  # the feature space, printed next to every number computed in it
-        self.is_proxy = is_proxy
-        self.dim = dim
-        self.device = torch.device(device)
-        self.n_classes = n_classes  # 0: no classifier
-        self.weights_path = weights_path
-
-    @property
-    def has_logits(self):
-        return self.n_classes > 0
-
     def features_and_logits(self, images_uint8, batch_size=200):
-        """(features [N,dim] float32, logits [N,n_classes] float32 or None) in one pass."""
+        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
         assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
         assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
-        n = len(images_uint8)
-        feats = np.empty((n, self.dim), np.float32)
-        logits = np.empty((n, self.n_classes), np.float32) if self.has_logits else None
+        device, n = self.net.fc.weight.device, len(images_uint8)
+        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
         # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for i in range(0, n, batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(self.device)
-                f, lg = self.net(batch)
-                feats[i:i + len(batch)] = f.float().cpu().numpy()
-                if logits is not None:
-                    logits[i:i + len(batch)] = lg.float().cpu().numpy()
+                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
+                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
         return feats, logits
-
-    def __call__(self, images_uint8, batch_size=200):
-        return self.features_and_logits(images_uint8, batch_size)[0]
-
-    def logits(self, images_uint8, batch_size=200):
-        if not self.has_logits:
-            raise ValueError(f"feature space {self.name!r} has no classifier, so no logits")
-        return self.features_and_logits(images_uint8, batch_size)[1]
-
-    def __repr__(self):
-        return f"FeatureExtractor({self.name!r}, dim={self.dim}, device={self.device})"
 
 
 def find_inception_weights():
@@ -4354,34 +4299,17 @@ def load_inception(weights_path, device):
     if missing or unexpected:
         raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
                          f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    name = ("inception-v3 (pytorch-fid FID weights)" if flavour == "fid"
-            else "inception-v3 (torchvision weights)")
-    return FeatureExtractor(InceptionPool3(net, tf_preprocess=flavour == "fid"), name=name, is_proxy=False,
-                            dim=2048, device=device, n_classes=n_classes, weights_path=str(path))
-
-
-def build_feature_extractor(kind="auto", weights_path=None, device="cpu", seed=0):
-    """kind: "inception" (weights_path, else the hub cache), "proxy" (seeded random convs), or "auto" (inception when a
-    weights file is found, else proxy with a warning). A given weights_path must exist and load."""
-    if kind not in FEATURE_KINDS:
-        raise UsageError(f"feature extractor kind {kind!r} unknown: use one of {', '.join(FEATURE_KINDS)}")
-    if kind == "proxy":
-        if weights_path is not None:
-            warn(f"feature kind 'proxy' ignores weights file {weights_path}")
-        return FeatureExtractor(RandConvProxy(seed), name=f"proxy:randconv-seed{seed}", is_proxy=True,
-                                dim=PROXY_CHANNELS[-1], device=device)
-    path = weights_path if weights_path is not None else find_inception_weights()
-    if path is None:
-        where = Path(torch.hub.get_dir()) / "checkpoints"
-        if kind == "inception":
-            raise UsageError(f"no Inception weights: pass a weights file, or put {' or '.join(INCEPTION_WEIGHT_GLOBS)} "
-                             f"in {where}")
-        warn(f"no Inception weights file (none given, none in {where}): using a random-conv PROXY feature space; "
-             "its distances are not FID, not comparable to Kaggle's, and do not rank different runs")
-        return build_feature_extractor("proxy", device=device, seed=seed)
-    extractor = load_inception(path, device)
-    log(f"features: {extractor.name} from {extractor.weights_path}")
+    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
+    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
+    log(f"features: {name} from {path}")
     return extractor
+
+
+def build_feature_extractor(weights_path, device):
+    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
+    so no FID (the finish and --evaluate then check for copies in pixels only)."""
+    path = weights_path if weights_path is not None else find_inception_weights()
+    return None if path is None else load_inception(path, device)
 
 
 # ==== modules/metrics.py ====
@@ -4741,8 +4669,8 @@ class RunReport:
     reserve: dict = None  # the measured finish parts (seconds), margin, disk_mib_s
     train: dict = None  # TrainSummary, as a dict
     zip: str = None  # the verified zip's path; None when none could be written
-    metrics: dict = None  # the self-check's local metrics (not Kaggle's score)
-    self_check: dict = None
+    metrics: dict = None  # the self-check's FID, MiFID, memorization (with Inception weights; not Kaggle's score)
+    self_check: dict = None  # the self-check's pixel copy check: nearest crops, near copies, nearest.png
     samples_breeds: list = None  # the breeds in samples.png, one per row
     phases: dict = None  # wall seconds per phase
     wall_seconds: float = None
@@ -5009,10 +4937,10 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
 
 
 # ==== modules/evaluate.py ====
-"""Score images the way Kaggle did, locally: submission format checks, FID/MiFID in a feature space, memorization.
+"""Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
+feature space (when its weights are there), and the pixel copy check against the training crops.
 
-Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score"), and a proxy
-feature space's distance is never called FID.
+Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score").
 """
 
 
@@ -5021,10 +4949,7 @@ EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
 LOCAL_NOTE = "local number, not Kaggle's score"
 FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
-PROXY_MEMORIZATION_NOTE = ("Kaggle's thresholds are for Inception features; random-conv features of unrelated images "
-                           "are already within ~0.02-0.04 of each other, so a proxy distance under 0.10 means nothing")
-PROXY_RANK_NOTE = ("proxy numbers compare a run with itself (e.g. over time) and flag copies; they do not rank different "
-                   "runs or recipes (they ranked two real runs the wrong way round): use tests/bench/bench_quality.py")
+NO_FID = "no FID computed: no Inception weights (pass --feature-weights, or put them in torch's hub cache)"
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
@@ -5076,78 +5001,61 @@ def _check_eval_images(images, what):
 
 
 def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
-    """FID (or proxy_fd), memorization distance and MiFID (public/private thresholds) of gen against reference.
+    """FID, Inception Score, memorization distance and MiFID (public/private thresholds) of gen against reference, in
+    the extractor's (Inception's) feature space; warns when Kaggle's memorization threshold would penalise.
 
     gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    Adds an Inception Score when the feature net has a classifier, and with crops_uint8 (the box crops the GAN trained
-    on) `memorization_distance_crops`: copies of training crops are near 0 there, not against the whole images.
+    With crops_uint8 (the box crops the GAN trained on) also `memorization_distance_crops`: copies of training crops
+    are near 0 there, not against the whole images.
     """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
     t0 = time.monotonic()
-    want_is = extractor.has_logits and not extractor.is_proxy
-    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=want_is)
+    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=True)
     ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
     fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
     mem = memorization_distance(gen_feats, ref_feats)
-    p = "proxy_" if extractor.is_proxy else ""  # a proxy distance is never called FID
-    fd_key = "proxy_fd" if p else "fid"
-    result = {fd_key: fd, "memorization_distance": mem}
+    result = {"fid": fd, "memorization_distance": mem}
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
-        result[f"{p}mifid_{board}"] = mifid(fd, mem, threshold)
-        result[f"{p}memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
+        result[f"mifid_{board}"] = mifid(fd, mem, threshold)
+        result[f"memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
     if crops_uint8 is not None and len(crops_uint8):
         result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
-    if extractor.is_proxy:
-        result["memorization_note"] = PROXY_MEMORIZATION_NOTE
-        result["proxy_note"] = PROXY_RANK_NOTE
-    if want_is:
-        result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
-                                                    splits=min(10, len(gen_uint8)))
+    result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
+                                                splits=min(10, len(gen_uint8)))
     result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
-    log(f"{fd_key} {fd:.3f}, memorization {mem:.4f}, {p}mifid public {result[f'{p}mifid_public']:.3f} / private "
-        f"{result[f'{p}mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
-        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE}" + (f"; {PROXY_RANK_NOTE})" if p else ")"))
+    log(f"fid {fd:.3f}, memorization {mem:.4f}, mifid public {result['mifid_public']:.3f} / private "
+        f"{result['mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
+        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE})")
+    pub, priv = MEMORIZATION_THRESHOLDS["public"], MEMORIZATION_THRESHOLDS["private"]
+    if mem < pub:
+        warn(f"!!! MEMORIZATION: distance {mem:.4f} < public threshold {pub} in {extractor.name}: Kaggle's "
+             f"MiFID would divide FID by {mem:.4f} (x{1 / max(mem, 1e-15):.3g}). The generator is "
+             "copying training images: look at the nearest-crop pairs !!!")
+    elif mem < priv:
+        warn(f"memorization distance {mem:.4f} < private threshold {priv} in {extractor.name}: the private "
+             "MiFID would be penalised")
     return result
 
 
-def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=None, n_show=16, memorization=None,
-               seed=0):
-    """Is the generator copying? Memorization distance in the feature space (against reference_uint8, as Kaggle; pass
-    `memorization` when evaluate_images already gave it) and, in pixel space, each generated image's nearest training
-    crop. Warns when Kaggle's threshold would penalise; writes out_png: the n_show closest pairs (generated | crop)."""
+def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=0):
+    """Is the generator copying? Each generated image's nearest training crop in pixels (a random MAX_CROPS_PIXEL_NN
+    of the crops when there are more); warns about near copies; writes out_png: the n_show closest pairs
+    (generated | crop)."""
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(crops_uint8, "training crops")
-    if memorization is None:
-        _check_eval_images(reference_uint8, "reference images")
-        memorization = memorization_distance(_eval_features(gen_uint8, extractor)[0],
-                                             _eval_features(reference_uint8, extractor)[0])
-    pub, priv = MEMORIZATION_THRESHOLDS["public"], MEMORIZATION_THRESHOLDS["private"]
-    p = "proxy_" if extractor.is_proxy else ""
-    if extractor.is_proxy:
-        warn(f"memorization distance {memorization:.4f} in {extractor.name} is uncalibrated: "
-             f"{PROXY_MEMORIZATION_NOTE}. Judge copying by the nearest-crop pixel distances instead")
-    elif memorization < pub:
-        warn(f"!!! MEMORIZATION: distance {memorization:.4f} < public threshold {pub} in {extractor.name}: Kaggle's "
-             f"MiFID would divide FID by {memorization:.4f} (x{1 / max(memorization, 1e-15):.3g}). The generator is "
-             "copying training images: look at the nearest-crop pairs !!!")
-    elif memorization < priv:
-        warn(f"memorization distance {memorization:.4f} < private threshold {priv} in {extractor.name}: the private "
-             "MiFID would be penalised")
     crop_index = np.arange(len(crops_uint8))
     if len(crops_uint8) > MAX_CROPS_PIXEL_NN:
         crop_index = np.sort(np.random.default_rng(seed).choice(len(crops_uint8), MAX_CROPS_PIXEL_NN, replace=False))
     crops = crops_uint8[crop_index]
-    nn_idx, l2 = nearest_pixel(gen_uint8, crops, device=extractor.device)
+    nn_idx, l2 = nearest_pixel(gen_uint8, crops, device=device)
     rms = l2 / np.sqrt(crops[0].size)  # per-pixel RMS distance, pixels in [0,1]
     order = np.argsort(l2, kind="stable")[:n_show]
     n_near = int((rms < NEAR_COPY_RMS).sum())
     if n_near:
         warn(f"{n_near} generated images are near copies of training crops (RMS pixel distance < {NEAR_COPY_RMS})")
     result = {
-        "memorization_distance": float(memorization), "feature_space": extractor.name,
-        f"{p}memorized_public": memorization < pub, f"{p}memorized_private": memorization < priv,
         "pixel_nn_rms": {"min": float(rms.min()), "median": float(np.median(rms)), "mean": float(rms.mean())},
         "n_near_copies": n_near, "n_crops_searched": len(crops), "crops_subsampled": len(crops) < len(crops_uint8),
         "closest": [{"generated": int(i), "crop": int(crop_index[nn_idx[i]]), "l2": float(l2[i])} for i in order],
@@ -5160,8 +5068,8 @@ def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=No
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         img.save(out_png, format="PNG")
         result["nearest_png"] = str(out_png)
-    log(f"self-check: memorization {memorization:.4f} [{extractor.name}], nearest crop RMS min {rms.min():.4f} "
-        f"median {np.median(rms):.4f} over {len(crops)} crops")
+    log(f"self-check: nearest crop RMS min {rms.min():.4f} median {np.median(rms):.4f} over {len(crops)} crops, "
+        f"{n_near} near copies")
     return result
 
 
@@ -5182,8 +5090,8 @@ def _timed(fn, *args, **kw):
     return time.monotonic() - t0, out
 
 
-def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
-                           crops, check=None):
+def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, self_check, extractor,
+                           n_reference, crops, check=None):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
     generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
@@ -5191,9 +5099,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
     generation it overlaps (all of it on one core);
     checkpoint: serialising the trainer's state (checkpoint_state) and writing it;
-    self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
-    Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
-    search against crops (uint8 [N,64,64,3]).
+    self_check (if self_check): the pixel nearest-neighbour search against crops (uint8 [N,64,64,3]) and, with an
+    Inception extractor (None: no FID), features, covariances, the Fréchet sqrtm (scaled by dim^3) and the
+    memorization distance matrix against n_reference images.
     check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
     each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
     -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...,
@@ -5221,9 +5129,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
     check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell(), "encode_hidden_s": hidden}
-    if extractor is not None:
-        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
-                                                crops=crops)
+    if self_check:
+        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, device=sampler.device, n_images=n_images,
+                                                n_reference=n_reference, crops=crops)
     return est, info
 
 
@@ -5252,28 +5160,29 @@ def _time_generation(sampler, first):
                 torch.cuda.empty_cache()
 
 
-def _self_check_seconds(imgs, *, extractor, n_images, n_reference, crops):
+def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
     """The self-check's time, from its parts timed on SELF_CHECK_PROBE images (per-call overheads must not scale)."""
-    k, n_all, dim = SELF_CHECK_PROBE, n_images + n_reference, extractor.dim
+    k = SELF_CHECK_PROBE
     probe = np.resize(imgs, (k, *imgs.shape[1:]))
-    rng = np.random.default_rng(0)
-    extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
-    nearest_pixel(probe[:8], crops[:8], device=extractor.device)
-    t_feat, _ = _timed(extractor, probe)
-    feats = rng.random((k, dim))
-    t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
-    t_sqrtm = 0.0
-    if not extractor.is_proxy:
+    nearest_pixel(probe[:8], crops[:8], device=device)  # warm-up: the first call sets up kernels and threads
+    m_crops = min(len(crops), 1024)
+    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=device)
+    seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
+    if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
+        rng, dim = np.random.default_rng(0), extractor.dim
+        extractor.features_and_logits(probe[:8])  # warm-up
+        t_feat, _ = _timed(extractor.features_and_logits, probe)
+        feats = rng.random((k, dim))
+        t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
         t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
-    m_ref = max(min(n_reference, 2048), 1)
-    t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
-    m_crops = min(len(crops), 1024)
-    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
-    return 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
-                  + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
+        m_ref = max(min(n_reference, 2048), 1)
+        t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        seconds += ((t_feat + t_cov) * (n_images + n_reference) / k + t_sqrtm
+                    + t_mem * n_images / k * n_reference / m_ref)
+    return 1.3 * seconds
 
 
 # ==== modules/finish.py ====
@@ -5293,11 +5202,12 @@ class FinishSettings:
     seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
     workers: int  # threads encoding PNGs
     corrupt_zip: bool  # a test fault ("zipfail"): the first zip written is corrupted
+    self_check: bool  # after the zip, time allowing: FID (with Inception weights) and the pixel copy check
 
 
 def build_finish_settings(cfg):
     return FinishSettings(n_images=cfg.n_images, seed=cfg.seed, workers=cfg.data_workers,
-                          corrupt_zip="zipfail" in parse_faults(cfg.fault))
+                          corrupt_zip="zipfail" in parse_faults(cfg.fault), self_check=cfg.self_check)
 
 
 # finishing: generation, zip, self-check, pictures
@@ -5364,8 +5274,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
 
     sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
-    extractor: the self-check's feature extractor, None for no self-check. pace: the run's Pace (what is left of the
-    budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
+    extractor: the self-check's Inception extractor, None for no FID (no weights). pace: the run's Pace (what is left
+    of the budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
     metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
     """
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
@@ -5381,9 +5291,10 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     report.zip = zip_path
     report.write(report_path)  # a kill from here on still leaves the zip and a report
 
-    if extractor is not None:
-        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor, pace=pace,
-                           timer=timer, report=report, interrupted=stop_event is not None and stop_event.is_set())
+    if settings.self_check:
+        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor,
+                           device=sampler.device, pace=pace, timer=timer, report=report,
+                           interrupted=stop_event is not None and stop_event.is_set())
     late = pace.remaining() < pace.need("pictures")
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
@@ -5398,9 +5309,10 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     return images
 
 
-def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, report, interrupted):
-    """The self-check on the zip's images (report.metrics, report.self_check, nearest.png), or a warning saying why
-    it is skipped (an interrupt, too little time left) or failed: the zip is written either way."""
+def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, timer, report, interrupted):
+    """The self-check on the zip's images: FID and MiFID with an extractor (report.metrics), else the line saying there
+    is none, and the pixel copy check (report.self_check, nearest.png); or a warning saying why it is skipped (an
+    interrupt, too little time left) or failed: the zip is written either way."""
     need = pace.need("self_check")
     if interrupted or pace.remaining() < need:
         why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
@@ -5410,11 +5322,13 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, r
         return
     with timer.phase("self_check"):
         try:
-            report.metrics = evaluate_images(images, data.reference, extractor)
-            report.self_check = self_check(
-                images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                memorization=report.metrics["memorization_distance"], seed=seed)
-            log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+            if extractor is None:
+                log(NO_FID)
+            else:
+                report.metrics = evaluate_images(images, data.reference, extractor)
+                log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+            report.self_check = copy_check(images, data.images, device=device,
+                                           out_png=os.path.join(out_dir, "nearest.png"), seed=seed)
         except Exception as exc:
             warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
             report.warn(f"self-check failed: {exc}")
@@ -5999,7 +5913,7 @@ class Rank:
     trainer: object  # the Trainer
     sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
     plan: object  # the TrainPlan, identical on every rank
-    extractor: object  # rank 0 with the self-check on: the feature extractor; else None
+    extractor: object  # rank 0 with the self-check on and Inception weights: the FID network; else None
     checkpoint: object  # rank 0: checkpoint(train_seconds, plan_seconds, complete) -> bool; else None
     pace: object = None  # the Pace of training (train() makes it; the finish asks it what still fits)
 
@@ -6045,8 +5959,7 @@ def build_rank(ctx, cfg, device, setup):
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
-        extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
-                                            seed=cfg.seed)
+        extractor = build_feature_extractor(cfg.feature_weights or None, device)
     try:
         with setup.timer.phase("build"):
             trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
@@ -6097,7 +6010,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        checkpoint_state=trainer.state_dict(), self_check=cfg.self_check, extractor=extractor,
+        n_reference=len(data.reference), crops=data.images,
         check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
                                                           elapsed_s=setup.deadline.elapsed(),
                                                           margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))
@@ -6360,8 +6274,9 @@ def evaluate_command(cfg):
 
 def evaluate_submission(cfg):
     """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
-    before the data is loaded), then FID (or proxy), memorization and MiFID against the training data when at least
-    two images are readable (FID needs two)."""
+    before the data is loaded), then, when at least two images are readable (FID needs two), FID, memorization and
+    MiFID against the training data with Inception weights, else the line saying there is no FID and the pixel copy
+    check."""
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
     if images is None or len(images) < 2:
@@ -6369,8 +6284,12 @@ def evaluate_submission(cfg):
         return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
-    extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
-    result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    extractor = build_feature_extractor(cfg.feature_weights or None, device)
+    if extractor is None:
+        log(NO_FID)
+        result["self_check"] = copy_check(images, data.images, device=device)
+    else:
+        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
 
 

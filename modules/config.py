@@ -95,7 +95,7 @@ class Config:
     checkpoint_s: float = 1200.0  # seconds between checkpoints in <out>; 0 = only at the end
     reserve_margin_s: float = 60.0  # added to the measured time of sampling + zip + self-check
     # evaluation
-    feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = hub cache or proxy network
+    feature_weights: str = ""  # Inception weights file (torchvision or pytorch-fid); "" = the hub cache's, else no FID
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)

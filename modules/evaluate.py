@@ -1,7 +1,7 @@
-"""Score images the way Kaggle did, locally: submission format checks, FID/MiFID in a feature space, memorization.
+"""Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
+feature space (when its weights are there), and the pixel copy check against the training crops.
 
-Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score"), and a proxy
-feature space's distance is never called FID.
+Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score").
 """
 import time
 import zipfile
@@ -21,10 +21,7 @@ EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
 LOCAL_NOTE = "local number, not Kaggle's score"
 FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
-PROXY_MEMORIZATION_NOTE = ("Kaggle's thresholds are for Inception features; random-conv features of unrelated images "
-                           "are already within ~0.02-0.04 of each other, so a proxy distance under 0.10 means nothing")
-PROXY_RANK_NOTE = ("proxy numbers compare a run with itself (e.g. over time) and flag copies; they do not rank different "
-                   "runs or recipes (they ranked two real runs the wrong way round): use tests/bench/bench_quality.py")
+NO_FID = "no FID computed: no Inception weights (pass --feature-weights, or put them in torch's hub cache)"
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
@@ -76,78 +73,61 @@ def _check_eval_images(images, what):
 
 
 def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
-    """FID (or proxy_fd), memorization distance and MiFID (public/private thresholds) of gen against reference.
+    """FID, Inception Score, memorization distance and MiFID (public/private thresholds) of gen against reference, in
+    the extractor's (Inception's) feature space; warns when Kaggle's memorization threshold would penalise.
 
     gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    Adds an Inception Score when the feature net has a classifier, and with crops_uint8 (the box crops the GAN trained
-    on) `memorization_distance_crops`: copies of training crops are near 0 there, not against the whole images.
+    With crops_uint8 (the box crops the GAN trained on) also `memorization_distance_crops`: copies of training crops
+    are near 0 there, not against the whole images.
     """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
     t0 = time.monotonic()
-    want_is = extractor.has_logits and not extractor.is_proxy
-    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=want_is)
+    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=True)
     ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
     fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
     mem = memorization_distance(gen_feats, ref_feats)
-    p = "proxy_" if extractor.is_proxy else ""  # a proxy distance is never called FID
-    fd_key = "proxy_fd" if p else "fid"
-    result = {fd_key: fd, "memorization_distance": mem}
+    result = {"fid": fd, "memorization_distance": mem}
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
-        result[f"{p}mifid_{board}"] = mifid(fd, mem, threshold)
-        result[f"{p}memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
+        result[f"mifid_{board}"] = mifid(fd, mem, threshold)
+        result[f"memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
     if crops_uint8 is not None and len(crops_uint8):
         result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
-    if extractor.is_proxy:
-        result["memorization_note"] = PROXY_MEMORIZATION_NOTE
-        result["proxy_note"] = PROXY_RANK_NOTE
-    if want_is:
-        result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
-                                                    splits=min(10, len(gen_uint8)))
+    result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
+                                                splits=min(10, len(gen_uint8)))
     result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
-    log(f"{fd_key} {fd:.3f}, memorization {mem:.4f}, {p}mifid public {result[f'{p}mifid_public']:.3f} / private "
-        f"{result[f'{p}mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
-        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE}" + (f"; {PROXY_RANK_NOTE})" if p else ")"))
+    log(f"fid {fd:.3f}, memorization {mem:.4f}, mifid public {result['mifid_public']:.3f} / private "
+        f"{result['mifid_private']:.3f} [{extractor.name}, {len(gen_uint8)} vs {len(reference_uint8)} images, "
+        f"{format_duration(result['seconds'])}] ({LOCAL_NOTE})")
+    pub, priv = MEMORIZATION_THRESHOLDS["public"], MEMORIZATION_THRESHOLDS["private"]
+    if mem < pub:
+        warn(f"!!! MEMORIZATION: distance {mem:.4f} < public threshold {pub} in {extractor.name}: Kaggle's "
+             f"MiFID would divide FID by {mem:.4f} (x{1 / max(mem, 1e-15):.3g}). The generator is "
+             "copying training images: look at the nearest-crop pairs !!!")
+    elif mem < priv:
+        warn(f"memorization distance {mem:.4f} < private threshold {priv} in {extractor.name}: the private "
+             "MiFID would be penalised")
     return result
 
 
-def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=None, n_show=16, memorization=None,
-               seed=0):
-    """Is the generator copying? Memorization distance in the feature space (against reference_uint8, as Kaggle; pass
-    `memorization` when evaluate_images already gave it) and, in pixel space, each generated image's nearest training
-    crop. Warns when Kaggle's threshold would penalise; writes out_png: the n_show closest pairs (generated | crop)."""
+def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=0):
+    """Is the generator copying? Each generated image's nearest training crop in pixels (a random MAX_CROPS_PIXEL_NN
+    of the crops when there are more); warns about near copies; writes out_png: the n_show closest pairs
+    (generated | crop)."""
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(crops_uint8, "training crops")
-    if memorization is None:
-        _check_eval_images(reference_uint8, "reference images")
-        memorization = memorization_distance(_eval_features(gen_uint8, extractor)[0],
-                                             _eval_features(reference_uint8, extractor)[0])
-    pub, priv = MEMORIZATION_THRESHOLDS["public"], MEMORIZATION_THRESHOLDS["private"]
-    p = "proxy_" if extractor.is_proxy else ""
-    if extractor.is_proxy:
-        warn(f"memorization distance {memorization:.4f} in {extractor.name} is uncalibrated: "
-             f"{PROXY_MEMORIZATION_NOTE}. Judge copying by the nearest-crop pixel distances instead")
-    elif memorization < pub:
-        warn(f"!!! MEMORIZATION: distance {memorization:.4f} < public threshold {pub} in {extractor.name}: Kaggle's "
-             f"MiFID would divide FID by {memorization:.4f} (x{1 / max(memorization, 1e-15):.3g}). The generator is "
-             "copying training images: look at the nearest-crop pairs !!!")
-    elif memorization < priv:
-        warn(f"memorization distance {memorization:.4f} < private threshold {priv} in {extractor.name}: the private "
-             "MiFID would be penalised")
     crop_index = np.arange(len(crops_uint8))
     if len(crops_uint8) > MAX_CROPS_PIXEL_NN:
         crop_index = np.sort(np.random.default_rng(seed).choice(len(crops_uint8), MAX_CROPS_PIXEL_NN, replace=False))
     crops = crops_uint8[crop_index]
-    nn_idx, l2 = nearest_pixel(gen_uint8, crops, device=extractor.device)
+    nn_idx, l2 = nearest_pixel(gen_uint8, crops, device=device)
     rms = l2 / np.sqrt(crops[0].size)  # per-pixel RMS distance, pixels in [0,1]
     order = np.argsort(l2, kind="stable")[:n_show]
     n_near = int((rms < NEAR_COPY_RMS).sum())
     if n_near:
         warn(f"{n_near} generated images are near copies of training crops (RMS pixel distance < {NEAR_COPY_RMS})")
     result = {
-        "memorization_distance": float(memorization), "feature_space": extractor.name,
-        f"{p}memorized_public": memorization < pub, f"{p}memorized_private": memorization < priv,
         "pixel_nn_rms": {"min": float(rms.min()), "median": float(np.median(rms)), "mean": float(rms.mean())},
         "n_near_copies": n_near, "n_crops_searched": len(crops), "crops_subsampled": len(crops) < len(crops_uint8),
         "closest": [{"generated": int(i), "crop": int(crop_index[nn_idx[i]]), "l2": float(l2[i])} for i in order],
@@ -160,6 +140,6 @@ def self_check(gen_uint8, reference_uint8, crops_uint8, extractor, *, out_png=No
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         img.save(out_png, format="PNG")
         result["nearest_png"] = str(out_png)
-    log(f"self-check: memorization {memorization:.4f} [{extractor.name}], nearest crop RMS min {rms.min():.4f} "
-        f"median {np.median(rms):.4f} over {len(crops)} crops")
+    log(f"self-check: nearest crop RMS min {rms.min():.4f} median {np.median(rms):.4f} over {len(crops)} crops, "
+        f"{n_near} near copies")
     return result

@@ -1,4 +1,4 @@
-"""Feature extractors for FID: Inception-v3 pool_3 from a local weights file, or a seeded random-conv proxy.
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
 
 Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
 of `fc.weight`:
@@ -7,7 +7,6 @@ of `fc.weight`:
   of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
   resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
   preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
-A proxy feature space gives numbers that are only comparable among themselves: callers must never call them FID.
 """
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
-from modules.utils import UsageError, log, warn
+from modules.utils import UsageError, log
 
-FEATURE_KINDS = ("auto", "inception", "proxy")
 INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
 INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
-PROXY_CHANNELS = (32, 64, 128, 256, 256)  # random-conv proxy: one 3x3 conv + ReLU per entry; stride 2 after the first
 
 
 # FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
@@ -97,15 +94,20 @@ def tf1_resize_matrix(n_in, n_out):
     return torch.from_numpy(a).float()
 
 
-# networks: uint8 [B,H,W,3] on the device -> (features [B,D] float32, logits [B,C] or None)
+# the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits."""
+    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
+    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
+    numpy array, in batches."""
 
-    def __init__(self, net, tf_preprocess):
+    dim = 2048  # pool_3
+
+    def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
         self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
@@ -123,75 +125,18 @@ class InceptionPool3(nn.Module):
         feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
         return feats, n.fc(feats)
 
-
-class RandConvProxy(nn.Module):
-    """A fixed random conv net: 3x3 convs with ReLU (PROXY_CHANNELS), global average pool -> [B, PROXY_CHANNELS[-1]]."""
-
-    def __init__(self, seed):
-        super().__init__()
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        layers, c_in = [], 3
-        for i, c_out in enumerate(PROXY_CHANNELS):
-            conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1)
-            with torch.no_grad():  # He-normal weights from our own generator: the same in every process
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c_in * 9)) ** 0.5)
-                conv.bias.zero_()
-            layers += [conv, nn.ReLU()]
-            c_in = c_out
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B,3,H,W] in [-1,1]
-        if x.shape[-2:] != (64, 64):
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-        return self.body(x).mean(dim=(2, 3)), None
-
-
-# extractor
-
-class FeatureExtractor:
-    """images uint8 [N,H,W,3] (numpy) -> features float32 [N,dim]; `.logits()` where the net has a classifier."""
-
-    def __init__(self, net, *, name, is_proxy, dim, device, n_classes=0, weights_path=None):
-        self.net = net.to(device).eval().requires_grad_(False)
-        self.name = name  # the feature space, printed next to every number computed in it
-        self.is_proxy = is_proxy
-        self.dim = dim
-        self.device = torch.device(device)
-        self.n_classes = n_classes  # 0: no classifier
-        self.weights_path = weights_path
-
-    @property
-    def has_logits(self):
-        return self.n_classes > 0
-
     def features_and_logits(self, images_uint8, batch_size=200):
-        """(features [N,dim] float32, logits [N,n_classes] float32 or None) in one pass."""
+        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
         assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
         assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
-        n = len(images_uint8)
-        feats = np.empty((n, self.dim), np.float32)
-        logits = np.empty((n, self.n_classes), np.float32) if self.has_logits else None
+        device, n = self.net.fc.weight.device, len(images_uint8)
+        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
         # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for i in range(0, n, batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(self.device)
-                f, lg = self.net(batch)
-                feats[i:i + len(batch)] = f.float().cpu().numpy()
-                if logits is not None:
-                    logits[i:i + len(batch)] = lg.float().cpu().numpy()
+                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
+                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
         return feats, logits
-
-    def __call__(self, images_uint8, batch_size=200):
-        return self.features_and_logits(images_uint8, batch_size)[0]
-
-    def logits(self, images_uint8, batch_size=200):
-        if not self.has_logits:
-            raise ValueError(f"feature space {self.name!r} has no classifier, so no logits")
-        return self.features_and_logits(images_uint8, batch_size)[1]
-
-    def __repr__(self):
-        return f"FeatureExtractor({self.name!r}, dim={self.dim}, device={self.device})"
 
 
 def find_inception_weights():
@@ -232,31 +177,14 @@ def load_inception(weights_path, device):
     if missing or unexpected:
         raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
                          f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    name = ("inception-v3 (pytorch-fid FID weights)" if flavour == "fid"
-            else "inception-v3 (torchvision weights)")
-    return FeatureExtractor(InceptionPool3(net, tf_preprocess=flavour == "fid"), name=name, is_proxy=False,
-                            dim=2048, device=device, n_classes=n_classes, weights_path=str(path))
-
-
-def build_feature_extractor(kind="auto", weights_path=None, device="cpu", seed=0):
-    """kind: "inception" (weights_path, else the hub cache), "proxy" (seeded random convs), or "auto" (inception when a
-    weights file is found, else proxy with a warning). A given weights_path must exist and load."""
-    if kind not in FEATURE_KINDS:
-        raise UsageError(f"feature extractor kind {kind!r} unknown: use one of {', '.join(FEATURE_KINDS)}")
-    if kind == "proxy":
-        if weights_path is not None:
-            warn(f"feature kind 'proxy' ignores weights file {weights_path}")
-        return FeatureExtractor(RandConvProxy(seed), name=f"proxy:randconv-seed{seed}", is_proxy=True,
-                                dim=PROXY_CHANNELS[-1], device=device)
-    path = weights_path if weights_path is not None else find_inception_weights()
-    if path is None:
-        where = Path(torch.hub.get_dir()) / "checkpoints"
-        if kind == "inception":
-            raise UsageError(f"no Inception weights: pass a weights file, or put {' or '.join(INCEPTION_WEIGHT_GLOBS)} "
-                             f"in {where}")
-        warn(f"no Inception weights file (none given, none in {where}): using a random-conv PROXY feature space; "
-             "its distances are not FID, not comparable to Kaggle's, and do not rank different runs")
-        return build_feature_extractor("proxy", device=device, seed=seed)
-    extractor = load_inception(path, device)
-    log(f"features: {extractor.name} from {extractor.weights_path}")
+    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
+    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
+    log(f"features: {name} from {path}")
     return extractor
+
+
+def build_feature_extractor(weights_path, device):
+    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
+    so no FID (the finish and --evaluate then check for copies in pixels only)."""
+    path = weights_path if weights_path is not None else find_inception_weights()
+    return None if path is None else load_inception(path, device)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from modules.evaluate import evaluate_images, self_check
+from modules.evaluate import NO_FID, copy_check, evaluate_images
 from modules.report import plot_losses, save_grid
 from modules.sample import sampling_mode, to_uint8, truncated_z
 from modules.submission import SubmissionError, encode_pngs, write_submission
@@ -28,11 +28,12 @@ class FinishSettings:
     seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
     workers: int  # threads encoding PNGs
     corrupt_zip: bool  # a test fault ("zipfail"): the first zip written is corrupted
+    self_check: bool  # after the zip, time allowing: FID (with Inception weights) and the pixel copy check
 
 
 def build_finish_settings(cfg):
     return FinishSettings(n_images=cfg.n_images, seed=cfg.seed, workers=cfg.data_workers,
-                          corrupt_zip="zipfail" in parse_faults(cfg.fault))
+                          corrupt_zip="zipfail" in parse_faults(cfg.fault), self_check=cfg.self_check)
 
 
 # finishing: generation, zip, self-check, pictures
@@ -99,8 +100,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
 
     sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
-    extractor: the self-check's feature extractor, None for no self-check. pace: the run's Pace (what is left of the
-    budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
+    extractor: the self-check's Inception extractor, None for no FID (no weights). pace: the run's Pace (what is left
+    of the budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
     metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
     """
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
@@ -116,9 +117,10 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     report.zip = zip_path
     report.write(report_path)  # a kill from here on still leaves the zip and a report
 
-    if extractor is not None:
-        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor, pace=pace,
-                           timer=timer, report=report, interrupted=stop_event is not None and stop_event.is_set())
+    if settings.self_check:
+        _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor,
+                           device=sampler.device, pace=pace, timer=timer, report=report,
+                           interrupted=stop_event is not None and stop_event.is_set())
     late = pace.remaining() < pace.need("pictures")
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
@@ -133,9 +135,10 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
     return images
 
 
-def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, report, interrupted):
-    """The self-check on the zip's images (report.metrics, report.self_check, nearest.png), or a warning saying why
-    it is skipped (an interrupt, too little time left) or failed: the zip is written either way."""
+def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, timer, report, interrupted):
+    """The self-check on the zip's images: FID and MiFID with an extractor (report.metrics), else the line saying there
+    is none, and the pixel copy check (report.self_check, nearest.png); or a warning saying why it is skipped (an
+    interrupt, too little time left) or failed: the zip is written either way."""
     need = pace.need("self_check")
     if interrupted or pace.remaining() < need:
         why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
@@ -145,11 +148,13 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, pace, timer, r
         return
     with timer.phase("self_check"):
         try:
-            report.metrics = evaluate_images(images, data.reference, extractor)
-            report.self_check = self_check(
-                images, data.reference, data.images, extractor, out_png=os.path.join(out_dir, "nearest.png"),
-                memorization=report.metrics["memorization_distance"], seed=seed)
-            log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+            if extractor is None:
+                log(NO_FID)
+            else:
+                report.metrics = evaluate_images(images, data.reference, extractor)
+                log("local metrics (not Kaggle's score): " + json.dumps(report.metrics, default=str))
+            report.self_check = copy_check(images, data.images, device=device,
+                                           out_png=os.path.join(out_dir, "nearest.png"), seed=seed)
         except Exception as exc:
             warn(f"self-check failed ({type(exc).__name__}: {exc}); the zip is written all the same")
             report.warn(f"self-check failed: {exc}")

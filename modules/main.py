@@ -12,12 +12,12 @@ import sys
 
 from modules.cli import config_to_json, parse_config
 from modules.distributed import DistContext, record_failure
-from modules.evaluate import evaluate_images, read_submission
+from modules.evaluate import NO_FID, copy_check, evaluate_images, read_submission
 from modules.features import build_feature_extractor
 from modules.launch import fork_workers, torchrun_env
 from modules.run import EXIT_ZIP_FAILED, run_rank, sigterm_interrupts
 from modules.setup import load_training_data, prepare
-from modules.utils import UsageError, check_device, say
+from modules.utils import UsageError, check_device, log, say
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # exit codes besides 0 and EXIT_ZIP_FAILED
 EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)
@@ -64,8 +64,9 @@ def evaluate_command(cfg):
 
 def evaluate_submission(cfg):
     """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
-    before the data is loaded), then FID (or proxy), memorization and MiFID against the training data when at least
-    two images are readable (FID needs two)."""
+    before the data is loaded), then, when at least two images are readable (FID needs two), FID, memorization and
+    MiFID against the training data with Inception weights, else the line saying there is no FID and the pixel copy
+    check."""
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
     if images is None or len(images) < 2:
@@ -73,8 +74,12 @@ def evaluate_submission(cfg):
         return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
-    extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device, seed=cfg.seed)
-    result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
+    extractor = build_feature_extractor(cfg.feature_weights or None, device)
+    if extractor is None:
+        log(NO_FID)
+        result["self_check"] = copy_check(images, data.images, device=device)
+    else:
+        result.update(evaluate_images(images, data.reference, extractor, crops_uint8=data.images))
     return result
 
 

@@ -25,8 +25,8 @@ def _timed(fn, *args, **kw):
     return time.monotonic() - t0, out
 
 
-def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, extractor, n_reference,
-                           crops, check=None):
+def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, self_check, extractor,
+                           n_reference, crops, check=None):
     """Time each part of the finish on a sample and scale it to the whole run's finish:
 
     generate: two real batches (sampler.batch, at most n_images) after a warm-up one (the slower counts); a batch that
@@ -34,9 +34,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     zip: writing and re-reading at the measured disk speed, verification, and what PNG encoding takes beyond the
     generation it overlaps (all of it on one core);
     checkpoint: serialising the trainer's state (checkpoint_state) and writing it;
-    self_check (with an extractor; None: not measured): features, covariances, the Fréchet sqrtm (scaled by dim^3,
-    Inception only), the memorization distance matrix against n_reference images and the pixel nearest-neighbour
-    search against crops (uint8 [N,64,64,3]).
+    self_check (if self_check): the pixel nearest-neighbour search against crops (uint8 [N,64,64,3]) and, with an
+    Inception extractor (None: no FID), features, covariances, the Fréchet sqrtm (scaled by dim^3) and the
+    memorization distance matrix against n_reference images.
     check: called with the parts estimated so far ({part: seconds}) after the first timed generation batch and after
     each part; it raises to stop measuring a finish that cannot fit the budget (None: not checked).
     -> ({part: seconds}, {"batch": generation batch that fits, "zip_bytes": ..., "checkpoint_bytes": ...,
@@ -64,9 +64,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     est["checkpoint"] = (t_ser + buf.tell() / disk_bytes_per_s) * 1.2
     check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell(), "encode_hidden_s": hidden}
-    if extractor is not None:
-        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, n_images=n_images, n_reference=n_reference,
-                                                crops=crops)
+    if self_check:
+        est["self_check"] = _self_check_seconds(imgs, extractor=extractor, device=sampler.device, n_images=n_images,
+                                                n_reference=n_reference, crops=crops)
     return est, info
 
 
@@ -95,25 +95,26 @@ def _time_generation(sampler, first):
                 torch.cuda.empty_cache()
 
 
-def _self_check_seconds(imgs, *, extractor, n_images, n_reference, crops):
+def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
     """The self-check's time, from its parts timed on SELF_CHECK_PROBE images (per-call overheads must not scale)."""
-    k, n_all, dim = SELF_CHECK_PROBE, n_images + n_reference, extractor.dim
+    k = SELF_CHECK_PROBE
     probe = np.resize(imgs, (k, *imgs.shape[1:]))
-    rng = np.random.default_rng(0)
-    extractor(probe[:8])  # warm-ups: the first call of each sets up kernels and threads
-    nearest_pixel(probe[:8], crops[:8], device=extractor.device)
-    t_feat, _ = _timed(extractor, probe)
-    feats = rng.random((k, dim))
-    t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
-    t_sqrtm = 0.0
-    if not extractor.is_proxy:
+    nearest_pixel(probe[:8], crops[:8], device=device)  # warm-up: the first call sets up kernels and threads
+    m_crops = min(len(crops), 1024)
+    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=device)
+    seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
+    if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
+        rng, dim = np.random.default_rng(0), extractor.dim
+        extractor.features_and_logits(probe[:8])  # warm-up
+        t_feat, _ = _timed(extractor.features_and_logits, probe)
+        feats = rng.random((k, dim))
+        t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
         t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
-    m_ref = max(min(n_reference, 2048), 1)
-    t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
-    m_crops = min(len(crops), 1024)
-    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=extractor.device)
-    return 1.3 * ((t_feat + t_cov) * n_all / k + t_sqrtm + t_mem * n_images / k * n_reference / m_ref
-                  + t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops)
+        m_ref = max(min(n_reference, 2048), 1)
+        t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        seconds += ((t_feat + t_cov) * (n_images + n_reference) / k + t_sqrtm
+                    + t_mem * n_images / k * n_reference / m_ref)
+    return 1.3 * seconds

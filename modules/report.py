@@ -188,8 +188,8 @@ class RunReport:
     reserve: dict = None  # the measured finish parts (seconds), margin, disk_mib_s
     train: dict = None  # TrainSummary, as a dict
     zip: str = None  # the verified zip's path; None when none could be written
-    metrics: dict = None  # the self-check's local metrics (not Kaggle's score)
-    self_check: dict = None
+    metrics: dict = None  # the self-check's FID, MiFID, memorization (with Inception weights; not Kaggle's score)
+    self_check: dict = None  # the self-check's pixel copy check: nearest crops, near copies, nearest.png
     samples_breeds: list = None  # the breeds in samples.png, one per row
     phases: dict = None  # wall seconds per phase
     wall_seconds: float = None

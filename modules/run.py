@@ -55,7 +55,7 @@ class Rank:
     trainer: object  # the Trainer
     sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
     plan: object  # the TrainPlan, identical on every rank
-    extractor: object  # rank 0 with the self-check on: the feature extractor; else None
+    extractor: object  # rank 0 with the self-check on and Inception weights: the FID network; else None
     checkpoint: object  # rank 0: checkpoint(train_seconds, plan_seconds, complete) -> bool; else None
     pace: object = None  # the Pace of training (train() makes it; the finish asks it what still fits)
 
@@ -101,8 +101,7 @@ def build_rank(ctx, cfg, device, setup):
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
-        extractor = build_feature_extractor("auto", weights_path=cfg.feature_weights or None, device=device,
-                                            seed=cfg.seed)
+        extractor = build_feature_extractor(cfg.feature_weights or None, device)
     try:
         with setup.timer.phase("build"):
             trainer = build_trainer(cfg, data, device, rank=ctx.rank, world_size=ctx.world_size)
@@ -153,7 +152,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
             ", ".join(f"{t:.3f}s at {k}" for k, t in times.items()) + ")")
     estimates, info = measure_finish_seconds(
         sampler, n_images=cfg.n_images, workers=cfg.data_workers, disk_bytes_per_s=disk_speed,
-        checkpoint_state=trainer.state_dict(), extractor=extractor, n_reference=len(data.reference), crops=data.images,
+        checkpoint_state=trainer.state_dict(), self_check=cfg.self_check, extractor=extractor,
+        n_reference=len(data.reference), crops=data.images,
         check=lambda partial: refuse_if_finish_cannot_fit(partial, budget_s=setup.deadline.budget_s,
                                                           elapsed_s=setup.deadline.elapsed(),
                                                           margin_s=cfg.reserve_margin_s, budget_text=cfg.time_budget))

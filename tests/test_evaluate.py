@@ -11,12 +11,15 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from modules.evaluate import evaluate_images, read_submission, self_check
-from modules.features import build_feature_extractor
+from modules.config import Config
+from modules.data import load_dogs
+from modules.demo import make_demo_dataset
+from modules.evaluate import NO_FID, copy_check, evaluate_images, read_submission
 from modules.main import main
-from modules.submission import SubmissionError, _zip_entry_count, verify_zip
+from modules.submission import SubmissionError, _zip_entry_count, verify_zip, write_submission
 from modules.utils import UsageError
 from test_checkpoint import unblock_fifo_later
 
@@ -30,11 +33,6 @@ def png_bytes(arr, mode=None):
     img = Image.fromarray(arr)
     (img.convert(mode) if mode else img).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    return build_feature_extractor("proxy", seed=0)
 
 
 # submission format
@@ -81,48 +79,61 @@ def test_read_submission_bad_paths(tmp_path):
 
 # scores
 
-def test_evaluate_copies_of_reference_are_memorized(proxy):
-    ref = images(40, seed=2)
-    res = evaluate_images(ref[:20].copy(), ref, proxy)
-    assert "fid" not in res and "mifid_public" not in res  # a proxy number is never called FID
-    assert res["memorization_distance"] < 1e-5 and res["proxy_memorized_public"] and "memorization_note" in res
-    assert "do not rank" in res["proxy_note"]  # the log and the JSON say the proxy does not rank runs
-    assert res["proxy_fd"] > 0 and res["proxy_mifid_public"] > 1e3 * res["proxy_fd"]
-    assert res["feature_space"] == proxy.name and res["n_generated"] == 20 and res["n_reference"] == 40
-    assert "not Kaggle's score" in res["note"]
-
-
 class TinyClassifierFeatures:
-    """Stands in for Inception (whose 2048-d sqrtm is slow on CPU): not a proxy, has logits."""
-    name, is_proxy, dim, n_classes, has_logits, device = "tiny (test)", False, 6, 4, True, "cpu"
+    """Stands in for Inception (whose 2048-d sqrtm is slow on CPU): 6-d features and 4 logits from the first pixels."""
+    name, dim, n_classes, device = "tiny (test)", 6, 4, "cpu"
 
     def features_and_logits(self, images_uint8, batch_size=200):
         x = images_uint8.reshape(len(images_uint8), -1)[:, :self.dim].astype(np.float32)
         return x, x[:, :self.n_classes] / 50.0
 
 
-def test_evaluate_non_proxy_reports_fid_and_is_and_no_penalty():
+def test_evaluate_copies_of_reference_are_memorized(capsys):
+    ref = images(40, seed=2)
+    res = evaluate_images(ref[:20].copy(), ref, TinyClassifierFeatures())
+    assert res["memorization_distance"] < 1e-5 and res["memorized_public"] and res["memorized_private"]
+    assert res["fid"] > 0 and res["mifid_public"] > 1e3 * res["fid"]
+    assert res["feature_space"] == "tiny (test)" and res["n_generated"] == 20 and res["n_reference"] == 40
+    assert "not Kaggle's score" in res["note"] and "!!! MEMORIZATION" in capsys.readouterr().out
+
+
+def test_evaluate_reports_fid_and_is_and_no_penalty():
     gen, ref = images(30, seed=5), images(20, seed=6)
     gen[:, 0, 1], ref[:, 0, 0] = 0, 0  # TinyClassifierFeatures: gen lives in dims 0-2, ref in dims 3-5
     gen[:, 0, 0] = np.maximum(gen[:, 0, 0], 1)
     res = evaluate_images(gen, ref, TinyClassifierFeatures())
-    assert {"fid", "mifid_public", "mifid_private", "inception_score"} <= set(res)
-    assert not any(k.startswith("proxy") for k in res) and res["inception_score"][0] >= 1.0
+    assert {"fid", "mifid_public", "mifid_private", "inception_score"} <= set(res) and res["inception_score"][0] >= 1.0
     assert res["memorization_distance"] == pytest.approx(1.0) and not res["memorized_private"]
     assert res["mifid_public"] == pytest.approx(res["fid"]) and res["mifid_private"] == pytest.approx(res["fid"])
 
 
-def test_self_check_writes_nearest_png(proxy, tmp_path):
+def test_copy_check_writes_nearest_png(tmp_path):
     crops = images(50, seed=7)
     gen = np.concatenate([crops[[3, 9]], images(10, seed=8)])
     out = tmp_path / "nearest.png"
-    res = self_check(gen, images(20, seed=9), crops, proxy, out_png=out, n_show=4)
+    res = copy_check(gen, crops, device="cpu", out_png=out, n_show=4)
     with Image.open(out) as img:
         assert img.size == (4 * (130 + 8) + 8, 64 + 16)  # four [generated | gap | crop] pairs in one row
     assert [c["crop"] for c in res["closest"][:2]] == [3, 9] and res["closest"][0]["l2"] == 0.0
     assert res["n_near_copies"] == 2 and res["n_crops_searched"] == 50 and not res["crops_subsampled"]
-    res = self_check(gen, None, crops, proxy, memorization=0.05)  # precomputed distance, no picture
-    assert res["proxy_memorized_public"] and "nearest_png" not in res
+    assert "nearest_png" not in copy_check(gen, crops, device="cpu")  # no picture asked for
+
+
+def test_evaluate_without_inception_weights_is_the_format_and_the_copy_check(tmp_path, capsys, monkeypatch):
+    """No weights given or in the hub cache: the format checks, one line saying there is no FID, and the pixel copy
+    check against the crops the kernel trains on; no number in any other feature space."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    data = make_demo_dataset(tmp_path / "demo")
+    cfg = Config()  # the crops the kernel trains on (and --evaluate compares with): its default style and filter
+    crops = load_dogs(data / "all-dogs", data / "Annotation", crop_styles=tuple(cfg.crop_styles.split(",")),
+                      resize=cfg.crop_filter).images
+    write_submission(np.concatenate([crops[:3], images(5, seed=3)]), str(tmp_path / "some.zip"))
+    capsys.readouterr()
+    code, out, err = _evaluate([tmp_path / "some.zip", "--data-dir", data], capsys)
+    result = json.loads(out)
+    assert code == 1 and result["format"]["count"] == 8 and not result["format"]["ok"]  # Kaggle wants 10,000
+    assert set(result) == {"format", "self_check"} and result["self_check"]["n_near_copies"] == 3
+    assert [line.split("] ", 1)[1] for line in err.splitlines() if "FID" in line] == [NO_FID]
 
 
 # hostile submissions (issue 19)

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import CPU, tiny_cfg, tiny_data
+from test_evaluate import TinyClassifierFeatures
+from modules.evaluate import NO_FID
 from modules.finish import FinishSettings, build_finish_settings, finish, save_pictures
 from modules.pace import Pace
 from modules.report import RunReport
@@ -27,14 +29,15 @@ def _trainer():
     return build_trainer(tiny_cfg(batch_size=4, attention=False), tiny_data(), CPU)
 
 
-def _finish(trainer, out, *, budget=3600.0, stop=False, n=60):
+def _finish(trainer, out, *, budget=3600.0, stop=False, n=60, self_check=False, extractor=None):
     report = RunReport(config={}, device="cpu", torch=torch.__version__, history={"loss_d": [(1.0, 0.5), (2.0, 0.4)]})
     ev = threading.Event()
     if stop:
         ev.set()
     plan = types.SimpleNamespace(estimates={"generate": 1.0, "zip": 1.0, "checkpoint": 0.0})  # what Pace.need reads
     images = finish(_sampler(trainer).with_batch(25), data=tiny_data(), out_dir=str(out),
-                    settings=FinishSettings(n_images=n, seed=0, workers=1, corrupt_zip=False), extractor=None,
+                    settings=FinishSettings(n_images=n, seed=0, workers=1, corrupt_zip=False, self_check=self_check),
+                    extractor=extractor,
                     pace=Pace(plan, Deadline(budget)), timer=PhaseTimer(), report=report, stop_event=ev)
     return images, report
 
@@ -62,6 +65,27 @@ def test_finish_skips_the_pictures_when_interrupted_or_late(tmp_path):
         assert any("pictures skipped" in w for w in report.warnings)
 
 
+def test_the_self_check_without_inception_weights_is_the_copy_check_and_one_line(tmp_path, capsys):
+    """No extractor (no Inception weights): nearest.png and the copy check in report.json, one line saying there is no
+    FID, and no number in any other feature space."""
+    _, report = _finish(_trainer(), tmp_path, self_check=True)
+    keys = report.to_dict()  # what report.json will hold (run.ship writes it again after the finish)
+    assert "metrics" not in keys and keys["self_check"]["n_near_copies"] == 0
+    assert report.self_check["n_crops_searched"] == len(tiny_data().images) and (tmp_path / "nearest.png").is_file()
+    assert not report.warnings
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
+    assert [line.split("] ", 1)[1] for line in lines] == [NO_FID]
+
+
+def test_the_self_check_with_inception_weights_adds_fid_and_mifid(tmp_path, capsys):
+    """An extractor (Inception's stand-in here): report.metrics holds FID, MiFID and the memorization distance in its
+    feature space, the copy check is there as without weights, and no line says there is no FID."""
+    _, report = _finish(_trainer(), tmp_path, self_check=True, extractor=TinyClassifierFeatures())
+    assert {"fid", "mifid_public", "mifid_private", "memorization_distance", "inception_score"} <= set(report.metrics)
+    assert report.metrics["feature_space"] == "tiny (test)" and report.self_check["n_crops_searched"] == 16
+    assert (tmp_path / "nearest.png").is_file() and not report.warnings and NO_FID not in capsys.readouterr().out
+
+
 def test_save_pictures_keeps_the_generator_mode(tmp_path):
     trainer = _trainer()
     G = trainer.G.train()
@@ -71,8 +95,8 @@ def test_save_pictures_keeps_the_generator_mode(tmp_path):
 
 
 def test_finish_settings_come_from_the_config():
-    s = build_finish_settings(tiny_cfg(n_images=40, seed=7, data_workers=3, fault="zipfail"))
-    assert s == FinishSettings(n_images=40, seed=7, workers=3, corrupt_zip=True)
+    s = build_finish_settings(tiny_cfg(n_images=40, seed=7, data_workers=3, fault="zipfail", self_check=False))
+    assert s == FinishSettings(n_images=40, seed=7, workers=3, corrupt_zip=True, self_check=False)
     assert not build_finish_settings(tiny_cfg(fault="")).corrupt_zip
 
 

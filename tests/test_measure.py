@@ -15,7 +15,8 @@ def test_measured_finish_has_its_parts():
     sampler = build_sampler(tiny_cfg(truncation=2.0, sample_batch=25), trainer, tiny_data())
     assert np.array_equal(sampler.label_counts, [6, 5, 5])
     est, info = measure_finish_seconds(sampler, n_images=100, workers=1, disk_bytes_per_s=1e8,
-                                       checkpoint_state=trainer.state_dict(), extractor=None, n_reference=0, crops=None)
+                                       checkpoint_state=trainer.state_dict(), self_check=False, extractor=None,
+                                       n_reference=0, crops=None)
     assert set(est) == {"generate", "zip", "checkpoint"} and all(v > 0 for v in est.values())
     assert info["batch"] == 25 and info["zip_bytes"] > 100 * 1000 and info["checkpoint_bytes"] > 0
 
@@ -40,6 +41,6 @@ def test_measuring_stops_at_the_first_batch_when_checked_and_cpu_batches_are_cap
     monkeypatch.setattr(Sampler, "__call__", lambda self, n, *a, **kw: calls.append(n) or original(self, n, *a, **kw))
     with pytest.raises(Late):
         measure_finish_seconds(sampler, n_images=1000, workers=1, disk_bytes_per_s=1e8, checkpoint_state={},
-                               extractor=None, n_reference=0, crops=None, check=check)
+                               self_check=False, extractor=None, n_reference=0, crops=None, check=check)
     assert calls == [CPU_GEN_BATCH_MAX, CPU_GEN_BATCH_MAX]  # the warm-up and one timed batch, no second one
     assert list(seen[0]) == ["generate"] and seen[0]["generate"] > 0

@@ -353,29 +353,28 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, one_th
 
 
 class _FakeExtractor:
-    """Stands in for a feature extractor of a given dimension: random features."""
+    """Stands in for the Inception extractor: random 2048-d features."""
+    dim, device = 2048, "cpu"
 
-    def __init__(self, dim, is_proxy):
-        self.dim, self.is_proxy, self.device = dim, is_proxy, "cpu"
-
-    def __call__(self, images):
-        return np.random.default_rng(0).random((len(images), self.dim), dtype=np.float32)
+    def features_and_logits(self, images):
+        return np.random.default_rng(0).random((len(images), self.dim), dtype=np.float32), None
 
 
 def test_reserve_covers_the_frechet_sqrtm(one_thread):
-    """With Inception-sized features (2048) the self-check estimate includes the dim^3 sqrtm (~10-60 s on 2 cores)."""
+    """With Inception weights the self-check estimate adds the features and the dim^3 sqrtm (~10-60 s on 2 cores) to the
+    pixel copy check's; without them the copy check alone is measured."""
     trainer = _tiny_trainer()
     crops = np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
     est = {}
-    for proxy in (False, True):
+    for fid in (True, False):
         sampler = Sampler(model=trainer.generator_to_ship, z_dim=trainer.z_dim, truncation=2.0, label_counts=np.ones(3),
                           amp_dtype=None, device=torch.device("cpu"), batch=16)
-        est[proxy], info = measure_finish_seconds(
+        est[fid], info = measure_finish_seconds(
             sampler, n_images=1000, workers=1, disk_bytes_per_s=1e8, checkpoint_state=trainer.state_dict(),
-            extractor=_FakeExtractor(2048, proxy), n_reference=100, crops=crops)
-    assert est[False]["self_check"] - est[True]["self_check"] > 2.0, est  # (2048/512)^3 x a 512 sqrtm
-    assert set(est[False]) == {"generate", "zip", "checkpoint", "self_check"} and info["batch"] == 16
-    assert info["zip_bytes"] > 1000 * 1000 and info["checkpoint_bytes"] > 0
+            self_check=True, extractor=_FakeExtractor() if fid else None, n_reference=100, crops=crops)
+    assert est[True]["self_check"] - est[False]["self_check"] > 2.0, est  # (2048/512)^3 x a 512 sqrtm
+    assert 0 < est[False]["self_check"] and set(est[False]) == {"generate", "zip", "checkpoint", "self_check"}
+    assert info["batch"] == 16 and info["zip_bytes"] > 1000 * 1000 and info["checkpoint_bytes"] > 0
 
 
 def test_keyboard_interrupt_in_the_loop_is_an_interrupt(one_thread):
