@@ -17,14 +17,10 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = 0.5 ** (batch / half_life_images)
 
-    def _pairs(self, model):
-        src = list(model.parameters()) + list(model.buffers())
-        dst = list(self.model.parameters()) + list(self.model.buffers())
-        return src, dst
-
     @torch.no_grad()
     def update(self, model, copy_only=False):
-        src, dst = self._pairs(model)
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
         fs = [s for s in src if s.is_floating_point()]
         fd = [d for d in dst if d.is_floating_point()]
         if copy_only:

@@ -89,8 +89,8 @@ def check_checkpoint_fields(ckpt, path):
         raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
-    for field in ("train_seconds", "plan_seconds"):
-        if field in ckpt or field == "train_seconds":
+    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
+        if field in ckpt:
             v = ckpt[field]
             if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
                 bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
@@ -139,9 +139,7 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
 
 @dataclass(frozen=True)
 class Resumed:
-    """What --resume carries into a run: the checked checkpoint (read_checkpoint's payload, for restore_checkpoint)
-    and the times of the run it continues."""
-
+    """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
     payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
