@@ -37,16 +37,16 @@
 #     465  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     476  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     978  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1076  LOSSES                the losses (loss): D's and G's for each
-#    2175  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2231  Trainer.step          one training step: D, then G, EMA
-#    2405  Pace                  the pace: step time, slowdown, when training must stop
-#    2566  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5522  finish                the finish: images, the verified zip, self-check, pictures
-#    5893  parse_config          the command line -> a checked Config
-#    6188  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6480  run                   the run: settings, checks and data, the ranks started
-#    6551  main                  the entry point and its exit codes
+#    1081  LOSSES                the losses (loss): D's and G's for each
+#    2180  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2236  Trainer.step          one training step: D, then G, EMA
+#    2410  Pace                  the pace: step time, slowdown, when training must stop
+#    2571  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5523  finish                the finish: images, the verified zip, self-check, pictures
+#    5894  parse_config          the command line -> a checked Config
+#    6189  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6481  run                   the run: settings, checks and data, the ranks started
+#    6552  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -1002,6 +1002,7 @@ already above it (the 1st-public team's margin; 0 = off).
 """
 
 # helpers
+
 def _margin_mask(real, margin):
     """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
     if not margin:
@@ -1014,6 +1015,7 @@ def _masked_mean(values, mask):
 
 
 # relativistic average least squares (2nd place)
+
 def rals_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     real_term = (real - fake.mean() - 1) ** 2
@@ -1027,6 +1029,7 @@ def rals_g(real, fake):
 
 
 # non-saturating BCE (DCGAN; 1st place with real label 0.9)
+
 def bce_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     real_term = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target), reduction="none")
@@ -1040,6 +1043,7 @@ def bce_g(real, fake):
 
 
 # hinge (5th place, SAGAN/BigGAN)
+
 def hinge_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     return _masked_mean(F.relu(1 - real), _margin_mask(real, margin)) + F.relu(1 + fake).mean()
@@ -1050,6 +1054,7 @@ def hinge_g(real, fake):
 
 
 # least squares (LSGAN, a = 0, b = c = 1)
+
 def lsgan_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     return (_masked_mean((real - real_target) ** 2, _margin_mask(real, margin)) + (fake ** 2).mean()) / 2
@@ -3696,7 +3701,6 @@ def training_timeout(finish_s, checkpoint_s):
 
 # faults and the end
 
-
 def record_failure(error):
     """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
     with contextlib.suppress(Exception):
@@ -3752,7 +3756,6 @@ get, its collectives and the process groups are in distributed.py."""
 
 
 # how many ranks
-
 
 def torchrun_env():
     """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
@@ -3825,7 +3828,6 @@ def rank_device(ctx, device):
 
 
 # starting the ranks
-
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -5024,8 +5026,7 @@ def _submission_files(path, limit):
     ("", count, 0, None)."""
     if os.path.isdir(path):
         files = []
-        for root, dirs, names in os.walk(path):  # links to folders are not followed
-            dirs.sort()
+        for root, _, names in os.walk(path):  # links to folders are not followed
             for n in names:
                 files.append(os.path.join(root, n))
                 if len(files) > limit:

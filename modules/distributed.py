@@ -249,7 +249,6 @@ def training_timeout(finish_s, checkpoint_s):
 
 # faults and the end
 
-
 def record_failure(error):
     """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
     with contextlib.suppress(Exception):

@@ -107,8 +107,7 @@ def _submission_files(path, limit):
     ("", count, 0, None)."""
     if os.path.isdir(path):
         files = []
-        for root, dirs, names in os.walk(path):  # links to folders are not followed
-            dirs.sort()
+        for root, _, names in os.walk(path):  # links to folders are not followed
             for n in names:
                 files.append(os.path.join(root, n))
                 if len(files) > limit:
