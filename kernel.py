@@ -36,17 +36,17 @@
 #     255  LIMITS                what each setting may hold (checked before any data is read)
 #     465  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     476  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     978  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1081  LOSSES                the losses (loss): D's and G's for each
-#    2180  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2236  Trainer.step          one training step: D, then G, EMA
-#    2410  Pace                  the pace: step time, slowdown, when training must stop
-#    2571  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5523  finish                the finish: images, the verified zip, self-check, pictures
-#    5894  parse_config          the command line -> a checked Config
-#    6189  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6481  run                   the run: settings, checks and data, the ranks started
-#    6552  main                  the entry point and its exit codes
+#     974  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1077  LOSSES                the losses (loss): D's and G's for each
+#    2174  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2230  Trainer.step          one training step: D, then G, EMA
+#    2404  Pace                  the pace: step time, slowdown, when training must stop
+#    2565  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5508  finish                the finish: images, the verified zip, self-check, pictures
+#    5879  parse_config          the command line -> a checked Config
+#    6174  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6466  run                   the run: settings, checks and data, the ranks started
+#    6537  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -349,7 +349,7 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 def sn_wrap(module, enabled=True):
     """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
-    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and the EMA."""
+    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -410,7 +410,7 @@ class SelfAttention(nn.Module):
 
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
-    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); the linears have no bias, so cond = 0 is plain BN."""
+    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -500,7 +500,7 @@ class BigGBlock(nn.Module):
 
 class BigDBlock(nn.Module):
     """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> [avgpool 2], plus shortcut conv1x1 -> [avgpool 2].
-    optimized=True is BigGAN's first block on raw images: no pre-activation, and the shortcut pools before its conv1x1."""
+    optimized=True: BigGAN's first block on raw images: no pre-activation, the shortcut pools before its conv1x1."""
 
     def __init__(self, in_channels, out_channels, make_conv, downsample=True, optimized=False):
         super().__init__()
@@ -670,7 +670,7 @@ _PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
 
 class EqConv2d(nn.Module):
     """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
-    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al., sec. 4.1)."""
+    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
         super().__init__()
@@ -713,14 +713,10 @@ def _pg_check_growth(level, alpha, max_level):
 # growth schedule
 
 def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha).
-
-    Time is split into units: one per level, plus `final_weight - 1` extra for the last level. The output is sampled at
-    the last level, so it gets more time to stabilise, while the small levels learn fast. With the defaults each level
-    gets 1/6 of the budget and the 64x64 level gets 2/6. In every level > 0, alpha fades linearly 0 -> 1 during the
-    first `fade_fraction` of one unit and then stays at 1. Level 0 has alpha 1 throughout.
-    progress >= 1 -> (n_levels-1, 1.0).
-    """
+    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
+    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
+    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
+    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
     assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
     if progress >= 1.0:
         return n_levels - 1, 1.0
@@ -2023,12 +2019,10 @@ the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defin
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
-
-    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
-    (`n_averaged == 0`) and so syncs every step. half_life_images: images after which an old weight's share has halved;
-    batch: images per update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images).
-    """
+    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
+    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
+    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
+    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -3642,15 +3636,15 @@ def wait_for_workers(ctx, store, timeout_s):
 
 
 def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (called on every rank)."""
+    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
 
 
 def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that the
-    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
+    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
     stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
     abort = abort or abort_groups
     stop = threading.Event()
@@ -4150,10 +4144,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
-
-    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
-    """
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
+    growth) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
@@ -4178,11 +4170,9 @@ def describe_write_error(exc, path):
 
 
 def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
-
-    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
-    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
-    """
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
+    a UsageError naming the path."""
     require_regular_file(path, "--resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -5066,13 +5056,11 @@ def _png_header(data):
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan.
-
-    Nothing is decompressed or decoded before it is known small: non-.png names are not read at all; entries are
-    refused on the directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far;
-    the PNG header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or
-    OSError when path is neither a readable zip nor a folder.
-    """
+    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
+    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
+    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
+    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
+    when path is neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -5146,11 +5134,8 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
     """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
     re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
     it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError.
-
-    pngs: the images' PNG bytes when they are encoded already (finish encodes them while generating).
-    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
-    """
+    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
+    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:

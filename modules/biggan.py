@@ -56,7 +56,7 @@ class BigGBlock(nn.Module):
 
 class BigDBlock(nn.Module):
     """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> [avgpool 2], plus shortcut conv1x1 -> [avgpool 2].
-    optimized=True is BigGAN's first block on raw images: no pre-activation, and the shortcut pools before its conv1x1."""
+    optimized=True: BigGAN's first block on raw images: no pre-activation, the shortcut pools before its conv1x1."""
 
     def __init__(self, in_channels, out_channels, make_conv, downsample=True, optimized=False):
         super().__init__()

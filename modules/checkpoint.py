@@ -22,10 +22,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
-
-    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
-    """
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
+    growth) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
@@ -50,11 +48,9 @@ def describe_write_error(exc, path):
 
 
 def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
-
-    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
-    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
-    """
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
+    a UsageError naming the path."""
     require_regular_file(path, "--resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

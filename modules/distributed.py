@@ -190,15 +190,15 @@ def wait_for_workers(ctx, store, timeout_s):
 
 
 def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (called on every rank)."""
+    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
 
 
 def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that the
-    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
+    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
     stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
     abort = abort or abort_groups
     stop = threading.Event()

@@ -30,7 +30,7 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 def sn_wrap(module, enabled=True):
     """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
-    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and the EMA."""
+    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
 
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
-    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); the linears have no bias, so cond = 0 is plain BN."""
+    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()

@@ -32,7 +32,7 @@ _PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
 
 class EqConv2d(nn.Module):
     """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
-    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al., sec. 4.1)."""
+    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
         super().__init__()
@@ -75,14 +75,10 @@ def _pg_check_growth(level, alpha, max_level):
 # growth schedule
 
 def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha).
-
-    Time is split into units: one per level, plus `final_weight - 1` extra for the last level. The output is sampled at
-    the last level, so it gets more time to stabilise, while the small levels learn fast. With the defaults each level
-    gets 1/6 of the budget and the 64x64 level gets 2/6. In every level > 0, alpha fades linearly 0 -> 1 during the
-    first `fade_fraction` of one unit and then stays at 1. Level 0 has alpha 1 throughout.
-    progress >= 1 -> (n_levels-1, 1.0).
-    """
+    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
+    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
+    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
+    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
     assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
     if progress >= 1.0:
         return n_levels - 1, 1.0
