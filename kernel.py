@@ -41,19 +41,19 @@
 #      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
 #     192  PRESETS               the presets: named sets of overrides of those defaults
 #     262  LIMITS                what each setting may hold (checked before any data is read)
-#     490  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     501  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#    1022  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1128  LOSSES                the losses (loss): D's and G's for each
-#    2221  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2277  Trainer.step          one training step: D, then G, EMA
-#    2451  Pace                  the pace: step time, slowdown, when training must stop
-#    2612  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5272  finish                the finish: images, the verified zip, self-check, pictures
-#    5655  parse_config          the command line -> a checked Config
-#    5921  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6236  run                   the run: settings, checks and data, the ranks started
-#    6312  main                  the entry point and its exit codes
+#     472  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1082  LOSSES                the losses (loss): D's and G's for each
+#    2167  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2223  Trainer.step          one training step: D, then G, EMA
+#    2397  Pace                  the pace: step time, slowdown, when training must stop
+#    2558  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    5170  finish                the finish: images, the verified zip, self-check, pictures
+#    5553  parse_config          the command line -> a checked Config
+#    5819  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6134  run                   the run: settings, checks and data, the ranks started
+#    6210  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -344,13 +344,10 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 # spectral norm and layer factories
 
 class SpectralNormFP32(parametrizations._SpectralNorm):
-    """torch's spectral-norm parametrization with its power iteration and sigma always in float32.
-
-    The parametrization runs when the weight is read, i.e. inside the caller's autocast region; CUDA's autocast puts
-    torch.mv on its fp16 list (CPU's does not), so u, v and sigma would be computed in half precision on a GPU -- a
-    precision/range risk with a history of breakage (pytorch/pytorch#125544). Autocast is switched off here, so they
-    run in float32 whatever the autocast state and device. Same buffers and state_dict keys (_u, _v) as torch's.
-    """
+    """torch's spectral-norm parametrization with its power iteration and sigma always in float32: it runs when the
+    weight is read, inside the caller's autocast region, and CUDA's autocast puts torch.mv on its fp16 list, so u, v and
+    sigma would be computed in half precision on a GPU (pytorch/pytorch#125544). Same buffers and state_dict keys (_u,
+    _v) as torch's."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -358,13 +355,8 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (SpectralNormFP32: torch's parametrization, 1 power iteration per training
-    forward, in float32 under any autocast).
-
-    The normalized weight is recomputed on every access of `module.weight`; the raw weight lives in
-    `module.parametrizations.weight.original` and the power-iteration vectors u, v are buffers (so they travel in the
-    state_dict and get copied by an EMA of buffers).
-    """
+    """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
+    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -396,11 +388,9 @@ def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
 # attention
 
 class SelfAttention(nn.Module):
-    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g).
-
-    theta/phi have channels/8, g has channels/2 (at least 1 each, for tiny test widths); phi and g are 2x2 max-pooled,
-    so attention costs (HW) x (HW/4). gamma starts at 0, so a fresh block is the identity.
-    """
+    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g). theta/phi have
+    channels/8, g channels/2 (at least 1, for tiny test widths); phi and g are 2x2 max-pooled, so attention costs (HW) x
+    (HW/4). gamma starts at 0, so a fresh block is the identity."""
 
     def __init__(self, channels, make_conv):
         super().__init__()
@@ -426,11 +416,8 @@ class SelfAttention(nn.Module):
 # normalization
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn).
-
-    cond is [N, cond_dim] (in BigGAN: cat[shared class embedding, z chunk]); the gain/bias linears have no bias of their
-    own, as in BigGAN-PyTorch, so cond = 0 gives plain BatchNorm.
-    """
+    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
+    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -448,11 +435,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
 class MinibatchStd(nn.Module):
     """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
-
-    The batch is split StyleGAN-style into groups of `group_size` samples (sample n belongs to group n % (N // G));
-    each sample gets its group's statistic as a constant extra channel. G is clipped to the batch; if N is not
-    divisible by G, the whole batch forms one group. Computed in float32 (fp16-autocast safe) and returned in x's dtype.
-    """
+    Groups of `group_size` samples, StyleGAN-style (sample n in group n % (N // G)); G is clipped to the batch, and the
+    whole batch is one group when N is not divisible by G. Computed in float32 (fp16-autocast safe)."""
 
     def __init__(self, group_size=4):
         super().__init__()
@@ -485,8 +469,6 @@ are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and to
 
 # G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2.
 # BigGAN-PyTorch's arch[64] (G params at ch=32: 8.0M); the linear layer outputs in_mult[0]*ch channels at bottom^2.
-# A lighter variant, widths halved after the linear layer (2.9M at ch=32), would be
-# ((16, 8, 8), (8, 4, 16), (4, 2, 32), (2, 1, 64)).
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
@@ -525,9 +507,7 @@ class BigGBlock(nn.Module):
 
 class BigDBlock(nn.Module):
     """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> [avgpool 2], plus shortcut conv1x1 -> [avgpool 2].
-
-    optimized=True is BigGAN's first block on raw images: no pre-activation, and the shortcut pools before its conv1x1.
-    """
+    optimized=True: BigGAN's first block on raw images: no pre-activation, the shortcut pools before its conv1x1."""
 
     def __init__(self, in_channels, out_channels, make_conv, downsample=True, optimized=False):
         super().__init__()
@@ -562,11 +542,8 @@ def _check_attention_res(attention_res, block_res):
 
 class BigGenerator(nn.Module):
     """forward(z [N,z_dim] float, y [N] long in [0,n_classes)) -> images [N,3,res,res] in [-1,1] (tanh; under autocast
-    in the autocast dtype).
-
-    z is split into len(blocks)+1 equal chunks: chunk 0 feeds the first linear layer, chunk i conditions block i's CBNs
-    together with the shared class embedding (cond = cat[shared(y), z_i]).
-    """
+    in the autocast dtype). z is split into len(blocks)+1 equal chunks: chunk 0 feeds the first linear layer, chunk i
+    conditions block i's CBNs together with the shared class embedding (cond = cat[shared(y), z_i])."""
 
     def __init__(self, *, z_dim=120, n_classes=120, shared_dim=32, ch=32, attention_res=(32,), spectral=True,
                  resolution=64):
@@ -616,11 +593,9 @@ class BigGenerator(nn.Module):
 # discriminator
 
 class BigDiscriminator(nn.Module):
-    """forward(x [N,3,res,res] in [-1,1], y [N] long) -> (logits [N], class_logits [N,n_classes] or None), float32.
-
+    """forward(x [N,3,res,res] in [-1,1], y [N] long) -> (logits [N], class_logits [N,n_classes] or None), float32:
     logits = linear(h) + sum(embed(y) * h) (projection discriminator) with h = sum-pooled ReLU features [N,16ch];
-    class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on.
-    """
+    class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on."""
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
@@ -681,13 +656,12 @@ full resolution R = 4·2^max_level, so the training loop stays generic:
 - PGGenerator(z, y) -> [N,3,R,R]: the current level's image, nearest-upsampled to R.
 - PGDiscriminator(x, y) -> (logits [N], None): it average-pools x [N,3,R,R] down to the current level itself.
 
-Growth is plain module state set by `set_growth(level, alpha)`. Trainer.set_progress(progress) (train.py, the
-schedule) sets `pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages (EMA, SWA); the loop
-calls it before each step (on several ranks at each sync, with the progress they agreed), progress being the fraction
-of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute (reading
-it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading weights
-leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so run these
-modules eagerly.
+Growth is plain module state set by `set_growth(level, alpha)`: Trainer.set_progress(progress) (train.py) sets
+`pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages before each step, progress being the
+fraction of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute
+(reading it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading
+weights leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so
+run these modules eagerly.
 
 From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
 minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and
@@ -702,11 +676,8 @@ _PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
 # equalized learning rate
 
 class EqConv2d(nn.Module):
-    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2).
-
-    The scale is applied on every forward pass, not at init. Adam then updates all layers at the same relative
-    speed (Karras et al. 2018, sec. 4.1).
-    """
+    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
+    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
         super().__init__()
@@ -733,10 +704,8 @@ class EqLinear(nn.Module):
 
 
 class PixelNorm(nn.Module):
-    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]).
-
-    The statistic is computed in float32: under fp16 autocast 1e-8 rounds to 0 and x² can overflow.
-    """
+    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]), the statistic in float32:
+    under fp16 autocast 1e-8 rounds to 0 and x² can overflow."""
 
     def forward(self, x):
         return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)
@@ -751,14 +720,10 @@ def _pg_check_growth(level, alpha, max_level):
 # growth schedule
 
 def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha).
-
-    Time is split into units: one per level, plus `final_weight - 1` extra for the last level. The output is sampled at
-    the last level, so it gets more time to stabilise, while the small levels learn fast. With the defaults each level
-    gets 1/6 of the budget and the 64x64 level gets 2/6. In every level > 0, alpha fades linearly 0 -> 1 during the
-    first `fade_fraction` of one unit and then stays at 1. Level 0 has alpha 1 throughout.
-    progress >= 1 -> (n_levels-1, 1.0).
-    """
+    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
+    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
+    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
+    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
     assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
     if progress >= 1.0:
         return n_levels - 1, 1.0
@@ -772,10 +737,8 @@ def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
 # generator
 
 class PGGenerator(nn.Module):
-    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level.
-
-    The output is linear (no tanh, as in the paper), roughly in [-1, 1] once trained. Clamp it only at sampling time.
-    """
+    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level: linear (no tanh, as in the
+    paper), roughly in [-1, 1] once trained; clamped only at sampling time."""
 
     def __init__(self, *, z_dim=128, n_classes=1, ch=64, max_level=4):
         super().__init__()
@@ -823,12 +786,9 @@ class PGGenerator(nn.Module):
 # discriminator
 
 class PGDiscriminator(nn.Module):
-    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None). The None stands for the auxiliary class logits,
-    which this D does not have (same interface as the BigGAN D).
-
-    Conditioning is by projection: sum(embed(y) · h) is added to the logit, with h the C0 features after the 4x4 conv.
-    The embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0)).
-    """
+    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None): no auxiliary class logits (the BigGAN D's
+    interface). Conditioning by projection: sum(embed(y) · h) is added to the logit, h the C0 features after the 4x4
+    conv; the embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0))."""
 
     def __init__(self, *, n_classes=1, ch=64, max_level=4, mbstd_group=4):
         super().__init__()
@@ -855,10 +815,9 @@ class PGDiscriminator(nn.Module):
         self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
 
     def fade_reals(self, x):
-        """Optional, for reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while
-        fading in, still [N,3,R,R]. This is the paper's real-image fading. D's own input-side fade already blends its
-        two paths. Without this, the reals are sharp at the new level while the fakes are blurred by the fade.
-        """
+        """Reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while fading in, still
+        [N,3,R,R] (the paper's real-image fading): without it the reals are sharp at the new level while the fakes are
+        blurred by the fade."""
         f = 2 ** (self.max_level - self.level)
         x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]
         if self.level > 0 and self.alpha < 1.0:
@@ -1045,7 +1004,6 @@ already above it (the 1st-public team's margin; 0 = off).
 
 # helpers
 
-
 def _margin_mask(real, margin):
     """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
     if not margin:
@@ -1058,7 +1016,6 @@ def _masked_mean(values, mask):
 
 
 # relativistic average least squares (2nd place)
-
 
 def rals_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
@@ -1074,7 +1031,6 @@ def rals_g(real, fake):
 
 # non-saturating BCE (DCGAN; 1st place with real label 0.9)
 
-
 def bce_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     real_term = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target), reduction="none")
@@ -1089,7 +1045,6 @@ def bce_g(real, fake):
 
 # hinge (5th place, SAGAN/BigGAN)
 
-
 def hinge_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     return _masked_mean(F.relu(1 - real), _margin_mask(real, margin)) + F.relu(1 + fake).mean()
@@ -1100,7 +1055,6 @@ def hinge_g(real, fake):
 
 
 # least squares (LSGAN, a = 0, b = c = 1)
-
 
 def lsgan_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
@@ -2058,25 +2012,19 @@ the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defin
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
-
-    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
-    (`n_averaged == 0`) and so syncs every step. half_life_images: images after which an old weight's share has halved;
-    batch: images per update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images).
-    """
+    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
+    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
+    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
+    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = 0.5 ** (batch / half_life_images)
 
-    def _pairs(self, model):
-        src = list(model.parameters()) + list(model.buffers())
-        dst = list(self.model.parameters()) + list(self.model.buffers())
-        return src, dst
-
     @torch.no_grad()
     def update(self, model, copy_only=False):
-        src, dst = self._pairs(model)
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
         fs = [s for s in src if s.is_floating_point()]
         fd = [d for d in dst if d.is_floating_point()]
         if copy_only:
@@ -2094,8 +2042,6 @@ there (no host-to-device copy per step, no DataLoader)."""
 
 
 class DeviceBatches:
-    """The uint8 training crops live on the device once; each batch is indexed, flipped, noised and normalised there."""
-
     def __init__(self, images, labels, *, device, hflip, real_noise):
         # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
@@ -2998,7 +2944,7 @@ DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
 ANNOTATION_MAX_BYTES = 1 << 20  # a Stanford Dogs file is < 1 KB; 2,000 objects in its layout take ~0.5 MiB
-MAX_BOXES_PER_IMAGE = 12  # more are dropped: 300 boxes in one file would make most crops one image (real files: <= 3)
+MAX_BOXES_PER_IMAGE = 12  # one file with 300 boxes would make most crops one image (the real sample: at most 3)
 
 
 # folders
@@ -3020,16 +2966,13 @@ def _entries(path, skipped, top=None):
                 if e.name.startswith("."):
                     continue
                 try:
-                    if e.is_dir():
-                        if top is not None and e.is_symlink() and not _inside(e.path, top):
-                            skipped["link_outside"] += 1
-                        else:
-                            dirs.append(Path(e.path))
-                    elif e.is_file():
-                        if top is not None and e.is_symlink() and not _inside(e.path, top):
-                            skipped["link_outside"] += 1  # a linked file out of the folder is not read
-                        else:
-                            files.append(Path(e.path))
+                    is_dir = e.is_dir()
+                    if not is_dir and not e.is_file():
+                        continue
+                    if top is not None and e.is_symlink() and not _inside(e.path, top):
+                        skipped["link_outside"] += 1  # a linked folder or file out of the folder is not read
+                    else:
+                        (dirs if is_dir else files).append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed
                     skipped["unreadable_entry"] += 1
     except OSError:  # e.g. permission denied
@@ -3126,9 +3069,8 @@ def read_voc(path):
     """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
     count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
     refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
-    no_object. Namespaced tags
-    are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped (and counted): one image
-    must not fill the training set with copies of itself."""
+    no_object. Namespaced tags are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped
+    (and counted): one image must not fill the training set with copies of itself."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:
@@ -3384,33 +3326,13 @@ DEMO_BREEDS = ("Chihuahua", "beagle", "golden_retriever", "pug", "Dalmatian", "S
 DEMO_SIZE_RANGE = (120, 300)  # image width and height, pixels
 DEMO_TWO_BOX_P = 0.25  # chance an image holds a second dog
 
-_DEMO_XML = """<annotation>
-\t<folder>{folder}</folder>
-\t<filename>{id}</filename>
-\t<source>
-\t\t<database>synthetic demo</database>
-\t</source>
-\t<size>
-\t\t<width>{w}</width>
-\t\t<height>{h}</height>
-\t\t<depth>3</depth>
-\t</size>
-\t<segment>0</segment>
-{objects}</annotation>
-"""
-_DEMO_OBJECT = """\t<object>
-\t\t<name>{breed}</name>
-\t\t<pose>Unspecified</pose>
-\t\t<truncated>0</truncated>
-\t\t<difficult>0</difficult>
-\t\t<bndbox>
-\t\t\t<xmin>{x0}</xmin>
-\t\t\t<ymin>{y0}</ymin>
-\t\t\t<xmax>{x1}</xmax>
-\t\t\t<ymax>{y1}</ymax>
-\t\t</bndbox>
-\t</object>
-"""
+_DEMO_XML = ("<annotation>\n\t<folder>{folder}</folder>\n\t<filename>{id}</filename>\n"  # the real files' layout
+             "\t<source>\n\t\t<database>synthetic demo</database>\n\t</source>\n"
+             "\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+             "\t<segment>0</segment>\n{objects}</annotation>\n")
+_DEMO_OBJECT = ("\t<object>\n\t\t<name>{breed}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
+                "\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
+                "\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
 
 
 def _draw_demo_dog(draw, box, coat, spot, aspect, facing_left):
@@ -3529,15 +3451,11 @@ def fault_hook(fault_text, *, rank):
 collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
 many ranks there are and how they start is launch.py's.
 
-Ways in (launch.py):
-- torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
-  its own, we start nothing;
-- `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
-  is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
-  import the notebook's `__main__`, which it cannot. The devices are counted through NVML
-  (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
-- --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
-  return their local values, so the training loop has a single path.
+Ways in (launch.py): torchrun, every rank a process of its own; `python kernel.py` or a notebook cell with --gpus N > 1,
+where this process is rank 0 and *forks* ranks 1..N-1 after the data is loaded (they share the uint8 crops
+copy-on-write) and before CUDA is initialised anywhere (`spawn` would have to import the notebook's `__main__`, which
+it cannot); one rank: no process group at all, and the DistContext's collectives return their local values, so the
+training loop has a single path.
 
 Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
 measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
@@ -3576,9 +3494,6 @@ class DistContext:
     @property
     def distributed(self):
         return self.world_size > 1
-
-    # the few collectives of a run: with one rank each returns the local value (no group exists), so the training
-    # loop has one path for any number of ranks
 
     def agree(self, *, stop, progress, interval, device, interrupted):
         """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
@@ -3710,22 +3625,21 @@ def wait_for_workers(ctx, store, timeout_s):
 
 
 def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (a collective call on
-    every rank)."""
+    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None, poll_s=WATCH_POLL_S):
+def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within poll_s, says so and aborts the process groups (abort_groups), so that the
-    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
+    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
     stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
     abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
-        while not stop.wait(poll_s):
+        while not stop.wait(WATCH_POLL_S):
             failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
@@ -3765,12 +3679,10 @@ def abort_groups(ctx):
 def training_timeout(finish_s, checkpoint_s):
     """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
     than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
-    return min(max(DIST_TIMEOUT_MIN_S, 3 * checkpoint_s + 5.0), max(DIST_TIMEOUT_MIN_S, min(DIST_TIMEOUT_MAX_S,
-                                                                                         0.5 * finish_s)))
+    return max(DIST_TIMEOUT_MIN_S, min(3 * checkpoint_s + 5.0, DIST_TIMEOUT_MAX_S, 0.5 * finish_s))
 
 
 # faults and the end
-
 
 def record_failure(error):
     """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
@@ -3827,7 +3739,6 @@ get, its collectives and the process groups are in distributed.py."""
 
 
 # how many ranks
-
 
 def torchrun_env():
     """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
@@ -3893,7 +3804,6 @@ def rank_device(ctx, device):
 
 
 # starting the ranks
-
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -3987,10 +3897,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
-
-    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
-    """
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
+    growth) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
@@ -4015,11 +3923,9 @@ def describe_write_error(exc, path):
 
 
 def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
-
-    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
-    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
-    """
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
+    a UsageError naming the path."""
     require_regular_file(path, "--resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -4054,8 +3960,8 @@ def check_checkpoint_fields(ckpt, path):
         raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
-    for field in ("train_seconds", "plan_seconds"):
-        if field in ckpt or field == "train_seconds":
+    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
+        if field in ckpt:
             v = ckpt[field]
             if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
                 bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
@@ -4104,9 +4010,7 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
 
 @dataclass(frozen=True)
 class Resumed:
-    """What --resume carries into a run: the checked checkpoint (read_checkpoint's payload, for restore_checkpoint)
-    and the times of the run it continues."""
-
+    """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
     payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
@@ -4792,8 +4696,7 @@ def _submission_files(path, limit):
     ("", count, 0, None)."""
     if os.path.isdir(path):
         files = []
-        for root, dirs, names in os.walk(path):  # links to folders are not followed
-            dirs.sort()
+        for root, _, names in os.walk(path):  # links to folders are not followed
             for n in names:
                 files.append(os.path.join(root, n))
                 if len(files) > limit:
@@ -4833,13 +4736,11 @@ def _png_header(data):
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan.
-
-    Nothing is decompressed or decoded before it is known small: non-.png names are not read at all; entries are
-    refused on the directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far;
-    the PNG header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or
-    OSError when path is neither a readable zip nor a folder.
-    """
+    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
+    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
+    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
+    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
+    when path is neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -4913,11 +4814,8 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
     """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
     re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
     it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError.
-
-    pngs: the images' PNG bytes when they are encoded already (finish encodes them while generating).
-    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
-    """
+    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
+    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:

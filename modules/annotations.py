@@ -17,7 +17,7 @@ DOG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively
 DATA_SEARCH_DEPTH = 3  # all-dogs/ or Annotation/ at most this many levels below the root (e.g. all-dogs/all-dogs)
 DATA_SEARCH_MAX_DIRS = 2000  # keeps the search fast on a huge tree
 ANNOTATION_MAX_BYTES = 1 << 20  # a Stanford Dogs file is < 1 KB; 2,000 objects in its layout take ~0.5 MiB
-MAX_BOXES_PER_IMAGE = 12  # more are dropped: 300 boxes in one file would make most crops one image (real files: <= 3)
+MAX_BOXES_PER_IMAGE = 12  # one file with 300 boxes would make most crops one image (the real sample: at most 3)
 
 
 # folders
@@ -39,16 +39,13 @@ def _entries(path, skipped, top=None):
                 if e.name.startswith("."):
                     continue
                 try:
-                    if e.is_dir():
-                        if top is not None and e.is_symlink() and not _inside(e.path, top):
-                            skipped["link_outside"] += 1
-                        else:
-                            dirs.append(Path(e.path))
-                    elif e.is_file():
-                        if top is not None and e.is_symlink() and not _inside(e.path, top):
-                            skipped["link_outside"] += 1  # a linked file out of the folder is not read
-                        else:
-                            files.append(Path(e.path))
+                    is_dir = e.is_dir()
+                    if not is_dir and not e.is_file():
+                        continue
+                    if top is not None and e.is_symlink() and not _inside(e.path, top):
+                        skipped["link_outside"] += 1  # a linked folder or file out of the folder is not read
+                    else:
+                        (dirs if is_dir else files).append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed
                     skipped["unreadable_entry"] += 1
     except OSError:  # e.g. permission denied
@@ -145,9 +142,8 @@ def read_voc(path):
     """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
     count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
     refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
-    no_object. Namespaced tags
-    are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped (and counted): one image
-    must not fill the training set with copies of itself."""
+    no_object. Namespaced tags are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped
+    (and counted): one image must not fill the training set with copies of itself."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:

@@ -6,25 +6,19 @@ import torch
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied.
-
-    Written here rather than with swa_utils.AveragedModel, whose update compares a device counter on the host
-    (`n_averaged == 0`) and so syncs every step. half_life_images: images after which an old weight's share has halved;
-    batch: images per update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images).
-    """
+    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
+    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
+    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
+    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = 0.5 ** (batch / half_life_images)
 
-    def _pairs(self, model):
-        src = list(model.parameters()) + list(model.buffers())
-        dst = list(self.model.parameters()) + list(self.model.buffers())
-        return src, dst
-
     @torch.no_grad()
     def update(self, model, copy_only=False):
-        src, dst = self._pairs(model)
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
         fs = [s for s in src if s.is_floating_point()]
         fd = [d for d in dst if d.is_floating_point()]
         if copy_only:

@@ -4,8 +4,6 @@ import torch
 
 
 class DeviceBatches:
-    """The uint8 training crops live on the device once; each batch is indexed, flipped, noised and normalised there."""
-
     def __init__(self, images, labels, *, device, hflip, real_noise):
         # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()

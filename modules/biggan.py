@@ -18,8 +18,6 @@ from modules.layers import (BN_EPS, BN_MOMENTUM, ConditionalBatchNorm2d, Minibat
 
 # G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2.
 # BigGAN-PyTorch's arch[64] (G params at ch=32: 8.0M); the linear layer outputs in_mult[0]*ch channels at bottom^2.
-# A lighter variant, widths halved after the linear layer (2.9M at ch=32), would be
-# ((16, 8, 8), (8, 4, 16), (4, 2, 32), (2, 1, 64)).
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
@@ -58,9 +56,7 @@ class BigGBlock(nn.Module):
 
 class BigDBlock(nn.Module):
     """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 -> [avgpool 2], plus shortcut conv1x1 -> [avgpool 2].
-
-    optimized=True is BigGAN's first block on raw images: no pre-activation, and the shortcut pools before its conv1x1.
-    """
+    optimized=True: BigGAN's first block on raw images: no pre-activation, the shortcut pools before its conv1x1."""
 
     def __init__(self, in_channels, out_channels, make_conv, downsample=True, optimized=False):
         super().__init__()
@@ -95,11 +91,8 @@ def _check_attention_res(attention_res, block_res):
 
 class BigGenerator(nn.Module):
     """forward(z [N,z_dim] float, y [N] long in [0,n_classes)) -> images [N,3,res,res] in [-1,1] (tanh; under autocast
-    in the autocast dtype).
-
-    z is split into len(blocks)+1 equal chunks: chunk 0 feeds the first linear layer, chunk i conditions block i's CBNs
-    together with the shared class embedding (cond = cat[shared(y), z_i]).
-    """
+    in the autocast dtype). z is split into len(blocks)+1 equal chunks: chunk 0 feeds the first linear layer, chunk i
+    conditions block i's CBNs together with the shared class embedding (cond = cat[shared(y), z_i])."""
 
     def __init__(self, *, z_dim=120, n_classes=120, shared_dim=32, ch=32, attention_res=(32,), spectral=True,
                  resolution=64):
@@ -149,11 +142,9 @@ class BigGenerator(nn.Module):
 # discriminator
 
 class BigDiscriminator(nn.Module):
-    """forward(x [N,3,res,res] in [-1,1], y [N] long) -> (logits [N], class_logits [N,n_classes] or None), float32.
-
+    """forward(x [N,3,res,res] in [-1,1], y [N] long) -> (logits [N], class_logits [N,n_classes] or None), float32:
     logits = linear(h) + sum(embed(y) * h) (projection discriminator) with h = sum-pooled ReLU features [N,16ch];
-    class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on.
-    """
+    class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on."""
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):

@@ -22,10 +22,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. Holds state dicts and plain data only, never pickled modules.
-
-    plan_seconds: the training time the run's schedule (LR, PGGAN growth) spans; complete: training ran to its end.
-    """
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
+    growth) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
@@ -50,11 +48,9 @@ def describe_write_error(exc, path):
 
 
 def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint).
-
-    arch: {key: value} of this run's architecture settings (CHECKPOINT_ARCH_KEYS), which must equal the checkpoint's.
-    A missing, unreadable, foreign or mismatched file is a UsageError naming the path.
-    """
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
+    a UsageError naming the path."""
     require_regular_file(path, "--resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -89,8 +85,8 @@ def check_checkpoint_fields(ckpt, path):
         raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
-    for field in ("train_seconds", "plan_seconds"):
-        if field in ckpt or field == "train_seconds":
+    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
+        if field in ckpt:
             v = ckpt[field]
             if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
                 bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
@@ -139,9 +135,7 @@ def restore_checkpoint(ckpt, path, trainer, *, classes):
 
 @dataclass(frozen=True)
 class Resumed:
-    """What --resume carries into a run: the checked checkpoint (read_checkpoint's payload, for restore_checkpoint)
-    and the times of the run it continues."""
-
+    """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
     payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint

@@ -15,33 +15,13 @@ DEMO_BREEDS = ("Chihuahua", "beagle", "golden_retriever", "pug", "Dalmatian", "S
 DEMO_SIZE_RANGE = (120, 300)  # image width and height, pixels
 DEMO_TWO_BOX_P = 0.25  # chance an image holds a second dog
 
-_DEMO_XML = """<annotation>
-\t<folder>{folder}</folder>
-\t<filename>{id}</filename>
-\t<source>
-\t\t<database>synthetic demo</database>
-\t</source>
-\t<size>
-\t\t<width>{w}</width>
-\t\t<height>{h}</height>
-\t\t<depth>3</depth>
-\t</size>
-\t<segment>0</segment>
-{objects}</annotation>
-"""
-_DEMO_OBJECT = """\t<object>
-\t\t<name>{breed}</name>
-\t\t<pose>Unspecified</pose>
-\t\t<truncated>0</truncated>
-\t\t<difficult>0</difficult>
-\t\t<bndbox>
-\t\t\t<xmin>{x0}</xmin>
-\t\t\t<ymin>{y0}</ymin>
-\t\t\t<xmax>{x1}</xmax>
-\t\t\t<ymax>{y1}</ymax>
-\t\t</bndbox>
-\t</object>
-"""
+_DEMO_XML = ("<annotation>\n\t<folder>{folder}</folder>\n\t<filename>{id}</filename>\n"  # the real files' layout
+             "\t<source>\n\t\t<database>synthetic demo</database>\n\t</source>\n"
+             "\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+             "\t<segment>0</segment>\n{objects}</annotation>\n")
+_DEMO_OBJECT = ("\t<object>\n\t\t<name>{breed}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
+                "\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
+                "\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
 
 
 def _draw_demo_dog(draw, box, coat, spot, aspect, facing_left):

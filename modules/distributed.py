@@ -2,15 +2,11 @@
 collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
 many ranks there are and how they start is launch.py's.
 
-Ways in (launch.py):
-- torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): every rank is a process of
-  its own, we start nothing;
-- `python kernel.py` or a notebook cell with --gpus N > 1: this process is rank 0 and *forks* ranks 1..N-1 after the data
-  is loaded (they share the uint8 crops copy-on-write) and before CUDA is initialised anywhere: `spawn` would have to
-  import the notebook's `__main__`, which it cannot. The devices are counted through NVML
-  (PYTORCH_NVML_BASED_CUDA_CHECK=1), which does not initialise CUDA, as Accelerate's notebook_launcher does;
-- --gpus 1 (or one visible device): one process and no process group at all; the DistContext's collectives then
-  return their local values, so the training loop has a single path.
+Ways in (launch.py): torchrun, every rank a process of its own; `python kernel.py` or a notebook cell with --gpus N > 1,
+where this process is rank 0 and *forks* ranks 1..N-1 after the data is loaded (they share the uint8 crops
+copy-on-write) and before CUDA is initialised anywhere (`spawn` would have to import the notebook's `__main__`, which
+it cannot); one rank: no process group at all, and the DistContext's collectives return their local values, so the
+training loop has a single path.
 
 Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
 measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
@@ -63,9 +59,6 @@ class DistContext:
     @property
     def distributed(self):
         return self.world_size > 1
-
-    # the few collectives of a run: with one rank each returns the local value (no group exists), so the training
-    # loop has one path for any number of ranks
 
     def agree(self, *, stop, progress, interval, device, interrupted):
         """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
@@ -197,22 +190,21 @@ def wait_for_workers(ctx, store, timeout_s):
 
 
 def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, a collective timeout of timeout_s (a collective call on
-    every rank)."""
+    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None, poll_s=WATCH_POLL_S):
+def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within poll_s, says so and aborts the process groups (abort_groups), so that the
-    collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
+    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
     stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
     abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
-        while not stop.wait(poll_s):
+        while not stop.wait(WATCH_POLL_S):
             failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
@@ -252,12 +244,10 @@ def abort_groups(ctx):
 def training_timeout(finish_s, checkpoint_s):
     """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
     than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
-    return min(max(DIST_TIMEOUT_MIN_S, 3 * checkpoint_s + 5.0), max(DIST_TIMEOUT_MIN_S, min(DIST_TIMEOUT_MAX_S,
-                                                                                         0.5 * finish_s)))
+    return max(DIST_TIMEOUT_MIN_S, min(3 * checkpoint_s + 5.0, DIST_TIMEOUT_MAX_S, 0.5 * finish_s))
 
 
 # faults and the end
-
 
 def record_failure(error):
     """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""

@@ -17,7 +17,6 @@ from modules.utils import UsageError, warn
 
 # how many ranks
 
-
 def torchrun_env():
     """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -82,7 +81,6 @@ def rank_device(ctx, device):
 
 
 # starting the ranks
-
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -18,13 +18,10 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 # spectral norm and layer factories
 
 class SpectralNormFP32(parametrizations._SpectralNorm):
-    """torch's spectral-norm parametrization with its power iteration and sigma always in float32.
-
-    The parametrization runs when the weight is read, i.e. inside the caller's autocast region; CUDA's autocast puts
-    torch.mv on its fp16 list (CPU's does not), so u, v and sigma would be computed in half precision on a GPU -- a
-    precision/range risk with a history of breakage (pytorch/pytorch#125544). Autocast is switched off here, so they
-    run in float32 whatever the autocast state and device. Same buffers and state_dict keys (_u, _v) as torch's.
-    """
+    """torch's spectral-norm parametrization with its power iteration and sigma always in float32: it runs when the
+    weight is read, inside the caller's autocast region, and CUDA's autocast puts torch.mv on its fp16 list, so u, v and
+    sigma would be computed in half precision on a GPU (pytorch/pytorch#125544). Same buffers and state_dict keys (_u,
+    _v) as torch's."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -32,13 +29,8 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (SpectralNormFP32: torch's parametrization, 1 power iteration per training
-    forward, in float32 under any autocast).
-
-    The normalized weight is recomputed on every access of `module.weight`; the raw weight lives in
-    `module.parametrizations.weight.original` and the power-iteration vectors u, v are buffers (so they travel in the
-    state_dict and get copied by an EMA of buffers).
-    """
+    """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
+    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -70,11 +62,9 @@ def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
 # attention
 
 class SelfAttention(nn.Module):
-    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g).
-
-    theta/phi have channels/8, g has channels/2 (at least 1 each, for tiny test widths); phi and g are 2x2 max-pooled,
-    so attention costs (HW) x (HW/4). gamma starts at 0, so a fresh block is the identity.
-    """
+    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g). theta/phi have
+    channels/8, g channels/2 (at least 1, for tiny test widths); phi and g are 2x2 max-pooled, so attention costs (HW) x
+    (HW/4). gamma starts at 0, so a fresh block is the identity."""
 
     def __init__(self, channels, make_conv):
         super().__init__()
@@ -100,11 +90,8 @@ class SelfAttention(nn.Module):
 # normalization
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn).
-
-    cond is [N, cond_dim] (in BigGAN: cat[shared class embedding, z chunk]); the gain/bias linears have no bias of their
-    own, as in BigGAN-PyTorch, so cond = 0 gives plain BatchNorm.
-    """
+    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
+    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -122,11 +109,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
 class MinibatchStd(nn.Module):
     """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
-
-    The batch is split StyleGAN-style into groups of `group_size` samples (sample n belongs to group n % (N // G));
-    each sample gets its group's statistic as a constant extra channel. G is clipped to the batch; if N is not
-    divisible by G, the whole batch forms one group. Computed in float32 (fp16-autocast safe) and returned in x's dtype.
-    """
+    Groups of `group_size` samples, StyleGAN-style (sample n in group n % (N // G)); G is clipped to the batch, and the
+    whole batch is one group when N is not divisible by G. Computed in float32 (fp16-autocast safe)."""
 
     def __init__(self, group_size=4):
         super().__init__()

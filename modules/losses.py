@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 # helpers
 
-
 def _margin_mask(real, margin):
     """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
     if not margin:
@@ -22,7 +21,6 @@ def _masked_mean(values, mask):
 
 
 # relativistic average least squares (2nd place)
-
 
 def rals_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
@@ -38,7 +36,6 @@ def rals_g(real, fake):
 
 # non-saturating BCE (DCGAN; 1st place with real label 0.9)
 
-
 def bce_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     real_term = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target), reduction="none")
@@ -53,7 +50,6 @@ def bce_g(real, fake):
 
 # hinge (5th place, SAGAN/BigGAN)
 
-
 def hinge_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()
     return _masked_mean(F.relu(1 - real), _margin_mask(real, margin)) + F.relu(1 + fake).mean()
@@ -64,7 +60,6 @@ def hinge_g(real, fake):
 
 
 # least squares (LSGAN, a = 0, b = c = 1)
-
 
 def lsgan_d(real, fake, *, real_target=1.0, margin=0.0):
     real, fake = real.float(), fake.float()

@@ -5,13 +5,12 @@ full resolution R = 4·2^max_level, so the training loop stays generic:
 - PGGenerator(z, y) -> [N,3,R,R]: the current level's image, nearest-upsampled to R.
 - PGDiscriminator(x, y) -> (logits [N], None): it average-pools x [N,3,R,R] down to the current level itself.
 
-Growth is plain module state set by `set_growth(level, alpha)`. Trainer.set_progress(progress) (train.py, the
-schedule) sets `pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages (EMA, SWA); the loop
-calls it before each step (on several ranks at each sync, with the progress they agreed), progress being the fraction
-of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute (reading
-it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading weights
-leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so run these
-modules eagerly.
+Growth is plain module state set by `set_growth(level, alpha)`: Trainer.set_progress(progress) (train.py) sets
+`pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages before each step, progress being the
+fraction of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute
+(reading it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading
+weights leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so
+run these modules eagerly.
 
 From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
 minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and
@@ -32,11 +31,8 @@ _PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
 # equalized learning rate
 
 class EqConv2d(nn.Module):
-    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2).
-
-    The scale is applied on every forward pass, not at init. Adam then updates all layers at the same relative
-    speed (Karras et al. 2018, sec. 4.1).
-    """
+    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
+    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
         super().__init__()
@@ -63,10 +59,8 @@ class EqLinear(nn.Module):
 
 
 class PixelNorm(nn.Module):
-    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]).
-
-    The statistic is computed in float32: under fp16 autocast 1e-8 rounds to 0 and x² can overflow.
-    """
+    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]), the statistic in float32:
+    under fp16 autocast 1e-8 rounds to 0 and x² can overflow."""
 
     def forward(self, x):
         return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)
@@ -81,14 +75,10 @@ def _pg_check_growth(level, alpha, max_level):
 # growth schedule
 
 def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha).
-
-    Time is split into units: one per level, plus `final_weight - 1` extra for the last level. The output is sampled at
-    the last level, so it gets more time to stabilise, while the small levels learn fast. With the defaults each level
-    gets 1/6 of the budget and the 64x64 level gets 2/6. In every level > 0, alpha fades linearly 0 -> 1 during the
-    first `fade_fraction` of one unit and then stays at 1. Level 0 has alpha 1 throughout.
-    progress >= 1 -> (n_levels-1, 1.0).
-    """
+    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
+    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
+    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
+    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
     assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
     if progress >= 1.0:
         return n_levels - 1, 1.0
@@ -102,10 +92,8 @@ def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
 # generator
 
 class PGGenerator(nn.Module):
-    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level.
-
-    The output is linear (no tanh, as in the paper), roughly in [-1, 1] once trained. Clamp it only at sampling time.
-    """
+    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level: linear (no tanh, as in the
+    paper), roughly in [-1, 1] once trained; clamped only at sampling time."""
 
     def __init__(self, *, z_dim=128, n_classes=1, ch=64, max_level=4):
         super().__init__()
@@ -153,12 +141,9 @@ class PGGenerator(nn.Module):
 # discriminator
 
 class PGDiscriminator(nn.Module):
-    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None). The None stands for the auxiliary class logits,
-    which this D does not have (same interface as the BigGAN D).
-
-    Conditioning is by projection: sum(embed(y) · h) is added to the logit, with h the C0 features after the 4x4 conv.
-    The embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0)).
-    """
+    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None): no auxiliary class logits (the BigGAN D's
+    interface). Conditioning by projection: sum(embed(y) · h) is added to the logit, h the C0 features after the 4x4
+    conv; the embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0))."""
 
     def __init__(self, *, n_classes=1, ch=64, max_level=4, mbstd_group=4):
         super().__init__()
@@ -185,10 +170,9 @@ class PGDiscriminator(nn.Module):
         self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
 
     def fade_reals(self, x):
-        """Optional, for reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while
-        fading in, still [N,3,R,R]. This is the paper's real-image fading. D's own input-side fade already blends its
-        two paths. Without this, the reals are sharp at the new level while the fakes are blurred by the fade.
-        """
+        """Reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while fading in, still
+        [N,3,R,R] (the paper's real-image fading): without it the reals are sharp at the new level while the fakes are
+        blurred by the fade."""
         f = 2 ** (self.max_level - self.level)
         x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]
         if self.level > 0 and self.alpha < 1.0:

@@ -107,8 +107,7 @@ def _submission_files(path, limit):
     ("", count, 0, None)."""
     if os.path.isdir(path):
         files = []
-        for root, dirs, names in os.walk(path):  # links to folders are not followed
-            dirs.sort()
+        for root, _, names in os.walk(path):  # links to folders are not followed
             for n in names:
                 files.append(os.path.join(root, n))
                 if len(files) > limit:
@@ -148,13 +147,11 @@ def _png_header(data):
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan.
-
-    Nothing is decompressed or decoded before it is known small: non-.png names are not read at all; entries are
-    refused on the directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far;
-    the PNG header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or
-    OSError when path is neither a readable zip nor a folder.
-    """
+    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
+    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
+    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
+    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
+    when path is neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -228,11 +225,8 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
     """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
     re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
     it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError.
-
-    pngs: the images' PNG bytes when they are encoded already (finish encodes them while generating).
-    corrupt: for tests (fault=zipfail): truncate the written zip before verification, as a broken disk would.
-    """
+    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
+    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:

@@ -339,6 +339,14 @@ def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
     assert int(r1["buffers"][2]) == 10  # rank 0's num_batches_tracked
 
 
+def test_training_timeout_outlasts_a_checkpoint_within_half_the_finish_reserve():
+    from modules.distributed import training_timeout
+    assert training_timeout(600.0, 2.0) == 11.0  # 3 checkpoints + 5 s
+    assert training_timeout(600.0, 100.0) == 120.0  # never above DIST_TIMEOUT_MAX_S
+    assert training_timeout(30.0, 20.0) == 15.0  # half the finish reserve
+    assert training_timeout(4.0, 0.0) == 10.0  # never below DIST_TIMEOUT_MIN_S
+
+
 def test_nccl_error_env_per_torch_version(monkeypatch):
     """Async error handling (2: abort the communicators, keep the process) without blocking wait, under the names the
     running torch reads: NCCL_* before 2.2, TORCH_NCCL_* from 2.2; init_group sets them before the group exists."""
