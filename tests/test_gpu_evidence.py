@@ -191,3 +191,17 @@ def test_bench_speed_json_keeps_the_rows_measured_before_a_failing_variant(tmp_p
         torch.set_num_threads(threads)
     doc = json.loads(js.read_text())
     assert doc["done"] is False and [r["name"][:3] for r in doc["rows"]] == ["(a)", "(b)"]
+
+
+def test_markdown_survives_a_speed_bench_killed_before_any_row(tmp_path):
+    """On the H200 the speed bench was killed while compiling, before any variant was timed: its rows had it_s None,
+    the table's summary raised, and the script died before memory, predict and tests ran. The table now says so."""
+    speed = {"command": "bench_speed.py", "rc": 124, "seconds": 88.4, "ok": False,
+             "result": {"rows": [{"name": "(a) Trainer, amp auto", "it_s": None, "rates": []},
+                                 {"name": "(b) Trainer, amp off", "it_s": 15.8, "rates": [15.8]}]}}
+    meta = {"dry_run": False, "command": "gpu_evidence.py", "started": "now", "wall_s": 1.0}
+    text = gpu_evidence.markdown({"speed": speed}, meta)
+    assert "(a) Trainer, amp auto not measured" in text and "(b) Trainer, amp off 15.80 it/s" in text
+    broken = {"rc": 0}  # a section whose record lacks what its summary reads: the table still comes out
+    text = gpu_evidence.markdown({"finish": broken}, meta)
+    assert "no summary: KeyError" in text
