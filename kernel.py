@@ -42,11 +42,11 @@
 #    2284  Trainer.step          one training step: D, then G, EMA
 #    2483  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    5499  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5698  finish                the finish: images, the verified zip, self-check, pictures
-#    5951  parse_config          the command line -> a checked Config
-#    6246  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6538  run                   the run: settings, checks and data, the ranks started
-#    6609  main                  the entry point and its exit codes
+#    5694  finish                the finish: images, the verified zip, self-check, pictures
+#    5947  parse_config          the command line -> a checked Config
+#    6242  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6534  run                   the run: settings, checks and data, the ranks started
+#    6605  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
@@ -5288,8 +5288,8 @@ the end against the one measured at start."""
 FINISH_SAFETY = 1.25  # the measured finish x this: it is timed on ~1% of the work, and other load comes and goes
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor
 FINISH_SLOWDOWN_MAX = 8.0  # ... or with the slowdown of a re-timed generation batch, up to this factor
-PROBE_COST = 0.02  # near the end a generation batch is re-timed at most this fraction of the time, and every 1 s
-PROBE_SHARE = 0.1  # ... and at least every this fraction of the time to the stop (syncs too): load is seen in time
+PROBE_COST = 0.02  # near the end a generation batch is re-timed every its time / this (2 % of the time) ...
+PROBE_SHARE = 0.1  # ... or, nearer the stop, every this share of the time to it (at least 1 s apart; syncs too)
 SYNC_MAX_S = 10.0  # a host sync (finite check, step timing, upkeep) at least this often, whatever check_every says
 FINISH_EXIT_S = 2.0  # report, last log lines and interpreter exit after the zip
 FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
@@ -5541,11 +5541,6 @@ class Pace:
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
         return max(1, min(check_every - step % check_every, most))
 
-    def margin(self):
-        """Time kept free before the stop: the step we start + one queued on the GPU (before a measurement: the plan's
-        first-step margin)."""
-        return 2 * self.step_s if self.step_s is not None else self.plan.first_step_s
-
     def record(self, seconds, steps, *, done, level=None):
         """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
         (each has its own step time: the slowdown is measured within one), None for other architectures."""
@@ -5562,8 +5557,9 @@ class Pace:
         self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
 
     def checkpoint_fits(self, checkpoint_s):
-        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe) fit before stop_at()?"""
-        return self.deadline.elapsed() + 2 * checkpoint_s + self.margin() < self.stop_at()
+        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe), the step we start and one
+        queued on the GPU fit before stop_at()?"""
+        return self.deadline.elapsed() + 2 * (checkpoint_s + self.step_estimate()) < self.stop_at()
 
     def retime(self):
         """Near the end (where a slower finish can still move the stop), re-time a generation batch every

@@ -61,7 +61,7 @@ def test_step_time_sets_the_sync_interval_and_the_slowdown():
     assert pace.sync_interval(check_every=50, done=0, step=0) == 1  # the first two steps are timed one by one
     pace.record(0.5, 1, done=1)
     pace.record(0.2, 1, done=2)  # the first steps carry autotuning: the slowest sets the margin
-    assert pace.step_s == 0.5 and pace.margin() == 1.0
+    assert pace.step_s == 0.5 and pace.step_estimate() == 0.5
     assert pace.sync_interval(check_every=50, done=2, step=2) == int(SYNC_MAX_S / 0.5)  # at most SYNC_MAX_S of steps
     assert pace.sync_interval(check_every=5, done=2, step=2) == 3  # syncs at round step counts: 5, 10, ...
     assert pace.sync_interval(check_every=5, done=2, step=1005) == 5
