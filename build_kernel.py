@@ -24,10 +24,10 @@ PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the
     "layers", "biggan", "pggan", "models", "losses", "augment",  # the model and what D sees
     "grammar", "utils",  # small helpers: everything from sample on imports utils
     "sample", "precision", "speed", "settings", "averaging", "batches", "train",  # generation, the step, its settings
-    "pace", "loop",  # when training must stop, and the loop
+    "loop",  # the loop
     "crops", "annotations", "data", "demo",  # the machinery: data (its robustness), the synthetic demo set
     "faults", "distributed", "launch", "checkpoint", "features", "metrics", "report", "submission",
-    "evaluate", "measure", "finish", "plan", "cli", "outdir", "setup", "run", "main")
+    "evaluate", "budget", "finish", "cli", "outdir", "setup", "run", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.
 LANDMARKS = (
@@ -40,7 +40,7 @@ LANDMARKS = (
     ("the losses (loss): D's and G's for each", "losses", "LOSSES"),
     ("one training step: D, then G, EMA", "train", "Trainer.step"),
     ("the schedule: learning rate, PGGAN growth, noise decay", "train", "Trainer.set_progress"),
-    ("the pace: step time, slowdown, when training must stop", "pace", "Pace"),
+    ("the budget: the finish measured, the plan, when training must stop", "budget", "Pace"),
     ("the training loop: steps, checks, roll-backs, ticks, stop", "loop", "train_loop"),
     ("the finish: images, the verified zip, self-check, pictures", "finish", "finish"),
     ("the command line -> a checked Config", "cli", "parse_config"),

@@ -1,6 +1,6 @@
 """Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
-What each part costs was measured before training (measure.py); whether an optional part still fits is the Pace's
-call (pace.py): no time arithmetic here."""
+What each part costs was measured before training; whether an optional part still fits is the Pace's
+call (budget.py): no time arithmetic here."""
 import contextlib
 import json
 import os

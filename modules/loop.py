@@ -21,7 +21,7 @@ class LoopSettings:
     """How the loop keeps watch (Config's "upkeep and robustness" fields and max_steps; build_loop_settings)."""
 
     tick_s: float  # seconds between progress lines
-    check_every: int  # steps between host syncs (at most SYNC_MAX_S of steps)
+    check_every: int  # steps between host syncs (at most SYNC_MAX_S of steps, fewer near the stop)
     snapshot_every: int  # steps between the in-memory snapshots a divergence rolls back to
     max_rollbacks: int  # after this many roll-backs training stops ("diverged")
     rollback_lr_factor: float  # learning rates x this at each roll-back

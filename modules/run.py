@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modules.budget import Pace, finish_reserve_s, measure_finish_seconds, plan_training, refuse_if_finish_cannot_fit
 from modules.checkpoint import describe_write_error, save_checkpoint
 from modules.distributed import (
     DistContext,
@@ -31,10 +32,7 @@ from modules.faults import fault_hook
 from modules.features import build_feature_extractor
 from modules.finish import build_finish_settings, finish
 from modules.loop import TrainSummary, build_loop_settings, train_loop
-from modules.measure import measure_finish_seconds
 from modules.outdir import prepare_out_dir, removed_if_left_empty
-from modules.pace import Pace, finish_reserve_s
-from modules.plan import plan_training, refuse_if_finish_cannot_fit
 from modules.sample import build_sampler
 from modules.setup import open_device
 from modules.speed import env_threads, pick_cpu_threads
@@ -168,7 +166,7 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
-                         max_steps=cfg.max_steps, hold_back_s=timeout, encode_hidden_s=info["encode_hidden_s"])
+                         max_steps=cfg.max_steps, hold_back_s=timeout)
     if ctx.distributed:
         log(f"{ctx.world_size} ranks, {trainer.batch_per_rank} images each per step; collective timeout "
             f"{format_duration(timeout)} (training stops that much earlier)")

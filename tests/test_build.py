@@ -456,5 +456,5 @@ def test_recipe_before_machinery():
     recipe = ["layers", "biggan", "pggan", "models", "losses", "augment", "sample", "train", "loop"]
     assert [order.index(m) for m in recipe] == sorted(order.index(m) for m in recipe)
     machinery = ["crops", "annotations", "data", "demo", "checkpoint", "features", "metrics", "report", "submission",
-                 "evaluate", "finish", "plan", "cli"]
+                 "evaluate", "finish", "budget", "cli"]
     assert min(order.index(m) for m in machinery) > order.index("loop")

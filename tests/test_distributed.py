@@ -18,6 +18,7 @@ import torch
 
 from conftest import KERNEL, ROOT, run_kernel
 from modules.config import PRESETS, Config, apply_overrides
+from modules.distributed import DistContext
 from modules.launch import resolve_world_size, torchrun_env
 from modules.settings import split_batch
 from modules.train import build_trainer
@@ -465,3 +466,15 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
     ctx = launch.fork_workers(2, forked.append, cuda=True)
     assert (ctx.world_size, ctx.workers, forked) == (1, [], [])
     assert "CUDA is already initialised in this process" in capsys.readouterr().out
+
+
+def test_one_rank_collectives_return_local_values():
+    """The loop's single path: with one rank no group exists and every collective is the identity."""
+    ctx = DistContext()
+    assert not ctx.distributed and ctx.is_main
+    assert ctx.agree(stop="budget", progress=0.25, interval=7, device=torch.device("cpu"), interrupted=False) == (
+        "budget", 0.25, 7)
+    box = {"plan": 1}
+    assert ctx.broadcast(box) is box and ctx.dead_workers() == []
+    ctx.sync_buffers([torch.nn.BatchNorm1d(2)])  # nothing to send, nothing raised
+    assert ctx.mark_broken("a failure") == "" and ctx.broken == ""  # nothing to break alone

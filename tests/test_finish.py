@@ -16,7 +16,7 @@ from conftest import CPU, tiny_cfg, tiny_data
 from test_evaluate import TinyClassifierFeatures
 from modules.evaluate import NO_FID
 from modules.finish import FinishSettings, build_finish_settings, finish, save_pictures
-from modules.pace import Pace
+from modules.budget import Pace
 from modules.report import RunReport
 from modules.sample import build_sampler
 from modules.submission import verify_zip

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, run_loop, tiny_cfg, tiny_data, window_plan
-from modules.measure import measure_finish_seconds
+from modules.budget import measure_finish_seconds
 from modules.submission import verify_zip
 from modules.checkpoint import read_checkpoint, save_checkpoint
 from modules.faults import fault_hook

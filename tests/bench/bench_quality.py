@@ -57,8 +57,7 @@ from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.data import find_data_dir, load_dogs  # noqa: E402
 from modules.distributed import DistContext  # noqa: E402
 from modules.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.pace import Pace  # noqa: E402
-from modules.plan import TrainPlan  # noqa: E402
+from modules.budget import Pace, TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
 from modules.sample import SAMPLE_BN_MODES, build_sampler  # noqa: E402
 from modules.submission import write_submission  # noqa: E402

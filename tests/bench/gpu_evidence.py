@@ -78,8 +78,7 @@ from modules.demo import make_demo_dataset  # noqa: E402
 from modules.distributed import DistContext  # noqa: E402
 from modules.finish import fast_inference  # noqa: E402
 from modules.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.pace import Pace  # noqa: E402
-from modules.plan import TrainPlan  # noqa: E402
+from modules.budget import Pace, TrainPlan  # noqa: E402
 from modules.report import save_grid  # noqa: E402
 from modules.sample import build_sampler  # noqa: E402
 from modules.speed import compile_support, configure_backends, configure_threads  # noqa: E402
