@@ -13,7 +13,6 @@ import dataclasses
 import types
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -25,7 +24,7 @@ from conftest import CPU, loop_kwargs, run_loop, window_plan
 
 # one saturated colour per breed (RGB), far apart so that a nearest-mean-colour classifier separates the real crops
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220], [230, 210, 30]], dtype=np.float32)
-LEARNING_STEPS = 200  # G steps of the suite's run (seed 0: accuracy ~0.45 at 100 steps, 0.7-0.9 at 150, 1.0 at 200)
+LEARNING_STEPS = 200  # G steps (seeds 0, 1, 2: accuracy 1.00, 0.98, 0.89; seed 0, G itself: 0.48 at 100, 0.86 at 150)
 LEARNING_SAMPLES = 500  # samples drawn (one generation batch of the default sample_batch)
 MIN_ACCURACY = 0.8  # of samples classified as the breed they were drawn for; chance is 1 / len(COLOURS)
 
@@ -117,7 +116,6 @@ def learned_accuracy(seed, *, steps, shuffle_labels=False, n_samples=LEARNING_SA
     return float((classify(fakes) == labels).mean())
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_samples_drawn_for_a_breed_look_like_it(seed):
-    accuracy = learned_accuracy(seed, steps=LEARNING_STEPS)
+def test_samples_drawn_for_a_breed_look_like_it():
+    accuracy = learned_accuracy(0, steps=LEARNING_STEPS)
     assert accuracy >= MIN_ACCURACY, f"samples classified as their breed: {accuracy:.2f} (chance {1 / len(COLOURS)})"

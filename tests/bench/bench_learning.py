@@ -5,6 +5,9 @@ chance (1/4). The logic lives in tests/test_learning.py (one copy); this prints 
 
     python tests/bench/bench_learning.py --seeds 0 1 2
     python tests/bench/bench_learning.py --seeds 0 --shuffle-labels
+
+Measured (2 cores shared with other work, load average 2-4; 200 steps, width 4, batch 8): true labels, seeds 0 / 1 / 2:
+0.998 / 0.976 / 0.890 (35-140 s each, by the load); shuffled labels, seeds 0 / 1: 0.240 / 0.178 (chance 0.25).
 """
 import argparse
 import os
