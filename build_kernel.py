@@ -1,13 +1,14 @@
-"""Bundle modules/*.py into one kernel.py for Kaggle, refusing code that would not survive the bundling.
+"""Bundle modules/<layer>/*.py into one kernel.py for Kaggle, refusing code that would not survive the bundling.
 
     python build_kernel.py                  # write kernel.py next to this file
     python build_kernel.py --check          # exit 1 when the committed kernel.py differs from a fresh build
     python build_kernel.py --out PATH --modules DIR
 
 kernel.py is one namespace: a header (how to run it, then a table of contents with the line of each landmark), the
-modules' top-level imports, hoisted and merged, then each module minus those imports, in the import graph's order with
-ties broken by PREFERRED: the recipe first (Config, the model, the losses, the step and its schedule, the loop), then
-the machinery (data, distribution, checkpoints, metrics, the finish, the command line, main). The rules
+modules' top-level imports, hoisted and merged, then each module minus those imports, layer by layer (LAYERS: the
+recipe, the data, the run), in the import graph's order inside a layer with ties broken by PREFERRED: Config, the model,
+the losses, the step and its schedule, the loop; then the data; then distribution, checkpoints, metrics, the finish,
+the command line and main. A module imports only from its own layer or the ones before it. The rules
 (CONVENTIONS.md, "Bundling rules") are checked on the ast; a violation, or a landmark that no longer exists, prints one
 line `build_kernel: <file>:<line>: <why>` and exits 1. Standard library only.
 """
@@ -18,16 +19,18 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-PACKAGE = "modules"  # our own imports: `from modules.x import a, b`
+PACKAGE = "modules"  # our own imports: `from modules.<layer>.x import a, b`
+LAYERS = ("recipe", "data", "run")  # modules/<layer>/x.py, bundled in this order; a layer imports only from itself and
+# the layers before it
 PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the machinery; unlisted files go after
     "config",  # the settings, the presets and their limits: what a reader of kernel.py sees first
     "layers", "biggan", "pggan", "models", "losses", "augment",  # the model and what D sees
     "grammar", "utils",  # small helpers: everything from sample on imports utils
-    "sample", "precision", "speed", "settings", "averaging", "batches", "train",  # generation, the step, its settings
-    "loop",  # the loop
-    "crops", "annotations", "data", "demo",  # the machinery: data (its robustness), the synthetic demo set
-    "faults", "distributed", "launch", "checkpoint", "features", "metrics", "report", "submission",
-    "evaluate", "budget", "finish", "cli", "outdir", "setup", "run", "main")
+    "precision", "speed", "settings", "averaging", "batches", "train",  # the step and what it needs
+    "sample", "loop",  # generation, and the loop
+    "crops", "annotations", "dogs", "demo",  # the data: its robustness, the synthetic demo set
+    "budget", "faults", "distributed", "launch", "checkpoint", "features", "metrics", "report", "submission",
+    "evaluate", "finish", "cli", "outdir", "setup", "rank", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.
 LANDMARKS = (
@@ -44,7 +47,7 @@ LANDMARKS = (
     ("the training loop: steps, checks, roll-backs, ticks, stop", "loop", "train_loop"),
     ("the finish: images, the verified zip, self-check, pictures", "finish", "finish"),
     ("the command line -> a checked Config", "cli", "parse_config"),
-    ("one rank's run: device, trainer, plan, training, the zip", "run", "run_rank"),
+    ("one rank's run: device, trainer, plan, training, the zip", "rank", "run_rank"),
     ("the run: settings, checks and data, the ranks started", "main", "run"),
     ("the entry point and its exit codes", "main", "main"),
 )
@@ -113,10 +116,10 @@ def _shown(path):
 
 
 class Module:
-    """One parsed modules/x.py and what the rules found in it."""
+    """One parsed modules/<layer>/x.py and what the rules found in it."""
 
-    def __init__(self, path):
-        self.name, self.shown = path.stem, _shown(path)
+    def __init__(self, path, layer):
+        self.name, self.layer, self.shown = path.stem, layer, _shown(path)
         try:
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
@@ -127,7 +130,8 @@ class Module:
             self.tree = ast.parse(text, filename=self.shown)
         except SyntaxError as exc:
             raise BuildError(self.shown, exc.lineno, f"syntax error: {exc.msg}") from None
-        self.deps = {}  # module name -> line of its first `from modules.<name> import`
+        self.deps = {}  # module name -> line of its first `from modules.<layer>.<name> import`
+        self.dep_layers = {}  # module name -> the layer its import names
         self.own_imports = []  # (module name, imported name, line)
         self.hoisted = []  # top-level stdlib / third-party Import and ImportFrom nodes
         self.defs = {}  # top-level def / class / assignment name -> line
@@ -157,7 +161,7 @@ def _target_names(mod, target):
 def _check_import(mod, node, top_level):
     """Rules 1 and 2 for one import statement anywhere in the file."""
     if isinstance(node, ast.ImportFrom) and node.level:
-        mod.fail(node, "relative import: write `from modules.x import a, b` (or import the library by name)")
+        mod.fail(node, "relative import: write `from modules.<layer>.x import a, b` (or import the library by name)")
     if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
         mod.fail(node, "star import: name what you import (kernel.py is one namespace)")
     modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
@@ -165,16 +169,18 @@ def _check_import(mod, node, top_level):
         root = name.split(".")[0]
         if root == PACKAGE:
             if isinstance(node, ast.Import):
-                mod.fail(node, f"`import {name}`: write `from modules.x import a, b`")
+                mod.fail(node, f"`import {name}`: write `from modules.<layer>.x import a, b`")
             if not top_level:
                 mod.fail(node, "import of modules inside a function, class or block: "
-                               "move it to the top of the file as `from modules.x import a, b`")
-            if name.count(".") != 1:
-                mod.fail(node, f"`from {name} import ...`: write `from modules.x import a, b` (x: a file in modules/)")
+                               "move it to the top of the file as `from modules.<layer>.x import a, b`")
+            if name.count(".") != 2 or name.split(".")[1] not in LAYERS:
+                mod.fail(node, f"`from {name} import ...`: write `from modules.<layer>.x import a, b` (x: a file in "
+                               f"modules/<layer>/, <layer> one of {', '.join(LAYERS)})")
             if any(a.asname for a in node.names):
                 mod.fail(node, "alias (`as`) in an import from modules: kernel.py is one namespace, use the real name")
-            dep = name.split(".")[1]
+            layer, dep = name.split(".")[1:]
             mod.deps.setdefault(dep, node.lineno)
+            mod.dep_layers.setdefault(dep, layer)
             mod.own_imports += [(dep, a.name, node.lineno) for a in node.names]
         elif root not in THIRD_PARTY and root not in sys.stdlib_module_names:
             mod.fail(node, f"import of {root!r}: only {', '.join(THIRD_PARTY)} and the standard library are allowed")
@@ -210,7 +216,7 @@ def _check_module(mod):
             names = _target_names(mod, node.target)
         elif isinstance(node, ast.If) and "__name__" in {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}:
             if mod.name != "main":
-                mod.fail(node, "`if __name__ == \"__main__\":` outside modules/main.py: only main.py may have one")
+                mod.fail(node, "`if __name__ == \"__main__\":` outside modules/run/main.py: only main.py may have one")
             if not _is_main_guard(node.test) or node.orelse:
                 mod.fail(node, "write the guard exactly as `if __name__ == \"__main__\":`, with no else")
             if i != len(body) - 1:
@@ -224,15 +230,16 @@ def _check_module(mod):
 
 
 def _order(mods):
-    """Topological order of the import graph; ties by PREFERRED, then unlisted alphabetically; main last.
+    """Topological order of the import graph; ties by layer, then PREFERRED, then unlisted alphabetically; main last.
 
     A module is pulled forward to just before the earliest module that needs it (directly or not), so an unlisted
     helper of utils comes right before utils, not after everything listed.
     """
     def own(name):
         if name == "main":
-            return (2, 0, "")
-        return (0, PREFERRED.index(name), "") if name in PREFERRED else (1, 0, name)
+            return (len(LAYERS), 0, 0, "")
+        layer = LAYERS.index(mods[name].layer)
+        return (layer, 0, PREFERRED.index(name), "") if name in PREFERRED else (layer, 1, 0, name)
 
     users = {name: [m for m in mods if name in mods[m].deps] for name in mods}
     pulled = {}
@@ -361,7 +368,7 @@ def _landmark_lines(tree, text, landmarks):
     sections, name = {}, None  # module -> [first line, last line] of its part of kernel.py
     for number, line in enumerate(text.split("\n"), start=1):
         if line.startswith("# ==== modules/"):
-            name = line.split("/")[1].removesuffix(".py ====")
+            name = line.removesuffix(".py ====").split("/")[-1]
             sections[name] = [number, number]
         elif name:
             sections[name][1] = number
@@ -392,7 +399,7 @@ def _assemble(ordered, landmarks, lines):
     order = textwrap.wrap(" -> ".join(mod.name for mod in ordered), MAX_LINE - 4, break_on_hyphens=False)
     top = [header, "#", *(contents + ["#"] if landmarks else []), ORDER_TITLE] + [f"#   {line}" for line in order]
     parts = ["\n".join(top), _header_imports(ordered)]
-    parts += [f"# ==== modules/{mod.name}.py ====\n{_body(mod)}".rstrip("\n") for mod in ordered]
+    parts += [f"# ==== modules/{mod.layer}/{mod.name}.py ====\n{_body(mod)}".rstrip("\n") for mod in ordered]
     return "\n\n\n".join(part for part in parts if part) + "\n"
 
 
@@ -406,35 +413,52 @@ def _compiled(text):
 
 
 def build(modules_dir, *, landmarks=LANDMARKS):
-    """The text of kernel.py built from modules_dir/*.py; raises BuildError on any rule violation or a landmark
-    (LANDMARKS, the header's table of contents) that is not defined in its module."""
+    """The text of kernel.py built from modules_dir/<layer>/*.py; raises BuildError on any rule violation or a
+    landmark (LANDMARKS, the header's table of contents) that is not defined in its module."""
     modules_dir = Path(modules_dir)
     if not modules_dir.is_dir():
         raise BuildError(_shown(modules_dir), None, "no such directory")
     mods = {}
-    for path in sorted(modules_dir.glob("*.py")):
-        if path.name == "__init__.py":
-            init = Module(path)
-            for node in init.tree.body[1:] if ast.get_docstring(init.tree, clean=False) is not None else init.tree.body:
-                init.fail(node, "modules/__init__.py must be empty or a docstring only")
-            continue
-        if not path.stem.isidentifier():
-            raise BuildError(_shown(path), None, "a module's file name must be a Python identifier")
-        mods[path.stem] = Module(path)
+    for folder in [modules_dir] + [modules_dir / layer for layer in LAYERS]:
+        for path in sorted(folder.glob("*.py")):
+            if path.name == "__init__.py":
+                init = Module(path, None)
+                body = init.tree.body
+                for node in body[1:] if ast.get_docstring(init.tree, clean=False) is not None else body:
+                    init.fail(node, "an __init__.py in modules/ must be empty or a docstring only")
+                continue
+            if folder == modules_dir:
+                raise BuildError(_shown(path), None, f"a module lives in a layer's folder: modules/<layer>/"
+                                                     f"{path.name}, <layer> one of {', '.join(LAYERS)}")
+            if not path.stem.isidentifier():
+                raise BuildError(_shown(path), None, "a module's file name must be a Python identifier")
+            if path.stem in mods:
+                raise BuildError(_shown(path), None, f"two modules named {path.stem!r} (the other: "
+                                                     f"{mods[path.stem].shown}): kernel.py names them by file name")
+            mods[path.stem] = Module(path, folder.name)
+    for folder in sorted(p for p in modules_dir.iterdir() if p.is_dir() and p.name not in LAYERS):
+        if any(folder.rglob("*.py")):
+            raise BuildError(_shown(folder), None, f"not a layer: modules/ holds only {', '.join(LAYERS)}")
     if not mods:
         raise BuildError(_shown(modules_dir), None, "no modules (*.py files) to bundle")
     for mod in mods.values():
         _check_module(mod)
     for mod in mods.values():
         for dep, name, line in mod.own_imports:
-            if dep not in mods:
-                raise BuildError(mod.shown, line, f"no modules/{dep}.py to import {name!r} from")
+            layer = mod.dep_layers[dep]
+            if dep not in mods or mods[dep].layer != layer:
+                there = f" (it is modules/{mods[dep].layer}/{dep}.py)" if dep in mods else ""
+                raise BuildError(mod.shown, line, f"no modules/{layer}/{dep}.py to import {name!r} from{there}")
+            if LAYERS.index(layer) > LAYERS.index(mod.layer):
+                raise BuildError(mod.shown, line, f"modules/{mod.layer}/ imports from modules/{layer}/: a module "
+                                                  f"imports only from its own layer or the ones before it "
+                                                  f"({' -> '.join(LAYERS)})")
             if dep == "main" and mod.name != "main":
-                raise BuildError(mod.shown, line, "nothing may import from modules/main.py: it is the entry point")
+                raise BuildError(mod.shown, line, "nothing may import from modules/run/main.py: it is the entry point")
             reexported = any(n == name for _, n, _ in mods[dep].own_imports)  # dep imports it from our modules
             if name not in mods[dep].defs and not reexported:
                 imported = next((n.lineno for n in mods[dep].hoisted if name in dict(_bindings(n))), None)
-                why = f"{name!r} is not defined at the top level of modules/{dep}.py"
+                why = f"{name!r} is not defined at the top level of modules/{layer}/{dep}.py"
                 raise BuildError(mod.shown, line, why + (f" (it only imports it, line {imported}: import it from "
                                                          "the library directly)" if imported else ""))
     ordered = [mods[name] for name in _order(mods)]
@@ -458,7 +482,7 @@ def build(modules_dir, *, landmarks=LANDMARKS):
 
 
 def main(argv=None, *, landmarks=LANDMARKS):
-    parser = argparse.ArgumentParser(prog="build_kernel.py", description="Bundle modules/*.py into kernel.py.")
+    parser = argparse.ArgumentParser(prog="build_kernel.py", description="Bundle modules/<layer>/*.py into kernel.py.")
     parser.add_argument("--check", action="store_true", help="exit 1 when OUT is not a fresh build")
     parser.add_argument("--out", type=Path, default=ROOT / "kernel.py", help="default: kernel.py in the repo root")
     parser.add_argument("--modules", type=Path, default=ROOT / PACKAGE, help="modules directory (default: ./modules)")

@@ -45,21 +45,21 @@
 #     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
 #    1082  LOSSES                the losses (loss): D's and G's for each
-#    2167  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2223  Trainer.step          one training step: D, then G, EMA
+#    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    5059  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5255  finish                the finish: images, the verified zip, self-check, pictures
-#    5520  parse_config          the command line -> a checked Config
-#    5786  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6101  run                   the run: settings, checks and data, the ranks started
-#    6177  main                  the entry point and its exit codes
+#    4238  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5256  finish                the finish: images, the verified zip, self-check, pictures
+#    5521  parse_config          the command line -> a checked Config
+#    5787  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6102  run                   the run: settings, checks and data, the ranks started
+#    6178  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
-#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> sample -> precision ->
-#   speed -> settings -> averaging -> batches -> train -> loop -> crops -> annotations -> data -> demo -> faults ->
-#   distributed -> launch -> checkpoint -> features -> metrics -> report -> submission -> evaluate -> budget -> finish
-#   -> cli -> outdir -> setup -> run -> main
+#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
+#   settings -> averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics ->
+#   report -> submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish ->
+#   cli -> outdir -> setup -> rank -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
@@ -82,12 +82,12 @@ from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 from typing import Callable
 
 
-# ==== modules/config.py ====
+# ==== modules/recipe/config.py ====
 """The one Config: every setting of a run, its defaults (= the Kaggle run), the presets, and what each setting may hold.
 
 Presets are named sets of overrides applied left to right over the defaults: `--preset pggan,smoke` is the PGGAN recipe at
-smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/cli.py reads
-the command line and checks every field against LIMITS below and the registries, before any data is read.
+smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/run/cli.py
+reads the command line and checks every field against LIMITS below and the registries, before any data is read.
 """
 
 
@@ -221,8 +221,8 @@ PRESETS = {
 }
 
 
-# What each field may hold, checked when the settings are parsed, before any data is read (modules/cli.py): a bad value
-# stops the run with one line naming the field, the value and what is allowed (exit 2). Every value must have its
+# What each field may hold, checked when the settings are parsed, before any data is read (modules/run/cli.py): a bad
+# value stops the run with one line naming the field, the value and what is allowed (exit 2). Every value must have its
 # field's type (an int field takes whole numbers; a bool field true or false, so bool fields are not listed). Not here:
 # the choices that name a registry (arch: models.ARCHS, loss: losses.LOSSES, crop_styles: crops.CROP_STYLES, d_arch:
 # biggan.BIGGAN_D_ARCHS, crop_filter: crops.RESIZE_FILTERS, sample_bn: sample.SAMPLE_BN_MODES, diffaug:
@@ -327,7 +327,7 @@ def apply_overrides(cfg, overrides, source):
     return Config(**values)
 
 
-# ==== modules/layers.py ====
+# ==== modules/recipe/layers.py ====
 """Building blocks shared by the GAN architectures: spectral-norm layer factories, self-attention, conditional
 BatchNorm and the minibatch standard deviation layer.
 
@@ -455,7 +455,7 @@ class MinibatchStd(nn.Module):
         return torch.cat([x, stat.to(x.dtype)], dim=1)
 
 
-# ==== modules/biggan.py ====
+# ==== modules/recipe/biggan.py ====
 """BigGAN-style conditional generator and discriminator (BigGAN-PyTorch, Brock et al. 2019), as in the 2nd-place
 recipe of Kaggle's Generative Dog Images: shared class embedding, hierarchical z, conditional BatchNorm, self-attention
 at 32x32, projection discriminator with an auxiliary classifier head, optional minibatch-std layer.
@@ -648,7 +648,7 @@ class BigDiscriminator(nn.Module):
         return logits, class_logits
 
 
-# ==== modules/pggan.py ====
+# ==== modules/recipe/pggan.py ====
 """PGGAN (Karras et al. 2018, "Progressive Growing of GANs"), grown from 4x4 to 64x64.
 
 Levels 0..max_level are the resolutions 4·2^level (4, 8, 16, 32, 64). At their boundary both networks always work at the
@@ -847,7 +847,7 @@ class PGDiscriminator(nn.Module):
         return out, None
 
 
-# ==== modules/models.py ====
+# ==== modules/recipe/models.py ====
 """Architectures: the DCGAN baselines here, BigGAN in biggan.py, PGGAN in pggan.py; `ARCHS` names them for the Config.
 
 Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; every D maps (x [N,3,64,64], y [N]) ->
@@ -994,7 +994,7 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ==== modules/losses.py ====
+# ==== modules/recipe/losses.py ====
 """GAN losses as a registry: LOSSES[name] = (d_loss, g_loss), each a function of D's logits on reals and fakes.
 
 All losses work in float32 whatever the autocast dtype, and return a scalar tensor (no host sync).
@@ -1097,7 +1097,7 @@ def gradient_penalty(D, real, fake, y):
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-# ==== modules/augment.py ====
+# ==== modules/recipe/augment.py ====
 """Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): the same random colour, translation and
 cutout transforms are applied to reals and fakes, in D's step and in G's, so D cannot memorise 20k crops while G still
 learns the un-augmented distribution. Newer than the competition (2019): off by default, `--set diffaug=color,translation,cutout`.
@@ -1157,7 +1157,7 @@ def diff_augment(x, policy):
     return x
 
 
-# ==== modules/grammar.py ====
+# ==== modules/recipe/grammar.py ====
 """The two settings written in a small language of their own: durations (time_budget: `8h45m`) and fault lists (fault:
 `nan@12,slow@0.5`, tests only). Their parsers raise UsageError, so a bad one stops the run in one line."""
 
@@ -1207,7 +1207,7 @@ def parse_faults(text):
     return faults
 
 
-# ==== modules/utils.py ====
+# ==== modules/recipe/utils.py ====
 """Small shared helpers: logging, seeding, durations, the run Deadline, device and precision checks.
 
 Nothing here reads the Config; every function takes explicit arguments.
@@ -1441,208 +1441,7 @@ def is_out_of_memory(exc):
     return any(t.lower() in text for t in OUT_OF_MEMORY_TEXTS)
 
 
-# ==== modules/sample.py ====
-"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
-generation to uint8 images.
-
-G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
-- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
-  eval mode); the running statistics are left untouched.
-- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
-  into the averaged copy): statistics of other weights than the ones that generate.
-- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
-  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
-Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
-so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
-"running" mode, where it shrinks the activations relative to the training statistics.
-
-A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
-`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
-and its pictures all call it, so they sample alike.
-"""
-
-
-SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
-STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
-STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
-STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
-_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
-
-
-def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
-    """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
-
-    Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
-    """
-    z = torch.randn(n, dim, generator=generator, device=device)
-    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
-        bad = z.abs() > threshold
-        while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
-            bad = z.abs() > threshold
-    return z
-
-
-def sample_labels(n, label_counts, *, generator=None, device="cpu"):
-    """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
-    probs = torch.as_tensor(label_counts, dtype=torch.float32)
-    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
-
-
-def to_uint8(images):
-    """[N,3,H,W] float in [-1,1] -> numpy uint8 [N,H,W,3]."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _batch_norms(G):
-    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def sample_bn_of(G, sample_bn=None):
-    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
-    return sample_bn or getattr(G, "sample_bn", "running")
-
-
-@contextlib.contextmanager
-def sampling_mode(G, sample_bn=None):
-    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
-    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
-    back in the mode it had after."""
-    batch = sample_bn_of(G, sample_bn) == "batch"
-    bns = _batch_norms(G) if batch else []
-    tracked = [m.track_running_stats for m in bns]
-    with eval_mode(G):
-        try:
-            for m in bns:
-                m.train()
-                m.track_running_stats = False  # training-mode BN without running buffers: batch statistics, no update
-            yield G
-        finally:
-            for m, t in zip(bns, tracked):
-                m.track_running_stats = t
-
-
-@torch.no_grad()
-def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
-                   n_batches=STANDING_BATCHES):
-    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
-    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
-    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
-    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
-    G2 = copy.deepcopy(G)
-    bns = _batch_norms(G2)
-    gen = torch.Generator().manual_seed(STANDING_SEED)
-    m_batch = max(2, min(batch_size, STANDING_BATCH))
-    with eval_mode(G2):
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # None = cumulative moving average over the batches seen since the reset
-            m.train()
-        for _ in range(n_batches if bns else 0):
-            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                G2(z, y)
-    for m, src in zip(bns, _batch_norms(G)):
-        m.momentum = src.momentum
-    G2.standing_ready, G2.sample_bn = True, "standing"
-    return G2
-
-
-def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
-    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
-    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
-    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
-    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
-        return G
-    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
-           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
-    cached = _STANDING_CACHE.get(G)
-    if cached is None or cached[0] != key:
-        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
-        _STANDING_CACHE[G] = cached
-    return cached[1]
-
-
-@torch.no_grad()
-def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
-                    sample_bn=None, on_batch=None):
-    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
-
-    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
-    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
-    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
-    mode = sample_bn_of(G, sample_bn)
-    if mode == "standing" and not getattr(G, "standing_ready", False):
-        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with sampling_mode(G, mode):
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                x = G(z, y)
-            out.append(to_uint8(x))
-            if on_batch is not None:
-                on_batch(out[-1])
-    images = np.concatenate(out)
-    assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
-    return images
-
-
-# the run's sampler
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
-class Sampler:
-    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
-
-    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
-    averages), unless `ready()` fixed it."""
-
-    model: Callable  # () -> the generator to sample
-    z_dim: int
-    truncation: float  # resample |z| above this (0: none)
-    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
-    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
-    device: torch.device
-    batch: int  # images per generated batch
-    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
-
-    def __call__(self, n, seed=0, *, on_batch=None):
-        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
-                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
-                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
-
-    def with_batch(self, batch):
-        return dataclasses.replace(self, batch=batch)
-
-    def with_model(self, G):
-        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
-        return dataclasses.replace(self, model=lambda: G)
-
-    def ready(self):
-        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
-        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
-        return self.with_model(prepare_for_sampling(
-            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
-            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
-
-
-def build_sampler(cfg, trainer, data):
-    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
-    generation batch; breeds drawn with the training set's frequencies."""
-    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
-                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
-                   device=trainer.device, batch=cfg.sample_batch)
-
-
-# ==== modules/precision.py ====
+# ==== modules/recipe/precision.py ====
 """Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
 are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
 
@@ -1726,7 +1525,7 @@ def describe_amp(amp_dtype):
     return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
 
 
-# ==== modules/speed.py ====
+# ==== modules/recipe/speed.py ====
 """Speed switches: cuDNN autotuning and TF32 where they help, and torch.compile only where the device and torch
 support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-back to eager when compiling fails.
 """
@@ -1897,7 +1696,7 @@ def fall_back_to_eager(exc, *modules):
     return bool(compiled)
 
 
-# ==== modules/settings.py ====
+# ==== modules/recipe/settings.py ====
 """The Trainer's settings, in small frozen groups built once from Config by trainer_settings(), as StyleGAN2-ADA's
 training loop takes G_kwargs / loss_kwargs / G_opt_kwargs. A field takes Config's field of the same name (see Config
 for its default and allowed values) unless trainer_settings derives it, so a new knob is two edits: Config and its group.
@@ -2006,7 +1805,7 @@ def trainer_settings(cfg, *, world_size):
         d_input=_group(DInputSettings, cfg))
 
 
-# ==== modules/averaging.py ====
+# ==== modules/recipe/averaging.py ====
 """The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
 the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema."""
 
@@ -2036,7 +1835,7 @@ class EMA:
                 d.copy_(s)
 
 
-# ==== modules/batches.py ====
+# ==== modules/recipe/batches.py ====
 """The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
 there (no host-to-device copy per step, no DataLoader)."""
 
@@ -2066,7 +1865,7 @@ class DeviceBatches:
         return self.labels[torch.randint(self.n, (batch_size,), device=self.device)]
 
 
-# ==== modules/train.py ====
+# ==== modules/recipe/train.py ====
 """Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
 trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
 loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
@@ -2373,7 +2172,208 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     return trainer
 
 
-# ==== modules/loop.py ====
+# ==== modules/recipe/sample.py ====
+"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
+generation to uint8 images.
+
+G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
+- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
+  eval mode); the running statistics are left untouched.
+- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
+  into the averaged copy): statistics of other weights than the ones that generate.
+- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
+  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
+Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
+so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
+"running" mode, where it shrinks the activations relative to the training statistics.
+
+A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
+`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
+and its pictures all call it, so they sample alike.
+"""
+
+
+SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
+STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
+STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
+STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
+_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
+
+
+def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
+    """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
+
+    Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
+    """
+    z = torch.randn(n, dim, generator=generator, device=device)
+    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+        bad = z.abs() > threshold
+        while bool(bad.any()):
+            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+            bad = z.abs() > threshold
+    return z
+
+
+def sample_labels(n, label_counts, *, generator=None, device="cpu"):
+    """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
+    probs = torch.as_tensor(label_counts, dtype=torch.float32)
+    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+
+
+def to_uint8(images):
+    """[N,3,H,W] float in [-1,1] -> numpy uint8 [N,H,W,3]."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _batch_norms(G):
+    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def sample_bn_of(G, sample_bn=None):
+    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
+    return sample_bn or getattr(G, "sample_bn", "running")
+
+
+@contextlib.contextmanager
+def sampling_mode(G, sample_bn=None):
+    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
+    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
+    back in the mode it had after."""
+    batch = sample_bn_of(G, sample_bn) == "batch"
+    bns = _batch_norms(G) if batch else []
+    tracked = [m.track_running_stats for m in bns]
+    with eval_mode(G):
+        try:
+            for m in bns:
+                m.train()
+                m.track_running_stats = False  # training-mode BN without running buffers: batch statistics, no update
+            yield G
+        finally:
+            for m, t in zip(bns, tracked):
+                m.track_running_stats = t
+
+
+@torch.no_grad()
+def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
+                   n_batches=STANDING_BATCHES):
+    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
+    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
+    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
+    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
+    G2 = copy.deepcopy(G)
+    bns = _batch_norms(G2)
+    gen = torch.Generator().manual_seed(STANDING_SEED)
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    with eval_mode(G2):
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # None = cumulative moving average over the batches seen since the reset
+            m.train()
+        for _ in range(n_batches if bns else 0):
+            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
+            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                G2(z, y)
+    for m, src in zip(bns, _batch_norms(G)):
+        m.momentum = src.momentum
+    G2.standing_ready, G2.sample_bn = True, "standing"
+    return G2
+
+
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
+    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
+    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is None or cached[0] != key:
+        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
+        _STANDING_CACHE[G] = cached
+    return cached[1]
+
+
+@torch.no_grad()
+def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
+                    sample_bn=None, on_batch=None):
+    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
+
+    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
+    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
+    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
+    mode = sample_bn_of(G, sample_bn)
+    if mode == "standing" and not getattr(G, "standing_ready", False):
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with sampling_mode(G, mode):
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
+            y = sample_labels(m, label_counts, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                x = G(z, y)
+            out.append(to_uint8(x))
+            if on_batch is not None:
+                on_batch(out[-1])
+    images = np.concatenate(out)
+    assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
+    return images
+
+
+# the run's sampler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
+class Sampler:
+    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
+
+    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
+    averages), unless `ready()` fixed it."""
+
+    model: Callable  # () -> the generator to sample
+    z_dim: int
+    truncation: float  # resample |z| above this (0: none)
+    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
+    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
+    device: torch.device
+    batch: int  # images per generated batch
+    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+
+    def __call__(self, n, seed=0, *, on_batch=None):
+        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
+                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
+                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+
+    def with_batch(self, batch):
+        return dataclasses.replace(self, batch=batch)
+
+    def with_model(self, G):
+        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
+        return dataclasses.replace(self, model=lambda: G)
+
+    def ready(self):
+        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
+        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
+        return self.with_model(prepare_for_sampling(
+            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
+            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+
+
+def build_sampler(cfg, trainer, data):
+    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
+    generation batch; breeds drawn with the training set's frequencies."""
+    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
+                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
+                   device=trainer.device, batch=cfg.sample_batch)
+
+
+# ==== modules/recipe/loop.py ====
 """The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
 path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
 checkpoints) at host syncs only, which every rank makes after the same step."""
@@ -2647,11 +2647,11 @@ class _Upkeep:
             self.ckpt_s = self.last_ckpt - t0
 
 
-# ==== modules/crops.py ====
+# ==== modules/data/crops.py ====
 """Where in a photo a training image is cut and how it is resized: the crop windows of each style (CROP_STYLES), the
 resize filters (RESIZE_FILTERS), the clean-up of one annotation box (clamped to the image, or a reason to skip it) and
-the EXIF orientation that turns a photo and its boxes upright. Pure geometry on numbers: modules/data.py decodes the
-images and applies it.
+the EXIF orientation that turns a photo and its boxes upright. Pure geometry on numbers: modules/data/dogs.py decodes
+the images and applies it.
 """
 
 
@@ -2793,7 +2793,7 @@ def _orient_box(box, orientation, raw_w, raw_h):
     return (*corners[0], *corners[1])
 
 
-# ==== modules/annotations.py ====
+# ==== modules/data/annotations.py ====
 """The data folder's files: where all-dogs/ and Annotation/ are, which images and annotation files they hold, and what a
 Pascal-VOC annotation says. Lists folders and reads XML; decodes no image.
 
@@ -2969,15 +2969,15 @@ def read_voc(path):
     return kept, size, bad, namespaced, len(boxes) - len(kept)
 
 
-# ==== modules/data.py ====
+# ==== modules/data/dogs.py ====
 """Dog photos + Pascal-VOC boxes -> uint8 training crops and Kaggle's reference set, all in RAM.
 
-find_data_dir() locates the data (the Kaggle layouts, or --data-dir) by listing directories only (modules/annotations.py
-lists and parses the files); load_dogs() decodes each image once (JPEG draft mode: large photos decode at a reduced
-scale), turns it upright as its EXIF orientation says, cuts one square-ish window per (box, crop style) and resizes it
-with an antialiasing filter (the windows, the filters and the box clean-up: modules/crops.py). Bad input never crashes
-a run: each bad file or box (one too small to give a real crop included) is skipped and counted by reason in
-DogData.stats["skipped"]; repairs are counted in stats["fixed"].
+find_data_dir() locates the data (the Kaggle layouts, or --data-dir) by listing directories only
+(modules/data/annotations.py lists and parses the files); load_dogs() decodes each image once (JPEG draft mode: large
+photos decode at a reduced scale), turns it upright as its EXIF orientation says, cuts one square-ish window per (box,
+crop style) and resizes it with an antialiasing filter (the windows, the filters and the box clean-up:
+modules/data/crops.py). Bad input never crashes a run: each bad file or box (one too small to give a real crop included)
+is skipped and counted by reason in DogData.stats["skipped"]; repairs are counted in stats["fixed"].
 """
 
 
@@ -3118,9 +3118,10 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
               resize="lanczos"):
     """Every image -> crops (see DogData). annotation_dir=None: whole-image mode, a centre square per image, "dog".
 
-    margin: fraction of the box side added around it (not by "square"); resize: RESIZE_FILTERS; min/max_aspect: keep boxes with min <= w/h <= max (whole-image
-    mode: the image's w/h); limit: the first N images (by id) only; pool: "thread" (PIL decodes and resizes without
-    the GIL; 1,953 real images, 2 cores: 1.6-1.8 s wall, 1.8 CPU-s) or "fork" (a process pool: 2.3 s, 2.1 CPU-s).
+    margin: fraction of the box side added around it (not by "square"); resize: RESIZE_FILTERS; min/max_aspect: keep
+    boxes with min <= w/h <= max (whole-image mode: the image's w/h); limit: the first N images (by id) only; pool:
+    "thread" (PIL decodes and resizes without the GIL; 1,953 real images, 2 cores: 1.6-1.8 s wall, 1.8 CPU-s) or "fork"
+    (a process pool: 2.3 s, 2.1 CPU-s).
     """
     t0 = time.monotonic()  # a bad style or filter would be counted as an unreadable image: a caller's bug, asserted
     assert crop_styles and set(crop_styles) <= set(CROP_STYLES) and resize in RESIZE_FILTERS, (crop_styles, resize)
@@ -3175,7 +3176,7 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
                    reference=np.stack(refs) if refs else None, stats=stats, seconds=seconds)
 
 
-# ==== modules/demo.py ====
+# ==== modules/data/demo.py ====
 """A small synthetic data set in the Kaggle layout, for --demo runs and tests: no download, under a second to make.
 
 root/all-dogs/<id>.jpg and root/Annotation/<wnid>-<breed>/<id> (Pascal-VOC XML like the real files, 1-2 boxes each).
@@ -3258,829 +3259,7 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
     return root
 
 
-# ==== modules/faults.py ====
-"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
-trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
-
-
-STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
-
-
-class FaultInjector:
-    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
-    raise@STEP   a RuntimeError, as any failure inside training
-    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
-    slow@S       every step sleeps S seconds first
-    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
-    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
-    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
-    """
-
-    def __init__(self, fault_text, *, rank):
-        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
-        self.rank = rank
-
-    def before_step(self, trainer):
-        f, step = self.faults, trainer.step_count
-        if f.get("raise") == step:
-            del f["raise"]
-            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
-        if f.get("oom") == step:
-            del f["oom"]
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
-                                              f"{step}, --set fault=oom@STEP)")
-        if "slow" in f:
-            time.sleep(f["slow"])
-        if f.get("kill") == step and self.rank == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if "slowgen" in f:
-            delay = f.pop("slowgen")
-            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
-                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
-        if f.get("nan") == step:
-            del f["nan"]  # one shot: the steps after the roll-back pass
-            with torch.no_grad():
-                for p in trainer.D.parameters():
-                    p.fill_(float("nan"))
-
-
-def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
-    injector = FaultInjector(fault_text, rank=rank)
-    return injector.before_step if injector.faults else None
-
-
-# ==== modules/distributed.py ====
-"""Several GPUs in one run, through torch.distributed: who a process is in the run (DistContext) and the few
-collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
-many ranks there are and how they start is launch.py's.
-
-Ways in (launch.py): torchrun, every rank a process of its own; `python kernel.py` or a notebook cell with --gpus N > 1,
-where this process is rank 0 and *forks* ranks 1..N-1 after the data is loaded (they share the uint8 crops
-copy-on-write) and before CUDA is initialised anywhere (`spawn` would have to import the notebook's `__main__`, which
-it cannot); one rank: no process group at all, and the DistContext's collectives return their local values, so the
-training loop has a single path.
-
-Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
-measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
-reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
-NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
-run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
-"""
-
-
-DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
-DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
-WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
-DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
-DIST_TIMEOUT_MAX_S = 120.0
-WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
-STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
-INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
-
-
-@dataclass
-class DistContext:
-    """Who this process is in the run. world_size 1 = the single-process path (no group, nothing started)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launcher: str = "single"  # single | torchrun | fork
-    workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
-    group: object = None  # the training group (DDP, decisions); None until make_training_group()
-    broken: str = ""  # why collectives can no longer be used ("" while they can)
-    watch: object = None  # fork, rank 0 while training: the Event that stops watch_workers' thread
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    def agree(self, *, stop, progress, interval, device, interrupted):
-        """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
-        sync, plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
-        if not self.distributed:
-            return stop, progress, interval
-        if self.is_main:
-            vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
-        else:
-            vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
-        t = torch.tensor(vals, dtype=torch.float64, device=device)
-        dist.all_reduce(t, group=self.group)
-        code, progress, interval = t.tolist()
-        own = int(code) % INTERRUPT_VOTE
-        reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
-        return reason, progress, max(int(interval), 1)
-
-    def sync_buffers(self, modules):
-        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
-        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
-        if not self.distributed:
-            return
-        by_dtype = {}
-        for m in modules:
-            for b in m.buffers():
-                by_dtype.setdefault((b.dtype, b.device), []).append(b)
-        for bufs in by_dtype.values():
-            flat = _flatten_dense_tensors(bufs)
-            dist.broadcast(flat, src=0, group=self.group)
-            for b, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
-                b.copy_(synced)
-
-    def broadcast(self, obj):
-        """Rank 0's obj to every rank (default group) -> obj."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def dead_workers(self):
-        """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
-        return [i for i, p in enumerate(self.workers, start=1) if p.exitcode is not None]
-
-    def mark_broken(self, error):
-        """A collective may have failed (a dead rank, an interrupt mid-collective): none is made after this. -> the
-        reason kept ("" with one rank: there is no group to break)."""
-        if self.distributed:
-            self.broken = self.broken or error
-        return self.broken
-
-
-def setup_timeout(remaining_s):
-    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
-    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
-    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
-
-
-def nccl_error_env(torch_version):
-    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
-    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
-    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
-    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
-    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
-    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
-    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
-    return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
-
-
-def init_group(ctx, *, backend, remaining_s):
-    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
-    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
-    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
-    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
-    UsageError."""
-    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
-    if backend == "nccl":
-        os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
-    try:
-        store = None
-        if ctx.launcher == "fork":
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
-                                  ctx.is_main, timeout=timeout, wait_for_workers=False)
-            if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
-            else:
-                store.set(f"dogs-gan/up/{ctx.rank}", "1")
-        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
-        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
-        dist.barrier()
-        return True
-    except Exception as exc:
-        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if ctx.rank != 0:
-            raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
-        warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
-        stop_workers(ctx)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-        return False
-
-
-def wait_for_master(addr, port, timeout_s):
-    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
-    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
-    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
-    t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
-
-
-def wait_for_workers(ctx, store, timeout_s):
-    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
-    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
-    keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
-    while not store.check(keys):
-        if dead := ctx.dead_workers():
-            raise RuntimeError(f"rank(s) {dead} ended before the group formed")
-        if time.monotonic() > t_end:
-            raise RuntimeError(f"the workers did not sign in within {timeout_s:.0f}s")
-        time.sleep(WATCH_POLL_S / 4)
-
-
-def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
-    ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
-    return ctx.group
-
-
-def watch_workers(ctx, *, abort=None):
-    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
-    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
-    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
-    abort = abort or abort_groups
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(WATCH_POLL_S):
-            failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
-            if failed:
-                warn(f"rank(s) {failed} ended during training: aborting the process groups")
-                ctx.mark_broken(f"rank(s) {failed} ended")
-                abort(ctx)
-                return
-
-    if ctx.workers:
-        threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
-    ctx.watch = stop
-    return stop
-
-
-def stop_watch(ctx):
-    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
-    if ctx.watch is not None:
-        ctx.watch.set()
-
-
-def abort_groups(ctx):
-    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
-    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
-    connection already fails its collectives. -> how many backends were aborted."""
-    done = 0
-    for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
-        with contextlib.suppress(Exception):
-            if group is None or dist.get_backend(group) != "nccl":
-                continue
-            backend = group._get_backend(torch.device("cuda"))
-            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
-            if fn is not None:
-                fn()
-                done += 1
-    return done
-
-
-def training_timeout(finish_s, checkpoint_s):
-    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
-    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
-    return max(DIST_TIMEOUT_MIN_S, min(3 * checkpoint_s + 5.0, DIST_TIMEOUT_MAX_S, 0.5 * finish_s))
-
-
-# faults and the end
-
-def record_failure(error):
-    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
-    with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
-
-
-def failed_ranks(ctx, wait_s=2.0):
-    """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
-    why = {}
-    for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
-        if p.exitcode is not None and p.exitcode < 0:
-            why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
-        elif p.exitcode not in (None, 0):
-            why[i] = f"exited with code {p.exitcode}"
-    with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(datetime.timedelta(seconds=1))
-        for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
-    return why
-
-
-def stop_workers(ctx, wait_s=WORKER_JOIN_S):
-    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
-    for p in ctx.workers:
-        p.join(wait_s)
-    for p in ctx.workers:
-        if p.is_alive():
-            p.terminate()
-            p.join(2.0)
-        if p.is_alive():
-            p.kill()
-            p.join(2.0)
-
-
-def end_group(ctx):
-    """Leave the process group (a notebook may run the kernel again in the same process)."""
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-    ctx.group = None
-
-
-# ==== modules/launch.py ====
-"""How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
-get, its collectives and the process groups are in distributed.py."""
-
-
-# how many ranks
-
-def torchrun_env():
-    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
-        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
-                         "or unset RANK and WORLD_SIZE to let the kernel start them")
-    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
-
-
-def visible_cuda_devices():
-    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
-    afterwards. 0 without CUDA."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
-    if not torch.cuda.is_available():  # (read by torch at each call)
-        return 0
-    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
-
-
-def resolve_world_size(gpus, device):
-    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
-    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
-    if device == "cpu":
-        return n or 1
-    if device.startswith("cuda:"):
-        if n not in (None, 1):
-            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
-        return 1
-    count = visible_cuda_devices()
-    if count == 0:
-        if n not in (None, 1):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if n is None:
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
-
-
-def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
-    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
-    --device as given."""
-    if ctx.distributed and device != "cpu":
-        try:
-            torch.cuda.set_device(ctx.local_rank)
-        except Exception as exc:
-            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        return f"cuda:{ctx.local_rank}"
-    return device
-
-
-# starting the ranks
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _RankStderr:
-    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
-
-    def __init__(self, stream, rank):
-        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
-
-    def write(self, text):
-        out = []
-        for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
-            self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-
-
-def quiet_worker_output(rank):
-    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
-    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
-    sys.stdout = open(os.devnull, "w")
-    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
-
-
-def _die_with_parent():
-    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def cuda_driver_initialised():
-    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
-    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
-    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
-    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    current = ctypes.c_void_p()
-    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
-
-
-def fork_workers(world_size, target, *, cuda):
-    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
-    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
-    cell): a forked child could not use it."""
-    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
-        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
-             "running one process on one GPU; restart the notebook's kernel to use every GPU")
-        return DistContext()
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-    ctx_fork = multiprocessing.get_context("fork")
-    workers = []
-
-    def child(rank):
-        _die_with_parent()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
-        quiet_worker_output(rank)
-        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
-
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
-        p.start()
-        workers.append(p)
-    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
-
-
-# ==== modules/checkpoint.py ====
-"""Checkpoints: written atomically and durably, read back with checks, restored into a Trainer. They hold state dicts,
-the config as a dict, the step and the training time spent and planned: never pickled modules."""
-
-
-CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
-CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral", "d_arch")
-CHECKPOINT_ARCH_BEFORE = {"d_arch": "biggan-pytorch"}  # what a checkpoint from before a key existed was built with
-CHECKPOINT_MAX_SECONDS = 366 * 86400.0  # train/plan seconds beyond a year of training are not a real run's
-CHECKPOINT_MAX_CLASSES = 100000  # breeds (the dataset has 120)
-CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "step")  # Trainer.load_state_dict reads these
-
-
-def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
-                    history=None):
-    """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
-    growth) spans; complete: training ran to its end."""
-    payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
-               "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
-               "n_classes": n_classes, "classes": list(classes), "history": history or {}}
-    with atomic_file(path) as f:
-        torch.save(payload, f)
-
-
-def describe_write_error(exc, path):
-    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
-    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
-    PytorchStreamWriter failed writing file ...: file write failed")."""
-    text = str(exc)
-    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
-        isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
-    if full:
-        free = ""
-        with contextlib.suppress(OSError):
-            free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MiB free"
-        return f"disk full: {path} needs more space than is left{free}"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
-    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
-    a UsageError naming the path."""
-    require_regular_file(path, "--resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
-        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
-    check_checkpoint_fields(ckpt, path)
-    for key, value in arch.items():
-        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-        if had != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
-def _is_real(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_checkpoint_fields(ckpt, path):
-    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
-    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
-    def bad(field, value, want):
-        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
-                         "of an earlier run")
-
-    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
-        if field in ckpt:
-            v = ckpt[field]
-            if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
-                bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
-    if not isinstance(ckpt.get("complete", True), bool):
-        bad("complete", ckpt["complete"], "true or false")
-    n = ckpt["n_classes"]
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHECKPOINT_MAX_CLASSES:
-        bad("n_classes", n, f"a whole number in [1, {CHECKPOINT_MAX_CLASSES}]")
-    classes = ckpt["classes"]
-    if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
-        bad("classes", classes, f"a list of {n} breed names")
-    history = ckpt.get("history", {})
-    if not isinstance(history, dict) or not all(
-            isinstance(k, str) and isinstance(v, (list, tuple)) and all(
-                _is_real(x) or (isinstance(x, (list, tuple)) and all(map(_is_real, x))) for x in v)
-            for k, v in history.items()):
-        bad("history", history, "{name: [numbers or (step, value) pairs]}")
-    state = ckpt["trainer"]
-    missing = [k for k in CHECKPOINT_TRAINER_KEYS if k not in state]
-    if missing:
-        bad("trainer", f"missing {', '.join(missing)}", "the state of a trainer")
-    for key in ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "ema", "swa"):
-        if key in state and not isinstance(state[key], dict):
-            bad(f"trainer.{key}", state[key], "a state dict")
-    step = state["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
-        bad("trainer.step", step, "a whole number >= 0")
-    lr_scale = state.get("lr_scale", 1.0)
-    if not _is_real(lr_scale) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1e3:
-        bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
-
-
-def restore_checkpoint(ckpt, path, trainer, *, classes):
-    """Load a read_checkpoint() payload into the trainer. Another dataset's breeds or another model is a UsageError."""
-    if ckpt["n_classes"] != len(classes):
-        raise UsageError(f"--resume {path}: the checkpoint was trained on {ckpt['n_classes']} breeds, this data has "
-                         f"{len(classes)}; resume with the same data")
-    if list(ckpt["classes"]) != list(classes):
-        warn(f"--resume {path}: the breed names differ from the checkpoint's; continuing with this data's")
-    try:
-        trainer.load_state_dict(ckpt["trainer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
-    path: str
-    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
-    step: int  # the trainer's step count in the checkpoint
-    train_seconds: float  # training done by the run(s) it continues
-    plan_seconds: float  # the training time their schedule spans
-    complete: bool  # did that training reach the end of its plan?
-    history: dict  # {series: [(train seconds, value)]}, carried on in report.json and losses.png
-
-    @classmethod
-    def read(cls, path, *, arch):
-        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
-        ckpt = read_checkpoint(path, arch=arch)
-        train_s = float(ckpt["train_seconds"])
-        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
-                   plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
-                   history={k: list(v) for k, v in ckpt.get("history", {}).items()})
-
-    def restore(self, trainer, *, classes):
-        restore_checkpoint(self.payload, self.path, trainer, classes=classes)
-
-
-# ==== modules/features.py ====
-"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
-
-Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
-of `fc.weight`:
-- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
-- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
-  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
-  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
-  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
-"""
-
-
-INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
-INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
-
-
-# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
-# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
-# branch costs one 1x1 conv per block, well under 1% of the network.
-
-def _tf_avg_pool3(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _tf_max_pool3(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class FIDInceptionA(InceptionA):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
-
-
-class FIDInceptionC(InceptionC):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
-
-
-class FIDInceptionE1(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
-
-
-class FIDInceptionE2(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)
-        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
-        return outputs
-
-
-def fid_inception_v3():
-    """torchvision's Inception-v3 (1008 classes, no aux head) with the FID blocks: pytorch-fid's state-dict layout."""
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE1(1280)
-    net.Mixed_7c = FIDInceptionE2(2048)
-    return net
-
-
-def tf1_resize_matrix(n_in, n_out):
-    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
-
-    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
-    """
-    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    a = np.zeros((n_out, n_in), np.float64)
-    np.add.at(a, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(a, (np.arange(n_out), hi), frac)
-    return torch.from_numpy(a).float()
-
-
-# the network
-
-class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
-    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
-    numpy array, in batches."""
-
-    dim = 2048  # pool_3
-
-    def __init__(self, net, *, tf_preprocess, name):
-        super().__init__()
-        self.net = net
-        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
-        self.name = name  # the feature space, printed next to every number computed in it
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
-        if self.tf_preprocess:
-            rows = tf1_resize_matrix(x.shape[2], 299).to(x.device)
-            cols = tf1_resize_matrix(x.shape[3], 299).to(x.device)
-            x = (rows @ x @ cols.T - 128.0) / 128.0
-        else:  # torchvision's weights see 2p - 1 (what its transform_input turns ImageNet-normalised input into)
-            x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
-        n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
-                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
-                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
-            x = layer(x)
-        feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
-        return feats, n.fc(feats)
-
-    def features_and_logits(self, images_uint8, batch_size=200):
-        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
-        assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
-        assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
-        device, n = self.net.fc.weight.device, len(images_uint8)
-        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
-        # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
-        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-            for i in range(0, n, batch_size):
-                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
-                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
-        return feats, logits
-
-
-def find_inception_weights():
-    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for pattern in INCEPTION_WEIGHT_GLOBS:
-        found = sorted(ckpt_dir.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
-def load_inception(weights_path, device):
-    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UsageError(f"Inception weights file {str(path)!r} not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
-    n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
-    if n_classes not in INCEPTION_CLASSES:
-        raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
-                         f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
-    flavour = INCEPTION_CLASSES[n_classes]
-    if flavour == "fid":
-        net = fid_inception_v3()
-    else:
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
-    if missing or unexpected:
-        raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
-                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
-    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
-    log(f"features: {name} from {path}")
-    return extractor
-
-
-def build_feature_extractor(weights_path, device):
-    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
-    so no FID (the finish and --evaluate then check for copies in pixels only)."""
-    path = weights_path if weights_path is not None else find_inception_weights()
-    return None if path is None else load_inception(path, device)
-
-
-# ==== modules/metrics.py ====
+# ==== modules/run/metrics.py ====
 """Kaggle's MiFID and its parts as plain functions of arrays: no network, no disk, no GPU unless asked for.
 
 Kaggle's public metric: FID between Inception pool_3 features of the 10,000 submitted images and of the training images,
@@ -4256,7 +3435,7 @@ def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
     return best, dist
 
 
-# ==== modules/report.py ====
+# ==== modules/run/report.py ====
 """Run artefacts drawn with PIL only: loss curves, image grids, and the JSON report (written atomically)."""
 
 
@@ -4463,7 +3642,7 @@ class RunReport:
             warn(f"report.json not written ({type(exc).__name__}: {exc})")
 
 
-# ==== modules/submission.py ====
+# ==== modules/run/submission.py ====
 """The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
 re-opened and verified, and only then renamed over any earlier images.zip.
 """
@@ -4698,7 +3877,7 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
     return path
 
 
-# ==== modules/evaluate.py ====
+# ==== modules/run/evaluate.py ====
 """Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
 feature space (when its weights are there), and the pixel copy check against the training crops.
 
@@ -4835,7 +4014,7 @@ def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=
     return result
 
 
-# ==== modules/budget.py ====
+# ==== modules/run/budget.py ====
 """The time budget, all of its arithmetic in one file: the finish measured on this device before training, the plan that
 splits the budget into start-up, training and the finish reserve (TrainPlan), and the Pace that moves the stop earlier
 when the machine gets slower. The reserve is the measured finish x FINISH_SAFETY (once) + Config.reserve_margin_s,
@@ -5168,7 +4347,829 @@ class Pace:
         raise ValueError(f"unknown finish part {part!r}")
 
 
-# ==== modules/finish.py ====
+# ==== modules/run/faults.py ====
+"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
+trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+
+
+STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
+
+
+class FaultInjector:
+    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+    raise@STEP   a RuntimeError, as any failure inside training
+    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
+    slow@S       every step sleeps S seconds first
+    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
+    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
+    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
+    """
+
+    def __init__(self, fault_text, *, rank):
+        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+        self.rank = rank
+
+    def before_step(self, trainer):
+        f, step = self.faults, trainer.step_count
+        if f.get("raise") == step:
+            del f["raise"]
+            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
+        if f.get("oom") == step:
+            del f["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{step}, --set fault=oom@STEP)")
+        if "slow" in f:
+            time.sleep(f["slow"])
+        if f.get("kill") == step and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in f:
+            delay = f.pop("slowgen")
+            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
+        if f.get("nan") == step:
+            del f["nan"]  # one shot: the steps after the roll-back pass
+            with torch.no_grad():
+                for p in trainer.D.parameters():
+                    p.fill_(float("nan"))
+
+
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    injector = FaultInjector(fault_text, rank=rank)
+    return injector.before_step if injector.faults else None
+
+
+# ==== modules/run/distributed.py ====
+"""Several GPUs in one run, through torch.distributed: who a process is in the run (DistContext) and the few
+collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
+many ranks there are and how they start is launch.py's.
+
+Ways in (launch.py): torchrun, every rank a process of its own; `python kernel.py` or a notebook cell with --gpus N > 1,
+where this process is rank 0 and *forks* ranks 1..N-1 after the data is loaded (they share the uint8 crops
+copy-on-write) and before CUDA is initialised anywhere (`spawn` would have to import the notebook's `__main__`, which
+it cannot); one rank: no process group at all, and the DistContext's collectives return their local values, so the
+training loop has a single path.
+
+Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
+measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
+reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
+NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
+run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
+"""
+
+
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
+WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
+DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
+DIST_TIMEOUT_MAX_S = 120.0
+WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
+STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
+INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
+
+
+@dataclass
+class DistContext:
+    """Who this process is in the run. world_size 1 = the single-process path (no group, nothing started)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"  # single | torchrun | fork
+    workers: list = field(default_factory=list)  # fork, rank 0 only: multiprocessing.Process of ranks 1..N-1
+    group: object = None  # the training group (DDP, decisions); None until make_training_group()
+    broken: str = ""  # why collectives can no longer be used ("" while they can)
+    watch: object = None  # fork, rank 0 while training: the Event that stops watch_workers' thread
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def agree(self, *, stop, progress, interval, device, interrupted):
+        """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
+        sync, plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
+        if not self.distributed:
+            return stop, progress, interval
+        if self.is_main:
+            vals = [float(STOP_CODES.index(stop)), float(progress), float(interval)]
+        else:
+            vals = [INTERRUPT_VOTE if interrupted else 0.0, 0.0, 0.0]
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.group)
+        code, progress, interval = t.tolist()
+        own = int(code) % INTERRUPT_VOTE
+        reason = STOP_CODES[own] if own else ("interrupted" if code >= INTERRUPT_VOTE else "")
+        return reason, progress, max(int(interval), 1)
+
+    def sync_buffers(self, modules):
+        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
+        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
+        if not self.distributed:
+            return
+        by_dtype = {}
+        for m in modules:
+            for b in m.buffers():
+                by_dtype.setdefault((b.dtype, b.device), []).append(b)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors(bufs)
+            dist.broadcast(flat, src=0, group=self.group)
+            for b, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                b.copy_(synced)
+
+    def broadcast(self, obj):
+        """Rank 0's obj to every rank (default group) -> obj."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def dead_workers(self):
+        """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
+        return [i for i, p in enumerate(self.workers, start=1) if p.exitcode is not None]
+
+    def mark_broken(self, error):
+        """A collective may have failed (a dead rank, an interrupt mid-collective): none is made after this. -> the
+        reason kept ("" with one rank: there is no group to break)."""
+        if self.distributed:
+            self.broken = self.broken or error
+        return self.broken
+
+
+def setup_timeout(remaining_s):
+    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
+    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
+    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
+
+
+def nccl_error_env(torch_version):
+    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
+    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
+    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
+    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
+    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
+
+
+def init_group(ctx, *, backend, remaining_s):
+    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
+    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
+    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
+    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
+    UsageError."""
+    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
+    if backend == "nccl":
+        os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
+    try:
+        store = None
+        if ctx.launcher == "fork":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                                  ctx.is_main, timeout=timeout, wait_for_workers=False)
+            if ctx.is_main:
+                wait_for_workers(ctx, store, timeout.total_seconds())
+            else:
+                store.set(f"dogs-gan/up/{ctx.rank}", "1")
+        elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
+        dist.barrier()
+        return True
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if ctx.rank != 0:
+            raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
+        warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
+        stop_workers(ctx)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        return False
+
+
+def wait_for_master(addr, port, timeout_s):
+    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
+    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
+    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > t_end:
+                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
+            time.sleep(WATCH_POLL_S)
+
+
+def wait_for_workers(ctx, store, timeout_s):
+    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
+    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
+    keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead := ctx.dead_workers():
+            raise RuntimeError(f"rank(s) {dead} ended before the group formed")
+        if time.monotonic() > t_end:
+            raise RuntimeError(f"the workers did not sign in within {timeout_s:.0f}s")
+        time.sleep(WATCH_POLL_S / 4)
+
+
+def make_training_group(ctx, timeout_s):
+    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
+    ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx.group
+
+
+def watch_workers(ctx, *, abort=None):
+    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
+    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
+    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
+    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
+    abort = abort or abort_groups
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(WATCH_POLL_S):
+            failed = [i for i, p in enumerate(ctx.workers, start=1) if p.exitcode not in (None, 0)]
+            if failed:
+                warn(f"rank(s) {failed} ended during training: aborting the process groups")
+                ctx.mark_broken(f"rank(s) {failed} ended")
+                abort(ctx)
+                return
+
+    if ctx.workers:
+        threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
+    ctx.watch = stop
+    return stop
+
+
+def stop_watch(ctx):
+    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
+    if ctx.watch is not None:
+        ctx.watch.set()
+
+
+def abort_groups(ctx):
+    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
+    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
+    connection already fails its collectives. -> how many backends were aborted."""
+    done = 0
+    for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
+        with contextlib.suppress(Exception):
+            if group is None or dist.get_backend(group) != "nccl":
+                continue
+            backend = group._get_backend(torch.device("cuda"))
+            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
+            if fn is not None:
+                fn()
+                done += 1
+    return done
+
+
+def training_timeout(finish_s, checkpoint_s):
+    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
+    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
+    return max(DIST_TIMEOUT_MIN_S, min(3 * checkpoint_s + 5.0, DIST_TIMEOUT_MAX_S, 0.5 * finish_s))
+
+
+# faults and the end
+
+def record_failure(error):
+    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
+
+
+def failed_ranks(ctx, wait_s=2.0):
+    """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
+    why = {}
+    for i, p in enumerate(ctx.workers, start=1):
+        p.join(wait_s if i == 1 else 0.2)
+        if p.exitcode is not None and p.exitcode < 0:
+            why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
+        elif p.exitcode not in (None, 0):
+            why[i] = f"exited with code {p.exitcode}"
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=1))
+        for r in range(1, ctx.world_size):
+            key = f"dogs-gan/error/{r}"
+            with contextlib.suppress(Exception):
+                if store.check([key]):
+                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+    return why
+
+
+def stop_workers(ctx, wait_s=WORKER_JOIN_S):
+    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
+    for p in ctx.workers:
+        p.join(wait_s)
+    for p in ctx.workers:
+        if p.is_alive():
+            p.terminate()
+            p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+def end_group(ctx):
+    """Leave the process group (a notebook may run the kernel again in the same process)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    ctx.group = None
+
+
+# ==== modules/run/launch.py ====
+"""How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
+this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
+get, its collectives and the process groups are in distributed.py."""
+
+
+# how many ranks
+
+def torchrun_env():
+    """-> DistContext from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None when not launched so."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
+    if missing:
+        raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
+                         "or unset RANK and WORLD_SIZE to let the kernel start them")
+    return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
+
+
+def visible_cuda_devices():
+    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
+    afterwards. 0 without CUDA."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
+    if not torch.cuda.is_available():  # (read by torch at each call)
+        return 0
+    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+
+
+def resolve_world_size(gpus, device):
+    """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
+    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
+    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
+    if device == "cpu":
+        return n or 1
+    if device.startswith("cuda:"):
+        if n not in (None, 1):
+            raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
+        return 1
+    count = visible_cuda_devices()
+    if count == 0:
+        if n not in (None, 1):
+            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
+        return 1
+    if n is None:
+        return count
+    if n > count:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
+    return min(n, count)
+
+
+def rank_device(ctx, device):
+    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
+    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
+    --device as given."""
+    if ctx.distributed and device != "cpu":
+        try:
+            torch.cuda.set_device(ctx.local_rank)
+        except Exception as exc:
+            raise UsageError(f"rank {ctx.rank} cannot use cuda:{ctx.local_rank} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+# starting the ranks
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RankStderr:
+    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+
+    def __init__(self, stream, rank):
+        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text):
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def quiet_worker_output(rank):
+    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
+    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
+
+
+def _die_with_parent():
+    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def cuda_driver_initialised():
+    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
+    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
+    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
+    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    current = ctypes.c_void_p()
+    return libcuda.cuCtxGetCurrent(ctypes.byref(current)) != 3
+
+
+def fork_workers(world_size, target, *, cuda):
+    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
+    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
+    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
+    cell): a forked child could not use it."""
+    if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
+        warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
+             "running one process on one GPU; restart the notebook's kernel to use every GPU")
+        return DistContext()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    ctx_fork = multiprocessing.get_context("fork")
+    workers = []
+
+    def child(rank):
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: rank 0 decides
+        quiet_worker_output(rank)
+        target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
+
+    for rank in range(1, world_size):
+        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+        p.start()
+        workers.append(p)
+    return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
+
+
+# ==== modules/run/checkpoint.py ====
+"""Checkpoints: written atomically and durably, read back with checks, restored into a Trainer. They hold state dicts,
+the config as a dict, the step and the training time spent and planned: never pickled modules."""
+
+
+CHECKPOINT_FORMAT = "dogs-gan-checkpoint-1"
+CHECKPOINT_ARCH_KEYS = ("arch", "z_dim", "g_ch", "d_ch", "shared_dim", "conditional", "attention", "spectral", "d_arch")
+CHECKPOINT_ARCH_BEFORE = {"d_arch": "biggan-pytorch"}  # what a checkpoint from before a key existed was built with
+CHECKPOINT_MAX_SECONDS = 366 * 86400.0  # train/plan seconds beyond a year of training are not a real run's
+CHECKPOINT_MAX_CLASSES = 100000  # breeds (the dataset has 120)
+CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "step")  # Trainer.load_state_dict reads these
+
+
+def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
+                    history=None):
+    """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
+    growth) spans; complete: training ran to its end."""
+    payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
+               "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
+               "n_classes": n_classes, "classes": list(classes), "history": history or {}}
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+
+
+def describe_write_error(exc, path):
+    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
+    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
+    PytorchStreamWriter failed writing file ...: file write failed")."""
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
+        isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
+    if full:
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f", {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MiB free"
+        return f"disk full: {path} needs more space than is left{free}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def read_checkpoint(path, *, arch):
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
+    a UsageError naming the path."""
+    require_regular_file(path, "--resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {path}: no such file") from None
+    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
+                         "of an earlier run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
+        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
+    check_checkpoint_fields(ckpt, path)
+    for key, value in arch.items():
+        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+        if had != value:
+            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                             "resume with the same preset and settings")
+    return ckpt
+
+
+def _is_real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_checkpoint_fields(ckpt, path):
+    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
+    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    def bad(field, value, want):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
+        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
+                         "of an earlier run")
+
+    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
+        if field in ckpt:
+            v = ckpt[field]
+            if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
+                bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
+    if not isinstance(ckpt.get("complete", True), bool):
+        bad("complete", ckpt["complete"], "true or false")
+    n = ckpt["n_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHECKPOINT_MAX_CLASSES:
+        bad("n_classes", n, f"a whole number in [1, {CHECKPOINT_MAX_CLASSES}]")
+    classes = ckpt["classes"]
+    if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
+        bad("classes", classes, f"a list of {n} breed names")
+    history = ckpt.get("history", {})
+    if not isinstance(history, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(
+                _is_real(x) or (isinstance(x, (list, tuple)) and all(map(_is_real, x))) for x in v)
+            for k, v in history.items()):
+        bad("history", history, "{name: [numbers or (step, value) pairs]}")
+    state = ckpt["trainer"]
+    missing = [k for k in CHECKPOINT_TRAINER_KEYS if k not in state]
+    if missing:
+        bad("trainer", f"missing {', '.join(missing)}", "the state of a trainer")
+    for key in ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "ema", "swa"):
+        if key in state and not isinstance(state[key], dict):
+            bad(f"trainer.{key}", state[key], "a state dict")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
+        bad("trainer.step", step, "a whole number >= 0")
+    lr_scale = state.get("lr_scale", 1.0)
+    if not _is_real(lr_scale) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1e3:
+        bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
+
+
+def restore_checkpoint(ckpt, path, trainer, *, classes):
+    """Load a read_checkpoint() payload into the trainer. Another dataset's breeds or another model is a UsageError."""
+    if ckpt["n_classes"] != len(classes):
+        raise UsageError(f"--resume {path}: the checkpoint was trained on {ckpt['n_classes']} breeds, this data has "
+                         f"{len(classes)}; resume with the same data")
+    if list(ckpt["classes"]) != list(classes):
+        warn(f"--resume {path}: the breed names differ from the checkpoint's; continuing with this data's")
+    try:
+        trainer.load_state_dict(ckpt["trainer"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
+    path: str
+    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    step: int  # the trainer's step count in the checkpoint
+    train_seconds: float  # training done by the run(s) it continues
+    plan_seconds: float  # the training time their schedule spans
+    complete: bool  # did that training reach the end of its plan?
+    history: dict  # {series: [(train seconds, value)]}, carried on in report.json and losses.png
+
+    @classmethod
+    def read(cls, path, *, arch):
+        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
+        ckpt = read_checkpoint(path, arch=arch)
+        train_s = float(ckpt["train_seconds"])
+        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+                   plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
+                   history={k: list(v) for k, v in ckpt.get("history", {}).items()})
+
+    def restore(self, trainer, *, classes):
+        restore_checkpoint(self.payload, self.path, trainer, classes=classes)
+
+
+# ==== modules/run/features.py ====
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
+
+Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
+of `fc.weight`:
+- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
+- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
+  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
+  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
+  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
+"""
+
+
+INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
+INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
+
+
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
+# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
+# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
+# branch costs one 1x1 conv per block, well under 1% of the network.
+
+def _tf_avg_pool3(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _tf_max_pool3(x):
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionE1(InceptionE):
+    def _forward(self, x):
+        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
+        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        return outputs
+
+
+class FIDInceptionE2(InceptionE):
+    def _forward(self, x):
+        outputs = super()._forward(x)
+        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
+        return outputs
+
+
+def fid_inception_v3():
+    """torchvision's Inception-v3 (1008 classes, no aux head) with the FID blocks: pytorch-fid's state-dict layout."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE1(1280)
+    net.Mixed_7c = FIDInceptionE2(2048)
+    return net
+
+
+def tf1_resize_matrix(n_in, n_out):
+    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
+
+    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
+    """
+    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    a = np.zeros((n_out, n_in), np.float64)
+    np.add.at(a, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(a, (np.arange(n_out), hi), frac)
+    return torch.from_numpy(a).float()
+
+
+# the network
+
+class InceptionPool3(nn.Module):
+    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
+    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
+    numpy array, in batches."""
+
+    dim = 2048  # pool_3
+
+    def __init__(self, net, *, tf_preprocess, name):
+        super().__init__()
+        self.net = net
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.name = name  # the feature space, printed next to every number computed in it
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
+        if self.tf_preprocess:
+            rows = tf1_resize_matrix(x.shape[2], 299).to(x.device)
+            cols = tf1_resize_matrix(x.shape[3], 299).to(x.device)
+            x = (rows @ x @ cols.T - 128.0) / 128.0
+        else:  # torchvision's weights see 2p - 1 (what its transform_input turns ImageNet-normalised input into)
+            x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
+        n = self.net
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
+        return feats, n.fc(feats)
+
+    def features_and_logits(self, images_uint8, batch_size=200):
+        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
+        assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
+        assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
+        device, n = self.net.fc.weight.device, len(images_uint8)
+        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
+        # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            for i in range(0, n, batch_size):
+                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
+                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
+        return feats, logits
+
+
+def find_inception_weights():
+    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    for pattern in INCEPTION_WEIGHT_GLOBS:
+        found = sorted(ckpt_dir.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def load_inception(weights_path, device):
+    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UsageError(f"Inception weights file {str(path)!r} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
+    if n_classes not in INCEPTION_CLASSES:
+        raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
+                         f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
+    flavour = INCEPTION_CLASSES[n_classes]
+    if flavour == "fid":
+        net = fid_inception_v3()
+    else:
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
+    if missing or unexpected:
+        raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
+    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
+    log(f"features: {name} from {path}")
+    return extractor
+
+
+def build_feature_extractor(weights_path, device):
+    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
+    so no FID (the finish and --evaluate then check for copies in pixels only)."""
+    path = weights_path if weights_path is not None else find_inception_weights()
+    return None if path is None else load_inception(path, device)
+
+
+# ==== modules/run/finish.py ====
 """Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
 What each part costs was measured before training; whether an optional part still fits is the Pace's
 call (budget.py): no time arithmetic here."""
@@ -5334,7 +5335,7 @@ def save_pictures(sampler, *, classes, history, out_dir, seed):
     return [classes[i] for i in breeds]
 
 
-# ==== modules/cli.py ====
+# ==== modules/run/cli.py ====
 """The command line -> a checked Config: `parse_config(argv) -> (cfg, print_config)`.
 
 Every field is checked when the settings are parsed, before any data is read or anything written: against its type and
@@ -5557,7 +5558,7 @@ def config_to_json(cfg):
     return json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
 
 
-# ==== modules/outdir.py ====
+# ==== modules/run/outdir.py ====
 """The output folder: what can be told of it before anything is read (a file in its place, an unwritable parent, inside
 the data), its creation with a write probe that also measures the disk, and what a killed run left in it."""
 
@@ -5664,7 +5665,7 @@ def prepare_out_dir(out_dir, *, resume):
     return speed
 
 
-# ==== modules/setup.py ====
+# ==== modules/run/setup.py ====
 """Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
 checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
 each rank, the device it runs on."""
@@ -5760,7 +5761,7 @@ def open_device(cfg, ctx, *, report):
     return device
 
 
-# ==== modules/run.py ====
+# ==== modules/run/rank.py ====
 """One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
 TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
 report.json. Only rank 0 logs and writes."""
@@ -6084,7 +6085,7 @@ def restore_handlers(previous):
         signal.signal(sig, h)
 
 
-# ==== modules/main.py ====
+# ==== modules/run/main.py ====
 """The run, straight: config -> prepare (checks, data: a RunSetup) -> start the ranks (one process, torchrun's, or
 forked ones) -> run_rank on every rank (device, trainer, plan, training, the zip); --evaluate scores a zip instead.
 

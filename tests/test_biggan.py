@@ -1,5 +1,5 @@
-"""Tests for modules/biggan.py at small widths on CPU: shapes, ranges, spectral norm placement, conditioning wiring,
-gradients to the projection and auxiliary heads, attention placement, minibatch std, EMA-style copies."""
+"""Tests for modules/recipe/biggan.py at small widths on CPU: shapes, ranges, spectral norm placement, conditioning
+wiring, gradients to the projection and auxiliary heads, attention placement, minibatch std, EMA-style copies."""
 import copy
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from modules.biggan import BigDiscriminator, BigGenerator
-from modules.layers import SelfAttention
+from modules.recipe.biggan import BigDiscriminator, BigGenerator
+from modules.recipe.layers import SelfAttention
 
 N, CH = 4, 4  # batch, width multiplier (tiny, so each test takes CPU seconds)
 

@@ -1,5 +1,5 @@
-"""modules/budget.py: the finish measured through the run's Sampler, the budget split into start-up, training and the
-finish reserve (and the resume arithmetic), the stop time, the step-time slowdown, the finish re-timing and what the
+"""modules/run/budget.py: the finish measured through the run's Sampler, the budget split into start-up, training and
+the finish reserve (and the resume arithmetic), the stop time, the step-time slowdown, the finish re-timing and what the
 finish's optional parts need."""
 import time
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import modules.budget as budget
+import modules.run.budget as budget
 from conftest import CPU, tiny_cfg, tiny_data, window_plan
-from modules.budget import (
+from modules.run.budget import (
     CPU_GEN_BATCH_MAX,
     FINISH_EXIT_S,
     FINISH_PICTURES_S,
@@ -21,10 +21,10 @@ from modules.budget import (
     plan_training,
     refuse_if_finish_cannot_fit,
 )
-from modules.checkpoint import Resumed
-from modules.sample import Sampler, build_sampler
-from modules.train import build_trainer
-from modules.utils import Deadline, UsageError
+from modules.run.checkpoint import Resumed
+from modules.recipe.sample import Sampler, build_sampler
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline, UsageError
 
 def _pace(seconds=1000.0, *, finish_s=10.0, probe=None, **kw):
     d = Deadline(3600)

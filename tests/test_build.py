@@ -32,7 +32,7 @@ MAIN = '''
 """Fake main."""
 import sys
 
-from modules.utils import helper
+from modules.recipe.utils import helper
 
 
 def main():
@@ -50,11 +50,13 @@ def fake(modules_dir):
 
 
 def make(tmp_path, files, name="modules"):
-    """Write {stem: source} as tmp_path/<name>/<stem>.py; returns the directory."""
+    """Write {stem: source} as tmp_path/<name>/recipe/<stem>.py ({"layer/stem": source}: in that layer's folder);
+    returns the modules directory."""
     d = tmp_path / name
-    d.mkdir(parents=True, exist_ok=True)
     for stem, src in files.items():
-        (d / f"{stem}.py").write_text(textwrap.dedent(src).lstrip("\n"), encoding="utf-8")
+        path = d / (stem if "/" in stem else f"recipe/{stem}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".py").write_text(textwrap.dedent(src).lstrip("\n"), encoding="utf-8")
     return d
 
 
@@ -76,30 +78,32 @@ def banners(text):
 # refusals: our own imports
 
 @pytest.mark.parametrize("line, why", [
-    ("from modules.utils import helper as h", "alias"),
-    ("from modules.utils import *", "star import"),
-    ("import modules.utils", "import modules.utils"),
+    ("from modules.recipe.utils import helper as h", "alias"),
+    ("from modules.recipe.utils import *", "star import"),
+    ("import modules.recipe.utils", "import modules.recipe.utils"),
     ("import modules", "import modules"),
     ("from modules import utils", "from modules import"),
     ("from .utils import helper", "relative import"),
-    ("from modules.utils import nothere", "'nothere' is not defined at the top level of modules/utils.py"),
-    ("from modules.nofile import helper", "no modules/nofile.py"),
+    ("from modules.recipe.utils import nothere",
+     "'nothere' is not defined at the top level of modules/recipe/utils.py"),
+    ("from modules.recipe.nofile import helper", "no modules/recipe/nofile.py"),
 ])
 def test_refuses_bad_own_import(tmp_path, line, why):
     refused(tmp_path, {"utils": UTILS, "data": f"{line}\n\nX = 1\n"}, "data.py:1:", why)
 
 
 def test_refuses_own_import_inside_function(tmp_path):
-    src = "def f():\n    from modules.utils import helper\n    return helper()\n"
+    src = "def f():\n    from modules.recipe.utils import helper\n    return helper()\n"
     refused(tmp_path, {"utils": UTILS, "data": src}, "data.py:2:", "inside a function")
 
 
 def test_refuses_importing_a_name_the_module_only_imports(tmp_path):
-    refused(tmp_path, {"utils": UTILS, "data": "from modules.utils import os\n"}, "data.py:1:", "only imports it")
+    refused(tmp_path, {"utils": UTILS, "data": "from modules.recipe.utils import os\n"}, "data.py:1:",
+            "only imports it")
 
 
 def test_refuses_import_from_main(tmp_path):
-    refused(tmp_path, {"utils": UTILS, "main": MAIN, "data": "from modules.main import main\n"},
+    refused(tmp_path, {"utils": UTILS, "main": MAIN, "data": "from modules.recipe.main import main\n"},
             "data.py:1:", "entry point")
 
 
@@ -145,7 +149,7 @@ def test_refuses_work_at_import(tmp_path, src, why):
 
 def test_refuses_name_guard_outside_main(tmp_path):
     src = 'def f():\n    return 1\n\n\nif __name__ == "__main__":\n    f()\n'
-    refused(tmp_path, {"data": src}, "data.py:5:", "outside modules/main.py")
+    refused(tmp_path, {"data": src}, "data.py:5:", "outside modules/run/main.py")
 
 
 def test_refuses_main_guard_not_last(tmp_path):
@@ -153,8 +157,8 @@ def test_refuses_main_guard_not_last(tmp_path):
 
 
 def test_refuses_cycle(tmp_path):
-    a = "from modules.b import g\n\n\ndef f():\n    return g()\n"
-    b = "from modules.a import f\n\n\ndef g():\n    return f()\n"
+    a = "from modules.recipe.b import g\n\n\ndef f():\n    return g()\n"
+    b = "from modules.recipe.a import f\n\n\ndef g():\n    return f()\n"
     refused(tmp_path, {"a": a, "b": b}, "import cycle: a -> b -> a", "a.py:1:")
 
 
@@ -189,7 +193,7 @@ def test_hoists_and_dedups_imports(tmp_path):
     import torch.nn as nn
     from torch import nn
 
-    from modules.utils import (
+    from modules.recipe.utils import (
         helper,
     )
 
@@ -211,21 +215,21 @@ def test_hoists_and_dedups_imports(tmp_path):
     assert len(imports) == len([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))])
     assert "\n    import json  # a nested import stays where it is\n" in text
     assert "helper,\n)" not in text  # the multi-line own import went away whole
-    assert '# ==== modules/data.py ====\n"""Data."""\n\n\ndef load():' in text
+    assert '# ==== modules/recipe/data.py ====\n"""Data."""\n\n\ndef load():' in text
 
 
 def test_order_follows_dependencies(tmp_path):
     files = {
         "main": MAIN,
-        "utils": "from modules.zeta import Z\n\n\ndef helper():\n    return Z\n",
+        "utils": "from modules.recipe.zeta import Z\n\n\ndef helper():\n    return Z\n",
         "zeta": "Z = 1\n",  # unlisted, but utils needs it: goes just before utils
         "alpha": "A = 1\n",  # unlisted, needs nothing: after the listed ones, before main
-        "config": "from modules.models import M\n\nC = M\n",  # preferred first, needs models: models first
+        "config": "from modules.recipe.models import M\n\nC = M\n",  # preferred first, needs models: models first
         "models": "M = 2\n",
     }
     assert banners(fake(make(tmp_path, files))) == [
-        "modules/models.py", "modules/config.py", "modules/zeta.py", "modules/utils.py", "modules/alpha.py",
-        "modules/main.py"]
+        "modules/recipe/models.py", "modules/recipe/config.py", "modules/recipe/zeta.py", "modules/recipe/utils.py",
+        "modules/recipe/alpha.py", "modules/recipe/main.py"]
 
 
 def test_output_compiles_and_runs_main_guard(tmp_path):
@@ -249,7 +253,8 @@ def test_blank_lines_inside_statements_stay_verbatim(tmp_path):
 
 
 def test_reproducible(tmp_path):
-    files = {"utils": UTILS, "main": MAIN, "data": "import numpy as np\nfrom modules.utils import helper\n\nD = 1\n"}
+    files = {"utils": UTILS, "main": MAIN,
+             "data": "import numpy as np\nfrom modules.recipe.utils import helper\n\nD = 1\n"}
     first = fake(make(tmp_path / "one", files))
     assert fake(make(tmp_path / "one", files)) == first
     assert fake(make(tmp_path / "two" / "elsewhere", files)) == first  # no paths of this machine in the output
@@ -263,7 +268,7 @@ def test_check(tmp_path, capsys):
     assert main(args + ["--check"], landmarks=()) == 1  # missing
     assert main(args, landmarks=()) == 0
     assert main(args + ["--check"], landmarks=()) == 0
-    (modules / "utils.py").write_text(UTILS + "\n\nEXTRA = 1\n", encoding="utf-8")
+    (modules / "recipe" / "utils.py").write_text(UTILS + "\n\nEXTRA = 1\n", encoding="utf-8")
     capsys.readouterr()
     assert main(args + ["--check"], landmarks=()) == 1
     err = capsys.readouterr().err
@@ -281,9 +286,9 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 # the real project
 
 REAL_MODULES = ROOT / "modules"
-needs_main = pytest.mark.skipif(not (REAL_MODULES / "main.py").is_file(),
-                                reason="modules/main.py does not exist yet (the lead is still writing it), so there "
-                                       "is no committed kernel.py to compare")
+needs_main = pytest.mark.skipif(not (REAL_MODULES / "run" / "main.py").is_file(),
+                                reason="modules/run/main.py does not exist yet, so there is no committed kernel.py to "
+                                       "compare")
 
 
 def test_real_modules_build():
@@ -312,12 +317,12 @@ def test_kernel_imports_nothing_from_modules():
 
 
 def test_reexported_own_import_may_be_imported(tmp_path):
-    """utils re-exports config's UsageError: `from modules.utils import UsageError` keeps working for everyone."""
+    """utils re-exports config's UsageError: `from modules.recipe.utils import UsageError` works for everyone."""
     files = {"config": "class UsageError(Exception):\n    pass\n",
-             "utils": "from modules.config import UsageError\n\n\ndef helper():\n    return UsageError\n",
-             "data": "from modules.utils import UsageError, helper\n\nD = (UsageError, helper)\n"}
+             "utils": "from modules.recipe.config import UsageError\n\n\ndef helper():\n    return UsageError\n",
+             "data": "from modules.recipe.utils import UsageError, helper\n\nD = (UsageError, helper)\n"}
     text = fake(make(tmp_path, files))
-    assert banners(text) == ["modules/config.py", "modules/utils.py", "modules/data.py"]
+    assert banners(text) == ["modules/recipe/config.py", "modules/recipe/utils.py", "modules/recipe/data.py"]
     namespace = {}
     exec(compile(text, "kernel.py", "exec"), namespace)
     assert namespace["D"][0] is namespace["UsageError"]
@@ -349,7 +354,7 @@ def test_head_tells_how_to_run_and_configure():
 def test_header_recipe_is_the_defaults():
     """The recipe block above the contents: every `name=value` it shows is that Config field's default, and it names
     the numbers a reader compares with the 2nd place's."""
-    from modules.config import Config, apply_overrides
+    from modules.recipe.config import Config, apply_overrides
     lines = (ROOT / "kernel.py").read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# THE RECIPE"))
     block = "\n".join(lines[start:lines.index("#", start)])
@@ -365,7 +370,7 @@ def test_header_recipe_is_the_defaults():
 
 def test_modules_comments_describe_the_code_not_its_history():
     """History (which issue asked for what) lives in commit messages; kernel.py's readers never see the issues."""
-    found = [f"{path.name}:{n}" for path in sorted((ROOT / "modules").glob("*.py"))
+    found = [f"{path.name}:{n}" for path in sorted((ROOT / "modules").rglob("*.py"))
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
              if re.search(r"\bissues? \d", line, re.IGNORECASE)]
     assert not found, found
@@ -382,7 +387,7 @@ def test_config_and_presets_come_first():
 
 @needs_main
 def test_header_names_every_preset():
-    from modules.config import PRESETS
+    from modules.recipe.config import PRESETS
     head = "\n".join((ROOT / "kernel.py").read_text(encoding="utf-8").splitlines()[:40])
     line = next(line for line in head.splitlines() if "--preset kaggle" in line)
     named = line.split("recipe:")[1].split(";")[0].replace(" ", "").split("|")
@@ -450,11 +455,37 @@ def test_contents_in_the_first_60_lines_name_the_right_lines():
 
 @needs_main
 def test_recipe_before_machinery():
-    """The reading order: Config, the model and losses, the step, the loop; the machinery after the loop."""
-    order = [name.split("/")[1][:-3] for name in banners((ROOT / "kernel.py").read_text(encoding="utf-8"))]
+    """The reading order: the recipe's layer (Config, the model and losses, the step, sampling, the loop), then the
+    data, then the run; every module of the real tree sits in a layer folder."""
+    paths = [name[len("modules/"):-3] for name in banners((ROOT / "kernel.py").read_text(encoding="utf-8"))]
+    layers = [path.split("/")[0] for path in paths]
+    order = [path.split("/")[1] for path in paths]
     assert order[0] == "config" and order[-1] == "main"
-    recipe = ["layers", "biggan", "pggan", "models", "losses", "augment", "sample", "train", "loop"]
+    assert layers == sorted(layers, key=["recipe", "data", "run"].index)
+    recipe = ["layers", "biggan", "pggan", "models", "losses", "augment", "train", "sample", "loop"]
     assert [order.index(m) for m in recipe] == sorted(order.index(m) for m in recipe)
-    machinery = ["crops", "annotations", "data", "demo", "checkpoint", "features", "metrics", "report", "submission",
-                 "evaluate", "finish", "budget", "cli"]
-    assert min(order.index(m) for m in machinery) > order.index("loop")
+    assert set(layers[order.index(m)] for m in recipe) == {"recipe"}
+    assert [p.name for p in REAL_MODULES.glob("*.py") if p.name != "__init__.py"] == []
+
+
+def test_refuses_a_module_outside_the_layers(tmp_path):
+    (make(tmp_path / "a", {"utils": UTILS}) / "stray.py").write_text("X = 1\n", encoding="utf-8")
+    refused(tmp_path / "a", {}, "stray.py", "a module lives in a layer's folder")
+    refused(tmp_path / "b", {"utils": UTILS, "extra/odd": "X = 1\n"}, "not a layer")
+
+
+def test_refuses_an_import_from_a_later_layer(tmp_path):
+    files = {"run/utils": UTILS, "recipe/config": "from modules.run.utils import helper\n\nC = helper\n"}
+    refused(tmp_path, files, "config.py:1:", "modules/recipe/ imports from modules/run/",
+            "its own layer or the ones before it")
+
+
+def test_refuses_an_import_naming_the_wrong_layer(tmp_path):
+    files = {"data/utils": UTILS, "run/cli": "from modules.recipe.utils import helper\n\nC = helper\n"}
+    refused(tmp_path / "a", files, "cli.py:1:", "no modules/recipe/utils.py", "it is modules/data/utils.py")
+    files = {"recipe/utils": UTILS, "run/cli": "from modules.utils import helper\n\nC = helper\n"}
+    refused(tmp_path / "b", files, "cli.py:1:", "write `from modules.<layer>.x import a, b`")
+
+
+def test_refuses_two_modules_of_one_name(tmp_path):
+    refused(tmp_path, {"recipe/utils": UTILS, "run/utils": UTILS}, "two modules named 'utils'")

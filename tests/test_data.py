@@ -1,5 +1,5 @@
-"""modules/data.py and modules/annotations.py: crop windows, every bad-input class (skipped and counted, never raised),
-layouts, discovery (links, stray entries, folders that cannot be listed), EXIF orientation, modes, filters.
+"""modules/data/dogs.py and modules/data/annotations.py: crop windows, every bad-input class (skipped and counted, never
+raised), layouts, discovery (links, stray entries, folders that cannot be listed), EXIF orientation, modes, filters.
 
 Tests run as root here, and chmod does not stop root from listing or reading: "permission denied" is simulated by a
 monkeypatch of os.scandir / os.listdir / the annotations module's open raising PermissionError for one path.
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules import annotations
-from modules.annotations import ANNOTATION_MAX_BYTES, read_voc
-from modules.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
-from modules.data import find_data_dir, load_dogs
-from modules.demo import _DEMO_OBJECT, _DEMO_XML
-from modules.utils import UsageError
+from modules.data import annotations
+from modules.data.annotations import ANNOTATION_MAX_BYTES, read_voc
+from modules.data.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
+from modules.data.dogs import find_data_dir, load_dogs
+from modules.data.demo import _DEMO_OBJECT, _DEMO_XML
+from modules.recipe.utils import UsageError
 
 REAL_SAMPLE = Path("/work/shared/data/dogs-1953")  # 1,953 real images and their annotations; absent on most machines
 SIZE = 32  # crop side for the small fixtures

@@ -1,11 +1,11 @@
-"""modules/demo.py: the synthetic data set has the Kaggle layout, loads cleanly, and is the same for the same seed."""
+"""modules/data/demo.py: the synthetic data set has the Kaggle layout, loads cleanly, and is the same for a seed."""
 import hashlib
 import time
 
 import numpy as np
 
-from modules.data import find_data_dir, load_dogs
-from modules.demo import make_demo_dataset
+from modules.data.dogs import find_data_dir, load_dogs
+from modules.data.demo import make_demo_dataset
 
 
 def digest(root):

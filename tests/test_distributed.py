@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import KERNEL, ROOT, run_kernel
-from modules.config import PRESETS, Config, apply_overrides
-from modules.distributed import DistContext
-from modules.launch import resolve_world_size, torchrun_env
-from modules.settings import split_batch
-from modules.train import build_trainer
-from modules.utils import UsageError
+from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.run.distributed import DistContext
+from modules.run.launch import resolve_world_size, torchrun_env
+from modules.recipe.settings import split_batch
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import UsageError
 
 CPU = torch.device("cpu")
 B, N_CLASSES = 8, 3
@@ -101,7 +101,7 @@ def _data():
 def _rank_worker(rank, port, out_dir):
     import torch.distributed as dist
 
-    from modules.distributed import DistContext, make_training_group
+    from modules.run.distributed import DistContext, make_training_group
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ctx = DistContext(rank=rank, world_size=2, launcher="fork")
@@ -142,7 +142,7 @@ def _rank_worker(rank, port, out_dir):
 
 
 def test_two_ranks_step_equals_one_process_and_g_step_skips_d_allreduce(tmp_path):
-    from modules.launch import _free_port
+    from modules.run.launch import _free_port
     port = _free_port()
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(tmp_path))) for r in range(2)]
@@ -284,7 +284,7 @@ def test_workers_that_cannot_start_fall_back_to_one_process(monkeypatch, capsys)
 
     import torch.distributed as dist
 
-    from modules.distributed import DistContext, init_group
+    from modules.run.distributed import DistContext, init_group
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -302,7 +302,7 @@ def test_workers_that_cannot_start_fall_back_to_one_process(monkeypatch, capsys)
 def _buffers_worker(rank, port, out_dir):
     import torch.distributed as dist
 
-    from modules.distributed import DistContext
+    from modules.run.distributed import DistContext
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ctx = DistContext(rank=rank, world_size=2, launcher="fork", group=dist.group.WORLD)
@@ -324,7 +324,7 @@ def _buffers_worker(rank, port, out_dir):
 
 
 def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
-    from modules.launch import _free_port
+    from modules.run.launch import _free_port
     port = _free_port()
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_buffers_worker, args=(r, port, str(tmp_path))) for r in range(2)]
@@ -341,7 +341,7 @@ def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
 
 
 def test_training_timeout_outlasts_a_checkpoint_within_half_the_finish_reserve():
-    from modules.distributed import training_timeout
+    from modules.run.distributed import training_timeout
     assert training_timeout(600.0, 2.0) == 11.0  # 3 checkpoints + 5 s
     assert training_timeout(600.0, 100.0) == 120.0  # never above DIST_TIMEOUT_MAX_S
     assert training_timeout(30.0, 20.0) == 15.0  # half the finish reserve
@@ -353,7 +353,7 @@ def test_nccl_error_env_per_torch_version(monkeypatch):
     running torch reads: NCCL_* before 2.2, TORCH_NCCL_* from 2.2; init_group sets them before the group exists."""
     import torch.distributed as dist
 
-    from modules.distributed import DistContext, init_group, nccl_error_env
+    from modules.run.distributed import DistContext, init_group, nccl_error_env
     assert nccl_error_env("2.1.2+cu121") == {"NCCL_ASYNC_ERROR_HANDLING": "2", "NCCL_BLOCKING_WAIT": "0"}
     want = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "0"}
     assert nccl_error_env("2.2.0") == nccl_error_env("2.14.1") == nccl_error_env("3.0.0a0") == want
@@ -377,7 +377,7 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
     """Rank 0's watcher: a worker killed mid-training is noticed within a poll and the abort path runs once."""
     import threading
 
-    from modules.distributed import DistContext, stop_watch, watch_workers
+    from modules.run.distributed import DistContext, stop_watch, watch_workers
     proc = multiprocessing.get_context("fork").Process(target=_exit_at_once, args=(3,))
     ctx = DistContext(rank=0, world_size=2, launcher="fork", workers=[proc])
     aborted, calls = threading.Event(), []
@@ -391,8 +391,8 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
 
 def test_rank_device_set_before_cuda_is_touched(monkeypatch):
     """Every rank of a CUDA run makes cuda:LOCAL_RANK its current device first; a rank that cannot: one line."""
-    from modules.distributed import DistContext
-    from modules.launch import rank_device
+    from modules.run.distributed import DistContext
+    from modules.run.launch import rank_device
     seen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.append(i))
     assert rank_device(DistContext(rank=1, world_size=2, local_rank=1, launcher="fork"), "cuda") == "cuda:1"
@@ -410,7 +410,7 @@ def test_kernel_worker_dead_at_start_falls_back_in_seconds(tmp_path):
     end and runs alone at once, instead of waiting the rendezvous timeout (300 s with this budget)."""
     out = tmp_path / "out"
     script = tmp_path / "dies.py"
-    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport modules.main as m\n"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport modules.run.main as m\n"
                       "m.worker_main = lambda ctx, setup: os._exit(1)\nsys.exit(m.main())\n")
     proc, wall = run_kernel(["--demo", "--preset", "smoke", "--device", "cpu", "--gpus", "2", "--out", out,
                              "--time-budget", "20m", *FAST, *STEPS], timeout=240, script=script)
@@ -423,7 +423,7 @@ def test_kernel_worker_dead_at_start_falls_back_in_seconds(tmp_path):
 def test_kernel_torchrun_env_without_peers(tmp_path):
     """A partial torchrun environment: a missing MASTER_* is one line, exit 2; rank 0 whose peers never come runs
     alone after a wait bounded by the budget; rank 1 without its rank 0 ends with one line, exit 2."""
-    from modules.launch import _free_port
+    from modules.run.launch import _free_port
     base = ["--demo", "--preset", "smoke", "--device", "cpu", *FAST, *STEPS]
     proc, _ = run_kernel([*base, "--out", tmp_path / "a"], env={"RANK": "1", "WORLD_SIZE": "2"}, timeout=120)
     assert proc.returncode == 2 and "MASTER_ADDR and MASTER_PORT not" in proc.stderr and "Traceback" not in proc.stderr
@@ -443,7 +443,7 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
     libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
     import ctypes
 
-    from modules import launch
+    from modules.run import launch
     answer = {"code": 3}
 
     class FakeLibcuda:

@@ -1,4 +1,4 @@
-"""modules/finish.py: the finish writes a verified zip and report.json from a Sampler and its settings (no Config),
+"""modules/run/finish.py: the finish writes a verified zip and report.json from a Sampler and its settings (no Config),
 skips the optional parts when time is short (the Pace says); RunReport writes report.json's keys."""
 import io
 import json
@@ -14,14 +14,14 @@ from PIL import Image
 
 from conftest import CPU, tiny_cfg, tiny_data
 from test_evaluate import TinyClassifierFeatures
-from modules.evaluate import NO_FID
-from modules.finish import FinishSettings, build_finish_settings, finish, save_pictures
-from modules.budget import Pace
-from modules.report import RunReport
-from modules.sample import build_sampler
-from modules.submission import verify_zip
-from modules.train import build_trainer
-from modules.utils import Deadline, PhaseTimer
+from modules.run.evaluate import NO_FID
+from modules.run.finish import FinishSettings, build_finish_settings, finish, save_pictures
+from modules.run.budget import Pace
+from modules.run.report import RunReport
+from modules.recipe.sample import build_sampler
+from modules.run.submission import verify_zip
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline, PhaseTimer
 
 
 def _trainer():
@@ -104,8 +104,8 @@ def test_pngs_are_encoded_while_generating_and_the_zip_holds_the_same_images(tmp
     """Issue 19, defect 9 (SIGTERM -> exit took 39 s, PNG encoding after generation among the causes): the finish
     encodes each generated batch on a thread while the next one is generated, and write_submission takes those PNGs
     instead of encoding the 10,000 images again after generation."""
-    import modules.finish as finish_module
-    import modules.submission as submission_module
+    import modules.run.finish as finish_module
+    import modules.run.submission as submission_module
     calls = []
     real = submission_module.encode_pngs
     monkeypatch.setattr(finish_module, "encode_pngs", lambda images, workers=2: calls.append(

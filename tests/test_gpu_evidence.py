@@ -24,8 +24,8 @@ import bench_speed  # noqa: E402
 import gpu_evidence  # noqa: E402
 from benchlib import recipe  # noqa: E402
 
-from modules.demo import make_demo_dataset  # noqa: E402
-from modules.submission import write_submission  # noqa: E402
+from modules.data.demo import make_demo_dataset  # noqa: E402
+from modules.run.submission import write_submission  # noqa: E402
 
 
 @pytest.fixture(scope="module")

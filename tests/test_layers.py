@@ -1,4 +1,4 @@
-"""Tests for modules/layers.py: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std."""
+"""Tests for modules/recipe/layers.py: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std."""
 from functools import partial
 
 import pytest
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from modules.layers import (ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv, sn_embedding, sn_linear,
-                            sn_wrap)
+from modules.recipe.layers import (ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv, sn_embedding,
+                                   sn_linear, sn_wrap)
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.config import PRESETS, Config, apply_overrides
-from modules.sample import build_sampler
-from modules.train import build_trainer
-from modules.utils import Deadline
+from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.recipe.sample import build_sampler
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline
 from conftest import CPU, loop_kwargs, run_loop, window_plan
 
 # one saturated colour per breed (RGB), far apart so that a nearest-mean-colour classifier separates the real crops

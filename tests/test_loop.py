@@ -3,10 +3,10 @@ import threading
 import pytest
 import torch
 
-from modules import loop
-from modules.speed import CompiledForward
-from modules.train import build_trainer
-from modules.utils import Deadline
+from modules.recipe import loop
+from modules.recipe.speed import CompiledForward
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
 
 
@@ -66,14 +66,14 @@ def test_no_config_default_is_repeated():
     is required (a default here could silently disagree with Config's, as four once did)."""
     import inspect
 
-    from modules.averaging import EMA
-    from modules.batches import DeviceBatches
-    from modules.faults import FaultInjector, fault_hook
-    from modules.finish import finish, save_pictures
-    from modules.loop import train_loop
-    from modules.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings, ScheduleSettings,
-                                  TrainerSettings, trainer_settings)
-    from modules.train import Trainer, build_trainer
+    from modules.recipe.averaging import EMA
+    from modules.recipe.batches import DeviceBatches
+    from modules.run.faults import FaultInjector, fault_hook
+    from modules.run.finish import finish, save_pictures
+    from modules.recipe.loop import train_loop
+    from modules.recipe.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings,
+                                         ScheduleSettings, TrainerSettings, trainer_settings)
+    from modules.recipe.train import Trainer, build_trainer
 
     groups = (TrainerSettings, LossSettings, OptimSettings, ScheduleSettings, AveragingSettings, DInputSettings)
     for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modules.losses import LOSSES, gradient_penalty
+from modules.recipe.losses import LOSSES, gradient_penalty
 
 GOOD = (torch.full((8,), 5.0), torch.full((8,), -5.0))  # D is right: reals high, fakes low
 BAD = (torch.full((8,), -5.0), torch.full((8,), 5.0))

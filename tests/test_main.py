@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import KERNEL, ROOT, run_kernel
-from modules.config import Config
-from modules.data import load_dogs
-from modules.demo import make_demo_dataset
-from modules.submission import verify_zip, write_submission
+from modules.recipe.config import Config
+from modules.data.dogs import load_dogs
+from modules.data.demo import make_demo_dataset
+from modules.run.submission import verify_zip, write_submission
 
 FAST = ["--set", "self_check=false"]
 # Tests about something other than the 10,000-image zip (bad input, every preset) write 2,000 images: the finish is a
@@ -80,7 +80,7 @@ def test_full_width_budget_too_small_is_refused_inside_the_budget(tmp_path):
 def test_absurd_budgets_are_refused_and_kaggle_is_warned_past_9h(tmp_path, monkeypatch, capsys):
     """Issue 19: 1e300 s is one line (exit 2), not a 300-digit duration in the log; inside a Kaggle session a budget
     over its 9 hours is warned about (this run then stops at the empty data folder)."""
-    from modules.main import main
+    from modules.run.main import main
     assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--time-budget", "1e300"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "up to a week" in err
@@ -92,7 +92,7 @@ def test_absurd_budgets_are_refused_and_kaggle_is_warned_past_9h(tmp_path, monke
 
 def test_out_inside_the_data_folder_is_refused(tmp_path, capsys):
     """Issue 19: --out equal to or inside --data-dir would put samples.png and losses.png among the training images."""
-    from modules.main import main
+    from modules.run.main import main
     data = tmp_path / "data"
     (data / "all-dogs").mkdir(parents=True)
     for out, why in ((data, "is the data folder"), (data / "all-dogs" / "out", "is inside the data folder")):
@@ -108,8 +108,8 @@ def test_out_inside_the_data_folder_is_refused(tmp_path, capsys):
 def test_runs_sharing_an_out_folder_keep_their_own_temp_files(tmp_path):
     """Issue 19: each process writes images.zip/checkpoint.pt through its own temporary name, and a run starting in
     the folder removes only the leftovers of processes that are gone, not a live run's file being written."""
-    from modules.outdir import prepare_out_dir
-    from modules.utils import atomic_file
+    from modules.run.outdir import prepare_out_dir
+    from modules.recipe.utils import atomic_file
     with atomic_file(str(tmp_path / "images.zip")) as f:
         f.write(b"x")
         assert os.listdir(tmp_path) == [f"images.zip.tmp{os.getpid()}"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from modules.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score,
+from modules.run.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score,
                              memorization_distance, mifid, nearest_pixel, threshold_memorization)
 
 

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from modules.config import PRESETS, Config, apply_overrides
-from modules.models import ARCHS, DCDiscriminator, DCGenerator, SplitBatchNorm2d, build_models, count_params
+from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.recipe.models import ARCHS, DCDiscriminator, DCGenerator, SplitBatchNorm2d, build_models, count_params
 
 
 def _cfg(preset, **kw):

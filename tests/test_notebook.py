@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import KERNEL
-from modules.submission import verify_zip
+from modules.run.submission import verify_zip
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

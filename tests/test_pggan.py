@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.layers import MinibatchStd
-from modules.pggan import (EqConv2d, EqLinear, PGDiscriminator, PGGenerator, PixelNorm,
+from modules.recipe.layers import MinibatchStd
+from modules.recipe.pggan import (EqConv2d, EqLinear, PGDiscriminator, PGGenerator, PixelNorm,
                            pggan_growth)
 
 CH, N, Z = 8, 4, 16

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import CPU
-from modules.precision import resolve_amp
-from modules.utils import UsageError
+from modules.recipe.precision import resolve_amp
+from modules.recipe.utils import UsageError
 
 
 def test_amp_off_on_cpu():

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules.report import image_grid, plot_losses, save_grid, write_report
+from modules.run.report import image_grid, plot_losses, save_grid, write_report
 
 
 def test_plot_losses_writes_png_and_survives_odd_series(tmp_path):

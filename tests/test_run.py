@@ -1,14 +1,14 @@
-"""modules/run.py: an out-of-memory error in the first training steps said in one line, exit 2, tested on the CPU with
-an injected one; later in training it is a crash like any other."""
+"""modules/run/rank.py: an out-of-memory error in the first training steps said in one line, exit 2, tested on the CPU
+with an injected one; later in training it is a crash like any other."""
 import pytest
 import torch
 
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
 from modules import run as run_module
-from modules.main import main
-from modules.run import describe_early_oom
-from modules.train import build_trainer
-from modules.utils import Deadline, is_out_of_memory
+from modules.run.main import main
+from modules.run.rank import describe_early_oom
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline, is_out_of_memory
 
 
 def test_out_of_memory_in_the_first_steps_is_a_usage_error_later_a_crash():

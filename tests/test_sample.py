@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from modules.biggan import BigGenerator
-from modules.layers import sn_linear
-from modules.sample import (
+from modules.recipe.biggan import BigGenerator
+from modules.recipe.layers import sn_linear
+from modules.recipe.sample import (
     Sampler,
     build_sampler,
     generate_images,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from modules.config import PRESETS, Config, apply_overrides
-from modules.speed import (
+from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.recipe.speed import (
     CompiledForward,
     choose_threads,
     pick_cpu_threads,
@@ -22,8 +22,8 @@ from modules.speed import (
     env_threads,
     maybe_compile,
 )
-from modules.precision import resolve_amp
-from modules.train import build_trainer
+from modules.recipe.precision import resolve_amp
+from modules.recipe.train import build_trainer
 
 CPU = torch.device("cpu")
 FAKE_CUDA = types.SimpleNamespace(type="cuda", index=0)  # resolve_amp / speed only read .type and pass it on

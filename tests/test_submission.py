@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.submission import SubmissionError, verify_zip, write_submission
-from modules.utils import UsageError
+from modules.run.submission import SubmissionError, verify_zip, write_submission
+from modules.recipe.utils import UsageError
 
 
 def _images(n, size=64):
@@ -71,7 +71,7 @@ def test_unwritable_path_is_clear_error(tmp_path):
 
 def test_encoded_pngs_are_lossless_and_valid_for_pil():
     """encode_png writes PNGs itself (Up filter + zlib): PIL must read every kind of image back exactly."""
-    from modules.submission import encode_png
+    from modules.run.submission import encode_png
     rng = np.random.default_rng(1)
     smooth = np.clip(np.cumsum(rng.normal(0, 6, (64, 64, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
     cases = [_images(1)[0], smooth, np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8),

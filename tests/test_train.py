@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
-from modules.config import PRESETS, Config, apply_overrides
-from modules.averaging import EMA
-from modules.batches import DeviceBatches
-from modules.precision import describe_skips
-from modules.settings import ema_half_life_images, trainer_settings
-from modules.train import build_trainer
+from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.recipe.averaging import EMA
+from modules.recipe.batches import DeviceBatches
+from modules.recipe.precision import describe_skips
+from modules.recipe.settings import ema_half_life_images, trainer_settings
+from modules.recipe.train import build_trainer
 
 
 def test_device_batches_range_flip_and_labels():

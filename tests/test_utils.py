@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from modules.utils import (
+from modules.recipe.utils import (
     Deadline,
     PhaseTimer,
     UsageError,

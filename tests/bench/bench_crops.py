@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mnv2 import MobileNetV2Features, Reference, reference_features, score  # noqa: E402
 
-from modules.annotations import list_annotations, list_images, read_voc  # noqa: E402
-from modules.crops import CROP_STYLES  # noqa: E402
-from modules.data import find_data_dir, load_dogs  # noqa: E402
+from modules.data.annotations import list_annotations, list_images, read_voc  # noqa: E402
+from modules.data.crops import CROP_STYLES  # noqa: E402
+from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import ROOT, add_recipe_args, load_data, md_table, recipe  # noqa: E402
 
-import modules.train  # noqa: E402  (build_models is patched there for the peer)
-from modules.utils import parse_duration  # noqa: E402
-from modules.models import count_params  # noqa: E402
-from modules.train import build_trainer  # noqa: E402
-from modules.utils import check_device  # noqa: E402
+import modules.recipe.train  # noqa: E402  (build_models is patched there for the peer)
+from modules.recipe.utils import parse_duration  # noqa: E402
+from modules.recipe.models import count_params  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
+from modules.recipe.utils import check_device  # noqa: E402
 
 # Kaggle's GPUs: (name, precision the kernel uses there, dense peak TFLOP/s, GPUs, utilisation low, high).
 # Utilisation = achieved / peak FLOP/s. Published anchors (NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README,
@@ -143,7 +143,7 @@ def build_peer(peer_dir, cfg, n_classes):
 
 def build_peer_trainer(peer_dir, cfg, data, device):
     """The kernel's build_trainer with their G and D in place of ours (same data, losses, Adam, EMA, step)."""
-    with mock.patch.object(modules.train, "build_models", lambda c, n: build_peer(peer_dir, c, n)), \
+    with mock.patch.object(modules.recipe.train, "build_models", lambda c, n: build_peer(peer_dir, c, n)), \
             contextlib.redirect_stdout(io.StringIO()):  # their constructors print parameter counts
         return build_trainer(cfg, data, device)
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import FULL_DATASET, ROOT, add_recipe_args, load_data, md_table, mib, recipe  # noqa: E402
 
-from modules.models import count_params  # noqa: E402
-from modules.train import build_trainer  # noqa: E402
-from modules.utils import check_device  # noqa: E402
+from modules.recipe.models import count_params  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
+from modules.recipe.utils import check_device  # noqa: E402
 
 GPU_MEMORY_GIB = (("T4", 15.0), ("P100", 16.0))  # usable per GPU (T4: 16 GB card, ~15.0 GiB visible to torch)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from modules.config import PRESETS  # noqa: E402
-from modules.submission import verify_zip  # noqa: E402
+from modules.recipe.config import PRESETS  # noqa: E402
+from modules.run.submission import verify_zip  # noqa: E402
 
 
 def ensure_venv(venv, torch_version, torchvision_version):

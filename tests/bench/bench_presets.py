@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.models import count_params  # noqa: E402
-from modules.train import build_trainer  # noqa: E402
-from modules.utils import check_device  # noqa: E402
+from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
+from modules.recipe.models import count_params  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
+from modules.recipe.utils import check_device  # noqa: E402
 
 
 def _sync(device):

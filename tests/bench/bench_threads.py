@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import CPU, tiny_data  # noqa: E402
-from modules.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.sample import build_sampler  # noqa: E402
-from modules.train import build_trainer  # noqa: E402
-from modules.utils import cpu_count  # noqa: E402
+from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
+from modules.recipe.sample import build_sampler  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
+from modules.recipe.utils import cpu_count  # noqa: E402
 
 
 def main():

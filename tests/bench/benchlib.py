@@ -1,7 +1,7 @@
 """Helpers shared by bench_memory.py, bench_flops.py and gpu_evidence.py (not collected by pytest).
 
 Every bench takes the recipe as the kernel does (`--preset NAMES`, `--set FIELD=VALUE` repeatable, parsed and checked by
-the kernel's own modules.cli.parse_config), so a bench measures whatever the default recipe is when it is rerun.
+the kernel's own modules.run.cli.parse_config), so a bench measures whatever the default recipe is when it is rerun.
 """
 import argparse
 import sys
@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modules.cli import parse_config  # noqa: E402
-from modules.data import find_data_dir, load_dogs  # noqa: E402
+from modules.run.cli import parse_config  # noqa: E402
+from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 
 REAL_SAMPLE = ROOT.parent / "shared" / "data" / "dogs-1953"
 FULL_DATASET = 20579  # images in Kaggle's all-dogs

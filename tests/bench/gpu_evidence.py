@@ -73,19 +73,19 @@ import bench_flops  # noqa: E402
 import bench_memory  # noqa: E402
 from benchlib import ROOT, add_recipe_args, load_data, load_npz, md_table, mib, recipe, save_npz  # noqa: E402
 
-from modules.data import find_data_dir, load_dogs  # noqa: E402
-from modules.demo import make_demo_dataset  # noqa: E402
-from modules.distributed import DistContext  # noqa: E402
-from modules.finish import fast_inference  # noqa: E402
-from modules.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.budget import Pace, TrainPlan  # noqa: E402
-from modules.report import save_grid  # noqa: E402
-from modules.sample import build_sampler  # noqa: E402
-from modules.speed import compile_support, configure_backends, configure_threads  # noqa: E402
-from modules.submission import verify_zip, write_submission  # noqa: E402
-from modules.precision import resolve_amp  # noqa: E402
-from modules.train import build_trainer  # noqa: E402
-from modules.utils import Deadline, seed_everything  # noqa: E402
+from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
+from modules.data.demo import make_demo_dataset  # noqa: E402
+from modules.run.distributed import DistContext  # noqa: E402
+from modules.run.finish import fast_inference  # noqa: E402
+from modules.recipe.loop import build_loop_settings, train_loop  # noqa: E402
+from modules.run.budget import Pace, TrainPlan  # noqa: E402
+from modules.run.report import save_grid  # noqa: E402
+from modules.recipe.sample import build_sampler  # noqa: E402
+from modules.recipe.speed import compile_support, configure_backends, configure_threads  # noqa: E402
+from modules.run.submission import verify_zip, write_submission  # noqa: E402
+from modules.recipe.precision import resolve_amp  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
+from modules.recipe.utils import Deadline, seed_everything  # noqa: E402
 
 TEST_FILES = ("tests/test_train.py", "tests/test_speed.py", "tests/test_sample.py", "tests/test_loop.py",
               "tests/test_checkpoint.py")
@@ -208,7 +208,7 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
 import torch
-from modules.launch import cuda_driver_initialised, visible_cuda_devices
+from modules.run.launch import cuda_driver_initialised, visible_cuda_devices
 seen = {"after_import": cuda_driver_initialised()}
 seen["gpus_nvml"] = visible_cuda_devices()
 seen["after_nvml_count"] = cuda_driver_initialised()
@@ -756,7 +756,7 @@ def main(argv=None):
     ctx.kill_step, ctx.kill_budget_s = args.kill_step, 120.0
     ctx.kernel_budget_s = 0.0 if args.dry_run else 60.0
     ctx.gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    # the kernel's own configuration (modules/setup.py does the same): cuDNN autotuning, TF32 on Ampere+, threads
+    # the kernel's own configuration (modules/run/setup.py does the same): cuDNN autotuning, TF32 on Ampere+, threads
     ctx.backends = f"{configure_backends(device)}; {configure_threads(cfg.threads, device)}"
     ctx.device, ctx.cfg = device, cfg
     t0 = time.perf_counter()

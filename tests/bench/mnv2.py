@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from modules.metrics import frechet_distance, memorization_distance  # noqa: E402
+from modules.run.metrics import frechet_distance, memorization_distance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_PATH = Path(os.environ.get("MNV2_MODEL", ROOT.parent / "shared" / "models" / "mobilenet_v2_1.0_224_quant.tflite"))

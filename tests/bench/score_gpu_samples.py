@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT, md_table  # noqa: E402
 from mnv2 import MobileNetV2Features, Reference, reference_features, score  # noqa: E402
 
-from modules.data import find_data_dir, load_dogs  # noqa: E402
-from modules.utils import UsageError  # noqa: E402
+from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
+from modules.recipe.utils import UsageError  # noqa: E402
 
 CPU_RESULTS = (ROOT / "tests" / "bench" / "results" / "long20" / "results.json",)
 

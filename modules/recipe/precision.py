@@ -1,0 +1,86 @@
+"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
+are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from modules.recipe.utils import UsageError
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
+BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampere (sm_80) and later
+
+
+def resolve_amp(amp, device):
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
+    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
+    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
+    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
+    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
+    has no bf16."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = AMP_DTYPES[amp]
+    problem = _amp_problem(dtype, device)
+    if problem:
+        raise UsageError(f"setting amp={amp} cannot be used on {device.type} with torch {torch.__version__}: {problem}; "
+                         "use amp=auto or amp=off")
+    return dtype
+
+
+def _amp_problem(dtype, device):
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
+    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
+    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < BF16_MIN_CAPABILITY:
+            return (f"sm_{major}{minor} has no bf16 tensor cores (sm_{BF16_MIN_CAPABILITY}0+), so torch would emulate "
+                    "bf16 slowly there")
+    if dtype == torch.float16 and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        return f"it has no torch.amp.GradScaler({device.type!r}) (torch 2.3+)"
+    try:
+        with warnings.catch_warnings():  # old torch: "In CPU autocast, but the target dtype is not supported"
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                out = F.linear(torch.ones(2, 4, device=device), torch.ones(3, 4, device=device))
+            if dtype == torch.float16:
+                grad_scaler(device.type, enabled=True)
+    except Exception as exc:  # RuntimeError of an old torch; AssertionError of a GradScaler without this device
+        return f"autocast to {dtype} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    if out.dtype != dtype:
+        return f"its {device.type} autocast does not compute in {dtype} (got {out.dtype})"
+    return ""
+
+
+def grad_scaler(device_type, *, enabled):
+    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
+    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
+    refuses amp=fp16 on their CPU)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def describe_skips(precision):
+    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
+    "" without GradScalers."""
+    p = precision
+    if not p.get("grad_scalers"):
+        return ""
+    if p.get("skipped_g") is None:
+        return "GradScalers: skipped steps not counted (this torch's GradScaler does not show them)"
+    return (f"GradScalers skipped {p['skipped_g']} of {p['g_steps']} G steps and {p['skipped_d']} of {p['d_steps']} "
+            f"D steps (inf/NaN gradients in fp16); scales now G {p['scale_g']:g}, D {p['scale_d']:g}")
+
+
+def describe_amp(amp_dtype):
+    """The precision a Trainer runs in, for the log and report.json."""
+    if amp_dtype is None:
+        return "fp32"
+    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))

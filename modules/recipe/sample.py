@@ -1,0 +1,209 @@
+"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
+generation to uint8 images.
+
+G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
+- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
+  eval mode); the running statistics are left untouched.
+- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
+  into the averaged copy): statistics of other weights than the ones that generate.
+- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
+  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
+Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
+so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
+"running" mode, where it shrinks the activations relative to the training statistics.
+
+A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
+`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
+and its pictures all call it, so they sample alike.
+"""
+import contextlib
+import copy
+import dataclasses
+import itertools
+import weakref
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.recipe.utils import eval_mode
+
+SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
+STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
+STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
+STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
+_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
+
+
+def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
+    """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
+
+    Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
+    """
+    z = torch.randn(n, dim, generator=generator, device=device)
+    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+        bad = z.abs() > threshold
+        while bool(bad.any()):
+            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+            bad = z.abs() > threshold
+    return z
+
+
+def sample_labels(n, label_counts, *, generator=None, device="cpu"):
+    """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
+    probs = torch.as_tensor(label_counts, dtype=torch.float32)
+    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+
+
+def to_uint8(images):
+    """[N,3,H,W] float in [-1,1] -> numpy uint8 [N,H,W,3]."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _batch_norms(G):
+    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def sample_bn_of(G, sample_bn=None):
+    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
+    return sample_bn or getattr(G, "sample_bn", "running")
+
+
+@contextlib.contextmanager
+def sampling_mode(G, sample_bn=None):
+    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
+    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
+    back in the mode it had after."""
+    batch = sample_bn_of(G, sample_bn) == "batch"
+    bns = _batch_norms(G) if batch else []
+    tracked = [m.track_running_stats for m in bns]
+    with eval_mode(G):
+        try:
+            for m in bns:
+                m.train()
+                m.track_running_stats = False  # training-mode BN without running buffers: batch statistics, no update
+            yield G
+        finally:
+            for m, t in zip(bns, tracked):
+                m.track_running_stats = t
+
+
+@torch.no_grad()
+def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
+                   n_batches=STANDING_BATCHES):
+    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
+    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
+    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
+    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
+    G2 = copy.deepcopy(G)
+    bns = _batch_norms(G2)
+    gen = torch.Generator().manual_seed(STANDING_SEED)
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    with eval_mode(G2):
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # None = cumulative moving average over the batches seen since the reset
+            m.train()
+        for _ in range(n_batches if bns else 0):
+            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
+            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                G2(z, y)
+    for m, src in zip(bns, _batch_norms(G)):
+        m.momentum = src.momentum
+    G2.standing_ready, G2.sample_bn = True, "standing"
+    return G2
+
+
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
+    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
+    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is None or cached[0] != key:
+        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
+        _STANDING_CACHE[G] = cached
+    return cached[1]
+
+
+@torch.no_grad()
+def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
+                    sample_bn=None, on_batch=None):
+    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
+
+    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
+    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
+    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
+    mode = sample_bn_of(G, sample_bn)
+    if mode == "standing" and not getattr(G, "standing_ready", False):
+        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
+                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with sampling_mode(G, mode):
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
+            y = sample_labels(m, label_counts, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                x = G(z, y)
+            out.append(to_uint8(x))
+            if on_batch is not None:
+                on_batch(out[-1])
+    images = np.concatenate(out)
+    assert images.shape == (n, images.shape[1], images.shape[2], 3) and images.dtype == np.uint8
+    return images
+
+
+# the run's sampler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
+class Sampler:
+    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
+
+    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
+    averages), unless `ready()` fixed it."""
+
+    model: Callable  # () -> the generator to sample
+    z_dim: int
+    truncation: float  # resample |z| above this (0: none)
+    label_counts: np.ndarray  # [n_classes] training images per breed: labels are drawn with these frequencies
+    amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
+    device: torch.device
+    batch: int  # images per generated batch
+    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+
+    def __call__(self, n, seed=0, *, on_batch=None):
+        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
+                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
+                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+
+    def with_batch(self, batch):
+        return dataclasses.replace(self, batch=batch)
+
+    def with_model(self, G):
+        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
+        return dataclasses.replace(self, model=lambda: G)
+
+    def ready(self):
+        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
+        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
+        return self.with_model(prepare_for_sampling(
+            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
+            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+
+
+def build_sampler(cfg, trainer, data):
+    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
+    generation batch; breeds drawn with the training set's frequencies."""
+    return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
+                   label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
+                   device=trainer.device, batch=cfg.sample_batch)
