@@ -122,15 +122,15 @@ def test_runs_sharing_an_out_folder_keep_their_own_temp_files(tmp_path):
 
 def test_refused_plan_leaves_no_folder_and_one_clock(tmp_path):
     """Refused after the output folder was made (no training window left): the folder goes again, and the error's
-    "took" agrees with the log's clock on the line before it."""
+    "took" is on the log's clock: at or just after the last line logged before the finish was measured."""
     out = tmp_path / "out"
     proc, _ = run_kernel(["--demo", "--preset", "smoke", "--out", out, "--time-budget", "40s",
                           "--set", "reserve_margin_s=100", *FAST], timeout=120)
     assert proc.returncode == 2 and "too small: start-up and loading took" in proc.stderr, proc.stderr
     assert not out.exists()
-    logged = re.search(r"\[\s*([\d.]+)s\] finish reserve", proc.stdout).group(1)
-    took = re.search(r"loading took ([\d.]+)s", proc.stderr).group(1)
-    assert abs(float(logged) - float(took)) <= 0.2, (logged, took)
+    logged = float(re.findall(r"^\[\s*([\d.]+)s\]", proc.stdout, flags=re.M)[-1])
+    took = float(re.search(r"loading took ([\d.]+)s", proc.stderr).group(1))
+    assert logged - 0.05 <= took <= logged + 1.0, (logged, took)
 
 
 def test_failure_before_the_first_step_exits_2_and_ships_nothing(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
-from modules import run as run_module
+from modules.run import rank as run_module
 from modules.run.main import main
 from modules.run.rank import describe_early_oom
 from modules.recipe.train import build_trainer
