@@ -9,6 +9,9 @@ import torch
 
 import modules.run.budget as budget
 from conftest import CPU, tiny_cfg, tiny_data, window_plan
+from modules.recipe.sample import Sampler, build_sampler
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline, UsageError
 from modules.run.budget import (
     CPU_GEN_BATCH_MAX,
     FINISH_EXIT_S,
@@ -22,9 +25,6 @@ from modules.run.budget import (
     refuse_if_finish_cannot_fit,
 )
 from modules.run.checkpoint import Resumed
-from modules.recipe.sample import Sampler, build_sampler
-from modules.recipe.train import build_trainer
-from modules.recipe.utils import Deadline, UsageError
 
 def _pace(seconds=1000.0, *, finish_s=10.0, probe=None, **kw):
     d = Deadline(3600)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import UsageError
 from modules.run.checkpoint import describe_write_error, read_checkpoint, restore_checkpoint, save_checkpoint
 from modules.run.rank import make_checkpointer
 from modules.run.report import RunReport
-from modules.recipe.train import build_trainer
-from modules.recipe.utils import UsageError
 
 ARCH = {"arch": "biggan", "g_ch": 2}
 

@@ -7,15 +7,15 @@ import time
 import pytest
 
 from conftest import KERNEL, ROOT
+from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.augment import AUGMENTS
 from modules.recipe.biggan import BIGGAN_D_ARCHS
-from modules.run.cli import ALLOWED, REGISTRY_CHOICES, check_config, config_to_json, parse_config
 from modules.recipe.config import LIMITS, PRESETS, Config, apply_overrides
-from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.losses import LOSSES
 from modules.recipe.models import ARCHS
 from modules.recipe.sample import SAMPLE_BN_MODES
 from modules.recipe.utils import UsageError, parse_duration
+from modules.run.cli import ALLOWED, REGISTRY_CHOICES, check_config, config_to_json, parse_config
 
 
 def test_defaults_are_the_kaggle_recipe():

@@ -17,8 +17,8 @@ from PIL import Image
 from modules.data import annotations
 from modules.data.annotations import ANNOTATION_MAX_BYTES, read_voc
 from modules.data.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
-from modules.data.dogs import find_data_dir, load_dogs
 from modules.data.demo import _DEMO_OBJECT, _DEMO_XML
+from modules.data.dogs import find_data_dir, load_dogs
 from modules.recipe.utils import UsageError
 
 REAL_SAMPLE = Path("/work/shared/data/dogs-1953")  # 1,953 real images and their annotations; absent on most machines

@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from modules.data.dogs import find_data_dir, load_dogs
 from modules.data.demo import make_demo_dataset
+from modules.data.dogs import find_data_dir, load_dogs
 
 
 def digest(root):

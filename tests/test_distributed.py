@@ -18,11 +18,11 @@ import torch
 
 from conftest import KERNEL, ROOT, run_kernel
 from modules.recipe.config import PRESETS, Config, apply_overrides
-from modules.run.distributed import DistContext
-from modules.run.launch import resolve_world_size, torchrun_env
 from modules.recipe.settings import split_batch
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
+from modules.run.distributed import DistContext
+from modules.run.launch import resolve_world_size, torchrun_env
 
 CPU = torch.device("cpu")
 B, N_CLASSES = 8, 3

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.recipe.config import Config
-from modules.data.dogs import load_dogs
 from modules.data.demo import make_demo_dataset
+from modules.data.dogs import load_dogs
+from modules.recipe.config import Config
+from modules.recipe.utils import UsageError
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
 from modules.run.main import main
 from modules.run.submission import SubmissionError, _zip_entry_count, verify_zip, write_submission
-from modules.recipe.utils import UsageError
 from test_checkpoint import unblock_fifo_later
 
 

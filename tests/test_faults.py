@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
-from modules.run.faults import FaultInjector, fault_hook
 from modules.recipe.train import Trainer, build_trainer
+from modules.run.faults import FaultInjector, fault_hook
 
 
 def _trainer():

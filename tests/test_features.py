@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from modules.recipe.utils import UsageError
 from modules.run.features import (FIDInceptionA, FIDInceptionE2, build_feature_extractor, fid_inception_v3,
                               tf1_resize_matrix)
-from modules.recipe.utils import UsageError
 
 
 def images(n, seed=0, size=64):

@@ -14,14 +14,14 @@ from PIL import Image
 
 from conftest import CPU, tiny_cfg, tiny_data
 from test_evaluate import TinyClassifierFeatures
-from modules.run.evaluate import NO_FID
-from modules.run.finish import FinishSettings, build_finish_settings, finish, save_pictures
-from modules.run.budget import Pace
-from modules.run.report import RunReport
 from modules.recipe.sample import build_sampler
-from modules.run.submission import verify_zip
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import Deadline, PhaseTimer
+from modules.run.budget import Pace
+from modules.run.evaluate import NO_FID
+from modules.run.finish import FinishSettings, build_finish_settings, finish, save_pictures
+from modules.run.report import RunReport
+from modules.run.submission import verify_zip
 
 
 def _trainer():

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import KERNEL, ROOT, run_kernel
-from modules.recipe.config import Config
-from modules.data.dogs import load_dogs
 from modules.data.demo import make_demo_dataset
+from modules.data.dogs import load_dogs
+from modules.recipe.config import Config
 from modules.run.submission import verify_zip, write_submission
 
 FAST = ["--set", "self_check=false"]

@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from conftest import CPU, KERNEL, ROOT, loop_kwargs, run_kernel, run_loop, tiny_cfg, tiny_data, window_plan
-from modules.run.budget import measure_finish_seconds
-from modules.run.submission import verify_zip
-from modules.run.checkpoint import read_checkpoint, save_checkpoint
-from modules.run.faults import fault_hook
 from modules.recipe.sample import Sampler
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import Deadline, UsageError
+from modules.run.budget import measure_finish_seconds
+from modules.run.checkpoint import read_checkpoint, save_checkpoint
+from modules.run.faults import fault_hook
+from modules.run.submission import verify_zip
 
 # One torch thread per kernel: with two, the OpenMP threads of processes sharing 2 cores spin-wait on each other and
 # each process runs 3-4x slower at random moments (a property of a shared test box, not of Kaggle's GPU run).

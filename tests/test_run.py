@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import Deadline, is_out_of_memory
 from modules.run import rank as run_module
 from modules.run.main import main
 from modules.run.rank import describe_early_oom
-from modules.recipe.train import build_trainer
-from modules.recipe.utils import Deadline, is_out_of_memory
 
 
 def test_out_of_memory_in_the_first_steps_is_a_usage_error_later_a_crash():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from modules.recipe.config import PRESETS, Config, apply_overrides
+from modules.recipe.precision import resolve_amp
 from modules.recipe.speed import (
     CompiledForward,
     choose_threads,
@@ -22,7 +23,6 @@ from modules.recipe.speed import (
     env_threads,
     maybe_compile,
 )
-from modules.recipe.precision import resolve_amp
 from modules.recipe.train import build_trainer
 
 CPU = torch.device("cpu")

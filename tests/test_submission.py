@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.run.submission import SubmissionError, verify_zip, write_submission
 from modules.recipe.utils import UsageError
+from modules.run.submission import SubmissionError, verify_zip, write_submission
 
 
 def _images(n, size=64):

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modules.recipe.utils import UsageError, format_duration, log, warn
 from modules.run.evaluate import MAX_CROPS_PIXEL_NN
 from modules.run.metrics import frechet_distance, memorization_distance, nearest_pixel
 from modules.run.submission import encode_pngs
-from modules.recipe.utils import UsageError, format_duration, log, warn
 
 FINISH_SAFETY = 1.25  # the measured finish x this: it is timed on ~1% of the work, and other load comes and goes
 SLOWDOWN_MAX = 3.0  # the finish reserve grows with the measured slowdown of the steps, up to this factor

@@ -14,10 +14,10 @@ import os
 import re
 import sys
 
+from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.augment import AUGMENTS
 from modules.recipe.biggan import BIGGAN_D_ARCHS, BIGGAN_G_ARCH
 from modules.recipe.config import LIMITS, PRESETS, Choice, Config, Match, Range, Text, UsageError, apply_overrides
-from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.grammar import parse_duration, parse_faults
 from modules.recipe.losses import LOSSES
 from modules.recipe.models import ARCHS

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import scipy.special
 
+from modules.recipe.utils import UsageError, format_duration, log, require_regular_file, warn
 from modules.run.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score, mifid,
                              memorization_distance, nearest_pixel)
 from modules.run.report import image_grid
 from modules.run.submission import scan_submission
-from modules.recipe.utils import UsageError, format_duration, log, require_regular_file, warn
 
 EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
 EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected

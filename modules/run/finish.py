@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
+from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
+from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images
 from modules.run.report import plot_losses, save_grid
-from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
 from modules.run.submission import SubmissionError, encode_pngs, write_submission
-from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from modules.run.distributed import DistContext
 from modules.recipe.utils import UsageError, warn
+from modules.run.distributed import DistContext
 
 
 # how many ranks

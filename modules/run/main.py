@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from modules.recipe.utils import UsageError, check_device, log, say
 from modules.run.cli import config_to_json, parse_config
 from modules.run.distributed import DistContext, record_failure
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
@@ -17,7 +18,6 @@ from modules.run.features import build_feature_extractor
 from modules.run.launch import fork_workers, torchrun_env
 from modules.run.rank import EXIT_ZIP_FAILED, run_rank, sigterm_interrupts
 from modules.run.setup import load_training_data, prepare
-from modules.recipe.utils import UsageError, check_device, log, say
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # exit codes besides 0 and EXIT_ZIP_FAILED
 EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is printed all the same)

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from modules.recipe.loop import TrainSummary, build_loop_settings, train_loop
+from modules.recipe.precision import describe_skips
+from modules.recipe.sample import build_sampler
+from modules.recipe.speed import env_threads, pick_cpu_threads
+from modules.recipe.train import build_trainer
+from modules.recipe.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, say, warn
 from modules.run.budget import (Pace, finish_reserve_s, measure_finish_seconds, plan_training,
                                 refuse_if_finish_cannot_fit)
 from modules.run.checkpoint import describe_write_error, save_checkpoint
@@ -32,15 +38,9 @@ from modules.run.distributed import (
 from modules.run.faults import fault_hook
 from modules.run.features import build_feature_extractor
 from modules.run.finish import build_finish_settings, finish
-from modules.recipe.loop import TrainSummary, build_loop_settings, train_loop
 from modules.run.outdir import prepare_out_dir, removed_if_left_empty
-from modules.recipe.sample import build_sampler
 from modules.run.setup import open_device
-from modules.recipe.speed import env_threads, pick_cpu_threads
 from modules.run.submission import SubmissionError
-from modules.recipe.precision import describe_skips
-from modules.recipe.train import build_trainer
-from modules.recipe.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, say, warn
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
 

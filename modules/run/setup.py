@@ -8,16 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.run.checkpoint import CHECKPOINT_ARCH_KEYS, Resumed
-from modules.run.cli import resolve_out_dir
-from modules.data.dogs import find_data_dir, load_dogs
 from modules.data.demo import make_demo_dataset
-from modules.run.launch import quiet_worker_output, rank_device, resolve_world_size
-from modules.run.outdir import check_out_dir, check_out_not_in_data
-from modules.run.report import RunReport
+from modules.data.dogs import find_data_dir, load_dogs
+from modules.recipe.precision import describe_amp, resolve_amp
 from modules.recipe.settings import split_batch
 from modules.recipe.speed import configure_backends, configure_threads
-from modules.recipe.precision import describe_amp, resolve_amp
 from modules.recipe.utils import (
     Deadline,
     PhaseTimer,
@@ -30,6 +25,11 @@ from modules.recipe.utils import (
     seed_everything,
     warn,
 )
+from modules.run.checkpoint import CHECKPOINT_ARCH_KEYS, Resumed
+from modules.run.cli import resolve_out_dir
+from modules.run.launch import quiet_worker_output, rank_device, resolve_world_size
+from modules.run.outdir import check_out_dir, check_out_not_in_data
+from modules.run.report import RunReport
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours

@@ -25,10 +25,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.run.distributed import DistContext, make_training_group  # noqa: E402
-from modules.run.launch import _free_port  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import cpu_count  # noqa: E402
+from modules.run.distributed import DistContext, make_training_group  # noqa: E402
+from modules.run.launch import _free_port  # noqa: E402
 
 
 def _data(n=256, n_classes=6):

@@ -23,13 +23,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from modules.recipe.sample import build_sampler  # noqa: E402
+from modules.recipe.train import build_trainer  # noqa: E402
 from modules.run.cli import parse_config  # noqa: E402
 from modules.run.finish import _finish_generate  # noqa: E402
-from modules.run.setup import load_training_data  # noqa: E402
 from modules.run.report import RunReport  # noqa: E402
-from modules.recipe.sample import build_sampler  # noqa: E402
+from modules.run.setup import load_training_data  # noqa: E402
 from modules.run.submission import write_submission  # noqa: E402
-from modules.recipe.train import build_trainer  # noqa: E402
 
 
 def pil_encode_pngs(images, workers):

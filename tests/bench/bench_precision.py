@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from modules.recipe.config import Config, apply_overrides  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
-from modules.recipe.sample import generate_images  # noqa: E402
+from modules.recipe.config import Config, apply_overrides  # noqa: E402
 from modules.recipe.precision import describe_amp  # noqa: E402
+from modules.recipe.sample import generate_images  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 
 VARIANTS = {"fp32": ("off", 0), "fp32-seed1": ("off", 1), "bf16": ("bf16", 0), "fp16": ("fp16", 0)}

@@ -53,16 +53,16 @@ from mnv2 import (  # noqa: E402
     score,
 )
 
-from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
-from modules.run.distributed import DistContext  # noqa: E402
+from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.recipe.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.run.budget import Pace, TrainPlan  # noqa: E402
-from modules.run.report import save_grid  # noqa: E402
 from modules.recipe.sample import SAMPLE_BN_MODES, build_sampler  # noqa: E402
-from modules.run.submission import write_submission  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import Deadline, UsageError, log, seed_everything  # noqa: E402
+from modules.run.budget import Pace, TrainPlan  # noqa: E402
+from modules.run.distributed import DistContext  # noqa: E402
+from modules.run.report import save_grid  # noqa: E402
+from modules.run.submission import write_submission  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_KEYS = ("image_size", "crop_margin", "crop_styles", "crop_filter", "include_whole", "min_aspect", "max_aspect",

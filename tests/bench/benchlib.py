@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modules.run.cli import parse_config  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
+from modules.run.cli import parse_config  # noqa: E402
 
 REAL_SAMPLE = ROOT.parent / "shared" / "data" / "dogs-1953"
 FULL_DATASET = 20579  # images in Kaggle's all-dogs

@@ -73,19 +73,19 @@ import bench_flops  # noqa: E402
 import bench_memory  # noqa: E402
 from benchlib import ROOT, add_recipe_args, load_data, load_npz, md_table, mib, recipe, save_npz  # noqa: E402
 
-from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.data.demo import make_demo_dataset  # noqa: E402
-from modules.run.distributed import DistContext  # noqa: E402
-from modules.run.finish import fast_inference  # noqa: E402
+from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.run.budget import Pace, TrainPlan  # noqa: E402
-from modules.run.report import save_grid  # noqa: E402
+from modules.recipe.precision import resolve_amp  # noqa: E402
 from modules.recipe.sample import build_sampler  # noqa: E402
 from modules.recipe.speed import compile_support, configure_backends, configure_threads  # noqa: E402
-from modules.run.submission import verify_zip, write_submission  # noqa: E402
-from modules.recipe.precision import resolve_amp  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import Deadline, seed_everything  # noqa: E402
+from modules.run.budget import Pace, TrainPlan  # noqa: E402
+from modules.run.distributed import DistContext  # noqa: E402
+from modules.run.finish import fast_inference  # noqa: E402
+from modules.run.report import save_grid  # noqa: E402
+from modules.run.submission import verify_zip, write_submission  # noqa: E402
 
 TEST_FILES = ("tests/test_train.py", "tests/test_speed.py", "tests/test_sample.py", "tests/test_loop.py",
               "tests/test_checkpoint.py")
