@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4238  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5256  finish                the finish: images, the verified zip, self-check, pictures
-#    5521  parse_config          the command line -> a checked Config
-#    5787  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6102  run                   the run: settings, checks and data, the ranks started
-#    6178  main                  the entry point and its exit codes
+#    4240  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5258  finish                the finish: images, the verified zip, self-check, pictures
+#    5523  parse_config          the command line -> a checked Config
+#    5789  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6104  run                   the run: settings, checks and data, the ranks started
+#    6180  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -2449,6 +2449,8 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             interval = pace.sync_interval(check_every=s.check_every, done=done, step=trainer.step_count)
             if s.max_steps:
                 interval = max(1, min(interval, s.max_steps - trainer.step_count))
+            # the plan's end as well: a block ends there (within a step), not up to a sync interval past it
+            interval = max(1, min(interval, int((plan.plan_s - trained) / max(pace.step_estimate(), 1e-9))))
             stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
             stop, progress, interval = ctx.agree(stop=stop, progress=min(trained / plan.plan_s, 1.0), interval=interval,
                                                  device=trainer.device, interrupted=_is_set(stop_event))

@@ -83,6 +83,8 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             interval = pace.sync_interval(check_every=s.check_every, done=done, step=trainer.step_count)
             if s.max_steps:
                 interval = max(1, min(interval, s.max_steps - trainer.step_count))
+            # the plan's end as well: a block ends there (within a step), not up to a sync interval past it
+            interval = max(1, min(interval, int((plan.plan_s - trained) / max(pace.step_estimate(), 1e-9))))
             stop = _stop_reason(trainer, ctx, pace, s, stop_event, trained, interval) if ctx.is_main else ""
             stop, progress, interval = ctx.agree(stop=stop, progress=min(trained / plan.plan_s, 1.0), interval=interval,
                                                  device=trainer.device, interrupted=_is_set(stop_event))
