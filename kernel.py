@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4240  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5258  finish                the finish: images, the verified zip, self-check, pictures
-#    5523  parse_config          the command line -> a checked Config
-#    5789  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6104  run                   the run: settings, checks and data, the ranks started
-#    6180  main                  the entry point and its exit codes
+#    4172  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5190  finish                the finish: images, the verified zip, self-check, pictures
+#    5455  parse_config          the command line -> a checked Config
+#    5721  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6036  run                   the run: settings, checks and data, the ranks started
+#    6112  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -62,11 +62,11 @@
 #   cli -> outdir -> setup -> rank -> main
 
 
-import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
-import importlib.util, io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg
-import scipy.special, shutil, signal, socket, stat, struct, sys, tempfile, threading, time, torch
-import torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision, traceback, types, warnings
-import weakref, xml.etree.ElementTree as ET, zipfile, zlib
+import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, importlib.util, io
+import itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal
+import socket, stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
+import zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -2650,10 +2650,9 @@ class _Upkeep:
 
 
 # ==== modules/data/crops.py ====
-"""Where in a photo a training image is cut and how it is resized: the crop windows of each style (CROP_STYLES), the
-resize filters (RESIZE_FILTERS), the clean-up of one annotation box (clamped to the image, or a reason to skip it) and
-the EXIF orientation that turns a photo and its boxes upright. Pure geometry on numbers: modules/data/dogs.py decodes
-the images and applies it.
+"""Where in a photo a training image is cut and how it is resized: crop windows per style (CROP_STYLES), resize
+filters (RESIZE_FILTERS), the clean-up of one box, and the EXIF orientation that turns a photo and its boxes upright.
+Pure geometry on numbers; dogs.py decodes the images.
 """
 
 
@@ -2675,12 +2674,6 @@ def _crop_box(box, img_w, img_h, margin):
     side = min(max(x1 - x0, y1 - y0) * (1 + margin), img_w, img_h)  # too big: the largest square that fits
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return _fit_square(cx, cy, side, cx - side / 2, cy - side / 2, img_w, img_h)
-
-
-def _crop_tight(box, img_w, img_h, margin):
-    """The box itself; the resize squashes it to a square."""
-    x0, y0, x1, y1 = box
-    return (max(x0, 0.0), max(y0, 0.0), min(x1, img_w), min(y1, img_h))
 
 
 PADDED_EXTRA_MARGIN = 0.25  # "padded" = "box" with this much more margin
@@ -2710,9 +2703,8 @@ def _crop_whole(box, img_w, img_h, margin):
 
 
 def _crop_square(box, img_w, img_h, margin):
-    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, without margin (`margin`
-    is not used). Along a side where the image is shorter than that, the window is the image's whole extent: the crop
-    stays rectangular and the resize squashes it, so the whole dog stays in the picture (the "box" style cuts it)."""
+    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, no margin. Where the image
+    is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
 
@@ -2725,28 +2717,23 @@ def _crop_square(box, img_w, img_h, margin):
     return (left, top, right, bottom)
 
 
-CROP_STYLES = {"square": _crop_square, "box": _crop_box, "tight": _crop_tight, "padded": _crop_padded, "top": _crop_top,
-               "whole": _crop_whole}
+CROP_STYLES = {"square": _crop_square, "box": _crop_box, "padded": _crop_padded, "top": _crop_top, "whole": _crop_whole}
 
 
-# Resize filters of the crops. "box" is area averaging (each output pixel the mean of the input pixels it covers), as
-# the 2nd place's cv2.INTER_AREA; "lanczos" the sharper windowed sinc. Either runs after JPEG draft decoding (a DCT
-# downscale by 1/2..1/8 that keeps every window at >= size pixels), so the filter does the last, < 2x, step.
+# "box" is area averaging, as the 2nd place's cv2.INTER_AREA. Either filter runs after JPEG draft decoding (a DCT
+# downscale that keeps every window at >= size pixels), so it does only the last, < 2x, step.
 RESIZE_FILTERS = {"box": Image.BOX, "lanczos": Image.LANCZOS}
 
 
 # one image
 
-# Smallest crop kept, as a fraction of the output side: the "box" window (longer box side + margin, at most the image)
-# must be at least half the output (32 px for 64 x 64), i.e. upscaled at most 2x. Below that the training image is
-# mostly interpolation (a 1 x 1 box would become 64 x 64 of one colour). On the real sample (1,953 images, 2,085 boxes,
-# margin 0.1) no window is below 32 px, 1 below 48 and 3 below 64: the cut loses no real dog; windows between half and
-# the full output side are kept and counted as box_upscaled (tests/bench/bench_box_sizes.py measures this).
+# Smallest "box" window kept, as a fraction of the output side: upscaled more than 2x, a crop is mostly interpolation.
+# On the real sample no window is below 32 px of 64 (tests/bench/bench_box_sizes.py).
 MIN_CROP_FRACTION = 0.5
 
 
 def _clean_box(box, img_w, img_h, *, min_aspect, max_aspect, margin, size, fixed):
-    """-> the box clamped to the image, or a skip reason (str). In whole-image mode the box is the whole image."""
+    """-> the box clamped to the image, or a skip reason (str)."""
     x0, y0, x1, y1 = box
     if not all(map(math.isfinite, box)):
         return "box_unparseable"
@@ -2796,13 +2783,9 @@ def _orient_box(box, orientation, raw_w, raw_h):
 
 
 # ==== modules/data/annotations.py ====
-"""The data folder's files: where all-dogs/ and Annotation/ are, which images and annotation files they hold, and what a
-Pascal-VOC annotation says. Lists folders and reads XML; decodes no image.
-
-Discovery never follows a link out of the data dir, and judges an Annotation/ folder by its content (one of its
-breed folders holds a file), not by its first entry; when it finds images but no annotations it says so in a WARNING
-line. A folder that cannot be listed, a link out of its folder, a duplicate or an unreadable annotation is skipped and
-counted by reason, like a bad image file.
+"""Where all-dogs/ and Annotation/ are, which files they hold, and what one Pascal-VOC file says; decodes no image.
+Discovery never follows a link out of the data dir and judges an Annotation/ folder by its content. Whatever cannot be
+listed or read is skipped and counted by reason in a Counter, never raised.
 """
 
 
@@ -2822,9 +2805,8 @@ def _inside(path, top):
 
 
 def _entries(path, skipped, top=None):
-    """-> (sub-folders, files) of path, sorted, hidden entries ignored. Counted in skipped (a Counter), never raised:
-    a folder that cannot be listed (unreadable_folder, listed as empty) and, given top, a linked folder or file whose
-    target lies outside it (link_outside, left out)."""
+    """-> (sub-folders, files) of path, sorted, hidden entries left out; given top (a realpath), so are links out of
+    it (counted as link_outside). A folder that cannot be listed is empty (unreadable_folder)."""
     dirs, files = [], []
     try:
         with os.scandir(path) as it:
@@ -2836,7 +2818,7 @@ def _entries(path, skipped, top=None):
                     if not is_dir and not e.is_file():
                         continue
                     if top is not None and e.is_symlink() and not _inside(e.path, top):
-                        skipped["link_outside"] += 1  # a linked folder or file out of the folder is not read
+                        skipped["link_outside"] += 1
                     else:
                         (dirs if is_dir else files).append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed
@@ -2851,9 +2833,8 @@ def _is_image_name(path):
 
 
 def search_data_root(root):
-    """-> (images dir or None, annotation dir or None) under root, breadth-first, at most DATA_SEARCH_DEPTH levels and
-    DATA_SEARCH_MAX_DIRS folders, never through a link out of root: the first all-dogs/ holding images (or root itself
-    when it holds images) and the first annotation/ folder one of whose sub-folders holds a file."""
+    """-> (images dir or None, annotation dir or None), breadth-first: the first all-dogs/ holding images (or root
+    itself when it holds images) and the first annotation/ folder one of whose breed folders holds a file."""
     root = Path(root)
     top = os.path.realpath(root)
     images = annotations = None
@@ -2909,10 +2890,8 @@ def list_images(images_dir, skipped):
 
 
 def list_annotations(annotation_dir, skipped):
-    """-> (classes, {image id: (xml path, label)}) from annotation_dir/<wnid>-<breed>/<id>[.xml]. A breed folder that
-    cannot be listed, or is a link out of annotation_dir, is skipped and counted, and so is an annotation file that
-    is a link out of it (it is not read); one holding no file is no class. (Image files may be links anywhere: a
-    folder of links into a shared store is a common layout, and every image is decoded and checked.)"""
+    """-> (classes, {image id: (xml path, label)}) from annotation_dir/<wnid>-<breed>/<id>[.xml]; a breed folder
+    holding no file is no class. (Images may link anywhere, e.g. into a shared store: each is decoded and checked.)"""
     top = os.path.realpath(annotation_dir)
     held = {f: _entries(f, skipped, top)[1] for f in _entries(annotation_dir, skipped, top)[0]}
     breed = {f: f.name.split("-", 1)[-1] for f, files in held.items() if files}
@@ -2931,55 +2910,50 @@ def list_annotations(annotation_dir, skipped):
 
 # one annotation file
 
-def read_voc(path):
-    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
-    count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
-    refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
-    no_object. Namespaced tags are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped
-    (and counted): one image must not fill the training set with copies of itself."""
+def read_voc(path, skipped, fixed):
+    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None); ([], None) for a file skipped and counted by
+    reason. Exact repeats and boxes past MAX_BOXES_PER_IMAGE are dropped: one image must not fill the training set."""
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:
-                return "annotation_too_large"
-            text = f.read(ANNOTATION_MAX_BYTES + 1)  # a file growing since the stat is still read only that far
+            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:  # refused unread: parsing it could exhaust memory
+                skipped["annotation_too_large"] += 1
+                return [], None
+            text = f.read(ANNOTATION_MAX_BYTES)  # a file growing since the stat is cut here, then bad_xml
     except OSError:
-        return "unreadable_xml"
-    if len(text) > ANNOTATION_MAX_BYTES:
-        return "annotation_too_large"
+        skipped["unreadable_xml"] += 1
+        return [], None
     try:
         root = ET.fromstring(text)
     except (ET.ParseError, ValueError):
-        return "bad_xml"
-    namespaced = False
-    for el in root.iter():  # {http://...}object -> object
-        if isinstance(el.tag, str) and el.tag.startswith("{"):
-            el.tag, namespaced = el.tag.split("}", 1)[1], True
+        skipped["bad_xml"] += 1
+        return [], None
+    namespaced = [el for el in root.iter() if isinstance(el.tag, str) and el.tag.startswith("{")]
+    for el in namespaced:  # {http://...}object -> object
+        el.tag = el.tag.split("}", 1)[1]
+    fixed["xml_namespace"] += bool(namespaced)
     objects = root.findall(".//object")
     if not objects:
-        return "no_object"
-    boxes, bad = [], 0
+        skipped["no_object"] += 1
+        return [], None
+    boxes = []
     for obj in objects:
         try:
             boxes.append(tuple(float(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")))
         except (AttributeError, TypeError, ValueError):  # missing tag or text, not a number
-            bad += 1
+            skipped["box_unparseable"] += 1
     try:
         size = (float(root.find("size/width").text), float(root.find("size/height").text))
     except (AttributeError, TypeError, ValueError):
         size = None
     kept = list(dict.fromkeys(boxes))[:MAX_BOXES_PER_IMAGE]  # exact repeats out, order kept, then the cap
-    return kept, size, bad, namespaced, len(boxes) - len(kept)
+    skipped["box_repeated_or_over_cap"] += len(boxes) - len(kept)
+    return kept, size
 
 
 # ==== modules/data/dogs.py ====
-"""Dog photos + Pascal-VOC boxes -> uint8 training crops and Kaggle's reference set, all in RAM.
-
-find_data_dir() locates the data (the Kaggle layouts, or --data-dir) by listing directories only
-(modules/data/annotations.py lists and parses the files); load_dogs() decodes each image once (JPEG draft mode: large
-photos decode at a reduced scale), turns it upright as its EXIF orientation says, cuts one square-ish window per (box,
-crop style) and resizes it with an antialiasing filter (the windows, the filters and the box clean-up:
-modules/data/crops.py). Bad input never crashes a run: each bad file or box (one too small to give a real crop included)
-is skipped and counted by reason in DogData.stats["skipped"]; repairs are counted in stats["fixed"].
+"""Dog photos + Pascal-VOC boxes -> uint8 training crops and Kaggle's reference set, all in RAM. Each image is decoded
+once (JPEG draft mode: at a reduced scale), turned upright, and cut into one window per (box, crop style). Bad input
+never ends a run: each bad file or box is skipped and counted by reason in stats["skipped"], repairs in stats["fixed"].
 """
 
 
@@ -3007,33 +2981,13 @@ def find_data_dir(data_dir=None):
 
 # one image
 
-def _to_rgb(im):
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):  # 16/32-bit grey: stretch to 8 bits rather than clip at 255
-        a = np.asarray(im, dtype=np.float32)
-        hi = float(a.max()) if a.size else 0.0
-        im = Image.fromarray(np.clip(a * (255.0 / hi) if hi > 255 else a, 0, 255).astype(np.uint8))
-    elif "A" in im.mode or "transparency" in im.info:  # transparent parts -> white, not the colour hidden under them
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return im.convert("RGB")
-
-
-def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_aspect, keep_reference, resize):
+def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_aspect, resize):
     """job = (image path, annotation path or None, label) -> (label, crops uint8 [k,size,size,3] or None,
-    reference uint8 [size,size,3] or None, skipped Counter, fixed Counter, boxes used). Never raises."""
+    reference uint8 [size,size,3] or None when unreadable, skipped Counter, fixed Counter, boxes used). Never raises."""
     path, ann_path, label = job
     skipped, fixed = Counter(), Counter()
     try:
-        voc = read_voc(ann_path) if ann_path is not None else ([], None, 0, False, 0)
-        if isinstance(voc, str):
-            skipped[voc] += 1
-            voc = ([], None, 0, False, 0)
-        raw_boxes, xml_size, n_bad, namespaced, n_dropped = voc
-        skipped["box_unparseable"] += n_bad
-        skipped["box_repeated_or_over_cap"] += n_dropped
-        fixed["xml_namespace"] += namespaced
+        raw_boxes, xml_size = read_voc(ann_path, skipped, fixed) if ann_path is not None else ([], None)
         if os.path.getsize(path) == 0:
             skipped["empty_file"] += 1
             return label, None, None, skipped, fixed, 0
@@ -3063,10 +3017,8 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
             windows = [CROP_STYLES[s](b, img_w, img_h, margin) for b in boxes for s in styles]
             if include_whole and boxes:
                 windows.append(_crop_whole((0, 0, img_w, img_h), img_w, img_h, margin))
-            if not windows and not keep_reference:
-                return label, None, None, skipped, fixed, 0
             if im.format == "JPEG":  # decode at the smallest scale (1/1..1/8) giving every window >= size pixels
-                need = [min(r - l, b - t) for l, t, r, b in windows] + ([min(img_w, img_h)] if keep_reference else [])
+                need = [min(r - l, b - t) for l, t, r, b in windows] + [min(img_w, img_h)]
                 scale = size / max(min(need), 1e-6)
                 if scale < 1:  # the scale is the same on the stored and the upright image
                     im.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
@@ -3075,14 +3027,14 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
             im.load()  # truncated or corrupt data raises here
             if im.mode != "RGB":
                 fixed[f"mode_{im.mode}"] += 1
-            rgb = _to_rgb(im)
+            rgb = im.convert("RGB")
             if orientation:
                 rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
         fx, fy = rgb.width / img_w, rgb.height / img_h
         crops = [np.asarray(rgb.resize((size, size), RESIZE_FILTERS[resize],
                                        box=(l * fx, t * fy, min(r * fx, rgb.width), min(b * fy, rgb.height))))
                  for l, t, r, b in windows]
-        ref = np.asarray(rgb.resize((size, size), Image.BILINEAR)) if keep_reference else None
+        ref = np.asarray(rgb.resize((size, size), Image.BILINEAR))
         return label, (np.stack(crops) if crops else None), ref, skipped, fixed, len(boxes)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         reason = "too_large"
@@ -3099,37 +3051,19 @@ class DogData:
     images: np.ndarray  # uint8 [N,size,size,3]: a row per (box, crop style), a centre square per image if include_whole
     labels: np.ndarray  # int64 [N], index into classes
     classes: list  # breed names (annotation folders <wnid>-<breed>), sorted; ["dog"] without annotations
-    reference: np.ndarray | None  # uint8 [M,size,size,3]: every readable whole image squashed to size x size
+    reference: np.ndarray  # uint8 [M,size,size,3]: every readable whole image squashed to size x size
     stats: dict  # images_read, boxes_used, rows, skipped {reason: n}, fixed {what: n}, ...
     seconds: float
 
 
-def _run_jobs(fn, jobs, workers, pool):
-    """fn over jobs in order: threads (PIL decodes and resizes without the GIL) or a fork-context process pool."""
-    if workers <= 1 or len(jobs) < 2:
-        return [fn(j) for j in jobs]
-    if pool == "fork" and "fork" in multiprocessing.get_all_start_methods():  # fork: works when the code is __main__
-        with multiprocessing.get_context("fork").Pool(workers) as p:
-            return p.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
-    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(fn, jobs))
-
-
 def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("box",), include_whole=False,
-              min_aspect=0.0, max_aspect=float("inf"), keep_reference=True, workers=2, limit=None, pool="thread",
-              resize="lanczos"):
-    """Every image -> crops (see DogData). annotation_dir=None: whole-image mode, a centre square per image, "dog".
-
-    margin: fraction of the box side added around it (not by "square"); resize: RESIZE_FILTERS; min/max_aspect: keep
-    boxes with min <= w/h <= max (whole-image mode: the image's w/h); limit: the first N images (by id) only; pool:
-    "thread" (PIL decodes and resizes without the GIL; 1,953 real images, 2 cores: 1.6-1.8 s wall, 1.8 CPU-s) or "fork"
-    (a process pool: 2.3 s, 2.1 CPU-s).
-    """
+              min_aspect=0.0, max_aspect=float("inf"), workers=2, limit=None, resize="lanczos"):
+    """Every image -> crops (see DogData); annotation_dir=None: a centre square per whole image, one class "dog".
+    Threads suffice: PIL decodes and resizes without the GIL (1,953 real images on 2 cores: 1.6-1.8 s)."""
     t0 = time.monotonic()  # a bad style or filter would be counted as an unreadable image: a caller's bug, asserted
     assert crop_styles and set(crop_styles) <= set(CROP_STYLES) and resize in RESIZE_FILTERS, (crop_styles, resize)
-    images_dir = Path(images_dir)
     skipped = Counter()
-    files = list_images(images_dir, skipped) if images_dir.is_dir() else {}
+    files = list_images(Path(images_dir), skipped)
     if annotation_dir is None:
         classes, n_ann, styles, include_whole = ["dog"], 0, ("whole",), False
         jobs = [(files[k], None, 0) for k in sorted(files)]
@@ -3141,11 +3075,12 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
         jobs = [(files[k], *annotations[k]) for k in sorted(files) if k in annotations]
     jobs = jobs[:limit] if limit is not None else jobs
     one = functools.partial(_load_one_dog, size=size, margin=margin, styles=styles, include_whole=include_whole,
-                            min_aspect=min_aspect, max_aspect=max_aspect, keep_reference=keep_reference, resize=resize)
+                            min_aspect=min_aspect, max_aspect=max_aspect, resize=resize)
     with warnings.catch_warnings():  # for this call only: a decompression bomb is skipped and counted, not warned about
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "Corrupt EXIF data"
-        results = _run_jobs(one, jobs, workers, pool)
+        with ThreadPoolExecutor(workers) as ex:
+            results = list(ex.map(one, jobs))
 
     labels, crops, refs, fixed, boxes_used = [], [], [], Counter(), 0
     for label, rows, ref, s, f, n in results:
@@ -3157,7 +3092,7 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
         if rows is not None:
             crops.append(rows)
             labels.append(np.full(len(rows), label, dtype=np.int64))
-    images_read = sum(r[1] is not None or r[2] is not None for r in results)
+    images_read = len(refs)
     skipped = {k: v for k, v in sorted(skipped.items()) if v}
     if not crops:
         raise UsageError(f"no usable dog image in {images_dir}: {len(files)} image files, {images_read} read, skipped "
@@ -3167,23 +3102,20 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
     stats = {"images_found": len(files), "annotations_found": n_ann, "images_read": images_read,
              "boxes_used": boxes_used, "rows": len(images), "reference": len(refs), "skipped": skipped,
              "fixed": {k: v for k, v in sorted(fixed.items()) if v},
-             "styles": list(styles) + (["whole"] if include_whole else []), "workers": workers, "pool": pool}
+             "styles": list(styles) + (["whole"] if include_whole else []), "workers": workers}
     log(f"data: {images_read} images read, {boxes_used} boxes used, {len(images)} rows {size}x{size} "
         f"({'+'.join(stats['styles'])}), {len(classes)} classes, skipped: "
-        f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'} ({seconds:.1f}s, {workers} {pool} workers)")
+        f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'} ({seconds:.1f}s, {workers} threads)")
     if images_read < FEW_IMAGES_WARN:
         warn(f"only {images_read} images ({len(images)} crops): a GAN trained on so few copies them, and Kaggle's "
              "MiFID penalises copies; use more data (the competition has 20,579 images)")
     return DogData(images=images, labels=np.concatenate(labels), classes=classes,
-                   reference=np.stack(refs) if refs else None, stats=stats, seconds=seconds)
+                   reference=np.stack(refs), stats=stats, seconds=seconds)
 
 
 # ==== modules/data/demo.py ====
-"""A small synthetic data set in the Kaggle layout, for --demo runs and tests: no download, under a second to make.
-
-root/all-dogs/<id>.jpg and root/Annotation/<wnid>-<breed>/<id> (Pascal-VOC XML like the real files, 1-2 boxes each).
-Each box holds a simple "dog": body, head, ears, legs and tail in a breed's own colours and proportions, so a GAN (or a
-conditional one) has something to learn.
+"""A small synthetic data set in the Kaggle layout (Pascal-VOC files like the real ones), for --demo and tests. Each box
+holds a blob "dog" in its breed's own colours and proportions, so a conditional GAN has something to learn.
 """
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_crop_window_inside_image_and_contains_box_centre(style):
         eps = 1e-6
         assert -eps <= l < r <= img_w + eps and -eps <= t < b <= img_h + eps, (style, box, img_w, img_h)
         assert l - eps <= cx <= r + eps and t - eps <= cy <= b + eps, (style, box, img_w, img_h)
-        if style not in ("tight", "square"):
+        if style != "square":
             assert abs((r - l) - (b - t)) < 1e-6  # square
         if style == "square":  # the whole box inside; each side max(w, h), or the image's extent where it is shorter
             assert l - eps <= box[0] and box[2] <= r + eps and t - eps <= box[1] and box[3] <= b + eps
@@ -123,7 +124,7 @@ def test_resize_filters_box_is_area_averaging(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(stripes).save(buf, format="PNG")
     add(root, "n01-alpha", "a", data=buf.getvalue(), xml=voc([(0, 0, 128, 128)], size=(128, 128)))
-    box, lanczos = (load_dogs(*find_data_dir(root), size=SIZE, resize=f, workers=1, keep_reference=False).images[0]
+    box, lanczos = (load_dogs(*find_data_dir(root), size=SIZE, resize=f, workers=1).images[0]
                     for f in ("box", "lanczos"))
     assert np.abs(box.astype(float) - 127.5).max() <= 1
     assert not np.array_equal(box, lanczos)
@@ -135,7 +136,6 @@ def test_top_style_keeps_the_top_of_tall_boxes_and_whole_is_centre_square():
     wide = (100, 50, 300, 150)
     assert CROP_STYLES["top"](wide, 400, 400, 0.1) == CROP_STYLES["box"](wide, 400, 400, 0.1)
     assert CROP_STYLES["whole"]((0, 0, 300, 200), 300, 200, 0.1) == pytest.approx((50, 0, 250, 200))
-    assert CROP_STYLES["tight"]((10, 20, 30, 90), 300, 200, 0.1) == (10, 20, 30, 90)
     padded, box = (CROP_STYLES[s]((100, 100, 200, 200), 400, 400, 0.1) for s in ("padded", "box"))
     assert padded[2] - padded[0] > box[2] - box[0]
 
@@ -211,7 +211,9 @@ def test_a_huge_annotation_is_refused_from_its_size_and_counted(tmp_path):
     add(tmp_path, "n01-alpha", "huge_xml", image_bytes(), voc([GOOD_BOX]))
     with open(tmp_path / "Annotation" / "n01-alpha" / "huge_xml", "r+b") as f:
         f.truncate(4 << 30)
-    assert read_voc(tmp_path / "Annotation" / "n01-alpha" / "huge_xml") == "annotation_too_large"
+    skipped = Counter()
+    assert read_voc(tmp_path / "Annotation" / "n01-alpha" / "huge_xml", skipped, Counter()) == ([], None)
+    assert skipped == {"annotation_too_large": 1}
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
     assert d.stats["skipped"] == {"annotation_too_large": 1} and d.stats["images_read"] == 3
 
@@ -222,13 +224,15 @@ def test_an_annotation_of_2000_objects_is_read(tmp_path):
     text = _DEMO_XML.format(folder="02107574", id="n02107574_1000", w=3000, h=3000, objects=obj * 2000)
     (tmp_path / "a").write_text(text)
     assert len(text) < ANNOTATION_MAX_BYTES / 2
-    boxes, _, bad, _, dropped = read_voc(tmp_path / "a")
-    assert boxes == [(1000, 1000, 2000, 2000)] and bad == 0 and dropped == 1999
+    skipped = Counter()
+    boxes, size = read_voc(tmp_path / "a", skipped, Counter())
+    assert boxes == [(1000, 1000, 2000, 2000)] and size == (3000, 3000)
+    assert +skipped == {"box_repeated_or_over_cap": 1999}
 
 
 def test_boxes_are_rescaled_when_the_xml_size_differs_from_the_image(tmp_path):
     add(tmp_path, "n01-alpha", "half", image_bytes(size=(200, 150)), voc([(20, 15, 80, 60)], size=(100, 75)))
-    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, crop_styles=("tight",), workers=1)
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, crop_styles=("square",), workers=1)
     assert d.stats["fixed"] == {"box_rescaled": 1} and not d.stats["skipped"]
 
 
@@ -261,7 +265,7 @@ def test_exif_orientation_is_applied_before_cropping(tmp_path, drawn_on):
     else:  # the same patch in the stored pixels' coordinates: x = y_upright, y = 800 - x_upright
         box, xml_size = (patch[1], 800 - patch[2], patch[3], 800 - patch[0]), stored.size
     add(tmp_path, "n01-alpha", "rotated", buf.getvalue(), voc([box], size=xml_size))
-    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, crop_styles=("tight",), workers=1)
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, crop_styles=("square",), workers=1)
     crop = d.images[0].astype(int)
     assert crop[..., 0].mean() > 230 and crop[..., 1].mean() < 30 and crop[..., 2].mean() < 30  # all red: the patch
     assert d.stats["fixed"].get("exif_rotated") == 1 and "box_rescaled" not in d.stats["fixed"]
@@ -350,7 +354,7 @@ def test_plain_folder_mode_is_one_centre_square_per_image(tmp_path):
     for i, size in enumerate([(200, 150), (90, 300), (64, 64)]):
         (tmp_path / f"img{i}.jpg").write_bytes(image_bytes(size=size, seed=i))
     (tmp_path / "notes.txt").write_text("not an image")
-    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, include_whole=True, crop_styles=("tight",))
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, include_whole=True, crop_styles=("box",))
     assert d.classes == ["dog"] and d.images.shape == (3, SIZE, SIZE, 3) and d.labels.tolist() == [0, 0, 0]
     assert d.reference.shape == (3, SIZE, SIZE, 3)
 
@@ -468,7 +472,8 @@ def test_namespaced_xml_is_read_and_each_skip_has_its_own_reason(tmp_path, monke
     monkeypatch.setattr(annotations, "open", raising=False,  # the module's open: what read_voc reads the file with
                         value=lambda path, *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if Path(path) == locked else real_open(path, *a))
-    assert read_voc(locked) == "unreadable_xml"
+    skipped = Counter()
+    assert read_voc(locked, skipped, Counter()) == ([], None) and skipped == {"unreadable_xml": 1}
     d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
     assert d.stats["skipped"] == {"bad_xml": 1, "unreadable_xml": 1}
     assert d.stats["boxes_used"] == 3 and d.stats["fixed"] == {"xml_namespace": 2}
@@ -504,15 +509,12 @@ def test_reference_is_every_whole_image_squashed(tmp_path):
     assert d.reference.shape == (1, SIZE, SIZE, 3) and d.reference.dtype == np.uint8
     full = np.asarray(Image.open(tmp_path / "all-dogs" / "a.jpg").convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
     assert np.abs(d.reference[0].astype(int) - full).mean() < 8  # draft decoding changes it only a little
-    assert load_dogs(*find_data_dir(tmp_path), size=SIZE, keep_reference=False).reference is None
 
 
-def test_workers_and_pools_give_identical_results_and_limit_cuts(tmp_path):
+def test_workers_give_identical_results_and_limit_cuts(tmp_path):
     root = find_data_dir(good_dataset(tmp_path, n=5))
-    one = load_dogs(*root, size=SIZE, workers=1)
-    for pool in ("thread", "fork"):
-        two = load_dogs(*root, size=SIZE, workers=2, pool=pool)
-        assert np.array_equal(one.images, two.images) and np.array_equal(one.labels, two.labels)
+    one, two = (load_dogs(*root, size=SIZE, workers=w) for w in (1, 2))
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.labels, two.labels)
     assert len(load_dogs(*root, size=SIZE, limit=4).images) == 4
 
 

@@ -1,10 +1,6 @@
-"""The data folder's files: where all-dogs/ and Annotation/ are, which images and annotation files they hold, and what a
-Pascal-VOC annotation says. Lists folders and reads XML; decodes no image.
-
-Discovery never follows a link out of the data dir, and judges an Annotation/ folder by its content (one of its
-breed folders holds a file), not by its first entry; when it finds images but no annotations it says so in a WARNING
-line. A folder that cannot be listed, a link out of its folder, a duplicate or an unreadable annotation is skipped and
-counted by reason, like a bad image file.
+"""Where all-dogs/ and Annotation/ are, which files they hold, and what one Pascal-VOC file says; decodes no image.
+Discovery never follows a link out of the data dir and judges an Annotation/ folder by its content. Whatever cannot be
+listed or read is skipped and counted by reason in a Counter, never raised.
 """
 import os
 import xml.etree.ElementTree as ET
@@ -29,9 +25,8 @@ def _inside(path, top):
 
 
 def _entries(path, skipped, top=None):
-    """-> (sub-folders, files) of path, sorted, hidden entries ignored. Counted in skipped (a Counter), never raised:
-    a folder that cannot be listed (unreadable_folder, listed as empty) and, given top, a linked folder or file whose
-    target lies outside it (link_outside, left out)."""
+    """-> (sub-folders, files) of path, sorted, hidden entries left out; given top (a realpath), so are links out of
+    it (counted as link_outside). A folder that cannot be listed is empty (unreadable_folder)."""
     dirs, files = [], []
     try:
         with os.scandir(path) as it:
@@ -43,7 +38,7 @@ def _entries(path, skipped, top=None):
                     if not is_dir and not e.is_file():
                         continue
                     if top is not None and e.is_symlink() and not _inside(e.path, top):
-                        skipped["link_outside"] += 1  # a linked folder or file out of the folder is not read
+                        skipped["link_outside"] += 1
                     else:
                         (dirs if is_dir else files).append(Path(e.path))
                 except OSError:  # an entry that cannot even be stat'ed
@@ -58,9 +53,8 @@ def _is_image_name(path):
 
 
 def search_data_root(root):
-    """-> (images dir or None, annotation dir or None) under root, breadth-first, at most DATA_SEARCH_DEPTH levels and
-    DATA_SEARCH_MAX_DIRS folders, never through a link out of root: the first all-dogs/ holding images (or root itself
-    when it holds images) and the first annotation/ folder one of whose sub-folders holds a file."""
+    """-> (images dir or None, annotation dir or None), breadth-first: the first all-dogs/ holding images (or root
+    itself when it holds images) and the first annotation/ folder one of whose breed folders holds a file."""
     root = Path(root)
     top = os.path.realpath(root)
     images = annotations = None
@@ -116,10 +110,8 @@ def list_images(images_dir, skipped):
 
 
 def list_annotations(annotation_dir, skipped):
-    """-> (classes, {image id: (xml path, label)}) from annotation_dir/<wnid>-<breed>/<id>[.xml]. A breed folder that
-    cannot be listed, or is a link out of annotation_dir, is skipped and counted, and so is an annotation file that
-    is a link out of it (it is not read); one holding no file is no class. (Image files may be links anywhere: a
-    folder of links into a shared store is a common layout, and every image is decoded and checked.)"""
+    """-> (classes, {image id: (xml path, label)}) from annotation_dir/<wnid>-<breed>/<id>[.xml]; a breed folder
+    holding no file is no class. (Images may link anywhere, e.g. into a shared store: each is decoded and checked.)"""
     top = os.path.realpath(annotation_dir)
     held = {f: _entries(f, skipped, top)[1] for f in _entries(annotation_dir, skipped, top)[0]}
     breed = {f: f.name.split("-", 1)[-1] for f, files in held.items() if files}
@@ -138,41 +130,41 @@ def list_annotations(annotation_dir, skipped):
 
 # one annotation file
 
-def read_voc(path):
-    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None, unparseable box count, namespaced?, dropped box
-    count) or a skip reason: unreadable_xml (the file cannot be read), annotation_too_large (over ANNOTATION_MAX_BYTES,
-    refused from its size before it is read: parsing a huge file would exhaust the memory), bad_xml (not XML),
-    no_object. Namespaced tags are accepted. A box repeated exactly, and boxes past MAX_BOXES_PER_IMAGE, are dropped
-    (and counted): one image must not fill the training set with copies of itself."""
+def read_voc(path, skipped, fixed):
+    """-> (boxes [(xmin, ymin, xmax, ymax)], (width, height) or None); ([], None) for a file skipped and counted by
+    reason. Exact repeats and boxes past MAX_BOXES_PER_IMAGE are dropped: one image must not fill the training set."""
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:
-                return "annotation_too_large"
-            text = f.read(ANNOTATION_MAX_BYTES + 1)  # a file growing since the stat is still read only that far
+            if os.fstat(f.fileno()).st_size > ANNOTATION_MAX_BYTES:  # refused unread: parsing it could exhaust memory
+                skipped["annotation_too_large"] += 1
+                return [], None
+            text = f.read(ANNOTATION_MAX_BYTES)  # a file growing since the stat is cut here, then bad_xml
     except OSError:
-        return "unreadable_xml"
-    if len(text) > ANNOTATION_MAX_BYTES:
-        return "annotation_too_large"
+        skipped["unreadable_xml"] += 1
+        return [], None
     try:
         root = ET.fromstring(text)
     except (ET.ParseError, ValueError):
-        return "bad_xml"
-    namespaced = False
-    for el in root.iter():  # {http://...}object -> object
-        if isinstance(el.tag, str) and el.tag.startswith("{"):
-            el.tag, namespaced = el.tag.split("}", 1)[1], True
+        skipped["bad_xml"] += 1
+        return [], None
+    namespaced = [el for el in root.iter() if isinstance(el.tag, str) and el.tag.startswith("{")]
+    for el in namespaced:  # {http://...}object -> object
+        el.tag = el.tag.split("}", 1)[1]
+    fixed["xml_namespace"] += bool(namespaced)
     objects = root.findall(".//object")
     if not objects:
-        return "no_object"
-    boxes, bad = [], 0
+        skipped["no_object"] += 1
+        return [], None
+    boxes = []
     for obj in objects:
         try:
             boxes.append(tuple(float(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")))
         except (AttributeError, TypeError, ValueError):  # missing tag or text, not a number
-            bad += 1
+            skipped["box_unparseable"] += 1
     try:
         size = (float(root.find("size/width").text), float(root.find("size/height").text))
     except (AttributeError, TypeError, ValueError):
         size = None
     kept = list(dict.fromkeys(boxes))[:MAX_BOXES_PER_IMAGE]  # exact repeats out, order kept, then the cap
-    return kept, size, bad, namespaced, len(boxes) - len(kept)
+    skipped["box_repeated_or_over_cap"] += len(boxes) - len(kept)
+    return kept, size

@@ -1,7 +1,6 @@
-"""Where in a photo a training image is cut and how it is resized: the crop windows of each style (CROP_STYLES), the
-resize filters (RESIZE_FILTERS), the clean-up of one annotation box (clamped to the image, or a reason to skip it) and
-the EXIF orientation that turns a photo and its boxes upright. Pure geometry on numbers: modules/data/dogs.py decodes
-the images and applies it.
+"""Where in a photo a training image is cut and how it is resized: crop windows per style (CROP_STYLES), resize
+filters (RESIZE_FILTERS), the clean-up of one box, and the EXIF orientation that turns a photo and its boxes upright.
+Pure geometry on numbers; dogs.py decodes the images.
 """
 import math
 
@@ -25,12 +24,6 @@ def _crop_box(box, img_w, img_h, margin):
     side = min(max(x1 - x0, y1 - y0) * (1 + margin), img_w, img_h)  # too big: the largest square that fits
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return _fit_square(cx, cy, side, cx - side / 2, cy - side / 2, img_w, img_h)
-
-
-def _crop_tight(box, img_w, img_h, margin):
-    """The box itself; the resize squashes it to a square."""
-    x0, y0, x1, y1 = box
-    return (max(x0, 0.0), max(y0, 0.0), min(x1, img_w), min(y1, img_h))
 
 
 PADDED_EXTRA_MARGIN = 0.25  # "padded" = "box" with this much more margin
@@ -60,9 +53,8 @@ def _crop_whole(box, img_w, img_h, margin):
 
 
 def _crop_square(box, img_w, img_h, margin):
-    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, without margin (`margin`
-    is not used). Along a side where the image is shorter than that, the window is the image's whole extent: the crop
-    stays rectangular and the resize squashes it, so the whole dog stays in the picture (the "box" style cuts it)."""
+    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, no margin. Where the image
+    is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
 
@@ -75,28 +67,23 @@ def _crop_square(box, img_w, img_h, margin):
     return (left, top, right, bottom)
 
 
-CROP_STYLES = {"square": _crop_square, "box": _crop_box, "tight": _crop_tight, "padded": _crop_padded, "top": _crop_top,
-               "whole": _crop_whole}
+CROP_STYLES = {"square": _crop_square, "box": _crop_box, "padded": _crop_padded, "top": _crop_top, "whole": _crop_whole}
 
 
-# Resize filters of the crops. "box" is area averaging (each output pixel the mean of the input pixels it covers), as
-# the 2nd place's cv2.INTER_AREA; "lanczos" the sharper windowed sinc. Either runs after JPEG draft decoding (a DCT
-# downscale by 1/2..1/8 that keeps every window at >= size pixels), so the filter does the last, < 2x, step.
+# "box" is area averaging, as the 2nd place's cv2.INTER_AREA. Either filter runs after JPEG draft decoding (a DCT
+# downscale that keeps every window at >= size pixels), so it does only the last, < 2x, step.
 RESIZE_FILTERS = {"box": Image.BOX, "lanczos": Image.LANCZOS}
 
 
 # one image
 
-# Smallest crop kept, as a fraction of the output side: the "box" window (longer box side + margin, at most the image)
-# must be at least half the output (32 px for 64 x 64), i.e. upscaled at most 2x. Below that the training image is
-# mostly interpolation (a 1 x 1 box would become 64 x 64 of one colour). On the real sample (1,953 images, 2,085 boxes,
-# margin 0.1) no window is below 32 px, 1 below 48 and 3 below 64: the cut loses no real dog; windows between half and
-# the full output side are kept and counted as box_upscaled (tests/bench/bench_box_sizes.py measures this).
+# Smallest "box" window kept, as a fraction of the output side: upscaled more than 2x, a crop is mostly interpolation.
+# On the real sample no window is below 32 px of 64 (tests/bench/bench_box_sizes.py).
 MIN_CROP_FRACTION = 0.5
 
 
 def _clean_box(box, img_w, img_h, *, min_aspect, max_aspect, margin, size, fixed):
-    """-> the box clamped to the image, or a skip reason (str). In whole-image mode the box is the whole image."""
+    """-> the box clamped to the image, or a skip reason (str)."""
     x0, y0, x1, y1 = box
     if not all(map(math.isfinite, box)):
         return "box_unparseable"

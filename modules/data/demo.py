@@ -1,8 +1,5 @@
-"""A small synthetic data set in the Kaggle layout, for --demo runs and tests: no download, under a second to make.
-
-root/all-dogs/<id>.jpg and root/Annotation/<wnid>-<breed>/<id> (Pascal-VOC XML like the real files, 1-2 boxes each).
-Each box holds a simple "dog": body, head, ears, legs and tail in a breed's own colours and proportions, so a GAN (or a
-conditional one) has something to learn.
+"""A small synthetic data set in the Kaggle layout (Pascal-VOC files like the real ones), for --demo and tests. Each box
+holds a blob "dog" in its breed's own colours and proportions, so a conditional GAN has something to learn.
 """
 from pathlib import Path
 

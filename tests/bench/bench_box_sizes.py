@@ -37,15 +37,16 @@ def main():
     _, annotations = list_annotations(annotation_dir, Counter())
     rows, rotated = [], 0
     for key, (xml, _label) in sorted(annotations.items()):
-        voc = read_voc(xml)
-        if key not in files or isinstance(voc, str):
-            skipped[key] = voc if isinstance(voc, str) else "no_image"
+        why = Counter()
+        boxes, _ = read_voc(xml, why, Counter())
+        if key not in files or not boxes:
+            skipped[key] = next(iter(+why), "no_image") if key in files else "no_image"
             continue
         with Image.open(files[key]) as im:
             w, h = im.size
             if _exif_orientation(im) in (5, 6, 7, 8):
                 w, h, rotated = h, w, rotated + 1
-        for x0, y0, x1, y1 in voc[0]:
+        for x0, y0, x1, y1 in boxes:
             bw, bh = x1 - x0, y1 - y0
             rows.append((min(max(bw, bh) * (1 + args.margin), w, h), max(bw, bh), min(bw, bh)))
     n = len(rows)

@@ -41,10 +41,10 @@ def window_shapes(images_dir, annotation_dir, style, margin):
     for key, (path, _label) in annotations.items():
         if key not in present:
             continue
-        voc = read_voc(path)
-        if isinstance(voc, str) or not voc[1]:
+        boxes, xml_size = read_voc(path, Counter(), Counter())
+        if not xml_size:
             continue
-        boxes, (img_w, img_h) = voc[0], voc[1]
+        img_w, img_h = xml_size
         for x0, y0, x1, y1 in boxes:
             box = (max(x0, 0.0), max(y0, 0.0), min(x1, img_w), min(y1, img_h))
             l, t, r, b = CROP_STYLES[style](box, img_w, img_h, margin)

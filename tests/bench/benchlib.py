@@ -58,7 +58,7 @@ def load_data(cfg, data_dir=None, *, synthetic=0, n_classes=120):
     data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                      crop_styles=crop_styles(cfg), include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
                      max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers,
-                     limit=cfg.data_limit or None, keep_reference=False)
+                     limit=cfg.data_limit or None)
     found = max(data.stats.get("images_found", data.stats.get("images_read", 1)), 1)
     return data, f"real, {found} images -> {len(data.images)} crops, {len(data.classes)} classes ({data_dir})", \
         len(data.images) / found

@@ -100,7 +100,7 @@ def make_npz(path, cfg, data_dir):
     data = load_dogs(images_dir, annotation_dir, size=cfg.image_size, margin=cfg.crop_margin,
                      crop_styles=tuple(s.strip() for s in cfg.crop_styles.split(",") if s.strip()),
                      include_whole=cfg.include_whole, min_aspect=cfg.min_aspect,
-                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers, keep_reference=False)
+                     max_aspect=cfg.max_aspect or float("inf"), workers=cfg.data_workers)
     save_npz(path, data, source=data_dir, images_found=data.stats.get("images_found", len(data.images)))
     return {"path": str(path), "crops": len(data.images), "classes": len(data.classes),
             "bytes": os.path.getsize(path)}
