@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4172  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5190  finish                the finish: images, the verified zip, self-check, pictures
-#    5455  parse_config          the command line -> a checked Config
-#    5721  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6036  run                   the run: settings, checks and data, the ranks started
-#    6112  main                  the entry point and its exit codes
+#    4165  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5183  finish                the finish: images, the verified zip, self-check, pictures
+#    5448  parse_config          the command line -> a checked Config
+#    5714  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6029  run                   the run: settings, checks and data, the ranks started
+#    6105  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -2676,13 +2676,6 @@ def _crop_box(box, img_w, img_h, margin):
     return _fit_square(cx, cy, side, cx - side / 2, cy - side / 2, img_w, img_h)
 
 
-PADDED_EXTRA_MARGIN = 0.25  # "padded" = "box" with this much more margin
-
-
-def _crop_padded(box, img_w, img_h, margin):
-    return _crop_box(box, img_w, img_h, margin + PADDED_EXTRA_MARGIN)
-
-
 def _crop_top(box, img_w, img_h, margin):
     """Tall boxes (h > w): a square of side ~w anchored at the box top, where the head usually is; else "box"."""
     x0, y0, x1, y1 = box
@@ -2717,7 +2710,9 @@ def _crop_square(box, img_w, img_h, margin):
     return (left, top, right, bottom)
 
 
-CROP_STYLES = {"square": _crop_square, "box": _crop_box, "padded": _crop_padded, "top": _crop_top, "whole": _crop_whole}
+CROP_STYLES = {"square": _crop_square, "box": _crop_box,
+               "padded": lambda box, img_w, img_h, margin: _crop_box(box, img_w, img_h, margin + 0.25),  # "box" + 25 %
+               "top": _crop_top, "whole": _crop_whole}
 
 
 # "box" is area averaging, as the 2nd place's cv2.INTER_AREA. Either filter runs after JPEG draft decoding (a DCT
@@ -2800,8 +2795,7 @@ MAX_BOXES_PER_IMAGE = 12  # one file with 300 boxes would make most crops one im
 
 def _inside(path, top):
     """Does path's real location lie in the folder `top` (a realpath)?"""
-    real = os.path.realpath(path)
-    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+    return os.path.commonpath([os.path.realpath(path), top]) == top
 
 
 def _entries(path, skipped, top=None):
@@ -2835,7 +2829,6 @@ def _is_image_name(path):
 def search_data_root(root):
     """-> (images dir or None, annotation dir or None), breadth-first: the first all-dogs/ holding images (or root
     itself when it holds images) and the first annotation/ folder one of whose breed folders holds a file."""
-    root = Path(root)
     top = os.path.realpath(root)
     images = annotations = None
     queue, seen, rejected, unlisted, skipped = deque([(root, 0)]), {top}, [], [], Counter()

@@ -20,8 +20,7 @@ MAX_BOXES_PER_IMAGE = 12  # one file with 300 boxes would make most crops one im
 
 def _inside(path, top):
     """Does path's real location lie in the folder `top` (a realpath)?"""
-    real = os.path.realpath(path)
-    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+    return os.path.commonpath([os.path.realpath(path), top]) == top
 
 
 def _entries(path, skipped, top=None):
@@ -55,7 +54,6 @@ def _is_image_name(path):
 def search_data_root(root):
     """-> (images dir or None, annotation dir or None), breadth-first: the first all-dogs/ holding images (or root
     itself when it holds images) and the first annotation/ folder one of whose breed folders holds a file."""
-    root = Path(root)
     top = os.path.realpath(root)
     images = annotations = None
     queue, seen, rejected, unlisted, skipped = deque([(root, 0)]), {top}, [], [], Counter()
