@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4165  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5183  finish                the finish: images, the verified zip, self-check, pictures
-#    5448  parse_config          the command line -> a checked Config
-#    5714  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6029  run                   the run: settings, checks and data, the ranks started
-#    6105  main                  the entry point and its exit codes
+#    4158  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5176  finish                the finish: images, the verified zip, self-check, pictures
+#    5441  parse_config          the command line -> a checked Config
+#    5707  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6022  run                   the run: settings, checks and data, the ranks started
+#    6098  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -3118,14 +3118,6 @@ DEMO_BREEDS = ("Chihuahua", "beagle", "golden_retriever", "pug", "Dalmatian", "S
 DEMO_SIZE_RANGE = (120, 300)  # image width and height, pixels
 DEMO_TWO_BOX_P = 0.25  # chance an image holds a second dog
 
-_DEMO_XML = ("<annotation>\n\t<folder>{folder}</folder>\n\t<filename>{id}</filename>\n"  # the real files' layout
-             "\t<source>\n\t\t<database>synthetic demo</database>\n\t</source>\n"
-             "\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
-             "\t<segment>0</segment>\n{objects}</annotation>\n")
-_DEMO_OBJECT = ("\t<object>\n\t\t<name>{breed}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
-                "\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
-                "\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
-
 
 def _draw_demo_dog(draw, box, coat, spot, aspect, facing_left):
     """A blob dog filling box = (x0, y0, x1, y1): body ellipse, head, ears, legs, tail, an eye."""
@@ -3179,10 +3171,11 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
                 x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
                 jitter = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in coat)
                 _draw_demo_dog(draw, (x0, y0, x0 + bw, y0 + bh), jitter, spot, aspect, bool(rng.random() < 0.5))
-                objects.append(_DEMO_OBJECT.format(breed=breed, x0=x0, y0=y0, x1=x0 + bw, y1=y0 + bh))
+                objects.append(f"<object><name>{breed}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+                               f"<xmax>{x0 + bw}</xmax><ymax>{y0 + bh}</ymax></bndbox></object>\n")
             img.save(img_dir / f"{image_id}.jpg", quality=90)
-            (ann_dir / image_id).write_text(_DEMO_XML.format(folder=wnid[1:], id=image_id, w=w, h=h,
-                                                             objects="".join(objects)))
+            (ann_dir / image_id).write_text(f"<annotation><size><width>{w}</width><height>{h}</height></size>\n"
+                                            f"{''.join(objects)}</annotation>\n")
     return root
 
 

@@ -18,7 +18,6 @@ from PIL import Image
 from modules.data import annotations
 from modules.data.annotations import ANNOTATION_MAX_BYTES, read_voc
 from modules.data.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
-from modules.data.demo import _DEMO_OBJECT, _DEMO_XML
 from modules.data.dogs import find_data_dir, load_dogs
 from modules.recipe.utils import UsageError
 
@@ -218,10 +217,19 @@ def test_a_huge_annotation_is_refused_from_its_size_and_counted(tmp_path):
     assert d.stats["skipped"] == {"annotation_too_large": 1} and d.stats["images_read"] == 3
 
 
+STANFORD_XML = ("<annotation>\n\t<folder>{folder}</folder>\n\t<filename>{id}</filename>\n"  # the real files' layout
+                "\t<source>\n\t\t<database>ImageNet database</database>\n\t</source>\n"
+                "\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+                "\t<segment>0</segment>\n{objects}</annotation>\n")
+STANFORD_OBJECT = ("\t<object>\n\t\t<name>{breed}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
+                   "\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
+                   "\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
+
+
 def test_an_annotation_of_2000_objects_is_read(tmp_path):
     """2,000 objects in the Stanford Dogs layout (a long breed name, 4-digit coordinates) fit ANNOTATION_MAX_BYTES."""
-    obj = _DEMO_OBJECT.format(breed="Greater_Swiss_Mountain_dog", x0=1000, y0=1000, x1=2000, y1=2000)
-    text = _DEMO_XML.format(folder="02107574", id="n02107574_1000", w=3000, h=3000, objects=obj * 2000)
+    obj = STANFORD_OBJECT.format(breed="Greater_Swiss_Mountain_dog", x0=1000, y0=1000, x1=2000, y1=2000)
+    text = STANFORD_XML.format(folder="02107574", id="n02107574_1000", w=3000, h=3000, objects=obj * 2000)
     (tmp_path / "a").write_text(text)
     assert len(text) < ANNOTATION_MAX_BYTES / 2
     skipped = Counter()
