@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4158  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5176  finish                the finish: images, the verified zip, self-check, pictures
-#    5441  parse_config          the command line -> a checked Config
-#    5707  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6022  run                   the run: settings, checks and data, the ranks started
-#    6098  main                  the entry point and its exit codes
+#    4154  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5172  finish                the finish: images, the verified zip, self-check, pictures
+#    5437  parse_config          the command line -> a checked Config
+#    5703  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6018  run                   the run: settings, checks and data, the ranks started
+#    6094  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -2999,14 +2999,10 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
                 fixed["box_rescaled"] += 1
                 sx, sy = img_w / xml_size[0], img_h / xml_size[1]
                 raw_boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in raw_boxes]
-            boxes = []
-            for b in raw_boxes:
-                c = _clean_box(b, img_w, img_h, min_aspect=min_aspect, max_aspect=max_aspect, margin=margin,
-                               size=size, fixed=fixed)
-                if isinstance(c, str):
-                    skipped[c] += 1
-                else:
-                    boxes.append(c)
+            cleaned = [_clean_box(b, img_w, img_h, min_aspect=min_aspect, max_aspect=max_aspect, margin=margin,
+                                  size=size, fixed=fixed) for b in raw_boxes]
+            skipped.update(c for c in cleaned if isinstance(c, str))  # the reason a box is skipped
+            boxes = [c for c in cleaned if not isinstance(c, str)]
             windows = [CROP_STYLES[s](b, img_w, img_h, margin) for b in boxes for s in styles]
             if include_whole and boxes:
                 windows.append(_crop_whole((0, 0, img_w, img_h), img_w, img_h, margin))

@@ -69,14 +69,10 @@ def _load_one_dog(job, *, size, margin, styles, include_whole, min_aspect, max_a
                 fixed["box_rescaled"] += 1
                 sx, sy = img_w / xml_size[0], img_h / xml_size[1]
                 raw_boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in raw_boxes]
-            boxes = []
-            for b in raw_boxes:
-                c = _clean_box(b, img_w, img_h, min_aspect=min_aspect, max_aspect=max_aspect, margin=margin,
-                               size=size, fixed=fixed)
-                if isinstance(c, str):
-                    skipped[c] += 1
-                else:
-                    boxes.append(c)
+            cleaned = [_clean_box(b, img_w, img_h, min_aspect=min_aspect, max_aspect=max_aspect, margin=margin,
+                                  size=size, fixed=fixed) for b in raw_boxes]
+            skipped.update(c for c in cleaned if isinstance(c, str))  # the reason a box is skipped
+            boxes = [c for c in cleaned if not isinstance(c, str)]
             windows = [CROP_STYLES[s](b, img_w, img_h, margin) for b in boxes for s in styles]
             if include_whole and boxes:
                 windows.append(_crop_whole((0, 0, img_w, img_h), img_w, img_h, margin))
