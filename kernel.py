@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4154  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5172  finish                the finish: images, the verified zip, self-check, pictures
-#    5437  parse_config          the command line -> a checked Config
-#    5703  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6018  run                   the run: settings, checks and data, the ranks started
-#    6094  main                  the entry point and its exit codes
+#    4147  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5165  finish                the finish: images, the verified zip, self-check, pictures
+#    5430  parse_config          the command line -> a checked Config
+#    5696  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6011  run                   the run: settings, checks and data, the ranks started
+#    6087  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -2659,8 +2659,7 @@ Pure geometry on numbers; dogs.py decodes the images.
 # crop windows: (box, img_w, img_h, margin) -> (left, top, right, bottom), floats in the image, holding the box centre
 
 def _fit_square(cx, cy, side, left, top, img_w, img_h):
-    """A square of `side` placed near (left, top), moved to contain (cx, cy), then into the image."""
-    side = min(side, img_w, img_h)
+    """A square of `side` (fits the image) placed near (left, top), moved to contain (cx, cy), then into the image."""
     left = min(max(left, cx - side), cx)
     top = min(max(top, cy - side), cy)
     left = min(max(left, 0.0), img_w - side)  # keeps (cx, cy) inside: the centre lies in the image
@@ -2872,13 +2871,9 @@ def search_data_root(root):
 def list_images(images_dir, skipped):
     """-> {stem: path} of the image files directly in images_dir."""
     found = {}
-    for p in _entries(images_dir, skipped)[1]:
-        if not _is_image_name(p):
-            continue
-        if p.stem in found:
-            skipped["duplicate_image"] += 1
-        else:
-            found[p.stem] = p
+    for p in filter(_is_image_name, _entries(images_dir, skipped)[1]):
+        skipped["duplicate_image"] += p.stem in found  # the first in name order is kept
+        found.setdefault(p.stem, p)
     return found
 
 
@@ -2894,10 +2889,8 @@ def list_annotations(annotation_dir, skipped):
     for f in breed:
         for p in held[f]:
             key = p.name[:-4] if p.name.lower().endswith(".xml") else p.name
-            if key in found:
-                skipped["duplicate_annotation"] += 1
-            else:
-                found[key] = (p, index[breed[f]])
+            skipped["duplicate_annotation"] += key in found
+            found.setdefault(key, (p, index[breed[f]]))
     return classes, found
 
 
@@ -3062,7 +3055,7 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
         skipped["no_image"] += sum(k not in files for k in annotations)
         skipped["no_annotation"] += sum(k not in annotations for k in files)
         jobs = [(files[k], *annotations[k]) for k in sorted(files) if k in annotations]
-    jobs = jobs[:limit] if limit is not None else jobs
+    jobs = jobs[:limit]  # None: all
     one = functools.partial(_load_one_dog, size=size, margin=margin, styles=styles, include_whole=include_whole,
                             min_aspect=min_aspect, max_aspect=max_aspect, resize=resize)
     with warnings.catch_warnings():  # for this call only: a decompression bomb is skipped and counted, not warned about

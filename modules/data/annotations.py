@@ -97,13 +97,9 @@ def search_data_root(root):
 def list_images(images_dir, skipped):
     """-> {stem: path} of the image files directly in images_dir."""
     found = {}
-    for p in _entries(images_dir, skipped)[1]:
-        if not _is_image_name(p):
-            continue
-        if p.stem in found:
-            skipped["duplicate_image"] += 1
-        else:
-            found[p.stem] = p
+    for p in filter(_is_image_name, _entries(images_dir, skipped)[1]):
+        skipped["duplicate_image"] += p.stem in found  # the first in name order is kept
+        found.setdefault(p.stem, p)
     return found
 
 
@@ -119,10 +115,8 @@ def list_annotations(annotation_dir, skipped):
     for f in breed:
         for p in held[f]:
             key = p.name[:-4] if p.name.lower().endswith(".xml") else p.name
-            if key in found:
-                skipped["duplicate_annotation"] += 1
-            else:
-                found[key] = (p, index[breed[f]])
+            skipped["duplicate_annotation"] += key in found
+            found.setdefault(key, (p, index[breed[f]]))
     return classes, found
 
 

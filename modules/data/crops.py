@@ -9,8 +9,7 @@ from PIL import Image
 # crop windows: (box, img_w, img_h, margin) -> (left, top, right, bottom), floats in the image, holding the box centre
 
 def _fit_square(cx, cy, side, left, top, img_w, img_h):
-    """A square of `side` placed near (left, top), moved to contain (cx, cy), then into the image."""
-    side = min(side, img_w, img_h)
+    """A square of `side` (fits the image) placed near (left, top), moved to contain (cx, cy), then into the image."""
     left = min(max(left, cx - side), cx)
     top = min(max(top, cy - side), cy)
     left = min(max(left, 0.0), img_w - side)  # keeps (cx, cy) inside: the centre lies in the image

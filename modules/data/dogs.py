@@ -132,7 +132,7 @@ def load_dogs(images_dir, annotation_dir, *, size=64, margin=0.1, crop_styles=("
         skipped["no_image"] += sum(k not in files for k in annotations)
         skipped["no_annotation"] += sum(k not in annotations for k in files)
         jobs = [(files[k], *annotations[k]) for k in sorted(files) if k in annotations]
-    jobs = jobs[:limit] if limit is not None else jobs
+    jobs = jobs[:limit]  # None: all
     one = functools.partial(_load_one_dog, size=size, margin=margin, styles=styles, include_whole=include_whole,
                             min_aspect=min_aspect, max_aspect=max_aspect, resize=resize)
     with warnings.catch_warnings():  # for this call only: a decompression bomb is skipped and counted, not warned about
