@@ -196,6 +196,14 @@ def test_every_bad_input_class_is_counted_and_never_raises(tmp_path):
     assert d.images.dtype == np.uint8 and d.images.shape[1:] == (SIZE, SIZE, 3)
 
 
+def test_duplicate_images_and_annotations_are_skipped_and_counted(tmp_path):
+    good_dataset(tmp_path, n=1)
+    add(tmp_path, "n01-alpha", "n01-alpha_0", image_bytes(fmt="PNG"), ext=".png")  # a second image of the same id
+    (tmp_path / "Annotation" / "n01-alpha" / "n01-alpha_0.xml").write_text(voc([GOOD_BOX]))  # and annotation
+    d = load_dogs(*find_data_dir(tmp_path), size=SIZE, workers=1)
+    assert d.stats["skipped"] == {"duplicate_annotation": 1, "duplicate_image": 1} and len(d.images) == 2
+
+
 def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     good_dataset(tmp_path, n=1)
     add(tmp_path, "n01-alpha", "huge", image_bytes(size=(300, 300)), voc([GOOD_BOX], size=(300, 300)))
