@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4147  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5165  finish                the finish: images, the verified zip, self-check, pictures
-#    5430  parse_config          the command line -> a checked Config
-#    5696  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6011  run                   the run: settings, checks and data, the ranks started
-#    6087  main                  the entry point and its exit codes
+#    4143  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5161  finish                the finish: images, the verified zip, self-check, pictures
+#    5426  parse_config          the command line -> a checked Config
+#    5692  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6007  run                   the run: settings, checks and data, the ranks started
+#    6083  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -2699,14 +2699,10 @@ def _crop_square(box, img_w, img_h, margin):
     is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
-
-    def span(a0, a1, extent):  # [lo, lo + s] of length min(side, extent), centred on the box, moved into the image
-        s = min(side, extent)
-        lo = min(max((a0 + a1 - s) / 2, 0.0), extent - s)
-        return lo, lo + s
-
-    (left, right), (top, bottom) = span(x0, x1, img_w), span(y0, y1, img_h)
-    return (left, top, right, bottom)
+    w, h = min(side, img_w), min(side, img_h)  # a rectangle where the image is shorter than side
+    left = min(max((x0 + x1 - w) / 2, 0.0), img_w - w)  # centred on the box, moved into the image
+    top = min(max((y0 + y1 - h) / 2, 0.0), img_h - h)
+    return (left, top, left + w, top + h)
 
 
 CROP_STYLES = {"square": _crop_square, "box": _crop_box,

@@ -49,14 +49,10 @@ def _crop_square(box, img_w, img_h, margin):
     is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
-
-    def span(a0, a1, extent):  # [lo, lo + s] of length min(side, extent), centred on the box, moved into the image
-        s = min(side, extent)
-        lo = min(max((a0 + a1 - s) / 2, 0.0), extent - s)
-        return lo, lo + s
-
-    (left, right), (top, bottom) = span(x0, x1, img_w), span(y0, y1, img_h)
-    return (left, top, right, bottom)
+    w, h = min(side, img_w), min(side, img_h)  # a rectangle where the image is shorter than side
+    left = min(max((x0 + x1 - w) / 2, 0.0), img_w - w)  # centred on the box, moved into the image
+    top = min(max((y0 + y1 - h) / 2, 0.0), img_h - h)
+    return (left, top, left + w, top + h)
 
 
 CROP_STYLES = {"square": _crop_square, "box": _crop_box,
