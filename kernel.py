@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4225  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5230  finish                the finish: images, the verified zip, self-check, pictures
-#    5483  parse_config          the command line -> a checked Config
-#    5742  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6057  run                   the run: settings, checks and data, the ranks started
-#    6133  main                  the entry point and its exit codes
+#    4221  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5220  finish                the finish: images, the verified zip, self-check, pictures
+#    5473  parse_config          the command line -> a checked Config
+#    5732  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6047  run                   the run: settings, checks and data, the ranks started
+#    6123  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -4053,9 +4053,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     -> ({part: seconds}, {"batch": the generation batch that fits, "zip_bytes", "checkpoint_bytes"})"""
     check = check or (lambda partial: None)
     cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+    t_gen, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
                                           first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
@@ -4076,18 +4076,15 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
 
 def _time_generation(sampler, first):
     """A warm-up batch (cudnn autotune, allocator), then two timed ones; out of memory halves the batch (down to 8).
-    first(seconds, batch) after the first timed batch may raise. -> (both times, the last images, the batch)"""
+    first(seconds, batch) after the first timed batch may raise. -> (the slower time, the last images, the batch)"""
     batch = sampler.batch
     while True:
         try:
             sampler(batch)  # warm-up
-            times = []
-            for seed in (1, 2):
-                dt, imgs = _timed(sampler, batch, seed)
-                times.append(dt)
-                if seed == 1:
-                    first(dt, batch)
-            return times, imgs, batch
+            t1, _ = _timed(sampler, batch, 1)
+            first(t1, batch)
+            t2, imgs = _timed(sampler, batch, 2)
+            return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
                 raise
@@ -4154,8 +4151,7 @@ class TrainPlan:
         return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
 
     def complete(self, *, reason, train_seconds_total):
-        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
-        inherited plan and stopped short of it."""
+        """A budget- or step-ended run is complete unless it stopped short of an inherited plan."""
         return reason in ("budget", "steps") and (
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
@@ -4279,7 +4275,7 @@ class Pace:
         self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
 
     def checkpoint_fits(self, checkpoint_s):
-        """Do twice the last checkpoint's time and of a step (this one and one queued on the GPU) fit before the stop?"""
+        """Does twice the time of the last checkpoint and a step (and one queued on the GPU) fit before the stop?"""
         return self.deadline.elapsed() + 2 * (checkpoint_s + self.step_estimate()) < self.stop_at()
 
     def retime(self):
@@ -4300,7 +4296,7 @@ class Pace:
             return
         self.last_probe = time.monotonic()
         self.gen_slowdown = min(max(slowdown, 1.0), FINISH_SLOWDOWN_MAX)
-        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+        if self.gen_slowdown > 1.2 * self.said_gen:  # said_gen >= 1: only a slowdown past 1.2x is logged
             self.said_gen = self.gen_slowdown
             reserve, left = plan.finish_s * self.slowdown + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
@@ -4853,28 +4849,6 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload. arch: this run's {key: value} of
-    CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
-    require_regular_file(path, "--resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    check_checkpoint_fields(ckpt, path)
-    for key, value in arch.items():
-        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-        if had != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
 def _is_real(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -4928,7 +4902,7 @@ def check_checkpoint_fields(ckpt, path):
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
-    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    payload: dict  # the checked checkpoint (see save_checkpoint): trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
     train_seconds: float  # training done by the run(s) it continues
     plan_seconds: float  # the training time their schedule spans
@@ -4937,10 +4911,26 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """read_checkpoint(path, arch=arch) -> Resumed."""
-        ckpt = read_checkpoint(path, arch=arch)
+        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
+        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
+        require_regular_file(path, "--resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UsageError(f"--resume {path}: no such file") from None
+        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                             "checkpoint.pt of an earlier run") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+        check_checkpoint_fields(ckpt, path)
+        for key, value in arch.items():
+            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+            if had != value:
+                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                                 "resume with the same preset and settings")
         train_s = float(ckpt["train_seconds"])
-        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+        return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
                    history={k: list(v) for k, v in ckpt.get("history", {}).items()})
 

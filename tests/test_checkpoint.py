@@ -11,7 +11,7 @@ import torch
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
-from modules.run.checkpoint import Resumed, describe_write_error, read_checkpoint, save_checkpoint
+from modules.run.checkpoint import Resumed, describe_write_error, save_checkpoint
 from modules.run.rank import make_checkpointer
 from modules.run.report import RunReport
 
@@ -33,7 +33,7 @@ def test_round_trip_restores_the_state(tmp_path):
     a = _trainer(0)
     a.step()
     _save(tmp_path / "c.pt", a)
-    ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
+    ckpt = Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).payload
     assert ckpt["train_seconds"] == 12.5 and ckpt["plan_seconds"] == 20.0 and not ckpt["complete"]
     assert ckpt["history"]["loss_d"] == [(1.0, 0.5)]
     b = _trainer(1)
@@ -46,19 +46,19 @@ def test_round_trip_restores_the_state(tmp_path):
 
 def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        read_checkpoint(str(tmp_path / "none.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "none.pt"), arch=ARCH)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="not a readable checkpoint"):
-        read_checkpoint(str(tmp_path / "junk.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "junk.pt"), arch=ARCH)
     torch.save({"something": 1}, tmp_path / "foreign.pt")
     with pytest.raises(UsageError, match="not a checkpoint written by this kernel"):
-        read_checkpoint(str(tmp_path / "foreign.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "foreign.pt"), arch=ARCH)
     _save(tmp_path / "c.pt", _trainer())
     with pytest.raises(UsageError, match="g_ch=2, this run 4"):
-        read_checkpoint(str(tmp_path / "c.pt"), arch={"g_ch": 4})
+        Resumed.read(str(tmp_path / "c.pt"), arch={"g_ch": 4})
     with pytest.raises(UsageError, match="d_arch='biggan-pytorch', this run '2nd-place'"):  # from before d_arch
-        read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "2nd-place"})
-    assert read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "biggan-pytorch"})
+        Resumed.read(str(tmp_path / "c.pt"), arch={"d_arch": "2nd-place"})
+    assert Resumed.read(str(tmp_path / "c.pt"), arch={"d_arch": "biggan-pytorch"}).payload
     with pytest.raises(UsageError, match="trained on 3 breeds, this data has 2"):
         Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).restore(_trainer(), classes=["a", "b"])
 
@@ -82,7 +82,7 @@ def test_wrong_typed_or_absurd_fields_are_one_line_usage_errors(tmp_path, change
             ckpt[key] = value
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UsageError, match=f"damaged checkpoint: {field} is") as err:
-        read_checkpoint(str(tmp_path / "bad.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "bad.pt"), arch=ARCH)
     assert "\n" not in str(err.value) and len(str(err.value)) < 300
 
 
@@ -104,9 +104,9 @@ def test_a_fifo_or_folder_is_refused_without_opening_it(tmp_path):
     os.mkfifo(tmp_path / "fifo.pt")
     unblock_fifo_later(tmp_path / "fifo.pt")
     with pytest.raises(UsageError, match="is a FIFO"):
-        read_checkpoint(str(tmp_path / "fifo.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "fifo.pt"), arch=ARCH)
     with pytest.raises(UsageError, match="is a folder"):
-        read_checkpoint(str(tmp_path), arch=ARCH)
+        Resumed.read(str(tmp_path), arch=ARCH)
 
 
 def _torch_disk_full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write

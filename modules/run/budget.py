@@ -46,9 +46,9 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     -> ({part: seconds}, {"batch": the generation batch that fits, "zip_bytes", "checkpoint_bytes"})"""
     check = check or (lambda partial: None)
     cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+    t_gen, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
                                           first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
@@ -69,18 +69,15 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
 
 def _time_generation(sampler, first):
     """A warm-up batch (cudnn autotune, allocator), then two timed ones; out of memory halves the batch (down to 8).
-    first(seconds, batch) after the first timed batch may raise. -> (both times, the last images, the batch)"""
+    first(seconds, batch) after the first timed batch may raise. -> (the slower time, the last images, the batch)"""
     batch = sampler.batch
     while True:
         try:
             sampler(batch)  # warm-up
-            times = []
-            for seed in (1, 2):
-                dt, imgs = _timed(sampler, batch, seed)
-                times.append(dt)
-                if seed == 1:
-                    first(dt, batch)
-            return times, imgs, batch
+            t1, _ = _timed(sampler, batch, 1)
+            first(t1, batch)
+            t2, imgs = _timed(sampler, batch, 2)
+            return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
                 raise
@@ -147,8 +144,7 @@ class TrainPlan:
         return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
 
     def complete(self, *, reason, train_seconds_total):
-        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
-        inherited plan and stopped short of it."""
+        """A budget- or step-ended run is complete unless it stopped short of an inherited plan."""
         return reason in ("budget", "steps") and (
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
@@ -272,7 +268,7 @@ class Pace:
         self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
 
     def checkpoint_fits(self, checkpoint_s):
-        """Do twice the last checkpoint's time and of a step (this one and one queued on the GPU) fit before the stop?"""
+        """Does twice the time of the last checkpoint and a step (and one queued on the GPU) fit before the stop?"""
         return self.deadline.elapsed() + 2 * (checkpoint_s + self.step_estimate()) < self.stop_at()
 
     def retime(self):
@@ -293,7 +289,7 @@ class Pace:
             return
         self.last_probe = time.monotonic()
         self.gen_slowdown = min(max(slowdown, 1.0), FINISH_SLOWDOWN_MAX)
-        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+        if self.gen_slowdown > 1.2 * self.said_gen:  # said_gen >= 1: only a slowdown past 1.2x is logged
             self.said_gen = self.gen_slowdown
             reserve, left = plan.finish_s * self.slowdown + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "

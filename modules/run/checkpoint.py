@@ -46,28 +46,6 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload. arch: this run's {key: value} of
-    CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
-    require_regular_file(path, "--resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    check_checkpoint_fields(ckpt, path)
-    for key, value in arch.items():
-        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-        if had != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
 def _is_real(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -121,7 +99,7 @@ def check_checkpoint_fields(ckpt, path):
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
-    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    payload: dict  # the checked checkpoint (see save_checkpoint): trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
     train_seconds: float  # training done by the run(s) it continues
     plan_seconds: float  # the training time their schedule spans
@@ -130,10 +108,26 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """read_checkpoint(path, arch=arch) -> Resumed."""
-        ckpt = read_checkpoint(path, arch=arch)
+        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
+        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
+        require_regular_file(path, "--resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UsageError(f"--resume {path}: no such file") from None
+        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                             "checkpoint.pt of an earlier run") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+        check_checkpoint_fields(ckpt, path)
+        for key, value in arch.items():
+            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+            if had != value:
+                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                                 "resume with the same preset and settings")
         train_s = float(ckpt["train_seconds"])
-        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+        return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
                    history={k: list(v) for k, v in ckpt.get("history", {}).items()})
 
