@@ -176,12 +176,12 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     finish_s -= 0.0 if reserved else check_s
     train_until = usable_s - finish_s
     window = train_until - elapsed_s
-    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
-                  for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}" +
-        (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
-         f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
+    parts = ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
+                      for k, v in estimates.items())
+    steps = (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the "
+             "budget is not used)" if max_steps else " (no step limit: max_steps 0)")
+    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: {parts}, x{FINISH_SAFETY:g}, margin "
+        f"{format_duration(margin_s)}); training until {format_duration(train_until)}{steps}")
     if window <= first_step_s:
         raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
                                left=f", which leaves {format_duration(window)}: less than one training step "
