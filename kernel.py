@@ -48,12 +48,12 @@
 #    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2022  Trainer.step          one training step: D, then G, EMA
 #    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4143  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5161  finish                the finish: images, the verified zip, self-check, pictures
-#    5426  parse_config          the command line -> a checked Config
-#    5692  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6007  run                   the run: settings, checks and data, the ranks started
-#    6083  main                  the entry point and its exit codes
+#    4124  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5123  finish                the finish: images, the verified zip, self-check, pictures
+#    5376  parse_config          the command line -> a checked Config
+#    5635  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5950  run                   the run: settings, checks and data, the ranks started
+#    6026  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -69,7 +69,7 @@ import torch.nn.functional as F, torchvision, traceback, types, warnings, weakre
 import zlib
 
 from PIL import Image, ImageDraw
-from collections import Counter, deque
+from collections import Counter, deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -3920,11 +3920,9 @@ def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=
 
 
 # ==== modules/run/budget.py ====
-"""The time budget, all of its arithmetic in one file: the finish measured on this device before training, the plan that
-splits the budget into start-up, training and the finish reserve (TrainPlan), and the Pace that moves the stop earlier
-when the machine gets slower. The reserve is the measured finish x FINISH_SAFETY (once) + Config.reserve_margin_s,
-stretched by the slowdown: of the steps against their first steady measurement, or of a generation batch re-timed near
-the end against the one measured at start."""
+"""The time budget: the finish measured on this device before training, the plan (TrainPlan), and the Pace that moves
+the stop earlier when the machine gets slower. The finish reserve is the measured finish x FINISH_SAFETY (once) +
+Config.reserve_margin_s, stretched by the slowdown of the steps or of a generation batch re-timed near the end."""
 
 
 FINISH_SAFETY = 1.25  # the measured finish x this: it is timed on ~1% of the work, and other load comes and goes
@@ -3938,8 +3936,7 @@ FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
 OPTIONAL_FINISH = "self_check"  # the one part of the finish a run can do without: the zip never waits for it
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
 SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
-CPU_GEN_BATCH_MAX = 64  # on the CPU the finish generates at most this many images at once: memory grows with the batch
-# (~10 MB per image at full width: 4.8 GiB at 500), the time per image hardly drops past a few dozen
+CPU_GEN_BATCH_MAX = 64  # CPU generation batch cap: ~10 MB per image at full width, and no faster past a few dozen
 
 
 # the finish, measured before training
@@ -3953,19 +3950,15 @@ def _timed(fn, *args, **kw):
 
 def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, self_check, extractor,
                            n_reference, crops, check=None):
-    """Each part of the finish timed on a sample and scaled to the whole, unpadded (finish_reserve_s pads the sum):
-    generate: two batches (sampler.batch, at most n_images) after a warm-up (the slower counts; out of memory halves
-    the batch); zip: all of the PNG encoding (the finish overlaps it with generation only where a core is free, and
-    under load none is), writing and reading back at the disk's speed, verification; checkpoint: checkpoint_state
-    serialised and written; self_check (if self_check): its parts on SELF_CHECK_PROBE images: the pixel copy
-    search against crops (uint8 [N,64,64,3]) and, with an Inception extractor (None: no FID), features, covariances,
-    the Fréchet sqrtm and the memorization distances. check({part: seconds} so far), after the first timed batch and each part, raises to stop measuring
-    a finish that cannot fit. -> ({part: seconds}, {"batch": the batch that fits, "zip_bytes", "checkpoint_bytes"})"""
+    """Each part of the finish (generate, zip, checkpoint, self_check) timed on a sample and scaled to the whole,
+    unpadded. The zip counts all of the PNG encoding: under load no core is free to overlap it with generation.
+    crops: uint8 [N,64,64,3]. check({part: seconds} so far) may raise to stop measuring a finish that cannot fit.
+    -> ({part: seconds}, {"batch": the generation batch that fits, "zip_bytes", "checkpoint_bytes"})"""
     check = check or (lambda partial: None)
     cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+    t_gen, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
                                           first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
@@ -3985,20 +3978,16 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
 
 
 def _time_generation(sampler, first):
-    """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
-    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8). first(seconds, batch): called
-    after the first timed batch (it may raise: the second is not timed then)."""
+    """A warm-up batch (cudnn autotune, allocator), then two timed ones; out of memory halves the batch (down to 8).
+    first(seconds, batch) after the first timed batch may raise. -> (the slower time, the last images, the batch)"""
     batch = sampler.batch
     while True:
         try:
             sampler(batch)  # warm-up
-            times = []
-            for seed in (1, 2):
-                dt, imgs = _timed(sampler, batch, seed)
-                times.append(dt)
-                if seed == 1:
-                    first(dt, batch)
-            return times, imgs, batch
+            t1, _ = _timed(sampler, batch, 1)
+            first(t1, batch)
+            t2, imgs = _timed(sampler, batch, 2)
+            return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
                 raise
@@ -4035,7 +4024,7 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
 
 
 def finish_reserve_s(estimates):
-    """The finish reserve of measured estimates ({part: seconds}): FINISH_SAFETY x their sum (margin not included)."""
+    """FINISH_SAFETY x the measured parts ({part: seconds}), without the margin."""
     return FINISH_SAFETY * sum(estimates.values())
 
 
@@ -4065,23 +4054,20 @@ class TrainPlan:
         return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
 
     def complete(self, *, reason, train_seconds_total):
-        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
-        inherited plan and stopped short of it."""
+        """A budget- or step-ended run is complete unless it stopped short of an inherited plan."""
         return reason in ("budget", "steps") and (
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
 
 def budget_too_small(budget_s, elapsed_s, reserve_s, *, budget_text="", left="", at_least=False):
-    """The one line a budget that cannot hold training and the finish ends with (a UsageError, exit 2)."""
     return UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                       f"took {format_duration(elapsed_s)} and writing the images needs "
                       f"{'at least ' if at_least else ''}{format_duration(reserve_s)}{left}")
 
 
 def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budget_text=""):
-    """While the finish is still being measured: raise budget_too_small as soon as the parts measured so far
-    (partial: {part: seconds}; the optional self-check does not count) leave no training time. The full measurement
-    only adds parts and the clock only moves on, so plan_training would refuse this run too, minutes later."""
+    """Refuse as soon as the parts measured so far (without the optional self-check) leave no training time:
+    plan_training would refuse the run too, minutes later."""
     reserve_s = finish_reserve_s({k: v for k, v in partial.items() if k != OPTIONAL_FINISH}) + margin_s
     if elapsed_s + reserve_s >= budget_s:
         raise budget_too_small(budget_s, elapsed_s, reserve_s, budget_text=budget_text, at_least=True,
@@ -4090,26 +4076,22 @@ def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budge
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
                   budget_text="", max_steps=0, hold_back_s=0.0):
-    """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
-    elapsed_s: the Deadline's clock now. resumed: a checkpoint.Resumed or None. A window that cannot hold the first
-    step is a UsageError (such a run would ship an untrained generator's noise). max_steps: Config.max_steps, named in
-    the plan line. hold_back_s: training stops this much earlier still (several ranks: the collective timeout)."""
+    """The measured finish -> TrainPlan; logs the reserve and what a resumed run has left. A window that cannot hold
+    one step is a UsageError: such a run would ship an untrained generator's noise."""
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
+    usable_s = budget_s - hold_back_s - margin_s
     finish_s = finish_reserve_s(estimates)
-    check_s = finish_reserve_s({OPTIONAL_FINISH: estimates.get(OPTIONAL_FINISH, 0.0)})
-    usable_s = budget_s - hold_back_s
-    window = usable_s - finish_s - margin_s - elapsed_s
-    reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training
-    if not reserved:
-        finish_s -= check_s
-        window += check_s
-    train_until = usable_s - finish_s - margin_s
-    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
-                  for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}" +
-        (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
-         f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
+    check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
+    reserved = not (check_s > 0 and usable_s - finish_s - elapsed_s < check_s)  # never more than training gets
+    finish_s -= 0.0 if reserved else check_s
+    train_until = usable_s - finish_s
+    window = train_until - elapsed_s
+    parts = ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
+                      for k, v in estimates.items())
+    steps = (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the "
+             "budget is not used)" if max_steps else " (no step limit: max_steps 0)")
+    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: {parts}, x{FINISH_SAFETY:g}, margin "
+        f"{format_duration(margin_s)}); training until {format_duration(train_until)}{steps}")
     if window <= first_step_s:
         raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
                                left=f", which leaves {format_duration(window)}: less than one training step "
@@ -4120,14 +4102,13 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     prior_s = resumed.train_seconds if resumed is not None else 0.0
     plan_s, inherited = prior_s + window, False
     if resumed is not None:
-        resume_path, step = resumed.path, resumed.step
         if resumed.complete:
-            log(f"resumed from {resume_path} at step {step}: its training was complete "
+            log(f"resumed from {resumed.path} at step {resumed.step}: its training was complete "
                 f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
         else:
             plan_s, inherited = max(resumed.plan_seconds, prior_s), True
             left = plan_s - prior_s
-            log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
+            log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
     batches = -(-n_images // gen_batch)
@@ -4159,12 +4140,10 @@ class Pace:
         return max(self.step_slowdown, self.gen_slowdown)
 
     def step_estimate(self):
-        """Seconds per step: measured, or plan.first_step_s before the first measurement."""
         return self.step_s if self.step_s is not None else self.plan.first_step_s
 
     def stop_at(self):
-        """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
-        to the finish reserve."""
+        """Training ends by this time (Deadline clock): train_until, earlier by what the slowdown adds to the finish."""
         return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
 
     def steps_fit(self, steps):
@@ -4172,14 +4151,12 @@ class Pace:
         return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
 
     def _watch_s(self, most_s):
-        """At most most_s, and at most PROBE_SHARE of the time to the stop (at least 1 s): near the stop, syncs and
-        re-timings come closer together, so that load arriving late in training is seen before it."""
+        """most_s, or PROBE_SHARE of the time to the stop (at least 1 s): load arriving late is seen before the stop."""
         return min(most_s, max(1.0, PROBE_SHARE * (self.stop_at() - self.deadline.elapsed())))
 
     def sync_interval(self, *, check_every, done, step):
         """Steps to the next host sync: 1 for the first two of this run (their time sets the margin), then to the next
-        multiple of check_every (syncs at round step counts: 10, 20, ...), but no more than _watch_s(SYNC_MAX_S) of
-        steps. done: steps made in this run; step: the trainer's step count."""
+        multiple of check_every, but no more than _watch_s(SYNC_MAX_S) of steps. done: steps made in this run."""
         if done < 2:
             return 1
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
@@ -4201,31 +4178,28 @@ class Pace:
         self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
 
     def checkpoint_fits(self, checkpoint_s):
-        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe), the step we start and one
-        queued on the GPU fit before stop_at()?"""
+        """Does twice the time of the last checkpoint and a step (and one queued on the GPU) fit before the stop?"""
         return self.deadline.elapsed() + 2 * (checkpoint_s + self.step_estimate()) < self.stop_at()
 
     def retime(self):
-        """Near the end (where a slower finish can still move the stop), re-time a generation batch every
-        _watch_s(its time / PROBE_COST) (at least 1 s apart). A batch slower than the slowdown counted so far is
-        timed again at once and the lesser of the two counts: load that began since the last re-timing counts now,
-        a one-off hiccup does not. Never raises."""
+        """Near the end, re-time a generation batch every _watch_s(its time / PROBE_COST). A batch slower than counted
+        so far is timed again at once and the lesser counts: new load counts now, a one-off hiccup does not."""
         plan = self.plan
         if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
             return
         if time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST)):
             return
         try:
-            slowdown = self.probe() / max(plan.gen_batch_s, 1e-9)
+            slowdown = self.probe() / plan.gen_batch_s
             if slowdown > 1.1 * self.gen_slowdown:
-                slowdown = min(slowdown, self.probe() / max(plan.gen_batch_s, 1e-9))
+                slowdown = min(slowdown, self.probe() / plan.gen_batch_s)
         except Exception as exc:  # never worth a crash: train on without re-timing
             warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
             self.probe = None
             return
         self.last_probe = time.monotonic()
         self.gen_slowdown = min(max(slowdown, 1.0), FINISH_SLOWDOWN_MAX)
-        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+        if self.gen_slowdown > 1.2 * self.said_gen:  # said_gen >= 1: only a slowdown past 1.2x is logged
             self.said_gen = self.gen_slowdown
             reserve, left = plan.finish_s * self.slowdown + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
@@ -4236,12 +4210,11 @@ class Pace:
     # the finish
 
     def remaining(self):
-        """Seconds left in the whole budget."""
         return self.deadline.remaining()
 
     def need(self, part):
-        """Seconds that must be left to start an optional part of the finish now, at the measured slowdown:
-        "zip_retry" (a second, single-threaded zip: twice the measured zip), "self_check", "pictures"."""
+        """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
+        twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
         if part == "zip_retry":
             return 2 * est["zip"] * s + FINISH_EXIT_S
@@ -4765,9 +4738,8 @@ def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes,
 
 
 def describe_write_error(exc, path):
-    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
-    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
-    PytorchStreamWriter failed writing file ...: file write failed")."""
+    """A failed checkpoint write -> one line for the log; a full disk reads "disk full" whether it came as an OSError
+    or as the RuntimeError of torch's zip writer ("PytorchStreamWriter failed writing file ...")."""
     text = str(exc)
     full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
         isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
@@ -4780,55 +4752,32 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
-    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
-    a UsageError naming the path."""
-    require_regular_file(path, "--resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
-        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
-    check_checkpoint_fields(ckpt, path)
-    for key, value in arch.items():
-        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-        if had != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
 def _is_real(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _real_in(x, lo, hi, *, whole=False):
+    """x is a finite number (an int if whole) in [lo, hi]."""
+    return _is_real(x) and (isinstance(x, int) or not whole) and math.isfinite(x) and lo <= x <= hi
+
+
 def check_checkpoint_fields(ckpt, path):
-    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
-    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    """Every field --resume reads, by type and range: a crafted or damaged file that loads must not crash the run
+    after the data is read. The state dicts' tensors are checked by load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
         raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
-    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
-        if field in ckpt:
-            v = ckpt[field]
-            if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
-                bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
+    for field, default in (("train_seconds", None), ("plan_seconds", 0.0)):
+        if not _real_in(ckpt.get(field, default), 0, CHECKPOINT_MAX_SECONDS):
+            bad(field, ckpt.get(field), f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
     if not isinstance(ckpt.get("complete", True), bool):
         bad("complete", ckpt["complete"], "true or false")
-    n = ckpt["n_classes"]
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHECKPOINT_MAX_CLASSES:
+    n = ckpt.get("n_classes")
+    if not _real_in(n, 1, CHECKPOINT_MAX_CLASSES, whole=True):
         bad("n_classes", n, f"a whole number in [1, {CHECKPOINT_MAX_CLASSES}]")
-    classes = ckpt["classes"]
+    classes = ckpt.get("classes")
     if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
         bad("classes", classes, f"a list of {n} breed names")
     history = ckpt.get("history", {})
@@ -4837,40 +4786,26 @@ def check_checkpoint_fields(ckpt, path):
                 _is_real(x) or (isinstance(x, (list, tuple)) and all(map(_is_real, x))) for x in v)
             for k, v in history.items()):
         bad("history", history, "{name: [numbers or (step, value) pairs]}")
-    state = ckpt["trainer"]
-    missing = [k for k in CHECKPOINT_TRAINER_KEYS if k not in state]
-    if missing:
-        bad("trainer", f"missing {', '.join(missing)}", "the state of a trainer")
+    if not isinstance(ckpt.get("config"), dict):
+        bad("config", ckpt.get("config"), "the run's settings")
+    state = ckpt.get("trainer")
+    if not isinstance(state, dict) or not all(k in state for k in CHECKPOINT_TRAINER_KEYS):
+        bad("trainer", state, "the state of a trainer: " + ", ".join(CHECKPOINT_TRAINER_KEYS))
     for key in ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "ema", "swa"):
         if key in state and not isinstance(state[key], dict):
             bad(f"trainer.{key}", state[key], "a state dict")
-    step = state["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
-        bad("trainer.step", step, "a whole number >= 0")
+    if not _real_in(state["step"], 0, 2**53 - 1, whole=True):
+        bad("trainer.step", state["step"], "a whole number >= 0")
     lr_scale = state.get("lr_scale", 1.0)
-    if not _is_real(lr_scale) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1e3:
+    if not _real_in(lr_scale, 0, 1e3) or lr_scale == 0:
         bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
-
-
-def restore_checkpoint(ckpt, path, trainer, *, classes):
-    """Load a read_checkpoint() payload into the trainer. Another dataset's breeds or another model is a UsageError."""
-    if ckpt["n_classes"] != len(classes):
-        raise UsageError(f"--resume {path}: the checkpoint was trained on {ckpt['n_classes']} breeds, this data has "
-                         f"{len(classes)}; resume with the same data")
-    if list(ckpt["classes"]) != list(classes):
-        warn(f"--resume {path}: the breed names differ from the checkpoint's; continuing with this data's")
-    try:
-        trainer.load_state_dict(ckpt["trainer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
 
 
 @dataclass(frozen=True)
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
-    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    payload: dict  # the checked checkpoint (see save_checkpoint): trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
     train_seconds: float  # training done by the run(s) it continues
     plan_seconds: float  # the training time their schedule spans
@@ -4879,15 +4814,42 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
-        ckpt = read_checkpoint(path, arch=arch)
+        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
+        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
+        require_regular_file(path, "--resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UsageError(f"--resume {path}: no such file") from None
+        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                             "checkpoint.pt of an earlier run") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+        check_checkpoint_fields(ckpt, path)
+        for key, value in arch.items():
+            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+            if had != value:
+                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                                 "resume with the same preset and settings")
         train_s = float(ckpt["train_seconds"])
-        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+        return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
                    history={k: list(v) for k, v in ckpt.get("history", {}).items()})
 
     def restore(self, trainer, *, classes):
-        restore_checkpoint(self.payload, self.path, trainer, classes=classes)
+        """Load the trainer's state. Another dataset's breeds or another model is a UsageError."""
+        n = self.payload["n_classes"]
+        if n != len(classes):
+            raise UsageError(f"--resume {self.path}: the checkpoint was trained on {n} breeds, this data has "
+                             f"{len(classes)}; resume with the same data")
+        if list(self.payload["classes"]) != list(classes):
+            warn(f"--resume {self.path}: the breed names differ from the checkpoint's; continuing with this data's")
+        try:
+            trainer.load_state_dict(self.payload["trainer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+            raise UsageError(f"--resume {self.path}: does not fit this model ({why[:200]})") from None
 
 
 # ==== modules/run/features.py ====
@@ -5241,13 +5203,9 @@ def save_pictures(sampler, *, classes, history, out_dir, seed):
 
 
 # ==== modules/run/cli.py ====
-"""The command line -> a checked Config: `parse_config(argv) -> (cfg, print_config)`.
-
-Every field is checked when the settings are parsed, before any data is read or anything written: against its type and
-config.LIMITS (ranges and local choices), the choice fields against the registries themselves (so a new loss or
-architecture is one edit: the registry), time_budget and fault by their parsers. A bad value is one UsageError line
-naming the field, the value and what is allowed; main() prints it and exits 2.
-"""
+"""The command line -> a checked Config: `parse_config(argv) -> (cfg, print_config)`. Every field is checked here,
+before anything is read or written, against config.LIMITS, its parser, or the registry it names (a new loss is one
+edit: the registry); deeper code trusts the values. A bad value is one UsageError line (exit 2)."""
 
 
 # what each field may hold
@@ -5259,11 +5217,7 @@ REGISTRY_CHOICES = {  # field -> the registry whose names it takes
 }
 
 
-class Allowed:
-    """What one field may hold: `ok(value) -> bool`, `text` says it in an error message, `choices` for named options."""
-
-    def __init__(self, text, ok, choices=()):
-        self.text, self.ok, self.choices = text, ok, tuple(choices)
+Allowed = namedtuple("Allowed", "text ok")  # what one field may hold: ok(value) -> bool; text for the error message
 
 
 def _range(spec, *, integer):
@@ -5284,12 +5238,12 @@ def _choice(spec):
     """Choice -> Allowed: one of the names, or (many) a comma-separated list of them."""
     names = spec.names
     if not spec.many:
-        return Allowed("one of " + ", ".join(names), lambda v: v in names, names)
+        return Allowed("one of " + ", ".join(names), lambda v: v in names)
 
     def ok(v):
         items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else [None]
         return (bool(items) or spec.empty) and all(x in names for x in items)
-    return Allowed("comma-separated from " + ", ".join(names) + (' (or "" for none)' if spec.empty else ""), ok, names)
+    return Allowed("comma-separated from " + ", ".join(names) + (' (or "" for none)' if spec.empty else ""), ok)
 
 
 def _parsed_by(parse, text):
@@ -5307,7 +5261,7 @@ def _allowed(field):
     """The Allowed of one Config field: by its type, config.LIMITS, the registries or its parser."""
     if field.name == "preset":  # the presets are a registry too; an empty name between commas is refused
         return Allowed("comma-separated from " + ", ".join(PRESETS),
-                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")), PRESETS)
+                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")))
     if field.name == "time_budget":
         return _parsed_by(parse_duration, "a positive duration up to a week (168h): 9h, 90m, 600s, 8h30m or seconds")
     if field.name == "fault":
@@ -5382,18 +5336,14 @@ FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)
 
 
 def _refuse_unknown(parser, unknown):
-    """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
-    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any
-    other unknown argument is a UsageError naming it, with the closest flag when one is near (a mistyped flag must not
-    be silently ignored)."""
+    """Skips FOREIGN_ARG and `-f FILE` (with their values); any other unknown argument is a UsageError naming it and
+    the closest flag: a mistyped flag must not be silently ignored."""
     i = 0
     while i < len(unknown):
         item = unknown[i]
-        if item == "-f" or (FOREIGN_ARG.fullmatch(item) and "=" not in item):
-            i += 2 if i + 1 < len(unknown) and not unknown[i + 1].startswith("-") else 1  # the option and its value
-            continue
-        if FOREIGN_ARG.fullmatch(item):
-            i += 1
+        if item == "-f" or FOREIGN_ARG.fullmatch(item):
+            has_value = "=" not in item and i + 1 < len(unknown) and not unknown[i + 1].startswith("-")
+            i += 2 if has_value else 1
             continue
         if not item.startswith("-"):
             raise UsageError(f"unexpected argument {item!r}: kernel.py takes only flags (see --help)")
@@ -5414,7 +5364,7 @@ def build_parser():
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", help="auto (every visible GPU, default) | N ranks; 1 = one process; with --device cpu: N "
                    "CPU processes (gloo)")
-    p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
+    p.add_argument("--demo", action="store_const", const=True, help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
     p.add_argument("--feature-weights", help="Inception-v3 weights file (torchvision's or pytorch-fid's) for FID")
@@ -5424,8 +5374,7 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
-    unknown argument is a UsageError."""
+    """argv -> (Config, print_config flag): presets in order, then the flags, then --set, then every check."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -5436,12 +5385,8 @@ def parse_config(argv=None):
     for name in [n.strip() for n in preset.split(",")]:
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
-    flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
-             "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
-             "feature_weights": args.feature_weights}
-    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
-    if args.demo:
-        cfg = dataclasses.replace(cfg, demo=True)
+    fields = {field.name for field in dataclasses.fields(Config)} - {"preset"}
+    cfg = apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in fields and v is not None}, "command line")
     sets = {}
     for item in args.set:
         if "=" not in item:
@@ -5454,9 +5399,7 @@ def parse_config(argv=None):
 
 
 def resolve_out_dir(out):
-    if out:
-        return out
-    return "/kaggle/working" if os.path.isdir("/kaggle/working") else "output"
+    return out or ("/kaggle/working" if os.path.isdir("/kaggle/working") else "output")
 
 
 def config_to_json(cfg):

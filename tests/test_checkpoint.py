@@ -11,7 +11,7 @@ import torch
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
-from modules.run.checkpoint import describe_write_error, read_checkpoint, restore_checkpoint, save_checkpoint
+from modules.run.checkpoint import Resumed, describe_write_error, save_checkpoint
 from modules.run.rank import make_checkpointer
 from modules.run.report import RunReport
 
@@ -33,11 +33,11 @@ def test_round_trip_restores_the_state(tmp_path):
     a = _trainer(0)
     a.step()
     _save(tmp_path / "c.pt", a)
-    ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
+    ckpt = Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).payload
     assert ckpt["train_seconds"] == 12.5 and ckpt["plan_seconds"] == 20.0 and not ckpt["complete"]
     assert ckpt["history"]["loss_d"] == [(1.0, 0.5)]
     b = _trainer(1)
-    restore_checkpoint(ckpt, "c.pt", b, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).restore(b, classes=["c0", "c1", "c2"])
     assert b.step_count == 1
     for k, v in a.G.state_dict().items():
         assert torch.equal(v, b.G.state_dict()[k]), k
@@ -46,22 +46,21 @@ def test_round_trip_restores_the_state(tmp_path):
 
 def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        read_checkpoint(str(tmp_path / "none.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "none.pt"), arch=ARCH)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="not a readable checkpoint"):
-        read_checkpoint(str(tmp_path / "junk.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "junk.pt"), arch=ARCH)
     torch.save({"something": 1}, tmp_path / "foreign.pt")
     with pytest.raises(UsageError, match="not a checkpoint written by this kernel"):
-        read_checkpoint(str(tmp_path / "foreign.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "foreign.pt"), arch=ARCH)
     _save(tmp_path / "c.pt", _trainer())
     with pytest.raises(UsageError, match="g_ch=2, this run 4"):
-        read_checkpoint(str(tmp_path / "c.pt"), arch={"g_ch": 4})
+        Resumed.read(str(tmp_path / "c.pt"), arch={"g_ch": 4})
     with pytest.raises(UsageError, match="d_arch='biggan-pytorch', this run '2nd-place'"):  # from before d_arch
-        read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "2nd-place"})
-    assert read_checkpoint(str(tmp_path / "c.pt"), arch={"d_arch": "biggan-pytorch"})
-    ckpt = read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "c.pt"), arch={"d_arch": "2nd-place"})
+    assert Resumed.read(str(tmp_path / "c.pt"), arch={"d_arch": "biggan-pytorch"}).payload
     with pytest.raises(UsageError, match="trained on 3 breeds, this data has 2"):
-        restore_checkpoint(ckpt, "c.pt", _trainer(), classes=["a", "b"])
+        Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).restore(_trainer(), classes=["a", "b"])
 
 
 @pytest.mark.parametrize("change, field", [
@@ -83,7 +82,7 @@ def test_wrong_typed_or_absurd_fields_are_one_line_usage_errors(tmp_path, change
             ckpt[key] = value
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UsageError, match=f"damaged checkpoint: {field} is") as err:
-        read_checkpoint(str(tmp_path / "bad.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "bad.pt"), arch=ARCH)
     assert "\n" not in str(err.value) and len(str(err.value)) < 300
 
 
@@ -105,9 +104,9 @@ def test_a_fifo_or_folder_is_refused_without_opening_it(tmp_path):
     os.mkfifo(tmp_path / "fifo.pt")
     unblock_fifo_later(tmp_path / "fifo.pt")
     with pytest.raises(UsageError, match="is a FIFO"):
-        read_checkpoint(str(tmp_path / "fifo.pt"), arch=ARCH)
+        Resumed.read(str(tmp_path / "fifo.pt"), arch=ARCH)
     with pytest.raises(UsageError, match="is a folder"):
-        read_checkpoint(str(tmp_path), arch=ARCH)
+        Resumed.read(str(tmp_path), arch=ARCH)
 
 
 def _torch_disk_full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
@@ -157,7 +156,7 @@ def test_resume_keeps_this_devices_adam(tmp_path):
     a.state_dict = lambda: state
     _save(tmp_path / "gpu.pt", a)
     b = _trainer(1)
-    restore_checkpoint(read_checkpoint(str(tmp_path / "gpu.pt"), arch=ARCH), "gpu.pt", b, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "gpu.pt"), arch=ARCH).restore(b, classes=["c0", "c1", "c2"])
     for opt in (b.opt_g, b.opt_d):
         assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups), opt.param_groups[0]
     b.step()
@@ -169,7 +168,7 @@ def test_resume_keeps_this_devices_adam(tmp_path):
     cpu = _trainer(3)
     cpu.step()
     _save(tmp_path / "cpu.pt", cpu)
-    restore_checkpoint(read_checkpoint(str(tmp_path / "cpu.pt"), arch=ARCH), "cpu.pt", c, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "cpu.pt"), arch=ARCH).restore(c, classes=["c0", "c1", "c2"])
     for opt in (c.opt_g, c.opt_d):
         assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
     c.step()
@@ -188,13 +187,13 @@ def test_grad_scalers_go_through_the_checkpoint(tmp_path):
     a.scaler_d.load_state_dict({**a.scaler_d.state_dict(), "scale": 256.0, "_growth_tracker": 7})
     _save(tmp_path / "fp16.pt", a)
     b = trainer("fp16")
-    restore_checkpoint(read_checkpoint(str(tmp_path / "fp16.pt"), arch=ARCH), "fp16.pt", b, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "fp16.pt"), arch=ARCH).restore(b, classes=["c0", "c1", "c2"])
     assert b.scaler_d.state_dict() == a.scaler_d.state_dict() and b.scaler_g.state_dict() == a.scaler_g.state_dict()
     assert b.scaler_d.get_scale() == 256.0
     _save(tmp_path / "fp32.pt", trainer("off"))
     c = trainer("fp16")
-    restore_checkpoint(read_checkpoint(str(tmp_path / "fp32.pt"), arch=ARCH), "fp32.pt", c, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "fp32.pt"), arch=ARCH).restore(c, classes=["c0", "c1", "c2"])
     assert c.scaler_g.get_scale() == c.scaler_d.get_scale() == 65536.0  # torch's initial scale
     d = trainer("off")
-    restore_checkpoint(read_checkpoint(str(tmp_path / "fp16.pt"), arch=ARCH), "fp16.pt", d, classes=["c0", "c1", "c2"])
+    Resumed.read(str(tmp_path / "fp16.pt"), arch=ARCH).restore(d, classes=["c0", "c1", "c2"])
     assert not d.scaler_g.is_enabled() and d.step_count == 1

@@ -27,7 +27,7 @@ from modules.recipe.sample import Sampler
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import Deadline, UsageError
 from modules.run.budget import measure_finish_seconds
-from modules.run.checkpoint import read_checkpoint, save_checkpoint
+from modules.run.checkpoint import Resumed, save_checkpoint
 from modules.run.faults import fault_hook
 from modules.run.submission import verify_zip
 
@@ -186,7 +186,7 @@ def test_exception_ships_a_degraded_run(fault_run):
     assert report["degraded"] is True and report["train"]["reason"] == "crashed"
     assert any("injected fault" in w for w in report["warnings"])
     assert report["zip"] == str(out / "images.zip")
-    ckpt = read_checkpoint(str(out / "checkpoint.pt"), arch={})  # written after the crash as well
+    ckpt = Resumed.read(str(out / "checkpoint.pt"), arch={}).payload  # written after the crash as well
     assert ckpt["trainer"]["step"] == 40 and not ckpt["complete"]
 
 
@@ -347,9 +347,9 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, one_th
         with pytest.raises(OSError):
             save_checkpoint(str(path), trainer, **kw)
     assert _sha(path) == old and not (tmp_path / "checkpoint.pt.tmp").exists()
-    assert read_checkpoint(str(path), arch={"arch": "biggan"})["train_seconds"] == 1.0
+    assert Resumed.read(str(path), arch={"arch": "biggan"}).payload["train_seconds"] == 1.0
     with pytest.raises(UsageError, match="arch='biggan', this run 'dcgan'"):
-        read_checkpoint(str(path), arch={"arch": "dcgan"})
+        Resumed.read(str(path), arch={"arch": "dcgan"})
 
 
 class _FakeExtractor:
@@ -404,7 +404,8 @@ def test_sigterm_ships_a_zip_within_30s(interrupted_run):
     assert after_signal <= 30, f"{after_signal:.1f}s from SIGTERM to exit"
     verify_zip(out / "images.zip", n_expected=10000)
     assert _report(out)["train"]["reason"] == "interrupted"
-    assert not read_checkpoint(str(out / "checkpoint.pt"), arch={})["complete"]  # the checkpoint after an interrupt
+    ckpt = Resumed.read(str(out / "checkpoint.pt"), arch={})
+    assert not ckpt.complete  # the checkpoint after an interrupt
 
 
 def test_second_signal_exits_at_once(tmp_path):
@@ -428,7 +429,7 @@ def test_resume_continues_the_steps_within_the_plan_left(interrupted_run, tmp_pa
     assert code == 0
     out = tmp_path / "out"
     shutil.copytree(src, out)
-    before = read_checkpoint(str(out / "checkpoint.pt"), arch={})
+    before = Resumed.read(str(out / "checkpoint.pt"), arch={}).payload
     left = before["plan_seconds"] - before["train_seconds"]
     old_zip = _sha(out / "images.zip")
     proc, wall = run_kernel([*CHEAP, *NO_CHECK, *FEWER, "--time-budget", "120s", "--out", out,
@@ -444,7 +445,7 @@ def test_resume_continues_the_steps_within_the_plan_left(interrupted_run, tmp_pa
     assert wall <= 120, wall
     verify_zip(out / "images.zip", n_expected=2000)
     assert _sha(out / "images.zip") != old_zip
-    after = read_checkpoint(str(out / "checkpoint.pt"), arch={})
+    after = Resumed.read(str(out / "checkpoint.pt"), arch={}).payload
     assert after["trainer"]["step"] == report["train"]["total_steps"] and after["complete"]
 
 

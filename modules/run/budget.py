@@ -1,8 +1,6 @@
-"""The time budget, all of its arithmetic in one file: the finish measured on this device before training, the plan that
-splits the budget into start-up, training and the finish reserve (TrainPlan), and the Pace that moves the stop earlier
-when the machine gets slower. The reserve is the measured finish x FINISH_SAFETY (once) + Config.reserve_margin_s,
-stretched by the slowdown: of the steps against their first steady measurement, or of a generation batch re-timed near
-the end against the one measured at start."""
+"""The time budget: the finish measured on this device before training, the plan (TrainPlan), and the Pace that moves
+the stop earlier when the machine gets slower. The finish reserve is the measured finish x FINISH_SAFETY (once) +
+Config.reserve_margin_s, stretched by the slowdown of the steps or of a generation batch re-timed near the end."""
 import io
 import math
 import time
@@ -28,8 +26,7 @@ FINISH_PICTURES_S = 2.0  # samples.png and losses.png, plus G on 64 latents
 OPTIONAL_FINISH = "self_check"  # the one part of the finish a run can do without: the zip never waits for it
 SQRTM_PROBE_DIM = 512  # the Fréchet sqrtm is timed at this size and scaled by (dim / size)^3
 SELF_CHECK_PROBE = 200  # images the self-check's parts are timed on, whatever the generation batch
-CPU_GEN_BATCH_MAX = 64  # on the CPU the finish generates at most this many images at once: memory grows with the batch
-# (~10 MB per image at full width: 4.8 GiB at 500), the time per image hardly drops past a few dozen
+CPU_GEN_BATCH_MAX = 64  # CPU generation batch cap: ~10 MB per image at full width, and no faster past a few dozen
 
 
 # the finish, measured before training
@@ -43,19 +40,15 @@ def _timed(fn, *args, **kw):
 
 def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, checkpoint_state, self_check, extractor,
                            n_reference, crops, check=None):
-    """Each part of the finish timed on a sample and scaled to the whole, unpadded (finish_reserve_s pads the sum):
-    generate: two batches (sampler.batch, at most n_images) after a warm-up (the slower counts; out of memory halves
-    the batch); zip: all of the PNG encoding (the finish overlaps it with generation only where a core is free, and
-    under load none is), writing and reading back at the disk's speed, verification; checkpoint: checkpoint_state
-    serialised and written; self_check (if self_check): its parts on SELF_CHECK_PROBE images: the pixel copy
-    search against crops (uint8 [N,64,64,3]) and, with an Inception extractor (None: no FID), features, covariances,
-    the Fréchet sqrtm and the memorization distances. check({part: seconds} so far), after the first timed batch and each part, raises to stop measuring
-    a finish that cannot fit. -> ({part: seconds}, {"batch": the batch that fits, "zip_bytes", "checkpoint_bytes"})"""
+    """Each part of the finish (generate, zip, checkpoint, self_check) timed on a sample and scaled to the whole,
+    unpadded. The zip counts all of the PNG encoding: under load no core is free to overlap it with generation.
+    crops: uint8 [N,64,64,3]. check({part: seconds} so far) may raise to stop measuring a finish that cannot fit.
+    -> ({part: seconds}, {"batch": the generation batch that fits, "zip_bytes", "checkpoint_bytes"})"""
     check = check or (lambda partial: None)
     cap = CPU_GEN_BATCH_MAX if sampler.device.type == "cpu" else n_images
-    times, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
+    t_gen, imgs, batch = _time_generation(sampler.with_batch(min(sampler.batch, n_images, cap)),
                                           first=lambda dt, b: check({"generate": dt * math.ceil(n_images / b)}))
-    est = {"generate": max(times) * math.ceil(n_images / batch)}
+    est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
     t_enc, pngs = _timed(encode_pngs, imgs, workers)
@@ -75,20 +68,16 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
 
 
 def _time_generation(sampler, first):
-    """-> (seconds of two timed batches, the last batch's images, the batch that fits): a warm-up batch (cudnn
-    autotune, allocator), then seeds 1 and 2; out of memory halves the batch (down to 8). first(seconds, batch): called
-    after the first timed batch (it may raise: the second is not timed then)."""
+    """A warm-up batch (cudnn autotune, allocator), then two timed ones; out of memory halves the batch (down to 8).
+    first(seconds, batch) after the first timed batch may raise. -> (the slower time, the last images, the batch)"""
     batch = sampler.batch
     while True:
         try:
             sampler(batch)  # warm-up
-            times = []
-            for seed in (1, 2):
-                dt, imgs = _timed(sampler, batch, seed)
-                times.append(dt)
-                if seed == 1:
-                    first(dt, batch)
-            return times, imgs, batch
+            t1, _ = _timed(sampler, batch, 1)
+            first(t1, batch)
+            t2, imgs = _timed(sampler, batch, 2)
+            return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
                 raise
@@ -125,7 +114,7 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
 
 
 def finish_reserve_s(estimates):
-    """The finish reserve of measured estimates ({part: seconds}): FINISH_SAFETY x their sum (margin not included)."""
+    """FINISH_SAFETY x the measured parts ({part: seconds}), without the margin."""
     return FINISH_SAFETY * sum(estimates.values())
 
 
@@ -155,23 +144,20 @@ class TrainPlan:
         return max(min(self.train_until - now, self.plan_s - self.prior_train_s), 0.0)
 
     def complete(self, *, reason, train_seconds_total):
-        """Did training run to the end of its plan? A budget- or step-ended run is complete unless it carried on an
-        inherited plan and stopped short of it."""
+        """A budget- or step-ended run is complete unless it stopped short of an inherited plan."""
         return reason in ("budget", "steps") and (
             not self.inherited or train_seconds_total >= 0.99 * self.plan_s - 1.0)
 
 
 def budget_too_small(budget_s, elapsed_s, reserve_s, *, budget_text="", left="", at_least=False):
-    """The one line a budget that cannot hold training and the finish ends with (a UsageError, exit 2)."""
     return UsageError(f"--time-budget {budget_text or format_duration(budget_s)} is too small: start-up and loading "
                       f"took {format_duration(elapsed_s)} and writing the images needs "
                       f"{'at least ' if at_least else ''}{format_duration(reserve_s)}{left}")
 
 
 def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budget_text=""):
-    """While the finish is still being measured: raise budget_too_small as soon as the parts measured so far
-    (partial: {part: seconds}; the optional self-check does not count) leave no training time. The full measurement
-    only adds parts and the clock only moves on, so plan_training would refuse this run too, minutes later."""
+    """Refuse as soon as the parts measured so far (without the optional self-check) leave no training time:
+    plan_training would refuse the run too, minutes later."""
     reserve_s = finish_reserve_s({k: v for k, v in partial.items() if k != OPTIONAL_FINISH}) + margin_s
     if elapsed_s + reserve_s >= budget_s:
         raise budget_too_small(budget_s, elapsed_s, reserve_s, budget_text=budget_text, at_least=True,
@@ -180,26 +166,22 @@ def refuse_if_finish_cannot_fit(partial, *, budget_s, elapsed_s, margin_s, budge
 
 def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_images, batch_size, resumed=None,
                   budget_text="", max_steps=0, hold_back_s=0.0):
-    """The plan, from the measured finish -> TrainPlan; logs the reserve and, when resuming, what is left to train.
-    elapsed_s: the Deadline's clock now. resumed: a checkpoint.Resumed or None. A window that cannot hold the first
-    step is a UsageError (such a run would ship an untrained generator's noise). max_steps: Config.max_steps, named in
-    the plan line. hold_back_s: training stops this much earlier still (several ranks: the collective timeout)."""
+    """The measured finish -> TrainPlan; logs the reserve and what a resumed run has left. A window that cannot hold
+    one step is a UsageError: such a run would ship an untrained generator's noise."""
     first_step_s = 10 * estimates["generate"] / n_images * batch_size
+    usable_s = budget_s - hold_back_s - margin_s
     finish_s = finish_reserve_s(estimates)
-    check_s = finish_reserve_s({OPTIONAL_FINISH: estimates.get(OPTIONAL_FINISH, 0.0)})
-    usable_s = budget_s - hold_back_s
-    window = usable_s - finish_s - margin_s - elapsed_s
-    reserved = not (check_s > 0 and window < check_s)  # never more time for the self-check than for training
-    if not reserved:
-        finish_s -= check_s
-        window += check_s
-    train_until = usable_s - finish_s - margin_s
-    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: " +
-        ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
-                  for k, v in estimates.items()) +
-        f", x{FINISH_SAFETY:g}, margin {format_duration(margin_s)}); training until {format_duration(train_until)}" +
-        (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the budget "
-         f"is not used)" if max_steps else " (no step limit: max_steps 0)"))
+    check_s = FINISH_SAFETY * estimates.get(OPTIONAL_FINISH, 0.0)
+    reserved = not (check_s > 0 and usable_s - finish_s - elapsed_s < check_s)  # never more than training gets
+    finish_s -= 0.0 if reserved else check_s
+    train_until = usable_s - finish_s
+    window = train_until - elapsed_s
+    parts = ", ".join(f"{k} {format_duration(v)}" + ("" if reserved or k != OPTIONAL_FINISH else " not reserved")
+                      for k, v in estimates.items())
+    steps = (f" or step {max_steps:,}, whichever comes first (max_steps; then the zip is written and the rest of the "
+             "budget is not used)" if max_steps else " (no step limit: max_steps 0)")
+    log(f"finish reserve {format_duration(finish_s + margin_s)} (measured: {parts}, x{FINISH_SAFETY:g}, margin "
+        f"{format_duration(margin_s)}); training until {format_duration(train_until)}{steps}")
     if window <= first_step_s:
         raise budget_too_small(budget_s, elapsed_s, finish_s + margin_s, budget_text=budget_text,
                                left=f", which leaves {format_duration(window)}: less than one training step "
@@ -210,14 +192,13 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
     prior_s = resumed.train_seconds if resumed is not None else 0.0
     plan_s, inherited = prior_s + window, False
     if resumed is not None:
-        resume_path, step = resumed.path, resumed.step
         if resumed.complete:
-            log(f"resumed from {resume_path} at step {step}: its training was complete "
+            log(f"resumed from {resumed.path} at step {resumed.step}: its training was complete "
                 f"({format_duration(prior_s)}); training on for another {format_duration(window)}")
         else:
             plan_s, inherited = max(resumed.plan_seconds, prior_s), True
             left = plan_s - prior_s
-            log(f"resumed from {resume_path} at step {step}: {format_duration(prior_s)} of "
+            log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
     batches = -(-n_images // gen_batch)
@@ -249,12 +230,10 @@ class Pace:
         return max(self.step_slowdown, self.gen_slowdown)
 
     def step_estimate(self):
-        """Seconds per step: measured, or plan.first_step_s before the first measurement."""
         return self.step_s if self.step_s is not None else self.plan.first_step_s
 
     def stop_at(self):
-        """Training must end by this time (Deadline clock): the plan's train_until, earlier by what the slowdown adds
-        to the finish reserve."""
+        """Training ends by this time (Deadline clock): train_until, earlier by what the slowdown adds to the finish."""
         return self.plan.train_until - self.plan.finish_s * (self.slowdown - 1)
 
     def steps_fit(self, steps):
@@ -262,14 +241,12 @@ class Pace:
         return self.deadline.elapsed() + (steps + 1) * self.step_estimate() < self.stop_at()
 
     def _watch_s(self, most_s):
-        """At most most_s, and at most PROBE_SHARE of the time to the stop (at least 1 s): near the stop, syncs and
-        re-timings come closer together, so that load arriving late in training is seen before it."""
+        """most_s, or PROBE_SHARE of the time to the stop (at least 1 s): load arriving late is seen before the stop."""
         return min(most_s, max(1.0, PROBE_SHARE * (self.stop_at() - self.deadline.elapsed())))
 
     def sync_interval(self, *, check_every, done, step):
         """Steps to the next host sync: 1 for the first two of this run (their time sets the margin), then to the next
-        multiple of check_every (syncs at round step counts: 10, 20, ...), but no more than _watch_s(SYNC_MAX_S) of
-        steps. done: steps made in this run; step: the trainer's step count."""
+        multiple of check_every, but no more than _watch_s(SYNC_MAX_S) of steps. done: steps made in this run."""
         if done < 2:
             return 1
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
@@ -291,31 +268,28 @@ class Pace:
         self.step_slowdown = min(max(self.recent_s / self.base_s, 1.0), SLOWDOWN_MAX)
 
     def checkpoint_fits(self, checkpoint_s):
-        """Does a checkpoint that took checkpoint_s last time (twice that, to be safe), the step we start and one
-        queued on the GPU fit before stop_at()?"""
+        """Does twice the time of the last checkpoint and a step (and one queued on the GPU) fit before the stop?"""
         return self.deadline.elapsed() + 2 * (checkpoint_s + self.step_estimate()) < self.stop_at()
 
     def retime(self):
-        """Near the end (where a slower finish can still move the stop), re-time a generation batch every
-        _watch_s(its time / PROBE_COST) (at least 1 s apart). A batch slower than the slowdown counted so far is
-        timed again at once and the lesser of the two counts: load that began since the last re-timing counts now,
-        a one-off hiccup does not. Never raises."""
+        """Near the end, re-time a generation batch every _watch_s(its time / PROBE_COST). A batch slower than counted
+        so far is timed again at once and the lesser counts: new load counts now, a one-off hiccup does not."""
         plan = self.plan
         if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
             return
         if time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST)):
             return
         try:
-            slowdown = self.probe() / max(plan.gen_batch_s, 1e-9)
+            slowdown = self.probe() / plan.gen_batch_s
             if slowdown > 1.1 * self.gen_slowdown:
-                slowdown = min(slowdown, self.probe() / max(plan.gen_batch_s, 1e-9))
+                slowdown = min(slowdown, self.probe() / plan.gen_batch_s)
         except Exception as exc:  # never worth a crash: train on without re-timing
             warn(f"re-timing a generation batch failed ({type(exc).__name__}: {exc}); not re-timed again")
             self.probe = None
             return
         self.last_probe = time.monotonic()
         self.gen_slowdown = min(max(slowdown, 1.0), FINISH_SLOWDOWN_MAX)
-        if self.gen_slowdown > 1.2 and self.gen_slowdown > 1.2 * self.said_gen:
+        if self.gen_slowdown > 1.2 * self.said_gen:  # said_gen >= 1: only a slowdown past 1.2x is logged
             self.said_gen = self.gen_slowdown
             reserve, left = plan.finish_s * self.slowdown + plan.margin_s, self.remaining()
             log(f"generation {self.gen_slowdown:.1f}x slower than measured at start: the finish reserve grows to "
@@ -326,12 +300,11 @@ class Pace:
     # the finish
 
     def remaining(self):
-        """Seconds left in the whole budget."""
         return self.deadline.remaining()
 
     def need(self, part):
-        """Seconds that must be left to start an optional part of the finish now, at the measured slowdown:
-        "zip_retry" (a second, single-threaded zip: twice the measured zip), "self_check", "pictures"."""
+        """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
+        twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
         if part == "zip_retry":
             return 2 * est["zip"] * s + FINISH_EXIT_S

@@ -32,9 +32,8 @@ def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes,
 
 
 def describe_write_error(exc, path):
-    """A failed checkpoint write -> one line for the log. A full disk reads "disk full", whether it came as an OSError
-    (ENOSPC, EDQUOT) or as the RuntimeError torch's zip writer raises ("[enforce fail at inline_container.cc:...]
-    PytorchStreamWriter failed writing file ...: file write failed")."""
+    """A failed checkpoint write -> one line for the log; a full disk reads "disk full" whether it came as an OSError
+    or as the RuntimeError of torch's zip writer ("PytorchStreamWriter failed writing file ...")."""
     text = str(exc)
     full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
         isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text and "write" in text)
@@ -47,55 +46,32 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def read_checkpoint(path, *, arch):
-    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
-    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
-    a UsageError naming the path."""
-    require_regular_file(path, "--resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
-                         "of an earlier run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-    missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
-        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
-    check_checkpoint_fields(ckpt, path)
-    for key, value in arch.items():
-        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-        if had != value:
-            raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                             "resume with the same preset and settings")
-    return ckpt
-
-
 def _is_real(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _real_in(x, lo, hi, *, whole=False):
+    """x is a finite number (an int if whole) in [lo, hi]."""
+    return _is_real(x) and (isinstance(x, int) or not whole) and math.isfinite(x) and lo <= x <= hi
+
+
 def check_checkpoint_fields(ckpt, path):
-    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
-    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    """Every field --resume reads, by type and range: a crafted or damaged file that loads must not crash the run
+    after the data is read. The state dicts' tensors are checked by load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
         raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
-    for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
-        if field in ckpt:
-            v = ckpt[field]
-            if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= CHECKPOINT_MAX_SECONDS:
-                bad(field, v, f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
+    for field, default in (("train_seconds", None), ("plan_seconds", 0.0)):
+        if not _real_in(ckpt.get(field, default), 0, CHECKPOINT_MAX_SECONDS):
+            bad(field, ckpt.get(field), f"seconds in [0, {CHECKPOINT_MAX_SECONDS:.0f}]")
     if not isinstance(ckpt.get("complete", True), bool):
         bad("complete", ckpt["complete"], "true or false")
-    n = ckpt["n_classes"]
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= CHECKPOINT_MAX_CLASSES:
+    n = ckpt.get("n_classes")
+    if not _real_in(n, 1, CHECKPOINT_MAX_CLASSES, whole=True):
         bad("n_classes", n, f"a whole number in [1, {CHECKPOINT_MAX_CLASSES}]")
-    classes = ckpt["classes"]
+    classes = ckpt.get("classes")
     if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
         bad("classes", classes, f"a list of {n} breed names")
     history = ckpt.get("history", {})
@@ -104,40 +80,26 @@ def check_checkpoint_fields(ckpt, path):
                 _is_real(x) or (isinstance(x, (list, tuple)) and all(map(_is_real, x))) for x in v)
             for k, v in history.items()):
         bad("history", history, "{name: [numbers or (step, value) pairs]}")
-    state = ckpt["trainer"]
-    missing = [k for k in CHECKPOINT_TRAINER_KEYS if k not in state]
-    if missing:
-        bad("trainer", f"missing {', '.join(missing)}", "the state of a trainer")
+    if not isinstance(ckpt.get("config"), dict):
+        bad("config", ckpt.get("config"), "the run's settings")
+    state = ckpt.get("trainer")
+    if not isinstance(state, dict) or not all(k in state for k in CHECKPOINT_TRAINER_KEYS):
+        bad("trainer", state, "the state of a trainer: " + ", ".join(CHECKPOINT_TRAINER_KEYS))
     for key in ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "ema", "swa"):
         if key in state and not isinstance(state[key], dict):
             bad(f"trainer.{key}", state[key], "a state dict")
-    step = state["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
-        bad("trainer.step", step, "a whole number >= 0")
+    if not _real_in(state["step"], 0, 2**53 - 1, whole=True):
+        bad("trainer.step", state["step"], "a whole number >= 0")
     lr_scale = state.get("lr_scale", 1.0)
-    if not _is_real(lr_scale) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1e3:
+    if not _real_in(lr_scale, 0, 1e3) or lr_scale == 0:
         bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
-
-
-def restore_checkpoint(ckpt, path, trainer, *, classes):
-    """Load a read_checkpoint() payload into the trainer. Another dataset's breeds or another model is a UsageError."""
-    if ckpt["n_classes"] != len(classes):
-        raise UsageError(f"--resume {path}: the checkpoint was trained on {ckpt['n_classes']} breeds, this data has "
-                         f"{len(classes)}; resume with the same data")
-    if list(ckpt["classes"]) != list(classes):
-        warn(f"--resume {path}: the breed names differ from the checkpoint's; continuing with this data's")
-    try:
-        trainer.load_state_dict(ckpt["trainer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--resume {path}: does not fit this model ({why[:200]})") from None
 
 
 @dataclass(frozen=True)
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
     path: str
-    payload: dict  # read_checkpoint()'s dict: trainer state, config, classes, ...
+    payload: dict  # the checked checkpoint (see save_checkpoint): trainer state, config, classes, ...
     step: int  # the trainer's step count in the checkpoint
     train_seconds: float  # training done by the run(s) it continues
     plan_seconds: float  # the training time their schedule spans
@@ -146,12 +108,39 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """read_checkpoint(path, arch=arch) -> Resumed (a UsageError naming the path for a file that will not do)."""
-        ckpt = read_checkpoint(path, arch=arch)
+        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
+        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
+        require_regular_file(path, "--resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UsageError(f"--resume {path}: no such file") from None
+        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                             "checkpoint.pt of an earlier run") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+        check_checkpoint_fields(ckpt, path)
+        for key, value in arch.items():
+            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+            if had != value:
+                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                                 "resume with the same preset and settings")
         train_s = float(ckpt["train_seconds"])
-        return cls(path=path, payload=ckpt, step=int(ckpt["trainer"].get("step", 0)), train_seconds=train_s,
+        return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
                    history={k: list(v) for k, v in ckpt.get("history", {}).items()})
 
     def restore(self, trainer, *, classes):
-        restore_checkpoint(self.payload, self.path, trainer, classes=classes)
+        """Load the trainer's state. Another dataset's breeds or another model is a UsageError."""
+        n = self.payload["n_classes"]
+        if n != len(classes):
+            raise UsageError(f"--resume {self.path}: the checkpoint was trained on {n} breeds, this data has "
+                             f"{len(classes)}; resume with the same data")
+        if list(self.payload["classes"]) != list(classes):
+            warn(f"--resume {self.path}: the breed names differ from the checkpoint's; continuing with this data's")
+        try:
+            trainer.load_state_dict(self.payload["trainer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+            raise UsageError(f"--resume {self.path}: does not fit this model ({why[:200]})") from None

@@ -1,10 +1,6 @@
-"""The command line -> a checked Config: `parse_config(argv) -> (cfg, print_config)`.
-
-Every field is checked when the settings are parsed, before any data is read or anything written: against its type and
-config.LIMITS (ranges and local choices), the choice fields against the registries themselves (so a new loss or
-architecture is one edit: the registry), time_budget and fault by their parsers. A bad value is one UsageError line
-naming the field, the value and what is allowed; main() prints it and exits 2.
-"""
+"""The command line -> a checked Config: `parse_config(argv) -> (cfg, print_config)`. Every field is checked here,
+before anything is read or written, against config.LIMITS, its parser, or the registry it names (a new loss is one
+edit: the registry); deeper code trusts the values. A bad value is one UsageError line (exit 2)."""
 import argparse
 import dataclasses
 import difflib
@@ -13,6 +9,7 @@ import math
 import os
 import re
 import sys
+from collections import namedtuple
 
 from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.augment import AUGMENTS
@@ -32,11 +29,7 @@ REGISTRY_CHOICES = {  # field -> the registry whose names it takes
 }
 
 
-class Allowed:
-    """What one field may hold: `ok(value) -> bool`, `text` says it in an error message, `choices` for named options."""
-
-    def __init__(self, text, ok, choices=()):
-        self.text, self.ok, self.choices = text, ok, tuple(choices)
+Allowed = namedtuple("Allowed", "text ok")  # what one field may hold: ok(value) -> bool; text for the error message
 
 
 def _range(spec, *, integer):
@@ -57,12 +50,12 @@ def _choice(spec):
     """Choice -> Allowed: one of the names, or (many) a comma-separated list of them."""
     names = spec.names
     if not spec.many:
-        return Allowed("one of " + ", ".join(names), lambda v: v in names, names)
+        return Allowed("one of " + ", ".join(names), lambda v: v in names)
 
     def ok(v):
         items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else [None]
         return (bool(items) or spec.empty) and all(x in names for x in items)
-    return Allowed("comma-separated from " + ", ".join(names) + (' (or "" for none)' if spec.empty else ""), ok, names)
+    return Allowed("comma-separated from " + ", ".join(names) + (' (or "" for none)' if spec.empty else ""), ok)
 
 
 def _parsed_by(parse, text):
@@ -80,7 +73,7 @@ def _allowed(field):
     """The Allowed of one Config field: by its type, config.LIMITS, the registries or its parser."""
     if field.name == "preset":  # the presets are a registry too; an empty name between commas is refused
         return Allowed("comma-separated from " + ", ".join(PRESETS),
-                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")), PRESETS)
+                       lambda v: isinstance(v, str) and all(n.strip() in PRESETS for n in v.split(",")))
     if field.name == "time_budget":
         return _parsed_by(parse_duration, "a positive duration up to a week (168h): 9h, 90m, 600s, 8h30m or seconds")
     if field.name == "fault":
@@ -155,18 +148,14 @@ FOREIGN_ARG = re.compile(r"--?f=.*|--[A-Z]\w*(\.\w+)+(=.*)?|--local[-_]rank(=.*)
 
 
 def _refuse_unknown(parser, unknown):
-    """What a notebook kernel adds to sys.argv (`-f FILE`, `--f=FILE`, traitlets options such as
-    `--HistoryManager.hist_file=:memory:`, each with its value) and torch.distributed.launch's --local-rank pass; any
-    other unknown argument is a UsageError naming it, with the closest flag when one is near (a mistyped flag must not
-    be silently ignored)."""
+    """Skips FOREIGN_ARG and `-f FILE` (with their values); any other unknown argument is a UsageError naming it and
+    the closest flag: a mistyped flag must not be silently ignored."""
     i = 0
     while i < len(unknown):
         item = unknown[i]
-        if item == "-f" or (FOREIGN_ARG.fullmatch(item) and "=" not in item):
-            i += 2 if i + 1 < len(unknown) and not unknown[i + 1].startswith("-") else 1  # the option and its value
-            continue
-        if FOREIGN_ARG.fullmatch(item):
-            i += 1
+        if item == "-f" or FOREIGN_ARG.fullmatch(item):
+            has_value = "=" not in item and i + 1 < len(unknown) and not unknown[i + 1].startswith("-")
+            i += 2 if has_value else 1
             continue
         if not item.startswith("-"):
             raise UsageError(f"unexpected argument {item!r}: kernel.py takes only flags (see --help)")
@@ -187,7 +176,7 @@ def build_parser():
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", help="auto (every visible GPU, default) | N ranks; 1 = one process; with --device cpu: N "
                    "CPU processes (gloo)")
-    p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
+    p.add_argument("--demo", action="store_const", const=True, help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
     p.add_argument("--feature-weights", help="Inception-v3 weights file (torchvision's or pytorch-fid's) for FID")
@@ -197,8 +186,7 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
-    unknown argument is a UsageError."""
+    """argv -> (Config, print_config flag): presets in order, then the flags, then --set, then every check."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -209,12 +197,8 @@ def parse_config(argv=None):
     for name in [n.strip() for n in preset.split(",")]:
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
-    flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
-             "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
-             "feature_weights": args.feature_weights}
-    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
-    if args.demo:
-        cfg = dataclasses.replace(cfg, demo=True)
+    fields = {field.name for field in dataclasses.fields(Config)} - {"preset"}
+    cfg = apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in fields and v is not None}, "command line")
     sets = {}
     for item in args.set:
         if "=" not in item:
@@ -227,9 +211,7 @@ def parse_config(argv=None):
 
 
 def resolve_out_dir(out):
-    if out:
-        return out
-    return "/kaggle/working" if os.path.isdir("/kaggle/working") else "output"
+    return out or ("/kaggle/working" if os.path.isdir("/kaggle/working") else "output")
 
 
 def config_to_json(cfg):
