@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     192  PRESETS               the presets: named sets of overrides of those defaults
-#     262  LIMITS                what each setting may hold (checked before any data is read)
-#     472  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1082  LOSSES                the losses (loss): D's and G's for each
-#    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2022  Trainer.step          one training step: D, then G, EMA
-#    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4240  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5258  finish                the finish: images, the verified zip, self-check, pictures
-#    5523  parse_config          the command line -> a checked Config
-#    5789  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6104  run                   the run: settings, checks and data, the ranks started
-#    6180  main                  the entry point and its exit codes
+#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     193  PRESETS               the presets: named sets of overrides of those defaults
+#     263  LIMITS                what each setting may hold (checked before any data is read)
+#     473  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     484  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     982  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1083  LOSSES                the losses (loss): D's and G's for each
+#    1967  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2023  Trainer.step          one training step: D, then G, EMA
+#    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4072  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5090  finish                the finish: images, the verified zip, self-check, pictures
+#    5355  parse_config          the command line -> a checked Config
+#    5621  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5936  run                   the run: settings, checks and data, the ranks started
+#    6012  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -63,10 +63,10 @@
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
-import importlib.util, io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg
-import scipy.special, shutil, signal, socket, stat, struct, sys, tempfile, threading, time, torch
-import torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision, traceback, types, warnings
-import weakref, xml.etree.ElementTree as ET, zipfile, zlib
+import importlib.util, io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, shutil
+import signal, socket, stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
+import zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -79,6 +79,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+from torchvision.utils import make_grid
 from typing import Callable
 
 
@@ -3262,71 +3263,23 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
 
 
 # ==== modules/run/metrics.py ====
-"""Kaggle's MiFID and its parts as plain functions of arrays: no network, no disk, no GPU unless asked for.
-
-Kaggle's public metric: FID between Inception pool_3 features of the 10,000 submitted images and of the training images,
-divided by the memorization distance (mean over generated images of the smallest 1 - |cos| to any training image) when
-that distance is under a threshold (0.10 public, 0.25 private), else divided by 1. Every number computed here is a local
-estimate, not Kaggle's score.
+"""Kaggle's MiFID and its parts as plain functions of arrays. Every number computed here is a local estimate, not
+Kaggle's score: Kaggle divided the FID of Inception pool_3 features by the memorization distance (mean over generated
+images of the smallest 1 - |cos| to any training image) when that is under a threshold (0.10 public, 0.25 private).
 """
 
 
 MEMORIZATION_THRESHOLDS = {"public": 0.10, "private": 0.25}  # Kaggle's cut-offs on the memorization distance
-MIFID_EPS = 1e-15  # added to the thresholded distance before dividing, as in Kaggle's metric
 
 
-# feature statistics
-
-class RunningStats:
-    """Mean and unbiased covariance of feature rows, accumulated batch by batch in float64.
-
-    Batches are merged with Chan et al.'s pairwise update (mean and centred sum of squares), which stays accurate where
-    the textbook E[xx^T] - mu mu^T loses digits.
-    """
-
-    def __init__(self):
-        self.count = 0
-        self._mean = None  # [D] float64
-        self._m2 = None  # [D,D] float64: sum of outer products of deviations from the mean
-
-    def update(self, feats):
-        x = np.asarray(feats, dtype=np.float64)  # [n,D]
-        assert x.ndim == 2, f"features must be [n,D], got shape {x.shape}"
-        n = x.shape[0]
-        if n == 0:
-            return self
-        mean_b = x.mean(axis=0)
-        dev = x - mean_b
-        m2_b = dev.T @ dev
-        if self.count == 0:
-            self._mean, self._m2 = mean_b, m2_b
-        else:
-            assert x.shape[1] == self._mean.shape[0], f"feature dim {x.shape[1]} != {self._mean.shape[0]}"
-            total = self.count + n
-            delta = mean_b - self._mean
-            self._mean = self._mean + delta * (n / total)
-            self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.count * n / total)
-        self.count += n
-        return self
-
-    @property
-    def mean(self):
-        if self.count == 0:
-            raise ValueError("RunningStats is empty")
-        return self._mean
-
-    @property
-    def cov(self):
-        if self.count < 2:
-            raise ValueError(f"covariance needs at least 2 rows, have {self.count}")
-        return self._m2 / (self.count - 1)
+def feature_stats(feats):
+    """[n,D] -> (mean [D], unbiased covariance [D,D]), both float64."""
+    return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as Kaggle's metric (and pytorch-fid) does.
-
-    If sqrtm(S1 S2) is not finite (a singular product), retry with eps added to both diagonals. A complex square root
-    whose diagonal has an imaginary part above 1e-3 raises ValueError; otherwise its real part is used.
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), as Kaggle's metric (and pytorch-fid) computes it: a singular
+    product is retried with eps on both diagonals; an imaginary part above 1e-3 on sqrtm's diagonal raises ValueError.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -3345,95 +3298,55 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-# memorization
-
 def _unit_nonzero_rows(feats):
-    """Rows scaled to unit L2 norm, all-zero rows dropped. [n,D] -> [n',D] float32."""
-    x = np.asarray(feats)
-    assert x.ndim == 2, f"features must be [n,D], got shape {x.shape}"
-    # Kaggle dropped rows whose *sum* is 0; for pooled ReLU features (all >= 0) that is the same as all-zero rows.
-    x = x[np.any(x != 0, axis=1)].astype(np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32)
+    """[n,D] -> [n',D] float32 rows of unit norm; all-zero rows dropped (Kaggle dropped rows summing to 0: the same
+    for ReLU features)."""
+    x = np.asarray(feats, np.float64)
+    x = x[np.any(x != 0, axis=1)]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def memorization_distance(gen_feats, train_feats, chunk=1024):
-    """Mean over generated rows of min over training rows of 1 - |cos|, in chunks of `chunk` generated rows.
-
-    Each minimum is clipped at 0: float32 rounding can put |cos| a hair above 1, and a negative distance would flip the
-    sign of MiFID.
-    """
+    """Mean over generated rows of min over training rows of 1 - |cos|, `chunk` generated rows at a time. Each minimum
+    is clipped at 0: float32 rounding can put |cos| a hair above 1, and a negative distance would flip MiFID's sign."""
     g, t = _unit_nonzero_rows(gen_feats), _unit_nonzero_rows(train_feats)
     if len(g) == 0 or len(t) == 0:
         raise ValueError(f"memorization distance: no non-zero feature rows ({len(g)} generated, {len(t)} training)")
-    mins = np.empty(len(g), np.float64)
-    for i in range(0, len(g), chunk):
-        sims = np.abs(g[i:i + chunk] @ t.T)  # [chunk, n_train]
-        mins[i:i + chunk] = 1.0 - sims.max(axis=1)
+    mins = np.concatenate([1.0 - np.abs(g[i:i + chunk] @ t.T).max(axis=1) for i in range(0, len(g), chunk)])
     return float(np.maximum(mins, 0.0).mean())
 
 
-def threshold_memorization(d, threshold):
-    """Kaggle's distance_thresholding: keep d when it is under the threshold, else 1 (no penalty)."""
-    d = float(d)
-    return d if np.isfinite(d) and d < threshold else 1.0
-
-
 def mifid(fid, mem_distance, threshold):
-    """FID / (thresholded memorization distance + 1e-15)."""
-    return float(fid) / (threshold_memorization(mem_distance, threshold) + MIFID_EPS)
-
-
-# inception score
-
-def inception_score(probs, splits=10):
-    """exp(mean_x KL(p(y|x) || p(y))) on each of `splits` parts of probs [N,C]; returns (mean, std) over the parts."""
-    p = np.asarray(probs, np.float64)
-    assert p.ndim == 2 and len(p) >= splits, f"need probs [N>={splits},C], got shape {p.shape}"
-    assert (p >= 0).all() and np.allclose(p.sum(axis=1), 1.0, atol=1e-3), "rows of probs must be distributions"
-    scores = []
-    for part in np.array_split(p, splits):
-        py = part.mean(axis=0, keepdims=True)
-        kl = scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)  # 0 log 0 = 0
-        scores.append(np.exp(kl.sum(axis=1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    """Kaggle's MiFID: FID / (d + 1e-15), d the memorization distance when under the threshold, else 1 (no penalty)."""
+    d = float(mem_distance)
+    return float(fid) / ((d if np.isfinite(d) and d < threshold else 1.0) + 1e-15)
 
 
 # pixel space
 
 def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
-    """Nearest reference image by L2 in pixel space for every generated image.
-
-    gen_uint8 [N,H,W,3], ref_uint8 [M,H,W,3] uint8. Returns (indices [N] int64 into ref, distances [N] float32), the
-    distances being L2 norms over pixels scaled to [0,1]. Works in float32 blocks of `chunk` x `chunk` on `device`;
-    the argmin comes from |g|^2 + |r|^2 - 2 g.r, and the returned distance is recomputed directly from g - r.
-    """
+    """uint8 gen [N,H,W,3], ref [M,H,W,3] -> (indices [N] int64 into ref, L2 distances [N] float32 over pixels in
+    [0,1]) of each generated image's nearest reference. The argmin comes from |r|^2 - 2 g.r in float32 blocks of
+    `chunk` rows on `device`; the returned distance is recomputed directly from g - r."""
     assert gen_uint8.dtype == np.uint8 and ref_uint8.dtype == np.uint8, "nearest_pixel takes uint8 images"
     assert gen_uint8.shape[1:] == ref_uint8.shape[1:] and len(ref_uint8) > 0, "image shapes differ or no references"
     n, m = len(gen_uint8), len(ref_uint8)
     gen_flat, ref_flat = gen_uint8.reshape(n, -1), ref_uint8.reshape(m, -1)
 
-    def block(a, i):  # [chunk,D] float32, centred on 0 so the squared norms (and their rounding) stay small
-        return torch.from_numpy(a[i:i + chunk]).to(device).float().div_(255.0).sub_(0.5)
+    def centred(a):  # float32 centred on 0, so the squared norms (and their rounding) stay small
+        return torch.from_numpy(a).to(device).float().div_(255.0).sub_(0.5)
 
     best = np.zeros(n, np.int64)
     dist = np.zeros(n, np.float32)
     with torch.inference_mode():
-        ref_sq = torch.cat([block(ref_flat, j).square().sum(1) for j in range(0, m, chunk)])  # [M]
+        ref_sq = torch.cat([centred(ref_flat[j:j + chunk]).square().sum(1) for j in range(0, m, chunk)])  # [M]
         for i in range(0, n, chunk):
-            g = block(gen_flat, i)
-            best_d2 = torch.full((len(g),), float("inf"), device=g.device)
-            best_j = torch.zeros(len(g), dtype=torch.int64, device=g.device)
-            for j in range(0, m, chunk):
-                r = block(ref_flat, j)
-                d2 = ref_sq[j:j + chunk][None, :] - 2.0 * (g @ r.T)  # [chunk_g, chunk_r], |g|^2 left out: same per row
-                d2_min, j_min = d2.min(dim=1)
-                better = d2_min < best_d2
-                best_d2 = torch.where(better, d2_min, best_d2)
-                best_j = torch.where(better, j_min + j, best_j)
-            nearest = torch.from_numpy(ref_flat[best_j.cpu().numpy()]).to(device).float().div_(255.0).sub_(0.5)
-            best[i:i + len(g)] = best_j.cpu().numpy()
-            dist[i:i + len(g)] = (g - nearest).norm(dim=1).cpu().numpy()
+            g = centred(gen_flat[i:i + chunk])
+            d2 = torch.cat([ref_sq[j:j + chunk] - 2.0 * (g @ centred(ref_flat[j:j + chunk]).T)
+                            for j in range(0, m, chunk)], dim=1)  # [chunk, M]; |g|^2 left out: the same per row
+            best_j = d2.argmin(dim=1).cpu().numpy()
+            best[i:i + len(g)] = best_j
+            dist[i:i + len(g)] = (g - centred(ref_flat[best_j])).norm(dim=1).cpu().numpy()
     return best, dist
 
 
@@ -3442,7 +3355,6 @@ def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
 
 
 PLOT_SIZE = (800, 400)  # loss plot, pixels
-PLOT_MARGINS = (70, 16, 16, 36)  # left, top, right, bottom, pixels
 PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127))
 
@@ -3468,34 +3380,29 @@ def _plot_point(p):
 
 
 def plot_losses(history, path, title="losses"):
-    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. Non-finite points are
-    skipped (the line breaks there); empty series, single points and empty histories all give a valid image."""
+    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. A non-finite point breaks
+    its line; any history, even an empty one, gives a valid image."""
     w, h = PLOT_SIZE
-    left, top, right, bottom = PLOT_MARGINS
-    x0, y0, x1, y1 = left, top, w - right, h - bottom  # plot area
+    x0, y0, x1, y1 = 70, 16, w - 16, h - 36  # plot area
     img = Image.new("RGB", PLOT_SIZE, "white")
     draw = ImageDraw.Draw(img)
-    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
-              for name, points in (history or {}).items()}
-    finite = [p[np.isfinite(p).all(axis=1)] for p in series.values()]
-    finite = np.concatenate(finite) if finite else np.zeros((0, 2))
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text((x0 + 4, 2), title, fill="black")
+    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
+              for name, points in (history or {}).items()}
+    finite = np.concatenate([np.zeros((0, 2))] + [p[np.isfinite(p).all(axis=1)] for p in series.values()])
     if len(finite) == 0:
         draw.text(((x0 + x1) // 2 - 40, (y0 + y1) // 2), "no finite data", fill="gray")
-        _save_report_png(img, path)
-        return Path(path)
+        return _save_report_png(img, path)
     t_lo, t_hi = _plot_axis_range(finite[:, 0], robust=False, pad=0.0)
     v_lo, v_hi = _plot_axis_range(finite[:, 1], robust=len(finite) >= 200, pad=0.05)
 
-    def px(t, v):
+    def px(t, v):  # values are clipped into the plot area
         x = x0 + (t - t_lo) / (t_hi - t_lo) * (x1 - x0)
-        y = y1 - (min(max(v, v_lo), v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)  # clipped into the plot area
-        return x, y
+        return x, y1 - (np.clip(v, v_lo, v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)
 
     for k in range(5):  # grid and tick labels
-        t = t_lo + (t_hi - t_lo) * k / 4
-        v = v_lo + (v_hi - v_lo) * k / 4
+        t, v = t_lo + (t_hi - t_lo) * k / 4, v_lo + (v_hi - v_lo) * k / 4
         x, y = px(t, v)
         draw.line([(x, y0), (x, y1)], fill=(225, 225, 225))
         draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
@@ -3504,89 +3411,46 @@ def plot_losses(history, path, title="losses"):
         draw.text((min(max(x - lw / 2, 0), w - lw - 2), y1 + 4), label, fill="black")
         draw.text((4, y - 6), f"{v:.4g}", fill="black")
     draw.text(((x0 + x1) // 2 - 30, h - 14), "wall time", fill="black")
-    lx = x1 - 140  # legend box, top right, drawn over the curves at the end
-    draw_legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PLOT_COLORS[i % len(PLOT_COLORS)]
-        segment = []
-        for t, v in list(pts) + [(math.nan, math.nan)]:  # the sentinel flushes the last segment
-            if math.isfinite(t) and math.isfinite(v):
-                segment.append(px(t, v))
-                continue
-            if len(segment) == 1:
-                (x, y), = segment
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            elif segment:
-                draw.line(segment, fill=color, width=1)
-            segment = []
-        draw_legend.append((name[:18], color))
-    draw.rectangle([lx, y0 + 4, x1 - 4, y0 + 10 + 14 * len(draw_legend)], fill="white", outline=(200, 200, 200))
-    for i, (name, color) in enumerate(draw_legend):
-        ly = y0 + 8 + 14 * i
-        draw.line([(lx + 6, ly + 6), (lx + 24, ly + 6)], fill=color, width=3)
-        draw.text((lx + 30, ly), name, fill="black")
-    _save_report_png(img, path)
-    return Path(path)
+        xy = np.stack(px(pts[:, 0], pts[:, 1]), axis=1)
+        for piece in np.split(xy, np.flatnonzero(~np.isfinite(pts).all(axis=1))):  # the pieces between gaps
+            line = [tuple(p) for p in piece if np.isfinite(p).all()]
+            if len(line) == 1:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
+            elif line:
+                draw.line(line, fill=color)
+        draw.text((x1 - 130, y0 + 4 + 14 * i), name[:18], fill=color)  # the legend, top right
+    return _save_report_png(img, path)
 
 
 def _save_report_png(img, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
-
-
-# image grids
-
-def image_grid(images_uint8, nrow, pad=2, pad_value=255):
-    """uint8 [N,H,W,3] -> PIL image, `nrow` images per row, `pad` pixels of `pad_value` around and between them.
-
-    Written in numpy rather than torchvision.utils.make_grid, which returns a single image unpadded and needs a
-    tensor round trip for what is one reshape here.
-    """
-    imgs = np.asarray(images_uint8)
-    assert imgs.dtype == np.uint8 and imgs.ndim == 4 and imgs.shape[-1] == 3, f"want uint8 [N,H,W,3], got {imgs.shape}"
-    assert len(imgs) > 0 and nrow > 0, "image_grid needs at least one image and nrow > 0"
-    n, h, w, _ = imgs.shape
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), pad_value, np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = imgs[k]
-    return Image.fromarray(grid)
-
-
-def save_grid(images_uint8, path, nrow):
-    _save_report_png(image_grid(images_uint8, nrow), path)
     return Path(path)
+
+
+def save_grid(images_uint8, path, nrow, pad=2):
+    """uint8 [N,H,W,3] -> PNG at path: `nrow` images per row, `pad` white pixels around and between them."""
+    assert images_uint8.dtype == np.uint8 and images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, images_uint8.shape
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2), nrow=nrow, padding=pad,
+                     pad_value=255)
+    return _save_report_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
 # json report
 
-def _jsonable(obj, depth=0):
-    """Plain JSON types only; non-finite floats become null; anything unknown becomes its str()."""
-    if depth > 50:
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
+def _jsonable(obj):
+    """Plain JSON types only; non-finite floats become null, numpy and torch values lists or numbers, the rest str()."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item(), depth + 1)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist(), depth + 1)
-    if isinstance(obj, Path):
-        return str(obj)
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v, depth + 1) for v in obj]
-    if hasattr(obj, "tolist"):  # torch tensors and the like
-        try:
-            return _jsonable(obj.tolist(), depth + 1)
-        except Exception:
-            pass
-    return str(obj)
+        return [_jsonable(v) for v in obj]
+    return _jsonable(obj.tolist()) if hasattr(obj, "tolist") else str(obj)
 
 
 def write_report(path, report):
@@ -3882,36 +3746,26 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
 # ==== modules/run/evaluate.py ====
 """Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
 feature space (when its weights are there), and the pixel copy check against the training crops.
-
 Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score").
 """
 
 
 EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
-EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
 LOCAL_NOTE = "local number, not Kaggle's score"
-FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
 NO_FID = "no FID computed: no Inception weights (pass --feature-weights, or put them in torch's hub cache)"
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
-# submission files
-
 def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
-    """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
-
-    The checks are the kernel's own (submission.scan_submission: names 0.png ... {expected-1}.png at the top level, PNG,
-    64x64, RGB, sizes checked before anything is decompressed or decoded). The report gives `count` .png entries against
-    `expected`, then per problem kind its count and first names; images with a wrong name or not RGB are still loaded
-    (converted), those of a wrong size or unreadable are left out; `ok` when there is no problem.
-    """
+    """A zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report), checked by
+    the kernel's own scan_submission. The report gives per problem kind its count and first names; `ok` when none."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"submission {str(path)!r} not found")
     require_regular_file(str(path), "--evaluate", folder_ok=True)
     try:
-        scan = scan_submission(str(path), n_expected=expected, size=EVAL_SUBMISSION_SIZE[0], decode=True)
+        scan = scan_submission(str(path), n_expected=expected, decode=True)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip ({type(exc).__name__})") from None
     report = {"path": str(path), "count": scan.count, "entries": scan.entries, "expected": expected,
@@ -3922,21 +3776,6 @@ def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
     return (np.stack(scan.images) if scan.images else None), report
 
 
-# scores
-
-def _eval_features(images_uint8, extractor, want_logits=False):
-    """(features float32 [N,D], RunningStats, logits or None), in chunks of FEATURE_CHUNK images."""
-    feats = np.empty((len(images_uint8), extractor.dim), np.float32)
-    stats, logits = RunningStats(), []
-    for i in range(0, len(images_uint8), FEATURE_CHUNK):
-        f, lg = extractor.features_and_logits(images_uint8[i:i + FEATURE_CHUNK])
-        feats[i:i + len(f)] = f
-        stats.update(f)
-        if want_logits:
-            logits.append(lg)
-    return feats, stats, (np.concatenate(logits) if want_logits else None)
-
-
 def _check_eval_images(images, what):
     assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{what}: want a uint8 numpy array"
     assert images.ndim == 4 and images.shape[-1] == 3 and len(images) >= 2, \
@@ -3944,28 +3783,24 @@ def _check_eval_images(images, what):
 
 
 def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
-    """FID, Inception Score, memorization distance and MiFID (public/private thresholds) of gen against reference, in
-    the extractor's (Inception's) feature space; warns when Kaggle's memorization threshold would penalise.
-
-    gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    With crops_uint8 (the box crops the GAN trained on) also `memorization_distance_crops`: copies of training crops
-    are near 0 there, not against the whole images.
-    """
+    """FID, memorization distance and MiFID (public/private thresholds) of gen [N,H,W,3] against reference [M,H,W,3]
+    (Kaggle: the whole training images) in the extractor's feature space; warns when Kaggle's MiFID would penalise.
+    With crops_uint8 also `memorization_distance_crops`: copies of training crops are near 0 there, not against the
+    whole images."""
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
     t0 = time.monotonic()
-    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=True)
-    ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
-    fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
+    gen_feats = extractor.features_and_logits(gen_uint8)[0]
+    ref_feats = extractor.features_and_logits(reference_uint8)[0]
+    fd = frechet_distance(*feature_stats(gen_feats), *feature_stats(ref_feats))
     mem = memorization_distance(gen_feats, ref_feats)
     result = {"fid": fd, "memorization_distance": mem}
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
         result[f"mifid_{board}"] = mifid(fd, mem, threshold)
         result[f"memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
     if crops_uint8 is not None and len(crops_uint8):
-        result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
-    result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
-                                                splits=min(10, len(gen_uint8)))
+        result["memorization_distance_crops"] = memorization_distance(
+            gen_feats, extractor.features_and_logits(crops_uint8)[0])
     result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
     log(f"fid {fd:.3f}, memorization {mem:.4f}, mifid public {result['mifid_public']:.3f} / private "
@@ -3984,8 +3819,8 @@ def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
 
 def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=0):
     """Is the generator copying? Each generated image's nearest training crop in pixels (a random MAX_CROPS_PIXEL_NN
-    of the crops when there are more); warns about near copies; writes out_png: the n_show closest pairs
-    (generated | crop)."""
+    of the crops when there are more); warns about near copies; out_png: the n_show closest pairs (generated | crop).
+    """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(crops_uint8, "training crops")
     crop_index = np.arange(len(crops_uint8))
@@ -4007,10 +3842,7 @@ def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=
     if out_png is not None:
         gap = np.full((gen_uint8.shape[1], 2, 3), 255, np.uint8)
         pairs = np.stack([np.concatenate([gen_uint8[i], gap, crops[nn_idx[i]]], axis=1) for i in order])
-        img = image_grid(pairs, nrow=4, pad=8)  # [generated | nearest crop], closest pairs first
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        img.save(out_png, format="PNG")
-        result["nearest_png"] = str(out_png)
+        result["nearest_png"] = str(save_grid(pairs, out_png, nrow=4, pad=8))  # closest pairs first
     log(f"self-check: nearest crop RMS min {rms.min():.4f} median {np.median(rms):.4f} over {len(crops)} crops, "
         f"{n_near} near copies")
     return result
