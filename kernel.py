@@ -48,12 +48,12 @@
 #    1967  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
 #    2023  Trainer.step          one training step: D, then G, EMA
 #    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4072  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5090  finish                the finish: images, the verified zip, self-check, pictures
-#    5355  parse_config          the command line -> a checked Config
-#    5621  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5936  run                   the run: settings, checks and data, the ranks started
-#    6012  main                  the entry point and its exit codes
+#    4053  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5033  finish                the finish: images, the verified zip, self-check, pictures
+#    5291  parse_config          the command line -> a checked Config
+#    5557  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5872  run                   the run: settings, checks and data, the ranks started
+#    5948  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -3468,8 +3468,8 @@ def write_report(path, report):
 
 @dataclass
 class RunReport:
-    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
-    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+    """report.json: filled in as the run goes (main, then finish). A part that did not happen (no resume, no
+    self-check, no pictures) is left out of the file, its key too; only `zip` stays, null, when no zip was written."""
 
     config: dict  # the resolved Config, dataclasses.asdict
     device: str
@@ -3490,15 +3490,13 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
 
     def to_dict(self):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+        return {k: v for k, v in d.items() if v is not None or k == "zip"}
 
     def write(self, path):
         """report.json at path; a failure to write it is a warning: the zip is what counts."""
@@ -3510,11 +3508,16 @@ class RunReport:
 
 # ==== modules/run/submission.py ====
 """The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
-re-opened and verified, and only then renamed over any earlier images.zip.
+re-opened and verified, and only then renamed over any earlier images.zip. scan_submission is the one definition of a
+valid submission, for the kernel's own zip and for --evaluate.
 """
 
 
-PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_COMPRESS_LEVEL = 1  # zlib: ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored: larger ones are refused unread
+SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's 1000x
+SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
 
 
 class SubmissionError(Exception):
@@ -3526,10 +3529,8 @@ def _png_chunk(kind, body):
 
 
 def encode_png(image):
-    """uint8 [H,W,3] -> PNG bytes: 8-bit RGB, every row with the "Up" filter (the difference to the row above; the
-    first row unfiltered), one zlib stream at PNG_COMPRESS_LEVEL. Written directly, not through PIL's encoder: ~2.3x
-    less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes, measured on the sample's crops
-    (tests/bench/results/finish). Lossless: PIL reads back the same pixels (test_submission)."""
+    """uint8 [H,W,3] -> PNG bytes, every row "Up"-filtered (the first unfiltered), one zlib stream. Not PIL's encoder:
+    ~2.3x less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes (tests/bench/results/finish)."""
     h, w, c = image.shape
     assert c == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
     flat = image.reshape(h, w * 3)
@@ -3549,17 +3550,10 @@ def encode_pngs(images, workers=2):
         return list(pool.map(encode_png, images, chunksize=64))
 
 
-SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored uncompressed: larger entries are refused unread
-SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's by 1000x
-SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 @dataclasses.dataclass
 class SubmissionScan:
-    """What scan_submission found: the one definition of a valid submission, used by verify_zip (the kernel's writer)
-    and by --evaluate. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG of size x
-    size 8-bit RGB that reads back whole."""
+    """What scan_submission found. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG
+    of size x size 8-bit RGB that reads back whole."""
     count: int  # entries whose name ends in .png
     entries: int  # all file entries
     problems: dict  # kind (SUBMISSION_PROBLEMS) -> ["name (detail)", ...]
@@ -3579,9 +3573,8 @@ class SubmissionScan:
 
 
 def _zip_entry_count(path):
-    """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
-    tiny entries would take gigabytes there); for a ZIP64 archive (`zip -fz`) the count in its ZIP64 end record. None
-    when not found (zipfile then says what is wrong)."""
+    """The entry count the zip's (or ZIP64) end record announces, read before zipfile builds its directory in memory
+    (millions of tiny entries would take gigabytes there). None when not found: zipfile then says what is wrong."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
@@ -3590,7 +3583,7 @@ def _zip_entry_count(path):
         if at < 0 or len(tail) < at + 22:
             return None
         total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # the ZIP64 locator sits just before the end record
+        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # no ZIP64 locator just before the end record
             return total
         f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])  # the locator holds the ZIP64 end record's offset
         record = f.read(40)
@@ -3600,29 +3593,26 @@ def _zip_entry_count(path):
 
 
 def _submission_files(path, limit):
-    """(name, size from the directory, compressed size, read(max_bytes) -> bytes) per file entry of a zip or a folder,
-    in name order; a link or non-regular file under a folder comes with read None. Stops past `limit` entries with
-    ("", count, 0, None)."""
+    """(name, size, compressed size, read(max_bytes) -> bytes) per file of a zip or a folder, in name order; read is
+    None for a link or non-regular file. Past `limit` entries: ("", count, 0, None) and stop."""
     if os.path.isdir(path):
-        files = []
-        for root, _, names in os.walk(path):  # links to folders are not followed
-            for n in names:
-                files.append(os.path.join(root, n))
-                if len(files) > limit:
-                    yield "", len(files), 0, None
-                    return
-        for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
+        names = []
+        for root, _, files in os.walk(path):  # links to folders are not followed
+            names += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/") for f in files]
+            if len(names) > limit:
+                yield "", len(names), 0, None
+                return
+        for name in sorted(names):
             try:
-                st = os.lstat(f)
+                st = os.lstat(os.path.join(path, name))
             except OSError:  # gone since the listing
-                yield os.path.relpath(f, path).replace(os.sep, "/"), 0, 0, None
+                yield name, 0, 0, None
                 continue
-            regular = stat.S_ISREG(st.st_mode)
 
-            def read(max_bytes, f=f):
+            def read(max_bytes, f=os.path.join(path, name)):
                 with open(f, "rb") as fh:
                     return fh.read(max_bytes)
-            yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
+            yield name, st.st_size, st.st_size, read if stat.S_ISREG(st.st_mode) else None
         return
     n = _zip_entry_count(path)
     if n is not None and n > limit:
@@ -3645,11 +3635,9 @@ def _png_header(data):
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
-    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
-    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
-    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
-    when path is neither a readable zip nor a folder."""
+    """A zip (or a folder) -> SubmissionScan. Nothing is decompressed or decoded before it is known small: non-.png
+    names are not read; sizes are checked on the directory and then read at most that far; the PNG header's before
+    decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError for neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -3694,14 +3682,9 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
         if (depth, colour) != (8, 2):
             problems["non_rgb"].append(f"{name} (bit depth {depth}, colour type {colour})")
         if decode:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception here, not text
-                    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-                        if img.size != (size, size):
-                            raise ValueError(f"{img.size[0]}x{img.size[1]}")
-                        img.load()
-                        images.append(np.asarray(img.convert("RGB"), np.uint8))
+            try:  # the header said size x size: no decompression bomb
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                    images.append(np.asarray(img.convert("RGB"), np.uint8))
             except Exception as exc:  # PIL raises several types for broken files
                 problems["unreadable"].append(f"{name} ({type(exc).__name__})")
     problems["missing"] = sorted(expected - seen, key=lambda n: int(n[:-4]))
@@ -3709,8 +3692,8 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
 
 
 def verify_zip(path, *, n_expected, size=64):
-    """Re-open the zip and check it against scan_submission's definition (every entry read back, CRC-checked, and its
-    PNG header checked; pixels are not decoded). Raises SubmissionError."""
+    """Re-open the zip and scan it (every entry read back and CRC-checked; pixels not decoded). Raises SubmissionError.
+    """
     try:
         scan = scan_submission(path, n_expected=n_expected, size=size)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -3720,11 +3703,9 @@ def verify_zip(path, *, n_expected, size=64):
 
 
 def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
-    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
-    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
-    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
-    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
+    """uint8 [N,64,64,3] -> a verified zip at path, through atomic_file: an earlier zip stays until a valid one replaces
+    it. A failed write is a UsageError naming the path; a zip that reads back wrong a SubmissionError. pngs: the PNG
+    bytes when encoded already; corrupt (fault=zipfail): the zip truncated before verification, as a broken disk."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:
@@ -4820,15 +4801,10 @@ class Resumed:
 
 
 # ==== modules/run/features.py ====
-"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
-
-Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
-of `fc.weight`:
-- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
-- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
-  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
-  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
-  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file (never downloaded); without one, no FID.
+Two files are understood, told apart by `fc.weight`'s rows: torchvision's ImageNet weights (1000) and pytorch-fid's port
+of TF's FID graph (1008), which needs the FID blocks below and gets TF's preprocessing (TF1 bilinear resize without
+half-pixel centres, then (x - 128) / 128): closer to Kaggle's number than pytorch-fid's own, as torch-fidelity does.
 """
 
 
@@ -4836,45 +4812,33 @@ INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-
 INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
 
 
-# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
-# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
-# branch costs one 1x1 conv per block, well under 1% of the network.
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2): only the pool branch differs. TF's
+# average pool ignores the zero padding, and the last block max-pools; the discarded torchvision pool branch costs one
+# 1x1 conv per block, well under 1% of the network.
 
-def _tf_avg_pool3(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+class _TFPoolBranch:
+    pool = staticmethod(lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
 
-
-def _tf_max_pool3(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class FIDInceptionA(InceptionA):
     def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        outputs = super()._forward(x)  # the pool branch last
+        outputs[-1] = self.branch_pool(self.pool(x))
         return outputs
 
 
-class FIDInceptionC(InceptionC):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionA(_TFPoolBranch, InceptionA):
+    pass
 
 
-class FIDInceptionE1(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionC(_TFPoolBranch, InceptionC):
+    pass
 
 
-class FIDInceptionE2(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)
-        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
-        return outputs
+class FIDInceptionE1(_TFPoolBranch, InceptionE):
+    pass
+
+
+class FIDInceptionE2(_TFPoolBranch, InceptionE):
+    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))  # a quirk of the TF FID graph
 
 
 def fid_inception_v3():
@@ -4893,10 +4857,8 @@ def fid_inception_v3():
 
 
 def tf1_resize_matrix(n_in, n_out):
-    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
-
-    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
-    """
+    """[n_out, n_in] weights of TF1's ResizeBilinear: output pixel o samples source o * n_in / n_out (no half-pixel
+    centres), between floor() and the next pixel (clamped at the edge)."""
     src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -4910,16 +4872,15 @@ def tf1_resize_matrix(n_in, n_out):
 # the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
-    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
-    numpy array, in batches."""
+    """Inception-v3 up to the 2048-d pool_3, plus its classifier: uint8 [B,H,W,3] -> (features [B,2048], logits [B,C]).
+    """
 
     dim = 2048  # pool_3
 
     def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
-        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights
         self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
@@ -4952,18 +4913,8 @@ class InceptionPool3(nn.Module):
         return feats, logits
 
 
-def find_inception_weights():
-    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for pattern in INCEPTION_WEIGHT_GLOBS:
-        found = sorted(ckpt_dir.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
 def load_inception(weights_path, device):
-    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
+    """Inception-v3 for whichever of the two weights files this is, loaded strictly."""
     path = Path(weights_path)
     if not path.is_file():
         raise UsageError(f"Inception weights file {str(path)!r} not found")
@@ -4972,18 +4923,14 @@ def load_inception(weights_path, device):
     except Exception as exc:
         raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
     fc = sd.get("fc.weight") if isinstance(sd, dict) else None
     n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
     if n_classes not in INCEPTION_CLASSES:
         raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
                          f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
     flavour = INCEPTION_CLASSES[n_classes]
-    if flavour == "fid":
-        net = fid_inception_v3()
-    else:
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net = fid_inception_v3() if flavour == "fid" else torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False)
     sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
     missing, unexpected = net.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
@@ -4997,16 +4944,20 @@ def load_inception(weights_path, device):
 
 
 def build_feature_extractor(weights_path, device):
-    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
-    so no FID (the finish and --evaluate then check for copies in pixels only)."""
-    path = weights_path if weights_path is not None else find_inception_weights()
-    return None if path is None else load_inception(path, device)
+    """The Inception extractor from weights_path (it must exist and load), else from torch's hub cache (never
+    downloaded); None: no weights, so no FID."""
+    if weights_path is None:
+        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        found = [p for pattern in INCEPTION_WEIGHT_GLOBS for p in sorted(ckpt_dir.glob(pattern))]
+        if not found:
+            return None
+        weights_path = found[0]
+    return load_inception(weights_path, device)
 
 
 # ==== modules/run/finish.py ====
-"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
-What each part costs was measured before training; whether an optional part still fits is the Pace's
-call (budget.py): no time arithmetic here."""
+"""Finishing a run: the images, the verified zip, then the self-check, samples.png and losses.png. Whether an optional
+part still fits is the Pace's call (budget.py): no time arithmetic here."""
 
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -5014,7 +4965,7 @@ SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 
 @dataclass(frozen=True)
 class FinishSettings:
-    """What the finish writes (build_finish_settings)."""
+    """What the finish writes."""
 
     n_images: int  # images in the zip
     seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
@@ -5028,15 +4979,10 @@ def build_finish_settings(cfg):
                           corrupt_zip="zipfail" in parse_faults(cfg.fault), self_check=cfg.self_check)
 
 
-# finishing: generation, zip, self-check, pictures
-
-
 @contextlib.contextmanager
 def fast_inference(G, device):
-    """Around generation with G: spectral norm's W / sigma computed once, not per batch (parametrize.cached), and on the
-    CPU the channels-last layout (oneDNN's faster convolutions: ~25-35% less time per image at smoke widths, measured
-    by tests/bench/bench_finish.py); the layout is restored after. The images are the same up to float rounding (a
-    uint8 value off by one in ~1e-5 of them)."""
+    """Spectral norm's W / sigma computed once, not per batch, and on the CPU the channels-last layout (oneDNN: ~25-35%
+    less time per image, tests/bench/bench_finish.py), restored after. Images change by float rounding only."""
     channels_last = device.type == "cpu"
     if channels_last:
         G.to(memory_format=torch.channels_last)
@@ -5049,9 +4995,8 @@ def fast_inference(G, device):
 
 
 def _finish_generate(sampler, *, n, seed, report, workers):
-    """All n images -> (uint8 [n,H,W,3], their PNG bytes or None), the PNGs encoded on `workers` threads while the
-    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding.
-    sampler: ready() (one model for the try and the retry)."""
+    """-> (uint8 [n,H,W,3], their PNG bytes or None), encoded on `workers` threads while the next batches generate.
+    A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding."""
     try:
         with fast_inference(sampler.model(), sampler.device), ThreadPoolExecutor(max(workers, 1)) as pool:
             encoded = []  # futures of each batch's PNG bytes, in order (zlib and torch release the GIL)
@@ -5066,10 +5011,8 @@ def _finish_generate(sampler, *, n, seed, report, workers):
 
 
 def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs):
-    """The verified zip (pngs: the images' PNG bytes, encoded already, or None). A UsageError (a full disk, a read-only
-    folder) ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has
-    pace.need("zip_retry") seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier
-    zip at zip_path is left as it was."""
+    """The verified zip. A UsageError (a full disk, a read-only folder) ends the run at once; another failure is
+    retried once, single-threaded and encoding afresh, when the budget allows, else raises SubmissionError."""
     try:
         return write_submission(images, zip_path, workers=workers, corrupt=corrupt, pngs=pngs)
     except UsageError:
@@ -5088,14 +5031,9 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs)
 
 
 def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, stop_event):
-    """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
-    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
-
-    sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
-    extractor: the self-check's Inception extractor, None for no FID (no weights). pace: the run's Pace (what is left
-    of the budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
-    metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
-    """
+    """The images and the verified zip (always), then report.json; then, while the budget allows and no interrupt
+    came, the self-check (on the very images in the zip) and the pictures. extractor: None for no FID (no weights);
+    report: the RunReport, filled in here; stop_event: set by an interrupt (or None)."""
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
         sampler = sampler.ready()  # sample_bn "standing": its copy with standing statistics, for the pictures too
         images, pngs = _finish_generate(sampler, n=settings.n_images, seed=settings.seed, report=report,
@@ -5128,9 +5066,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
 
 
 def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, timer, report, interrupted):
-    """The self-check on the zip's images: FID and MiFID with an extractor (report.metrics), else the line saying there
-    is none, and the pixel copy check (report.self_check, nearest.png); or a warning saying why it is skipped (an
-    interrupt, too little time left) or failed: the zip is written either way."""
+    """FID and MiFID with an extractor (report.metrics), and the pixel copy check (report.self_check, nearest.png); or
+    a warning saying why it is skipped or failed."""
     need = pace.need("self_check")
     if interrupted or pace.remaining() < need:
         why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
@@ -5153,8 +5090,7 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
-    """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
-    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    """samples.png (fixed z, one row per breed for a handful of breeds) and losses.png -> the breeds shown."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8

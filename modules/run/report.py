@@ -127,8 +127,8 @@ def write_report(path, report):
 
 @dataclass
 class RunReport:
-    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
-    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+    """report.json: filled in as the run goes (main, then finish). A part that did not happen (no resume, no
+    self-check, no pictures) is left out of the file, its key too; only `zip` stays, null, when no zip was written."""
 
     config: dict  # the resolved Config, dataclasses.asdict
     device: str
@@ -149,15 +149,13 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
 
     def to_dict(self):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+        return {k: v for k, v in d.items() if v is not None or k == "zip"}
 
     def write(self, path):
         """report.json at path; a failure to write it is a warning: the zip is what counts."""
