@@ -129,12 +129,28 @@ def _submission_files(path, limit):
             yield info.filename, info.file_size, info.compress_size, read
 
 
-def _png_header(data):
-    """-> (width, height, bit depth, colour type) from the IHDR chunk, or None if data does not start like a PNG."""
+def _png_entry(name, file_size, compress_size, read, *, size):
+    """One .png entry -> (its bytes or None, None or its problem (kind, detail)); bytes when its header was checked."""
+    if read is None:
+        return None, ("unreadable", f"{name} (not a regular file)")
+    if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
+            file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
+        return None, ("too_large", f"{name} ({file_size} bytes, {compress_size} compressed)")
+    try:
+        data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        return None, ("unreadable", f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
+    if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
+        return None, ("too_large", f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
     if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    w, h = struct.unpack(">II", data[16:24])
-    return w, h, data[24], data[25]
+        damaged = data[:4] == PNG_SIGNATURE[:4]
+        return None, ("unreadable", f"{name} (damaged PNG header)") if damaged else ("non_png", f"{name} (not a PNG)")
+    (w, h), depth, colour = struct.unpack(">II", data[16:24]), data[24], data[25]
+    if (w, h) != (size, size):
+        return None, ("wrong_size", f"{name} ({w}x{h})")
+    if (depth, colour) != (8, 2):
+        return data, ("non_rgb", f"{name} (bit depth {depth}, colour type {colour})")
+    return data, None
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
@@ -158,33 +174,10 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
             problems["non_png"].append(name)
             continue
         count += 1
-        if read is None:
-            problems["unreadable"].append(f"{name} (not a regular file)")
-            continue
-        if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
-                file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
-            problems["too_large"].append(f"{name} ({file_size} bytes, {compress_size} compressed)")
-            continue
-        try:
-            data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-            problems["unreadable"].append(f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
-            continue
-        if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
-            problems["too_large"].append(f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
-            continue
-        header = _png_header(data)
-        if header is None:
-            kind = "unreadable" if data[:4] == PNG_SIGNATURE[:4] else "non_png"
-            problems[kind].append(f"{name} (not a PNG)" if kind == "non_png" else f"{name} (damaged PNG header)")
-            continue
-        w, h, depth, colour = header
-        if (w, h) != (size, size):
-            problems["wrong_size"].append(f"{name} ({w}x{h})")
-            continue
-        if (depth, colour) != (8, 2):
-            problems["non_rgb"].append(f"{name} (bit depth {depth}, colour type {colour})")
-        if decode:
+        data, problem = _png_entry(name, file_size, compress_size, read, size=size)
+        if problem:
+            problems[problem[0]].append(problem[1])
+        if decode and data is not None:
             try:  # the header said size x size: no decompression bomb
                 with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
                     images.append(np.asarray(img.convert("RGB"), np.uint8))
