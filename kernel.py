@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     192  PRESETS               the presets: named sets of overrides of those defaults
-#     262  LIMITS                what each setting may hold (checked before any data is read)
-#     472  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1082  LOSSES                the losses (loss): D's and G's for each
-#    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2022  Trainer.step          one training step: D, then G, EMA
-#    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4124  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5123  finish                the finish: images, the verified zip, self-check, pictures
-#    5376  parse_config          the command line -> a checked Config
-#    5635  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5950  run                   the run: settings, checks and data, the ranks started
-#    6026  main                  the entry point and its exit codes
+#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     193  PRESETS               the presets: named sets of overrides of those defaults
+#     263  LIMITS                what each setting may hold (checked before any data is read)
+#     473  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     484  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     982  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1083  LOSSES                the losses (loss): D's and G's for each
+#    1967  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2023  Trainer.step          one training step: D, then G, EMA
+#    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3930  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4891  finish                the finish: images, the verified zip, self-check, pictures
+#    5137  parse_config          the command line -> a checked Config
+#    5396  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5711  run                   the run: settings, checks and data, the ranks started
+#    5787  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -63,8 +63,8 @@
 
 
 import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, importlib.util, io
-import itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal
-import socket, stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, shutil, signal, socket, stat
+import struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
 import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
 import zlib
 
@@ -79,6 +79,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+from torchvision.utils import make_grid
 from typing import Callable
 
 
@@ -3165,71 +3166,23 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
 
 
 # ==== modules/run/metrics.py ====
-"""Kaggle's MiFID and its parts as plain functions of arrays: no network, no disk, no GPU unless asked for.
-
-Kaggle's public metric: FID between Inception pool_3 features of the 10,000 submitted images and of the training images,
-divided by the memorization distance (mean over generated images of the smallest 1 - |cos| to any training image) when
-that distance is under a threshold (0.10 public, 0.25 private), else divided by 1. Every number computed here is a local
-estimate, not Kaggle's score.
+"""Kaggle's MiFID and its parts as plain functions of arrays. Every number computed here is a local estimate, not
+Kaggle's score: Kaggle divided the FID of Inception pool_3 features by the memorization distance (mean over generated
+images of the smallest 1 - |cos| to any training image) when that is under a threshold (0.10 public, 0.25 private).
 """
 
 
 MEMORIZATION_THRESHOLDS = {"public": 0.10, "private": 0.25}  # Kaggle's cut-offs on the memorization distance
-MIFID_EPS = 1e-15  # added to the thresholded distance before dividing, as in Kaggle's metric
 
 
-# feature statistics
-
-class RunningStats:
-    """Mean and unbiased covariance of feature rows, accumulated batch by batch in float64.
-
-    Batches are merged with Chan et al.'s pairwise update (mean and centred sum of squares), which stays accurate where
-    the textbook E[xx^T] - mu mu^T loses digits.
-    """
-
-    def __init__(self):
-        self.count = 0
-        self._mean = None  # [D] float64
-        self._m2 = None  # [D,D] float64: sum of outer products of deviations from the mean
-
-    def update(self, feats):
-        x = np.asarray(feats, dtype=np.float64)  # [n,D]
-        assert x.ndim == 2, f"features must be [n,D], got shape {x.shape}"
-        n = x.shape[0]
-        if n == 0:
-            return self
-        mean_b = x.mean(axis=0)
-        dev = x - mean_b
-        m2_b = dev.T @ dev
-        if self.count == 0:
-            self._mean, self._m2 = mean_b, m2_b
-        else:
-            assert x.shape[1] == self._mean.shape[0], f"feature dim {x.shape[1]} != {self._mean.shape[0]}"
-            total = self.count + n
-            delta = mean_b - self._mean
-            self._mean = self._mean + delta * (n / total)
-            self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.count * n / total)
-        self.count += n
-        return self
-
-    @property
-    def mean(self):
-        if self.count == 0:
-            raise ValueError("RunningStats is empty")
-        return self._mean
-
-    @property
-    def cov(self):
-        if self.count < 2:
-            raise ValueError(f"covariance needs at least 2 rows, have {self.count}")
-        return self._m2 / (self.count - 1)
+def feature_stats(feats):
+    """[n,D] -> (mean [D], unbiased covariance [D,D]), both float64."""
+    return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as Kaggle's metric (and pytorch-fid) does.
-
-    If sqrtm(S1 S2) is not finite (a singular product), retry with eps added to both diagonals. A complex square root
-    whose diagonal has an imaginary part above 1e-3 raises ValueError; otherwise its real part is used.
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), as Kaggle's metric (and pytorch-fid) computes it: a singular
+    product is retried with eps on both diagonals; an imaginary part above 1e-3 on sqrtm's diagonal raises ValueError.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -3248,95 +3201,55 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-# memorization
-
 def _unit_nonzero_rows(feats):
-    """Rows scaled to unit L2 norm, all-zero rows dropped. [n,D] -> [n',D] float32."""
-    x = np.asarray(feats)
-    assert x.ndim == 2, f"features must be [n,D], got shape {x.shape}"
-    # Kaggle dropped rows whose *sum* is 0; for pooled ReLU features (all >= 0) that is the same as all-zero rows.
-    x = x[np.any(x != 0, axis=1)].astype(np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32)
+    """[n,D] -> [n',D] float32 rows of unit norm; all-zero rows dropped (Kaggle dropped rows summing to 0: the same
+    for ReLU features)."""
+    x = np.asarray(feats, np.float64)
+    x = x[np.any(x != 0, axis=1)]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def memorization_distance(gen_feats, train_feats, chunk=1024):
-    """Mean over generated rows of min over training rows of 1 - |cos|, in chunks of `chunk` generated rows.
-
-    Each minimum is clipped at 0: float32 rounding can put |cos| a hair above 1, and a negative distance would flip the
-    sign of MiFID.
-    """
+    """Mean over generated rows of min over training rows of 1 - |cos|, `chunk` generated rows at a time. Each minimum
+    is clipped at 0: float32 rounding can put |cos| a hair above 1, and a negative distance would flip MiFID's sign."""
     g, t = _unit_nonzero_rows(gen_feats), _unit_nonzero_rows(train_feats)
     if len(g) == 0 or len(t) == 0:
         raise ValueError(f"memorization distance: no non-zero feature rows ({len(g)} generated, {len(t)} training)")
-    mins = np.empty(len(g), np.float64)
-    for i in range(0, len(g), chunk):
-        sims = np.abs(g[i:i + chunk] @ t.T)  # [chunk, n_train]
-        mins[i:i + chunk] = 1.0 - sims.max(axis=1)
+    mins = np.concatenate([1.0 - np.abs(g[i:i + chunk] @ t.T).max(axis=1) for i in range(0, len(g), chunk)])
     return float(np.maximum(mins, 0.0).mean())
 
 
-def threshold_memorization(d, threshold):
-    """Kaggle's distance_thresholding: keep d when it is under the threshold, else 1 (no penalty)."""
-    d = float(d)
-    return d if np.isfinite(d) and d < threshold else 1.0
-
-
 def mifid(fid, mem_distance, threshold):
-    """FID / (thresholded memorization distance + 1e-15)."""
-    return float(fid) / (threshold_memorization(mem_distance, threshold) + MIFID_EPS)
-
-
-# inception score
-
-def inception_score(probs, splits=10):
-    """exp(mean_x KL(p(y|x) || p(y))) on each of `splits` parts of probs [N,C]; returns (mean, std) over the parts."""
-    p = np.asarray(probs, np.float64)
-    assert p.ndim == 2 and len(p) >= splits, f"need probs [N>={splits},C], got shape {p.shape}"
-    assert (p >= 0).all() and np.allclose(p.sum(axis=1), 1.0, atol=1e-3), "rows of probs must be distributions"
-    scores = []
-    for part in np.array_split(p, splits):
-        py = part.mean(axis=0, keepdims=True)
-        kl = scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)  # 0 log 0 = 0
-        scores.append(np.exp(kl.sum(axis=1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    """Kaggle's MiFID: FID / (d + 1e-15), d the memorization distance when under the threshold, else 1 (no penalty)."""
+    d = float(mem_distance)
+    return float(fid) / ((d if np.isfinite(d) and d < threshold else 1.0) + 1e-15)
 
 
 # pixel space
 
 def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
-    """Nearest reference image by L2 in pixel space for every generated image.
-
-    gen_uint8 [N,H,W,3], ref_uint8 [M,H,W,3] uint8. Returns (indices [N] int64 into ref, distances [N] float32), the
-    distances being L2 norms over pixels scaled to [0,1]. Works in float32 blocks of `chunk` x `chunk` on `device`;
-    the argmin comes from |g|^2 + |r|^2 - 2 g.r, and the returned distance is recomputed directly from g - r.
-    """
+    """uint8 gen [N,H,W,3], ref [M,H,W,3] -> (indices [N] int64 into ref, L2 distances [N] float32 over pixels in
+    [0,1]) of each generated image's nearest reference. The argmin comes from |r|^2 - 2 g.r in float32 blocks of
+    `chunk` rows on `device`; the returned distance is recomputed directly from g - r."""
     assert gen_uint8.dtype == np.uint8 and ref_uint8.dtype == np.uint8, "nearest_pixel takes uint8 images"
     assert gen_uint8.shape[1:] == ref_uint8.shape[1:] and len(ref_uint8) > 0, "image shapes differ or no references"
     n, m = len(gen_uint8), len(ref_uint8)
     gen_flat, ref_flat = gen_uint8.reshape(n, -1), ref_uint8.reshape(m, -1)
 
-    def block(a, i):  # [chunk,D] float32, centred on 0 so the squared norms (and their rounding) stay small
-        return torch.from_numpy(a[i:i + chunk]).to(device).float().div_(255.0).sub_(0.5)
+    def centred(a):  # float32 centred on 0, so the squared norms (and their rounding) stay small
+        return torch.from_numpy(a).to(device).float().div_(255.0).sub_(0.5)
 
     best = np.zeros(n, np.int64)
     dist = np.zeros(n, np.float32)
     with torch.inference_mode():
-        ref_sq = torch.cat([block(ref_flat, j).square().sum(1) for j in range(0, m, chunk)])  # [M]
+        ref_sq = torch.cat([centred(ref_flat[j:j + chunk]).square().sum(1) for j in range(0, m, chunk)])  # [M]
         for i in range(0, n, chunk):
-            g = block(gen_flat, i)
-            best_d2 = torch.full((len(g),), float("inf"), device=g.device)
-            best_j = torch.zeros(len(g), dtype=torch.int64, device=g.device)
-            for j in range(0, m, chunk):
-                r = block(ref_flat, j)
-                d2 = ref_sq[j:j + chunk][None, :] - 2.0 * (g @ r.T)  # [chunk_g, chunk_r], |g|^2 left out: same per row
-                d2_min, j_min = d2.min(dim=1)
-                better = d2_min < best_d2
-                best_d2 = torch.where(better, d2_min, best_d2)
-                best_j = torch.where(better, j_min + j, best_j)
-            nearest = torch.from_numpy(ref_flat[best_j.cpu().numpy()]).to(device).float().div_(255.0).sub_(0.5)
-            best[i:i + len(g)] = best_j.cpu().numpy()
-            dist[i:i + len(g)] = (g - nearest).norm(dim=1).cpu().numpy()
+            g = centred(gen_flat[i:i + chunk])
+            d2 = torch.cat([ref_sq[j:j + chunk] - 2.0 * (g @ centred(ref_flat[j:j + chunk]).T)
+                            for j in range(0, m, chunk)], dim=1)  # [chunk, M]; |g|^2 left out: the same per row
+            best_j = d2.argmin(dim=1).cpu().numpy()
+            best[i:i + len(g)] = best_j
+            dist[i:i + len(g)] = (g - centred(ref_flat[best_j])).norm(dim=1).cpu().numpy()
     return best, dist
 
 
@@ -3345,7 +3258,6 @@ def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
 
 
 PLOT_SIZE = (800, 400)  # loss plot, pixels
-PLOT_MARGINS = (70, 16, 16, 36)  # left, top, right, bottom, pixels
 PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127))
 
@@ -3371,34 +3283,29 @@ def _plot_point(p):
 
 
 def plot_losses(history, path, title="losses"):
-    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. Non-finite points are
-    skipped (the line breaks there); empty series, single points and empty histories all give a valid image."""
+    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. A non-finite point breaks
+    its line; any history, even an empty one, gives a valid image."""
     w, h = PLOT_SIZE
-    left, top, right, bottom = PLOT_MARGINS
-    x0, y0, x1, y1 = left, top, w - right, h - bottom  # plot area
+    x0, y0, x1, y1 = 70, 16, w - 16, h - 36  # plot area
     img = Image.new("RGB", PLOT_SIZE, "white")
     draw = ImageDraw.Draw(img)
-    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
-              for name, points in (history or {}).items()}
-    finite = [p[np.isfinite(p).all(axis=1)] for p in series.values()]
-    finite = np.concatenate(finite) if finite else np.zeros((0, 2))
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text((x0 + 4, 2), title, fill="black")
+    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
+              for name, points in (history or {}).items()}
+    finite = np.concatenate([np.zeros((0, 2))] + [p[np.isfinite(p).all(axis=1)] for p in series.values()])
     if len(finite) == 0:
         draw.text(((x0 + x1) // 2 - 40, (y0 + y1) // 2), "no finite data", fill="gray")
-        _save_report_png(img, path)
-        return Path(path)
+        return _save_report_png(img, path)
     t_lo, t_hi = _plot_axis_range(finite[:, 0], robust=False, pad=0.0)
     v_lo, v_hi = _plot_axis_range(finite[:, 1], robust=len(finite) >= 200, pad=0.05)
 
-    def px(t, v):
+    def px(t, v):  # values are clipped into the plot area
         x = x0 + (t - t_lo) / (t_hi - t_lo) * (x1 - x0)
-        y = y1 - (min(max(v, v_lo), v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)  # clipped into the plot area
-        return x, y
+        return x, y1 - (np.clip(v, v_lo, v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)
 
     for k in range(5):  # grid and tick labels
-        t = t_lo + (t_hi - t_lo) * k / 4
-        v = v_lo + (v_hi - v_lo) * k / 4
+        t, v = t_lo + (t_hi - t_lo) * k / 4, v_lo + (v_hi - v_lo) * k / 4
         x, y = px(t, v)
         draw.line([(x, y0), (x, y1)], fill=(225, 225, 225))
         draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
@@ -3407,89 +3314,46 @@ def plot_losses(history, path, title="losses"):
         draw.text((min(max(x - lw / 2, 0), w - lw - 2), y1 + 4), label, fill="black")
         draw.text((4, y - 6), f"{v:.4g}", fill="black")
     draw.text(((x0 + x1) // 2 - 30, h - 14), "wall time", fill="black")
-    lx = x1 - 140  # legend box, top right, drawn over the curves at the end
-    draw_legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PLOT_COLORS[i % len(PLOT_COLORS)]
-        segment = []
-        for t, v in list(pts) + [(math.nan, math.nan)]:  # the sentinel flushes the last segment
-            if math.isfinite(t) and math.isfinite(v):
-                segment.append(px(t, v))
-                continue
-            if len(segment) == 1:
-                (x, y), = segment
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            elif segment:
-                draw.line(segment, fill=color, width=1)
-            segment = []
-        draw_legend.append((name[:18], color))
-    draw.rectangle([lx, y0 + 4, x1 - 4, y0 + 10 + 14 * len(draw_legend)], fill="white", outline=(200, 200, 200))
-    for i, (name, color) in enumerate(draw_legend):
-        ly = y0 + 8 + 14 * i
-        draw.line([(lx + 6, ly + 6), (lx + 24, ly + 6)], fill=color, width=3)
-        draw.text((lx + 30, ly), name, fill="black")
-    _save_report_png(img, path)
-    return Path(path)
+        xy = np.stack(px(pts[:, 0], pts[:, 1]), axis=1)
+        for piece in np.split(xy, np.flatnonzero(~np.isfinite(pts).all(axis=1))):  # the pieces between gaps
+            line = [tuple(p) for p in piece if np.isfinite(p).all()]
+            if len(line) == 1:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
+            elif line:
+                draw.line(line, fill=color)
+        draw.text((x1 - 130, y0 + 4 + 14 * i), name[:18], fill=color)  # the legend, top right
+    return _save_report_png(img, path)
 
 
 def _save_report_png(img, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
-
-
-# image grids
-
-def image_grid(images_uint8, nrow, pad=2, pad_value=255):
-    """uint8 [N,H,W,3] -> PIL image, `nrow` images per row, `pad` pixels of `pad_value` around and between them.
-
-    Written in numpy rather than torchvision.utils.make_grid, which returns a single image unpadded and needs a
-    tensor round trip for what is one reshape here.
-    """
-    imgs = np.asarray(images_uint8)
-    assert imgs.dtype == np.uint8 and imgs.ndim == 4 and imgs.shape[-1] == 3, f"want uint8 [N,H,W,3], got {imgs.shape}"
-    assert len(imgs) > 0 and nrow > 0, "image_grid needs at least one image and nrow > 0"
-    n, h, w, _ = imgs.shape
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), pad_value, np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = imgs[k]
-    return Image.fromarray(grid)
-
-
-def save_grid(images_uint8, path, nrow):
-    _save_report_png(image_grid(images_uint8, nrow), path)
     return Path(path)
+
+
+def save_grid(images_uint8, path, nrow, pad=2):
+    """uint8 [N,H,W,3] -> PNG at path: `nrow` images per row, `pad` white pixels around and between them."""
+    assert images_uint8.dtype == np.uint8 and images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, images_uint8.shape
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2), nrow=nrow, padding=pad,
+                     pad_value=255)
+    return _save_report_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
 # json report
 
-def _jsonable(obj, depth=0):
-    """Plain JSON types only; non-finite floats become null; anything unknown becomes its str()."""
-    if depth > 50:
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
+def _jsonable(obj):
+    """Plain JSON types only; non-finite floats become null, numpy and torch values lists or numbers, the rest str()."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item(), depth + 1)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist(), depth + 1)
-    if isinstance(obj, Path):
-        return str(obj)
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v, depth + 1) for v in obj]
-    if hasattr(obj, "tolist"):  # torch tensors and the like
-        try:
-            return _jsonable(obj.tolist(), depth + 1)
-        except Exception:
-            pass
-    return str(obj)
+        return [_jsonable(v) for v in obj]
+    return _jsonable(obj.tolist()) if hasattr(obj, "tolist") else str(obj)
 
 
 def write_report(path, report):
@@ -3507,8 +3371,8 @@ def write_report(path, report):
 
 @dataclass
 class RunReport:
-    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
-    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+    """report.json: filled in as the run goes (main, then finish). A part that did not happen (no resume, no
+    self-check, no pictures) is left out of the file, its key too; only `zip` stays, null, when no zip was written."""
 
     config: dict  # the resolved Config, dataclasses.asdict
     device: str
@@ -3529,15 +3393,13 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
 
     def to_dict(self):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+        return {k: v for k, v in d.items() if v is not None or k == "zip"}
 
     def write(self, path):
         """report.json at path; a failure to write it is a warning: the zip is what counts."""
@@ -3549,11 +3411,16 @@ class RunReport:
 
 # ==== modules/run/submission.py ====
 """The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
-re-opened and verified, and only then renamed over any earlier images.zip.
+re-opened and verified, and only then renamed over any earlier images.zip. scan_submission is the one definition of a
+valid submission, for the kernel's own zip and for --evaluate.
 """
 
 
-PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_COMPRESS_LEVEL = 1  # zlib: ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored: larger ones are refused unread
+SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's 1000x
+SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
 
 
 class SubmissionError(Exception):
@@ -3565,10 +3432,8 @@ def _png_chunk(kind, body):
 
 
 def encode_png(image):
-    """uint8 [H,W,3] -> PNG bytes: 8-bit RGB, every row with the "Up" filter (the difference to the row above; the
-    first row unfiltered), one zlib stream at PNG_COMPRESS_LEVEL. Written directly, not through PIL's encoder: ~2.3x
-    less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes, measured on the sample's crops
-    (tests/bench/results/finish). Lossless: PIL reads back the same pixels (test_submission)."""
+    """uint8 [H,W,3] -> PNG bytes, every row "Up"-filtered (the first unfiltered), one zlib stream. Not PIL's encoder:
+    ~2.3x less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes (tests/bench/results/finish)."""
     h, w, c = image.shape
     assert c == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
     flat = image.reshape(h, w * 3)
@@ -3588,17 +3453,10 @@ def encode_pngs(images, workers=2):
         return list(pool.map(encode_png, images, chunksize=64))
 
 
-SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored uncompressed: larger entries are refused unread
-SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's by 1000x
-SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 @dataclasses.dataclass
 class SubmissionScan:
-    """What scan_submission found: the one definition of a valid submission, used by verify_zip (the kernel's writer)
-    and by --evaluate. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG of size x
-    size 8-bit RGB that reads back whole."""
+    """What scan_submission found. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG
+    of size x size 8-bit RGB that reads back whole."""
     count: int  # entries whose name ends in .png
     entries: int  # all file entries
     problems: dict  # kind (SUBMISSION_PROBLEMS) -> ["name (detail)", ...]
@@ -3618,9 +3476,8 @@ class SubmissionScan:
 
 
 def _zip_entry_count(path):
-    """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
-    tiny entries would take gigabytes there); for a ZIP64 archive (`zip -fz`) the count in its ZIP64 end record. None
-    when not found (zipfile then says what is wrong)."""
+    """The entry count the zip's (or ZIP64) end record announces, read before zipfile builds its directory in memory
+    (millions of tiny entries would take gigabytes there). None when not found: zipfile then says what is wrong."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
@@ -3629,7 +3486,7 @@ def _zip_entry_count(path):
         if at < 0 or len(tail) < at + 22:
             return None
         total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # the ZIP64 locator sits just before the end record
+        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # no ZIP64 locator just before the end record
             return total
         f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])  # the locator holds the ZIP64 end record's offset
         record = f.read(40)
@@ -3639,29 +3496,26 @@ def _zip_entry_count(path):
 
 
 def _submission_files(path, limit):
-    """(name, size from the directory, compressed size, read(max_bytes) -> bytes) per file entry of a zip or a folder,
-    in name order; a link or non-regular file under a folder comes with read None. Stops past `limit` entries with
-    ("", count, 0, None)."""
+    """(name, size, compressed size, read(max_bytes) -> bytes) per file of a zip or a folder, in name order; read is
+    None for a link or non-regular file. Past `limit` entries: ("", count, 0, None) and stop."""
     if os.path.isdir(path):
-        files = []
-        for root, _, names in os.walk(path):  # links to folders are not followed
-            for n in names:
-                files.append(os.path.join(root, n))
-                if len(files) > limit:
-                    yield "", len(files), 0, None
-                    return
-        for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
+        names = []
+        for root, _, files in os.walk(path):  # links to folders are not followed
+            names += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/") for f in files]
+            if len(names) > limit:
+                yield "", len(names), 0, None
+                return
+        for name in sorted(names):
             try:
-                st = os.lstat(f)
+                st = os.lstat(os.path.join(path, name))
             except OSError:  # gone since the listing
-                yield os.path.relpath(f, path).replace(os.sep, "/"), 0, 0, None
+                yield name, 0, 0, None
                 continue
-            regular = stat.S_ISREG(st.st_mode)
 
-            def read(max_bytes, f=f):
+            def read(max_bytes, f=os.path.join(path, name)):
                 with open(f, "rb") as fh:
                     return fh.read(max_bytes)
-            yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
+            yield name, st.st_size, st.st_size, read if stat.S_ISREG(st.st_mode) else None
         return
     n = _zip_entry_count(path)
     if n is not None and n > limit:
@@ -3675,20 +3529,34 @@ def _submission_files(path, limit):
             yield info.filename, info.file_size, info.compress_size, read
 
 
-def _png_header(data):
-    """-> (width, height, bit depth, colour type) from the IHDR chunk, or None if data does not start like a PNG."""
+def _png_entry(name, file_size, compress_size, read, *, size):
+    """One .png entry -> (its bytes or None, None or its problem (kind, detail)); bytes when its header was checked."""
+    if read is None:
+        return None, ("unreadable", f"{name} (not a regular file)")
+    if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
+            file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
+        return None, ("too_large", f"{name} ({file_size} bytes, {compress_size} compressed)")
+    try:
+        data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        return None, ("unreadable", f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
+    if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
+        return None, ("too_large", f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
     if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    w, h = struct.unpack(">II", data[16:24])
-    return w, h, data[24], data[25]
+        damaged = data[:4] == PNG_SIGNATURE[:4]
+        return None, ("unreadable", f"{name} (damaged PNG header)") if damaged else ("non_png", f"{name} (not a PNG)")
+    (w, h), depth, colour = struct.unpack(">II", data[16:24]), data[24], data[25]
+    if (w, h) != (size, size):
+        return None, ("wrong_size", f"{name} ({w}x{h})")
+    if (depth, colour) != (8, 2):
+        return data, ("non_rgb", f"{name} (bit depth {depth}, colour type {colour})")
+    return data, None
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
-    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
-    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
-    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
-    when path is neither a readable zip nor a folder."""
+    """A zip (or a folder) -> SubmissionScan. Nothing is decompressed or decoded before it is known small: non-.png
+    names are not read; sizes are checked on the directory and then read at most that far; the PNG header's before
+    decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError for neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -3706,41 +3574,13 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
             problems["non_png"].append(name)
             continue
         count += 1
-        if read is None:
-            problems["unreadable"].append(f"{name} (not a regular file)")
-            continue
-        if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
-                file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
-            problems["too_large"].append(f"{name} ({file_size} bytes, {compress_size} compressed)")
-            continue
-        try:
-            data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-            problems["unreadable"].append(f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
-            continue
-        if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
-            problems["too_large"].append(f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
-            continue
-        header = _png_header(data)
-        if header is None:
-            kind = "unreadable" if data[:4] == PNG_SIGNATURE[:4] else "non_png"
-            problems[kind].append(f"{name} (not a PNG)" if kind == "non_png" else f"{name} (damaged PNG header)")
-            continue
-        w, h, depth, colour = header
-        if (w, h) != (size, size):
-            problems["wrong_size"].append(f"{name} ({w}x{h})")
-            continue
-        if (depth, colour) != (8, 2):
-            problems["non_rgb"].append(f"{name} (bit depth {depth}, colour type {colour})")
-        if decode:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception here, not text
-                    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-                        if img.size != (size, size):
-                            raise ValueError(f"{img.size[0]}x{img.size[1]}")
-                        img.load()
-                        images.append(np.asarray(img.convert("RGB"), np.uint8))
+        data, problem = _png_entry(name, file_size, compress_size, read, size=size)
+        if problem:
+            problems[problem[0]].append(problem[1])
+        if decode and data is not None:
+            try:  # the header said size x size: no decompression bomb
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                    images.append(np.asarray(img.convert("RGB"), np.uint8))
             except Exception as exc:  # PIL raises several types for broken files
                 problems["unreadable"].append(f"{name} ({type(exc).__name__})")
     problems["missing"] = sorted(expected - seen, key=lambda n: int(n[:-4]))
@@ -3748,8 +3588,8 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
 
 
 def verify_zip(path, *, n_expected, size=64):
-    """Re-open the zip and check it against scan_submission's definition (every entry read back, CRC-checked, and its
-    PNG header checked; pixels are not decoded). Raises SubmissionError."""
+    """Re-open the zip and scan it (every entry read back and CRC-checked; pixels not decoded). Raises SubmissionError.
+    """
     try:
         scan = scan_submission(path, n_expected=n_expected, size=size)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -3759,11 +3599,9 @@ def verify_zip(path, *, n_expected, size=64):
 
 
 def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
-    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
-    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
-    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
-    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
+    """uint8 [N,64,64,3] -> a verified zip at path, through atomic_file: an earlier zip stays until a valid one replaces
+    it. A failed write is a UsageError naming the path; a zip that reads back wrong a SubmissionError. pngs: the PNG
+    bytes when encoded already; corrupt (fault=zipfail): the zip truncated before verification, as a broken disk."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:
@@ -3785,36 +3623,26 @@ def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
 # ==== modules/run/evaluate.py ====
 """Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
 feature space (when its weights are there), and the pixel copy check against the training crops.
-
 Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score").
 """
 
 
 EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
-EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
 LOCAL_NOTE = "local number, not Kaggle's score"
-FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
 NO_FID = "no FID computed: no Inception weights (pass --feature-weights, or put them in torch's hub cache)"
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
-# submission files
-
 def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
-    """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
-
-    The checks are the kernel's own (submission.scan_submission: names 0.png ... {expected-1}.png at the top level, PNG,
-    64x64, RGB, sizes checked before anything is decompressed or decoded). The report gives `count` .png entries against
-    `expected`, then per problem kind its count and first names; images with a wrong name or not RGB are still loaded
-    (converted), those of a wrong size or unreadable are left out; `ok` when there is no problem.
-    """
+    """A zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report), checked by
+    the kernel's own scan_submission. The report gives per problem kind its count and first names; `ok` when none."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"submission {str(path)!r} not found")
     require_regular_file(str(path), "--evaluate", folder_ok=True)
     try:
-        scan = scan_submission(str(path), n_expected=expected, size=EVAL_SUBMISSION_SIZE[0], decode=True)
+        scan = scan_submission(str(path), n_expected=expected, decode=True)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip ({type(exc).__name__})") from None
     report = {"path": str(path), "count": scan.count, "entries": scan.entries, "expected": expected,
@@ -3825,21 +3653,6 @@ def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
     return (np.stack(scan.images) if scan.images else None), report
 
 
-# scores
-
-def _eval_features(images_uint8, extractor, want_logits=False):
-    """(features float32 [N,D], RunningStats, logits or None), in chunks of FEATURE_CHUNK images."""
-    feats = np.empty((len(images_uint8), extractor.dim), np.float32)
-    stats, logits = RunningStats(), []
-    for i in range(0, len(images_uint8), FEATURE_CHUNK):
-        f, lg = extractor.features_and_logits(images_uint8[i:i + FEATURE_CHUNK])
-        feats[i:i + len(f)] = f
-        stats.update(f)
-        if want_logits:
-            logits.append(lg)
-    return feats, stats, (np.concatenate(logits) if want_logits else None)
-
-
 def _check_eval_images(images, what):
     assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{what}: want a uint8 numpy array"
     assert images.ndim == 4 and images.shape[-1] == 3 and len(images) >= 2, \
@@ -3847,28 +3660,24 @@ def _check_eval_images(images, what):
 
 
 def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
-    """FID, Inception Score, memorization distance and MiFID (public/private thresholds) of gen against reference, in
-    the extractor's (Inception's) feature space; warns when Kaggle's memorization threshold would penalise.
-
-    gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    With crops_uint8 (the box crops the GAN trained on) also `memorization_distance_crops`: copies of training crops
-    are near 0 there, not against the whole images.
-    """
+    """FID, memorization distance and MiFID (public/private thresholds) of gen [N,H,W,3] against reference [M,H,W,3]
+    (Kaggle: the whole training images) in the extractor's feature space; warns when Kaggle's MiFID would penalise.
+    With crops_uint8 also `memorization_distance_crops`: copies of training crops are near 0 there, not against the
+    whole images."""
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
     t0 = time.monotonic()
-    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=True)
-    ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
-    fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
+    gen_feats = extractor.features_and_logits(gen_uint8)[0]
+    ref_feats = extractor.features_and_logits(reference_uint8)[0]
+    fd = frechet_distance(*feature_stats(gen_feats), *feature_stats(ref_feats))
     mem = memorization_distance(gen_feats, ref_feats)
     result = {"fid": fd, "memorization_distance": mem}
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
         result[f"mifid_{board}"] = mifid(fd, mem, threshold)
         result[f"memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
     if crops_uint8 is not None and len(crops_uint8):
-        result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
-    result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
-                                                splits=min(10, len(gen_uint8)))
+        result["memorization_distance_crops"] = memorization_distance(
+            gen_feats, extractor.features_and_logits(crops_uint8)[0])
     result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
     log(f"fid {fd:.3f}, memorization {mem:.4f}, mifid public {result['mifid_public']:.3f} / private "
@@ -3887,8 +3696,8 @@ def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
 
 def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=0):
     """Is the generator copying? Each generated image's nearest training crop in pixels (a random MAX_CROPS_PIXEL_NN
-    of the crops when there are more); warns about near copies; writes out_png: the n_show closest pairs
-    (generated | crop)."""
+    of the crops when there are more); warns about near copies; out_png: the n_show closest pairs (generated | crop).
+    """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(crops_uint8, "training crops")
     crop_index = np.arange(len(crops_uint8))
@@ -3910,10 +3719,7 @@ def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=
     if out_png is not None:
         gap = np.full((gen_uint8.shape[1], 2, 3), 255, np.uint8)
         pairs = np.stack([np.concatenate([gen_uint8[i], gap, crops[nn_idx[i]]], axis=1) for i in order])
-        img = image_grid(pairs, nrow=4, pad=8)  # [generated | nearest crop], closest pairs first
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        img.save(out_png, format="PNG")
-        result["nearest_png"] = str(out_png)
+        result["nearest_png"] = str(save_grid(pairs, out_png, nrow=4, pad=8))  # closest pairs first
     log(f"self-check: nearest crop RMS min {rms.min():.4f} median {np.median(rms):.4f} over {len(crops)} crops, "
         f"{n_near} near copies")
     return result
@@ -4853,15 +4659,10 @@ class Resumed:
 
 
 # ==== modules/run/features.py ====
-"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
-
-Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
-of `fc.weight`:
-- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
-- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
-  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
-  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
-  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file (never downloaded); without one, no FID.
+Two files are understood, told apart by `fc.weight`'s rows: torchvision's ImageNet weights (1000) and pytorch-fid's port
+of TF's FID graph (1008), which needs the FID blocks below and gets TF's preprocessing (TF1 bilinear resize without
+half-pixel centres, then (x - 128) / 128): closer to Kaggle's number than pytorch-fid's own, as torch-fidelity does.
 """
 
 
@@ -4869,45 +4670,33 @@ INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-
 INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
 
 
-# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
-# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
-# branch costs one 1x1 conv per block, well under 1% of the network.
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2): only the pool branch differs. TF's
+# average pool ignores the zero padding, and the last block max-pools; the discarded torchvision pool branch costs one
+# 1x1 conv per block, well under 1% of the network.
 
-def _tf_avg_pool3(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+class _TFPoolBranch:
+    pool = staticmethod(lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
 
-
-def _tf_max_pool3(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class FIDInceptionA(InceptionA):
     def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        outputs = super()._forward(x)  # the pool branch last
+        outputs[-1] = self.branch_pool(self.pool(x))
         return outputs
 
 
-class FIDInceptionC(InceptionC):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionA(_TFPoolBranch, InceptionA):
+    pass
 
 
-class FIDInceptionE1(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionC(_TFPoolBranch, InceptionC):
+    pass
 
 
-class FIDInceptionE2(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)
-        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
-        return outputs
+class FIDInceptionE1(_TFPoolBranch, InceptionE):
+    pass
+
+
+class FIDInceptionE2(_TFPoolBranch, InceptionE):
+    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))  # a quirk of the TF FID graph
 
 
 def fid_inception_v3():
@@ -4926,10 +4715,8 @@ def fid_inception_v3():
 
 
 def tf1_resize_matrix(n_in, n_out):
-    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
-
-    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
-    """
+    """[n_out, n_in] weights of TF1's ResizeBilinear: output pixel o samples source o * n_in / n_out (no half-pixel
+    centres), between floor() and the next pixel (clamped at the edge)."""
     src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -4943,16 +4730,15 @@ def tf1_resize_matrix(n_in, n_out):
 # the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
-    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
-    numpy array, in batches."""
+    """Inception-v3 up to the 2048-d pool_3, plus its classifier: uint8 [B,H,W,3] -> (features [B,2048], logits [B,C]).
+    """
 
     dim = 2048  # pool_3
 
     def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
-        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights
         self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
@@ -4985,18 +4771,8 @@ class InceptionPool3(nn.Module):
         return feats, logits
 
 
-def find_inception_weights():
-    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for pattern in INCEPTION_WEIGHT_GLOBS:
-        found = sorted(ckpt_dir.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
 def load_inception(weights_path, device):
-    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
+    """Inception-v3 for whichever of the two weights files this is, loaded strictly."""
     path = Path(weights_path)
     if not path.is_file():
         raise UsageError(f"Inception weights file {str(path)!r} not found")
@@ -5005,18 +4781,14 @@ def load_inception(weights_path, device):
     except Exception as exc:
         raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
     fc = sd.get("fc.weight") if isinstance(sd, dict) else None
     n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
     if n_classes not in INCEPTION_CLASSES:
         raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
                          f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
     flavour = INCEPTION_CLASSES[n_classes]
-    if flavour == "fid":
-        net = fid_inception_v3()
-    else:
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net = fid_inception_v3() if flavour == "fid" else torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False)
     sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
     missing, unexpected = net.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
@@ -5030,16 +4802,20 @@ def load_inception(weights_path, device):
 
 
 def build_feature_extractor(weights_path, device):
-    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
-    so no FID (the finish and --evaluate then check for copies in pixels only)."""
-    path = weights_path if weights_path is not None else find_inception_weights()
-    return None if path is None else load_inception(path, device)
+    """The Inception extractor from weights_path (it must exist and load), else from torch's hub cache (never
+    downloaded); None: no weights, so no FID."""
+    if weights_path is None:
+        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        found = [p for pattern in INCEPTION_WEIGHT_GLOBS for p in sorted(ckpt_dir.glob(pattern))]
+        if not found:
+            return None
+        weights_path = found[0]
+    return load_inception(weights_path, device)
 
 
 # ==== modules/run/finish.py ====
-"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
-What each part costs was measured before training; whether an optional part still fits is the Pace's
-call (budget.py): no time arithmetic here."""
+"""Finishing a run: the images, the verified zip, then the self-check, samples.png and losses.png. Whether an optional
+part still fits is the Pace's call (budget.py): no time arithmetic here."""
 
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -5047,7 +4823,7 @@ SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 
 @dataclass(frozen=True)
 class FinishSettings:
-    """What the finish writes (build_finish_settings)."""
+    """What the finish writes."""
 
     n_images: int  # images in the zip
     seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
@@ -5061,15 +4837,10 @@ def build_finish_settings(cfg):
                           corrupt_zip="zipfail" in parse_faults(cfg.fault), self_check=cfg.self_check)
 
 
-# finishing: generation, zip, self-check, pictures
-
-
 @contextlib.contextmanager
 def fast_inference(G, device):
-    """Around generation with G: spectral norm's W / sigma computed once, not per batch (parametrize.cached), and on the
-    CPU the channels-last layout (oneDNN's faster convolutions: ~25-35% less time per image at smoke widths, measured
-    by tests/bench/bench_finish.py); the layout is restored after. The images are the same up to float rounding (a
-    uint8 value off by one in ~1e-5 of them)."""
+    """Spectral norm's W / sigma computed once, not per batch, and on the CPU the channels-last layout (oneDNN: ~25-35%
+    less time per image, tests/bench/bench_finish.py), restored after. Images change by float rounding only."""
     channels_last = device.type == "cpu"
     if channels_last:
         G.to(memory_format=torch.channels_last)
@@ -5082,9 +4853,8 @@ def fast_inference(G, device):
 
 
 def _finish_generate(sampler, *, n, seed, report, workers):
-    """All n images -> (uint8 [n,H,W,3], their PNG bytes or None), the PNGs encoded on `workers` threads while the
-    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding.
-    sampler: ready() (one model for the try and the retry)."""
+    """-> (uint8 [n,H,W,3], their PNG bytes or None), encoded on `workers` threads while the next batches generate.
+    A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding."""
     try:
         with fast_inference(sampler.model(), sampler.device), ThreadPoolExecutor(max(workers, 1)) as pool:
             encoded = []  # futures of each batch's PNG bytes, in order (zlib and torch release the GIL)
@@ -5099,10 +4869,8 @@ def _finish_generate(sampler, *, n, seed, report, workers):
 
 
 def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs):
-    """The verified zip (pngs: the images' PNG bytes, encoded already, or None). A UsageError (a full disk, a read-only
-    folder) ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has
-    pace.need("zip_retry") seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier
-    zip at zip_path is left as it was."""
+    """The verified zip. A UsageError (a full disk, a read-only folder) ends the run at once; another failure is
+    retried once, single-threaded and encoding afresh, when the budget allows, else raises SubmissionError."""
     try:
         return write_submission(images, zip_path, workers=workers, corrupt=corrupt, pngs=pngs)
     except UsageError:
@@ -5121,14 +4889,9 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs)
 
 
 def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, stop_event):
-    """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
-    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
-
-    sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
-    extractor: the self-check's Inception extractor, None for no FID (no weights). pace: the run's Pace (what is left
-    of the budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
-    metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
-    """
+    """The images and the verified zip (always), then report.json; then, while the budget allows and no interrupt
+    came, the self-check (on the very images in the zip) and the pictures. extractor: None for no FID (no weights);
+    report: the RunReport, filled in here; stop_event: set by an interrupt (or None)."""
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
         sampler = sampler.ready()  # sample_bn "standing": its copy with standing statistics, for the pictures too
         images, pngs = _finish_generate(sampler, n=settings.n_images, seed=settings.seed, report=report,
@@ -5161,9 +4924,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
 
 
 def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, timer, report, interrupted):
-    """The self-check on the zip's images: FID and MiFID with an extractor (report.metrics), else the line saying there
-    is none, and the pixel copy check (report.self_check, nearest.png); or a warning saying why it is skipped (an
-    interrupt, too little time left) or failed: the zip is written either way."""
+    """FID and MiFID with an extractor (report.metrics), and the pixel copy check (report.self_check, nearest.png); or
+    a warning saying why it is skipped or failed."""
     need = pace.need("self_check")
     if interrupted or pace.remaining() < need:
         why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
@@ -5186,8 +4948,7 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
-    """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
-    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    """samples.png (fixed z, one row per breed for a handful of breeds) and losses.png -> the breeds shown."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8

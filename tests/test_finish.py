@@ -81,7 +81,7 @@ def test_the_self_check_with_inception_weights_adds_fid_and_mifid(tmp_path, caps
     """An extractor (Inception's stand-in here): report.metrics holds FID, MiFID and the memorization distance in its
     feature space, the copy check is there as without weights, and no line says there is no FID."""
     _, report = _finish(_trainer(), tmp_path, self_check=True, extractor=TinyClassifierFeatures())
-    assert {"fid", "mifid_public", "mifid_private", "memorization_distance", "inception_score"} <= set(report.metrics)
+    assert {"fid", "mifid_public", "mifid_private", "memorization_distance"} <= set(report.metrics)
     assert report.metrics["feature_space"] == "tiny (test)" and report.self_check["n_crops_searched"] == 16
     assert (tmp_path / "nearest.png").is_file() and not report.warnings and NO_FID not in capsys.readouterr().out
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from modules.run.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score,
-                             memorization_distance, mifid, nearest_pixel, threshold_memorization)
+from modules.run.metrics import (MEMORIZATION_THRESHOLDS, feature_stats, frechet_distance, memorization_distance, mifid,
+                                nearest_pixel)
 
 
 def random_spd(rng, d):
@@ -82,27 +82,15 @@ def test_fd_imaginary_sqrtm_raises(monkeypatch):
         frechet_distance([0, 0], np.eye(2), [0, 0], np.eye(2))
 
 
-# running statistics
+# feature statistics
 
-def test_running_stats_match_batch_statistics():
+def test_feature_stats_are_float64_mean_and_unbiased_covariance():
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(1003, 12)) * rng.uniform(0.1, 5, 12) + 100.0).astype(np.float32)  # large offset on purpose
-    stats = RunningStats()
-    for i in range(0, len(x), 97):
-        stats.update(x[i:i + 97])
-    stats.update(x[:0])  # an empty batch changes nothing
-    assert stats.count == len(x)
-    np.testing.assert_allclose(stats.mean, x.astype(np.float64).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.cov, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
-
-
-def test_running_stats_need_rows():
-    stats = RunningStats()
-    with pytest.raises(ValueError):
-        stats.mean
-    stats.update(np.ones((1, 3)))
-    with pytest.raises(ValueError):
-        stats.cov
+    mu, sigma = feature_stats(x)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
 
 
 # memorization
@@ -143,12 +131,12 @@ def test_thresholds_are_kaggles():
     assert MEMORIZATION_THRESHOLDS == {"public": 0.10, "private": 0.25}
 
 
-def test_threshold_memorization():
-    assert threshold_memorization(0.05, 0.10) == 0.05
-    assert threshold_memorization(0.10, 0.10) == 1.0  # strict <
-    assert threshold_memorization(0.2, 0.10) == 1.0
-    assert threshold_memorization(0.2, 0.25) == 0.2
-    assert threshold_memorization(float("nan"), 0.10) == 1.0
+def test_mifid_thresholds_the_distance():
+    assert mifid(1.0, 0.05, 0.10) == pytest.approx(1 / 0.05)
+    assert mifid(1.0, 0.10, 0.10) == pytest.approx(1.0)  # strict <
+    assert mifid(1.0, 0.2, 0.10) == pytest.approx(1.0)
+    assert mifid(1.0, 0.2, 0.25) == pytest.approx(1 / 0.2)
+    assert mifid(1.0, float("nan"), 0.10) == pytest.approx(1.0)
 
 
 def test_mifid_formula():
@@ -156,19 +144,6 @@ def test_mifid_formula():
     assert mifid(50.0, 0.05, 0.10) == pytest.approx(50.0 / (0.05 + 1e-15))
     assert mifid(50.0, 0.05, 0.25) == pytest.approx(1000.0)
     assert mifid(50.0, 0.0, 0.10) == pytest.approx(50.0 / 1e-15)
-
-
-# inception score
-
-def test_inception_score_uniform_is_one():
-    mean, std = inception_score(np.full((100, 7), 1 / 7), splits=10)
-    assert mean == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
-
-
-def test_inception_score_one_hot_diverse_is_class_count():
-    probs = np.eye(10)[np.arange(200) % 10]  # each split of 20 holds every class twice
-    mean, std = inception_score(probs, splits=10)
-    assert mean == pytest.approx(10.0) and std == pytest.approx(0.0, abs=1e-9)
 
 
 # pixel nearest neighbour

@@ -1,6 +1,5 @@
 """Score images the way Kaggle did, locally: submission format checks, FID/MiFID and memorization in Inception's
 feature space (when its weights are there), and the pixel copy check against the training crops.
-
 Takes uint8 images, not models. Every number is a local estimate ("local number, not Kaggle's score").
 """
 import time
@@ -8,39 +7,29 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import scipy.special
 
 from modules.recipe.utils import UsageError, format_duration, log, require_regular_file, warn
-from modules.run.metrics import (MEMORIZATION_THRESHOLDS, RunningStats, frechet_distance, inception_score, mifid,
-                             memorization_distance, nearest_pixel)
-from modules.run.report import image_grid
+from modules.run.metrics import (MEMORIZATION_THRESHOLDS, feature_stats, frechet_distance, memorization_distance, mifid,
+                                 nearest_pixel)
+from modules.run.report import save_grid
 from modules.run.submission import scan_submission
 
 EVAL_SUBMISSION_COUNT = 10000  # images Kaggle expected in the zip
-EVAL_SUBMISSION_SIZE = (64, 64)  # (width, height) Kaggle expected
 LOCAL_NOTE = "local number, not Kaggle's score"
-FEATURE_CHUNK = 2000  # images per extractor call: features are kept in float32, statistics accumulated in float64
 MAX_CROPS_PIXEL_NN = 20000  # the pixel nearest-neighbour search subsamples the crops above this
 NO_FID = "no FID computed: no Inception weights (pass --feature-weights, or put them in torch's hub cache)"
 NEAR_COPY_RMS = 0.01  # a generated image within this RMS pixel distance (0..1 scale) of a crop is called a near copy
 
 
-# submission files
-
 def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
-    """Read a zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report).
-
-    The checks are the kernel's own (submission.scan_submission: names 0.png ... {expected-1}.png at the top level, PNG,
-    64x64, RGB, sizes checked before anything is decompressed or decoded). The report gives `count` .png entries against
-    `expected`, then per problem kind its count and first names; images with a wrong name or not RGB are still loaded
-    (converted), those of a wrong size or unreadable are left out; `ok` when there is no problem.
-    """
+    """A zip or folder of PNGs -> (uint8 [N,64,64,3] of the readable 64x64 images or None, format report), checked by
+    the kernel's own scan_submission. The report gives per problem kind its count and first names; `ok` when none."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"submission {str(path)!r} not found")
     require_regular_file(str(path), "--evaluate", folder_ok=True)
     try:
-        scan = scan_submission(str(path), n_expected=expected, size=EVAL_SUBMISSION_SIZE[0], decode=True)
+        scan = scan_submission(str(path), n_expected=expected, decode=True)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UsageError(f"{str(path)!r} is neither a folder nor a readable zip ({type(exc).__name__})") from None
     report = {"path": str(path), "count": scan.count, "entries": scan.entries, "expected": expected,
@@ -51,21 +40,6 @@ def read_submission(path, expected=EVAL_SUBMISSION_COUNT):
     return (np.stack(scan.images) if scan.images else None), report
 
 
-# scores
-
-def _eval_features(images_uint8, extractor, want_logits=False):
-    """(features float32 [N,D], RunningStats, logits or None), in chunks of FEATURE_CHUNK images."""
-    feats = np.empty((len(images_uint8), extractor.dim), np.float32)
-    stats, logits = RunningStats(), []
-    for i in range(0, len(images_uint8), FEATURE_CHUNK):
-        f, lg = extractor.features_and_logits(images_uint8[i:i + FEATURE_CHUNK])
-        feats[i:i + len(f)] = f
-        stats.update(f)
-        if want_logits:
-            logits.append(lg)
-    return feats, stats, (np.concatenate(logits) if want_logits else None)
-
-
 def _check_eval_images(images, what):
     assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{what}: want a uint8 numpy array"
     assert images.ndim == 4 and images.shape[-1] == 3 and len(images) >= 2, \
@@ -73,28 +47,24 @@ def _check_eval_images(images, what):
 
 
 def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
-    """FID, Inception Score, memorization distance and MiFID (public/private thresholds) of gen against reference, in
-    the extractor's (Inception's) feature space; warns when Kaggle's memorization threshold would penalise.
-
-    gen_uint8 [N,H,W,3], reference_uint8 [M,H,W,3] uint8 (Kaggle: the training images, whole, resized to 64x64).
-    With crops_uint8 (the box crops the GAN trained on) also `memorization_distance_crops`: copies of training crops
-    are near 0 there, not against the whole images.
-    """
+    """FID, memorization distance and MiFID (public/private thresholds) of gen [N,H,W,3] against reference [M,H,W,3]
+    (Kaggle: the whole training images) in the extractor's feature space; warns when Kaggle's MiFID would penalise.
+    With crops_uint8 also `memorization_distance_crops`: copies of training crops are near 0 there, not against the
+    whole images."""
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(reference_uint8, "reference images")
     t0 = time.monotonic()
-    gen_feats, gen_stats, gen_logits = _eval_features(gen_uint8, extractor, want_logits=True)
-    ref_feats, ref_stats, _ = _eval_features(reference_uint8, extractor)
-    fd = frechet_distance(gen_stats.mean, gen_stats.cov, ref_stats.mean, ref_stats.cov)
+    gen_feats = extractor.features_and_logits(gen_uint8)[0]
+    ref_feats = extractor.features_and_logits(reference_uint8)[0]
+    fd = frechet_distance(*feature_stats(gen_feats), *feature_stats(ref_feats))
     mem = memorization_distance(gen_feats, ref_feats)
     result = {"fid": fd, "memorization_distance": mem}
     for board, threshold in MEMORIZATION_THRESHOLDS.items():
         result[f"mifid_{board}"] = mifid(fd, mem, threshold)
         result[f"memorized_{board}"] = mem < threshold  # True: Kaggle's MiFID divides by the distance (a penalty)
     if crops_uint8 is not None and len(crops_uint8):
-        result["memorization_distance_crops"] = memorization_distance(gen_feats, _eval_features(crops_uint8, extractor)[0])
-    result["inception_score"] = inception_score(scipy.special.softmax(gen_logits.astype(np.float64), axis=1),
-                                                splits=min(10, len(gen_uint8)))
+        result["memorization_distance_crops"] = memorization_distance(
+            gen_feats, extractor.features_and_logits(crops_uint8)[0])
     result.update(feature_space=extractor.name, n_generated=len(gen_uint8), n_reference=len(reference_uint8),
                   seconds=time.monotonic() - t0, note=LOCAL_NOTE)
     log(f"fid {fd:.3f}, memorization {mem:.4f}, mifid public {result['mifid_public']:.3f} / private "
@@ -113,8 +83,8 @@ def evaluate_images(gen_uint8, reference_uint8, extractor, crops_uint8=None):
 
 def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=0):
     """Is the generator copying? Each generated image's nearest training crop in pixels (a random MAX_CROPS_PIXEL_NN
-    of the crops when there are more); warns about near copies; writes out_png: the n_show closest pairs
-    (generated | crop)."""
+    of the crops when there are more); warns about near copies; out_png: the n_show closest pairs (generated | crop).
+    """
     _check_eval_images(gen_uint8, "generated images")
     _check_eval_images(crops_uint8, "training crops")
     crop_index = np.arange(len(crops_uint8))
@@ -136,10 +106,7 @@ def copy_check(gen_uint8, crops_uint8, *, device, out_png=None, n_show=16, seed=
     if out_png is not None:
         gap = np.full((gen_uint8.shape[1], 2, 3), 255, np.uint8)
         pairs = np.stack([np.concatenate([gen_uint8[i], gap, crops[nn_idx[i]]], axis=1) for i in order])
-        img = image_grid(pairs, nrow=4, pad=8)  # [generated | nearest crop], closest pairs first
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        img.save(out_png, format="PNG")
-        result["nearest_png"] = str(out_png)
+        result["nearest_png"] = str(save_grid(pairs, out_png, nrow=4, pad=8))  # closest pairs first
     log(f"self-check: nearest crop RMS min {rms.min():.4f} median {np.median(rms):.4f} over {len(crops)} crops, "
         f"{n_near} near copies")
     return result

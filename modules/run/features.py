@@ -1,12 +1,7 @@
-"""The feature network for FID: Inception-v3 pool_3 from a local weights file; without one there is no FID.
-
-Nothing is ever downloaded (the Kaggle kernel has no internet). Two weight files are understood, told apart by the shape
-of `fc.weight`:
-- torchvision's ImageNet Inception-v3 (`inception_v3_google-*.pth`, 1000 classes);
-- pytorch-fid's port of the TF FID graph (`pt_inception-2015-12-05-*.pth`, 1008 classes), which needs the FID variants
-  of the Inception blocks below. With it the input is prepared as TF's graph did (Kaggle ran that graph): TF1 bilinear
-  resize without half-pixel centres, then (x - 128) / 128. This is closer to Kaggle's number than pytorch-fid's own
-  preprocessing (half-pixel bilinear, 2x - 1), and is what torch-fidelity does with the same weights.
+"""The feature network for FID: Inception-v3 pool_3 from a local weights file (never downloaded); without one, no FID.
+Two files are understood, told apart by `fc.weight`'s rows: torchvision's ImageNet weights (1000) and pytorch-fid's port
+of TF's FID graph (1008), which needs the FID blocks below and gets TF's preprocessing (TF1 bilinear resize without
+half-pixel centres, then (x - 128) / 128): closer to Kaggle's number than pytorch-fid's own, as torch-fidelity does.
 """
 from pathlib import Path
 
@@ -23,45 +18,33 @@ INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-
 INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
 
 
-# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-# Only the pooling branch differs from torchvision: TF's average pool ignores the zero padding, and the last block
-# max-pools. Each variant reuses torchvision's branches and recomputes the pool branch; the discarded torchvision pool
-# branch costs one 1x1 conv per block, well under 1% of the network.
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2): only the pool branch differs. TF's
+# average pool ignores the zero padding, and the last block max-pools; the discarded torchvision pool branch costs one
+# 1x1 conv per block, well under 1% of the network.
 
-def _tf_avg_pool3(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+class _TFPoolBranch:
+    pool = staticmethod(lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
 
-
-def _tf_max_pool3(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class FIDInceptionA(InceptionA):
     def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 5x5, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
+        outputs = super()._forward(x)  # the pool branch last
+        outputs[-1] = self.branch_pool(self.pool(x))
         return outputs
 
 
-class FIDInceptionC(InceptionC):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 7x7, 7x7dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionA(_TFPoolBranch, InceptionA):
+    pass
 
 
-class FIDInceptionE1(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)  # [1x1, 3x3, 3x3dbl, pool]
-        outputs[-1] = self.branch_pool(_tf_avg_pool3(x))
-        return outputs
+class FIDInceptionC(_TFPoolBranch, InceptionC):
+    pass
 
 
-class FIDInceptionE2(InceptionE):
-    def _forward(self, x):
-        outputs = super()._forward(x)
-        outputs[-1] = self.branch_pool(_tf_max_pool3(x))  # max, not average: a quirk of the TF FID graph
-        return outputs
+class FIDInceptionE1(_TFPoolBranch, InceptionE):
+    pass
+
+
+class FIDInceptionE2(_TFPoolBranch, InceptionE):
+    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))  # a quirk of the TF FID graph
 
 
 def fid_inception_v3():
@@ -80,10 +63,8 @@ def fid_inception_v3():
 
 
 def tf1_resize_matrix(n_in, n_out):
-    """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
-
-    Output pixel o samples source position o * n_in / n_out, between floor() and the next pixel (clamped at the edge).
-    """
+    """[n_out, n_in] weights of TF1's ResizeBilinear: output pixel o samples source o * n_in / n_out (no half-pixel
+    centres), between floor() and the next pixel (clamped at the edge)."""
     src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -97,16 +78,15 @@ def tf1_resize_matrix(n_in, n_out):
 # the network
 
 class InceptionPool3(nn.Module):
-    """Inception-v3 trunk up to the 2048-d global average pool (pool_3), plus its classifier for the logits.
-    forward: uint8 [B,H,W,3] on its device -> (features [B,2048], logits [B,C]); features_and_logits: the same for a
-    numpy array, in batches."""
+    """Inception-v3 up to the 2048-d pool_3, plus its classifier: uint8 [B,H,W,3] -> (features [B,2048], logits [B,C]).
+    """
 
     dim = 2048  # pool_3
 
     def __init__(self, net, *, tf_preprocess, name):
         super().__init__()
         self.net = net
-        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights, see the module docstring
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights
         self.name = name  # the feature space, printed next to every number computed in it
 
     def forward(self, images):
@@ -139,18 +119,8 @@ class InceptionPool3(nn.Module):
         return feats, logits
 
 
-def find_inception_weights():
-    """An Inception weights file already in torch's hub cache (pytorch-fid's preferred), or None. Never downloads."""
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for pattern in INCEPTION_WEIGHT_GLOBS:
-        found = sorted(ckpt_dir.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
 def load_inception(weights_path, device):
-    """Build Inception-v3 for whichever weights file this is (see module docstring) and load it strictly."""
+    """Inception-v3 for whichever of the two weights files this is, loaded strictly."""
     path = Path(weights_path)
     if not path.is_file():
         raise UsageError(f"Inception weights file {str(path)!r} not found")
@@ -159,18 +129,14 @@ def load_inception(weights_path, device):
     except Exception as exc:
         raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
     fc = sd.get("fc.weight") if isinstance(sd, dict) else None
     n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
     if n_classes not in INCEPTION_CLASSES:
         raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
                          f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
     flavour = INCEPTION_CLASSES[n_classes]
-    if flavour == "fid":
-        net = fid_inception_v3()
-    else:
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net = fid_inception_v3() if flavour == "fid" else torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False)
     sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
     missing, unexpected = net.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
@@ -184,7 +150,12 @@ def load_inception(weights_path, device):
 
 
 def build_feature_extractor(weights_path, device):
-    """The Inception extractor from weights_path (it must exist and load), else from the hub cache; None: no weights,
-    so no FID (the finish and --evaluate then check for copies in pixels only)."""
-    path = weights_path if weights_path is not None else find_inception_weights()
-    return None if path is None else load_inception(path, device)
+    """The Inception extractor from weights_path (it must exist and load), else from torch's hub cache (never
+    downloaded); None: no weights, so no FID."""
+    if weights_path is None:
+        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        found = [p for pattern in INCEPTION_WEIGHT_GLOBS for p in sorted(ckpt_dir.glob(pattern))]
+        if not found:
+            return None
+        weights_path = found[0]
+    return load_inception(weights_path, device)

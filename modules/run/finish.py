@@ -1,6 +1,5 @@
-"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
-What each part costs was measured before training; whether an optional part still fits is the Pace's
-call (budget.py): no time arithmetic here."""
+"""Finishing a run: the images, the verified zip, then the self-check, samples.png and losses.png. Whether an optional
+part still fits is the Pace's call (budget.py): no time arithmetic here."""
 import contextlib
 import json
 import os
@@ -22,7 +21,7 @@ SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
 
 @dataclass(frozen=True)
 class FinishSettings:
-    """What the finish writes (build_finish_settings)."""
+    """What the finish writes."""
 
     n_images: int  # images in the zip
     seed: int  # the images' seed (the same seed: the same images), also samples.png's latents
@@ -36,15 +35,10 @@ def build_finish_settings(cfg):
                           corrupt_zip="zipfail" in parse_faults(cfg.fault), self_check=cfg.self_check)
 
 
-# finishing: generation, zip, self-check, pictures
-
-
 @contextlib.contextmanager
 def fast_inference(G, device):
-    """Around generation with G: spectral norm's W / sigma computed once, not per batch (parametrize.cached), and on the
-    CPU the channels-last layout (oneDNN's faster convolutions: ~25-35% less time per image at smoke widths, measured
-    by tests/bench/bench_finish.py); the layout is restored after. The images are the same up to float rounding (a
-    uint8 value off by one in ~1e-5 of them)."""
+    """Spectral norm's W / sigma computed once, not per batch, and on the CPU the channels-last layout (oneDNN: ~25-35%
+    less time per image, tests/bench/bench_finish.py), restored after. Images change by float rounding only."""
     channels_last = device.type == "cpu"
     if channels_last:
         G.to(memory_format=torch.channels_last)
@@ -57,9 +51,8 @@ def fast_inference(G, device):
 
 
 def _finish_generate(sampler, *, n, seed, report, workers):
-    """All n images -> (uint8 [n,H,W,3], their PNG bytes or None), the PNGs encoded on `workers` threads while the
-    next batches are generated. A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding.
-    sampler: ready() (one model for the try and the retry)."""
+    """-> (uint8 [n,H,W,3], their PNG bytes or None), encoded on `workers` threads while the next batches generate.
+    A failure (CUDA OOM) is retried once at a quarter of the batch, without the encoding."""
     try:
         with fast_inference(sampler.model(), sampler.device), ThreadPoolExecutor(max(workers, 1)) as pool:
             encoded = []  # futures of each batch's PNG bytes, in order (zlib and torch release the GIL)
@@ -74,10 +67,8 @@ def _finish_generate(sampler, *, n, seed, report, workers):
 
 
 def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs):
-    """The verified zip (pngs: the images' PNG bytes, encoded already, or None). A UsageError (a full disk, a read-only
-    folder) ends the run at once; another failure is retried single-threaded, encoding afresh, when the budget has
-    pace.need("zip_retry") seconds left, else, or when it fails again, raises SubmissionError. Either way any earlier
-    zip at zip_path is left as it was."""
+    """The verified zip. A UsageError (a full disk, a read-only folder) ends the run at once; another failure is
+    retried once, single-threaded and encoding afresh, when the budget allows, else raises SubmissionError."""
     try:
         return write_submission(images, zip_path, workers=workers, corrupt=corrupt, pngs=pngs)
     except UsageError:
@@ -96,14 +87,9 @@ def _finish_write_zip(images, zip_path, *, workers, corrupt, report, pace, pngs)
 
 
 def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, stop_event):
-    """Generate the images and write the verified zip (always), then report.json; then, while the budget allows and
-    no interrupt came, the self-check (on the very images in the zip) and the pictures; report.json again at the end.
-
-    sampler: the run's Sampler at the finish's generation batch (plan.gen_batch). settings: FinishSettings.
-    extractor: the self-check's Inception extractor, None for no FID (no weights). pace: the run's Pace (what is left
-    of the budget, what each optional part needs at the measured slowdown). report: the RunReport, filled in here (zip,
-    metrics, self_check, samples_breeds, warnings). stop_event: set by an interrupt (or None).
-    """
+    """The images and the verified zip (always), then report.json; then, while the budget allows and no interrupt
+    came, the self-check (on the very images in the zip) and the pictures. extractor: None for no FID (no weights);
+    report: the RunReport, filled in here; stop_event: set by an interrupt (or None)."""
     with timer.phase("generate"):  # the PNGs are encoded meanwhile
         sampler = sampler.ready()  # sample_bn "standing": its copy with standing statistics, for the pictures too
         images, pngs = _finish_generate(sampler, n=settings.n_images, seed=settings.seed, report=report,
@@ -136,9 +122,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
 
 
 def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, timer, report, interrupted):
-    """The self-check on the zip's images: FID and MiFID with an extractor (report.metrics), else the line saying there
-    is none, and the pixel copy check (report.self_check, nearest.png); or a warning saying why it is skipped (an
-    interrupt, too little time left) or failed: the zip is written either way."""
+    """FID and MiFID with an extractor (report.metrics), and the pixel copy check (report.self_check, nearest.png); or
+    a warning saying why it is skipped or failed."""
     need = pace.need("self_check")
     if interrupted or pace.remaining() < need:
         why = "interrupted" if interrupted else (f"{format_duration(max(pace.remaining(), 0))} left, it needs "
@@ -161,8 +146,7 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
-    """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
-    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    """samples.png (fixed z, one row per breed for a handful of breeds) and losses.png -> the breeds shown."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8

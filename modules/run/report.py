@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 from modules.recipe.utils import atomic_file, format_duration, warn
 
 PLOT_SIZE = (800, 400)  # loss plot, pixels
-PLOT_MARGINS = (70, 16, 16, 36)  # left, top, right, bottom, pixels
 PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127))
 
@@ -38,34 +39,29 @@ def _plot_point(p):
 
 
 def plot_losses(history, path, title="losses"):
-    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. Non-finite points are
-    skipped (the line breaks there); empty series, single points and empty histories all give a valid image."""
+    """history: {series name: [(seconds, value), ...]} -> PNG of the curves over wall time. A non-finite point breaks
+    its line; any history, even an empty one, gives a valid image."""
     w, h = PLOT_SIZE
-    left, top, right, bottom = PLOT_MARGINS
-    x0, y0, x1, y1 = left, top, w - right, h - bottom  # plot area
+    x0, y0, x1, y1 = 70, 16, w - 16, h - 36  # plot area
     img = Image.new("RGB", PLOT_SIZE, "white")
     draw = ImageDraw.Draw(img)
-    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
-              for name, points in (history or {}).items()}
-    finite = [p[np.isfinite(p).all(axis=1)] for p in series.values()]
-    finite = np.concatenate(finite) if finite else np.zeros((0, 2))
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text((x0 + 4, 2), title, fill="black")
+    series = {str(name): np.asarray([_plot_point(p) for p in points or ()], np.float64).reshape(-1, 2)
+              for name, points in (history or {}).items()}
+    finite = np.concatenate([np.zeros((0, 2))] + [p[np.isfinite(p).all(axis=1)] for p in series.values()])
     if len(finite) == 0:
         draw.text(((x0 + x1) // 2 - 40, (y0 + y1) // 2), "no finite data", fill="gray")
-        _save_report_png(img, path)
-        return Path(path)
+        return _save_report_png(img, path)
     t_lo, t_hi = _plot_axis_range(finite[:, 0], robust=False, pad=0.0)
     v_lo, v_hi = _plot_axis_range(finite[:, 1], robust=len(finite) >= 200, pad=0.05)
 
-    def px(t, v):
+    def px(t, v):  # values are clipped into the plot area
         x = x0 + (t - t_lo) / (t_hi - t_lo) * (x1 - x0)
-        y = y1 - (min(max(v, v_lo), v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)  # clipped into the plot area
-        return x, y
+        return x, y1 - (np.clip(v, v_lo, v_hi) - v_lo) / (v_hi - v_lo) * (y1 - y0)
 
     for k in range(5):  # grid and tick labels
-        t = t_lo + (t_hi - t_lo) * k / 4
-        v = v_lo + (v_hi - v_lo) * k / 4
+        t, v = t_lo + (t_hi - t_lo) * k / 4, v_lo + (v_hi - v_lo) * k / 4
         x, y = px(t, v)
         draw.line([(x, y0), (x, y1)], fill=(225, 225, 225))
         draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
@@ -74,89 +70,46 @@ def plot_losses(history, path, title="losses"):
         draw.text((min(max(x - lw / 2, 0), w - lw - 2), y1 + 4), label, fill="black")
         draw.text((4, y - 6), f"{v:.4g}", fill="black")
     draw.text(((x0 + x1) // 2 - 30, h - 14), "wall time", fill="black")
-    lx = x1 - 140  # legend box, top right, drawn over the curves at the end
-    draw_legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PLOT_COLORS[i % len(PLOT_COLORS)]
-        segment = []
-        for t, v in list(pts) + [(math.nan, math.nan)]:  # the sentinel flushes the last segment
-            if math.isfinite(t) and math.isfinite(v):
-                segment.append(px(t, v))
-                continue
-            if len(segment) == 1:
-                (x, y), = segment
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            elif segment:
-                draw.line(segment, fill=color, width=1)
-            segment = []
-        draw_legend.append((name[:18], color))
-    draw.rectangle([lx, y0 + 4, x1 - 4, y0 + 10 + 14 * len(draw_legend)], fill="white", outline=(200, 200, 200))
-    for i, (name, color) in enumerate(draw_legend):
-        ly = y0 + 8 + 14 * i
-        draw.line([(lx + 6, ly + 6), (lx + 24, ly + 6)], fill=color, width=3)
-        draw.text((lx + 30, ly), name, fill="black")
-    _save_report_png(img, path)
-    return Path(path)
+        xy = np.stack(px(pts[:, 0], pts[:, 1]), axis=1)
+        for piece in np.split(xy, np.flatnonzero(~np.isfinite(pts).all(axis=1))):  # the pieces between gaps
+            line = [tuple(p) for p in piece if np.isfinite(p).all()]
+            if len(line) == 1:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
+            elif line:
+                draw.line(line, fill=color)
+        draw.text((x1 - 130, y0 + 4 + 14 * i), name[:18], fill=color)  # the legend, top right
+    return _save_report_png(img, path)
 
 
 def _save_report_png(img, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
-
-
-# image grids
-
-def image_grid(images_uint8, nrow, pad=2, pad_value=255):
-    """uint8 [N,H,W,3] -> PIL image, `nrow` images per row, `pad` pixels of `pad_value` around and between them.
-
-    Written in numpy rather than torchvision.utils.make_grid, which returns a single image unpadded and needs a
-    tensor round trip for what is one reshape here.
-    """
-    imgs = np.asarray(images_uint8)
-    assert imgs.dtype == np.uint8 and imgs.ndim == 4 and imgs.shape[-1] == 3, f"want uint8 [N,H,W,3], got {imgs.shape}"
-    assert len(imgs) > 0 and nrow > 0, "image_grid needs at least one image and nrow > 0"
-    n, h, w, _ = imgs.shape
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), pad_value, np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = imgs[k]
-    return Image.fromarray(grid)
-
-
-def save_grid(images_uint8, path, nrow):
-    _save_report_png(image_grid(images_uint8, nrow), path)
     return Path(path)
+
+
+def save_grid(images_uint8, path, nrow, pad=2):
+    """uint8 [N,H,W,3] -> PNG at path: `nrow` images per row, `pad` white pixels around and between them."""
+    assert images_uint8.dtype == np.uint8 and images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, images_uint8.shape
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2), nrow=nrow, padding=pad,
+                     pad_value=255)
+    return _save_report_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
 # json report
 
-def _jsonable(obj, depth=0):
-    """Plain JSON types only; non-finite floats become null; anything unknown becomes its str()."""
-    if depth > 50:
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
+def _jsonable(obj):
+    """Plain JSON types only; non-finite floats become null, numpy and torch values lists or numbers, the rest str()."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item(), depth + 1)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist(), depth + 1)
-    if isinstance(obj, Path):
-        return str(obj)
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v, depth + 1) for v in obj]
-    if hasattr(obj, "tolist"):  # torch tensors and the like
-        try:
-            return _jsonable(obj.tolist(), depth + 1)
-        except Exception:
-            pass
-    return str(obj)
+        return [_jsonable(v) for v in obj]
+    return _jsonable(obj.tolist()) if hasattr(obj, "tolist") else str(obj)
 
 
 def write_report(path, report):
@@ -174,8 +127,8 @@ def write_report(path, report):
 
 @dataclass
 class RunReport:
-    """report.json: filled in as the run goes (main, then finish) and written by write(). Optional parts that did not
-    happen (no resume, no self-check, no pictures, no final timing) are left out of the file, as are their keys."""
+    """report.json: filled in as the run goes (main, then finish). A part that did not happen (no resume, no
+    self-check, no pictures) is left out of the file, its key too; only `zip` stays, null, when no zip was written."""
 
     config: dict  # the resolved Config, dataclasses.asdict
     device: str
@@ -196,15 +149,13 @@ class RunReport:
     ranks: dict = None  # several ranks: world_size, launcher (fork | torchrun), batch_per_rank
     failed_ranks: dict = None  # several ranks, after a failure: {rank: why} (killed by SIGKILL, its error)
     precision: dict = None  # amp, grad_scalers, g_steps, d_steps, skipped_g/_d and scale_g/_d (fp16 only)
-    OPTIONAL = ("data", "resumed_from", "reserve", "train", "metrics", "self_check", "samples_breeds", "phases",
-                "wall_seconds", "ranks", "failed_ranks", "precision")  # left out of report.json while None
 
     def warn(self, text):
         self.warnings.append(text)
 
     def to_dict(self):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
+        return {k: v for k, v in d.items() if v is not None or k == "zip"}
 
     def write(self, path):
         """report.json at path; a failure to write it is a warning: the zip is what counts."""

@@ -1,12 +1,12 @@
 """The submission: images.zip with exactly n PNGs `0.png … {n-1}.png`, 64x64 RGB, written to a temporary name,
-re-opened and verified, and only then renamed over any earlier images.zip.
+re-opened and verified, and only then renamed over any earlier images.zip. scan_submission is the one definition of a
+valid submission, for the kernel's own zip and for --evaluate.
 """
 import dataclasses
 import io
 import os
 import stat
 import struct
-import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +16,11 @@ from PIL import Image
 
 from modules.recipe.utils import UsageError, atomic_file
 
-PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_COMPRESS_LEVEL = 1  # zlib: ~3x faster than PIL's default 6 for a few % more bytes; Kaggle has no size limit
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored: larger ones are refused unread
+SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's 1000x
+SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
 
 
 class SubmissionError(Exception):
@@ -28,10 +32,8 @@ def _png_chunk(kind, body):
 
 
 def encode_png(image):
-    """uint8 [H,W,3] -> PNG bytes: 8-bit RGB, every row with the "Up" filter (the difference to the row above; the
-    first row unfiltered), one zlib stream at PNG_COMPRESS_LEVEL. Written directly, not through PIL's encoder: ~2.3x
-    less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes, measured on the sample's crops
-    (tests/bench/results/finish). Lossless: PIL reads back the same pixels (test_submission)."""
+    """uint8 [H,W,3] -> PNG bytes, every row "Up"-filtered (the first unfiltered), one zlib stream. Not PIL's encoder:
+    ~2.3x less CPU (its adaptive filter choice is most of the cost) for ~5% more bytes (tests/bench/results/finish)."""
     h, w, c = image.shape
     assert c == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
     flat = image.reshape(h, w * 3)
@@ -51,17 +53,10 @@ def encode_pngs(images, workers=2):
         return list(pool.map(encode_png, images, chunksize=64))
 
 
-SUBMISSION_MAX_ENTRY_BYTES = 1 << 20  # a 64x64 RGB PNG is ~12 KB even stored uncompressed: larger entries are refused unread
-SUBMISSION_MAX_RATIO = 100  # an entry's uncompressed / compressed size: PNG data barely compresses, a zip bomb's by 1000x
-SUBMISSION_PROBLEMS = ("bad_name", "missing", "non_png", "too_large", "wrong_size", "non_rgb", "unreadable", "too_many")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 @dataclasses.dataclass
 class SubmissionScan:
-    """What scan_submission found: the one definition of a valid submission, used by verify_zip (the kernel's writer)
-    and by --evaluate. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG of size x
-    size 8-bit RGB that reads back whole."""
+    """What scan_submission found. Valid (`ok`): exactly the entries 0.png ... {n-1}.png at the top level, each a PNG
+    of size x size 8-bit RGB that reads back whole."""
     count: int  # entries whose name ends in .png
     entries: int  # all file entries
     problems: dict  # kind (SUBMISSION_PROBLEMS) -> ["name (detail)", ...]
@@ -81,9 +76,8 @@ class SubmissionScan:
 
 
 def _zip_entry_count(path):
-    """The entry count the zip's end record announces, read before zipfile builds its directory in memory (millions of
-    tiny entries would take gigabytes there); for a ZIP64 archive (`zip -fz`) the count in its ZIP64 end record. None
-    when not found (zipfile then says what is wrong)."""
+    """The entry count the zip's (or ZIP64) end record announces, read before zipfile builds its directory in memory
+    (millions of tiny entries would take gigabytes there). None when not found: zipfile then says what is wrong."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 16) - 22))  # the end record (22 bytes) and a comment of at most 64 KiB
@@ -92,7 +86,7 @@ def _zip_entry_count(path):
         if at < 0 or len(tail) < at + 22:
             return None
         total = struct.unpack("<H", tail[at + 10:at + 12])[0]
-        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # the ZIP64 locator sits just before the end record
+        if not (at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07"):  # no ZIP64 locator just before the end record
             return total
         f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])  # the locator holds the ZIP64 end record's offset
         record = f.read(40)
@@ -102,29 +96,26 @@ def _zip_entry_count(path):
 
 
 def _submission_files(path, limit):
-    """(name, size from the directory, compressed size, read(max_bytes) -> bytes) per file entry of a zip or a folder,
-    in name order; a link or non-regular file under a folder comes with read None. Stops past `limit` entries with
-    ("", count, 0, None)."""
+    """(name, size, compressed size, read(max_bytes) -> bytes) per file of a zip or a folder, in name order; read is
+    None for a link or non-regular file. Past `limit` entries: ("", count, 0, None) and stop."""
     if os.path.isdir(path):
-        files = []
-        for root, _, names in os.walk(path):  # links to folders are not followed
-            for n in names:
-                files.append(os.path.join(root, n))
-                if len(files) > limit:
-                    yield "", len(files), 0, None
-                    return
-        for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
+        names = []
+        for root, _, files in os.walk(path):  # links to folders are not followed
+            names += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/") for f in files]
+            if len(names) > limit:
+                yield "", len(names), 0, None
+                return
+        for name in sorted(names):
             try:
-                st = os.lstat(f)
+                st = os.lstat(os.path.join(path, name))
             except OSError:  # gone since the listing
-                yield os.path.relpath(f, path).replace(os.sep, "/"), 0, 0, None
+                yield name, 0, 0, None
                 continue
-            regular = stat.S_ISREG(st.st_mode)
 
-            def read(max_bytes, f=f):
+            def read(max_bytes, f=os.path.join(path, name)):
                 with open(f, "rb") as fh:
                     return fh.read(max_bytes)
-            yield os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, st.st_size, read if regular else None
+            yield name, st.st_size, st.st_size, read if stat.S_ISREG(st.st_mode) else None
         return
     n = _zip_entry_count(path)
     if n is not None and n > limit:
@@ -138,20 +129,34 @@ def _submission_files(path, limit):
             yield info.filename, info.file_size, info.compress_size, read
 
 
-def _png_header(data):
-    """-> (width, height, bit depth, colour type) from the IHDR chunk, or None if data does not start like a PNG."""
+def _png_entry(name, file_size, compress_size, read, *, size):
+    """One .png entry -> (its bytes or None, None or its problem (kind, detail)); bytes when its header was checked."""
+    if read is None:
+        return None, ("unreadable", f"{name} (not a regular file)")
+    if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
+            file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
+        return None, ("too_large", f"{name} ({file_size} bytes, {compress_size} compressed)")
+    try:
+        data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        return None, ("unreadable", f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
+    if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
+        return None, ("too_large", f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
     if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    w, h = struct.unpack(">II", data[16:24])
-    return w, h, data[24], data[25]
+        damaged = data[:4] == PNG_SIGNATURE[:4]
+        return None, ("unreadable", f"{name} (damaged PNG header)") if damaged else ("non_png", f"{name} (not a PNG)")
+    (w, h), depth, colour = struct.unpack(">II", data[16:24]), data[24], data[25]
+    if (w, h) != (size, size):
+        return None, ("wrong_size", f"{name} ({w}x{h})")
+    if (depth, colour) != (8, 2):
+        return data, ("non_rgb", f"{name} (bit depth {depth}, colour type {colour})")
+    return data, None
 
 
 def scan_submission(path, *, n_expected, size=64, decode=False):
-    """Check a zip (or a folder) against the one definition of a valid submission -> SubmissionScan. Nothing is
-    decompressed or decoded before it is known small: non-.png names are not read at all; entries are refused on the
-    directory's sizes (SUBMISSION_MAX_ENTRY_BYTES, SUBMISSION_MAX_RATIO) and then read at most that far; the PNG
-    header's dimensions are checked before decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError
-    when path is neither a readable zip nor a folder."""
+    """A zip (or a folder) -> SubmissionScan. Nothing is decompressed or decoded before it is known small: non-.png
+    names are not read; sizes are checked on the directory and then read at most that far; the PNG header's before
+    decoding (decode=True: --evaluate). Raises zipfile.BadZipFile or OSError for neither a readable zip nor a folder."""
     problems = {kind: [] for kind in SUBMISSION_PROBLEMS}
     expected = {f"{i}.png" for i in range(n_expected)}
     seen, images, count, entries = set(), [], 0, 0
@@ -169,41 +174,13 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
             problems["non_png"].append(name)
             continue
         count += 1
-        if read is None:
-            problems["unreadable"].append(f"{name} (not a regular file)")
-            continue
-        if file_size > SUBMISSION_MAX_ENTRY_BYTES or (
-                file_size > 4096 and file_size > SUBMISSION_MAX_RATIO * max(compress_size, 1)):
-            problems["too_large"].append(f"{name} ({file_size} bytes, {compress_size} compressed)")
-            continue
-        try:
-            data = read(SUBMISSION_MAX_ENTRY_BYTES + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-            problems["unreadable"].append(f"{name} ({type(exc).__name__})")  # CRC error, encrypted, bad method
-            continue
-        if len(data) > SUBMISSION_MAX_ENTRY_BYTES:
-            problems["too_large"].append(f"{name} (over {SUBMISSION_MAX_ENTRY_BYTES} bytes)")
-            continue
-        header = _png_header(data)
-        if header is None:
-            kind = "unreadable" if data[:4] == PNG_SIGNATURE[:4] else "non_png"
-            problems[kind].append(f"{name} (not a PNG)" if kind == "non_png" else f"{name} (damaged PNG header)")
-            continue
-        w, h, depth, colour = header
-        if (w, h) != (size, size):
-            problems["wrong_size"].append(f"{name} ({w}x{h})")
-            continue
-        if (depth, colour) != (8, 2):
-            problems["non_rgb"].append(f"{name} (bit depth {depth}, colour type {colour})")
-        if decode:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception here, not text
-                    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-                        if img.size != (size, size):
-                            raise ValueError(f"{img.size[0]}x{img.size[1]}")
-                        img.load()
-                        images.append(np.asarray(img.convert("RGB"), np.uint8))
+        data, problem = _png_entry(name, file_size, compress_size, read, size=size)
+        if problem:
+            problems[problem[0]].append(problem[1])
+        if decode and data is not None:
+            try:  # the header said size x size: no decompression bomb
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                    images.append(np.asarray(img.convert("RGB"), np.uint8))
             except Exception as exc:  # PIL raises several types for broken files
                 problems["unreadable"].append(f"{name} ({type(exc).__name__})")
     problems["missing"] = sorted(expected - seen, key=lambda n: int(n[:-4]))
@@ -211,8 +188,8 @@ def scan_submission(path, *, n_expected, size=64, decode=False):
 
 
 def verify_zip(path, *, n_expected, size=64):
-    """Re-open the zip and check it against scan_submission's definition (every entry read back, CRC-checked, and its
-    PNG header checked; pixels are not decoded). Raises SubmissionError."""
+    """Re-open the zip and scan it (every entry read back and CRC-checked; pixels not decoded). Raises SubmissionError.
+    """
     try:
         scan = scan_submission(path, n_expected=n_expected, size=size)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -222,11 +199,9 @@ def verify_zip(path, *, n_expected, size=64):
 
 
 def write_submission(images, path, *, workers=2, corrupt=False, pngs=None):
-    """Write uint8 [N,64,64,3] as a verified zip at path (atomic): encoded, written to path.tmp and flushed to the disk,
-    re-opened and verified, and only then renamed over path, so an earlier zip at path stays until a valid one replaces
-    it. Returns the path. A failed write is a UsageError naming the path; a zip that reads back wrong a
-    SubmissionError. pngs: the images' PNG bytes when encoded already (finish encodes them while generating); corrupt:
-    for tests (fault=zipfail), the written zip truncated before verification, as a broken disk would."""
+    """uint8 [N,64,64,3] -> a verified zip at path, through atomic_file: an earlier zip stays until a valid one replaces
+    it. A failed write is a UsageError naming the path; a zip that reads back wrong a SubmissionError. pngs: the PNG
+    bytes when encoded already; corrupt (fault=zipfail): the zip truncated before verification, as a broken disk."""
     n, h, w, c = images.shape
     assert c == 3 and h == w and images.dtype.name == "uint8", images.shape
     try:
