@@ -101,7 +101,7 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
         extractor.features_and_logits(probe[:8])  # warm-up
         t_feat, _ = _timed(extractor.features_and_logits, probe)
         feats = rng.random((k, dim))
-        t_cov, _ = _timed(lambda: feats.T @ feats)  # RunningStats: float64 [D,D] per chunk
+        t_cov, _ = _timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
