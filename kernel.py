@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     192  PRESETS               the presets: named sets of overrides of those defaults
-#     262  LIMITS                what each setting may hold (checked before any data is read)
-#     472  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1082  LOSSES                the losses (loss): D's and G's for each
-#    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2022  Trainer.step          one training step: D, then G, EMA
-#    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4240  Pace                  the budget: the finish measured, the plan, when training must stop
+#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     193  PRESETS               the presets: named sets of overrides of those defaults
+#     263  LIMITS                what each setting may hold (checked before any data is read)
+#     473  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     484  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     982  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1083  LOSSES                the losses (loss): D's and G's for each
+#    1967  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2023  Trainer.step          one training step: D, then G, EMA
+#    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4241  Pace                  the budget: the finish measured, the plan, when training must stop
 #    5214  finish                the finish: images, the verified zip, self-check, pictures
 #    5479  parse_config          the command line -> a checked Config
 #    5732  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6023  run                   the run: settings, checks and data, the ranks started
-#    6095  main                  the entry point and its exit codes
+#    6024  run                   the run: settings, checks and data, the ranks started
+#    6097  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -78,6 +78,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
+from torch.torch_version import TorchVersion
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 from typing import Callable
 
@@ -4350,8 +4351,8 @@ class Pace:
 
 
 # ==== modules/run/faults.py ====
-"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
-trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+"""Fault injection for tests (Config.fault) by a hook the loop calls before each step, so that the GAN step holds no
+test code. zipfail is the finish's."""
 
 
 STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
@@ -4396,7 +4397,7 @@ class FaultInjector:
 
 
 def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    """-> train_loop's before_step, or None without step faults."""
     injector = FaultInjector(fault_text, rank=rank)
     return injector.before_step if injector.faults else None
 
@@ -4409,7 +4410,7 @@ dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank
 """
 
 
-DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 plans
 DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
 WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
@@ -4456,7 +4457,7 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Rank 0's buffers (BatchNorm statistics, spectral-norm u/v) to all ranks, flattened: one broadcast per dtype."""
+        """Rank 0's buffers (BatchNorm statistics, spectral-norm u/v) to all ranks: one broadcast per dtype."""
         if not self.distributed:
             return
         by_dtype = {}
@@ -4490,8 +4491,7 @@ def nccl_error_env(torch_version):
     """-> the environment that makes a dead rank raise on rank 0 instead of hanging it: the watchdog aborts the failed
     communicators and keeps the process (2; 1 would kill it, and the zip with it); blocking wait off, or DDP's
     all-reduces would never see the error. torch 2.2 renamed NCCL_* to TORCH_NCCL_*."""
-    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
-    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    prefix = "TORCH_NCCL_" if TorchVersion(torch_version) >= (2, 2) else "NCCL_"
     return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
 
 
@@ -5957,8 +5957,9 @@ def ship(rank, setup, summary, stop_event):
             log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
     report_path = os.path.join(out_dir, "report.json")
     try:
-        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
-               extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir,
+               settings=build_finish_settings(rank.cfg), extractor=rank.extractor, pace=rank.pace, timer=timer,
+               report=report, stop_event=stop_event)
     except SubmissionError as exc:
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
@@ -6064,7 +6065,8 @@ def evaluate_submission(cfg):
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
     if images is None or len(images) < 2:
-        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+        n = 0 if images is None else len(images)
+        result["scores_skipped"] = f"{n} readable 64x64 images: scores need 2 or more"
         return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)

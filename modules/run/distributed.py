@@ -6,7 +6,6 @@ dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank
 import contextlib
 import datetime
 import os
-import re
 import signal
 import socket
 import threading
@@ -16,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.torch_version import TorchVersion
 
 from modules.recipe.utils import UsageError, warn
 
-DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 plans
 DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
 WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
@@ -66,7 +66,7 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Rank 0's buffers (BatchNorm statistics, spectral-norm u/v) to all ranks, flattened: one broadcast per dtype."""
+        """Rank 0's buffers (BatchNorm statistics, spectral-norm u/v) to all ranks: one broadcast per dtype."""
         if not self.distributed:
             return
         by_dtype = {}
@@ -100,8 +100,7 @@ def nccl_error_env(torch_version):
     """-> the environment that makes a dead rank raise on rank 0 instead of hanging it: the watchdog aborts the failed
     communicators and keeps the process (2; 1 would kill it, and the zip with it); blocking wait off, or DDP's
     all-reduces would never see the error. torch 2.2 renamed NCCL_* to TORCH_NCCL_*."""
-    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
-    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    prefix = "TORCH_NCCL_" if TorchVersion(torch_version) >= (2, 2) else "NCCL_"
     return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
 
 

@@ -65,7 +65,8 @@ def evaluate_submission(cfg):
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
     if images is None or len(images) < 2:
-        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+        n = 0 if images is None else len(images)
+        result["scores_skipped"] = f"{n} readable 64x64 images: scores need 2 or more"
         return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)

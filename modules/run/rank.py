@@ -285,8 +285,9 @@ def ship(rank, setup, summary, stop_event):
             log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
     report_path = os.path.join(out_dir, "report.json")
     try:
-        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
-               extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir,
+               settings=build_finish_settings(rank.cfg), extractor=rank.extractor, pace=rank.pace, timer=timer,
+               report=report, stop_event=stop_event)
     except SubmissionError as exc:
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
