@@ -49,11 +49,11 @@
 #    2023  Trainer.step          one training step: D, then G, EMA
 #    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    4241  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5214  finish                the finish: images, the verified zip, self-check, pictures
-#    5479  parse_config          the command line -> a checked Config
-#    5732  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6024  run                   the run: settings, checks and data, the ranks started
-#    6097  main                  the entry point and its exit codes
+#    5203  finish                the finish: images, the verified zip, self-check, pictures
+#    5468  parse_config          the command line -> a checked Config
+#    5721  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6013  run                   the run: settings, checks and data, the ranks started
+#    6086  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -4586,19 +4586,13 @@ def stop_watch(ctx):
 
 
 def abort_groups(ctx):
-    """Abort the NCCL communicators of both groups, failing the collectives that wait on them (gloo needs none: a dead
-    peer's closed connection fails them). -> how many were aborted."""
-    done = 0
+    """Abort the NCCL communicators of both groups (abort(), or _shutdown() where the binding lacks it), failing the
+    collectives that wait on them. Gloo needs none: a dead peer's closed connection fails them."""
     for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
         with contextlib.suppress(Exception):
-            if group is None or dist.get_backend(group) != "nccl":
-                continue
-            backend = group._get_backend(torch.device("cuda"))
-            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
-            if fn is not None:
-                fn()
-                done += 1
-    return done
+            if group is not None and dist.get_backend(group) == "nccl":
+                backend = group._get_backend(torch.device("cuda"))
+                (getattr(backend, "abort", None) or backend._shutdown)()
 
 
 def training_timeout(finish_s, checkpoint_s):
@@ -4695,15 +4689,10 @@ def resolve_world_size(gpus, device):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
-    if count == 0:
-        if n not in (None, 1):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if n is None:
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
+    usable = max(count, 1)  # no GPU: one process (on the CPU)
+    if n is not None and n > usable:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: running {usable} process(es)")
+    return usable if n is None else min(n, usable)
 
 
 def rank_device(ctx, device):

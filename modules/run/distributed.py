@@ -195,19 +195,13 @@ def stop_watch(ctx):
 
 
 def abort_groups(ctx):
-    """Abort the NCCL communicators of both groups, failing the collectives that wait on them (gloo needs none: a dead
-    peer's closed connection fails them). -> how many were aborted."""
-    done = 0
+    """Abort the NCCL communicators of both groups (abort(), or _shutdown() where the binding lacks it), failing the
+    collectives that wait on them. Gloo needs none: a dead peer's closed connection fails them."""
     for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
         with contextlib.suppress(Exception):
-            if group is None or dist.get_backend(group) != "nccl":
-                continue
-            backend = group._get_backend(torch.device("cuda"))
-            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
-            if fn is not None:
-                fn()
-                done += 1
-    return done
+            if group is not None and dist.get_backend(group) == "nccl":
+                backend = group._get_backend(torch.device("cuda"))
+                (getattr(backend, "abort", None) or backend._shutdown)()
 
 
 def training_timeout(finish_s, checkpoint_s):

@@ -51,15 +51,10 @@ def resolve_world_size(gpus, device):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
-    if count == 0:
-        if n not in (None, 1):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if n is None:
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
+    usable = max(count, 1)  # no GPU: one process (on the CPU)
+    if n is not None and n > usable:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: running {usable} process(es)")
+    return usable if n is None else min(n, usable)
 
 
 def rank_device(ctx, device):
