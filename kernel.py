@@ -51,9 +51,9 @@
 #    4241  Pace                  the budget: the finish measured, the plan, when training must stop
 #    5203  finish                the finish: images, the verified zip, self-check, pictures
 #    5468  parse_config          the command line -> a checked Config
-#    5721  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6013  run                   the run: settings, checks and data, the ranks started
-#    6086  main                  the entry point and its exit codes
+#    5718  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6010  run                   the run: settings, checks and data, the ranks started
+#    6083  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -5631,17 +5631,14 @@ class RunSetup:
     demo_dir: object = None  # --demo: the synthetic data's TemporaryDirectory (removed when the run ends)
 
 
-def in_kaggle_session():
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
-
-
 def prepare(cfg, ctx):
     """The budget, the ranks, the output folder and --resume checked (one line, exit 2, before the data is read and
     the output folder exists), then the data -> RunSetup."""
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+    in_kaggle = os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or os.path.isdir("/kaggle/working")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle:
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)

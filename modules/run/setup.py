@@ -49,17 +49,14 @@ class RunSetup:
     demo_dir: object = None  # --demo: the synthetic data's TemporaryDirectory (removed when the run ends)
 
 
-def in_kaggle_session():
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
-
-
 def prepare(cfg, ctx):
     """The budget, the ranks, the output folder and --resume checked (one line, exit 2, before the data is read and
     the output folder exists), then the data -> RunSetup."""
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+    in_kaggle = os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or os.path.isdir("/kaggle/working")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle:
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
