@@ -49,11 +49,11 @@
 #    2023  Trainer.step          one training step: D, then G, EMA
 #    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    4241  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5203  finish                the finish: images, the verified zip, self-check, pictures
-#    5468  parse_config          the command line -> a checked Config
-#    5718  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6010  run                   the run: settings, checks and data, the ranks started
-#    6083  main                  the entry point and its exit codes
+#    5199  finish                the finish: images, the verified zip, self-check, pictures
+#    5464  parse_config          the command line -> a checked Config
+#    5706  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5997  run                   the run: settings, checks and data, the ranks started
+#    6070  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -4560,8 +4560,8 @@ def make_training_group(ctx, timeout_s):
 
 def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
-    error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes).
-    -> the Event that stops the thread."""
+    error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
+    stop_workers stops it."""
     abort = abort or abort_groups
     stop = threading.Event()
 
@@ -4577,12 +4577,6 @@ def watch_workers(ctx, *, abort=None):
     if ctx.workers:
         threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
     ctx.watch = stop
-    return stop
-
-
-def stop_watch(ctx):
-    if ctx.watch is not None:
-        ctx.watch.set()
 
 
 def abort_groups(ctx):
@@ -4630,7 +4624,9 @@ def failed_ranks(ctx, wait_s=2.0):
 
 
 def stop_workers(ctx, wait_s=WORKER_JOIN_S):
-    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then end any left."""
+    """Rank 0: the watcher stopped, the forked ranks waited for (they stop at the same decision), any left killed."""
+    if ctx.watch is not None:
+        ctx.watch.set()
     for p in ctx.workers:
         p.join(wait_s)
     for p in ctx.workers:
@@ -5527,10 +5523,8 @@ def check_out_dir(out_dir):
     what = "write to output folder" if exists else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
-    probe = os.path.join(parent, f".out-probe-{os.getpid()}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
@@ -5586,18 +5580,14 @@ def prepare_out_dir(out_dir, *, resume):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
-    t0 = time.monotonic()
+    data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
-        with open(probe, "wb") as f:
+        with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
         raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
     remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")
@@ -5642,6 +5632,7 @@ def prepare(cfg, ctx):
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
@@ -5654,12 +5645,9 @@ def prepare(cfg, ctx):
     # every rank reads --resume, before the data: a wrong file fails in seconds
     resumed = Resumed.read(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS}) if cfg.resume else None
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
-                            if world > 1 else ""))
+        f"out {out_dir}" + (f", {world} ranks ({'forked here' if forks else 'torchrun'})" if world > 1 else ""))
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
-    device = None
-    if not (world > 1 and ctx.launcher != "torchrun"):  # a forked run's ranks open theirs after the fork
-        device = open_device(cfg, ctx, report=report)
+    device = None if forks else open_device(cfg, ctx, report=report)  # forked ranks: each opens its own
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -5740,7 +5728,6 @@ def run_rank(ctx, setup):
                 return 0
     finally:
         if ctx.distributed and ctx.is_main:
-            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
@@ -6050,8 +6037,8 @@ def evaluate_submission(cfg):
     FID, memorization and MiFID with Inception weights, else the pixel copy check."""
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
-    if images is None or len(images) < 2:
-        n = 0 if images is None else len(images)
+    n = 0 if images is None else len(images)
+    if n < 2:
         result["scores_skipped"] = f"{n} readable 64x64 images: scores need 2 or more"
         return result
     device = check_device(cfg.device)

@@ -169,8 +169,8 @@ def make_training_group(ctx, timeout_s):
 
 def watch_workers(ctx, *, abort=None):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
-    error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes).
-    -> the Event that stops the thread."""
+    error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
+    stop_workers stops it."""
     abort = abort or abort_groups
     stop = threading.Event()
 
@@ -186,12 +186,6 @@ def watch_workers(ctx, *, abort=None):
     if ctx.workers:
         threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
     ctx.watch = stop
-    return stop
-
-
-def stop_watch(ctx):
-    if ctx.watch is not None:
-        ctx.watch.set()
 
 
 def abort_groups(ctx):
@@ -239,7 +233,9 @@ def failed_ranks(ctx, wait_s=2.0):
 
 
 def stop_workers(ctx, wait_s=WORKER_JOIN_S):
-    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then end any left."""
+    """Rank 0: the watcher stopped, the forked ranks waited for (they stop at the same decision), any left killed."""
+    if ctx.watch is not None:
+        ctx.watch.set()
     for p in ctx.workers:
         p.join(wait_s)
     for p in ctx.workers:

@@ -64,8 +64,8 @@ def evaluate_submission(cfg):
     FID, memorization and MiFID with Inception weights, else the pixel copy check."""
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
-    if images is None or len(images) < 2:
-        n = 0 if images is None else len(images)
+    n = 0 if images is None else len(images)
+    if n < 2:
         result["scores_skipped"] = f"{n} readable 64x64 images: scores need 2 or more"
         return result
     device = check_device(cfg.device)

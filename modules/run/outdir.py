@@ -3,6 +3,7 @@ measures the disk, and what a killed run left in it."""
 import contextlib
 import os
 import re
+import tempfile
 import time
 
 from modules.data.dogs import KAGGLE_DATA_ROOTS
@@ -25,10 +26,8 @@ def check_out_dir(out_dir):
     what = "write to output folder" if exists else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
-    probe = os.path.join(parent, f".out-probe-{os.getpid()}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
@@ -84,18 +83,14 @@ def prepare_out_dir(out_dir, *, resume):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
-    t0 = time.monotonic()
+    data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
-        with open(probe, "wb") as f:
+        with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
         raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
     remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")

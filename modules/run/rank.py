@@ -29,7 +29,6 @@ from modules.run.distributed import (
     init_group,
     make_training_group,
     record_failure,
-    stop_watch,
     stop_workers,
     training_timeout,
     watch_workers,
@@ -82,7 +81,6 @@ def run_rank(ctx, setup):
                 return 0
     finally:
         if ctx.distributed and ctx.is_main:
-            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 

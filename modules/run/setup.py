@@ -60,6 +60,7 @@ def prepare(cfg, ctx):
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
@@ -72,12 +73,9 @@ def prepare(cfg, ctx):
     # every rank reads --resume, before the data: a wrong file fails in seconds
     resumed = Resumed.read(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS}) if cfg.resume else None
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
-                            if world > 1 else ""))
+        f"out {out_dir}" + (f", {world} ranks ({'forked here' if forks else 'torchrun'})" if world > 1 else ""))
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
-    device = None
-    if not (world > 1 and ctx.launcher != "torchrun"):  # a forked run's ranks open theirs after the fork
-        device = open_device(cfg, ctx, report=report)
+    device = None if forks else open_device(cfg, ctx, report=report)  # forked ranks: each opens its own
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
