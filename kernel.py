@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 97): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     193  PRESETS               the presets: named sets of overrides of those defaults
-#     263  LIMITS                what each setting may hold (checked before any data is read)
-#     473  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     484  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     982  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1083  LOSSES                the losses (loss): D's and G's for each
-#    1967  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2023  Trainer.step          one training step: D, then G, EMA
-#    2423  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3930  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4891  finish                the finish: images, the verified zip, self-check, pictures
-#    5137  parse_config          the command line -> a checked Config
-#    5396  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5711  run                   the run: settings, checks and data, the ranks started
-#    5787  main                  the entry point and its exit codes
+#      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     194  PRESETS               the presets: named sets of overrides of those defaults
+#     264  LIMITS                what each setting may hold (checked before any data is read)
+#     474  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     485  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     983  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1084  LOSSES                the losses (loss): D's and G's for each
+#    1968  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    2024  Trainer.step          one training step: D, then G, EMA
+#    2424  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3931  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4832  finish                the finish: images, the verified zip, self-check, pictures
+#    5078  parse_config          the command line -> a checked Config
+#    5313  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5604  run                   the run: settings, checks and data, the ranks started
+#    5677  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -78,6 +78,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
+from torch.torch_version import TorchVersion
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 from torchvision.utils import make_grid
 from typing import Callable
@@ -4032,8 +4033,8 @@ class Pace:
 
 
 # ==== modules/run/faults.py ====
-"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
-trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+"""Fault injection for tests (Config.fault) by a hook the loop calls before each step, so that the GAN step holds no
+test code. zipfail is the finish's."""
 
 
 STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
@@ -4078,36 +4079,25 @@ class FaultInjector:
 
 
 def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    """-> train_loop's before_step, or None without step faults."""
     injector = FaultInjector(fault_text, rank=rank)
     return injector.before_step if injector.faults else None
 
 
 # ==== modules/run/distributed.py ====
-"""Several GPUs in one run, through torch.distributed: who a process is in the run (DistContext) and the few
-collectives the training loop agrees through, the process groups, and what rank 0 does when another rank fails. How
-many ranks there are and how they start is launch.py's.
-
-Ways in (launch.py): torchrun, every rank a process of its own; `python kernel.py` or a notebook cell with --gpus N > 1,
-where this process is rank 0 and *forks* ranks 1..N-1 after the data is loaded (they share the uint8 crops
-copy-on-write) and before CUDA is initialised anywhere (`spawn` would have to import the notebook's `__main__`, which
-it cannot); one rank: no process group at all, and the DistContext's collectives return their local values, so the
-training loop has a single path.
-
-Two process groups: the default one (setup_timeout: long, but bounded by the budget) for the setup, where rank 0 alone
-measures the finish reserve while the others wait; and the training group (short timeout, well inside the finish
-reserve) that carries DDP's all-reduces and the stop decisions, so a dead or hung rank costs at most that timeout. On
-NCCL a dead rank must make rank 0's collectives raise, not hang: async error handling (nccl_error_env) and, in a forked
-run, rank 0's watcher of its workers (watch_workers), which aborts the groups when one dies.
+"""Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
+the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
+setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
+dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
 """
 
 
-DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 measures the finish reserve
+DIST_SETUP_TIMEOUT_S = 300.0  # default group: the start, and the others waiting while rank 0 plans
 DIST_SETUP_BUDGET_FRACTION = 0.5  # ... at most this fraction of the budget left when the group starts
 WATCH_POLL_S = 0.2  # rank 0 of a forked run looks at its workers' processes this often (start and training)
 DIST_TIMEOUT_MIN_S = 10.0  # training group's collective timeout: never shorter (a checkpoint on rank 0 must fit)
 DIST_TIMEOUT_MAX_S = 120.0
-WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it terminates them
+WORKER_JOIN_S = 10.0  # rank 0 waits this long for its workers to exit before it kills them
 STOP_CODES = ("", "budget", "steps", "interrupted", "crashed")  # the stop decision, as broadcast (index)
 INTERRUPT_VOTE = 100  # a rank other than 0 that got SIGINT/SIGTERM adds this to the decision sum
 
@@ -4133,8 +4123,8 @@ class DistContext:
         return self.world_size > 1
 
     def agree(self, *, stop, progress, interval, device, interrupted):
-        """One all-reduce at a host sync: rank 0's stop reason (index into STOP_CODES), progress and steps to the next
-        sync, plus a vote from any other rank that was asked to stop. -> (stop reason or "", progress, interval)."""
+        """One all-reduce: rank 0's stop reason, progress and steps to the next sync, plus the other ranks' interrupt
+        votes. -> (stop reason or "", progress, interval)."""
         if not self.distributed:
             return stop, progress, interval
         if self.is_main:
@@ -4149,8 +4139,7 @@ class DistContext:
         return reason, progress, max(int(interval), 1)
 
     def sync_buffers(self, modules):
-        """Every buffer (BatchNorm running statistics, spectral-norm u/v) from rank 0 to all ranks: one broadcast per
-        dtype of the buffers flattened together (one by one, ~130 small broadcasts each cost a round trip)."""
+        """Rank 0's buffers (BatchNorm statistics, spectral-norm u/v) to all ranks: one broadcast per dtype."""
         if not self.distributed:
             return
         by_dtype = {}
@@ -4164,7 +4153,6 @@ class DistContext:
                 b.copy_(synced)
 
     def broadcast(self, obj):
-        """Rank 0's obj to every rank (default group) -> obj."""
         if not self.distributed:
             return obj
         box = [obj]
@@ -4172,41 +4160,28 @@ class DistContext:
         return box[0]
 
     def dead_workers(self):
-        """Rank 0 of a forked run: the ranks whose process has already ended (checked before each decision)."""
         return [i for i, p in enumerate(self.workers, start=1) if p.exitcode is not None]
 
     def mark_broken(self, error):
-        """A collective may have failed (a dead rank, an interrupt mid-collective): none is made after this. -> the
-        reason kept ("" with one rank: there is no group to break)."""
+        """No collective is made after a possible failure. -> the reason kept ("" with one rank: no group to break)."""
         if self.distributed:
             self.broken = self.broken or error
         return self.broken
 
 
-def setup_timeout(remaining_s):
-    """The default group's timeout (rendezvous, and the other ranks waiting while rank 0 plans): DIST_SETUP_TIMEOUT_S,
-    but at most DIST_SETUP_BUDGET_FRACTION of the budget left, so peers that never come leave time to run alone."""
-    return max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
-
-
 def nccl_error_env(torch_version):
-    """The environment that makes a dead rank raise on rank 0 instead of hanging it -> {name: value}. ProcessGroupNCCL's
-    watchdog aborts the communicators of a collective that failed or timed out (2 = abort them and keep the process,
-    which still ships the zip; 1 would kill it) and the next collective raises. Blocking wait stays off: with it on,
-    the async handling is not used and the host notices only in an explicit wait(), which DDP's all-reduces never
-    get. torch 2.2 renamed the variables: before it they are NCCL_*, from it TORCH_NCCL_*."""
-    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch_version).groups())
-    prefix = "TORCH_NCCL_" if (major, minor) >= (2, 2) else "NCCL_"
+    """-> the environment that makes a dead rank raise on rank 0 instead of hanging it: the watchdog aborts the failed
+    communicators and keeps the process (2; 1 would kill it, and the zip with it); blocking wait off, or DDP's
+    all-reduces would never see the error. torch 2.2 renamed NCCL_* to TORCH_NCCL_*."""
+    prefix = "TORCH_NCCL_" if TorchVersion(torch_version) >= (2, 2) else "NCCL_"
     return {prefix + "ASYNC_ERROR_HANDLING": "2", prefix + "BLOCKING_WAIT": "0"}
 
 
 def init_group(ctx, *, backend, remaining_s):
-    """init_process_group and a barrier proving every rank is there, within setup_timeout(remaining_s). A forked run:
-    rank 0 hosts the store and waits for its workers to sign in, watching their processes (a worker that dies at once
-    ends the wait in WATCH_POLL_S); torchrun: env:// (its MASTER_ADDR/PORT). -> True; False (rank 0, after a warning)
-    when the group cannot be formed: the run goes on as one process. A rank other than 0 that cannot join:
-    UsageError."""
-    timeout = datetime.timedelta(seconds=setup_timeout(remaining_s))
+    """init_process_group and a barrier, within a timeout that leaves half the budget to run alone. -> True; False
+    (rank 0, warned) when the group cannot form: the run goes on as one process; another rank: UsageError."""
+    setup_s = max(DIST_TIMEOUT_MIN_S, min(DIST_SETUP_TIMEOUT_S, DIST_SETUP_BUDGET_FRACTION * remaining_s))
+    timeout = datetime.timedelta(seconds=setup_s)
     if backend == "nccl":
         os.environ.update(nccl_error_env(torch.__version__))  # read when the NCCL group is made
     try:
@@ -4229,15 +4204,13 @@ def init_group(ctx, *, backend, remaining_s):
             raise UsageError(f"rank {ctx.rank} could not join the {ctx.world_size} ranks ({why})") from None
         warn(f"the {ctx.world_size} ranks could not start ({why}): running one process on one device")
         stop_workers(ctx)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        end_group(ctx)
         return False
 
 
 def wait_for_master(addr, port, timeout_s):
-    """A torchrun rank other than 0, before init_process_group: until something listens at MASTER_ADDR:MASTER_PORT.
-    torch's store client would retry for up to twice the timeout and log C++ stack frames; here the wait is bounded
-    and ends in one line. Raises RuntimeError when nothing answered within timeout_s."""
+    """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
+    log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
     while True:
         try:
@@ -4250,8 +4223,8 @@ def wait_for_master(addr, port, timeout_s):
 
 
 def wait_for_workers(ctx, store, timeout_s):
-    """Rank 0 of a forked run: until every worker has signed in to the store (before init_process_group, which would
-    wait for a dead one until the timeout); raises RuntimeError when one has ended or timeout_s passed."""
+    """Rank 0 of a forked run: until every worker signed in (init_process_group would wait for a dead one until the
+    timeout). RuntimeError when one has ended or timeout_s passed."""
     keys, t_end = [f"dogs-gan/up/{r}" for r in range(1, ctx.world_size)], time.monotonic() + timeout_s
     while not store.check(keys):
         if dead := ctx.dead_workers():
@@ -4262,16 +4235,15 @@ def wait_for_workers(ctx, store, timeout_s):
 
 
 def make_training_group(ctx, timeout_s):
-    """The group DDP and the stop decisions use: same ranks, collective timeout timeout_s (called on every rank)."""
+    """The group of DDP and the stop decisions (called on every rank)."""
     ctx.group = dist.new_group(list(range(ctx.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return ctx.group
 
 
 def watch_workers(ctx, *, abort=None):
-    """Rank 0 of a forked run, while it trains: a thread that notices a worker whose process ended with an error (a
-    kill, a crash; 0 is a normal end) within WATCH_POLL_S, says so and aborts the process groups (abort_groups), so that
-    the collective rank 0 is in, or its next one, raises at once: on NCCL a dead peer would otherwise stall rank 0's
-    stream behind an all-reduce that never completes. -> the threading.Event that stops the thread (stop_watch)."""
+    """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
+    error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
+    stop_workers stops it."""
     abort = abort or abort_groups
     stop = threading.Event()
 
@@ -4287,42 +4259,27 @@ def watch_workers(ctx, *, abort=None):
     if ctx.workers:
         threading.Thread(target=watch, name="dogs-gan-watch", daemon=True).start()
     ctx.watch = stop
-    return stop
-
-
-def stop_watch(ctx):
-    """Stop watch_workers' thread (before rank 0 ends the workers itself)."""
-    if ctx.watch is not None:
-        ctx.watch.set()
 
 
 def abort_groups(ctx):
-    """Abort the NCCL communicators of the training and default groups (ProcessGroupNCCL's abort() where the binding
-    has it, else its _shutdown()): the collectives waiting on them fail. Gloo needs none: a dead peer's closed
-    connection already fails its collectives. -> how many backends were aborted."""
-    done = 0
+    """Abort the NCCL communicators of both groups (abort(), or _shutdown() where the binding lacks it), failing the
+    collectives that wait on them. Gloo needs none: a dead peer's closed connection fails them."""
     for group in (ctx.group, dist.group.WORLD if dist.is_initialized() else None):
         with contextlib.suppress(Exception):
-            if group is None or dist.get_backend(group) != "nccl":
-                continue
-            backend = group._get_backend(torch.device("cuda"))
-            fn = getattr(backend, "abort", None) or getattr(backend, "_shutdown", None)
-            if fn is not None:
-                fn()
-                done += 1
-    return done
+            if group is not None and dist.get_backend(group) == "nccl":
+                backend = group._get_backend(torch.device("cuda"))
+                (getattr(backend, "abort", None) or backend._shutdown)()
 
 
 def training_timeout(finish_s, checkpoint_s):
-    """The training group's timeout: longer than rank 0's longest pause between collectives (a checkpoint), shorter
-    than half the finish reserve, so a dead rank is noticed with most of the reserve left."""
+    """Longer than rank 0's longest pause between collectives (a checkpoint), within half the finish reserve."""
     return max(DIST_TIMEOUT_MIN_S, min(3 * checkpoint_s + 5.0, DIST_TIMEOUT_MAX_S, 0.5 * finish_s))
 
 
 # faults and the end
 
 def record_failure(error):
-    """A rank other than 0 that fails says why in the store rank 0 hosts (readable after the group broke)."""
+    """A failing rank other than 0 says why in rank 0's store (readable after the group broke)."""
     with contextlib.suppress(Exception):
         store = dist.distributed_c10d._get_default_store()
         store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
@@ -4349,20 +4306,19 @@ def failed_ranks(ctx, wait_s=2.0):
 
 
 def stop_workers(ctx, wait_s=WORKER_JOIN_S):
-    """Rank 0: wait for the forked ranks to exit (they stop at the same decision), then terminate any left."""
+    """Rank 0: the watcher stopped, the forked ranks waited for (they stop at the same decision), any left killed."""
+    if ctx.watch is not None:
+        ctx.watch.set()
     for p in ctx.workers:
         p.join(wait_s)
     for p in ctx.workers:
-        if p.is_alive():
-            p.terminate()
-            p.join(2.0)
         if p.is_alive():
             p.kill()
             p.join(2.0)
 
 
 def end_group(ctx):
-    """Leave the process group (a notebook may run the kernel again in the same process)."""
+    """Leave the process group (a notebook may run the kernel again in this process)."""
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
@@ -4371,8 +4327,7 @@ def end_group(ctx):
 
 # ==== modules/run/launch.py ====
 """How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
-get, its collectives and the process groups are in distributed.py."""
+this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__)."""
 
 
 # how many ranks
@@ -4396,18 +4351,15 @@ def torchrun_env():
 
 
 def visible_cuda_devices():
-    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
-    afterwards. 0 without CUDA."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
-    if not torch.cuda.is_available():  # (read by torch at each call)
-        return 0
-    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+    """CUDA devices this process may use, counted through NVML without initialising CUDA (a fork stays safe)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # read by torch at each call
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_world_size(gpus, device):
     """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
-    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
+    cuda:N); N with --device cpu: N gloo processes (how the tests exercise this path)."""
+    n = None if gpus == "auto" else int(gpus)
     if device == "cpu":
         return n or 1
     if device.startswith("cuda:"):
@@ -4415,21 +4367,15 @@ def resolve_world_size(gpus, device):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
-    if count == 0:
-        if n not in (None, 1):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if n is None:
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
+    usable = max(count, 1)  # no GPU: one process (on the CPU)
+    if n is not None and n > usable:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: running {usable} process(es)")
+    return usable if n is None else min(n, usable)
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
-    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
-    --device as given."""
+    """cuda:LOCAL_RANK for CUDA runs of several ranks, made current before anything touches CUDA (no rank creates a
+    context on GPU 0), else --device as given."""
     if ctx.distributed and device != "cpu":
         try:
             torch.cuda.set_device(ctx.local_rank)
@@ -4449,7 +4395,7 @@ def _free_port():
 
 
 class _RankStderr:
-    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+    """stderr of a rank other than 0: every line prefixed with its rank."""
 
     def __init__(self, stream, rank):
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
@@ -4467,23 +4413,20 @@ class _RankStderr:
 
 
 def quiet_worker_output(rank):
-    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
-    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    """Ranks other than 0 log nothing; their errors go to fd 2 (a notebook's forked child: still shown in the cell)."""
     sys.stdout = open(os.devnull, "w")
     sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
 
 
 def _die_with_parent():
-    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    """Linux: SIGKILL when the parent dies (no orphan keeps a GPU)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def cuda_driver_initialised():
-    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
-    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
-    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
-    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    """Whether the CUDA driver is initialised here (a forked child could not use it), which torch.cuda.is_initialized()
+    misses after an earlier cell's is_available(). cuCtxGetCurrent answers 3 (NOT_INITIALIZED) before cuInit."""
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -4493,10 +4436,8 @@ def cuda_driver_initialised():
 
 
 def fork_workers(world_size, target, *, cuda):
-    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
-    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
-    cell): a forked child could not use it."""
+    """Fork ranks 1..world_size-1, each running target(DistContext) (no pickling: a notebook's functions work). -> rank
+    0's DistContext; one rank (warned) when CUDA is already initialised here: a forked child could not use it."""
     if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")
@@ -5168,17 +5109,16 @@ def config_to_json(cfg):
 
 
 # ==== modules/run/outdir.py ====
-"""The output folder: what can be told of it before anything is read (a file in its place, an unwritable parent, inside
-the data), its creation with a write probe that also measures the disk, and what a killed run left in it."""
+"""The output folder: what can be told of it before anything is read, its creation with a write probe that also
+measures the disk, and what a killed run left in it."""
 
 
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
 
 
 def check_out_dir(out_dir):
-    """What can be told of the output folder without creating it: a UsageError if a file stands in its place, if it
-    cannot be created (a file on its path, an unwritable parent) or written. A probe file is made and removed in the
-    folder, or in its nearest existing parent when the folder does not exist yet."""
+    """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
+    made and removed in it, or in its nearest existing parent."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
@@ -5190,17 +5130,14 @@ def check_out_dir(out_dir):
     what = "write to output folder" if exists else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
-    probe = os.path.join(parent, f".out-probe-{os.getpid()}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
 
 def check_out_not_in_data(out_dir, data_dir):
-    """The output folder must not be the data folder or inside it: samples.png and losses.png would land among the
-    training images, and the next run on that folder would train on them. data_dir "" means Kaggle's input."""
+    """Not the data folder or inside it: the next run would train on samples.png. data_dir "": Kaggle's input."""
     out = os.path.realpath(out_dir)
     for root in [data_dir] if data_dir else KAGGLE_DATA_ROOTS:
         root = os.path.realpath(os.path.expanduser(root))
@@ -5212,8 +5149,7 @@ def check_out_not_in_data(out_dir, data_dir):
 
 @contextlib.contextmanager
 def removed_if_left_empty(out_dir):
-    """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
-    created and left empty is removed again."""
+    """A UsageError inside removes the folder again if this run created it and left it empty."""
     existed = os.path.isdir(out_dir)
     try:
         yield
@@ -5225,46 +5161,40 @@ def removed_if_left_empty(out_dir):
 
 
 def remove_stale_temp_files(out_dir):
-    """Remove what a killed run left while writing: images.zip.tmpPID and checkpoint.pt.tmpPID (atomic_file's names)
-    whose process is gone, and the unnumbered names of earlier versions. Another live run's files are left alone: two
-    runs sharing a folder each write their own temporary file (the later rename wins)."""
+    """Remove what a killed run left while writing: atomic_file's images.zip.tmpPID and checkpoint.pt.tmpPID (or with
+    no PID) whose process is gone. Two live runs sharing a folder each write their own (the later rename wins)."""
     for name in os.listdir(out_dir):
-        for stem in ("images.zip.tmp", "checkpoint.pt.tmp"):
-            suffix = name[len(stem):] if name.startswith(stem) else None
-            if suffix is None or (suffix and not suffix.isdigit()):
-                continue
-            if suffix and int(suffix) != os.getpid():
-                try:
-                    os.kill(int(suffix), 0)
-                    continue  # that process still runs
-                except ProcessLookupError:
-                    pass
-                except (OSError, OverflowError):  # EPERM: another user's live process
-                    continue
+        m = re.fullmatch(r"(?:images\.zip|checkpoint\.pt)\.tmp(\d*)", name)
+        if m and not (m[1] and int(m[1]) != os.getpid() and process_alive(int(m[1]))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, name))
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: another user's live process
+        pass
+    return True
+
+
 def prepare_out_dir(out_dir, *, resume):
-    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
-    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
-    check_out_dir(out_dir)
+    """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
+    -> disk write speed in bytes/s."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
-    t0 = time.monotonic()
+    data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
-        with open(probe, "wb") as f:
+        with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
         raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
     remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")
@@ -5275,9 +5205,8 @@ def prepare_out_dir(out_dir, *, resume):
 
 
 # ==== modules/run/setup.py ====
-"""Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
-checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
-each rank, the device it runs on."""
+"""Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
+RunSetup; and each rank's device."""
 
 
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
@@ -5286,8 +5215,7 @@ KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 
 @dataclass
 class RunSetup:
-    """What every rank's run starts from (prepare()); forked ranks inherit it as it is."""
-
+    """What every rank's run starts from; forked ranks inherit it."""
     cfg: object  # the Config
     deadline: Deadline  # the run's clock (from process start) and budget
     timer: PhaseTimer  # wall seconds per phase, for the log and report.json
@@ -5300,40 +5228,33 @@ class RunSetup:
     demo_dir: object = None  # --demo: the synthetic data's TemporaryDirectory (removed when the run ends)
 
 
-def in_kaggle_session():
-    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
-
-
 def prepare(cfg, ctx):
-    """The budget, the ranks, the output folder and --resume checked (a problem: one line, exit 2, before any data is
-    read and before the output folder exists), then the data -> RunSetup. ctx: this process's DistContext (torchrun's
-    rank, or rank 0 of a run that forks its other ranks later)."""
+    """The budget, the ranks, the output folder and --resume checked (one line, exit 2, before the data is read and
+    the output folder exists), then the data -> RunSetup."""
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+    in_kaggle = os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or os.path.isdir("/kaggle/working")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle:
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
-    if ctx.is_main:  # only rank 0 writes
+    if ctx.is_main:  # only rank 0 writes; it creates the folder after the data and every other check
         if not cfg.demo:
             check_out_not_in_data(out_dir, cfg.data_dir)
-        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
-    # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
+        check_out_dir(out_dir)
+    # every rank reads --resume, before the data: a wrong file fails in seconds
     resumed = Resumed.read(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS}) if cfg.resume else None
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
-                            if world > 1 else ""))
+        f"out {out_dir}" + (f", {world} ranks ({'forked here' if forks else 'torchrun'})" if world > 1 else ""))
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
-    device = None
-    if not (world > 1 and ctx.launcher != "torchrun"):  # what it can use, said in the first seconds (a forked run's
-        device = open_device(cfg, ctx, report=report)  # ranks open theirs after the fork)
+    device = None if forks else open_device(cfg, ctx, report=report)  # forked ranks: each opens its own
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -5360,9 +5281,7 @@ def load_training_data(cfg):
 
 
 def open_device(cfg, ctx, *, report):
-    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks: one line, exit 2) ->
-    device; fills report.json's device. Before the data in a run of one process or torchrun's ranks; in a forked run
-    in each rank after the fork (CUDA must not be initialised before it)."""
+    """This rank's device, checked (an unusable GPU, a forced amp this torch lacks: one line, exit 2) -> device."""
     device = check_device(rank_device(ctx, cfg.device))
     log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
@@ -5371,9 +5290,8 @@ def open_device(cfg, ctx, *, report):
 
 
 # ==== modules/run/rank.py ====
-"""One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
-TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
-report.json. Only rank 0 logs and writes."""
+"""One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the TrainPlan (rank 0
+measures the finish and plans; the others receive it) -> training -> rank 0 alone writes the checkpoint, zip, report."""
 
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
@@ -5381,22 +5299,21 @@ EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
 
 @dataclass
 class Rank:
-    """What one rank trains and ships with, built once (build_rank)."""
-
+    """What one rank trains and ships with (build_rank)."""
     ctx: DistContext
     cfg: object  # the Config
     trainer: object  # the Trainer
-    sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
+    sampler: object  # sample.Sampler: how the shipped G generates
     plan: object  # the TrainPlan, identical on every rank
-    extractor: object  # rank 0 with the self-check on and Inception weights: the FID network; else None
+    extractor: object  # rank 0 with the self-check and Inception weights: the FID network; else None
     checkpoint: object  # rank 0: checkpoint(train_seconds, plan_seconds, complete) -> bool; else None
-    pace: object = None  # the Pace of training (train() makes it; the finish asks it what still fits)
+    pace: object = None  # made by train(); the finish asks it what still fits
 
 
 def run_rank(ctx, setup):
-    """The run from the device to the zip, on every rank -> exit code."""
+    """-> exit code."""
     device, cfg = setup.device, setup.cfg
-    if device is None:  # a forked rank (rank 0 included) opens its device after the fork
+    if device is None:  # a forked run: every rank opens its device after the fork
         device = open_device(cfg, ctx, report=setup.report)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
                                           remaining_s=setup.deadline.remaining()):
@@ -5405,32 +5322,26 @@ def run_rank(ctx, setup):
     try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
         with removed_if_left_empty(setup.out_dir) if ctx.is_main else contextlib.nullcontext():
             rank = build_rank(ctx, cfg, device, setup)
-            if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
+            if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            handlers = install_interrupt_handlers(stop_event)
-            try:
+            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
-                if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-                    if summary.reason == "crashed":
-                        record_failure(summary.error)
-                        return 1
-                    return 0
-                return ship(rank, setup, summary, stop_event)
-            finally:
-                restore_handlers(handlers)
+                if ctx.is_main:
+                    return ship(rank, setup, summary, stop_event)
+                if summary.reason == "crashed":  # the other ranks end here: rank 0 writes everything
+                    record_failure(summary.error)
+                    return 1
+                return 0
     finally:
         if ctx.distributed and ctx.is_main:
-            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
 
 def build_rank(ctx, cfg, device, setup):
-    """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
-    plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
-    plan (None: rank 0 stopped -> None here); out of memory in any of it is a UsageError. Several ranks: the training
-    group, with the plan's collective timeout."""
+    """The trainer (every rank restores --resume: Adam's state must match too), its sampler and the plan: rank 0
+    creates the output folder and plans, the others receive the plan (None: rank 0 stopped). -> Rank, or None."""
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
@@ -5444,7 +5355,7 @@ def build_rank(ctx, cfg, device, setup):
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
-            if ctx.is_main:  # run_rank removes the folder again if it was made for this run and a check fails
+            if ctx.is_main:
                 disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
                 plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
                                         disk_speed=disk_speed)
@@ -5475,8 +5386,8 @@ def restore(trainer, resumed, *, data, report):
 
 
 def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
-    """Rank 0: the CPU threads picked, the finish measured on this device, the disk space checked -> the TrainPlan.
-    Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to that)."""
+    """Rank 0: the CPU threads picked, the finish measured, the disk space checked -> the TrainPlan (several ranks:
+    training stops a collective timeout earlier)."""
     device, data, out_dir = trainer.device, setup.data, setup.out_dir
     if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
         probe = sampler.with_batch(min(cfg.sample_batch, 50))
@@ -5512,8 +5423,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
 
 
 def make_checkpointer(path, trainer, *, config, classes, report):
-    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
-    warning, never the end of the run: the zip matters more."""
+    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool; a failure (a full disk) is one warning: the zip
+    matters more."""
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
@@ -5528,7 +5439,7 @@ def make_checkpointer(path, trainer, *, config, classes, report):
 
 
 def finish_probe(sampler, batch):
-    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
+    """-> probe() -> seconds to generate one finish batch now."""
     one = sampler.with_batch(batch)
 
     def probe():
@@ -5540,9 +5451,8 @@ def finish_probe(sampler, batch):
 
 
 def train(rank, setup, stop_event):
-    """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
-    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set, and any other
-    failure before the first step completed is a UsageError naming it (exit 2, nothing shipped: no step trained)."""
+    """The loop, with a last resort around it -> TrainSummary. Out of memory in the first steps, or any failure before
+    a step completed, is a UsageError (exit 2, nothing shipped)."""
     ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
     first = trainer.step_count
     threads = torch.get_num_threads()
@@ -5558,15 +5468,15 @@ def train(rank, setup, stop_event):
             summary = train_loop(trainer, settings=build_loop_settings(rank.cfg), pace=rank.pace, ctx=ctx,
                                  stop_event=stop_event, checkpoint_fn=rank.checkpoint, history=report.history,
                                  before_step=fault_hook(rank.cfg.fault, rank=ctx.rank))
-    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
+    except KeyboardInterrupt:  # one between train_loop's parts
         stop_event.set()
         summary.reason = "interrupted"
-    except Exception as exc:  # train_loop catches failures in training; this is a last resort
-        if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
+    except Exception as exc:  # train_loop re-raises only failures in its first steps
+        if is_out_of_memory(exc):
             raise UsageError(describe_early_oom(exc, when=f"in training step {trainer.step_count + 1}",
                                                 device=trainer.device, batch_per_rank=trainer.batch_per_rank,
                                                 world_size=trainer.world_size)) from None
-        if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
+        if trainer.step_count == first:
             raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
@@ -5585,8 +5495,8 @@ def train(rank, setup, stop_event):
 
 
 def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
-    """The one line for an out-of-memory error before training or in its first steps: when, the peak allocated (CUDA)
-    and what to set: half the batch per rank, or the widths (batch_per_rank None: before training no step has run)."""
+    """The one line for out of memory before or early in training: when, the peak (CUDA) and what to set (half the
+    batch per rank; without batch_per_rank, before any step: the widths)."""
     seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
             f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
             if device.type == "cuda" else " on the CPU")
@@ -5601,7 +5511,7 @@ def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
 
 
 def describe_early_failure(exc, *, step):
-    """The one line for a failure before the first training step completed: the error and where it was raised."""
+    """The one line for a failure before any step completed: the error and where it was raised."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
     first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -5610,9 +5520,9 @@ def describe_early_failure(exc, *, step):
 
 
 def ship(rank, setup, summary, stop_event):
-    """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
+    """Rank 0 after training: failed ranks named, the final checkpoint, the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
-    if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+    if ctx.broken:  # a rank died or failed: ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)
         report.failed_ranks = {str(r): why for r, why in failed.items()}
@@ -5627,8 +5537,9 @@ def ship(rank, setup, summary, stop_event):
             log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
     report_path = os.path.join(out_dir, "report.json")
     try:
-        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
-               extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir,
+               settings=build_finish_settings(rank.cfg), extractor=rank.extractor, pace=rank.pace, timer=timer,
+               report=report, stop_event=stop_event)
     except SubmissionError as exc:
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
@@ -5652,11 +5563,9 @@ class StopRequest(threading.Event):
     why = "KeyboardInterrupt"
 
 
-def install_interrupt_handlers(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops at the next decision; the checkpoint and zip are written,
-    the optional parts skipped). Second: exit at once. The handler does no buffered I/O: a print from a handler that
-    interrupts a print in progress raises "reentrant call", which would land in the middle of training."""
-    previous = {}
+def stop_handler(stop_event):
+    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
+    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
 
     def handler(signum, frame):
         if stop_event.is_set():
@@ -5665,42 +5574,26 @@ def install_interrupt_handlers(stop_event):
         stop_event.why = signal.Signals(signum).name
         stop_event.set()
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    return handler
 
 
 @contextlib.contextmanager
-def sigterm_interrupts():
-    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
-    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
-    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+def signal_handlers(handler, *signals):
+    """handler for signals while inside, the previous ones restored after (only the main thread may set them)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        restore_handlers(previous)
-
-
-def restore_handlers(previous):
-    for sig, h in previous.items():
-        signal.signal(sig, h)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 # ==== modules/run/main.py ====
-"""The run, straight: config -> prepare (checks, data: a RunSetup) -> start the ranks (one process, torchrun's, or
-forked ones) -> run_rank on every rank (device, trainer, plan, training, the zip); --evaluate scores a zip instead.
-
-The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
-interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
-verification; a problem the user can fix is found before training and ends with one line and exit code 2.
+"""The run, straight: config -> prepare (checks, data) -> the ranks (one process, torchrun's, or forked) -> run_rank on
+each; --evaluate scores a zip instead. The only module with side effects. Whatever ends training, the checkpoint and
+the zip are written; a problem the user can fix ends before training with one line and exit code 2.
 """
 
 
@@ -5709,23 +5602,22 @@ EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is p
 
 
 def run(argv=None):
-    """The steps of a run -> exit code (see main)."""
     cfg, print_config = parse_config(argv)
     if print_config:
         say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
-    ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
-    with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
-        setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
-        if setup.world > 1 and ctx.launcher != "torchrun":  # we start ranks 1..N-1: after the data, before CUDA
+    ctx = torchrun_env() or DistContext()
+    with signal_handlers(signal.default_int_handler, signal.SIGTERM):  # until training: SIGTERM ends as SIGINT does
+        setup = prepare(cfg, ctx)
+        if setup.world > 1 and ctx.launcher != "torchrun":  # forked after the data (shared), before CUDA
             ctx = fork_workers(setup.world, lambda wctx: worker_main(wctx, setup), cuda=cfg.device != "cpu")
         return run_rank(ctx, setup)
 
 
 def worker_main(ctx, setup):
-    """A forked rank (1..N-1): run_rank, then leave the process at once (never return into a notebook's loop)."""
+    """A forked rank: run_rank, then leave the process at once (never return into a notebook's loop)."""
     code = 1
     try:
         code = run_rank(ctx, setup)
@@ -5737,7 +5629,7 @@ def worker_main(ctx, setup):
 
 
 def evaluate_command(cfg):
-    """--evaluate: stdout carries the JSON object alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
+    """--evaluate: stdout carries the JSON alone (the log goes to stderr) -> 0, or EXIT_REJECTED."""
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_submission(cfg)
     say(json.dumps(result, indent=2, default=str))
@@ -5748,14 +5640,13 @@ def evaluate_command(cfg):
 
 
 def evaluate_submission(cfg):
-    """--evaluate: the format checks (the kernel's own definition of a valid submission, read first: a bad path fails
-    before the data is loaded), then, when at least two images are readable (FID needs two), FID, memorization and
-    MiFID against the training data with Inception weights, else the line saying there is no FID and the pixel copy
-    check."""
+    """--evaluate: the format checks (first: a bad path fails before the data is read), then with two or more images,
+    FID, memorization and MiFID with Inception weights, else the pixel copy check."""
     images, fmt = read_submission(cfg.evaluate)
     result = {"format": fmt}
-    if images is None or len(images) < 2:
-        result["scores_skipped"] = f"{0 if images is None else len(images)} readable 64x64 images: scores need 2 or more"
+    n = 0 if images is None else len(images)
+    if n < 2:
+        result["scores_skipped"] = f"{n} readable 64x64 images: scores need 2 or more"
         return result
     device = check_device(cfg.device)
     data, _demo_dir = load_training_data(cfg)
@@ -5769,9 +5660,8 @@ def evaluate_submission(cfg):
 
 
 class KernelExit(Exception):
-    """A non-zero exit in a notebook. SystemExit there shows "An exception has occurred, use %tb ..." and a warning;
-    this fails the cell the same way (nbclient and Kaggle see an error, later cells do not run) and IPython shows only
-    the one line that _render_traceback_ returns, under the error line main() printed."""
+    """A non-zero exit in a notebook: fails the cell as SystemExit would (later cells do not run), shown as one line
+    instead of SystemExit's "An exception has occurred, use %tb" and warning."""
 
     def __init__(self, code):
         self.code = code
@@ -5785,9 +5675,8 @@ class KernelExit(Exception):
 
 
 def main(argv=None):
-    """Entry point: returns the exit code (0 ok, also after a crash or interrupt that still wrote the zip; 1 no valid
-    zip could be written, or with --evaluate the zip would be rejected; 2 usage error; 130 interrupted before the
-    zip)."""
+    """-> exit code: 0 ok (also after a crash or interrupt that still wrote the zip); 1 no valid zip could be written
+    (--evaluate: it would be rejected); 2 usage error; 130 interrupted before the zip."""
     try:
         return run(argv)
     except SystemExit as exc:  # argparse's --help: exit 0 as a return value (a notebook cell then ends without error)
@@ -5804,7 +5693,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    if code and "ipykernel" in sys.modules:  # a notebook: fail the cell (Save & Run All must not "succeed" without a zip)
+    if code and "ipykernel" in sys.modules:  # Save & Run All must not "succeed" without a zip
         raise KernelExit(code)
     if code:
         sys.exit(code)

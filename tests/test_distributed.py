@@ -377,7 +377,7 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
     """Rank 0's watcher: a worker killed mid-training is noticed within a poll and the abort path runs once."""
     import threading
 
-    from modules.run.distributed import DistContext, stop_watch, watch_workers
+    from modules.run.distributed import DistContext, watch_workers
     proc = multiprocessing.get_context("fork").Process(target=_exit_at_once, args=(3,))
     ctx = DistContext(rank=0, world_size=2, launcher="fork", workers=[proc])
     aborted, calls = threading.Event(), []
@@ -386,7 +386,7 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
     proc.start()
     assert aborted.wait(30), "the watcher never noticed the dead worker"
     assert time.monotonic() - t0 < 5 and calls == [ctx] and ctx.broken == "rank(s) [1] ended"
-    stop_watch(ctx)
+    ctx.watch.set()
 
 
 def test_rank_device_set_before_cuda_is_touched(monkeypatch):

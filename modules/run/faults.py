@@ -1,5 +1,5 @@
-"""Fault injection for tests (Config.fault): the step faults, injected by a hook the loop calls before each
-trainer.step(), so that the GAN step itself holds no test code. zipfail is the finish's (main passes it there)."""
+"""Fault injection for tests (Config.fault) by a hook the loop calls before each step, so that the GAN step holds no
+test code. zipfail is the finish's."""
 import os
 import signal
 import time
@@ -50,6 +50,6 @@ class FaultInjector:
 
 
 def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step for Config.fault: FaultInjector(...).before_step, or None without step faults."""
+    """-> train_loop's before_step, or None without step faults."""
     injector = FaultInjector(fault_text, rank=rank)
     return injector.before_step if injector.faults else None

@@ -1,6 +1,5 @@
 """How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read (also from a notebook cell); what a rank other than 0 prints. The DistContext they
-get, its collectives and the process groups are in distributed.py."""
+this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__)."""
 import contextlib
 import ctypes
 import multiprocessing
@@ -36,18 +35,15 @@ def torchrun_env():
 
 
 def visible_cuda_devices():
-    """How many CUDA devices this process may use, counted without initialising CUDA (NVML), so that a fork is safe
-    afterwards. 0 without CUDA."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() through NVML, not the CUDA runtime
-    if not torch.cuda.is_available():  # (read by torch at each call)
-        return 0
-    return torch.cuda.device_count()  # NVML first; honours CUDA_VISIBLE_DEVICES
+    """CUDA devices this process may use, counted through NVML without initialising CUDA (a fork stays safe)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # read by torch at each call
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_world_size(gpus, device):
     """--gpus auto|N and --device -> number of ranks. auto: every visible CUDA device (1 on CPU or with --device
-    cuda:N); N > 1 with --device cpu: N gloo processes (how the tests exercise this path)."""
-    n = None if gpus == "auto" else int(gpus)  # auto or a whole number from 1: checked when parsed (Config's LIMITS)
+    cuda:N); N with --device cpu: N gloo processes (how the tests exercise this path)."""
+    n = None if gpus == "auto" else int(gpus)
     if device == "cpu":
         return n or 1
     if device.startswith("cuda:"):
@@ -55,21 +51,15 @@ def resolve_world_size(gpus, device):
             raise UsageError(f"--device {device} picks one GPU; with --gpus {gpus} use --device cuda (or auto)")
         return 1
     count = visible_cuda_devices()
-    if count == 0:
-        if n not in (None, 1):
-            warn(f"--gpus {gpus} asked for, but no CUDA GPU is visible: running one process")
-        return 1
-    if n is None:
-        return count
-    if n > count:
-        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: using {count}")
-    return min(n, count)
+    usable = max(count, 1)  # no GPU: one process (on the CPU)
+    if n is not None and n > usable:
+        warn(f"--gpus {n} asked for, but {count} CUDA device(s) are visible: running {usable} process(es)")
+    return usable if n is None else min(n, usable)
 
 
 def rank_device(ctx, device):
-    """The device string a rank runs on: cuda:LOCAL_RANK for CUDA runs of several ranks (made this process's current
-    device before anything touches CUDA: no rank creates a context on GPU 0, and NCCL finds its device), else
-    --device as given."""
+    """cuda:LOCAL_RANK for CUDA runs of several ranks, made current before anything touches CUDA (no rank creates a
+    context on GPU 0), else --device as given."""
     if ctx.distributed and device != "cpu":
         try:
             torch.cuda.set_device(ctx.local_rank)
@@ -89,7 +79,7 @@ def _free_port():
 
 
 class _RankStderr:
-    """stderr of a rank other than 0: every line prefixed with its rank (it prints nothing else)."""
+    """stderr of a rank other than 0: every line prefixed with its rank."""
 
     def __init__(self, stream, rank):
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
@@ -107,23 +97,20 @@ class _RankStderr:
 
 
 def quiet_worker_output(rank):
-    """Ranks other than 0 log nothing: stdout goes nowhere, stderr (errors) is prefixed with the rank. The OS-level
-    stream is used: in a notebook, a forked child's fd 2 is still forwarded to the cell by ipykernel."""
+    """Ranks other than 0 log nothing; their errors go to fd 2 (a notebook's forked child: still shown in the cell)."""
     sys.stdout = open(os.devnull, "w")
     sys.stderr = _RankStderr(sys.__stderr__ or open(os.devnull, "w"), rank)
 
 
 def _die_with_parent():
-    """Linux: this worker gets SIGKILL when the process that forked it dies (no orphan keeps a GPU)."""
+    """Linux: SIGKILL when the parent dies (no orphan keeps a GPU)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def cuda_driver_initialised():
-    """Whether this process has initialised the CUDA driver (cuInit), which torch.cuda.is_initialized() misses when
-    an earlier cell called torch.cuda.is_available() without the NVML check (it asks the runtime for the device
-    count): a forked child cannot use CUDA then. Asked through libcuda's cuCtxGetCurrent, which answers
-    CUDA_ERROR_NOT_INITIALIZED (3) before cuInit and initialises nothing. False where libcuda cannot be loaded."""
+    """Whether the CUDA driver is initialised here (a forked child could not use it), which torch.cuda.is_initialized()
+    misses after an earlier cell's is_available(). cuCtxGetCurrent answers 3 (NOT_INITIALIZED) before cuInit."""
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -133,10 +120,8 @@ def cuda_driver_initialised():
 
 
 def fork_workers(world_size, target, *, cuda):
-    """Fork ranks 1..world_size-1, each running target(DistContext) in the child (with fork no pickling: a notebook's
-    functions work). -> rank 0's DistContext; a one-rank DistContext (after a warning) when CUDA ranks are asked for
-    and CUDA (or only its driver) is already initialised in this process (a notebook that ran CUDA code before this
-    cell): a forked child could not use it."""
+    """Fork ranks 1..world_size-1, each running target(DistContext) (no pickling: a notebook's functions work). -> rank
+    0's DistContext; one rank (warned) when CUDA is already initialised here: a forked child could not use it."""
     if torch.cuda.is_initialized() or (cuda and cuda_driver_initialised()):
         warn("CUDA is already initialised in this process (an earlier cell used the GPU), so no worker can be forked: "
              "running one process on one GPU; restart the notebook's kernel to use every GPU")

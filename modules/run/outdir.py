@@ -1,7 +1,9 @@
-"""The output folder: what can be told of it before anything is read (a file in its place, an unwritable parent, inside
-the data), its creation with a write probe that also measures the disk, and what a killed run left in it."""
+"""The output folder: what can be told of it before anything is read, its creation with a write probe that also
+measures the disk, and what a killed run left in it."""
 import contextlib
 import os
+import re
+import tempfile
 import time
 
 from modules.data.dogs import KAGGLE_DATA_ROOTS
@@ -11,9 +13,8 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 
 
 def check_out_dir(out_dir):
-    """What can be told of the output folder without creating it: a UsageError if a file stands in its place, if it
-    cannot be created (a file on its path, an unwritable parent) or written. A probe file is made and removed in the
-    folder, or in its nearest existing parent when the folder does not exist yet."""
+    """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
+    made and removed in it, or in its nearest existing parent."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
@@ -25,17 +26,14 @@ def check_out_dir(out_dir):
     what = "write to output folder" if exists else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
-    probe = os.path.join(parent, f".out-probe-{os.getpid()}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise UsageError(f"cannot {what} {out_dir}: {exc.strerror or exc}") from None
 
 
 def check_out_not_in_data(out_dir, data_dir):
-    """The output folder must not be the data folder or inside it: samples.png and losses.png would land among the
-    training images, and the next run on that folder would train on them. data_dir "" means Kaggle's input."""
+    """Not the data folder or inside it: the next run would train on samples.png. data_dir "": Kaggle's input."""
     out = os.path.realpath(out_dir)
     for root in [data_dir] if data_dir else KAGGLE_DATA_ROOTS:
         root = os.path.realpath(os.path.expanduser(root))
@@ -47,8 +45,7 @@ def check_out_not_in_data(out_dir, data_dir):
 
 @contextlib.contextmanager
 def removed_if_left_empty(out_dir):
-    """Around the checks that follow the output folder's creation: if one fails (a UsageError), a folder this run
-    created and left empty is removed again."""
+    """A UsageError inside removes the folder again if this run created it and left it empty."""
     existed = os.path.isdir(out_dir)
     try:
         yield
@@ -60,46 +57,40 @@ def removed_if_left_empty(out_dir):
 
 
 def remove_stale_temp_files(out_dir):
-    """Remove what a killed run left while writing: images.zip.tmpPID and checkpoint.pt.tmpPID (atomic_file's names)
-    whose process is gone, and the unnumbered names of earlier versions. Another live run's files are left alone: two
-    runs sharing a folder each write their own temporary file (the later rename wins)."""
+    """Remove what a killed run left while writing: atomic_file's images.zip.tmpPID and checkpoint.pt.tmpPID (or with
+    no PID) whose process is gone. Two live runs sharing a folder each write their own (the later rename wins)."""
     for name in os.listdir(out_dir):
-        for stem in ("images.zip.tmp", "checkpoint.pt.tmp"):
-            suffix = name[len(stem):] if name.startswith(stem) else None
-            if suffix is None or (suffix and not suffix.isdigit()):
-                continue
-            if suffix and int(suffix) != os.getpid():
-                try:
-                    os.kill(int(suffix), 0)
-                    continue  # that process still runs
-                except ProcessLookupError:
-                    pass
-                except (OSError, OverflowError):  # EPERM: another user's live process
-                    continue
+        m = re.fullmatch(r"(?:images\.zip|checkpoint\.pt)\.tmp(\d*)", name)
+        if m and not (m[1] and int(m[1]) != os.getpid() and process_alive(int(m[1]))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, name))
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: another user's live process
+        pass
+    return True
+
+
 def prepare_out_dir(out_dir, *, resume):
-    """Create the output folder and prove it takes a file before any training (not after 9 hours): a DISK_PROBE_BYTES
-    file is written, fsynced and removed. Leftovers of a killed run are removed. -> disk write speed in bytes/s."""
-    check_out_dir(out_dir)
+    """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
+    -> disk write speed in bytes/s."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-    probe, data = os.path.join(out_dir, f".write-probe-{os.getpid()}"), os.urandom(DISK_PROBE_BYTES)
-    t0 = time.monotonic()
+    data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
-        with open(probe, "wb") as f:
+        with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
         raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
     speed = DISK_PROBE_BYTES / max(time.monotonic() - t0, 1e-6)
     remove_stale_temp_files(out_dir)
     ckpt = os.path.join(out_dir, "checkpoint.pt")

@@ -1,6 +1,5 @@
-"""One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the finish measured and the
-TrainPlan built once (rank 0; the others receive it) -> training -> on rank 0 the final checkpoint, images.zip and
-report.json. Only rank 0 logs and writes."""
+"""One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the TrainPlan (rank 0
+measures the finish and plans; the others receive it) -> training -> rank 0 alone writes the checkpoint, zip, report."""
 import contextlib
 import dataclasses
 import os
@@ -30,7 +29,6 @@ from modules.run.distributed import (
     init_group,
     make_training_group,
     record_failure,
-    stop_watch,
     stop_workers,
     training_timeout,
     watch_workers,
@@ -47,22 +45,21 @@ EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
 
 @dataclass
 class Rank:
-    """What one rank trains and ships with, built once (build_rank)."""
-
+    """What one rank trains and ships with (build_rank)."""
     ctx: DistContext
     cfg: object  # the Config
     trainer: object  # the Trainer
-    sampler: object  # sample.Sampler: how the shipped G generates (finish, probe, thread choice)
+    sampler: object  # sample.Sampler: how the shipped G generates
     plan: object  # the TrainPlan, identical on every rank
-    extractor: object  # rank 0 with the self-check on and Inception weights: the FID network; else None
+    extractor: object  # rank 0 with the self-check and Inception weights: the FID network; else None
     checkpoint: object  # rank 0: checkpoint(train_seconds, plan_seconds, complete) -> bool; else None
-    pace: object = None  # the Pace of training (train() makes it; the finish asks it what still fits)
+    pace: object = None  # made by train(); the finish asks it what still fits
 
 
 def run_rank(ctx, setup):
-    """The run from the device to the zip, on every rank -> exit code."""
+    """-> exit code."""
     device, cfg = setup.device, setup.cfg
-    if device is None:  # a forked rank (rank 0 included) opens its device after the fork
+    if device is None:  # a forked run: every rank opens its device after the fork
         device = open_device(cfg, ctx, report=setup.report)
     if ctx.distributed and not init_group(ctx, backend="nccl" if device.type == "cuda" else "gloo",
                                           remaining_s=setup.deadline.remaining()):
@@ -71,32 +68,26 @@ def run_rank(ctx, setup):
     try:  # rank 0 creates the output folder (build_rank): a UsageError before training ships removes it again
         with removed_if_left_empty(setup.out_dir) if ctx.is_main else contextlib.nullcontext():
             rank = build_rank(ctx, cfg, device, setup)
-            if rank is None:  # rank 0 stopped before training (a usage error, a failure): it says why
+            if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            handlers = install_interrupt_handlers(stop_event)
-            try:
+            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
-                if not ctx.is_main:  # the other ranks end here: rank 0 writes everything
-                    if summary.reason == "crashed":
-                        record_failure(summary.error)
-                        return 1
-                    return 0
-                return ship(rank, setup, summary, stop_event)
-            finally:
-                restore_handlers(handlers)
+                if ctx.is_main:
+                    return ship(rank, setup, summary, stop_event)
+                if summary.reason == "crashed":  # the other ranks end here: rank 0 writes everything
+                    record_failure(summary.error)
+                    return 1
+                return 0
     finally:
         if ctx.distributed and ctx.is_main:
-            stop_watch(ctx)
             stop_workers(ctx)
             end_group(ctx)
 
 
 def build_rank(ctx, cfg, device, setup):
-    """The trainer, restored from --resume (every rank loads it: Adam's state must match too), its sampler, and the
-    plan: rank 0 creates the output folder, measures the finish on this device and plans; the other ranks receive the
-    plan (None: rank 0 stopped -> None here); out of memory in any of it is a UsageError. Several ranks: the training
-    group, with the plan's collective timeout."""
+    """The trainer (every rank restores --resume: Adam's state must match too), its sampler and the plan: rank 0
+    creates the output folder and plans, the others receive the plan (None: rank 0 stopped). -> Rank, or None."""
     report, data = setup.report, setup.data
     extractor = checkpoint = plan = None
     if cfg.self_check and ctx.is_main:
@@ -110,7 +101,7 @@ def build_rank(ctx, cfg, device, setup):
             if setup.resumed is not None:
                 restore(trainer, setup.resumed, data=data, report=report)
             sampler = build_sampler(cfg, trainer, data)
-            if ctx.is_main:  # run_rank removes the folder again if it was made for this run and a check fails
+            if ctx.is_main:
                 disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
                 plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
                                         disk_speed=disk_speed)
@@ -141,8 +132,8 @@ def restore(trainer, resumed, *, data, report):
 
 
 def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
-    """Rank 0: the CPU threads picked, the finish measured on this device, the disk space checked -> the TrainPlan.
-    Several ranks: training stops earlier by the training group's collective timeout (a hung rank costs up to that)."""
+    """Rank 0: the CPU threads picked, the finish measured, the disk space checked -> the TrainPlan (several ranks:
+    training stops a collective timeout earlier)."""
     device, data, out_dir = trainer.device, setup.data, setup.out_dir
     if device.type == "cpu" and cfg.threads == 0 and not env_threads() and cpu_count() > 1 and not ctx.distributed:
         probe = sampler.with_batch(min(cfg.sample_batch, 50))
@@ -178,8 +169,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
 
 
 def make_checkpointer(path, trainer, *, config, classes, report):
-    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool: writes path; a failure (a full disk) is one
-    warning, never the end of the run: the zip matters more."""
+    """-> checkpoint(train_seconds, plan_seconds, complete) -> bool; a failure (a full disk) is one warning: the zip
+    matters more."""
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
@@ -194,7 +185,7 @@ def make_checkpointer(path, trainer, *, config, classes, report):
 
 
 def finish_probe(sampler, batch):
-    """-> probe() -> seconds to generate one finish batch now (the loop re-times the finish with it near the end)."""
+    """-> probe() -> seconds to generate one finish batch now."""
     one = sampler.with_batch(batch)
 
     def probe():
@@ -206,9 +197,8 @@ def finish_probe(sampler, batch):
 
 
 def train(rank, setup, stop_event):
-    """The training phase: the loop, with a last resort around it -> TrainSummary; notes a crash in report.json. An
-    out-of-memory error in the first steps is a UsageError naming the batch per rank and what to set, and any other
-    failure before the first step completed is a UsageError naming it (exit 2, nothing shipped: no step trained)."""
+    """The loop, with a last resort around it -> TrainSummary. Out of memory in the first steps, or any failure before
+    a step completed, is a UsageError (exit 2, nothing shipped)."""
     ctx, trainer, plan, report = rank.ctx, rank.trainer, rank.plan, setup.report
     first = trainer.step_count
     threads = torch.get_num_threads()
@@ -224,15 +214,15 @@ def train(rank, setup, stop_event):
             summary = train_loop(trainer, settings=build_loop_settings(rank.cfg), pace=rank.pace, ctx=ctx,
                                  stop_event=stop_event, checkpoint_fn=rank.checkpoint, history=report.history,
                                  before_step=fault_hook(rank.cfg.fault, rank=ctx.rank))
-    except KeyboardInterrupt:  # train_loop handles its own; this one came between its parts
+    except KeyboardInterrupt:  # one between train_loop's parts
         stop_event.set()
         summary.reason = "interrupted"
-    except Exception as exc:  # train_loop catches failures in training; this is a last resort
-        if is_out_of_memory(exc):  # re-raised by train_loop in the first steps: the setting does not fit
+    except Exception as exc:  # train_loop re-raises only failures in its first steps
+        if is_out_of_memory(exc):
             raise UsageError(describe_early_oom(exc, when=f"in training step {trainer.step_count + 1}",
                                                 device=trainer.device, batch_per_rank=trainer.batch_per_rank,
                                                 world_size=trainer.world_size)) from None
-        if trainer.step_count == first:  # re-raised by train_loop: a setup problem, not a run to ship
+        if trainer.step_count == first:
             raise UsageError(describe_early_failure(exc, step=first + 1)) from None
         summary.reason, summary.error = "crashed", f"{type(exc).__name__}: {exc}"
         warn(f"training failed ({summary.error}); writing the zip from the averaged generator")
@@ -251,8 +241,8 @@ def train(rank, setup, stop_event):
 
 
 def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
-    """The one line for an out-of-memory error before training or in its first steps: when, the peak allocated (CUDA)
-    and what to set: half the batch per rank, or the widths (batch_per_rank None: before training no step has run)."""
+    """The one line for out of memory before or early in training: when, the peak (CUDA) and what to set (half the
+    batch per rank; without batch_per_rank, before any step: the widths)."""
     seen = (f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of "
             f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB on {device})"
             if device.type == "cuda" else " on the CPU")
@@ -267,7 +257,7 @@ def describe_early_oom(exc, *, when, device, batch_per_rank=None, world_size=1):
 
 
 def describe_early_failure(exc, *, step):
-    """The one line for a failure before the first training step completed: the error and where it was raised."""
+    """The one line for a failure before any step completed: the error and where it was raised."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
     first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -276,9 +266,9 @@ def describe_early_failure(exc, *, step):
 
 
 def ship(rank, setup, summary, stop_event):
-    """Rank 0 after training: failed ranks named, the final checkpoint, then the zip and report.json -> exit code."""
+    """Rank 0 after training: failed ranks named, the final checkpoint, the zip and report.json -> exit code."""
     ctx, trainer, report, timer, out_dir = rank.ctx, rank.trainer, setup.report, setup.timer, setup.out_dir
-    if ctx.broken:  # a rank died or failed: say which and why, stop the forked ones, ship from rank 0's G
+    if ctx.broken:  # a rank died or failed: ship from rank 0's G
         failed = failed_ranks(ctx)
         stop_workers(ctx, wait_s=0.0)
         report.failed_ranks = {str(r): why for r, why in failed.items()}
@@ -293,8 +283,9 @@ def ship(rank, setup, summary, stop_event):
             log(f"wrote {ckpt_path} (step {trainer.step_count}; continue with --resume {ckpt_path})")
     report_path = os.path.join(out_dir, "report.json")
     try:
-        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir, settings=build_finish_settings(rank.cfg),
-               extractor=rank.extractor, pace=rank.pace, timer=timer, report=report, stop_event=stop_event)
+        finish(rank.sampler.with_batch(rank.plan.gen_batch), data=setup.data, out_dir=out_dir,
+               settings=build_finish_settings(rank.cfg), extractor=rank.extractor, pace=rank.pace, timer=timer,
+               report=report, stop_event=stop_event)
     except SubmissionError as exc:
         report.degraded, report.zip = True, None
         report.warn(f"zip not written: {exc}")
@@ -318,11 +309,9 @@ class StopRequest(threading.Event):
     why = "KeyboardInterrupt"
 
 
-def install_interrupt_handlers(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops at the next decision; the checkpoint and zip are written,
-    the optional parts skipped). Second: exit at once. The handler does no buffered I/O: a print from a handler that
-    interrupts a print in progress raises "reentrant call", which would land in the middle of training."""
-    previous = {}
+def stop_handler(stop_event):
+    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
+    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
 
     def handler(signum, frame):
         if stop_event.is_set():
@@ -331,30 +320,17 @@ def install_interrupt_handlers(stop_event):
         stop_event.why = signal.Signals(signum).name
         stop_event.set()
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    return handler
 
 
 @contextlib.contextmanager
-def sigterm_interrupts():
-    """Until training installs its own handlers: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that a stop
-    during the data or the finish measurement ends like an interrupt (main: one line, exit 130), the output folder
-    left as it was and the --demo temp folder removed, instead of a silent kill by the signal."""
+def signal_handlers(handler, *signals):
+    """handler for signals while inside, the previous ones restored after (only the main thread may set them)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        restore_handlers(previous)
-
-
-def restore_handlers(previous):
-    for sig, h in previous.items():
-        signal.signal(sig, h)
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -1,6 +1,5 @@
-"""Before any rank starts: the checks that need no device (budget, ranks and batch split, output folder, the --resume
-checkpoint), then the data, read once (forked ranks share it) -> RunSetup, what every rank's run starts from; and, on
-each rank, the device it runs on."""
+"""Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
+RunSetup; and each rank's device."""
 import dataclasses
 import os
 import tempfile
@@ -37,8 +36,7 @@ KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 
 @dataclass
 class RunSetup:
-    """What every rank's run starts from (prepare()); forked ranks inherit it as it is."""
-
+    """What every rank's run starts from; forked ranks inherit it."""
     cfg: object  # the Config
     deadline: Deadline  # the run's clock (from process start) and budget
     timer: PhaseTimer  # wall seconds per phase, for the log and report.json
@@ -51,40 +49,33 @@ class RunSetup:
     demo_dir: object = None  # --demo: the synthetic data's TemporaryDirectory (removed when the run ends)
 
 
-def in_kaggle_session():
-    """Inside a Kaggle notebook (its environment variable, or its working folder)."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or os.path.isdir("/kaggle/working")
-
-
 def prepare(cfg, ctx):
-    """The budget, the ranks, the output folder and --resume checked (a problem: one line, exit 2, before any data is
-    read and before the output folder exists), then the data -> RunSetup. ctx: this process's DistContext (torchrun's
-    rank, or rank 0 of a run that forks its other ranks later)."""
+    """The budget, the ranks, the output folder and --resume checked (one line, exit 2, before the data is read and
+    the output folder exists), then the data -> RunSetup."""
     deadline = Deadline(parse_duration(cfg.time_budget), start=process_start())  # the log's clock too
     if deadline.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--time-budget {cfg.time_budget} is too small: a run needs at least {MIN_BUDGET_S:.0f}s")
-    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle_session():
+    in_kaggle = os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or os.path.isdir("/kaggle/working")
+    if deadline.budget_s > KAGGLE_SESSION_S and in_kaggle:
         warn(f"--time-budget {cfg.time_budget} is more than a Kaggle session's {format_duration(KAGGLE_SESSION_S)}: "
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
+    forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
     if world > 1:
         split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
-    if ctx.is_main:  # only rank 0 writes
+    if ctx.is_main:  # only rank 0 writes; it creates the folder after the data and every other check
         if not cfg.demo:
             check_out_not_in_data(out_dir, cfg.data_dir)
-        check_out_dir(out_dir)  # created only after the data and every other check: a usage error leaves no empty folder
-    # the --resume checkpoint, read before the data: a wrong file fails in seconds (every rank reads it)
+        check_out_dir(out_dir)
+    # every rank reads --resume, before the data: a wrong file fails in seconds
     resumed = Resumed.read(cfg.resume, arch={k: getattr(cfg, k) for k in CHECKPOINT_ARCH_KEYS}) if cfg.resume else None
     log(f"preset {cfg.preset}, arch {cfg.arch}, loss {cfg.loss}, budget {format_duration(deadline.budget_s)}, "
-        f"out {out_dir}" + (f", {world} ranks ({ctx.launcher if ctx.launcher == 'torchrun' else 'forked here'})"
-                            if world > 1 else ""))
+        f"out {out_dir}" + (f", {world} ranks ({'forked here' if forks else 'torchrun'})" if world > 1 else ""))
     report = RunReport(config=dataclasses.asdict(cfg), device="None", torch=torch.__version__)
-    device = None
-    if not (world > 1 and ctx.launcher != "torchrun"):  # what it can use, said in the first seconds (a forked run's
-        device = open_device(cfg, ctx, report=report)  # ranks open theirs after the fork)
+    device = None if forks else open_device(cfg, ctx, report=report)  # forked ranks: each opens its own
     seed_everything(cfg.seed)
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -111,9 +102,7 @@ def load_training_data(cfg):
 
 
 def open_device(cfg, ctx, *, report):
-    """This rank's device, checked (a GPU that cannot be used, a forced amp this torch lacks: one line, exit 2) ->
-    device; fills report.json's device. Before the data in a run of one process or torchrun's ranks; in a forked run
-    in each rank after the fork (CUDA must not be initialised before it)."""
+    """This rank's device, checked (an unusable GPU, a forced amp this torch lacks: one line, exit 2) -> device."""
     device = check_device(rank_device(ctx, cfg.device))
     log(f"backends: {configure_backends(device)}; {configure_threads(cfg.threads, device)}")
     log(f"precision: {describe_amp(resolve_amp(cfg.amp, device))} (amp={cfg.amp})")  # a forced amp torch lacks: exit 2
