@@ -1,9 +1,7 @@
-"""Building blocks shared by the GAN architectures: spectral-norm layer factories, self-attention, conditional
-BatchNorm and the minibatch standard deviation layer.
+"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
 
-Layer types are passed into the models as factories (BigGAN-PyTorch style), so spectral norm on/off is one switch:
-`make_conv = partial(sn_conv, spectral=spectral)`. Every factory applies orthogonal init *before* wrapping, so the
-parametrization's first power iterations run on the final initial weight.
+Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
+`make_conv = partial(sn_conv, spectral=spectral)`. Each factory inits orthogonally *before* adding spectral norm.
 """
 import torch
 import torch.nn.functional as F
@@ -18,10 +16,8 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 # spectral norm and layer factories
 
 class SpectralNormFP32(parametrizations._SpectralNorm):
-    """torch's spectral-norm parametrization with its power iteration and sigma always in float32: it runs when the
-    weight is read, inside the caller's autocast region, and CUDA's autocast puts torch.mv on its fp16 list, so u, v and
-    sigma would be computed in half precision on a GPU (pytorch/pytorch#125544). Same buffers and state_dict keys (_u,
-    _v) as torch's."""
+    """torch's spectral norm with its power iteration in float32: it runs inside the caller's autocast, which would
+    compute u, v and sigma in fp16 on a GPU (pytorch/pytorch#125544). Same state_dict keys as torch's."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -29,8 +25,8 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
-    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
+    """Spectral-normalize `module.weight`, one power iteration per training forward (u, v are buffers: the EMA and
+    the state_dict carry them)."""
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -62,9 +58,8 @@ def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
 # attention
 
 class SelfAttention(nn.Module):
-    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g). theta/phi have
-    channels/8, g channels/2 (at least 1, for tiny test widths); phi and g are 2x2 max-pooled, so attention costs (HW) x
-    (HW/4). gamma starts at 0, so a fresh block is the identity."""
+    """SAGAN / BigGAN-PyTorch's non-local block: x + gamma * o(softmax(theta^T phi) g), phi and g 2x2 max-pooled.
+    gamma starts at 0: a fresh block is the identity."""
 
     def __init__(self, channels, make_conv):
         super().__init__()
@@ -90,8 +85,7 @@ class SelfAttention(nn.Module):
 # normalization
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
-    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
+    """BigGAN's ccbn: BatchNorm without affine params, then per-sample gain 1 + linear(cond) and bias linear(cond)."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -108,13 +102,11 @@ class ConditionalBatchNorm2d(nn.Module):
 # minibatch standard deviation
 
 class MinibatchStd(nn.Module):
-    """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
-    Groups of `group_size` samples, StyleGAN-style (sample n in group n % (N // G)); G is clipped to the batch, and the
-    whole batch is one group when N is not divisible by G. Computed in float32 (fp16-autocast safe)."""
+    """ProGAN/StyleGAN: append one channel, the mean std of the features within each group of `group_size` samples
+    (sample n in group n % (N // G); one group when N is not divisible by G), in float32."""
 
     def __init__(self, group_size=4):
         super().__init__()
-        assert group_size >= 1, group_size
         self.group_size = group_size
 
     def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]
