@@ -43,17 +43,17 @@
 #     255  LIMITS                what each setting may hold (checked before any data is read)
 #     454  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     460  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     932  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1029  LOSSES                the losses (loss): D's and G's for each
-#    1893  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1949  Trainer.step          one training step: D, then G, EMA
-#    2321  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4139  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5157  finish                the finish: images, the verified zip, self-check, pictures
-#    5422  parse_config          the command line -> a checked Config
-#    5688  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6003  run                   the run: settings, checks and data, the ranks started
-#    6079  main                  the entry point and its exit codes
+#     928  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1025  LOSSES                the losses (loss): D's and G's for each
+#    1889  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1945  Trainer.step          one training step: D, then G, EMA
+#    2312  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4130  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5148  finish                the finish: images, the verified zip, self-check, pictures
+#    5413  parse_config          the command line -> a checked Config
+#    5679  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5994  run                   the run: settings, checks and data, the ranks started
+#    6070  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -500,12 +500,9 @@ class BigDBlock(nn.Module):
     def forward(self, x):  # [N,Cin,H,W] -> [N,Cout,H/2,W/2] (or H,W when not downsampling)
         h = x if self.optimized else F.relu(x)
         h = self._pool(self.conv2(F.relu(self.conv1(h))))
-        sc = x
         if self.optimized:
-            sc = self.conv_sc(self._pool(sc))
-        elif self.conv_sc is not None:
-            sc = self._pool(self.conv_sc(sc))
-        return h + sc
+            return h + self.conv_sc(self._pool(x))
+        return h + (x if self.conv_sc is None else self._pool(self.conv_sc(x)))
 
 
 # generator
@@ -521,8 +518,7 @@ class BigGenerator(nn.Module):
         self.bottom, rows = BIGGAN_G_ARCH[resolution]
         n_chunks = len(rows) + 1
         assert z_dim % n_chunks == 0, f"z_dim={z_dim} must split into {n_chunks} chunks (cli.py checks it)"
-        self.z_dim, self.n_classes, self.resolution = z_dim, n_classes, resolution
-        self.z_chunk = z_dim // n_chunks
+        self.z_dim, self.z_chunk = z_dim, z_dim // n_chunks
         cond_dim = shared_dim + self.z_chunk
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
@@ -567,7 +563,7 @@ class BigDiscriminator(nn.Module):
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
         rows = BIGGAN_D_ARCHS[arch][resolution]
-        self.n_classes, self.resolution = n_classes, resolution
+        self.resolution = resolution
         self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
@@ -2115,21 +2111,21 @@ STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do n
 _STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sampling settings, its standing copy)
 
 
-def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
+def truncated_z(n, dim, threshold, *, generator=None):
     """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
-    z = torch.randn(n, dim, generator=generator, device=device)
-    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+    z = torch.randn(n, dim, generator=generator)
+    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
         bad = z.abs() > threshold
         while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
             bad = z.abs() > threshold
     return z
 
 
-def sample_labels(n, label_counts, *, generator=None, device="cpu"):
+def sample_labels(n, label_counts, *, generator=None):
     """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
     probs = torch.as_tensor(label_counts, dtype=torch.float32)
-    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
 def to_uint8(images):
@@ -2165,43 +2161,43 @@ def sampling_mode(G, sample_bn=None):
                 m.track_running_stats = t
 
 
+def _draw(G, n, gen, *, z_dim, label_counts, truncation, device, amp_dtype):
+    """G on n truncated latents and breeds drawn from `gen` -> [n,3,64,64]."""
+    z = truncated_z(n, z_dim, truncation, generator=gen).to(device)
+    y = sample_labels(n, label_counts, generator=gen).to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return G(z, y)
+
+
 @torch.no_grad()
-def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None):
-    """-> a copy of G whose BN statistics are the average over STANDING_BATCHES batches drawn as generate_images draws
-    (BigGAN-PyTorch's accumulate_standing_stats). Only BN runs in training mode: spectral norm's u, v stay."""
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> G, or in "standing" mode a copy whose BN statistics are averaged over STANDING_BATCHES batches drawn as G
+    will sample (BigGAN-PyTorch's accumulate_standing_stats; spectral norm's u, v stay). The copy is made once per state
+    of G's weights (torch's in-place version counters) and sampling settings: sampling in several calls pays once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, m_batch, str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     G2 = copy.deepcopy(G)
     bns = _batch_norms(G2)
     gen = torch.Generator().manual_seed(STANDING_SEED)
-    m_batch = max(2, min(batch_size, STANDING_BATCH))
     with eval_mode(G2):
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # None = cumulative moving average over the batches seen since the reset
             m.train()
         for _ in range(STANDING_BATCHES if bns else 0):
-            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                G2(z, y)
+            _draw(G2, m_batch, gen, z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device,
+                  amp_dtype=amp_dtype)
     for m, src in zip(bns, _batch_norms(G)):
         m.momentum = src.momentum
     G2.standing_ready, G2.sample_bn = True, "standing"
+    _STANDING_CACHE[G] = key, G2
     return G2
-
-
-def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
-    """-> G, or in "standing" mode its standing copy, estimated once per state of G's weights (torch's in-place
-    version counters) and sampling settings, so that sampling in several calls pays for it once."""
-    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
-        return G
-    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
-           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
-    cached = _STANDING_CACHE.get(G)
-    if cached is None or cached[0] != key:
-        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
-        _STANDING_CACHE[G] = cached
-    return cached[1]
 
 
 @torch.no_grad()
@@ -2210,18 +2206,13 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
     """n images, the same for the same seed -> uint8 [n,64,64,3]. on_batch(uint8 [m,64,64,3]) sees each batch as soon
     as it is made (the finish encodes PNGs meanwhile)."""
     mode = sample_bn_of(G, sample_bn)
-    G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation, batch_size=batch_size,
-                             device=device, amp_dtype=amp_dtype, sample_bn=mode)
+    draw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
+    G = prepare_for_sampling(G, batch_size=batch_size, sample_bn=mode, **draw)
     gen = torch.Generator().manual_seed(seed)
     out = []
     with sampling_mode(G, mode):
         for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                x = G(z, y)
-            out.append(to_uint8(x))
+            out.append(to_uint8(_draw(G, min(batch_size, n - start), gen, **draw)))
             if on_batch is not None:
                 on_batch(out[-1])
     images = np.concatenate(out)

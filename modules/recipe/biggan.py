@@ -63,12 +63,9 @@ class BigDBlock(nn.Module):
     def forward(self, x):  # [N,Cin,H,W] -> [N,Cout,H/2,W/2] (or H,W when not downsampling)
         h = x if self.optimized else F.relu(x)
         h = self._pool(self.conv2(F.relu(self.conv1(h))))
-        sc = x
         if self.optimized:
-            sc = self.conv_sc(self._pool(sc))
-        elif self.conv_sc is not None:
-            sc = self._pool(self.conv_sc(sc))
-        return h + sc
+            return h + self.conv_sc(self._pool(x))
+        return h + (x if self.conv_sc is None else self._pool(self.conv_sc(x)))
 
 
 # generator
@@ -84,8 +81,7 @@ class BigGenerator(nn.Module):
         self.bottom, rows = BIGGAN_G_ARCH[resolution]
         n_chunks = len(rows) + 1
         assert z_dim % n_chunks == 0, f"z_dim={z_dim} must split into {n_chunks} chunks (cli.py checks it)"
-        self.z_dim, self.n_classes, self.resolution = z_dim, n_classes, resolution
-        self.z_chunk = z_dim // n_chunks
+        self.z_dim, self.z_chunk = z_dim, z_dim // n_chunks
         cond_dim = shared_dim + self.z_chunk
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
@@ -130,7 +126,7 @@ class BigDiscriminator(nn.Module):
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
         rows = BIGGAN_D_ARCHS[arch][resolution]
-        self.n_classes, self.resolution = n_classes, resolution
+        self.resolution = resolution
         self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
