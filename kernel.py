@@ -41,19 +41,19 @@
 #      94  Config                every setting, its default (= the Kaggle run) and its unit or choices
 #     189  PRESETS               the presets: named sets of overrides of those defaults
 #     255  LIMITS                what each setting may hold (checked before any data is read)
-#     454  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     460  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     928  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1025  LOSSES                the losses (loss): D's and G's for each
-#    1889  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1945  Trainer.step          one training step: D, then G, EMA
-#    2312  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4130  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5148  finish                the finish: images, the verified zip, self-check, pictures
-#    5413  parse_config          the command line -> a checked Config
-#    5679  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5994  run                   the run: settings, checks and data, the ranks started
-#    6070  main                  the entry point and its exit codes
+#     441  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     447  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     914  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1011  LOSSES                the losses (loss): D's and G's for each
+#    1875  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1931  Trainer.step          one training step: D, then G, EMA
+#    2298  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4116  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5134  finish                the finish: images, the verified zip, self-check, pictures
+#    5399  parse_config          the command line -> a checked Config
+#    5665  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5980  run                   the run: settings, checks and data, the ranks started
+#    6056  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -292,22 +292,14 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _convert_value(name, raw, default):
     """Parse a --set string into the type of the field's default."""
     try:
-        if isinstance(default, bool):
-            low = str(raw).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except ValueError:
+        return _BOOL_WORDS[raw.lower()] if isinstance(default, bool) else type(default)(raw)
+    except (KeyError, ValueError):
         raise UsageError(f"--set {name}={raw}: expected a {type(default).__name__}") from None
 
 
@@ -325,7 +317,7 @@ def apply_overrides(cfg, overrides, source):
 """Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
 
 Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
-`make_conv = partial(sn_conv, spectral=spectral)`. Each factory inits orthogonally *before* adding spectral norm.
+`make_conv = partial(sn_conv, spectral=spectral)`.
 """
 
 BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
@@ -345,8 +337,9 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight`, one power iteration per training forward (u, v are buffers: the EMA and
-    the state_dict carry them)."""
+    """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
+    are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
+    nn.init.orthogonal_(module.weight)
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -356,23 +349,17 @@ def sn_wrap(module, enabled=True):
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
-    """Conv2d with 'same' padding (odd kernels), orthogonal init, optional spectral norm."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    nn.init.orthogonal_(conv.weight)
-    return sn_wrap(conv, spectral)
+    """Conv2d with 'same' padding (odd kernels)."""
+    return sn_wrap(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias), spectral)
 
 
 def sn_linear(in_features, out_features, bias=True, *, spectral=True):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    nn.init.orthogonal_(linear.weight)
-    return sn_wrap(linear, spectral)
+    return sn_wrap(nn.Linear(in_features, out_features, bias=bias), spectral)
 
 
 def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
-    """Embedding [num_embeddings, embedding_dim]; spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
-    embed = nn.Embedding(num_embeddings, embedding_dim)
-    nn.init.orthogonal_(embed.weight)
-    return sn_wrap(embed, spectral)
+    """Spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
+    return sn_wrap(nn.Embedding(num_embeddings, embedding_dim), spectral)
 
 
 # attention
@@ -524,8 +511,7 @@ class BigGenerator(nn.Module):
         make_linear = partial(sn_linear, spectral=spectral)
         make_cbn = partial(ConditionalBatchNorm2d, make_linear=make_linear)
 
-        self.shared = nn.Embedding(n_classes, shared_dim)  # not spectral-normed, as in BigGAN
-        nn.init.orthogonal_(self.shared.weight)
+        self.shared = sn_embedding(n_classes, shared_dim, spectral=False)  # not spectral-normed, as in BigGAN
         self.c0 = rows[0][0] * ch
         self.linear = make_linear(self.z_chunk, self.c0 * self.bottom ** 2)
         self.blocks = nn.ModuleList()

@@ -87,8 +87,7 @@ class BigGenerator(nn.Module):
         make_linear = partial(sn_linear, spectral=spectral)
         make_cbn = partial(ConditionalBatchNorm2d, make_linear=make_linear)
 
-        self.shared = nn.Embedding(n_classes, shared_dim)  # not spectral-normed, as in BigGAN
-        nn.init.orthogonal_(self.shared.weight)
+        self.shared = sn_embedding(n_classes, shared_dim, spectral=False)  # not spectral-normed, as in BigGAN
         self.c0 = rows[0][0] * ch
         self.linear = make_linear(self.z_chunk, self.c0 * self.bottom ** 2)
         self.blocks = nn.ModuleList()

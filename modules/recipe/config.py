@@ -209,22 +209,14 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _convert_value(name, raw, default):
     """Parse a --set string into the type of the field's default."""
     try:
-        if isinstance(default, bool):
-            low = str(raw).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except ValueError:
+        return _BOOL_WORDS[raw.lower()] if isinstance(default, bool) else type(default)(raw)
+    except (KeyError, ValueError):
         raise UsageError(f"--set {name}={raw}: expected a {type(default).__name__}") from None
 
 

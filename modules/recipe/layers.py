@@ -1,7 +1,7 @@
 """Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
 
 Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
-`make_conv = partial(sn_conv, spectral=spectral)`. Each factory inits orthogonally *before* adding spectral norm.
+`make_conv = partial(sn_conv, spectral=spectral)`.
 """
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,9 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight`, one power iteration per training forward (u, v are buffers: the EMA and
-    the state_dict carry them)."""
+    """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
+    are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
+    nn.init.orthogonal_(module.weight)
     if not enabled:
         return module
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
@@ -36,23 +37,17 @@ def sn_wrap(module, enabled=True):
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
-    """Conv2d with 'same' padding (odd kernels), orthogonal init, optional spectral norm."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    nn.init.orthogonal_(conv.weight)
-    return sn_wrap(conv, spectral)
+    """Conv2d with 'same' padding (odd kernels)."""
+    return sn_wrap(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias), spectral)
 
 
 def sn_linear(in_features, out_features, bias=True, *, spectral=True):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    nn.init.orthogonal_(linear.weight)
-    return sn_wrap(linear, spectral)
+    return sn_wrap(nn.Linear(in_features, out_features, bias=bias), spectral)
 
 
 def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
-    """Embedding [num_embeddings, embedding_dim]; spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
-    embed = nn.Embedding(num_embeddings, embedding_dim)
-    nn.init.orthogonal_(embed.weight)
-    return sn_wrap(embed, spectral)
+    """Spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
+    return sn_wrap(nn.Embedding(num_embeddings, embedding_dim), spectral)
 
 
 # attention
