@@ -44,16 +44,16 @@
 #     441  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     447  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     914  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1011  LOSSES                the losses (loss): D's and G's for each
-#    1875  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1931  Trainer.step          one training step: D, then G, EMA
-#    2298  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4116  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5134  finish                the finish: images, the verified zip, self-check, pictures
-#    5399  parse_config          the command line -> a checked Config
-#    5665  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5980  run                   the run: settings, checks and data, the ranks started
-#    6056  main                  the entry point and its exit codes
+#    1007  LOSSES                the losses (loss): D's and G's for each
+#    1871  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1927  Trainer.step          one training step: D, then G, EMA
+#    2294  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4112  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5130  finish                the finish: images, the verified zip, self-check, pictures
+#    5395  parse_config          the command line -> a checked Config
+#    5661  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5976  run                   the run: settings, checks and data, the ranks started
+#    6052  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -920,10 +920,6 @@ def build_models(cfg, n_classes):
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     return G, D
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # ==== modules/recipe/losses.py ====

@@ -133,7 +133,3 @@ def build_models(cfg, n_classes):
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
     return G, D
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
