@@ -43,17 +43,17 @@
 #     255  LIMITS                what each setting may hold (checked before any data is read)
 #     441  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
 #     447  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     914  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1007  LOSSES                the losses (loss): D's and G's for each
-#    1871  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1927  Trainer.step          one training step: D, then G, EMA
-#    2294  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4112  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5130  finish                the finish: images, the verified zip, self-check, pictures
-#    5395  parse_config          the command line -> a checked Config
-#    5661  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5976  run                   the run: settings, checks and data, the ranks started
-#    6052  main                  the entry point and its exit codes
+#     911  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1003  LOSSES                the losses (loss): D's and G's for each
+#    1867  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1923  Trainer.step          one training step: D, then G, EMA
+#    2290  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4108  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5126  finish                the finish: images, the verified zip, self-check, pictures
+#    5391  parse_config          the command line -> a checked Config
+#    5657  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5972  run                   the run: settings, checks and data, the ranks started
+#    6048  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -585,10 +585,7 @@ class BigDiscriminator(nn.Module):
         if self.embed is not None:
             assert y is not None and y.shape == (n,), "projection needs labels y [N]"
             logits = logits + (self.embed(y) * h).sum(dim=1).float()
-        class_logits = None
-        if self.aux_head is not None:
-            assert y is None or y.shape == (n,), tuple(y.shape)
-            class_logits = self.aux_head(h).float()  # [N,n_classes]
+        class_logits = self.aux_head(h).float() if self.aux_head is not None else None  # [N,n_classes]
         return logits, class_logits
 
 
@@ -931,9 +928,8 @@ real logit is above it; 0 = off).
 # helpers
 
 def _margin_mask(real, margin):
-    if not margin:
-        return torch.ones_like(real)
-    return (real < margin).to(real.dtype)
+    """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
+    return (real < margin).to(real.dtype) if margin else torch.ones_like(real)
 
 
 def _masked_mean(values, mask):

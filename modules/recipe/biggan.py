@@ -161,8 +161,5 @@ class BigDiscriminator(nn.Module):
         if self.embed is not None:
             assert y is not None and y.shape == (n,), "projection needs labels y [N]"
             logits = logits + (self.embed(y) * h).sum(dim=1).float()
-        class_logits = None
-        if self.aux_head is not None:
-            assert y is None or y.shape == (n,), tuple(y.shape)
-            class_logits = self.aux_head(h).float()  # [N,n_classes]
+        class_logits = self.aux_head(h).float() if self.aux_head is not None else None  # [N,n_classes]
         return logits, class_logits

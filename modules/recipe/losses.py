@@ -8,9 +8,8 @@ import torch.nn.functional as F
 # helpers
 
 def _margin_mask(real, margin):
-    if not margin:
-        return torch.ones_like(real)
-    return (real < margin).to(real.dtype)
+    """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
+    return (real < margin).to(real.dtype) if margin else torch.ones_like(real)
 
 
 def _masked_mean(values, mask):
