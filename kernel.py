@@ -41,19 +41,19 @@
 #      94  Config                every setting, its default (= the Kaggle run) and its unit or choices
 #     189  PRESETS               the presets: named sets of overrides of those defaults
 #     255  LIMITS                what each setting may hold (checked before any data is read)
-#     441  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     447  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     911  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1003  LOSSES                the losses (loss): D's and G's for each
-#    1867  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1923  Trainer.step          one training step: D, then G, EMA
-#    2290  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4108  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5126  finish                the finish: images, the verified zip, self-check, pictures
-#    5391  parse_config          the command line -> a checked Config
-#    5657  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5972  run                   the run: settings, checks and data, the ranks started
-#    6048  main                  the entry point and its exit codes
+#     438  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     444  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     908  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1000  LOSSES                the losses (loss): D's and G's for each
+#    1864  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1920  Trainer.step          one training step: D, then G, EMA
+#    2287  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4105  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5123  finish                the finish: images, the verified zip, self-check, pictures
+#    5388  parse_config          the command line -> a checked Config
+#    5654  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5969  run                   the run: settings, checks and data, the ranks started
+#    6045  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -340,11 +340,8 @@ def sn_wrap(module, enabled=True):
     """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
     are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
     nn.init.orthogonal_(module.weight)
-    if not enabled:
-        return module
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
-    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
-                                                                             dim=dim, eps=1e-12))
+    if enabled:  # torch's defaults: dim 0 (no transposed convs here), eps 1e-12
+        parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight))
     return module
 
 

@@ -28,11 +28,8 @@ def sn_wrap(module, enabled=True):
     """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
     are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
     nn.init.orthogonal_(module.weight)
-    if not enabled:
-        return module
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
-    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
-                                                                             dim=dim, eps=1e-12))
+    if enabled:  # torch's defaults: dim 0 (no transposed convs here), eps 1e-12
+        parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight))
     return module
 
 
