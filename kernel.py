@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 97): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     194  PRESETS               the presets: named sets of overrides of those defaults
-#     264  LIMITS                what each setting may hold (checked before any data is read)
-#     474  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     485  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     983  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1084  LOSSES                the losses (loss): D's and G's for each
-#    1968  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2024  Trainer.step          one training step: D, then G, EMA
-#    2424  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3931  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4832  finish                the finish: images, the verified zip, self-check, pictures
-#    5078  parse_config          the command line -> a checked Config
-#    5313  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5604  run                   the run: settings, checks and data, the ranks started
-#    5677  main                  the entry point and its exit codes
+#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     191  PRESETS               the presets: named sets of overrides of those defaults
+#     257  LIMITS                what each setting may hold (checked before any data is read)
+#     440  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     446  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     910  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
+#    1002  LOSSES                the losses (loss): D's and G's for each
+#    1866  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
+#    1922  Trainer.step          one training step: D, then G, EMA
+#    2289  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3796  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4697  finish                the finish: images, the verified zip, self-check, pictures
+#    4943  parse_config          the command line -> a checked Config
+#    5178  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5469  run                   the run: settings, checks and data, the ranks started
+#    5542  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -87,9 +87,8 @@ from typing import Callable
 # ==== modules/recipe/config.py ====
 """The one Config: every setting of a run, its defaults (= the Kaggle run), the presets, and what each setting may hold.
 
-Presets are named sets of overrides applied left to right over the defaults: `--preset pggan,smoke` is the PGGAN recipe at
-smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/run/cli.py
-reads the command line and checks every field against LIMITS below and the registries, before any data is read.
+Presets are overrides applied left to right over the defaults (`--preset dcgan,smoke`), then `--set name=value`; the
+command line (cli.py) checks every field against LIMITS and the registries before any data is read.
 """
 
 
@@ -99,7 +98,7 @@ class Config:
     preset: str = "kaggle"  # comma-separated names from PRESETS, applied left to right
     data_dir: str = ""  # "" = find Kaggle's input automatically
     out: str = ""  # "" = /kaggle/working if it exists, else ./output
-    time_budget: str = "8h45m"  # wall time for the whole process; Kaggle kills at 9h, 15 min left for start-up and upload
+    time_budget: str = "8h45m"  # wall time of the whole process; Kaggle kills at 9h (15 min for start-up, upload)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpus: str = "auto"  # auto (every visible GPU, one process each) | N; with --device cpu, N gloo processes
@@ -109,16 +108,15 @@ class Config:
     # data
     image_size: int = 64  # pixels; the competition wants 64
     crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
-    crop_styles: str = "square"  # comma-separated from crops.CROP_STYLES: square (2nd place), box, tight, padded, top, whole
+    crop_styles: str = "square"  # comma-separated: square (2nd place), box, tight, padded, top, whole
     include_whole: bool = False  # also train on the centre square of every whole image (3rd place: crops + originals)
     min_aspect: float = 0.0  # drop boxes with w/h below this (1st place: 0.2)
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
     hflip: bool = True  # random horizontal flip of reals
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
-    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs (real and fake) at the start, decays linearly to 0
+    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs at the start, decaying linearly to 0
     data_workers: int = 2  # decoding threads/processes
-    threads: int = 0  # torch CPU threads; 0 = auto: GPU run 1; CPU run OMP_NUM_THREADS if set, else 1 vs all but one
-    # (at least 2) timed on a generation batch, the faster kept (several CPU ranks: 1 on <= 2 cores, else all but one)
+    threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
     arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
@@ -131,25 +129,24 @@ class Config:
     spectral: bool = True  # spectral norm on G's and D's convs/linears (biggan)
     aux_weight: float = 0.1  # auxiliary classifier loss weight in D and G; 0 = no aux head
     mbstd_group: int = 0  # minibatch-stddev group size in D; 0 = off
-    upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (the tips: resize + conv avoids checkerboards)
+    upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
     loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
-    fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits with the updated D (as RaLS is written;
-    # False reuses the D step's, from before its update: ~1.25x cheaper per step on CPU, unproven for quality)
+    fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits (False: reuse D's, ~1.25x faster on CPU)
     # optimisation
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
-    batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
+    batch_per_gpu: int = 0  # > 0: this many per rank instead of splitting batch_size; 0 = off
     lr_g: float = 2e-4
     lr_d: float = 8e-4  # the 2nd place's slide deck; both public copies of their code use 4e-4 (batch 64, 50k steps)
     beta1: float = 0.0
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
-    max_steps: int = 50000  # stop after this many G steps (0 = at the training window's end); 50,000 = the 2nd place's horizon
-    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window (budget less the finish reserve)
+    max_steps: int = 50000  # stop after this many G steps (the 2nd place's); 0 = at the training window's end
+    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window
     lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
     ema: bool = True  # ship an exponential moving average of G's weights
@@ -164,7 +161,7 @@ class Config:
     sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
-    diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
+    diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout; "" = off
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
@@ -184,7 +181,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests, comma-separated (grammar.parse_faults): nan@STEP, slow@SECONDS, ...
 
 
 # the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
@@ -223,13 +220,9 @@ PRESETS = {
 }
 
 
-# What each field may hold, checked when the settings are parsed, before any data is read (modules/run/cli.py): a bad
-# value stops the run with one line naming the field, the value and what is allowed (exit 2). Every value must have its
-# field's type (an int field takes whole numbers; a bool field true or false, so bool fields are not listed). Not here:
-# the choices that name a registry (arch: models.ARCHS, loss: losses.LOSSES, crop_styles: crops.CROP_STYLES, d_arch:
-# biggan.BIGGAN_D_ARCHS, crop_filter: crops.RESIZE_FILTERS, sample_bn: sample.SAMPLE_BN_MODES, diffaug:
-# augment.AUGMENTS; preset: PRESETS), checked against the registry itself, so that a new loss or architecture is one
-# edit; and time_budget and fault, checked by their parsers (grammar.py: parse_duration, parse_faults).
+# What each field may hold, checked by cli.py before any data is read (a bad value: one line, exit 2). Not here: bool
+# fields (their type says it), the fields naming a registry (arch: models.ARCHS, loss: losses.LOSSES, ...: cli.py
+# checks them against the registry itself), and time_budget and fault (grammar.py's parsers).
 
 @dataclass(frozen=True)
 class Range:
@@ -273,7 +266,8 @@ LIMITS = {
     "data_limit": Range(0, 10**7),
     # model
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
-    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024), "upsample": Choice(("transpose", "nearest", "bilinear")),
+    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
+    "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
     "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
     # optimisation
@@ -300,22 +294,14 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _convert_value(name, raw, default):
     """Parse a --set string into the type of the field's default."""
     try:
-        if isinstance(default, bool):
-            low = str(raw).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except ValueError:
+        return _BOOL_WORDS[raw.lower()] if isinstance(default, bool) else type(default)(raw)
+    except (KeyError, ValueError):
         raise UsageError(f"--set {name}={raw}: expected a {type(default).__name__}") from None
 
 
@@ -330,12 +316,10 @@ def apply_overrides(cfg, overrides, source):
 
 
 # ==== modules/recipe/layers.py ====
-"""Building blocks shared by the GAN architectures: spectral-norm layer factories, self-attention, conditional
-BatchNorm and the minibatch standard deviation layer.
+"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
 
-Layer types are passed into the models as factories (BigGAN-PyTorch style), so spectral norm on/off is one switch:
-`make_conv = partial(sn_conv, spectral=spectral)`. Every factory applies orthogonal init *before* wrapping, so the
-parametrization's first power iterations run on the final initial weight.
+Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
+`make_conv = partial(sn_conv, spectral=spectral)`.
 """
 
 BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
@@ -346,10 +330,8 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 # spectral norm and layer factories
 
 class SpectralNormFP32(parametrizations._SpectralNorm):
-    """torch's spectral-norm parametrization with its power iteration and sigma always in float32: it runs when the
-    weight is read, inside the caller's autocast region, and CUDA's autocast puts torch.mv on its fp16 list, so u, v and
-    sigma would be computed in half precision on a GPU (pytorch/pytorch#125544). Same buffers and state_dict keys (_u,
-    _v) as torch's."""
+    """torch's spectral norm with its power iteration in float32: it runs inside the caller's autocast, which would
+    compute u, v and sigma in fp16 on a GPU (pytorch/pytorch#125544). Same state_dict keys as torch's."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -357,42 +339,33 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
-    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
-    if not enabled:
-        return module
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
-    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
-                                                                             dim=dim, eps=1e-12))
+    """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
+    are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
+    nn.init.orthogonal_(module.weight)
+    if enabled:  # torch's defaults: dim 0 (no transposed convs here), eps 1e-12
+        parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight))
     return module
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
-    """Conv2d with 'same' padding (odd kernels), orthogonal init, optional spectral norm."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    nn.init.orthogonal_(conv.weight)
-    return sn_wrap(conv, spectral)
+    """Conv2d with 'same' padding (odd kernels)."""
+    return sn_wrap(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias), spectral)
 
 
 def sn_linear(in_features, out_features, bias=True, *, spectral=True):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    nn.init.orthogonal_(linear.weight)
-    return sn_wrap(linear, spectral)
+    return sn_wrap(nn.Linear(in_features, out_features, bias=bias), spectral)
 
 
 def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
-    """Embedding [num_embeddings, embedding_dim]; spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
-    embed = nn.Embedding(num_embeddings, embedding_dim)
-    nn.init.orthogonal_(embed.weight)
-    return sn_wrap(embed, spectral)
+    """Spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
+    return sn_wrap(nn.Embedding(num_embeddings, embedding_dim), spectral)
 
 
 # attention
 
 class SelfAttention(nn.Module):
-    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g). theta/phi have
-    channels/8, g channels/2 (at least 1, for tiny test widths); phi and g are 2x2 max-pooled, so attention costs (HW) x
-    (HW/4). gamma starts at 0, so a fresh block is the identity."""
+    """SAGAN / BigGAN-PyTorch's non-local block: x + gamma * o(softmax(theta^T phi) g), phi and g 2x2 max-pooled.
+    gamma starts at 0: a fresh block is the identity."""
 
     def __init__(self, channels, make_conv):
         super().__init__()
@@ -418,8 +391,7 @@ class SelfAttention(nn.Module):
 # normalization
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
-    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
+    """BigGAN's ccbn: BatchNorm without affine params, then per-sample gain 1 + linear(cond) and bias linear(cond)."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -436,13 +408,11 @@ class ConditionalBatchNorm2d(nn.Module):
 # minibatch standard deviation
 
 class MinibatchStd(nn.Module):
-    """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
-    Groups of `group_size` samples, StyleGAN-style (sample n in group n % (N // G)); G is clipped to the batch, and the
-    whole batch is one group when N is not divisible by G. Computed in float32 (fp16-autocast safe)."""
+    """ProGAN/StyleGAN: append one channel, the mean std of the features within each group of `group_size` samples
+    (sample n in group n % (N // G); one group when N is not divisible by G), in float32."""
 
     def __init__(self, group_size=4):
         super().__init__()
-        assert group_size >= 1, group_size
         self.group_size = group_size
 
     def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]
@@ -458,30 +428,21 @@ class MinibatchStd(nn.Module):
 
 
 # ==== modules/recipe/biggan.py ====
-"""BigGAN-style conditional generator and discriminator (BigGAN-PyTorch, Brock et al. 2019), as in the 2nd-place
-recipe of Kaggle's Generative Dog Images: shared class embedding, hierarchical z, conditional BatchNorm, self-attention
-at 32x32, projection discriminator with an auxiliary classifier head, optional minibatch-std layer.
-
-The architecture is a table per output resolution (widths as multiples of `ch`, one row per residual block), so widths
-are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and to each table of BIGGAN_D_ARCHS.
+"""BigGAN's conditional G and projection D (BigGAN-PyTorch, Brock et al. 2019), as in the 2nd-place recipe: shared
+class embedding, hierarchical z, conditional BatchNorm, self-attention at 32x32, an auxiliary classifier head on D.
+The architecture is a table per resolution (one row per residual block, widths as multiples of `ch`).
 """
 
 
 # architecture tables
 
-# G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2.
-# BigGAN-PyTorch's arch[64] (G params at ch=32: 8.0M); the linear layer outputs in_mult[0]*ch channels at bottom^2.
+# G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2. BigGAN-PyTorch's arch[64].
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
-# D: name -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its
-# out_res is below its input's. The first block is BigGAN's "optimized" block. Config.d_arch picks the table by name.
-# - "2nd-place": the Kaggle 2nd place's D (their slide deck: "ResBlock Down 64, Non-Local, ResBlock Down 128, 256, 512,
-#   ReLU, Global Sum Pooling, Embedding 512, FC |C|"; their code: ch=64 with the author's "reduce model depth (remove
-#   last residual block)"): four blocks, 2/4/8/16 x d_ch = 64/128/256/512 channels at 32/16/8/4 px at d_ch 32,
-#   attention on 64 channels at 32 px; 4.99 M parameters at d_ch 32 (theirs: 4.98 M, the difference our biases).
-# - "biggan-pytorch": BigGAN-PyTorch's arch[64] (ch x 1/2/4/8/16): five blocks, the fifth 8ch -> 16ch at 4x4 without
-#   downsampling -- the block the 2nd place removed; 5.01 M parameters at d_ch 32, 73 % of them in that fifth block.
+# D: Config.d_arch -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples
+# when its out_res is below its input's. "2nd-place": the 2nd place's D (their slide deck; 4.99 M parameters at d_ch 32,
+# theirs 4.98 M); "biggan-pytorch": BigGAN-PyTorch's arch[64], whose fifth block (at 4x4) the 2nd place removed.
 BIGGAN_D_ARCHS = {
     "2nd-place": {64: ((0, 2, 32), (2, 4, 16), (4, 8, 8), (8, 16, 4))},
     "biggan-pytorch": {64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4))},
@@ -525,19 +486,9 @@ class BigDBlock(nn.Module):
     def forward(self, x):  # [N,Cin,H,W] -> [N,Cout,H/2,W/2] (or H,W when not downsampling)
         h = x if self.optimized else F.relu(x)
         h = self._pool(self.conv2(F.relu(self.conv1(h))))
-        sc = x
         if self.optimized:
-            sc = self.conv_sc(self._pool(sc))
-        elif self.conv_sc is not None:
-            sc = self._pool(self.conv_sc(sc))
-        return h + sc
-
-
-def _check_attention_res(attention_res, block_res):
-    unknown = set(attention_res) - set(block_res)
-    if unknown:
-        raise ValueError(f"attention_res {sorted(unknown)} not among the blocks' output resolutions "
-                         f"{sorted(set(block_res))}")
+            return h + self.conv_sc(self._pool(x))
+        return h + (x if self.conv_sc is None else self._pool(self.conv_sc(x)))
 
 
 # generator
@@ -550,22 +501,16 @@ class BigGenerator(nn.Module):
     def __init__(self, *, z_dim=120, n_classes=120, shared_dim=32, ch=32, attention_res=(32,), spectral=True,
                  resolution=64):
         super().__init__()
-        if resolution not in BIGGAN_G_ARCH:
-            raise ValueError(f"BigGenerator: resolution {resolution} not in {sorted(BIGGAN_G_ARCH)}")
         self.bottom, rows = BIGGAN_G_ARCH[resolution]
         n_chunks = len(rows) + 1
-        if z_dim % n_chunks:
-            raise ValueError(f"BigGenerator: z_dim={z_dim} must divide into {n_chunks} equal chunks (blocks + 1)")
-        _check_attention_res(attention_res, [r for _, _, r in rows])
-        self.z_dim, self.n_classes, self.resolution = z_dim, n_classes, resolution
-        self.z_chunk = z_dim // n_chunks
+        assert z_dim % n_chunks == 0, f"z_dim={z_dim} must split into {n_chunks} chunks (cli.py checks it)"
+        self.z_dim, self.z_chunk = z_dim, z_dim // n_chunks
         cond_dim = shared_dim + self.z_chunk
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
         make_cbn = partial(ConditionalBatchNorm2d, make_linear=make_linear)
 
-        self.shared = nn.Embedding(n_classes, shared_dim)  # not spectral-normed, as in BigGAN
-        nn.init.orthogonal_(self.shared.weight)
+        self.shared = sn_embedding(n_classes, shared_dim, spectral=False)  # not spectral-normed, as in BigGAN
         self.c0 = rows[0][0] * ch
         self.linear = make_linear(self.z_chunk, self.c0 * self.bottom ** 2)
         self.blocks = nn.ModuleList()
@@ -602,13 +547,9 @@ class BigDiscriminator(nn.Module):
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
-        if arch not in BIGGAN_D_ARCHS:
-            raise ValueError(f"BigDiscriminator: arch {arch!r} not in {sorted(BIGGAN_D_ARCHS)}")
-        if resolution not in BIGGAN_D_ARCHS[arch]:
-            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCHS[arch])}")
         rows = BIGGAN_D_ARCHS[arch][resolution]
-        _check_attention_res(attention_res, [r for _, _, r in rows])
-        self.n_classes, self.resolution = n_classes, resolution
+        self.resolution = resolution
+        self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
 
@@ -643,10 +584,7 @@ class BigDiscriminator(nn.Module):
         if self.embed is not None:
             assert y is not None and y.shape == (n,), "projection needs labels y [N]"
             logits = logits + (self.embed(y) * h).sum(dim=1).float()
-        class_logits = None
-        if self.aux_head is not None:
-            assert y is None or y.shape == (n,), tuple(y.shape)
-            class_logits = self.aux_head(h).float()  # [N,n_classes]
+        class_logits = self.aux_head(h).float() if self.aux_head is not None else None  # [N,n_classes]
         return logits, class_logits
 
 
@@ -859,19 +797,18 @@ Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; ev
 
 # dcgan
 
-# Channel multipliers per resolution (DCGAN paper, 64x64): G goes 4 -> 8 -> 16 -> 32 -> 64, D mirrors it.
+# Channel multipliers per resolution (DCGAN paper): G goes 4 -> 8 -> 16 -> 32 -> 64 px, D mirrors it.
 DCGAN_G_TABLE = [8, 4, 2, 1]  # × g_ch at 4, 8, 16, 32 px; the last up-block maps g_ch -> 3 at 64 px
 DCGAN_D_TABLE = [1, 2, 4, 8]  # × d_ch at 32, 16, 8, 4 px
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that, in training with `split_halves` set, normalises the two halves of the batch separately.
+    """The 1st-public team's split BN: in training, the two halves of D's cat([reals, fakes]) batch are normalised
+    separately."""
 
-    D sees cat([reals, fakes]) in one forward pass, yet the statistics used for fakes are computed from fakes alone
-    (the 1st-public team's split BN).
-    """
-
-    split_halves = False
+    def __init__(self, channels, split_halves=False):
+        super().__init__(channels)
+        self.split_halves = split_halves
 
     def forward(self, x):
         if self.training and self.split_halves:
@@ -931,9 +868,7 @@ class DCDiscriminator(nn.Module):
         for i, c_out in enumerate(widths):
             layers.append(nn.Conv2d(c_in, c_out, kernel, 2, (kernel - 1) // 2, bias=(i == 0)))
             if i > 0:
-                bn = SplitBatchNorm2d(c_out)
-                bn.split_halves = split_bn
-                layers.append(bn)
+                layers.append(SplitBatchNorm2d(c_out, split_bn))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             c_in = c_out
         self.features = nn.Sequential(*layers)  # -> [N, 8ch, 4, 4]
@@ -956,20 +891,12 @@ def build_biggan(cfg, n_classes):
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
                          mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
-    D.joint_ok = cfg.mbstd_group == 0  # a minibatch-stddev group must not mix reals and fakes
     return G, D
 
 
-def build_dcgan(cfg, n_classes):
-    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=4)
-    D = DCDiscriminator(ch=cfg.d_ch, kernel=4, split_bn=cfg.split_bn)
-    return G, D
-
-
-def build_dcgan5(cfg, n_classes):
-    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=5)
-    D = DCDiscriminator(ch=cfg.d_ch, kernel=3, split_bn=cfg.split_bn)
-    return G, D
+def build_dcgan(cfg, n_classes, *, g_kernel, d_kernel):
+    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=g_kernel)
+    return G, DCDiscriminator(ch=cfg.d_ch, kernel=d_kernel, split_bn=cfg.split_bn)
 
 
 def build_pggan(cfg, n_classes):
@@ -980,37 +907,28 @@ def build_pggan(cfg, n_classes):
     return G, D
 
 
-ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5, "pggan": build_pggan}
+ARCHS = {"biggan": build_biggan, "dcgan": partial(build_dcgan, g_kernel=4, d_kernel=4),
+         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3), "pggan": build_pggan}
 
 
 def build_models(cfg, n_classes):
-    """-> (G, D) for cfg.arch (checked against ARCHS when parsed), on the CPU, in training mode."""
+    """-> (G, D) for cfg.arch, on the CPU, in training mode."""
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
-    if not hasattr(D, "joint_ok"):
-        D.joint_ok = True
     return G, D
 
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 # ==== modules/recipe/losses.py ====
-"""GAN losses as a registry: LOSSES[name] = (d_loss, g_loss), each a function of D's logits on reals and fakes.
-
-All losses work in float32 whatever the autocast dtype, and return a scalar tensor (no host sync).
-`real_target` is one-sided label smoothing (bce only); `margin` zeroes D's real loss on samples whose real logit is
-already above it (the 1st-public team's margin; 0 = off).
+"""GAN losses as a registry: LOSSES[name] = (d_loss, g_loss) of D's logits on reals and fakes, in float32.
+D's losses take `real_target` (label smoothing; bce, lsgan) and `margin` (the 1st-public team's: no real loss once a
+real logit is above it; 0 = off).
 """
 
 # helpers
 
 def _margin_mask(real, margin):
     """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
-    if not margin:
-        return torch.ones_like(real)
-    return (real < margin).to(real.dtype)
+    return (real < margin).to(real.dtype) if margin else torch.ones_like(real)
 
 
 def _masked_mean(values, mask):
@@ -1100,22 +1018,21 @@ def gradient_penalty(D, real, fake, y):
 
 
 # ==== modules/recipe/augment.py ====
-"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): the same random colour, translation and
-cutout transforms are applied to reals and fakes, in D's step and in G's, so D cannot memorise 20k crops while G still
-learns the un-augmented distribution. Newer than the competition (2019): off by default, `--set diffaug=color,translation,cutout`.
-
-Every transform maps x [N,3,H,W] in about [-1,1] to the same shape, per-sample random, differentiable in x.
+"""DiffAugment (Zhao et al. 2020): random colour, translation and cutout on every input of D, real and fake, in D's
+step and G's, so D cannot memorise 20k crops while G still learns the un-augmented images. Newer than the 2019
+competition: off by default. Each transform: x [N,3,H,W] -> same shape, random per sample, differentiable in x.
 """
 
 
 def augment_color(x):
     """Random brightness (± 0.5), saturation (× 0..2) and contrast (× 0.5..1.5), per sample."""
-    n = x.shape[0]
-    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+    def rand():
+        return torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+    x = x + (rand() - 0.5)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+    x = (x - mean) * (rand() * 2) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
+    return (x - mean) * (rand() + 0.5) + mean
 
 
 def augment_translation(x, ratio=0.125):
@@ -1148,12 +1065,11 @@ AUGMENTS = {"color": augment_color, "translation": augment_translation, "cutout"
 
 
 def parse_augment_policy(policy):
-    """'color,translation' -> ('color', 'translation'); '' -> (). The names are AUGMENTS' (checked when parsed)."""
+    """'color,translation' -> ('color', 'translation'); '' -> ()."""
     return tuple(p.strip() for p in policy.split(",") if p.strip())
 
 
 def diff_augment(x, policy):
-    """Apply the transforms named in policy (a tuple from parse_augment_policy), in order."""
     for name in policy:
         x = AUGMENTS[name](x)
     return x
@@ -1169,41 +1085,35 @@ _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?
 
 
 def parse_duration(text):
-    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds (float > 0)."""
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds."""
     s = str(text).strip().lower().replace(" ", "")
-    if s.startswith("-"):
-        raise UsageError(f"duration {text!r} must be positive")
     try:
         value = float(s)
-        if not math.isfinite(value):
-            raise UsageError(f"duration {text!r} must be a finite number of seconds")
     except ValueError:
         m = _DURATION_RE.match(s)
-        if not s or m is None or not any(m.groups()):
+        if m is None or not any(m.groups()):
             raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
         h, mi, se = (float(g) if g else 0.0 for g in m.groups())
         value = h * 3600 + mi * 60 + se
-    if value <= 0:
-        raise UsageError(f"duration {text!r} must be positive")
+    if not 0 < value < math.inf:  # also refuses nan
+        raise UsageError(f"duration {text!r} must be a positive, finite number of seconds")
     if value > MAX_DURATION_S:
         raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
                          "ask for; Kaggle sessions end after 9h")
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")
 
 
 def parse_faults(text):
-    """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; oom@STEP: a CUDA out-of-memory error at that step; kill@STEP: rank 1 of
-    several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation batch
-    once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
+    """Config.fault ('nan@12,slow@0.5') -> {kind: number} (-1.0 for zipfail). kill@STEP: rank 1 of several dies by
+    SIGKILL; slow@SECONDS: sleep per training step; slowgen@SECONDS: per generation batch once training started."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, slow@SECONDS, "
-                             "slowgen@SECONDS or zipfail")
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
+                             "slow@SECONDS, slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
     return faults
@@ -1699,70 +1609,61 @@ def fall_back_to_eager(exc, *modules):
 
 
 # ==== modules/recipe/settings.py ====
-"""The Trainer's settings, in small frozen groups built once from Config by trainer_settings(), as StyleGAN2-ADA's
-training loop takes G_kwargs / loss_kwargs / G_opt_kwargs. A field takes Config's field of the same name (see Config
-for its default and allowed values) unless trainer_settings derives it, so a new knob is two edits: Config and its group.
+"""The Trainer's settings in small frozen groups (as StyleGAN2-ADA's loss_kwargs, G_opt_kwargs). A field is Config's
+field of the same name (its comment there says the unit and choices) unless trainer_settings derives it.
 """
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """How D's and G's losses are made."""
-
-    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan | wgan
-    aux_weight: float  # weight of the auxiliary breed classifier's cross-entropy in D's and G's loss; 0 = off
-    real_label: float  # bce: target for reals (one-sided label smoothing: 0.9); the other losses ignore it
-    margin: float  # D's real loss is zero where the real logit exceeds this (logit units); 0 = off
+    name: str  # Config.loss
+    aux_weight: float
+    real_label: float
+    margin: float
     gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
-    fresh_real_logits: bool  # rals: G's step recomputes D's real logits with the updated D; False reuses the D step's
+    fresh_real_logits: bool
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """Adam for G and D (learning rates at schedule factor 1, before roll-backs lower them)."""
-
-    lr_g: float  # G's learning rate
-    lr_d: float  # D's learning rate
-    beta1: float  # Adam's first-moment decay, per step
-    beta2: float  # Adam's second-moment decay, per step
-    d_steps: int  # D steps per G step (each on a fresh batch)
+    """Adam for G and D (learning rates before the schedule and roll-backs scale them)."""
+    lr_g: float
+    lr_d: float
+    beta1: float
+    beta2: float
+    d_steps: int
 
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """What follows training progress, the fraction of the planned training time spent, in [0,1]."""
-
-    lr_schedule: str  # constant | cosine | linear: the learning-rate factor over progress
-    lr_final: float  # learning-rate factor at progress 1 (cosine, linear), a fraction of the start's
+    """What follows progress, the fraction of the planned training time spent, in [0,1]."""
+    lr_schedule: str
+    lr_final: float
     pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
 
 
 @dataclass(frozen=True)
 class AveragingSettings:
-    """The averaged copies of G that can be shipped instead of G itself."""
-
-    ema: bool  # keep an exponential moving average of G's weights (and float buffers)
+    ema: bool
     ema_half_life_images: float  # images (over all ranks) after which a weight's share in the EMA has halved
-    ema_start: int  # G steps during which the EMA copies G instead of averaging (it starts averaging after)
-    swa: bool  # keep the plain average of G over the second half of training (shipped once it has averaged)
-    swa_every: int  # G steps between SWA updates
+    ema_start: int
+    swa: bool
+    swa_every: int
 
 
 @dataclass(frozen=True)
 class DInputSettings:
-    """What D sees of every image batch, real and fake, besides the images themselves."""
-
-    instance_noise: float  # std of Gaussian noise added (in [-1,1] pixel units) at progress 0, decaying linearly to 0
-    diffaug: str  # DiffAugment policy: comma-separated color, translation, cutout; "" = off
+    """What D sees of every batch, real and fake, besides the images themselves."""
+    instance_noise: float
+    diffaug: str
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
     """Everything a Trainer is built with besides the models, the data and the ranks' layout."""
-
-    z_dim: int  # latent size
+    z_dim: int
     batch_per_rank: int  # images per step on this rank (Config.batch_size is over all ranks)
-    amp: str  # Config.amp: auto | off | fp16 | bf16, resolved against the device by precision.resolve_amp
+    amp: str
     loss: LossSettings
     optim: OptimSettings
     schedule: ScheduleSettings
@@ -1771,8 +1672,7 @@ class TrainerSettings:
 
 
 def ema_half_life_images(decay, ref_batch):
-    """Config's EMA (decay per step at ref_batch images per step) -> its half-life in images: ref_batch * ln 0.5 /
-    ln decay (decay 1: never forgets, an infinite half-life)."""
+    """Config's EMA decay per step at ref_batch images per step -> its half-life in images (decay 1: infinite)."""
     return math.inf if decay >= 1 else ref_batch * math.log(0.5) / math.log(decay)
 
 
@@ -1784,8 +1684,7 @@ def _group(cls, cfg, **derived):
 
 
 def split_batch(batch_size, batch_per_gpu, world_size):
-    """-> per-rank batch. The global batch_size is split over the ranks (same recipe, same step count), unless
-    batch_per_gpu > 0 keeps that many per rank (global batch = batch_per_gpu x ranks)."""
+    """-> per-rank batch: batch_size split over the ranks (same recipe, same step count), unless batch_per_gpu > 0."""
     if batch_per_gpu > 0:
         return batch_per_gpu
     if batch_size % world_size:
@@ -1795,8 +1694,7 @@ def split_batch(batch_size, batch_per_gpu, world_size):
 
 
 def trainer_settings(cfg, *, world_size):
-    """Config -> TrainerSettings: the one mapping, used by build_trainer (and so by main, the tests and the benches).
-    world_size: the number of ranks Config.batch_size is split over."""
+    """Config -> TrainerSettings, for `world_size` ranks."""
     batch_per_rank = split_batch(cfg.batch_size, cfg.batch_per_gpu, world_size) if world_size > 1 else cfg.batch_size
     return _group(
         TrainerSettings, cfg, batch_per_rank=batch_per_rank,
@@ -2175,51 +2073,36 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
 
 
 # ==== modules/recipe/sample.py ====
-"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
-generation to uint8 images.
+"""Sampling: truncated latents, breeds drawn with the training set's frequencies, G's BatchNorm statistics, uint8 images.
 
-G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
-- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
-  eval mode); the running statistics are left untouched.
-- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
-  into the averaged copy): statistics of other weights than the ones that generate.
-- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
-  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
-Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
-so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
-"running" mode, where it shrinks the activations relative to the training statistics.
-
-A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
-`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
-and its pictures all call it, so they sample alike.
+Config.sample_bn: "batch" (each batch normalised with its own statistics, as the 2nd place sampled), "running" (eval
+mode) or "standing" (BigGAN-PyTorch: re-estimated on a copy of G from samples drawn as the run draws them). The run's
+`Sampler` holds how it generates, so the finish, its timing and its pictures all sample alike.
 """
 
 
 SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
 STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
-STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
-STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
-_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
+STANDING_BATCH = 64  # images per standing batch (at most the generation batch)
+STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images come first
+_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sampling settings, its standing copy)
 
 
-def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
-    """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
-
-    Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
-    """
-    z = torch.randn(n, dim, generator=generator, device=device)
-    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+def truncated_z(n, dim, threshold, *, generator=None):
+    """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
+    z = torch.randn(n, dim, generator=generator)
+    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
         bad = z.abs() > threshold
         while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
             bad = z.abs() > threshold
     return z
 
 
-def sample_labels(n, label_counts, *, generator=None, device="cpu"):
+def sample_labels(n, label_counts, *, generator=None):
     """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
     probs = torch.as_tensor(label_counts, dtype=torch.float32)
-    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
 def to_uint8(images):
@@ -2233,15 +2116,14 @@ def _batch_norms(G):
 
 
 def sample_bn_of(G, sample_bn=None):
-    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
+    """`sample_bn` if given, else G's own (`G.sample_bn`, set by build_models), else "running"."""
     return sample_bn or getattr(G, "sample_bn", "running")
 
 
 @contextlib.contextmanager
 def sampling_mode(G, sample_bn=None):
-    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
-    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
-    back in the mode it had after."""
+    """G in eval mode (no spectral-norm power iteration), except that in "batch" mode its BatchNorm layers normalise
+    with the batch's own statistics and leave their running ones untouched."""
     batch = sample_bn_of(G, sample_bn) == "batch"
     bns = _batch_norms(G) if batch else []
     tracked = [m.track_running_stats for m in bns]
@@ -2256,71 +2138,58 @@ def sampling_mode(G, sample_bn=None):
                 m.track_running_stats = t
 
 
+def _draw(G, n, gen, *, z_dim, label_counts, truncation, device, amp_dtype):
+    """G on n truncated latents and breeds drawn from `gen` -> [n,3,64,64]."""
+    z = truncated_z(n, z_dim, truncation, generator=gen).to(device)
+    y = sample_labels(n, label_counts, generator=gen).to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return G(z, y)
+
+
 @torch.no_grad()
-def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
-                   n_batches=STANDING_BATCHES):
-    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
-    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
-    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
-    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> G, or in "standing" mode a copy whose BN statistics are averaged over STANDING_BATCHES batches drawn as G
+    will sample (BigGAN-PyTorch's accumulate_standing_stats; spectral norm's u, v stay). The copy is made once per state
+    of G's weights (torch's in-place version counters) and sampling settings: sampling in several calls pays once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, m_batch, str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     G2 = copy.deepcopy(G)
     bns = _batch_norms(G2)
     gen = torch.Generator().manual_seed(STANDING_SEED)
-    m_batch = max(2, min(batch_size, STANDING_BATCH))
     with eval_mode(G2):
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # None = cumulative moving average over the batches seen since the reset
             m.train()
-        for _ in range(n_batches if bns else 0):
-            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                G2(z, y)
+        for _ in range(STANDING_BATCHES if bns else 0):
+            _draw(G2, m_batch, gen, z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device,
+                  amp_dtype=amp_dtype)
     for m, src in zip(bns, _batch_norms(G)):
         m.momentum = src.momentum
     G2.standing_ready, G2.sample_bn = True, "standing"
+    _STANDING_CACHE[G] = key, G2
     return G2
-
-
-def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
-    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
-    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
-    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
-    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
-        return G
-    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
-           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
-    cached = _STANDING_CACHE.get(G)
-    if cached is None or cached[0] != key:
-        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
-        _STANDING_CACHE[G] = cached
-    return cached[1]
 
 
 @torch.no_grad()
 def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
                     sample_bn=None, on_batch=None):
-    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
-
-    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
-    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
-    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
+    """n images, the same for the same seed -> uint8 [n,64,64,3]. on_batch(uint8 [m,64,64,3]) sees each batch as soon
+    as it is made (the finish encodes PNGs meanwhile)."""
     mode = sample_bn_of(G, sample_bn)
-    if mode == "standing" and not getattr(G, "standing_ready", False):
-        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
+    draw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
+    G = prepare_for_sampling(G, batch_size=batch_size, sample_bn=mode, **draw)
     gen = torch.Generator().manual_seed(seed)
     out = []
     with sampling_mode(G, mode):
         for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                x = G(z, y)
-            out.append(to_uint8(x))
+            out.append(to_uint8(_draw(G, min(batch_size, n - start), gen, **draw)))
             if on_batch is not None:
                 on_batch(out[-1])
     images = np.concatenate(out)
@@ -2333,10 +2202,8 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
 class Sampler:
-    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
-
-    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
-    averages), unless `ready()` fixed it."""
+    """`sampler(n, seed)` -> uint8 [n,64,64,3], as generate_images with these settings. model() is read at each call:
+    the generator to ship now (the EMA, or SWA once it averages), unless ready() fixed it."""
 
     model: Callable  # () -> the generator to sample
     z_dim: int
@@ -2345,31 +2212,29 @@ class Sampler:
     amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
     device: torch.device
     batch: int  # images per generated batch
-    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+    sample_bn: object = None  # None: the generator's own (G.sample_bn); a bench may override
+
+    def _settings(self):
+        return dict(z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation, batch_size=self.batch,
+                    device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn)
 
     def __call__(self, n, seed=0, *, on_batch=None):
-        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
-                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
-                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+        return generate_images(self.model(), n=n, seed=seed, on_batch=on_batch, **self._settings())
 
     def with_batch(self, batch):
         return dataclasses.replace(self, batch=batch)
 
     def with_model(self, G):
-        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
         return dataclasses.replace(self, model=lambda: G)
 
     def ready(self):
-        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
-        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
-        return self.with_model(prepare_for_sampling(
-            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
-            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+        """-> this sampler fixed to the generator (or its standing copy) it samples now: a retry and the pictures
+        use the very same model."""
+        return self.with_model(prepare_for_sampling(self.model(), **self._settings()))
 
 
 def build_sampler(cfg, trainer, data):
-    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
-    generation batch; breeds drawn with the training set's frequencies."""
+    """The run's Sampler: the trainer's shipped generator, precision and device; breeds at the training frequencies."""
     return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
                    label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
                    device=trainer.device, batch=cfg.sample_batch)

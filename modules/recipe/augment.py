@@ -1,20 +1,19 @@
-"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): the same random colour, translation and
-cutout transforms are applied to reals and fakes, in D's step and in G's, so D cannot memorise 20k crops while G still
-learns the un-augmented distribution. Newer than the competition (2019): off by default, `--set diffaug=color,translation,cutout`.
-
-Every transform maps x [N,3,H,W] in about [-1,1] to the same shape, per-sample random, differentiable in x.
+"""DiffAugment (Zhao et al. 2020): random colour, translation and cutout on every input of D, real and fake, in D's
+step and G's, so D cannot memorise 20k crops while G still learns the un-augmented images. Newer than the 2019
+competition: off by default. Each transform: x [N,3,H,W] -> same shape, random per sample, differentiable in x.
 """
 import torch
 
 
 def augment_color(x):
     """Random brightness (± 0.5), saturation (× 0..2) and contrast (× 0.5..1.5), per sample."""
-    n = x.shape[0]
-    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+    def rand():
+        return torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+    x = x + (rand() - 0.5)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+    x = (x - mean) * (rand() * 2) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
+    return (x - mean) * (rand() + 0.5) + mean
 
 
 def augment_translation(x, ratio=0.125):
@@ -47,12 +46,11 @@ AUGMENTS = {"color": augment_color, "translation": augment_translation, "cutout"
 
 
 def parse_augment_policy(policy):
-    """'color,translation' -> ('color', 'translation'); '' -> (). The names are AUGMENTS' (checked when parsed)."""
+    """'color,translation' -> ('color', 'translation'); '' -> ()."""
     return tuple(p.strip() for p in policy.split(",") if p.strip())
 
 
 def diff_augment(x, policy):
-    """Apply the transforms named in policy (a tuple from parse_augment_policy), in order."""
     for name in policy:
         x = AUGMENTS[name](x)
     return x

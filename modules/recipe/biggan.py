@@ -1,9 +1,6 @@
-"""BigGAN-style conditional generator and discriminator (BigGAN-PyTorch, Brock et al. 2019), as in the 2nd-place
-recipe of Kaggle's Generative Dog Images: shared class embedding, hierarchical z, conditional BatchNorm, self-attention
-at 32x32, projection discriminator with an auxiliary classifier head, optional minibatch-std layer.
-
-The architecture is a table per output resolution (widths as multiples of `ch`, one row per residual block), so widths
-are data, not code. Add a resolution by adding a row set to BIGGAN_G_ARCH and to each table of BIGGAN_D_ARCHS.
+"""BigGAN's conditional G and projection D (BigGAN-PyTorch, Brock et al. 2019), as in the 2nd-place recipe: shared
+class embedding, hierarchical z, conditional BatchNorm, self-attention at 32x32, an auxiliary classifier head on D.
+The architecture is a table per resolution (one row per residual block, widths as multiples of `ch`).
 """
 from functools import partial
 
@@ -12,23 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.recipe.layers import (BN_EPS, BN_MOMENTUM, ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv,
-                            sn_embedding, sn_linear)
+                                   sn_embedding, sn_linear)
 
 # architecture tables
 
-# G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2.
-# BigGAN-PyTorch's arch[64] (G params at ch=32: 8.0M); the linear layer outputs in_mult[0]*ch channels at bottom^2.
+# G: resolution -> (bottom width, rows (in_mult, out_mult, out_res)); each block upsamples x2. BigGAN-PyTorch's arch[64].
 BIGGAN_G_ARCH = {
     64: (4, ((16, 16, 8), (16, 8, 16), (8, 4, 32), (4, 2, 64))),
 }
-# D: name -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples when its
-# out_res is below its input's. The first block is BigGAN's "optimized" block. Config.d_arch picks the table by name.
-# - "2nd-place": the Kaggle 2nd place's D (their slide deck: "ResBlock Down 64, Non-Local, ResBlock Down 128, 256, 512,
-#   ReLU, Global Sum Pooling, Embedding 512, FC |C|"; their code: ch=64 with the author's "reduce model depth (remove
-#   last residual block)"): four blocks, 2/4/8/16 x d_ch = 64/128/256/512 channels at 32/16/8/4 px at d_ch 32,
-#   attention on 64 channels at 32 px; 4.99 M parameters at d_ch 32 (theirs: 4.98 M, the difference our biases).
-# - "biggan-pytorch": BigGAN-PyTorch's arch[64] (ch x 1/2/4/8/16): five blocks, the fifth 8ch -> 16ch at 4x4 without
-#   downsampling -- the block the 2nd place removed; 5.01 M parameters at d_ch 32, 73 % of them in that fifth block.
+# D: Config.d_arch -> resolution -> rows (in_mult, out_mult, out_res); in_mult 0 = the RGB image; a block downsamples
+# when its out_res is below its input's. "2nd-place": the 2nd place's D (their slide deck; 4.99 M parameters at d_ch 32,
+# theirs 4.98 M); "biggan-pytorch": BigGAN-PyTorch's arch[64], whose fifth block (at 4x4) the 2nd place removed.
 BIGGAN_D_ARCHS = {
     "2nd-place": {64: ((0, 2, 32), (2, 4, 16), (4, 8, 8), (8, 16, 4))},
     "biggan-pytorch": {64: ((0, 1, 32), (1, 2, 16), (2, 4, 8), (4, 8, 4), (8, 16, 4))},
@@ -72,19 +63,9 @@ class BigDBlock(nn.Module):
     def forward(self, x):  # [N,Cin,H,W] -> [N,Cout,H/2,W/2] (or H,W when not downsampling)
         h = x if self.optimized else F.relu(x)
         h = self._pool(self.conv2(F.relu(self.conv1(h))))
-        sc = x
         if self.optimized:
-            sc = self.conv_sc(self._pool(sc))
-        elif self.conv_sc is not None:
-            sc = self._pool(self.conv_sc(sc))
-        return h + sc
-
-
-def _check_attention_res(attention_res, block_res):
-    unknown = set(attention_res) - set(block_res)
-    if unknown:
-        raise ValueError(f"attention_res {sorted(unknown)} not among the blocks' output resolutions "
-                         f"{sorted(set(block_res))}")
+            return h + self.conv_sc(self._pool(x))
+        return h + (x if self.conv_sc is None else self._pool(self.conv_sc(x)))
 
 
 # generator
@@ -97,22 +78,16 @@ class BigGenerator(nn.Module):
     def __init__(self, *, z_dim=120, n_classes=120, shared_dim=32, ch=32, attention_res=(32,), spectral=True,
                  resolution=64):
         super().__init__()
-        if resolution not in BIGGAN_G_ARCH:
-            raise ValueError(f"BigGenerator: resolution {resolution} not in {sorted(BIGGAN_G_ARCH)}")
         self.bottom, rows = BIGGAN_G_ARCH[resolution]
         n_chunks = len(rows) + 1
-        if z_dim % n_chunks:
-            raise ValueError(f"BigGenerator: z_dim={z_dim} must divide into {n_chunks} equal chunks (blocks + 1)")
-        _check_attention_res(attention_res, [r for _, _, r in rows])
-        self.z_dim, self.n_classes, self.resolution = z_dim, n_classes, resolution
-        self.z_chunk = z_dim // n_chunks
+        assert z_dim % n_chunks == 0, f"z_dim={z_dim} must split into {n_chunks} chunks (cli.py checks it)"
+        self.z_dim, self.z_chunk = z_dim, z_dim // n_chunks
         cond_dim = shared_dim + self.z_chunk
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
         make_cbn = partial(ConditionalBatchNorm2d, make_linear=make_linear)
 
-        self.shared = nn.Embedding(n_classes, shared_dim)  # not spectral-normed, as in BigGAN
-        nn.init.orthogonal_(self.shared.weight)
+        self.shared = sn_embedding(n_classes, shared_dim, spectral=False)  # not spectral-normed, as in BigGAN
         self.c0 = rows[0][0] * ch
         self.linear = make_linear(self.z_chunk, self.c0 * self.bottom ** 2)
         self.blocks = nn.ModuleList()
@@ -149,13 +124,9 @@ class BigDiscriminator(nn.Module):
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
                  aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
         super().__init__()
-        if arch not in BIGGAN_D_ARCHS:
-            raise ValueError(f"BigDiscriminator: arch {arch!r} not in {sorted(BIGGAN_D_ARCHS)}")
-        if resolution not in BIGGAN_D_ARCHS[arch]:
-            raise ValueError(f"BigDiscriminator: resolution {resolution} not in {sorted(BIGGAN_D_ARCHS[arch])}")
         rows = BIGGAN_D_ARCHS[arch][resolution]
-        _check_attention_res(attention_res, [r for _, _, r in rows])
-        self.n_classes, self.resolution = n_classes, resolution
+        self.resolution = resolution
+        self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
 
@@ -190,8 +161,5 @@ class BigDiscriminator(nn.Module):
         if self.embed is not None:
             assert y is not None and y.shape == (n,), "projection needs labels y [N]"
             logits = logits + (self.embed(y) * h).sum(dim=1).float()
-        class_logits = None
-        if self.aux_head is not None:
-            assert y is None or y.shape == (n,), tuple(y.shape)
-            class_logits = self.aux_head(h).float()  # [N,n_classes]
+        class_logits = self.aux_head(h).float() if self.aux_head is not None else None  # [N,n_classes]
         return logits, class_logits

@@ -1,8 +1,7 @@
 """The one Config: every setting of a run, its defaults (= the Kaggle run), the presets, and what each setting may hold.
 
-Presets are named sets of overrides applied left to right over the defaults: `--preset pggan,smoke` is the PGGAN recipe at
-smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/run/cli.py
-reads the command line and checks every field against LIMITS below and the registries, before any data is read.
+Presets are overrides applied left to right over the defaults (`--preset dcgan,smoke`), then `--set name=value`; the
+command line (cli.py) checks every field against LIMITS and the registries before any data is read.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ class Config:
     preset: str = "kaggle"  # comma-separated names from PRESETS, applied left to right
     data_dir: str = ""  # "" = find Kaggle's input automatically
     out: str = ""  # "" = /kaggle/working if it exists, else ./output
-    time_budget: str = "8h45m"  # wall time for the whole process; Kaggle kills at 9h, 15 min left for start-up and upload
+    time_budget: str = "8h45m"  # wall time of the whole process; Kaggle kills at 9h (15 min for start-up, upload)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpus: str = "auto"  # auto (every visible GPU, one process each) | N; with --device cpu, N gloo processes
@@ -24,16 +23,15 @@ class Config:
     # data
     image_size: int = 64  # pixels; the competition wants 64
     crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
-    crop_styles: str = "square"  # comma-separated from crops.CROP_STYLES: square (2nd place), box, tight, padded, top, whole
+    crop_styles: str = "square"  # comma-separated: square (2nd place), box, tight, padded, top, whole
     include_whole: bool = False  # also train on the centre square of every whole image (3rd place: crops + originals)
     min_aspect: float = 0.0  # drop boxes with w/h below this (1st place: 0.2)
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
     hflip: bool = True  # random horizontal flip of reals
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
-    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs (real and fake) at the start, decays linearly to 0
+    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs at the start, decaying linearly to 0
     data_workers: int = 2  # decoding threads/processes
-    threads: int = 0  # torch CPU threads; 0 = auto: GPU run 1; CPU run OMP_NUM_THREADS if set, else 1 vs all but one
-    # (at least 2) timed on a generation batch, the faster kept (several CPU ranks: 1 on <= 2 cores, else all but one)
+    threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
     arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
@@ -46,25 +44,24 @@ class Config:
     spectral: bool = True  # spectral norm on G's and D's convs/linears (biggan)
     aux_weight: float = 0.1  # auxiliary classifier loss weight in D and G; 0 = no aux head
     mbstd_group: int = 0  # minibatch-stddev group size in D; 0 = off
-    upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (the tips: resize + conv avoids checkerboards)
+    upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
     loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
     gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
-    fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits with the updated D (as RaLS is written;
-    # False reuses the D step's, from before its update: ~1.25x cheaper per step on CPU, unproven for quality)
+    fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits (False: reuse D's, ~1.25x faster on CPU)
     # optimisation
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
-    batch_per_gpu: int = 0  # > 0: this many per rank instead (global batch = batch_per_gpu x ranks); 0 = split batch_size
+    batch_per_gpu: int = 0  # > 0: this many per rank instead of splitting batch_size; 0 = off
     lr_g: float = 2e-4
     lr_d: float = 8e-4  # the 2nd place's slide deck; both public copies of their code use 4e-4 (batch 64, 50k steps)
     beta1: float = 0.0
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
-    max_steps: int = 50000  # stop after this many G steps (0 = at the training window's end); 50,000 = the 2nd place's horizon
-    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window (budget less the finish reserve)
+    max_steps: int = 50000  # stop after this many G steps (the 2nd place's); 0 = at the training window's end
+    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window
     lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
     ema: bool = True  # ship an exponential moving average of G's weights
@@ -79,7 +76,7 @@ class Config:
     sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
-    diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
+    diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout; "" = off
     # progressive growing (arch pggan)
     pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
@@ -99,7 +96,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests: nan@STEP | raise@STEP | oom@STEP | kill@STEP | slow@SECONDS | slowgen@SECONDS | zipfail, comma-separated
+    fault: str = ""  # fault injection for tests, comma-separated (grammar.parse_faults): nan@STEP, slow@SECONDS, ...
 
 
 # the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
@@ -138,13 +135,9 @@ PRESETS = {
 }
 
 
-# What each field may hold, checked when the settings are parsed, before any data is read (modules/run/cli.py): a bad
-# value stops the run with one line naming the field, the value and what is allowed (exit 2). Every value must have its
-# field's type (an int field takes whole numbers; a bool field true or false, so bool fields are not listed). Not here:
-# the choices that name a registry (arch: models.ARCHS, loss: losses.LOSSES, crop_styles: crops.CROP_STYLES, d_arch:
-# biggan.BIGGAN_D_ARCHS, crop_filter: crops.RESIZE_FILTERS, sample_bn: sample.SAMPLE_BN_MODES, diffaug:
-# augment.AUGMENTS; preset: PRESETS), checked against the registry itself, so that a new loss or architecture is one
-# edit; and time_budget and fault, checked by their parsers (grammar.py: parse_duration, parse_faults).
+# What each field may hold, checked by cli.py before any data is read (a bad value: one line, exit 2). Not here: bool
+# fields (their type says it), the fields naming a registry (arch: models.ARCHS, loss: losses.LOSSES, ...: cli.py
+# checks them against the registry itself), and time_budget and fault (grammar.py's parsers).
 
 @dataclass(frozen=True)
 class Range:
@@ -188,7 +181,8 @@ LIMITS = {
     "data_limit": Range(0, 10**7),
     # model
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
-    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024), "upsample": Choice(("transpose", "nearest", "bilinear")),
+    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
+    "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
     "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
     # optimisation
@@ -215,22 +209,14 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, no data, unusable GPU). main() prints it as one line and exits 2."""
 
 
+_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _convert_value(name, raw, default):
     """Parse a --set string into the type of the field's default."""
     try:
-        if isinstance(default, bool):
-            low = str(raw).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except ValueError:
+        return _BOOL_WORDS[raw.lower()] if isinstance(default, bool) else type(default)(raw)
+    except (KeyError, ValueError):
         raise UsageError(f"--set {name}={raw}: expected a {type(default).__name__}") from None
 
 

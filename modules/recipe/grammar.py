@@ -10,41 +10,35 @@ _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?
 
 
 def parse_duration(text):
-    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds (float > 0)."""
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds."""
     s = str(text).strip().lower().replace(" ", "")
-    if s.startswith("-"):
-        raise UsageError(f"duration {text!r} must be positive")
     try:
         value = float(s)
-        if not math.isfinite(value):
-            raise UsageError(f"duration {text!r} must be a finite number of seconds")
     except ValueError:
         m = _DURATION_RE.match(s)
-        if not s or m is None or not any(m.groups()):
+        if m is None or not any(m.groups()):
             raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
         h, mi, se = (float(g) if g else 0.0 for g in m.groups())
         value = h * 3600 + mi * 60 + se
-    if value <= 0:
-        raise UsageError(f"duration {text!r} must be positive")
+    if not 0 < value < math.inf:  # also refuses nan
+        raise UsageError(f"duration {text!r} must be a positive, finite number of seconds")
     if value > MAX_DURATION_S:
         raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
                          "ask for; Kaggle sessions end after 9h")
     return value
 
 
-FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")  # Config.fault items (tests)
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")
 
 
 def parse_faults(text):
-    """Config.fault ('nan@12,slow@0.5', comma-separated; tests only) -> {kind: number} (-1.0 for a kind without one).
-    nan@STEP, raise@STEP: at that step; oom@STEP: a CUDA out-of-memory error at that step; kill@STEP: rank 1 of
-    several dies by SIGKILL then; slow@SECONDS: sleep per training step; slowgen@SECONDS: sleep per generation batch
-    once training has started (a finish slower than at start); zipfail: a corrupt zip. Else a UsageError."""
+    """Config.fault ('nan@12,slow@0.5') -> {kind: number} (-1.0 for zipfail). kill@STEP: rank 1 of several dies by
+    SIGKILL; slow@SECONDS: sleep per training step; slowgen@SECONDS: per generation batch once training started."""
     faults = {}
     for item in filter(None, (f.strip() for f in str(text).split(","))):
         if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, slow@SECONDS, "
-                             "slowgen@SECONDS or zipfail")
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
+                             "slow@SECONDS, slowgen@SECONDS or zipfail")
         kind, _, at = item.partition("@")
         faults[kind] = float(at) if at else -1.0
     return faults

@@ -1,9 +1,7 @@
-"""Building blocks shared by the GAN architectures: spectral-norm layer factories, self-attention, conditional
-BatchNorm and the minibatch standard deviation layer.
+"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
 
-Layer types are passed into the models as factories (BigGAN-PyTorch style), so spectral norm on/off is one switch:
-`make_conv = partial(sn_conv, spectral=spectral)`. Every factory applies orthogonal init *before* wrapping, so the
-parametrization's first power iterations run on the final initial weight.
+Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
+`make_conv = partial(sn_conv, spectral=spectral)`.
 """
 import torch
 import torch.nn.functional as F
@@ -18,10 +16,8 @@ MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 # spectral norm and layer factories
 
 class SpectralNormFP32(parametrizations._SpectralNorm):
-    """torch's spectral-norm parametrization with its power iteration and sigma always in float32: it runs when the
-    weight is read, inside the caller's autocast region, and CUDA's autocast puts torch.mv on its fp16 list, so u, v and
-    sigma would be computed in half precision on a GPU (pytorch/pytorch#125544). Same buffers and state_dict keys (_u,
-    _v) as torch's."""
+    """torch's spectral norm with its power iteration in float32: it runs inside the caller's autocast, which would
+    compute u, v and sigma in fp16 on a GPU (pytorch/pytorch#125544). Same state_dict keys as torch's."""
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -29,42 +25,33 @@ class SpectralNormFP32(parametrizations._SpectralNorm):
 
 
 def sn_wrap(module, enabled=True):
-    """Spectral-normalize `module.weight` (SpectralNormFP32, 1 power iteration per training forward). The raw weight
-    lives in `module.parametrizations.weight.original`; u, v are buffers, so they travel in the state_dict and EMA."""
-    if not enabled:
-        return module
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0  # as torch's
-    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, n_power_iterations=1,
-                                                                             dim=dim, eps=1e-12))
+    """Orthogonal init of `module.weight`, then (enabled) spectral norm, one power iteration per training forward (u, v
+    are buffers: the EMA and the state_dict carry them). Init first: the first power iterations see the final weight."""
+    nn.init.orthogonal_(module.weight)
+    if enabled:  # torch's defaults: dim 0 (no transposed convs here), eps 1e-12
+        parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight))
     return module
 
 
 def sn_conv(in_channels, out_channels, kernel_size=3, bias=True, *, spectral=True):
-    """Conv2d with 'same' padding (odd kernels), orthogonal init, optional spectral norm."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    nn.init.orthogonal_(conv.weight)
-    return sn_wrap(conv, spectral)
+    """Conv2d with 'same' padding (odd kernels)."""
+    return sn_wrap(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias), spectral)
 
 
 def sn_linear(in_features, out_features, bias=True, *, spectral=True):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    nn.init.orthogonal_(linear.weight)
-    return sn_wrap(linear, spectral)
+    return sn_wrap(nn.Linear(in_features, out_features, bias=bias), spectral)
 
 
 def sn_embedding(num_embeddings, embedding_dim, *, spectral=True):
-    """Embedding [num_embeddings, embedding_dim]; spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
-    embed = nn.Embedding(num_embeddings, embedding_dim)
-    nn.init.orthogonal_(embed.weight)
-    return sn_wrap(embed, spectral)
+    """Spectral norm of the table seen as a matrix (BigGAN's SNEmbedding)."""
+    return sn_wrap(nn.Embedding(num_embeddings, embedding_dim), spectral)
 
 
 # attention
 
 class SelfAttention(nn.Module):
-    """Non-local block (SAGAN / BigGAN-PyTorch `Attention`): x + gamma * o(softmax(theta^T phi) g). theta/phi have
-    channels/8, g channels/2 (at least 1, for tiny test widths); phi and g are 2x2 max-pooled, so attention costs (HW) x
-    (HW/4). gamma starts at 0, so a fresh block is the identity."""
+    """SAGAN / BigGAN-PyTorch's non-local block: x + gamma * o(softmax(theta^T phi) g), phi and g 2x2 max-pooled.
+    gamma starts at 0: a fresh block is the identity."""
 
     def __init__(self, channels, make_conv):
         super().__init__()
@@ -90,8 +77,7 @@ class SelfAttention(nn.Module):
 # normalization
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine params, then per-sample gain (1 + linear(cond)) and bias linear(cond) (BigGAN's ccbn);
-    cond [N, cond_dim] (BigGAN: cat[shared class embedding, z chunk]); no bias in the linears: cond = 0 is plain BN."""
+    """BigGAN's ccbn: BatchNorm without affine params, then per-sample gain 1 + linear(cond) and bias linear(cond)."""
 
     def __init__(self, channels, cond_dim, make_linear):
         super().__init__()
@@ -108,13 +94,11 @@ class ConditionalBatchNorm2d(nn.Module):
 # minibatch standard deviation
 
 class MinibatchStd(nn.Module):
-    """Append one channel: the mean over channels and pixels of the per-group std of each feature (ProGAN/StyleGAN).
-    Groups of `group_size` samples, StyleGAN-style (sample n in group n % (N // G)); G is clipped to the batch, and the
-    whole batch is one group when N is not divisible by G. Computed in float32 (fp16-autocast safe)."""
+    """ProGAN/StyleGAN: append one channel, the mean std of the features within each group of `group_size` samples
+    (sample n in group n % (N // G); one group when N is not divisible by G), in float32."""
 
     def __init__(self, group_size=4):
         super().__init__()
-        assert group_size >= 1, group_size
         self.group_size = group_size
 
     def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]

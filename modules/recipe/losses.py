@@ -1,8 +1,6 @@
-"""GAN losses as a registry: LOSSES[name] = (d_loss, g_loss), each a function of D's logits on reals and fakes.
-
-All losses work in float32 whatever the autocast dtype, and return a scalar tensor (no host sync).
-`real_target` is one-sided label smoothing (bce only); `margin` zeroes D's real loss on samples whose real logit is
-already above it (the 1st-public team's margin; 0 = off).
+"""GAN losses as a registry: LOSSES[name] = (d_loss, g_loss) of D's logits on reals and fakes, in float32.
+D's losses take `real_target` (label smoothing; bce, lsgan) and `margin` (the 1st-public team's: no real loss once a
+real logit is above it; 0 = off).
 """
 import torch
 import torch.nn.functional as F
@@ -11,9 +9,7 @@ import torch.nn.functional as F
 
 def _margin_mask(real, margin):
     """1 where a real sample still needs pushing up, 0 once its logit passed the margin."""
-    if not margin:
-        return torch.ones_like(real)
-    return (real < margin).to(real.dtype)
+    return (real < margin).to(real.dtype) if margin else torch.ones_like(real)
 
 
 def _masked_mean(values, mask):

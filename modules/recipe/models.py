@@ -3,6 +3,8 @@
 Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; every D maps (x [N,3,64,64], y [N]) ->
 (logits [N], class logits [N,n_classes] or None). `D.joint_ok` says whether reals and fakes may share one forward pass.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,19 +14,18 @@ from modules.recipe.pggan import PGDiscriminator, PGGenerator
 
 # dcgan
 
-# Channel multipliers per resolution (DCGAN paper, 64x64): G goes 4 -> 8 -> 16 -> 32 -> 64, D mirrors it.
+# Channel multipliers per resolution (DCGAN paper): G goes 4 -> 8 -> 16 -> 32 -> 64 px, D mirrors it.
 DCGAN_G_TABLE = [8, 4, 2, 1]  # × g_ch at 4, 8, 16, 32 px; the last up-block maps g_ch -> 3 at 64 px
 DCGAN_D_TABLE = [1, 2, 4, 8]  # × d_ch at 32, 16, 8, 4 px
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that, in training with `split_halves` set, normalises the two halves of the batch separately.
+    """The 1st-public team's split BN: in training, the two halves of D's cat([reals, fakes]) batch are normalised
+    separately."""
 
-    D sees cat([reals, fakes]) in one forward pass, yet the statistics used for fakes are computed from fakes alone
-    (the 1st-public team's split BN).
-    """
-
-    split_halves = False
+    def __init__(self, channels, split_halves=False):
+        super().__init__(channels)
+        self.split_halves = split_halves
 
     def forward(self, x):
         if self.training and self.split_halves:
@@ -84,9 +85,7 @@ class DCDiscriminator(nn.Module):
         for i, c_out in enumerate(widths):
             layers.append(nn.Conv2d(c_in, c_out, kernel, 2, (kernel - 1) // 2, bias=(i == 0)))
             if i > 0:
-                bn = SplitBatchNorm2d(c_out)
-                bn.split_halves = split_bn
-                layers.append(bn)
+                layers.append(SplitBatchNorm2d(c_out, split_bn))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             c_in = c_out
         self.features = nn.Sequential(*layers)  # -> [N, 8ch, 4, 4]
@@ -109,20 +108,12 @@ def build_biggan(cfg, n_classes):
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
                          mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
-    D.joint_ok = cfg.mbstd_group == 0  # a minibatch-stddev group must not mix reals and fakes
     return G, D
 
 
-def build_dcgan(cfg, n_classes):
-    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=4)
-    D = DCDiscriminator(ch=cfg.d_ch, kernel=4, split_bn=cfg.split_bn)
-    return G, D
-
-
-def build_dcgan5(cfg, n_classes):
-    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=5)
-    D = DCDiscriminator(ch=cfg.d_ch, kernel=3, split_bn=cfg.split_bn)
-    return G, D
+def build_dcgan(cfg, n_classes, *, g_kernel, d_kernel):
+    G = DCGenerator(z_dim=cfg.z_dim, ch=cfg.g_ch, upsample=cfg.upsample, kernel=g_kernel)
+    return G, DCDiscriminator(ch=cfg.d_ch, kernel=d_kernel, split_bn=cfg.split_bn)
 
 
 def build_pggan(cfg, n_classes):
@@ -133,17 +124,12 @@ def build_pggan(cfg, n_classes):
     return G, D
 
 
-ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5, "pggan": build_pggan}
+ARCHS = {"biggan": build_biggan, "dcgan": partial(build_dcgan, g_kernel=4, d_kernel=4),
+         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3), "pggan": build_pggan}
 
 
 def build_models(cfg, n_classes):
-    """-> (G, D) for cfg.arch (checked against ARCHS when parsed), on the CPU, in training mode."""
+    """-> (G, D) for cfg.arch, on the CPU, in training mode."""
     G, D = ARCHS[cfg.arch](cfg, n_classes)
     G.sample_bn = cfg.sample_bn  # the BatchNorm statistics G samples with (sample.py); EMA/SWA copies inherit it
-    if not hasattr(D, "joint_ok"):
-        D.joint_ok = True
     return G, D
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())

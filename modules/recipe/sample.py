@@ -1,20 +1,8 @@
-"""Sampling: truncated latents, breed labels from the training distribution, the BatchNorm statistics G samples with,
-generation to uint8 images.
+"""Sampling: truncated latents, breeds drawn with the training set's frequencies, G's BatchNorm statistics, uint8 images.
 
-G's BatchNorm statistics when sampling (Config.sample_bn, kept on the model as `G.sample_bn` by build_models):
-- "batch": every generated batch is normalised with its own statistics (the 2nd place never put the averaged G in
-  eval mode); the running statistics are left untouched.
-- "running": eval mode with the running statistics, which training accumulated with the *live* G (and the EMA lerped
-  into the averaged copy): statistics of other weights than the ones that generate.
-- "standing": BigGAN-PyTorch's standing statistics: re-estimated on (a copy of) the shipped G over STANDING_BATCHES
-  batches of the very samples it will generate (same truncation, same breed distribution), then eval mode.
-Truncation interacts: in "batch" and "standing" mode BN re-normalises the narrower activations that truncated z gives,
-so a truncation threshold tuned in one mode (the 2nd place's 2.0, in "batch" mode) is not the same trade-off in
-"running" mode, where it shrinks the activations relative to the training statistics.
-
-A `Sampler` (build_sampler, once per run) holds how the run generates, as BigGAN-PyTorch's
-`functools.partial(utils.sample, ...)`: the thread choice, the finish's measurement, the loop's re-timing, the finish
-and its pictures all call it, so they sample alike.
+Config.sample_bn: "batch" (each batch normalised with its own statistics, as the 2nd place sampled), "running" (eval
+mode) or "standing" (BigGAN-PyTorch: re-estimated on a copy of G from samples drawn as the run draws them). The run's
+`Sampler` holds how it generates, so the finish, its timing and its pictures all sample alike.
 """
 import contextlib
 import copy
@@ -31,29 +19,26 @@ from modules.recipe.utils import eval_mode
 
 SAMPLE_BN_MODES = ("batch", "running", "standing")  # Config.sample_bn
 STANDING_BATCHES = 16  # BigGAN-PyTorch's num_standing_accumulations
-STANDING_BATCH = 64  # images per standing batch (at most the generation batch): 1,024 images, ~10 % of the finish's 10,000
-STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images are drawn first
-_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (key: G's weight versions + sampling, its standing copy)
+STANDING_BATCH = 64  # images per standing batch (at most the generation batch)
+STANDING_SEED = 1_000_003  # the standing latents' own seed: the statistics do not depend on which images come first
+_STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sampling settings, its standing copy)
 
 
-def truncated_z(n, dim, threshold, *, generator=None, device="cpu"):
-    """[n, dim] standard normal; with threshold > 0 every entry with |z| > threshold is resampled until none is left.
-
-    Resampling (not clamping) keeps the distribution a truncated N(0,1): the BigGAN "truncation trick".
-    """
-    z = torch.randn(n, dim, generator=generator, device=device)
-    if threshold and threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+def truncated_z(n, dim, threshold, *, generator=None):
+    """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
+    z = torch.randn(n, dim, generator=generator)
+    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
         bad = z.abs() > threshold
         while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
             bad = z.abs() > threshold
     return z
 
 
-def sample_labels(n, label_counts, *, generator=None, device="cpu"):
+def sample_labels(n, label_counts, *, generator=None):
     """[n] long breed indices drawn with the training set's class frequencies (label_counts: [n_classes])."""
     probs = torch.as_tensor(label_counts, dtype=torch.float32)
-    return torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
 def to_uint8(images):
@@ -67,15 +52,14 @@ def _batch_norms(G):
 
 
 def sample_bn_of(G, sample_bn=None):
-    """The BatchNorm mode to sample G with: `sample_bn` if given, else G's own (`G.sample_bn`), else "running"."""
+    """`sample_bn` if given, else G's own (`G.sample_bn`, set by build_models), else "running"."""
     return sample_bn or getattr(G, "sample_bn", "running")
 
 
 @contextlib.contextmanager
 def sampling_mode(G, sample_bn=None):
-    """`with sampling_mode(G):` G in eval mode (spectral norm: no power iteration; dropout off), except that in "batch"
-    mode its BatchNorm layers normalise with the batch's own statistics and leave their running ones as they are. G is
-    back in the mode it had after."""
+    """G in eval mode (no spectral-norm power iteration), except that in "batch" mode its BatchNorm layers normalise
+    with the batch's own statistics and leave their running ones untouched."""
     batch = sample_bn_of(G, sample_bn) == "batch"
     bns = _batch_norms(G) if batch else []
     tracked = [m.track_running_stats for m in bns]
@@ -90,71 +74,58 @@ def sampling_mode(G, sample_bn=None):
                 m.track_running_stats = t
 
 
+def _draw(G, n, gen, *, z_dim, label_counts, truncation, device, amp_dtype):
+    """G on n truncated latents and breeds drawn from `gen` -> [n,3,64,64]."""
+    z = truncated_z(n, z_dim, truncation, generator=gen).to(device)
+    y = sample_labels(n, label_counts, generator=gen).to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return G(z, y)
+
+
 @torch.no_grad()
-def standing_stats(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None,
-                   n_batches=STANDING_BATCHES):
-    """-> a copy of G whose BatchNorm running statistics are re-estimated (BigGAN-PyTorch's accumulate_standing_stats):
-    reset, then the cumulative average over n_batches batches of min(batch_size, STANDING_BATCH) samples drawn as
-    generate_images draws them (from their own seed, STANDING_SEED). Only the BN layers run in training mode, so spectral norm's
-    u, v stay as they are. G itself is not changed; the copy samples in eval mode (`copy.standing_ready`)."""
+def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
+    """-> G, or in "standing" mode a copy whose BN statistics are averaged over STANDING_BATCHES batches drawn as G
+    will sample (BigGAN-PyTorch's accumulate_standing_stats; spectral norm's u, v stay). The copy is made once per state
+    of G's weights (torch's in-place version counters) and sampling settings: sampling in several calls pays once."""
+    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
+        return G
+    m_batch = max(2, min(batch_size, STANDING_BATCH))
+    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
+           tuple(np.asarray(label_counts).tolist()), truncation, m_batch, str(device), amp_dtype)
+    cached = _STANDING_CACHE.get(G)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     G2 = copy.deepcopy(G)
     bns = _batch_norms(G2)
     gen = torch.Generator().manual_seed(STANDING_SEED)
-    m_batch = max(2, min(batch_size, STANDING_BATCH))
     with eval_mode(G2):
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # None = cumulative moving average over the batches seen since the reset
             m.train()
-        for _ in range(n_batches if bns else 0):
-            z = truncated_z(m_batch, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m_batch, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                G2(z, y)
+        for _ in range(STANDING_BATCHES if bns else 0):
+            _draw(G2, m_batch, gen, z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device,
+                  amp_dtype=amp_dtype)
     for m, src in zip(bns, _batch_norms(G)):
         m.momentum = src.momentum
     G2.standing_ready, G2.sample_bn = True, "standing"
+    _STANDING_CACHE[G] = key, G2
     return G2
-
-
-def prepare_for_sampling(G, *, z_dim, label_counts, truncation, batch_size, device, amp_dtype=None, sample_bn=None):
-    """-> the model to sample from: G itself, or for sample_bn "standing" its copy with standing statistics, estimated
-    once per state of G's weights (torch's in-place version counters: an optimiser step or EMA update makes a new one)
-    and sampling settings, so that generating in several calls (the finish's timing, a probe) pays for them once."""
-    if sample_bn_of(G, sample_bn) != "standing" or getattr(G, "standing_ready", False):
-        return G
-    key = (tuple(t._version for t in itertools.chain(G.parameters(), G.buffers())), z_dim,
-           tuple(np.asarray(label_counts).tolist()), truncation, min(batch_size, STANDING_BATCH), str(device), amp_dtype)
-    cached = _STANDING_CACHE.get(G)
-    if cached is None or cached[0] != key:
-        cached = key, standing_stats(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
-        _STANDING_CACHE[G] = cached
-    return cached[1]
 
 
 @torch.no_grad()
 def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device, seed=0, amp_dtype=None,
                     sample_bn=None, on_batch=None):
-    """Generate n images -> uint8 [n,64,64,3]. Seeded: the same seed gives the same images.
-
-    G samples in sampling_mode (eval mode; BatchNorm statistics as `sample_bn`, default G's own `G.sample_bn`); in
-    "standing" mode from its standing copy (prepare_for_sampling; G itself is unchanged). `on_batch(uint8 [m,64,64,3])`,
-    if given, is called with each batch as soon as it is made (the finish encodes PNGs meanwhile)."""
+    """n images, the same for the same seed -> uint8 [n,64,64,3]. on_batch(uint8 [m,64,64,3]) sees each batch as soon
+    as it is made (the finish encodes PNGs meanwhile)."""
     mode = sample_bn_of(G, sample_bn)
-    if mode == "standing" and not getattr(G, "standing_ready", False):
-        G = prepare_for_sampling(G, z_dim=z_dim, label_counts=label_counts, truncation=truncation,
-                                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, sample_bn=mode)
+    draw = dict(z_dim=z_dim, label_counts=label_counts, truncation=truncation, device=device, amp_dtype=amp_dtype)
+    G = prepare_for_sampling(G, batch_size=batch_size, sample_bn=mode, **draw)
     gen = torch.Generator().manual_seed(seed)
     out = []
     with sampling_mode(G, mode):
         for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            z = truncated_z(m, z_dim, truncation, generator=gen).to(device)
-            y = sample_labels(m, label_counts, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                x = G(z, y)
-            out.append(to_uint8(x))
+            out.append(to_uint8(_draw(G, min(batch_size, n - start), gen, **draw)))
             if on_batch is not None:
                 on_batch(out[-1])
     images = np.concatenate(out)
@@ -167,10 +138,8 @@ def generate_images(G, *, n, z_dim, label_counts, truncation, batch_size, device
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: label_counts is an array (no field-wise == or hash)
 class Sampler:
-    """How the run generates: `sampler(n, seed)` -> uint8 [n,64,64,3], exactly as generate_images with these settings.
-
-    model() is read at each call: the generator to ship *now* (trainer.generator_to_ship: the EMA, or SWA once it
-    averages), unless `ready()` fixed it."""
+    """`sampler(n, seed)` -> uint8 [n,64,64,3], as generate_images with these settings. model() is read at each call:
+    the generator to ship now (the EMA, or SWA once it averages), unless ready() fixed it."""
 
     model: Callable  # () -> the generator to sample
     z_dim: int
@@ -179,31 +148,29 @@ class Sampler:
     amp_dtype: object  # autocast dtype (torch.float16 / bfloat16) or None: fp32
     device: torch.device
     batch: int  # images per generated batch
-    sample_bn: object = None  # None: the generator's own (G.sample_bn, from Config.sample_bn); a bench may override
+    sample_bn: object = None  # None: the generator's own (G.sample_bn); a bench may override
+
+    def _settings(self):
+        return dict(z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation, batch_size=self.batch,
+                    device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn)
 
     def __call__(self, n, seed=0, *, on_batch=None):
-        return generate_images(self.model(), n=n, z_dim=self.z_dim, label_counts=self.label_counts,
-                               truncation=self.truncation, batch_size=self.batch, device=self.device, seed=seed,
-                               amp_dtype=self.amp_dtype, sample_bn=self.sample_bn, on_batch=on_batch)
+        return generate_images(self.model(), n=n, seed=seed, on_batch=on_batch, **self._settings())
 
     def with_batch(self, batch):
         return dataclasses.replace(self, batch=batch)
 
     def with_model(self, G):
-        """-> this sampler on G, a fixed generator (a copy kept aside, a standing copy)."""
         return dataclasses.replace(self, model=lambda: G)
 
     def ready(self):
-        """-> this sampler fixed to the generator it samples now, made ready once (prepare_for_sampling: for sample_bn
-        "standing" its copy with standing statistics), so that a retry and the pictures use the very same model."""
-        return self.with_model(prepare_for_sampling(
-            self.model(), z_dim=self.z_dim, label_counts=self.label_counts, truncation=self.truncation,
-            batch_size=self.batch, device=self.device, amp_dtype=self.amp_dtype, sample_bn=self.sample_bn))
+        """-> this sampler fixed to the generator (or its standing copy) it samples now: a retry and the pictures
+        use the very same model."""
+        return self.with_model(prepare_for_sampling(self.model(), **self._settings()))
 
 
 def build_sampler(cfg, trainer, data):
-    """The run's Sampler: the trainer's shipped generator, precision and device; Config's z size, truncation and
-    generation batch; breeds drawn with the training set's frequencies."""
+    """The run's Sampler: the trainer's shipped generator, precision and device; breeds at the training frequencies."""
     return Sampler(model=trainer.generator_to_ship, z_dim=cfg.z_dim, truncation=cfg.truncation,
                    label_counts=np.bincount(data.labels, minlength=len(data.classes)), amp_dtype=trainer.amp_dtype,
                    device=trainer.device, batch=cfg.sample_batch)

@@ -35,10 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, add_recipe_args, load_data, md_table, recipe  # noqa: E402
+from benchlib import ROOT, add_recipe_args, count_params, load_data, md_table, recipe  # noqa: E402
 
 import modules.recipe.train  # noqa: E402  (build_models is patched there for the peer)
-from modules.recipe.models import count_params  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import parse_duration  # noqa: E402
 from modules.recipe.utils import check_device  # noqa: E402

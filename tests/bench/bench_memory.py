@@ -32,9 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import FULL_DATASET, ROOT, add_recipe_args, load_data, md_table, mib, recipe  # noqa: E402
+from benchlib import FULL_DATASET, ROOT, add_recipe_args, count_params, load_data, md_table, mib, recipe  # noqa: E402
 
-from modules.recipe.models import count_params  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import check_device  # noqa: E402
 

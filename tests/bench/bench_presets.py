@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchlib import count_params  # noqa: E402
 from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
-from modules.recipe.models import count_params  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import check_device  # noqa: E402
 

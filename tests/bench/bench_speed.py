@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchlib import count_params  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.losses import LOSSES  # noqa: E402
-from modules.recipe.models import build_models, count_params  # noqa: E402
+from modules.recipe.models import build_models  # noqa: E402
 from modules.recipe.precision import resolve_amp  # noqa: E402
 from modules.recipe.sample import generate_images  # noqa: E402
 from modules.recipe.speed import compile_support, configure_backends, maybe_compile  # noqa: E402

@@ -21,6 +21,10 @@ REAL_SAMPLE = ROOT.parent / "shared" / "data" / "dogs-1953"
 FULL_DATASET = 20579  # images in Kaggle's all-dogs
 
 
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
 def add_recipe_args(p):
     p.add_argument("--preset", default="kaggle", help="comma-separated presets, as kernel.py --preset (default kaggle)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
