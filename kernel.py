@@ -24,7 +24,7 @@
 #   python kernel.py --help  |  --print-config                        # every flag  |  the settings it would use
 # THE SETTINGS PEOPLE CHANGE (flag, or the Config field of the same name):
 #   --time-budget 8h45m  wall time of the whole run: 9h, 90m, 600s, 8h30m; the zip is written before it ends
-#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks | pggan; "pggan,smoke" = both, in order
+#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks; "dcgan,smoke" = both, in order
 #   --data-dir DIR       folder with all-dogs/ and Annotation/ (default: Kaggle's input, found by itself)
 #   --out DIR            where outputs go (default /kaggle/working if it exists, else ./output)
 #   --device auto        the GPU: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
@@ -39,27 +39,27 @@
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
 #      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     192  PRESETS               the presets: named sets of overrides of those defaults
-#     262  LIMITS                what each setting may hold (checked before any data is read)
-#     472  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     483  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     981  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1082  LOSSES                the losses (loss): D's and G's for each
-#    1966  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    2022  Trainer.step          one training step: D, then G, EMA
-#    2422  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4240  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5258  finish                the finish: images, the verified zip, self-check, pictures
-#    5523  parse_config          the command line -> a checked Config
-#    5789  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6104  run                   the run: settings, checks and data, the ranks started
-#    6180  main                  the entry point and its exit codes
+#     190  PRESETS               the presets: named sets of overrides of those defaults
+#     254  LIMITS                what each setting may hold (checked before any data is read)
+#     464  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     475  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     766  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     867  LOSSES                the losses (loss): D's and G's for each
+#    1748  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1800  Trainer.step          one training step: D, then G, EMA
+#    2198  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    4011  Pace                  the budget: the finish measured, the plan, when training must stop
+#    5025  finish                the finish: images, the verified zip, self-check, pictures
+#    5290  parse_config          the command line -> a checked Config
+#    5556  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5871  run                   the run: settings, checks and data, the ranks started
+#    5947  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
-#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
-#   settings -> averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics ->
-#   report -> submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish ->
-#   cli -> outdir -> setup -> rank -> main
+#   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
+#   averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics -> report ->
+#   submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish -> cli ->
+#   outdir -> setup -> rank -> main
 
 
 import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
@@ -85,7 +85,7 @@ from typing import Callable
 # ==== modules/recipe/config.py ====
 """The one Config: every setting of a run, its defaults (= the Kaggle run), the presets, and what each setting may hold.
 
-Presets are named sets of overrides applied left to right over the defaults: `--preset pggan,smoke` is the PGGAN recipe at
+Presets are named sets of overrides applied left to right over the defaults: `--preset dcgan,smoke` is the DCGAN recipe at
 smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/run/cli.py
 reads the command line and checks every field against LIMITS below and the registries, before any data is read.
 """
@@ -119,7 +119,7 @@ class Config:
     # (at least 2) timed on a generation batch, the faster kept (several CPU ranks: 1 on <= 2 cores, else all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
-    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
+    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5
     z_dim: int = 120  # latent size (biggan: split into 5 chunks)
     g_ch: int = 32  # G width multiplier
     d_ch: int = 32  # D width multiplier
@@ -163,8 +163,6 @@ class Config:
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
-    # progressive growing (arch pggan)
-    pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
     d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
     crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
@@ -211,12 +209,6 @@ PRESETS = {
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
-    ),
-    "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
-        NOT_2ND_PLACE,
-        arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
-        mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
-        truncation=0.0, ema=True, ema_start=0,
     ),
 }
 
@@ -284,7 +276,7 @@ LIMITS = {
     "swa_every": Range(1, 10**6),
     # sampling
     "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
-    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
+    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
     "max_rollbacks": Range(0, 1000), "rollback_lr_factor": Range(0, 1, above=True), "checkpoint_s": Range(0, 86400),
@@ -648,207 +640,8 @@ class BigDiscriminator(nn.Module):
         return logits, class_logits
 
 
-# ==== modules/recipe/pggan.py ====
-"""PGGAN (Karras et al. 2018, "Progressive Growing of GANs"), grown from 4x4 to 64x64.
-
-Levels 0..max_level are the resolutions 4·2^level (4, 8, 16, 32, 64). At their boundary both networks always work at the
-full resolution R = 4·2^max_level, so the training loop stays generic:
-- PGGenerator(z, y) -> [N,3,R,R]: the current level's image, nearest-upsampled to R.
-- PGDiscriminator(x, y) -> (logits [N], None): it average-pools x [N,3,R,R] down to the current level itself.
-
-Growth is plain module state set by `set_growth(level, alpha)`: Trainer.set_progress(progress) (train.py) sets
-`pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages before each step, progress being the
-fraction of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute
-(reading it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading
-weights leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so
-run these modules eagerly.
-
-From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
-minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and
-Adam(lr=1e-3, betas=(0, 0.99)) belong in losses.py and train.py.
-"""
-
-
-_PG_CH_MULT = (8, 8, 4, 2, 1)  # channels per level as multiples of `ch`: ch=64 gives 512, 512, 256, 128, 64
-_PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
-
-
-# equalized learning rate
-
-class EqConv2d(nn.Module):
-    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
-    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
-
-    def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_ch))
-        self.scale = gain / math.sqrt(in_ch * kernel_size * kernel_size)
-        self.padding = kernel_size // 2 if padding is None else padding  # default 'same' for odd kernels
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
-
-
-class EqLinear(nn.Module):
-    """Linear with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in); see EqConv2d."""
-
-    def __init__(self, in_features, out_features, *, gain=math.sqrt(2)):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        self.scale = gain / math.sqrt(in_features)
-
-    def forward(self, x):
-        return F.linear(x, self.weight * self.scale, self.bias)
-
-
-class PixelNorm(nn.Module):
-    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]), the statistic in float32:
-    under fp16 autocast 1e-8 rounds to 0 and x² can overflow."""
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)
-
-
-def _pg_check_growth(level, alpha, max_level):
-    assert 0 <= level <= max_level, f"level {level} outside 0..{max_level}"
-    assert 0.0 <= alpha <= 1.0, f"alpha {alpha} outside [0, 1]"
-    return int(level), 1.0 if level == 0 else float(alpha)  # nothing to fade from at level 0
-
-
-# growth schedule
-
-def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
-    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
-    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
-    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
-    assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
-    if progress >= 1.0:
-        return n_levels - 1, 1.0
-    t = max(float(progress), 0.0) * (n_levels - 1 + final_weight)  # in units
-    level = min(int(t), n_levels - 1)
-    if level == 0 or fade_fraction == 0.0:
-        return level, 1.0
-    return level, min(1.0, (t - level) / fade_fraction)
-
-
-# generator
-
-class PGGenerator(nn.Module):
-    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level: linear (no tanh, as in the
-    paper), roughly in [-1, 1] once trained; clamped only at sampling time."""
-
-    def __init__(self, *, z_dim=128, n_classes=1, ch=64, max_level=4):
-        super().__init__()
-        assert 0 <= max_level < len(_PG_CH_MULT), f"max_level must be in 0..{len(_PG_CH_MULT) - 1}"
-        self.z_dim, self.n_classes, self.max_level = z_dim, n_classes, max_level
-        chs = [ch * m for m in _PG_CH_MULT[: max_level + 1]]
-        # conditional: a learned N(0,1) class vector of size z_dim is concatenated to z; PixelNorm then sees both
-        self.embed = nn.Embedding(n_classes, z_dim) if n_classes > 1 else None
-        in_dim = z_dim * (2 if n_classes > 1 else 1)
-        # level 0: dense to 4x4 (equivalent to the paper's 4x4 transposed conv; gain sqrt(2)/4 as in its code) + conv3x3
-        self.stem_fc = EqLinear(in_dim, chs[0] * 16, gain=math.sqrt(2) / 4)
-        self.stem_conv = EqConv2d(chs[0], chs[0], 3)
-        self.blocks = nn.ModuleList([nn.Identity()])  # blocks[l] maps level l-1 features to level l; index 0 unused
-        for c_in, c_out in zip(chs[:-1], chs[1:]):
-            self.blocks.append(nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                EqConv2d(c_in, c_out, 3), nn.LeakyReLU(_PG_SLOPE), PixelNorm(),
-                EqConv2d(c_out, c_out, 3), nn.LeakyReLU(_PG_SLOPE), PixelNorm()))
-        self.to_rgb = nn.ModuleList([EqConv2d(c, 3, 1, gain=1.0) for c in chs])
-        self.pixnorm = PixelNorm()
-        self.level, self.alpha = max_level, 1.0
-
-    def set_growth(self, level, alpha):
-        self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
-
-    def forward(self, z, y=None):
-        assert z.dim() == 2 and z.shape[1] == self.z_dim, f"z must be [N,{self.z_dim}], got {list(z.shape)}"
-        if self.embed is not None:
-            assert y is not None and y.shape == z.shape[:1], "conditional G needs y [N]"
-            z = torch.cat([z, self.embed(y)], dim=1)
-        h = F.leaky_relu(self.stem_fc(self.pixnorm(z)).view(z.shape[0], -1, 4, 4), _PG_SLOPE)
-        h = self.pixnorm(F.leaky_relu(self.stem_conv(self.pixnorm(h)), _PG_SLOPE))  # [N,C0,4,4]
-        h_prev = h
-        for lvl in range(1, self.level + 1):
-            h_prev, h = h, self.blocks[lvl](h)
-        img = self.to_rgb[self.level](h)  # [N,3,r,r], r = 4·2^level
-        if self.level > 0 and self.alpha < 1.0:
-            low = F.interpolate(self.to_rgb[self.level - 1](h_prev), scale_factor=2, mode="nearest")
-            img = torch.lerp(low, img, self.alpha)
-        if self.level < self.max_level:
-            img = F.interpolate(img, scale_factor=2 ** (self.max_level - self.level), mode="nearest")
-        return img  # [N,3,R,R], roughly in [-1,1]
-
-
-# discriminator
-
-class PGDiscriminator(nn.Module):
-    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None): no auxiliary class logits (the BigGAN D's
-    interface). Conditioning by projection: sum(embed(y) · h) is added to the logit, h the C0 features after the 4x4
-    conv; the embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0))."""
-
-    def __init__(self, *, n_classes=1, ch=64, max_level=4, mbstd_group=4):
-        super().__init__()
-        assert mbstd_group >= 0, mbstd_group
-        assert 0 <= max_level < len(_PG_CH_MULT), f"max_level must be in 0..{len(_PG_CH_MULT) - 1}"
-        self.n_classes, self.max_level, self.mbstd_group = n_classes, max_level, mbstd_group
-        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None  # 0 = off, as in the BigGAN D
-        chs = [ch * m for m in _PG_CH_MULT[: max_level + 1]]
-        self.from_rgb = nn.ModuleList([nn.Sequential(EqConv2d(3, c, 1), nn.LeakyReLU(_PG_SLOPE)) for c in chs])
-        self.blocks = nn.ModuleList([nn.Identity()])  # blocks[l] maps level l features to level l-1; index 0 unused
-        for c_out, c_in in zip(chs[:-1], chs[1:]):
-            self.blocks.append(nn.Sequential(
-                EqConv2d(c_in, c_in, 3), nn.LeakyReLU(_PG_SLOPE),
-                EqConv2d(c_in, c_out, 3), nn.LeakyReLU(_PG_SLOPE),
-                nn.AvgPool2d(2)))
-        self.final_conv = EqConv2d(chs[0] + (1 if mbstd_group else 0), chs[0], 3)  # +1: the minibatch-stddev channel
-        self.final_conv4 = EqConv2d(chs[0], chs[0], 4, padding=0)  # 4x4 -> 1x1
-        self.final_fc = EqLinear(chs[0], 1, gain=1.0)
-        self.embed = nn.Embedding(n_classes, chs[0]) if n_classes > 1 else None
-        self.embed_scale = 1.0 / math.sqrt(chs[0])
-        self.level, self.alpha = max_level, 1.0
-
-    def set_growth(self, level, alpha):
-        self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
-
-    def fade_reals(self, x):
-        """Reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while fading in, still
-        [N,3,R,R] (the paper's real-image fading): without it the reals are sharp at the new level while the fakes are
-        blurred by the fade."""
-        f = 2 ** (self.max_level - self.level)
-        x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]
-        if self.level > 0 and self.alpha < 1.0:
-            x = torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest"), x, self.alpha)
-        return F.interpolate(x, scale_factor=f, mode="nearest") if f > 1 else x
-
-    def forward(self, x, y=None):
-        res = 4 * 2 ** self.max_level
-        assert x.dim() == 4 and x.shape[1:] == (3, res, res), f"x must be [N,3,{res},{res}], got {list(x.shape)}"
-        f = 2 ** (self.max_level - self.level)
-        x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]: reals and fakes are downsampled here, on the device
-        h = self.from_rgb[self.level](x)
-        if self.level > 0:
-            h = self.blocks[self.level](h)
-            if self.alpha < 1.0:
-                h = torch.lerp(self.from_rgb[self.level - 1](F.avg_pool2d(x, 2)), h, self.alpha)
-        for lvl in range(self.level - 1, 0, -1):
-            h = self.blocks[lvl](h)
-        if self.mbstd is not None:
-            h = self.mbstd(h)  # [N,C0+1,4,4]
-        h = F.leaky_relu(self.final_conv(h), _PG_SLOPE)
-        h = F.leaky_relu(self.final_conv4(h), _PG_SLOPE).flatten(1)  # [N,C0]
-        out = self.final_fc(h).squeeze(1)  # [N]
-        if self.embed is not None:
-            assert y is not None and y.shape == out.shape, "conditional D needs y [N]"
-            out = out + (self.embed(y) * self.embed_scale * h).sum(dim=1)
-        return out, None
-
-
 # ==== modules/recipe/models.py ====
-"""Architectures: the DCGAN baselines here, BigGAN in biggan.py, PGGAN in pggan.py; `ARCHS` names them for the Config.
+"""Architectures: the DCGAN baselines here, BigGAN in biggan.py; `ARCHS` names them for the Config.
 
 Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; every D maps (x [N,3,64,64], y [N]) ->
 (logits [N], class logits [N,n_classes] or None). `D.joint_ok` says whether reals and fakes may share one forward pass.
@@ -970,15 +763,7 @@ def build_dcgan5(cfg, n_classes):
     return G, D
 
 
-def build_pggan(cfg, n_classes):
-    k = n_classes if cfg.conditional else 1
-    G = PGGenerator(z_dim=cfg.z_dim, n_classes=k, ch=cfg.g_ch)
-    D = PGDiscriminator(n_classes=k, ch=cfg.d_ch, mbstd_group=cfg.mbstd_group)
-    D.joint_ok = cfg.mbstd_group == 0
-    return G, D
-
-
-ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5, "pggan": build_pggan}
+ARCHS = {"biggan": build_biggan, "dcgan": build_dcgan, "dcgan5": build_dcgan5}
 
 
 def build_models(cfg, n_classes):
@@ -1732,7 +1517,6 @@ class ScheduleSettings:
 
     lr_schedule: str  # constant | cosine | linear: the learning-rate factor over progress
     lr_final: float  # learning-rate factor at progress 1 (cosine, linear), a fraction of the start's
-    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
 
 
 @dataclass(frozen=True)
@@ -1938,7 +1722,6 @@ class Trainer:
         av = s.averaging
         self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
         self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
-        self.progressive = hasattr(self.G, "set_growth")
         self.progress = 0.0
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
@@ -1952,8 +1735,7 @@ class Trainer:
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
         self.group = group
-        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
-                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        ddp = dict(process_group=group, broadcast_buffers=False)  # buffers: distributed.sync_buffers at host syncs
         if self.device.type == "cuda":
             ddp["device_ids"] = [self.device]
         with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
@@ -1964,7 +1746,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
+        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule and noise decay."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -1976,10 +1758,6 @@ class Trainer:
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
-        if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
-            for m in self.shipped_models():
-                m.set_growth(level, alpha)
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -2025,8 +1803,6 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
-            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
-                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
@@ -2470,7 +2246,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
             peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
-            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done)
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
             if bad and not guard.roll_back(trainer.step_count):
@@ -2536,11 +2312,6 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
     if dead := ctx.dead_workers():
         raise RuntimeError(f"rank(s) {dead} ended")
     return ""
-
-
-def _level(trainer):
-    """The PGGAN level being trained (its step time is its own), None for other architectures."""
-    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
 
 
 def _reset_peak_memory(device):
@@ -4149,7 +3920,7 @@ class TrainPlan:
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
     train_until: float  # training stops here on the Deadline's clock: budget_s - hold_back_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
-    plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
+    plan_s: float  # training time the schedule (LR, noise decay) spans, prior_train_s included
     inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
     first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
     gen_batch: int  # images per generation batch that fits (the finish's batch)
@@ -4240,14 +4011,13 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
 class Pace:
     """Step time and slowdown, measured at the loop's host syncs, and the finish's re-timing near the end. probe: () ->
     seconds for one generation batch of plan.gen_batch images now, or None not to re-time. slowdown = max(steps now vs
-    their first steady measurement (per PGGAN level), a re-timed generation batch vs at start): the finish reserve is
+    their first steady measurement, a re-timed generation batch vs at start): the finish reserve is
     stretched by it, so training stops earlier when the machine got slower."""
 
     def __init__(self, plan, deadline, *, probe=None):
         self.plan, self.deadline, self.probe = plan, deadline, probe
         self.step_s = None  # seconds per step for the margin (the first steps, with autotuning, weigh in)
-        self.base_s = self.recent_s = None  # steady seconds per step: the first measured (per level), a running average
-        self.level = None  # PGGAN level the base was measured at
+        self.base_s = self.recent_s = None  # steady seconds per step: the first measured, a running average
         self.step_slowdown, self.gen_slowdown = 1.0, 1.0
         self.last_probe, self.said_gen = -float("inf"), 1.0
 
@@ -4282,16 +4052,13 @@ class Pace:
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
         return max(1, min(check_every - step % check_every, most))
 
-    def record(self, seconds, steps, *, done, level=None):
-        """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
-        (each has its own step time: the slowdown is measured within one), None for other architectures."""
+    def record(self, seconds, steps, *, done):
+        """At a host sync: `steps` steps took `seconds`; done = steps made in this run."""
         measured = seconds / max(steps, 1)
         if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
             self.step_s = max(self.step_s or 0.0, measured)
             return
         self.step_s = 0.7 * self.step_s + 0.3 * measured
-        if level != self.level:
-            self.level, self.base_s = level, None
         if self.base_s is None:
             self.base_s = self.recent_s = measured
         self.recent_s = 0.7 * self.recent_s + 0.3 * measured
@@ -4852,8 +4619,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
-    growth) spans; complete: training ran to its end."""
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, noise
+    decay) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}

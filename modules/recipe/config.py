@@ -1,6 +1,6 @@
 """The one Config: every setting of a run, its defaults (= the Kaggle run), the presets, and what each setting may hold.
 
-Presets are named sets of overrides applied left to right over the defaults: `--preset pggan,smoke` is the PGGAN recipe at
+Presets are named sets of overrides applied left to right over the defaults: `--preset dcgan,smoke` is the DCGAN recipe at
 smoke-test widths. Any field can be set from the command line with `--set name=value` (repeatable); modules/run/cli.py
 reads the command line and checks every field against LIMITS below and the registries, before any data is read.
 """
@@ -36,7 +36,7 @@ class Config:
     # (at least 2) timed on a generation batch, the faster kept (several CPU ranks: 1 on <= 2 cores, else all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
-    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
+    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5
     z_dim: int = 120  # latent size (biggan: split into 5 chunks)
     g_ch: int = 32  # G width multiplier
     d_ch: int = 32  # D width multiplier
@@ -80,8 +80,6 @@ class Config:
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
     compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
-    # progressive growing (arch pggan)
-    pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
     d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
     crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
@@ -128,12 +126,6 @@ PRESETS = {
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
-    ),
-    "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
-        NOT_2ND_PLACE,
-        arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
-        mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
-        truncation=0.0, ema=True, ema_start=0,
     ),
 }
 
@@ -201,7 +193,7 @@ LIMITS = {
     "swa_every": Range(1, 10**6),
     # sampling
     "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
-    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
+    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
     "max_rollbacks": Range(0, 1000), "rollback_lr_factor": Range(0, 1, above=True), "checkpoint_s": Range(0, 86400),

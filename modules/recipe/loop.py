@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.recipe.pggan import pggan_growth
 from modules.recipe.sample import truncated_z
 from modules.recipe.speed import fall_back_to_eager
 from modules.recipe.utils import eval_mode, format_duration, is_out_of_memory, log, say, warn
@@ -104,7 +103,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
             peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
-            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done)
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
             if bad and not guard.roll_back(trainer.step_count):
@@ -170,11 +169,6 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
     if dead := ctx.dead_workers():
         raise RuntimeError(f"rank(s) {dead} ended")
     return ""
-
-
-def _level(trainer):
-    """The PGGAN level being trained (its step time is its own), None for other architectures."""
-    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
 
 
 def _reset_peak_memory(device):

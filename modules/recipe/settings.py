@@ -38,7 +38,6 @@ class ScheduleSettings:
 
     lr_schedule: str  # constant | cosine | linear: the learning-rate factor over progress
     lr_final: float  # learning-rate factor at progress 1 (cosine, linear), a fraction of the start's
-    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from modules.recipe.averaging import EMA
 from modules.recipe.batches import DeviceBatches
 from modules.recipe.losses import LOSSES, gradient_penalty
 from modules.recipe.models import build_models
-from modules.recipe.pggan import pggan_growth
 from modules.recipe.precision import describe_amp, grad_scaler, resolve_amp
 from modules.recipe.settings import trainer_settings
 from modules.recipe.speed import maybe_compile
@@ -88,7 +87,6 @@ class Trainer:
         av = s.averaging
         self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
         self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
-        self.progressive = hasattr(self.G, "set_growth")
         self.progress = 0.0
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
@@ -102,8 +100,7 @@ class Trainer:
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
         self.group = group
-        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
-                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        ddp = dict(process_group=group, broadcast_buffers=False)  # buffers: distributed.sync_buffers at host syncs
         if self.device.type == "cuda":
             ddp["device_ids"] = [self.device]
         with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
@@ -114,7 +111,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
+        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule and noise decay."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -126,10 +123,6 @@ class Trainer:
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
-        if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
-            for m in self.shipped_models():
-                m.set_growth(level, alpha)
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -175,8 +168,6 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
-            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
-                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
