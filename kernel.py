@@ -39,21 +39,21 @@
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
 #      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     190  PRESETS               the presets: named sets of overrides of those defaults
-#     254  LIMITS                what each setting may hold (checked before any data is read)
-#     464  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     475  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     766  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     867  LOSSES                the losses (loss): D's and G's for each
-#    1748  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1800  Trainer.step          one training step: D, then G, EMA
-#    2198  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    4011  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5025  finish                the finish: images, the verified zip, self-check, pictures
-#    5290  parse_config          the command line -> a checked Config
-#    5556  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5871  run                   the run: settings, checks and data, the ranks started
-#    5947  main                  the entry point and its exit codes
+#     189  PRESETS               the presets: named sets of overrides of those defaults
+#     253  LIMITS                what each setting may hold (checked before any data is read)
+#     463  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     474  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     765  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     852  LOSSES                the losses (loss): D's and G's for each
+#    1722  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1774  Trainer.step          one training step: D, then G, EMA
+#    2169  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3982  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4996  finish                the finish: images, the verified zip, self-check, pictures
+#    5257  parse_config          the command line -> a checked Config
+#    5523  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5838  run                   the run: settings, checks and data, the ranks started
+#    5914  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
@@ -132,10 +132,9 @@ class Config:
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (the tips: resize + conv avoids checkerboards)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
-    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
+    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
-    gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits with the updated D (as RaLS is written;
     # False reuses the D step's, from before its update: ~1.25x cheaper per step on CPU, unproven for quality)
     # optimisation
@@ -265,7 +264,7 @@ LIMITS = {
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
     "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024), "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
-    "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
+    "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
     # optimisation
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),
@@ -850,36 +849,12 @@ def lsgan_g(real, fake):
     return ((fake.float() - 1) ** 2).mean() / 2
 
 
-# Wasserstein (with gradient penalty set by gp_weight; PGGAN adds a small drift term keeping real logits near 0)
-
-WGAN_DRIFT = 1e-3
-
-
-def wgan_d(real, fake, *, real_target=1.0, margin=0.0):
-    real, fake = real.float(), fake.float()
-    return fake.mean() - _masked_mean(real, _margin_mask(real, margin)) + WGAN_DRIFT * (real ** 2).mean()
-
-
-def wgan_g(real, fake):
-    return -fake.float().mean()
-
-
 LOSSES = {
     "rals": (rals_d, rals_g),
     "bce": (bce_d, bce_g),
     "hinge": (hinge_d, hinge_g),
     "lsgan": (lsgan_d, lsgan_g),
-    "wgan": (wgan_d, wgan_g),
 }
-
-
-def gradient_penalty(D, real, fake, y):
-    """WGAN-GP: mean over interpolates of (||grad_x D(x)||_2 - 1)^2, in float32 (not under autocast)."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = torch.lerp(real.detach().float(), fake.detach().float(), alpha).requires_grad_(True)
-    logits, _ = D(x, y)
-    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 # ==== modules/recipe/augment.py ====
@@ -1492,11 +1467,10 @@ for its default and allowed values) unless trainer_settings derives it, so a new
 class LossSettings:
     """How D's and G's losses are made."""
 
-    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan | wgan
+    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan
     aux_weight: float  # weight of the auxiliary breed classifier's cross-entropy in D's and G's loss; 0 = off
     real_label: float  # bce: target for reals (one-sided label smoothing: 0.9); the other losses ignore it
     margin: float  # D's real loss is zero where the real logit exceeds this (logit units); 0 = off
-    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool  # rals: G's step recomputes D's real logits with the updated D; False reuses the D step's
 
 
@@ -1812,8 +1786,6 @@ class Trainer:
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if loss.gp_weight:
-                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
@@ -1943,8 +1915,7 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
-    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
+    maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
 
 
@@ -5207,10 +5178,6 @@ def check_config(cfg):
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
-    if cfg.compile == "on" and cfg.gp_weight:  # compile=auto leaves D eager instead (build_trainer)
-        raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
-                         "needs a double backward through D, which torch.compile does not support; use compile=off "
-                         "or auto (D then runs eager), or gp_weight=0")
     chunks = len(BIGGAN_G_ARCH[cfg.image_size][1]) + 1  # BigGenerator splits z over its blocks + 1
     if cfg.arch == "biggan" and cfg.z_dim % chunks:
         raise UsageError(f"setting z_dim={cfg.z_dim} is not allowed with arch=biggan: G splits z into {chunks} equal "

@@ -269,19 +269,6 @@ def test_compiled_call_failing_later_falls_back_to_eager_once(capsys):
     assert m.forward.compiled is not None
 
 
-def test_gradient_penalty_leaves_d_eager(monkeypatch):
-    """torch.compile has no double backward: with gp_weight > 0 build_trainer compiles G only (compile=on with a
-    penalty is refused when parsed; this is compile=auto's path, and a Config made in code)."""
-    calls = fake_compile(monkeypatch, "run")
-    cfg = dataclasses.replace(apply_overrides(Config(), PRESETS["smoke"], "smoke"), compile="on", gp_weight=10.0)
-    rng = np.random.default_rng(0)
-    data = types.SimpleNamespace(images=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
-                                 labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=None)
-    trainer = build_trainer(cfg, data, CPU)
-    assert isinstance(trainer.G.forward, CompiledForward) and "forward" not in trainer.D.__dict__
-    assert calls["compile"] == 1
-
-
 def test_compile_refused_at_wrap_time_returns_eager(monkeypatch, capsys):
     def refuse(fn, **kwargs):
         raise RuntimeError("unsupported")

@@ -66,11 +66,11 @@ def test_ema_half_life_in_images_equals_the_old_per_step_decay(decay, ref_batch,
 def test_trainer_settings_map_config_and_the_ema_follows_the_global_batch():
     """One mapping from Config: the groups hold Config's values; batch_size is global, batch_per_rank per rank, and
     the EMA's decay per step follows the global batch (the same half-life in images on any number of ranks)."""
-    cfg = tiny_cfg(batch_size=8, lr_g=1e-3, ema_decay=0.99, ema_ref_batch=16, gp_weight=2.0, diffaug="color")
+    cfg = tiny_cfg(batch_size=8, lr_g=1e-3, ema_decay=0.99, ema_ref_batch=16, diffaug="color")
     one, two = trainer_settings(cfg, world_size=1), trainer_settings(cfg, world_size=2)
     assert (one.batch_per_rank, two.batch_per_rank) == (8, 4)
     assert trainer_settings(dataclasses.replace(cfg, batch_per_gpu=6), world_size=2).batch_per_rank == 6
-    assert (one.loss.name, one.loss.gp_weight, one.optim.lr_g, one.d_input.diffaug) == (cfg.loss, 2.0, 1e-3, "color")
+    assert (one.loss.name, one.optim.lr_g, one.d_input.diffaug) == (cfg.loss, 1e-3, "color")
     assert one.averaging == two.averaging  # a half-life in images: the same whatever the ranks
     assert one.averaging.ema_half_life_images == pytest.approx(16 * math.log(0.5) / math.log(0.99))
     trainer = build_trainer(cfg, tiny_data(), CPU)

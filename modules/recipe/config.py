@@ -49,10 +49,9 @@ class Config:
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (the tips: resize + conv avoids checkerboards)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
-    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
+    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
-    gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits with the updated D (as RaLS is written;
     # False reuses the D step's, from before its update: ~1.25x cheaper per step on CPU, unproven for quality)
     # optimisation
@@ -182,7 +181,7 @@ LIMITS = {
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
     "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024), "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
-    "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
+    "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
     # optimisation
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),

@@ -13,11 +13,10 @@ from modules.recipe.config import UsageError
 class LossSettings:
     """How D's and G's losses are made."""
 
-    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan | wgan
+    name: str  # losses.LOSSES key (Config.loss): rals | bce | hinge | lsgan
     aux_weight: float  # weight of the auxiliary breed classifier's cross-entropy in D's and G's loss; 0 = off
     real_label: float  # bce: target for reals (one-sided label smoothing: 0.9); the other losses ignore it
     margin: float  # D's real loss is zero where the real logit exceeds this (logit units); 0 = off
-    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool  # rals: G's step recomputes D's real logits with the updated D; False reuses the D step's
 
 

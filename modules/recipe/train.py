@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from modules.recipe.augment import diff_augment, parse_augment_policy
 from modules.recipe.averaging import EMA
 from modules.recipe.batches import DeviceBatches
-from modules.recipe.losses import LOSSES, gradient_penalty
+from modules.recipe.losses import LOSSES
 from modules.recipe.models import build_models
 from modules.recipe.precision import describe_amp, grad_scaler, resolve_amp
 from modules.recipe.settings import trainer_settings
@@ -177,8 +177,6 @@ class Trainer:
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if loss.gp_weight:
-                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
@@ -308,6 +306,5 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
     trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
     maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
-    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
+    maybe_compile(trainer.D, mode=cfg.compile, device=device)
     return trainer
