@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 94): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,22 +38,22 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     189  PRESETS               the presets: named sets of overrides of those defaults
-#     253  LIMITS                what each setting may hold (checked before any data is read)
-#     463  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     474  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     765  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     852  LOSSES                the losses (loss): D's and G's for each
-#    1722  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1774  Trainer.step          one training step: D, then G, EMA
-#    2169  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3982  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4996  finish                the finish: images, the verified zip, self-check, pictures
-#    5257  parse_config          the command line -> a checked Config
-#    5523  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5838  run                   the run: settings, checks and data, the ranks started
-#    5914  main                  the entry point and its exit codes
+#      94  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     187  PRESETS               the presets: named sets of overrides of those defaults
+#     251  LIMITS                what each setting may hold (checked before any data is read)
+#     461  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     472  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     763  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     850  LOSSES                the losses (loss): D's and G's for each
+#    1624  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1676  Trainer.step          one training step: D, then G, EMA
+#    2068  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3870  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4884  finish                the finish: images, the verified zip, self-check, pictures
+#    5145  parse_config          the command line -> a checked Config
+#    5411  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5726  run                   the run: settings, checks and data, the ranks started
+#    5802  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
@@ -62,11 +62,10 @@
 #   outdir -> setup -> rank -> main
 
 
-import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools
-import importlib.util, io, itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg
-import scipy.special, shutil, signal, socket, stat, struct, sys, tempfile, threading, time, torch
-import torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision, traceback, types, warnings
-import weakref, xml.etree.ElementTree as ET, zipfile, zlib
+import argparse, concurrent.futures, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, io
+import itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, scipy.special, shutil, signal
+import socket, stat, struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
+import torch.nn.functional as F, torchvision, traceback, warnings, weakref, xml.etree.ElementTree as ET, zipfile, zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque
@@ -160,7 +159,6 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
-    compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout ("" = off; not in the 2019 recipes)
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
     d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
@@ -275,7 +273,7 @@ LIMITS = {
     "swa_every": Range(1, 10**6),
     # sampling
     "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
-    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")),
+    "amp": Choice(("auto", "off", "fp16", "bf16")),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
     "max_rollbacks": Range(0, 1000), "rollback_lr_factor": Range(0, 1, above=True), "checkpoint_s": Range(0, 86400),
@@ -1286,12 +1284,9 @@ def describe_amp(amp_dtype):
 
 
 # ==== modules/recipe/speed.py ====
-"""Speed switches: cuDNN autotuning and TF32 where they help, and torch.compile only where the device and torch
-support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-back to eager when compiling fails.
-"""
+"""Speed switches: cuDNN autotuning and TF32 where they help, and torch's CPU thread count."""
 
 
-COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
 CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
 
@@ -1361,99 +1356,6 @@ def configure_threads(want, device):
     n, why = choose_threads(want, device, cpus=cpu_count(), env=env_threads())
     torch.set_num_threads(n)
     return f"torch CPU threads {n} ({why})"
-
-
-def compile_support(device):
-    """-> (ok, why): can torch.compile (inductor) run on this device with this torch?"""
-    try:
-        if not torch._dynamo.is_dynamo_supported():  # torch loads _dynamo lazily, on first access
-            return False, f"torch {torch.__version__} cannot compile under this Python"
-    except Exception as exc:  # ImportError, or a dynamo that fails to initialise
-        return False, f"torch._dynamo unavailable ({type(exc).__name__})"
-    if device.type == "cpu":
-        return True, "cpu (inductor C++ backend)"
-    if device.type != "cuda":
-        return False, f"device type {device.type!r}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < COMPILE_MIN_CAPABILITY:
-        return False, f"sm_{major}{minor} has no Triton support (needs sm_{COMPILE_MIN_CAPABILITY}0+)"
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    return True, f"sm_{major}{minor} with Triton"
-
-
-class CompiledForward:
-    """Replaces `module.forward` in place: the compiled forward, or the eager one for good once a compiled call raises.
-
-    Any call may compile anew (the first; G in grad mode after eval mode; the finish's batch shape), so every call is
-    guarded: a failure is one warning, then that call and all later ones run eager. An out-of-memory error is not
-    compile's: it is raised as it is. In place, so the module keeps its class, attributes (joint_ok, set_growth) and
-    state_dict keys. A deep copy of the module (EMA, SWA) gets its own eager forward: the compiled function is bound to
-    the original's parameters.
-    """
-
-    def __init__(self, module, compiled):
-        self.module, self.compiled, self.eager = module, compiled, module.forward
-        self.calls = 0  # compiled calls started
-
-    def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
-            self.calls += 1
-            try:
-                return self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise
-                self.fall_back(exc, where="its first call" if self.calls == 1 else f"call {self.calls}")
-        return self.eager(*args, **kwargs)
-
-    def fall_back(self, exc, *, where):
-        """Eager from now on, said once."""
-        first_line = (str(exc).splitlines() or [""])[0][:160]
-        warn(f"torch.compile of {type(self.module).__name__} failed at {where} ({type(exc).__name__}: {first_line}): "
-             "running eager from now on")
-        self.compiled = None
-
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
-        return self if twin is None else types.MethodType(type(twin).forward, twin)
-
-
-def maybe_compile(module, *, mode, device):
-    """Config.compile (off | auto | on) -> module, compiled in place where supported (see CompiledForward), else as is.
-
-    auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
-    on: also CPU; an unsupported device gives one warning and the eager module.
-    """
-    if mode == "off" or isinstance(module.__dict__.get("forward"), CompiledForward):
-        return module
-    ok, why = compile_support(device)
-    if mode == "auto" and (device.type != "cuda" or not ok or hasattr(module, "set_growth")):
-        return module
-    if not ok:
-        warn(f"compile=on but {why}: {type(module).__name__} runs eager")
-        return module
-    try:
-        compiled = torch.compile(module.forward, dynamic=False)  # fixed batch shapes: one static graph per shape
-    except Exception as exc:
-        warn(f"torch.compile of {type(module).__name__} refused ({type(exc).__name__}: {exc}): running eager")
-        return module
-    module.forward = CompiledForward(module, compiled)
-    log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
-    return module
-
-
-def fall_back_to_eager(exc, *modules):
-    """After `exc` escaped a step of compiled modules (a backward torch.compile builds lazily, at its first backward):
-    the compiled ones run eager from now on -> True when any was compiled (the step may be retried), else False. An
-    out-of-memory error is not compile's: False."""
-    if is_out_of_memory(exc):
-        return False
-    compiled = [f for f in (m.__dict__.get("forward") for m in modules)
-                if isinstance(f, CompiledForward) and f.compiled is not None]
-    for f in compiled:
-        f.fall_back(exc, where="a training step")
-    return bool(compiled)
 
 
 # ==== modules/recipe/settings.py ====
@@ -1798,7 +1700,7 @@ class Trainer:
         # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
         # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
         self.D.requires_grad_(False)
-        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+        try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
@@ -1913,10 +1815,7 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
-    maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
-    return trainer
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
 
 
 # ==== modules/recipe/sample.py ====
@@ -2212,7 +2111,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                _step(trainer, ctx)
+                trainer.step()
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
@@ -2254,17 +2153,6 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
-
-
-def _step(trainer, ctx):
-    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
-    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
-    try:
-        trainer.step()
-    except Exception as exc:
-        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
-            raise
-        trainer.step()
 
 
 def _is_set(event):

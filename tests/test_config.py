@@ -76,7 +76,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "fresh_real_logits": "maybe", "batch_size": 0, "batch_per_gpu": 1, "lr_g": float("nan"), "lr_d": 0.0, "beta1": 1.0, "beta2": -0.5,
     "d_steps": 0, "max_steps": -1, "lr_schedule": "step", "lr_final": 2.0, "ema": "true", "ema_decay": 1.5,
     "ema_ref_batch": 0, "ema_start": -1, "swa": 2, "swa_every": 0, "n_images": 0, "truncation": 0.01,
-    "sample_batch": 0, "amp": "fp8", "compile": "max", "diffaug": "color,blur", "tick_s": 0.0,
+    "sample_batch": 0, "amp": "fp8", "diffaug": "color,blur", "tick_s": 0.0,
     "check_every": 0, "snapshot_every": 0, "max_rollbacks": -1, "rollback_lr_factor": 0.0, "checkpoint_s": -1.0,
     "reserve_margin_s": float("inf"), "feature_weights": "w\0", "self_check": "false", "dev_counts": "yes",
     "fault": "boom@3", "d_arch": "biggan5", "crop_filter": "bicubic", "sample_bn": "eval",
@@ -146,13 +146,13 @@ def test_issue_examples_are_refused_at_parse_time(argv, field):
 
 @pytest.mark.parametrize("argv, field", [
     (["--preset", "x"], "preset"), (["--preset", "smoke,x"], "preset"), (["--set", "arch=stylegan"], "arch"),
-    (["--set", "diffaug=color,zoom"], "diffaug"), (["--set", "compile=yes"], "compile"),
+    (["--set", "diffaug=color,zoom"], "diffaug"),
     (["--set", "truncation=0.01"], "truncation"), (["--set", "sample_bn=eval"], "sample_bn"),
     (["--set", "crop_styles=zoom"], "crop_styles"), (["--set", "crop_styles="], "crop_styles"),
     (["--set", "crop_filter=cubic"], "crop_filter"), (["--gpus", "two"], "gpus"), (["--gpus", "0"], "gpus"),
 ])
 def test_what_deeper_code_trusts_is_refused_at_parse_time(argv, field):
-    """build_models, parse_augment_policy, maybe_compile, truncated_z, sample_bn_of, load_dogs, resolve_world_size and
+    """build_models, parse_augment_policy, truncated_z, sample_bn_of, load_dogs, resolve_world_size and
     the presets' loop take these values unchecked: the command line refuses a bad one, in one line."""
     with pytest.raises(UsageError, match=f"^setting {field}=.* is not allowed: [^\n]*$"):
         parse_config(argv)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from modules.recipe.sample import truncated_z
-from modules.recipe.speed import fall_back_to_eager
 from modules.recipe.utils import eval_mode, format_duration, is_out_of_memory, log, say, warn
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
@@ -98,7 +97,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                _step(trainer, ctx)
+                trainer.step()
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
@@ -140,17 +139,6 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         images_per_s=steps * trainer.global_batch / max(seconds, 1e-9),
                         train_seconds_total=plan.prior_train_s + seconds, plan_seconds=plan.plan_s,
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
-
-
-def _step(trainer, ctx):
-    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
-    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
-    try:
-        trainer.step()
-    except Exception as exc:
-        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
-            raise
-        trainer.step()
 
 
 def _is_set(event):

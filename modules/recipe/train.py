@@ -18,7 +18,6 @@ from modules.recipe.losses import LOSSES
 from modules.recipe.models import build_models
 from modules.recipe.precision import describe_amp, grad_scaler, resolve_amp
 from modules.recipe.settings import trainer_settings
-from modules.recipe.speed import maybe_compile
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
@@ -189,7 +188,7 @@ class Trainer:
         # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
         # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
         self.D.requires_grad_(False)
-        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+        try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
@@ -304,7 +303,4 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
-    maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    maybe_compile(trainer.D, mode=cfg.compile, device=device)
-    return trainer
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
