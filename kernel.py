@@ -45,15 +45,15 @@
 #     472  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     763  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     850  LOSSES                the losses (loss): D's and G's for each
-#    1624  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1676  Trainer.step          one training step: D, then G, EMA
-#    2068  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3870  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4884  finish                the finish: images, the verified zip, self-check, pictures
-#    5145  parse_config          the command line -> a checked Config
-#    5411  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5726  run                   the run: settings, checks and data, the ranks started
-#    5802  main                  the entry point and its exit codes
+#    1580  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1632  Trainer.step          one training step: D, then G, EMA
+#    2018  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3810  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4824  finish                the finish: images, the verified zip, self-check, pictures
+#    5085  parse_config          the command line -> a checked Config
+#    5351  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5666  run                   the run: settings, checks and data, the ranks started
+#    5742  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
@@ -966,10 +966,7 @@ def parse_faults(text):
 
 
 # ==== modules/recipe/utils.py ====
-"""Small shared helpers: logging, seeding, durations, the run Deadline, device and precision checks.
-
-Nothing here reads the Config; every function takes explicit arguments.
-"""
+"""Small shared helpers: logging, durations, the run Deadline, atomic files, device checks."""
 
 
 # helpers
@@ -981,10 +978,8 @@ _DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more 
 
 
 def say(text, file=None):
-    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
-    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
-    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
-    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    """Print and flush, never raising: logging must not end a run. A stream that fails (a closed pipe) is dropped; if
+    it is fd 1 or 2, it is pointed at /dev/null (as Python's docs on SIGPIPE advise), so the exit flush stays quiet."""
     stream = sys.stdout if file is None else file
     if stream is None or id(stream) in _DROPPED_STREAMS:
         return
@@ -1001,8 +996,7 @@ def say(text, file=None):
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
-    since process_start(), so the log and the messages that quote the Deadline agree."""
+    """One timestamped line on the Deadline's clock (seconds since process_start()), flushed so Kaggle shows it live."""
     elapsed = time.monotonic() - process_start()
     say(f"[{format_duration(elapsed):>8}] {msg}")
 
@@ -1029,8 +1023,7 @@ def seed_everything(seed):
 
 @functools.lru_cache(maxsize=None)
 def process_start():
-    """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
-    in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
+    """time.monotonic() at this process's start (from /proc); in a notebook or without /proc, the first import."""
     if in_notebook():
         return PROCESS_START
     try:
@@ -1081,10 +1074,8 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
-    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
-    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
-    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    """Written to tmp (default path.tmpPID, one per process), flushed to the disk, checked by verify(tmp), then renamed
+    over path; on any failure tmp is removed, so a reader sees the old file or the new one, never half of one."""
     tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
@@ -1101,8 +1092,8 @@ def atomic_file(path, mode="wb", *, tmp=None, verify=None):
 
 
 def require_regular_file(path, flag, *, folder_ok=False):
-    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
-    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
+    """A UsageError unless path is a regular file (or, folder_ok, a folder): a FIFO or a device would block when read.
+    Checked by stat, which opens nothing; a missing path is left to the reader."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -1131,11 +1122,8 @@ def eval_mode(model):
 # device
 
 def check_device(want="auto"):
-    """Pick the device and prove it works: a tiny CUDA op in the first seconds.
-
-    A torch built without kernels for this GPU (e.g. a P100, sm_60, under a torch built for sm_70+) fails here with a
-    UsageError that names the GPU, the archs this torch has, and what to do.
-    """
+    """Pick the device and prove it works with a tiny CUDA op: a torch without kernels for this GPU (a P100 under a
+    torch built for sm_70+) is a UsageError naming the GPU, the archs this torch has, and what to do."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         if want == "auto":
             warn("no CUDA GPU found: running on CPU, which is far too slow for a real run (fine for smoke/demo)")
@@ -1191,8 +1179,7 @@ OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised
 
 
 def is_out_of_memory(exc):
-    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
-    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    """An allocation failure: torch.cuda.OutOfMemoryError, MemoryError, or an error whose text says so."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
@@ -1200,8 +1187,8 @@ def is_out_of_memory(exc):
 
 
 # ==== modules/recipe/precision.py ====
-"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
-are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
+"""Precision: the autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and their
+descriptions for the log and report.json."""
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
@@ -1209,12 +1196,9 @@ BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampe
 
 
 def resolve_amp(amp, device):
-    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
-    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
-    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
-    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
-    has no bf16."""
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers), bf16 from sm_80; on the CPU
+    fp32. fp16 / bf16: that dtype on any device (so the GPU's path can be tested on the CPU), or a UsageError where
+    this torch or device cannot run it."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -1231,9 +1215,8 @@ def resolve_amp(amp, device):
 
 
 def _amp_problem(dtype, device):
-    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
-    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "": a tiny linear layer
+    must come out in `dtype`. bf16 below sm_80 is refused first: it would pass, emulated slowly."""
     if dtype == torch.bfloat16 and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < BF16_MIN_CAPABILITY:
@@ -1256,17 +1239,15 @@ def _amp_problem(dtype, device):
 
 
 def grad_scaler(device_type, *, enabled):
-    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
-    refuses amp=fp16 on their CPU)."""
+    """torch.amp.GradScaler(device) from torch 2.3; torch 2.1/2.2 (the P100's route) have only the CUDA one, all
+    they need (resolve_amp refuses fp16 on their CPU)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def describe_skips(precision):
-    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
-    "" without GradScalers."""
+    """precision_summary() -> the log's line about skipped steps; "" without GradScalers."""
     p = precision
     if not p.get("grad_scalers"):
         return ""
@@ -1292,8 +1273,7 @@ CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torc
 
 
 def configure_backends(device):
-    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 matmuls/convs on Ampere+.
-    Nothing on CPU. Returns a short description for the log."""
+    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 on Ampere+. -> a log line."""
     if device.type != "cuda":
         return "cpu: no backend flags"
     torch.backends.cudnn.benchmark = True
@@ -1316,12 +1296,9 @@ def env_threads():
 
 
 def choose_threads(want, device, *, cpus, env=0):
-    """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
-    run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
-    against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
-    threads on 2 shared cores ran a generation batch 9x and a step 11x slower than one, under load), else all but one
-    core (not measured). env: OMP_NUM_THREADS (env_threads()), which a CPU run keeps instead of choosing (the user, or
-    jobs sharing the cores, set it); a GPU run keeps 1, since environments may set it for other reasons."""
+    """torch's CPU thread count -> (n, why). want > 0: that many. Auto: a GPU run 1 (idle OpenMP threads spin against
+    the data and PNG threads); a CPU run OMP_NUM_THREADS (env) if set, else 1 up to CPU_THREADS_ONE_UP_TO cores (two
+    threads on 2 shared cores ran 9-11x slower under load: bench_threads.py), else all but one core (not measured)."""
     if want > 0:
         return want, "set by threads"
     if device.type == "cuda":
@@ -1334,10 +1311,9 @@ def choose_threads(want, device, *, cpus, env=0):
 
 
 def pick_cpu_threads(fn, *, candidates, reps=2):
-    """A CPU run with automatic threads: time fn() (one generation batch) at each thread count in `candidates`, in turn,
-    reps times after a warm-up, and keep the fastest (best of its reps). On an idle 2-core machine two threads ran a
-    smoke generation batch about 2x faster than one; with another process busy, one was 9x faster (bench_threads.py):
-    so measure rather than guess. -> (threads kept, {threads: seconds per call})."""
+    """Time fn() (one generation batch) at each thread count in `candidates`, best of reps after a warm-up, and keep
+    the fastest: on 2 cores two threads were 2x faster idle, one 9x faster under load (bench_threads.py).
+    -> (threads kept, {threads: seconds per call})."""
     fn()  # warm-up: first-call allocations
     times = {n: float("inf") for n in candidates}
     for _ in range(reps):
@@ -1471,10 +1447,8 @@ the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defin
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
-    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
-    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
-    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
+    """EMA of a model's parameters and float buffers (integer buffers copied); not swa_utils.AveragedModel, whose
+    update syncs with the host every step. batch: images per update over all ranks."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1526,10 +1500,8 @@ class DeviceBatches:
 
 
 # ==== modules/recipe/train.py ====
-"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
-trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
-loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
-"""
+"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
+The loop that drives it is loop.py."""
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
@@ -1542,10 +1514,8 @@ def _adam(params, lr, betas, device):
 
 
 def _load_optimizer(opt, saved):
-    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
-    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
-    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
-    so that torch also places the `step` counters where this implementation wants them."""
+    """opt.load_state_dict(saved), keeping this device's Adam implementation: torch would restore the saved
+    fused/foreach flags too (a GPU checkpoint would ask for fused CPU Adam, missing before torch 2.4)."""
     mine, groups = opt.param_groups, saved["param_groups"]
     if len(groups) == len(mine):  # else torch names the mismatch
         groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
@@ -1553,13 +1523,8 @@ def _load_optimizer(opt, saved):
 
 
 class Trainer:
-    """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
-    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
-    layout (several ranks: then attach_group()).
-
-    Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
-    """
+    """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
+    settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
     def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
         s = settings
@@ -1572,16 +1537,9 @@ class Trainer:
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
-        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
-        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
-        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
-        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
-        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
-        #   sync_buffers() copies them to every rank at each host sync.
-        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
-        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
-        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
-        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
+        # sampling and the G step's pass through D never run a collective). BatchNorm statistics and RaLS's averages
+        # are per rank (as BigGAN-PyTorch); rank 0's buffers are copied to every rank at each host sync.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
         self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
@@ -1602,10 +1560,8 @@ class Trainer:
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
-        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
-        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
-        self.skipped = {"d": 0, "g": 0}
-        self.steps_counted = 0
+        self.skipped = {"d": 0, "g": 0}  # steps the GradScalers skipped, summed from stats[3:] at each read_stats()
+        self.steps_counted = 0  # G steps read by read_stats()
         self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
@@ -1622,7 +1578,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule and noise decay."""
+        """progress: fraction of the planned training time spent, in [0,1]."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -1652,7 +1608,7 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
+        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
         if self.d_input.instance_noise:
             sigma = self.d_input.instance_noise * (1 - self.progress)
@@ -1692,13 +1648,11 @@ class Trainer:
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self._update_scaler(self.scaler_d, self.opt_d, 3)
-        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
-        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
-        # the D step's (detached, from before D's update), saving a D forward over reals
+        # G step. RaLS's real logits: recomputed with the updated D, as RaLS is written; fresh_real_logits=False
+        # reuses the D step's, saving a D forward
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
-        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        # D frozen: its gradients here would be thrown away (BigGAN-PyTorch's toggle_grads); plain D: no collective
         self.D.requires_grad_(False)
         try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
@@ -1723,9 +1677,8 @@ class Trainer:
         self.stats_n += 1
 
     def _update_scaler(self, scaler, opt, slot):
-        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
-        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
-        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        """scaler.update(), first adding the step's found_inf (1.0 = skipped) to stats[slot] on the device; GradScaler
+        keeps it in _per_optimizer_states until update() (torch 1.6-2.14)."""
         if scaler.is_enabled() and self.skips_known:
             found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
             if found:
@@ -1735,8 +1688,7 @@ class Trainer:
         scaler.update()
 
     def precision_summary(self):
-        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
-        made (this process, read at host syncs), with their final scales. None where not known."""
+        """report.json's "precision": the autocast dtype; the steps the GradScalers skipped and their final scales."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
                "d_steps": self.steps_counted * self.optim.d_steps}
@@ -1753,8 +1705,8 @@ class Trainer:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
-        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call, over all ranks
+        (one all-reduce), so every rank takes the same roll-back decision."""
         n, ranks = max(self.stats_n, 1), 1
         self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
@@ -1763,7 +1715,7 @@ class Trainer:
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
-        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        # every rank skipped the same steps (DDP's averaged gradients are the same)
         self.skipped["d"] += round(s[3] / ranks)
         self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
@@ -1797,7 +1749,7 @@ class Trainer:
             self.swa.load_state_dict(state["swa"])
 
     def snapshot(self):
-        """A deep copy of the whole state, kept on the device (cheap next to a step)."""
+        """A deep copy of the whole state, kept on the device."""
         return copy.deepcopy(self.state_dict())
 
     def rollback(self, snapshot, lr_factor):
@@ -1808,9 +1760,8 @@ class Trainer:
 
 
 def build_trainer(cfg, data, device, *, rank=0, world_size=1):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
-    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    """Config + loaded data -> Trainer on the device. Several ranks: the models are built identically (same seed),
+    then the RNG is seeded per rank, so each rank draws its own batches and latents."""
     G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
@@ -2020,9 +1971,8 @@ def build_sampler(cfg, trainer, data):
 
 
 # ==== modules/recipe/loop.py ====
-"""The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
-path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
-checkpoints) at host syncs only, which every rank makes after the same step."""
+"""The training loop: one path for any number of ranks; its upkeep (finite check and roll-back, step timing,
+snapshots, progress lines, checkpoints) happens at host syncs only, which every rank makes after the same step."""
 
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
@@ -2066,20 +2016,12 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
-    """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
-    Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
-    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
-    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
-
-    One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
-    clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
-    the next sync, so all stop after the same step; loss statistics are summed over the ranks, so roll-backs happen
-    together; only rank 0 logs, re-times the finish and checkpoints. A step starts only if it is predicted to end in
-    time (Pace.steps_fit). progress = (plan.prior_train_s + seconds trained here) / plan.plan_s.
-    checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train seconds, value)]},
-    appended to; before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary.
-    """
+    """Train until pace.stop_at(), the end of the plan, settings.max_steps, an interrupt, divergence or a failure.
+    A failure inside training returns reason "crashed" (or "interrupted") so that the caller ships what there is; a
+    failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
+    Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
+    the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
+    before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -2160,8 +2102,7 @@ def _is_set(event):
 
 
 def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
-    """Rank 0, before the next `interval` steps: "interrupted", "budget" (they would not end in time, or the plan is
-    done), "steps" (max_steps reached) or "" to go on. A forked rank that has ended fails the run."""
+    """Rank 0, before the next `interval` steps: "interrupted", "budget", "steps" or "" to go on."""
     if _is_set(stop_event):
         return "interrupted"
     if not pace.steps_fit(interval) or trained >= pace.plan.plan_s:
@@ -2174,8 +2115,7 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
 
 
 def _reset_peak_memory(device):
-    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
-    not the finish measured before training (a larger generation batch)."""
+    """CUDA: count the peak from here, so that it is the steps', not the finish measurement's before training."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -2207,8 +2147,8 @@ class _Guard:
             self.snapshot()
 
     def roll_back(self, by):
-        """Non-finite losses in the steps up to step `by`: back to the snapshot at lower learning rates -> True, or
-        (past max_rollbacks) back to it at the same rates -> False: stop training."""
+        """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past
+        max_rollbacks) at the same rates -> False: stop training."""
         t, s = self.trainer, self.settings
         self.rollbacks += 1
         if self.rollbacks > s.max_rollbacks:
@@ -2244,8 +2184,8 @@ def sample_spread(G, z):
 
 
 class _Upkeep:
-    """Rank 0's upkeep at host syncs: the finish re-timed near the end, a progress line per tick, and checkpoints that
-    never start when they could overrun the stop."""
+    """Rank 0's upkeep at host syncs: the finish re-timed, a progress line per tick, checkpoints that fit before the
+    stop."""
 
     def __init__(self, trainer, settings, pace, history, checkpoint_fn, t_start):
         self.trainer, self.settings, self.pace, self.history = trainer, settings, pace, history

@@ -11,8 +11,7 @@ CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torc
 
 
 def configure_backends(device):
-    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 matmuls/convs on Ampere+.
-    Nothing on CPU. Returns a short description for the log."""
+    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 on Ampere+. -> a log line."""
     if device.type != "cuda":
         return "cpu: no backend flags"
     torch.backends.cudnn.benchmark = True
@@ -35,12 +34,9 @@ def env_threads():
 
 
 def choose_threads(want, device, *, cpus, env=0):
-    """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
-    run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
-    against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
-    threads on 2 shared cores ran a generation batch 9x and a step 11x slower than one, under load), else all but one
-    core (not measured). env: OMP_NUM_THREADS (env_threads()), which a CPU run keeps instead of choosing (the user, or
-    jobs sharing the cores, set it); a GPU run keeps 1, since environments may set it for other reasons."""
+    """torch's CPU thread count -> (n, why). want > 0: that many. Auto: a GPU run 1 (idle OpenMP threads spin against
+    the data and PNG threads); a CPU run OMP_NUM_THREADS (env) if set, else 1 up to CPU_THREADS_ONE_UP_TO cores (two
+    threads on 2 shared cores ran 9-11x slower under load: bench_threads.py), else all but one core (not measured)."""
     if want > 0:
         return want, "set by threads"
     if device.type == "cuda":
@@ -53,10 +49,9 @@ def choose_threads(want, device, *, cpus, env=0):
 
 
 def pick_cpu_threads(fn, *, candidates, reps=2):
-    """A CPU run with automatic threads: time fn() (one generation batch) at each thread count in `candidates`, in turn,
-    reps times after a warm-up, and keep the fastest (best of its reps). On an idle 2-core machine two threads ran a
-    smoke generation batch about 2x faster than one; with another process busy, one was 9x faster (bench_threads.py):
-    so measure rather than guess. -> (threads kept, {threads: seconds per call})."""
+    """Time fn() (one generation batch) at each thread count in `candidates`, best of reps after a warm-up, and keep
+    the fastest: on 2 cores two threads were 2x faster idle, one 9x faster under load (bench_threads.py).
+    -> (threads kept, {threads: seconds per call})."""
     fn()  # warm-up: first-call allocations
     times = {n: float("inf") for n in candidates}
     for _ in range(reps):

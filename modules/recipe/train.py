@@ -1,7 +1,5 @@
-"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
-trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
-loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
-"""
+"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
+The loop that drives it is loop.py."""
 import copy
 import math
 import warnings
@@ -30,10 +28,8 @@ def _adam(params, lr, betas, device):
 
 
 def _load_optimizer(opt, saved):
-    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
-    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
-    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
-    so that torch also places the `step` counters where this implementation wants them."""
+    """opt.load_state_dict(saved), keeping this device's Adam implementation: torch would restore the saved
+    fused/foreach flags too (a GPU checkpoint would ask for fused CPU Adam, missing before torch 2.4)."""
     mine, groups = opt.param_groups, saved["param_groups"]
     if len(groups) == len(mine):  # else torch names the mismatch
         groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
@@ -41,13 +37,8 @@ def _load_optimizer(opt, saved):
 
 
 class Trainer:
-    """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
-    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
-    layout (several ranks: then attach_group()).
-
-    Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
-    """
+    """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
+    settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
     def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
         s = settings
@@ -60,16 +51,9 @@ class Trainer:
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
-        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
-        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
-        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
-        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
-        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
-        #   sync_buffers() copies them to every rank at each host sync.
-        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
-        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
-        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
-        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
+        # sampling and the G step's pass through D never run a collective). BatchNorm statistics and RaLS's averages
+        # are per rank (as BigGAN-PyTorch); rank 0's buffers are copied to every rank at each host sync.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
         self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
@@ -90,10 +74,8 @@ class Trainer:
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
-        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
-        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
-        self.skipped = {"d": 0, "g": 0}
-        self.steps_counted = 0
+        self.skipped = {"d": 0, "g": 0}  # steps the GradScalers skipped, summed from stats[3:] at each read_stats()
+        self.steps_counted = 0  # G steps read by read_stats()
         self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
@@ -110,7 +92,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule and noise decay."""
+        """progress: fraction of the planned training time spent, in [0,1]."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -140,7 +122,7 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
+        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
         if self.d_input.instance_noise:
             sigma = self.d_input.instance_noise * (1 - self.progress)
@@ -180,13 +162,11 @@ class Trainer:
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self._update_scaler(self.scaler_d, self.opt_d, 3)
-        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
-        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
-        # the D step's (detached, from before D's update), saving a D forward over reals
+        # G step. RaLS's real logits: recomputed with the updated D, as RaLS is written; fresh_real_logits=False
+        # reuses the D step's, saving a D forward
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
-        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        # D frozen: its gradients here would be thrown away (BigGAN-PyTorch's toggle_grads); plain D: no collective
         self.D.requires_grad_(False)
         try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
@@ -211,9 +191,8 @@ class Trainer:
         self.stats_n += 1
 
     def _update_scaler(self, scaler, opt, slot):
-        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
-        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
-        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        """scaler.update(), first adding the step's found_inf (1.0 = skipped) to stats[slot] on the device; GradScaler
+        keeps it in _per_optimizer_states until update() (torch 1.6-2.14)."""
         if scaler.is_enabled() and self.skips_known:
             found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
             if found:
@@ -223,8 +202,7 @@ class Trainer:
         scaler.update()
 
     def precision_summary(self):
-        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
-        made (this process, read at host syncs), with their final scales. None where not known."""
+        """report.json's "precision": the autocast dtype; the steps the GradScalers skipped and their final scales."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
                "d_steps": self.steps_counted * self.optim.d_steps}
@@ -241,8 +219,8 @@ class Trainer:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
-        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call, over all ranks
+        (one all-reduce), so every rank takes the same roll-back decision."""
         n, ranks = max(self.stats_n, 1), 1
         self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
@@ -251,7 +229,7 @@ class Trainer:
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
-        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        # every rank skipped the same steps (DDP's averaged gradients are the same)
         self.skipped["d"] += round(s[3] / ranks)
         self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
@@ -285,7 +263,7 @@ class Trainer:
             self.swa.load_state_dict(state["swa"])
 
     def snapshot(self):
-        """A deep copy of the whole state, kept on the device (cheap next to a step)."""
+        """A deep copy of the whole state, kept on the device."""
         return copy.deepcopy(self.state_dict())
 
     def rollback(self, snapshot, lr_factor):
@@ -296,9 +274,8 @@ class Trainer:
 
 
 def build_trainer(cfg, data, device, *, rank=0, world_size=1):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
-    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    """Config + loaded data -> Trainer on the device. Several ranks: the models are built identically (same seed),
+    then the RNG is seeded per rank, so each rank draws its own batches and latents."""
     G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
