@@ -45,15 +45,15 @@
 #     472  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     763  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     850  LOSSES                the losses (loss): D's and G's for each
-#    1580  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1632  Trainer.step          one training step: D, then G, EMA
-#    2018  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3810  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4824  finish                the finish: images, the verified zip, self-check, pictures
-#    5085  parse_config          the command line -> a checked Config
-#    5351  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5666  run                   the run: settings, checks and data, the ranks started
-#    5742  main                  the entry point and its exit codes
+#    1573  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1625  Trainer.step          one training step: D, then G, EMA
+#    2011  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3803  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4817  finish                the finish: images, the verified zip, self-check, pictures
+#    5078  parse_config          the command line -> a checked Config
+#    5344  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5659  run                   the run: settings, checks and data, the ranks started
+#    5735  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
@@ -1024,7 +1024,7 @@ def seed_everything(seed):
 @functools.lru_cache(maxsize=None)
 def process_start():
     """time.monotonic() at this process's start (from /proc); in a notebook or without /proc, the first import."""
-    if in_notebook():
+    if "ipykernel" in sys.modules:
         return PROCESS_START
     try:
         with open("/proc/self/stat") as f:
@@ -1049,9 +1049,6 @@ class Deadline:
 
     def remaining(self):
         return self.budget_s - self.elapsed()
-
-    def __repr__(self):
-        return f"Deadline({format_duration(self.budget_s)}, {format_duration(self.remaining())} left)"
 
 
 class PhaseTimer:
@@ -1162,10 +1159,6 @@ def cpu_count():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
-
-
-def in_notebook():
-    return "ipykernel" in sys.modules
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError

@@ -68,7 +68,7 @@ def seed_everything(seed):
 @functools.lru_cache(maxsize=None)
 def process_start():
     """time.monotonic() at this process's start (from /proc); in a notebook or without /proc, the first import."""
-    if in_notebook():
+    if "ipykernel" in sys.modules:
         return PROCESS_START
     try:
         with open("/proc/self/stat") as f:
@@ -93,9 +93,6 @@ class Deadline:
 
     def remaining(self):
         return self.budget_s - self.elapsed()
-
-    def __repr__(self):
-        return f"Deadline({format_duration(self.budget_s)}, {format_duration(self.remaining())} left)"
 
 
 class PhaseTimer:
@@ -206,10 +203,6 @@ def cpu_count():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
-
-
-def in_notebook():
-    return "ipykernel" in sys.modules
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
