@@ -24,7 +24,7 @@ LAYERS = ("recipe", "data", "run")  # modules/<layer>/x.py, bundled in this orde
 # the layers before it
 PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the machinery; unlisted files go after
     "config",  # the settings, the presets and their limits: what a reader of kernel.py sees first
-    "layers", "biggan", "pggan", "models", "losses", "augment",  # the model and what D sees
+    "layers", "biggan", "models", "losses", "augment",  # the model and what D sees
     "grammar", "utils",  # small helpers: everything from sample on imports utils
     "precision", "speed", "settings", "averaging", "batches", "train",  # the step and what it needs
     "sample", "loop",  # generation, and the loop
@@ -39,10 +39,10 @@ LANDMARKS = (
     ("what each setting may hold (checked before any data is read)", "config", "LIMITS"),
     ("BigGAN G: channels and attention per resolution", "biggan", "BIGGAN_G_ARCH"),
     ("BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)", "biggan", "BIGGAN_D_ARCHS"),
-    ("the architectures (arch): biggan, dcgan, dcgan5, pggan", "models", "ARCHS"),
+    ("the architectures (arch): biggan, dcgan, dcgan5", "models", "ARCHS"),
     ("the losses (loss): D's and G's for each", "losses", "LOSSES"),
     ("one training step: D, then G, EMA", "train", "Trainer.step"),
-    ("the schedule: learning rate, PGGAN growth, noise decay", "train", "Trainer.set_progress"),
+    ("the schedule: learning rate, noise decay", "train", "Trainer.set_progress"),
     ("the budget: the finish measured, the plan, when training must stop", "budget", "Pace"),
     ("the training loop: steps, checks, roll-backs, ticks, stop", "loop", "train_loop"),
     ("the finish: images, the verified zip, self-check, pictures", "finish", "finish"),
@@ -80,7 +80,7 @@ HEADER = """\
 #   python kernel.py --help  |  --print-config                        # every flag  |  the settings it would use
 # THE SETTINGS PEOPLE CHANGE (flag, or the Config field of the same name):
 #   --time-budget 8h45m  wall time of the whole run: 9h, 90m, 600s, 8h30m; the zip is written before it ends
-#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks | pggan; "pggan,smoke" = both, in order
+#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks; "dcgan,smoke" = both, in order
 #   --data-dir DIR       folder with all-dogs/ and Annotation/ (default: Kaggle's input, found by itself)
 #   --out DIR            where outputs go (default /kaggle/working if it exists, else ./output)
 #   --device auto        the GPU: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N

@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 96): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -24,7 +24,7 @@
 #   python kernel.py --help  |  --print-config                        # every flag  |  the settings it would use
 # THE SETTINGS PEOPLE CHANGE (flag, or the Config field of the same name):
 #   --time-budget 8h45m  wall time of the whole run: 9h, 90m, 600s, 8h30m; the zip is written before it ends
-#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks | pggan; "pggan,smoke" = both, in order
+#   --preset kaggle      recipe: kaggle | smoke | dcgan | dcgan5 | dcgan-tricks; "dcgan,smoke" = both, in order
 #   --data-dir DIR       folder with all-dogs/ and Annotation/ (default: Kaggle's input, found by itself)
 #   --out DIR            where outputs go (default /kaggle/working if it exists, else ./output)
 #   --device auto        the GPU: auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
@@ -38,35 +38,34 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      96  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     191  PRESETS               the presets: named sets of overrides of those defaults
-#     257  LIMITS                what each setting may hold (checked before any data is read)
-#     440  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     446  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     910  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5, pggan
-#    1002  LOSSES                the losses (loss): D's and G's for each
-#    1866  Trainer.set_progress  the schedule: learning rate, PGGAN growth, noise decay
-#    1922  Trainer.step          one training step: D, then G, EMA
-#    2289  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3796  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4697  finish                the finish: images, the verified zip, self-check, pictures
-#    4943  parse_config          the command line -> a checked Config
-#    5178  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5469  run                   the run: settings, checks and data, the ranks started
-#    5542  main                  the entry point and its exit codes
+#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     186  PRESETS               the presets: named sets of overrides of those defaults
+#     246  LIMITS                what each setting may hold (checked before any data is read)
+#     429  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     435  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     692  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     770  LOSSES                the losses (loss): D's and G's for each
+#    1473  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1525  Trainer.step          one training step: D, then G, EMA
+#    1878  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3359  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4256  finish                the finish: images, the verified zip, self-check, pictures
+#    4498  parse_config          the command line -> a checked Config
+#    4733  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5024  run                   the run: settings, checks and data, the ranks started
+#    5097  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
-#   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
-#   settings -> averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics ->
-#   report -> submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish ->
-#   cli -> outdir -> setup -> rank -> main
+#   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
+#   averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics -> report ->
+#   submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish -> cli ->
+#   outdir -> setup -> rank -> main
 
 
-import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, importlib.util, io
-import itertools, json, math, multiprocessing, numpy as np, os, random, re, scipy.linalg, shutil, signal, socket, stat
-import struct, sys, tempfile, threading, time, torch, torch.distributed as dist, torch.nn as nn
-import torch.nn.functional as F, torchvision, traceback, types, warnings, weakref, xml.etree.ElementTree as ET, zipfile
-import zlib
+import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, io, itertools, json, math
+import multiprocessing, numpy as np, os, random, re, scipy.linalg, shutil, signal, socket, stat, struct, sys, tempfile
+import threading, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision
+import traceback, warnings, weakref, xml.etree.ElementTree as ET, zipfile, zlib
 
 from PIL import Image, ImageDraw
 from collections import Counter, deque, namedtuple
@@ -119,7 +118,7 @@ class Config:
     threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
-    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
+    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5
     z_dim: int = 120  # latent size (biggan: split into 5 chunks)
     g_ch: int = 32  # G width multiplier
     d_ch: int = 32  # D width multiplier
@@ -132,10 +131,9 @@ class Config:
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
-    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
+    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
-    gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits (False: reuse D's, ~1.25x faster on CPU)
     # optimisation
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
@@ -160,10 +158,7 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
-    compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout; "" = off
-    # progressive growing (arch pggan)
-    pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
     d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
     crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
@@ -210,12 +205,6 @@ PRESETS = {
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
-    ),
-    "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
-        NOT_2ND_PLACE,
-        arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
-        mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
-        truncation=0.0, ema=True, ema_start=0,
     ),
 }
 
@@ -269,7 +258,7 @@ LIMITS = {
     "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
     "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
-    "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
+    "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
     # optimisation
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),
@@ -280,7 +269,7 @@ LIMITS = {
     "swa_every": Range(1, 10**6),
     # sampling
     "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
-    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
+    "amp": Choice(("auto", "off", "fp16", "bf16")),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
     "max_rollbacks": Range(0, 1000), "rollback_lr_factor": Range(0, 1, above=True), "checkpoint_s": Range(0, 86400),
@@ -588,207 +577,8 @@ class BigDiscriminator(nn.Module):
         return logits, class_logits
 
 
-# ==== modules/recipe/pggan.py ====
-"""PGGAN (Karras et al. 2018, "Progressive Growing of GANs"), grown from 4x4 to 64x64.
-
-Levels 0..max_level are the resolutions 4·2^level (4, 8, 16, 32, 64). At their boundary both networks always work at the
-full resolution R = 4·2^max_level, so the training loop stays generic:
-- PGGenerator(z, y) -> [N,3,R,R]: the current level's image, nearest-upsampled to R.
-- PGDiscriminator(x, y) -> (logits [N], None): it average-pools x [N,3,R,R] down to the current level itself.
-
-Growth is plain module state set by `set_growth(level, alpha)`: Trainer.set_progress(progress) (train.py) sets
-`pggan_growth(progress, fade_fraction=pg_fade)` on G, D and the shipped averages before each step, progress being the
-fraction of the training window trained so far, so the levels follow time, not steps. Growth is a python attribute
-(reading it needs no GPU sync), so it is NOT in state_dict: a freshly built module is at (max_level, 1.0), and loading
-weights leaves the level as it was until set_progress runs. torch.compile would recompile whenever alpha changes, so
-run these modules eagerly.
-
-From the paper: equalized learning rate (EqConv2d, EqLinear), pixelwise feature normalisation in G (PixelNorm),
-minibatch stddev before D's last block, fade-in of each new level. The paper's WGAN-GP + drift loss and
-Adam(lr=1e-3, betas=(0, 0.99)) belong in losses.py and train.py.
-"""
-
-
-_PG_CH_MULT = (8, 8, 4, 2, 1)  # channels per level as multiples of `ch`: ch=64 gives 512, 512, 256, 128, 64
-_PG_SLOPE = 0.2  # LeakyReLU negative slope, paper value
-
-
-# equalized learning rate
-
-class EqConv2d(nn.Module):
-    """Conv with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in), the He constant for gain sqrt(2): applied
-    on every forward pass, not at init, so Adam updates all layers at the same relative speed (Karras et al. 4.1)."""
-
-    def __init__(self, in_ch, out_ch, kernel_size, *, padding=None, gain=math.sqrt(2)):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_ch))
-        self.scale = gain / math.sqrt(in_ch * kernel_size * kernel_size)
-        self.padding = kernel_size // 2 if padding is None else padding  # default 'same' for odd kernels
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
-
-
-class EqLinear(nn.Module):
-    """Linear with N(0,1) raw weights scaled at run time by gain/sqrt(fan_in); see EqConv2d."""
-
-    def __init__(self, in_features, out_features, *, gain=math.sqrt(2)):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        self.scale = gain / math.sqrt(in_features)
-
-    def forward(self, x):
-        return F.linear(x, self.weight * self.scale, self.bias)
-
-
-class PixelNorm(nn.Module):
-    """x / sqrt(mean over channels of x² + 1e-8), per pixel (dim 1 of [N,C,H,W] or [N,C]), the statistic in float32:
-    under fp16 autocast 1e-8 rounds to 0 and x² can overflow."""
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)
-
-
-def _pg_check_growth(level, alpha, max_level):
-    assert 0 <= level <= max_level, f"level {level} outside 0..{max_level}"
-    assert 0.0 <= alpha <= 1.0, f"alpha {alpha} outside [0, 1]"
-    return int(level), 1.0 if level == 0 else float(alpha)  # nothing to fade from at level 0
-
-
-# growth schedule
-
-def pggan_growth(progress, n_levels=5, fade_fraction=0.5, final_weight=2.0):
-    """Fraction of the training-time budget spent (0..1) -> (level, alpha). Time is split into units: one per level,
-    plus `final_weight - 1` extra for the last level, where the output is sampled, so it gets more time to stabilise
-    while the small levels learn fast (defaults: 1/6 of the budget per level, 2/6 for 64x64). In every level > 0,
-    alpha fades linearly 0 -> 1 during the first `fade_fraction` of one unit, then stays at 1; level 0 has alpha 1."""
-    assert n_levels >= 1 and 0.0 <= fade_fraction <= 1.0 and final_weight >= max(fade_fraction, 1e-9)
-    if progress >= 1.0:
-        return n_levels - 1, 1.0
-    t = max(float(progress), 0.0) * (n_levels - 1 + final_weight)  # in units
-    level = min(int(t), n_levels - 1)
-    if level == 0 or fade_fraction == 0.0:
-        return level, 1.0
-    return level, min(1.0, (t - level) / fade_fraction)
-
-
-# generator
-
-class PGGenerator(nn.Module):
-    """z [N,z_dim] (+ y [N] int64 if n_classes > 1) -> [N,3,R,R], R = 4·2^max_level: linear (no tanh, as in the
-    paper), roughly in [-1, 1] once trained; clamped only at sampling time."""
-
-    def __init__(self, *, z_dim=128, n_classes=1, ch=64, max_level=4):
-        super().__init__()
-        assert 0 <= max_level < len(_PG_CH_MULT), f"max_level must be in 0..{len(_PG_CH_MULT) - 1}"
-        self.z_dim, self.n_classes, self.max_level = z_dim, n_classes, max_level
-        chs = [ch * m for m in _PG_CH_MULT[: max_level + 1]]
-        # conditional: a learned N(0,1) class vector of size z_dim is concatenated to z; PixelNorm then sees both
-        self.embed = nn.Embedding(n_classes, z_dim) if n_classes > 1 else None
-        in_dim = z_dim * (2 if n_classes > 1 else 1)
-        # level 0: dense to 4x4 (equivalent to the paper's 4x4 transposed conv; gain sqrt(2)/4 as in its code) + conv3x3
-        self.stem_fc = EqLinear(in_dim, chs[0] * 16, gain=math.sqrt(2) / 4)
-        self.stem_conv = EqConv2d(chs[0], chs[0], 3)
-        self.blocks = nn.ModuleList([nn.Identity()])  # blocks[l] maps level l-1 features to level l; index 0 unused
-        for c_in, c_out in zip(chs[:-1], chs[1:]):
-            self.blocks.append(nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                EqConv2d(c_in, c_out, 3), nn.LeakyReLU(_PG_SLOPE), PixelNorm(),
-                EqConv2d(c_out, c_out, 3), nn.LeakyReLU(_PG_SLOPE), PixelNorm()))
-        self.to_rgb = nn.ModuleList([EqConv2d(c, 3, 1, gain=1.0) for c in chs])
-        self.pixnorm = PixelNorm()
-        self.level, self.alpha = max_level, 1.0
-
-    def set_growth(self, level, alpha):
-        self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
-
-    def forward(self, z, y=None):
-        assert z.dim() == 2 and z.shape[1] == self.z_dim, f"z must be [N,{self.z_dim}], got {list(z.shape)}"
-        if self.embed is not None:
-            assert y is not None and y.shape == z.shape[:1], "conditional G needs y [N]"
-            z = torch.cat([z, self.embed(y)], dim=1)
-        h = F.leaky_relu(self.stem_fc(self.pixnorm(z)).view(z.shape[0], -1, 4, 4), _PG_SLOPE)
-        h = self.pixnorm(F.leaky_relu(self.stem_conv(self.pixnorm(h)), _PG_SLOPE))  # [N,C0,4,4]
-        h_prev = h
-        for lvl in range(1, self.level + 1):
-            h_prev, h = h, self.blocks[lvl](h)
-        img = self.to_rgb[self.level](h)  # [N,3,r,r], r = 4·2^level
-        if self.level > 0 and self.alpha < 1.0:
-            low = F.interpolate(self.to_rgb[self.level - 1](h_prev), scale_factor=2, mode="nearest")
-            img = torch.lerp(low, img, self.alpha)
-        if self.level < self.max_level:
-            img = F.interpolate(img, scale_factor=2 ** (self.max_level - self.level), mode="nearest")
-        return img  # [N,3,R,R], roughly in [-1,1]
-
-
-# discriminator
-
-class PGDiscriminator(nn.Module):
-    """x [N,3,R,R] (+ y [N] if n_classes > 1) -> (logits [N], None): no auxiliary class logits (the BigGAN D's
-    interface). Conditioning by projection: sum(embed(y) · h) is added to the logit, h the C0 features after the 4x4
-    conv; the embedding is equalized too (N(0,1) raw, scaled by 1/sqrt(C0))."""
-
-    def __init__(self, *, n_classes=1, ch=64, max_level=4, mbstd_group=4):
-        super().__init__()
-        assert mbstd_group >= 0, mbstd_group
-        assert 0 <= max_level < len(_PG_CH_MULT), f"max_level must be in 0..{len(_PG_CH_MULT) - 1}"
-        self.n_classes, self.max_level, self.mbstd_group = n_classes, max_level, mbstd_group
-        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None  # 0 = off, as in the BigGAN D
-        chs = [ch * m for m in _PG_CH_MULT[: max_level + 1]]
-        self.from_rgb = nn.ModuleList([nn.Sequential(EqConv2d(3, c, 1), nn.LeakyReLU(_PG_SLOPE)) for c in chs])
-        self.blocks = nn.ModuleList([nn.Identity()])  # blocks[l] maps level l features to level l-1; index 0 unused
-        for c_out, c_in in zip(chs[:-1], chs[1:]):
-            self.blocks.append(nn.Sequential(
-                EqConv2d(c_in, c_in, 3), nn.LeakyReLU(_PG_SLOPE),
-                EqConv2d(c_in, c_out, 3), nn.LeakyReLU(_PG_SLOPE),
-                nn.AvgPool2d(2)))
-        self.final_conv = EqConv2d(chs[0] + (1 if mbstd_group else 0), chs[0], 3)  # +1: the minibatch-stddev channel
-        self.final_conv4 = EqConv2d(chs[0], chs[0], 4, padding=0)  # 4x4 -> 1x1
-        self.final_fc = EqLinear(chs[0], 1, gain=1.0)
-        self.embed = nn.Embedding(n_classes, chs[0]) if n_classes > 1 else None
-        self.embed_scale = 1.0 / math.sqrt(chs[0])
-        self.level, self.alpha = max_level, 1.0
-
-    def set_growth(self, level, alpha):
-        self.level, self.alpha = _pg_check_growth(level, alpha, self.max_level)
-
-    def fade_reals(self, x):
-        """Reals only: x [N,3,R,R] -> the same blend of level and level-1 detail that G produces while fading in, still
-        [N,3,R,R] (the paper's real-image fading): without it the reals are sharp at the new level while the fakes are
-        blurred by the fade."""
-        f = 2 ** (self.max_level - self.level)
-        x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]
-        if self.level > 0 and self.alpha < 1.0:
-            x = torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest"), x, self.alpha)
-        return F.interpolate(x, scale_factor=f, mode="nearest") if f > 1 else x
-
-    def forward(self, x, y=None):
-        res = 4 * 2 ** self.max_level
-        assert x.dim() == 4 and x.shape[1:] == (3, res, res), f"x must be [N,3,{res},{res}], got {list(x.shape)}"
-        f = 2 ** (self.max_level - self.level)
-        x = F.avg_pool2d(x, f) if f > 1 else x  # [N,3,r,r]: reals and fakes are downsampled here, on the device
-        h = self.from_rgb[self.level](x)
-        if self.level > 0:
-            h = self.blocks[self.level](h)
-            if self.alpha < 1.0:
-                h = torch.lerp(self.from_rgb[self.level - 1](F.avg_pool2d(x, 2)), h, self.alpha)
-        for lvl in range(self.level - 1, 0, -1):
-            h = self.blocks[lvl](h)
-        if self.mbstd is not None:
-            h = self.mbstd(h)  # [N,C0+1,4,4]
-        h = F.leaky_relu(self.final_conv(h), _PG_SLOPE)
-        h = F.leaky_relu(self.final_conv4(h), _PG_SLOPE).flatten(1)  # [N,C0]
-        out = self.final_fc(h).squeeze(1)  # [N]
-        if self.embed is not None:
-            assert y is not None and y.shape == out.shape, "conditional D needs y [N]"
-            out = out + (self.embed(y) * self.embed_scale * h).sum(dim=1)
-        return out, None
-
-
 # ==== modules/recipe/models.py ====
-"""Architectures: the DCGAN baselines here, BigGAN in biggan.py, PGGAN in pggan.py; `ARCHS` names them for the Config.
+"""Architectures: the DCGAN baselines here, BigGAN in biggan.py; `ARCHS` names them for the Config.
 
 Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; every D maps (x [N,3,64,64], y [N]) ->
 (logits [N], class logits [N,n_classes] or None). `D.joint_ok` says whether reals and fakes may share one forward pass.
@@ -899,16 +689,8 @@ def build_dcgan(cfg, n_classes, *, g_kernel, d_kernel):
     return G, DCDiscriminator(ch=cfg.d_ch, kernel=d_kernel, split_bn=cfg.split_bn)
 
 
-def build_pggan(cfg, n_classes):
-    k = n_classes if cfg.conditional else 1
-    G = PGGenerator(z_dim=cfg.z_dim, n_classes=k, ch=cfg.g_ch)
-    D = PGDiscriminator(n_classes=k, ch=cfg.d_ch, mbstd_group=cfg.mbstd_group)
-    D.joint_ok = cfg.mbstd_group == 0
-    return G, D
-
-
 ARCHS = {"biggan": build_biggan, "dcgan": partial(build_dcgan, g_kernel=4, d_kernel=4),
-         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3), "pggan": build_pggan}
+         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3)}
 
 
 def build_models(cfg, n_classes):
@@ -985,36 +767,12 @@ def lsgan_g(real, fake):
     return ((fake.float() - 1) ** 2).mean() / 2
 
 
-# Wasserstein (with gradient penalty set by gp_weight; PGGAN adds a small drift term keeping real logits near 0)
-
-WGAN_DRIFT = 1e-3
-
-
-def wgan_d(real, fake, *, real_target=1.0, margin=0.0):
-    real, fake = real.float(), fake.float()
-    return fake.mean() - _masked_mean(real, _margin_mask(real, margin)) + WGAN_DRIFT * (real ** 2).mean()
-
-
-def wgan_g(real, fake):
-    return -fake.float().mean()
-
-
 LOSSES = {
     "rals": (rals_d, rals_g),
     "bce": (bce_d, bce_g),
     "hinge": (hinge_d, hinge_g),
     "lsgan": (lsgan_d, lsgan_g),
-    "wgan": (wgan_d, wgan_g),
 }
-
-
-def gradient_penalty(D, real, fake, y):
-    """WGAN-GP: mean over interpolates of (||grad_x D(x)||_2 - 1)^2, in float32 (not under autocast)."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = torch.lerp(real.detach().float(), fake.detach().float(), alpha).requires_grad_(True)
-    logits, _ = D(x, y)
-    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 # ==== modules/recipe/augment.py ====
@@ -1120,10 +878,7 @@ def parse_faults(text):
 
 
 # ==== modules/recipe/utils.py ====
-"""Small shared helpers: logging, seeding, durations, the run Deadline, device and precision checks.
-
-Nothing here reads the Config; every function takes explicit arguments.
-"""
+"""Small shared helpers: logging, durations, the run Deadline, atomic files, device checks."""
 
 
 # helpers
@@ -1135,10 +890,8 @@ _DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more 
 
 
 def say(text, file=None):
-    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
-    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
-    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
-    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    """Print and flush, never raising: logging must not end a run. A stream that fails (a closed pipe) is dropped; if
+    it is fd 1 or 2, it is pointed at /dev/null (as Python's docs on SIGPIPE advise), so the exit flush stays quiet."""
     stream = sys.stdout if file is None else file
     if stream is None or id(stream) in _DROPPED_STREAMS:
         return
@@ -1155,8 +908,7 @@ def say(text, file=None):
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
-    since process_start(), so the log and the messages that quote the Deadline agree."""
+    """One timestamped line on the Deadline's clock (seconds since process_start()), flushed so Kaggle shows it live."""
     elapsed = time.monotonic() - process_start()
     say(f"[{format_duration(elapsed):>8}] {msg}")
 
@@ -1183,9 +935,8 @@ def seed_everything(seed):
 
 @functools.lru_cache(maxsize=None)
 def process_start():
-    """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
-    in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
-    if in_notebook():
+    """time.monotonic() at this process's start (from /proc); in a notebook or without /proc, the first import."""
+    if "ipykernel" in sys.modules:
         return PROCESS_START
     try:
         with open("/proc/self/stat") as f:
@@ -1211,9 +962,6 @@ class Deadline:
     def remaining(self):
         return self.budget_s - self.elapsed()
 
-    def __repr__(self):
-        return f"Deadline({format_duration(self.budget_s)}, {format_duration(self.remaining())} left)"
-
 
 class PhaseTimer:
     """Wall time per named phase: `with timer.phase("data"): ...`; timer.summary() -> 'data 3.1s, train 55.0s'."""
@@ -1235,10 +983,8 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
-    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
-    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
-    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    """Written to tmp (default path.tmpPID, one per process), flushed to the disk, checked by verify(tmp), then renamed
+    over path; on any failure tmp is removed, so a reader sees the old file or the new one, never half of one."""
     tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
@@ -1255,8 +1001,8 @@ def atomic_file(path, mode="wb", *, tmp=None, verify=None):
 
 
 def require_regular_file(path, flag, *, folder_ok=False):
-    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
-    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
+    """A UsageError unless path is a regular file (or, folder_ok, a folder): a FIFO or a device would block when read.
+    Checked by stat, which opens nothing; a missing path is left to the reader."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -1285,11 +1031,8 @@ def eval_mode(model):
 # device
 
 def check_device(want="auto"):
-    """Pick the device and prove it works: a tiny CUDA op in the first seconds.
-
-    A torch built without kernels for this GPU (e.g. a P100, sm_60, under a torch built for sm_70+) fails here with a
-    UsageError that names the GPU, the archs this torch has, and what to do.
-    """
+    """Pick the device and prove it works with a tiny CUDA op: a torch without kernels for this GPU (a P100 under a
+    torch built for sm_70+) is a UsageError naming the GPU, the archs this torch has, and what to do."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         if want == "auto":
             warn("no CUDA GPU found: running on CPU, which is far too slow for a real run (fine for smoke/demo)")
@@ -1330,10 +1073,6 @@ def cpu_count():
         return max(1, os.cpu_count() or 1)
 
 
-def in_notebook():
-    return "ipykernel" in sys.modules
-
-
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
     "out of memory",  # "CUDA error: out of memory" (RuntimeError; AcceleratorError in torch 2.8+), NCCL's "Cuda failure
     # 'out of memory'" (DistBackendError), HIP's
@@ -1345,8 +1084,7 @@ OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised
 
 
 def is_out_of_memory(exc):
-    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
-    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    """An allocation failure: torch.cuda.OutOfMemoryError, MemoryError, or an error whose text says so."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
@@ -1354,8 +1092,8 @@ def is_out_of_memory(exc):
 
 
 # ==== modules/recipe/precision.py ====
-"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
-are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
+"""Precision: the autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and their
+descriptions for the log and report.json."""
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
@@ -1363,12 +1101,9 @@ BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampe
 
 
 def resolve_amp(amp, device):
-    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
-    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
-    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
-    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
-    has no bf16."""
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers), bf16 from sm_80; on the CPU
+    fp32. fp16 / bf16: that dtype on any device (so the GPU's path can be tested on the CPU), or a UsageError where
+    this torch or device cannot run it."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -1385,9 +1120,8 @@ def resolve_amp(amp, device):
 
 
 def _amp_problem(dtype, device):
-    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
-    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "": a tiny linear layer
+    must come out in `dtype`. bf16 below sm_80 is refused first: it would pass, emulated slowly."""
     if dtype == torch.bfloat16 and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < BF16_MIN_CAPABILITY:
@@ -1410,17 +1144,15 @@ def _amp_problem(dtype, device):
 
 
 def grad_scaler(device_type, *, enabled):
-    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
-    refuses amp=fp16 on their CPU)."""
+    """torch.amp.GradScaler(device) from torch 2.3; torch 2.1/2.2 (the P100's route) have only the CUDA one, all
+    they need (resolve_amp refuses fp16 on their CPU)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def describe_skips(precision):
-    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
-    "" without GradScalers."""
+    """precision_summary() -> the log's line about skipped steps; "" without GradScalers."""
     p = precision
     if not p.get("grad_scalers"):
         return ""
@@ -1438,19 +1170,15 @@ def describe_amp(amp_dtype):
 
 
 # ==== modules/recipe/speed.py ====
-"""Speed switches: cuDNN autotuning and TF32 where they help, and torch.compile only where the device and torch
-support it (never on Pascal: the P100, sm_60, has no Triton), with a clean fall-back to eager when compiling fails.
-"""
+"""Speed switches: cuDNN autotuning and TF32 where they help, and torch's CPU thread count."""
 
 
-COMPILE_MIN_CAPABILITY = 7  # Triton (torch.compile's GPU code generator) needs sm_70+; Kaggle's P100 is sm_60
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
 CPU_THREADS_ONE_UP_TO = 2  # a CPU run on this many cores or fewer uses one torch thread (see choose_threads)
 
 
 def configure_backends(device):
-    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 matmuls/convs on Ampere+.
-    Nothing on CPU. Returns a short description for the log."""
+    """cuDNN autotuning on CUDA (the shapes are fixed, so the search pays once); TF32 on Ampere+. -> a log line."""
     if device.type != "cuda":
         return "cpu: no backend flags"
     torch.backends.cudnn.benchmark = True
@@ -1473,12 +1201,9 @@ def env_threads():
 
 
 def choose_threads(want, device, *, cpus, env=0):
-    """torch's CPU thread count -> (n, why). want > 0: that many (Config.threads, --set threads=N). Auto (0): on a GPU
-    run 1, since the CPU only feeds data and PNG encoding, which have their own threads, and idle OpenMP threads spin
-    against those; on a CPU run 1 up to CPU_THREADS_ONE_UP_TO cores (measured: tests/bench/bench_threads.py; two OpenMP
-    threads on 2 shared cores ran a generation batch 9x and a step 11x slower than one, under load), else all but one
-    core (not measured). env: OMP_NUM_THREADS (env_threads()), which a CPU run keeps instead of choosing (the user, or
-    jobs sharing the cores, set it); a GPU run keeps 1, since environments may set it for other reasons."""
+    """torch's CPU thread count -> (n, why). want > 0: that many. Auto: a GPU run 1 (idle OpenMP threads spin against
+    the data and PNG threads); a CPU run OMP_NUM_THREADS (env) if set, else 1 up to CPU_THREADS_ONE_UP_TO cores (two
+    threads on 2 shared cores ran 9-11x slower under load: bench_threads.py), else all but one core (not measured)."""
     if want > 0:
         return want, "set by threads"
     if device.type == "cuda":
@@ -1491,10 +1216,9 @@ def choose_threads(want, device, *, cpus, env=0):
 
 
 def pick_cpu_threads(fn, *, candidates, reps=2):
-    """A CPU run with automatic threads: time fn() (one generation batch) at each thread count in `candidates`, in turn,
-    reps times after a warm-up, and keep the fastest (best of its reps). On an idle 2-core machine two threads ran a
-    smoke generation batch about 2x faster than one; with another process busy, one was 9x faster (bench_threads.py):
-    so measure rather than guess. -> (threads kept, {threads: seconds per call})."""
+    """Time fn() (one generation batch) at each thread count in `candidates`, best of reps after a warm-up, and keep
+    the fastest: on 2 cores two threads were 2x faster idle, one 9x faster under load (bench_threads.py).
+    -> (threads kept, {threads: seconds per call})."""
     fn()  # warm-up: first-call allocations
     times = {n: float("inf") for n in candidates}
     for _ in range(reps):
@@ -1515,99 +1239,6 @@ def configure_threads(want, device):
     return f"torch CPU threads {n} ({why})"
 
 
-def compile_support(device):
-    """-> (ok, why): can torch.compile (inductor) run on this device with this torch?"""
-    try:
-        if not torch._dynamo.is_dynamo_supported():  # torch loads _dynamo lazily, on first access
-            return False, f"torch {torch.__version__} cannot compile under this Python"
-    except Exception as exc:  # ImportError, or a dynamo that fails to initialise
-        return False, f"torch._dynamo unavailable ({type(exc).__name__})"
-    if device.type == "cpu":
-        return True, "cpu (inductor C++ backend)"
-    if device.type != "cuda":
-        return False, f"device type {device.type!r}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < COMPILE_MIN_CAPABILITY:
-        return False, f"sm_{major}{minor} has no Triton support (needs sm_{COMPILE_MIN_CAPABILITY}0+)"
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    return True, f"sm_{major}{minor} with Triton"
-
-
-class CompiledForward:
-    """Replaces `module.forward` in place: the compiled forward, or the eager one for good once a compiled call raises.
-
-    Any call may compile anew (the first; G in grad mode after eval mode; the finish's batch shape), so every call is
-    guarded: a failure is one warning, then that call and all later ones run eager. An out-of-memory error is not
-    compile's: it is raised as it is. In place, so the module keeps its class, attributes (joint_ok, set_growth) and
-    state_dict keys. A deep copy of the module (EMA, SWA) gets its own eager forward: the compiled function is bound to
-    the original's parameters.
-    """
-
-    def __init__(self, module, compiled):
-        self.module, self.compiled, self.eager = module, compiled, module.forward
-        self.calls = 0  # compiled calls started
-
-    def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
-            self.calls += 1
-            try:
-                return self.compiled(*args, **kwargs)  # compile errors (no Triton, backend failures) surface here
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise
-                self.fall_back(exc, where="its first call" if self.calls == 1 else f"call {self.calls}")
-        return self.eager(*args, **kwargs)
-
-    def fall_back(self, exc, *, where):
-        """Eager from now on, said once."""
-        first_line = (str(exc).splitlines() or [""])[0][:160]
-        warn(f"torch.compile of {type(self.module).__name__} failed at {where} ({type(exc).__name__}: {first_line}): "
-             "running eager from now on")
-        self.compiled = None
-
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self.module))  # the module's copy under construction (deepcopy sets it before its __dict__)
-        return self if twin is None else types.MethodType(type(twin).forward, twin)
-
-
-def maybe_compile(module, *, mode, device):
-    """Config.compile (off | auto | on) -> module, compiled in place where supported (see CompiledForward), else as is.
-
-    auto: CUDA sm_70+ with Triton only, and not progressive models (set_growth: guards on the fade would recompile).
-    on: also CPU; an unsupported device gives one warning and the eager module.
-    """
-    if mode == "off" or isinstance(module.__dict__.get("forward"), CompiledForward):
-        return module
-    ok, why = compile_support(device)
-    if mode == "auto" and (device.type != "cuda" or not ok or hasattr(module, "set_growth")):
-        return module
-    if not ok:
-        warn(f"compile=on but {why}: {type(module).__name__} runs eager")
-        return module
-    try:
-        compiled = torch.compile(module.forward, dynamic=False)  # fixed batch shapes: one static graph per shape
-    except Exception as exc:
-        warn(f"torch.compile of {type(module).__name__} refused ({type(exc).__name__}: {exc}): running eager")
-        return module
-    module.forward = CompiledForward(module, compiled)
-    log(f"compile: {type(module).__name__} compiled lazily at its first call ({why})")
-    return module
-
-
-def fall_back_to_eager(exc, *modules):
-    """After `exc` escaped a step of compiled modules (a backward torch.compile builds lazily, at its first backward):
-    the compiled ones run eager from now on -> True when any was compiled (the step may be retried), else False. An
-    out-of-memory error is not compile's: False."""
-    if is_out_of_memory(exc):
-        return False
-    compiled = [f for f in (m.__dict__.get("forward") for m in modules)
-                if isinstance(f, CompiledForward) and f.compiled is not None]
-    for f in compiled:
-        f.fall_back(exc, where="a training step")
-    return bool(compiled)
-
-
 # ==== modules/recipe/settings.py ====
 """The Trainer's settings in small frozen groups (as StyleGAN2-ADA's loss_kwargs, G_opt_kwargs). A field is Config's
 field of the same name (its comment there says the unit and choices) unless trainer_settings derives it.
@@ -1620,7 +1251,6 @@ class LossSettings:
     aux_weight: float
     real_label: float
     margin: float
-    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool
 
 
@@ -1639,7 +1269,6 @@ class ScheduleSettings:
     """What follows progress, the fraction of the planned training time spent, in [0,1]."""
     lr_schedule: str
     lr_final: float
-    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
 
 
 @dataclass(frozen=True)
@@ -1711,10 +1340,8 @@ the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defin
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
-    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
-    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
-    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
+    """EMA of a model's parameters and float buffers (integer buffers copied); not swa_utils.AveragedModel, whose
+    update syncs with the host every step. batch: images per update over all ranks."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1766,10 +1393,8 @@ class DeviceBatches:
 
 
 # ==== modules/recipe/train.py ====
-"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
-trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
-loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
-"""
+"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
+The loop that drives it is loop.py."""
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
@@ -1782,10 +1407,8 @@ def _adam(params, lr, betas, device):
 
 
 def _load_optimizer(opt, saved):
-    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
-    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
-    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
-    so that torch also places the `step` counters where this implementation wants them."""
+    """opt.load_state_dict(saved), keeping this device's Adam implementation: torch would restore the saved
+    fused/foreach flags too (a GPU checkpoint would ask for fused CPU Adam, missing before torch 2.4)."""
     mine, groups = opt.param_groups, saved["param_groups"]
     if len(groups) == len(mine):  # else torch names the mismatch
         groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
@@ -1793,13 +1416,8 @@ def _load_optimizer(opt, saved):
 
 
 class Trainer:
-    """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
-    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
-    layout (several ranks: then attach_group()).
-
-    Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
-    """
+    """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
+    settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
     def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
         s = settings
@@ -1812,16 +1430,9 @@ class Trainer:
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
-        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
-        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
-        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
-        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
-        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
-        #   sync_buffers() copies them to every rank at each host sync.
-        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
-        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
-        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
-        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
+        # sampling and the G step's pass through D never run a collective). BatchNorm statistics and RaLS's averages
+        # are per rank (as BigGAN-PyTorch); rank 0's buffers are copied to every rank at each host sync.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
         self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
@@ -1838,22 +1449,18 @@ class Trainer:
         av = s.averaging
         self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
         self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
-        self.progressive = hasattr(self.G, "set_growth")
         self.progress = 0.0
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
-        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
-        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
-        self.skipped = {"d": 0, "g": 0}
-        self.steps_counted = 0
+        self.skipped = {"d": 0, "g": 0}  # steps the GradScalers skipped, summed from stats[3:] at each read_stats()
+        self.steps_counted = 0  # G steps read by read_stats()
         self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
         self.group = group
-        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
-                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        ddp = dict(process_group=group, broadcast_buffers=False)  # buffers: distributed.sync_buffers at host syncs
         if self.device.type == "cuda":
             ddp["device_ids"] = [self.device]
         with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
@@ -1864,7 +1471,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
+        """progress: fraction of the planned training time spent, in [0,1]."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -1876,10 +1483,6 @@ class Trainer:
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
-        if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
-            for m in self.shipped_models():
-                m.set_growth(level, alpha)
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -1898,7 +1501,7 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
+        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
         if self.d_input.instance_noise:
             sigma = self.d_input.instance_noise * (1 - self.progress)
@@ -1925,8 +1528,6 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
-            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
-                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
@@ -1936,21 +1537,17 @@ class Trainer:
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if loss.gp_weight:
-                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self._update_scaler(self.scaler_d, self.opt_d, 3)
-        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
-        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
-        # the D step's (detached, from before D's update), saving a D forward over reals
+        # G step. RaLS's real logits: recomputed with the updated D, as RaLS is written; fresh_real_logits=False
+        # reuses the D step's, saving a D forward
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
-        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        # D frozen: its gradients here would be thrown away (BigGAN-PyTorch's toggle_grads); plain D: no collective
         self.D.requires_grad_(False)
-        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+        try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
@@ -1973,9 +1570,8 @@ class Trainer:
         self.stats_n += 1
 
     def _update_scaler(self, scaler, opt, slot):
-        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
-        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
-        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        """scaler.update(), first adding the step's found_inf (1.0 = skipped) to stats[slot] on the device; GradScaler
+        keeps it in _per_optimizer_states until update() (torch 1.6-2.14)."""
         if scaler.is_enabled() and self.skips_known:
             found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
             if found:
@@ -1985,8 +1581,7 @@ class Trainer:
         scaler.update()
 
     def precision_summary(self):
-        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
-        made (this process, read at host syncs), with their final scales. None where not known."""
+        """report.json's "precision": the autocast dtype; the steps the GradScalers skipped and their final scales."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
                "d_steps": self.steps_counted * self.optim.d_steps}
@@ -2003,8 +1598,8 @@ class Trainer:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
-        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call, over all ranks
+        (one all-reduce), so every rank takes the same roll-back decision."""
         n, ranks = max(self.stats_n, 1), 1
         self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
@@ -2013,7 +1608,7 @@ class Trainer:
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
-        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        # every rank skipped the same steps (DDP's averaged gradients are the same)
         self.skipped["d"] += round(s[3] / ranks)
         self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
@@ -2047,7 +1642,7 @@ class Trainer:
             self.swa.load_state_dict(state["swa"])
 
     def snapshot(self):
-        """A deep copy of the whole state, kept on the device (cheap next to a step)."""
+        """A deep copy of the whole state, kept on the device."""
         return copy.deepcopy(self.state_dict())
 
     def rollback(self, snapshot, lr_factor):
@@ -2058,18 +1653,13 @@ class Trainer:
 
 
 def build_trainer(cfg, data, device, *, rank=0, world_size=1):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
-    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    """Config + loaded data -> Trainer on the device. Several ranks: the models are built identically (same seed),
+    then the RNG is seeded per rank, so each rank draws its own batches and latents."""
     G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
-    maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
-    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
-    return trainer
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
 
 
 # ==== modules/recipe/sample.py ====
@@ -2241,9 +1831,8 @@ def build_sampler(cfg, trainer, data):
 
 
 # ==== modules/recipe/loop.py ====
-"""The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
-path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
-checkpoints) at host syncs only, which every rank makes after the same step."""
+"""The training loop: one path for any number of ranks; its upkeep (finite check and roll-back, step timing,
+snapshots, progress lines, checkpoints) happens at host syncs only, which every rank makes after the same step."""
 
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
@@ -2287,20 +1876,12 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
-    """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
-    Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
-    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
-    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
-
-    One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
-    clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
-    the next sync, so all stop after the same step; loss statistics are summed over the ranks, so roll-backs happen
-    together; only rank 0 logs, re-times the finish and checkpoints. A step starts only if it is predicted to end in
-    time (Pace.steps_fit). progress = (plan.prior_train_s + seconds trained here) / plan.plan_s.
-    checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train seconds, value)]},
-    appended to; before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary.
-    """
+    """Train until pace.stop_at(), the end of the plan, settings.max_steps, an interrupt, divergence or a failure.
+    A failure inside training returns reason "crashed" (or "interrupted") so that the caller ships what there is; a
+    failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
+    Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
+    the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
+    before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -2332,12 +1913,12 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                _step(trainer, ctx)
+                trainer.step()
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
             peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
-            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done)
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
             if bad and not guard.roll_back(trainer.step_count):
@@ -2376,24 +1957,12 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
 
 
-def _step(trainer, ctx):
-    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
-    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
-    try:
-        trainer.step()
-    except Exception as exc:
-        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
-            raise
-        trainer.step()
-
-
 def _is_set(event):
     return event is not None and event.is_set()
 
 
 def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
-    """Rank 0, before the next `interval` steps: "interrupted", "budget" (they would not end in time, or the plan is
-    done), "steps" (max_steps reached) or "" to go on. A forked rank that has ended fails the run."""
+    """Rank 0, before the next `interval` steps: "interrupted", "budget", "steps" or "" to go on."""
     if _is_set(stop_event):
         return "interrupted"
     if not pace.steps_fit(interval) or trained >= pace.plan.plan_s:
@@ -2405,14 +1974,8 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
     return ""
 
 
-def _level(trainer):
-    """The PGGAN level being trained (its step time is its own), None for other architectures."""
-    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
-
-
 def _reset_peak_memory(device):
-    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
-    not the finish measured before training (a larger generation batch)."""
+    """CUDA: count the peak from here, so that it is the steps', not the finish measurement's before training."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -2444,8 +2007,8 @@ class _Guard:
             self.snapshot()
 
     def roll_back(self, by):
-        """Non-finite losses in the steps up to step `by`: back to the snapshot at lower learning rates -> True, or
-        (past max_rollbacks) back to it at the same rates -> False: stop training."""
+        """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past
+        max_rollbacks) at the same rates -> False: stop training."""
         t, s = self.trainer, self.settings
         self.rollbacks += 1
         if self.rollbacks > s.max_rollbacks:
@@ -2481,8 +2044,8 @@ def sample_spread(G, z):
 
 
 class _Upkeep:
-    """Rank 0's upkeep at host syncs: the finish re-timed near the end, a progress line per tick, and checkpoints that
-    never start when they could overrun the stop."""
+    """Rank 0's upkeep at host syncs: the finish re-timed, a progress line per tick, checkpoints that fit before the
+    stop."""
 
     def __init__(self, trainer, settings, pace, history, checkpoint_fn, t_start):
         self.trainer, self.settings, self.pace, self.history = trainer, settings, pace, history
@@ -3713,7 +3276,7 @@ class TrainPlan:
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
     train_until: float  # training stops here on the Deadline's clock: budget_s - hold_back_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
-    plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
+    plan_s: float  # training time the schedule (LR, noise decay) spans, prior_train_s included
     inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
     first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
     gen_batch: int  # images per generation batch that fits (the finish's batch)
@@ -3796,14 +3359,13 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
 class Pace:
     """Step time and slowdown, measured at the loop's host syncs, and the finish's re-timing near the end. probe: () ->
     seconds for one generation batch of plan.gen_batch images now, or None not to re-time. slowdown = max(steps now vs
-    their first steady measurement (per PGGAN level), a re-timed generation batch vs at start): the finish reserve is
+    their first steady measurement, a re-timed generation batch vs at start): the finish reserve is
     stretched by it, so training stops earlier when the machine got slower."""
 
     def __init__(self, plan, deadline, *, probe=None):
         self.plan, self.deadline, self.probe = plan, deadline, probe
         self.step_s = None  # seconds per step for the margin (the first steps, with autotuning, weigh in)
-        self.base_s = self.recent_s = None  # steady seconds per step: the first measured (per level), a running average
-        self.level = None  # PGGAN level the base was measured at
+        self.base_s = self.recent_s = None  # steady seconds per step: the first measured, a running average
         self.step_slowdown, self.gen_slowdown = 1.0, 1.0
         self.last_probe, self.said_gen = -float("inf"), 1.0
 
@@ -3834,16 +3396,13 @@ class Pace:
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
         return max(1, min(check_every - step % check_every, most))
 
-    def record(self, seconds, steps, *, done, level=None):
-        """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
-        (each has its own step time: the slowdown is measured within one), None for other architectures."""
+    def record(self, seconds, steps, *, done):
+        """At a host sync: `steps` steps took `seconds`; done = steps made in this run."""
         measured = seconds / max(steps, 1)
         if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
             self.step_s = max(self.step_s or 0.0, measured)
             return
         self.step_s = 0.7 * self.step_s + 0.3 * measured
-        if level != self.level:
-            self.level, self.base_s = level, None
         if self.base_s is None:
             self.base_s = self.recent_s = measured
         self.recent_s = 0.7 * self.recent_s + 0.3 * measured
@@ -4340,8 +3899,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
-    growth) spans; complete: training ran to its end."""
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, noise
+    decay) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
@@ -4864,10 +4423,6 @@ def check_config(cfg):
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
-    if cfg.compile == "on" and cfg.gp_weight:  # compile=auto leaves D eager instead (build_trainer)
-        raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
-                         "needs a double backward through D, which torch.compile does not support; use compile=off "
-                         "or auto (D then runs eager), or gp_weight=0")
     chunks = len(BIGGAN_G_ARCH[cfg.image_size][1]) + 1  # BigGenerator splits z over its blocks + 1
     if cfg.arch == "biggan" and cfg.z_dim % chunks:
         raise UsageError(f"setting z_dim={cfg.z_dim} is not allowed with arch=biggan: G splits z into {chunks} equal "

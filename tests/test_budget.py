@@ -68,8 +68,6 @@ def test_step_time_sets_the_sync_interval_and_the_slowdown():
     pace.record(1.0, 10, done=12)  # steady: 0.1 s a step is the base
     pace.record(3.0, 10, done=22)  # then 0.3 s a step
     assert pace.step_slowdown == pytest.approx(0.7 + 0.3 * 3.0)
-    pace.record(1.0, 10, done=32, level=2)  # a new PGGAN level has its own base
-    assert pace.base_s == pytest.approx(0.1) and pace.step_slowdown == 1.0
 
 
 def test_retime_only_near_the_end_and_never_raises(capsys):

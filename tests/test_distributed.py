@@ -59,11 +59,20 @@ def test_world_size_resolution(monkeypatch):
 
 
 def _cfg():
-    # pggan: no BatchNorm (per-rank statistics would differ from one batch of B by design); hinge: per-sample losses
-    # (RaLS's relativistic averages are per rank too); no gradient penalty (random interpolation), no noise.
-    cfg = apply_overrides(Config(), PRESETS["pggan"], "pggan")
-    return dataclasses.replace(cfg, g_ch=4, d_ch=4, z_dim=8, batch_size=B, loss="hinge", gp_weight=0.0, mbstd_group=0,
-                               ema=False, real_noise=0.0, hflip=False, instance_noise=0.0, lr_g=1e-3, lr_d=1e-3)
+    # hinge: per-sample losses (RaLS's relativistic averages are per rank); no noise.
+    cfg = apply_overrides(Config(), PRESETS["dcgan"], "dcgan")
+    return dataclasses.replace(cfg, g_ch=4, d_ch=4, z_dim=8, batch_size=B, loss="hinge", ema=False, real_noise=0.0,
+                               hflip=False, instance_noise=0.0, lr_g=1e-3, lr_d=1e-3)
+
+
+def _build(**ranks):
+    """A trainer whose BatchNorm layers normalise with their running statistics: per-rank batch statistics differ
+    from one batch of B by design, so only without them can 2 ranks x B/2 equal 1 process x B."""
+    trainer = build_trainer(_cfg(), _data(), CPU, **ranks)
+    for m in (*trainer.G.modules(), *trainer.D.modules()):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return trainer
 
 
 def _inputs():
@@ -106,7 +115,7 @@ def _rank_worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ctx = DistContext(rank=rank, world_size=2, launcher="fork")
     torch.manual_seed(0)
-    trainer = build_trainer(_cfg(), _data(), CPU, rank=rank, world_size=2)
+    trainer = _build(rank=rank, world_size=2)
     trainer.set_progress(1.0)
     _adam_eps(trainer)
     trainer.attach_group(make_training_group(ctx, 30.0))
@@ -155,7 +164,7 @@ def test_two_ranks_step_equals_one_process_and_g_step_skips_d_allreduce(tmp_path
     calls = torch.load(tmp_path / "calls.pt", weights_only=True)
 
     torch.manual_seed(0)
-    single = build_trainer(_cfg(), _data(), CPU)
+    single = _build()
     single.set_progress(1.0)
     _adam_eps(single)
     before = {k: v.clone() for k, v in single.G.state_dict().items()}

@@ -175,7 +175,7 @@ def test_kernel_command_and_a_run_without_a_failed_rank(tmp_path):
 
 
 def test_bench_speed_json_keeps_the_rows_measured_before_a_failing_variant(tmp_path, monkeypatch):
-    """A variant that dies (a compile that fails, a kill at the timeout) must not lose the rows before it."""
+    """A variant that dies (a failure, a kill at the timeout) must not lose the rows before it."""
     class Broken(bench_speed.NaiveGAN):
         def __init__(self, *a, **k):
             raise RuntimeError("variant failed")
@@ -186,7 +186,7 @@ def test_bench_speed_json_keeps_the_rows_measured_before_a_failing_variant(tmp_p
         with pytest.raises(RuntimeError, match="variant failed"):
             bench_speed.main(["--json", str(js), "--device", "cpu", "--preset", "kaggle,smoke", "--batch", "4",
                               "--steps", "1", "--rounds", "1", "--warmup", "0", "--n-images", "20", "--synthetic",
-                              "32", "--naive-workers", "0", "--compile", "off", "--set", "sample_batch=20"])
+                              "32", "--naive-workers", "0", "--set", "sample_batch=20"])
     finally:
         torch.set_num_threads(threads)
     doc = json.loads(js.read_text())

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from modules.recipe import loop
-from modules.recipe.speed import CompiledForward
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import Deadline
 from conftest import CPU, loop_kwargs, run_loop, tiny_cfg, tiny_data, window_plan
@@ -121,41 +120,6 @@ def test_a_failure_before_the_first_step_is_raised_later_ones_ship():
         else:
             summary = run()
             assert summary.reason == "crashed" and summary.steps == 1 and "injected fault" in summary.error
-
-
-class _FailingBackward(torch.autograd.Function):
-    """Identity forward; its backward raises, as a backward torch.compile builds lazily and fails to."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("compiled backward failed (injected)")
-
-
-@pytest.mark.parametrize("which", ["D", "G"])  # G's fails in the G step, after D was frozen for it
-def test_a_step_whose_compiled_backward_fails_is_retried_eager(capsys, which):
-    """D or G "compiled" with a backward that fails: the step is retried once with G and D eager, training goes on
-    (D trainable again), and the fall-back is one warning."""
-    cfg = tiny_cfg(batch_size=4)
-    trainer = build_trainer(cfg, tiny_data(), CPU)
-    model = getattr(trainer, which)
-    eager = model.forward
-
-    def compiled(*args, **kwargs):
-        out = eager(*args, **kwargs)
-        fail = lambda o: _FailingBackward.apply(o) if torch.is_tensor(o) and o.requires_grad else o  # noqa: E731
-        return tuple(map(fail, out)) if isinstance(out, tuple) else fail(out)
-    model.forward = CompiledForward(model, compiled)
-    d = Deadline(3600)
-    summary = run_loop(trainer, plan=window_plan(d, 600), deadline=d, stop_event=None,
-                       **loop_kwargs(cfg, check_every=2, tick_s=1e9, max_steps=4))
-    assert summary.reason == "steps" and trainer.step_count == 4 and model.forward.compiled is None, summary.error
-    assert all(p.requires_grad for p in trainer.D.parameters())
-    out = capsys.readouterr().out
-    assert out.count("WARNING") == 1 and "failed at a training step (RuntimeError: compiled backward failed" in out
 
 
 def test_peak_memory_is_counted_from_the_start_of_training(monkeypatch):

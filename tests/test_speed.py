@@ -1,5 +1,5 @@
-"""Speed paths on CPU: AMP resolution (CUDA capabilities faked), no host sync inside Trainer.step(), maybe_compile's
-modes and its fall-back to eager, configure_backends."""
+"""Speed paths on CPU: AMP resolution (CUDA capabilities faked), no host sync inside Trainer.step(),
+configure_backends and the CPU threads."""
 import copy
 import dataclasses
 import importlib.util
@@ -14,14 +14,11 @@ from torch import nn
 from modules.recipe.config import PRESETS, Config, apply_overrides
 from modules.recipe.precision import resolve_amp
 from modules.recipe.speed import (
-    CompiledForward,
     choose_threads,
     pick_cpu_threads,
-    compile_support,
     configure_backends,
     configure_threads,
     env_threads,
-    maybe_compile,
 )
 from modules.recipe.train import build_trainer
 
@@ -131,164 +128,6 @@ def test_host_sync_trap_catches_a_sync_in_step(monkeypatch):
         forbid_host_syncs(m, {id(s["step"]) for opt in (tr.opt_g, tr.opt_d) for s in opt.state.values()})
         with pytest.raises(HostSyncError):
             tr.step()
-
-
-# maybe_compile
-
-class Doubler(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-        self.joint_ok = True
-
-    def forward(self, x):
-        return 2 * self.lin(x)
-
-
-def fake_compile(monkeypatch, behaviour):
-    """torch.compile -> a wrapper that counts calls and either raises (behaviour="raise") or runs the eager fn."""
-    calls = {"compile": 0, "run": 0}
-
-    def compile_(fn, **kwargs):
-        calls["compile"] += 1
-
-        def run(*args, **kw):
-            calls["run"] += 1
-            if behaviour == "raise":
-                raise RuntimeError("Cannot find a working triton installation\nmore details")
-            return fn(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", compile_)
-    return calls
-
-
-def test_compile_off_returns_the_module_untouched(monkeypatch):
-    calls = fake_compile(monkeypatch, "run")
-    m = Doubler()
-    assert maybe_compile(m, mode="off", device=CPU) is m
-    assert "forward" not in m.__dict__ and calls["compile"] == 0
-
-
-def test_compile_auto_on_cpu_is_a_no_op(monkeypatch, capsys):
-    calls = fake_compile(monkeypatch, "run")
-    m = Doubler()
-    assert maybe_compile(m, mode="auto", device=CPU) is m
-    assert "forward" not in m.__dict__ and calls["compile"] == 0
-    assert capsys.readouterr().out == ""
-
-
-@pytest.mark.parametrize("mode", ["auto", "on"])
-def test_compile_never_on_pascal(monkeypatch, capsys, mode):
-    fake_capability(monkeypatch, 6, 0)
-    calls = fake_compile(monkeypatch, "run")
-    m = Doubler()
-    assert maybe_compile(m, mode=mode, device=FAKE_CUDA) is m
-    assert "forward" not in m.__dict__ and calls["compile"] == 0
-    out = capsys.readouterr().out
-    assert out.count("WARNING") == (1 if mode == "on" else 0)
-    assert mode == "auto" or "sm_60" in out
-    assert not compile_support(FAKE_CUDA)[0]
-
-
-def test_compile_auto_on_ampere_compiles_but_not_progressive_models(monkeypatch):
-    fake_capability(monkeypatch, 8, 0)
-    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "triton" else find_spec(name, *a))
-    calls = fake_compile(monkeypatch, "run")
-    m = maybe_compile(Doubler(), mode="auto", device=FAKE_CUDA)
-    assert isinstance(m.forward, CompiledForward) and calls["compile"] == 1
-    grower = Doubler()
-    grower.set_growth = lambda level, alpha: None
-    assert "forward" not in maybe_compile(grower, mode="auto", device=FAKE_CUDA).__dict__
-
-
-def test_compiled_module_keeps_identity_state_and_copies_run_eager(monkeypatch):
-    calls = fake_compile(monkeypatch, "run")
-    torch.manual_seed(0)
-    m = Doubler()
-    keys = list(m.state_dict())
-    x = torch.randn(4, 3)
-    want = m(x)
-    assert maybe_compile(m, mode="on", device=CPU) is m
-    assert torch.equal(m(x), want) and calls["run"] == 1
-    assert list(m.state_dict()) == keys and m.joint_ok
-    assert maybe_compile(m, mode="on", device=CPU) is m and calls["compile"] == 1  # compiling twice is a no-op
-    ema = copy.deepcopy(m)  # EMA / SWA copies: their own parameters, eager
-    assert not isinstance(ema.forward, CompiledForward) and ema.forward.__self__ is ema
-    with torch.no_grad():
-        ema.lin.bias.add_(1.0)
-    assert torch.allclose(ema(x), want + 2) and calls["run"] == 1
-    assert torch.equal(m(x), want) and calls["run"] == 2
-
-
-def test_compile_failure_at_first_call_falls_back_to_eager(monkeypatch, capsys):
-    calls = fake_compile(monkeypatch, "raise")
-    torch.manual_seed(0)
-    m = Doubler()
-    x = torch.randn(4, 3)
-    want = m(x)
-    maybe_compile(m, mode="on", device=CPU)
-    assert torch.equal(m(x), want)
-    assert torch.equal(m(x), want)
-    assert calls["run"] == 1  # eager for good after the first failure
-    out = capsys.readouterr().out
-    assert out.count("WARNING") == 1 and "triton" in out and "more details" not in out
-
-
-def test_compiled_call_failing_later_falls_back_to_eager_once(capsys):
-    """A recompile may fail at any call (G in grad mode after eval mode, the finish's batch): a compiled callable that
-    raises on its 2nd call -> that call's result comes from the eager forward, one warning, eager from then on; an
-    out-of-memory error is not compile's and passes through."""
-    torch.manual_seed(0)
-    m = Doubler()
-    x = torch.randn(4, 3)
-    want = m(x)
-    calls = {"n": 0}
-
-    def compiled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("InductorError: recompilation failed\nmore details")
-        return m.forward.eager(*args, **kwargs)
-    m.forward = CompiledForward(m, compiled)
-    assert torch.equal(m(x), want) and capsys.readouterr().out == ""
-    assert torch.equal(m(x), want) and torch.equal(m(x), want)
-    assert calls["n"] == 2 and m.forward.compiled is None
-    out = capsys.readouterr().out
-    assert out.count("WARNING") == 1 and "failed at call 2 (RuntimeError: InductorError" in out
-    assert "more details" not in out
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    m.forward = CompiledForward(m, out_of_memory)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        m(x)
-    assert m.forward.compiled is not None
-
-
-def test_gradient_penalty_leaves_d_eager(monkeypatch):
-    """torch.compile has no double backward: with gp_weight > 0 build_trainer compiles G only (compile=on with a
-    penalty is refused when parsed; this is compile=auto's path, and a Config made in code)."""
-    calls = fake_compile(monkeypatch, "run")
-    cfg = dataclasses.replace(apply_overrides(Config(), PRESETS["smoke"], "smoke"), compile="on", gp_weight=10.0)
-    rng = np.random.default_rng(0)
-    data = types.SimpleNamespace(images=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
-                                 labels=np.arange(16) % 3, classes=["a", "b", "c"], reference=None)
-    trainer = build_trainer(cfg, data, CPU)
-    assert isinstance(trainer.G.forward, CompiledForward) and "forward" not in trainer.D.__dict__
-    assert calls["compile"] == 1
-
-
-def test_compile_refused_at_wrap_time_returns_eager(monkeypatch, capsys):
-    def refuse(fn, **kwargs):
-        raise RuntimeError("unsupported")
-    monkeypatch.setattr(torch, "compile", refuse)
-    m = Doubler()
-    assert maybe_compile(m, mode="on", device=CPU) is m and "forward" not in m.__dict__
-    assert capsys.readouterr().out.count("WARNING") == 1
 
 
 # backends

@@ -66,11 +66,11 @@ def test_ema_half_life_in_images_equals_the_old_per_step_decay(decay, ref_batch,
 def test_trainer_settings_map_config_and_the_ema_follows_the_global_batch():
     """One mapping from Config: the groups hold Config's values; batch_size is global, batch_per_rank per rank, and
     the EMA's decay per step follows the global batch (the same half-life in images on any number of ranks)."""
-    cfg = tiny_cfg(batch_size=8, lr_g=1e-3, ema_decay=0.99, ema_ref_batch=16, gp_weight=2.0, diffaug="color")
+    cfg = tiny_cfg(batch_size=8, lr_g=1e-3, ema_decay=0.99, ema_ref_batch=16, diffaug="color")
     one, two = trainer_settings(cfg, world_size=1), trainer_settings(cfg, world_size=2)
     assert (one.batch_per_rank, two.batch_per_rank) == (8, 4)
     assert trainer_settings(dataclasses.replace(cfg, batch_per_gpu=6), world_size=2).batch_per_rank == 6
-    assert (one.loss.name, one.loss.gp_weight, one.optim.lr_g, one.d_input.diffaug) == (cfg.loss, 2.0, 1e-3, "color")
+    assert (one.loss.name, one.optim.lr_g, one.d_input.diffaug) == (cfg.loss, 1e-3, "color")
     assert one.averaging == two.averaging  # a half-life in images: the same whatever the ranks
     assert one.averaging.ema_half_life_images == pytest.approx(16 * math.log(0.5) / math.log(0.99))
     trainer = build_trainer(cfg, tiny_data(), CPU)
@@ -90,7 +90,7 @@ def test_learning_is_wired():
     assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])
 
 
-@pytest.mark.parametrize("preset", ["smoke", "dcgan", "dcgan5", "dcgan-tricks", "pggan"])
+@pytest.mark.parametrize("preset", ["smoke", "dcgan", "dcgan5", "dcgan-tricks"])
 def test_every_arch_steps(preset):
     torch.manual_seed(0)
     overrides = dict(PRESETS[preset])
@@ -211,24 +211,3 @@ def test_g_step_computes_no_d_gradients():
     trainer.step()
     assert len(calls) == trainer.optim.d_steps == 1
     assert all(p.requires_grad for p in trainer.D.parameters())
-
-
-def test_pggan_reals_are_faded_in_the_d_step():
-    """PGGAN: while a level fades in, D's reals get fade_reals (the same blend of level and level-1 detail as the
-    fakes), and D sees exactly those reals."""
-    torch.manual_seed(0)
-    cfg = apply_overrides(apply_overrides(Config(), PRESETS["pggan"], "pggan"),
-                          {"g_ch": 4, "d_ch": 4, "batch_size": 4}, "test")
-    trainer = build_trainer(cfg, tiny_data(), CPU)
-    trainer.set_progress(0.375)  # level 2 of 0..4, halfway through its fade
-    assert (trainer.D.level, trainer.D.alpha) == (2, pytest.approx(0.5))
-    faded, seen = [], []
-    fade = trainer.D.fade_reals
-    trainer.D.fade_reals = lambda x: faded.append((x, fade(x))) or faded[-1][1]
-    forward = trainer.D.forward
-    trainer.D.forward = lambda x, y=None: seen.append(x) or forward(x, y)
-    trainer.step()
-    assert len(faded) == trainer.optim.d_steps == 1
-    sharp, blended = faded[0]
-    assert not torch.allclose(sharp, blended)  # a fade changes the reals...
-    assert torch.equal(seen[0], blended)  # ...and D's first forward (the reals) sees the faded ones

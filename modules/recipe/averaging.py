@@ -6,10 +6,8 @@ import torch
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and float buffers; integer buffers are copied. Written here
-    rather than with swa_utils.AveragedModel, whose update compares a device counter on the host (`n_averaged == 0`)
-    and so syncs every step. half_life_images: images after which an old weight's share has halved; batch: images per
-    update (per step, over all ranks). Decay per step = 0.5 ** (batch / half_life_images)."""
+    """EMA of a model's parameters and float buffers (integer buffers copied); not swa_utils.AveragedModel, whose
+    update syncs with the host every step. batch: images per update over all ranks."""
 
     def __init__(self, model, *, half_life_images, batch):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -34,7 +34,7 @@ class Config:
     threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
     # model
-    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5 | pggan
+    arch: str = "biggan"  # models.ARCHS: biggan | dcgan | dcgan5
     z_dim: int = 120  # latent size (biggan: split into 5 chunks)
     g_ch: int = 32  # G width multiplier
     d_ch: int = 32  # D width multiplier
@@ -47,10 +47,9 @@ class Config:
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
-    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan | wgan
+    loss: str = "rals"  # losses.LOSSES: rals | bce | hinge | lsgan
     real_label: float = 1.0  # target for reals in bce (one-sided label smoothing: 0.9)
     margin: float = 0.0  # D's real loss is zero for samples whose real logit exceeds this; 0 = off
-    gp_weight: float = 0.0  # gradient penalty weight on interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool = True  # rals: G's step recomputes D's real logits (False: reuse D's, ~1.25x faster on CPU)
     # optimisation
     batch_size: int = 64  # images per step over all ranks (split over the GPUs: 64 on 2 GPUs = 32 each)
@@ -75,10 +74,7 @@ class Config:
     truncation: float = 2.0  # resample |z| entries above this; 0 = no truncation
     sample_batch: int = 500  # images generated at once (~10 MB each at full width, fp32); lowered where it does not fit
     amp: str = "auto"  # auto (CUDA: fp16 + GradScalers, bf16 from sm_80; CPU: off) | off | fp16 | bf16 (on any device)
-    compile: str = "off"  # off (unmeasured on GPUs) | auto (CUDA sm_70+ with Triton; D eager with a GP) | on: torch.compile G and D (not with a GP)
     diffaug: str = ""  # DiffAugment on D's inputs, comma-separated: color, translation, cutout; "" = off
-    # progressive growing (arch pggan)
-    pg_fade: float = 0.5  # fraction of each new level's time spent fading it in
     # the 2nd place's discriminator, resize filter and sampling statistics (the other presets: NOT_2ND_PLACE)
     d_arch: str = "2nd-place"  # biggan D table, biggan.BIGGAN_D_ARCHS: 2nd-place (4 blocks) | biggan-pytorch (5 blocks)
     crop_filter: str = "box"  # resize of the crops: box (area averaging, the 2nd place's INTER_AREA) | lanczos
@@ -125,12 +121,6 @@ PRESETS = {
         loss="bce", real_label=0.9, margin=2.0, lr_g=2e-4, lr_d=2e-4, beta1=0.5, real_noise=0.0, upsample="nearest",
         split_bn=True, crop_styles="box,padded,top,whole", min_aspect=0.2, max_aspect=4.0, ema=False, swa=True,
         truncation=0.8,
-    ),
-    "pggan": dict(  # Karras et al.: progressive growing, equalized LR, pixelnorm, minibatch stddev, WGAN-GP
-        NOT_2ND_PLACE,
-        arch="pggan", z_dim=128, g_ch=64, d_ch=64, conditional=False, attention=False, spectral=False, aux_weight=0.0,
-        mbstd_group=4, loss="wgan", gp_weight=10.0, lr_g=1e-3, lr_d=1e-3, beta1=0.0, beta2=0.99, real_noise=0.0,
-        truncation=0.0, ema=True, ema_start=0,
     ),
 }
 
@@ -184,7 +174,7 @@ LIMITS = {
     "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
     "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
-    "real_label": Range(0, 1, above=True), "margin": Range(0, 100), "gp_weight": Range(0, 1000),
+    "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
     # optimisation
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),
@@ -195,7 +185,7 @@ LIMITS = {
     "swa_every": Range(1, 10**6),
     # sampling
     "n_images": Range(1, 100000), "truncation": Range(0.05, 10, off=0), "sample_batch": Range(1, 2000),
-    "amp": Choice(("auto", "off", "fp16", "bf16")), "compile": Choice(("off", "auto", "on")), "pg_fade": Range(0, 1),
+    "amp": Choice(("auto", "off", "fp16", "bf16")),
     # upkeep and robustness
     "tick_s": Range(0, 86400, above=True), "check_every": Range(1, 10**6), "snapshot_every": Range(1, 10**9),
     "max_rollbacks": Range(0, 1000), "rollback_lr_factor": Range(0, 1, above=True), "checkpoint_s": Range(0, 86400),

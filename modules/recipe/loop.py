@@ -1,6 +1,5 @@
-"""The training loop: steps until the training window closes (Pace), a step limit, an interrupt or divergence, with one
-path for any number of ranks; does its upkeep (finite check and roll-back, step timing, snapshots, progress lines,
-checkpoints) at host syncs only, which every rank makes after the same step."""
+"""The training loop: one path for any number of ranks; its upkeep (finite check and roll-back, step timing,
+snapshots, progress lines, checkpoints) happens at host syncs only, which every rank makes after the same step."""
 import sys
 import time
 import traceback
@@ -8,9 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.recipe.pggan import pggan_growth
 from modules.recipe.sample import truncated_z
-from modules.recipe.speed import fall_back_to_eager
 from modules.recipe.utils import eval_mode, format_duration, is_out_of_memory, log, say, warn
 
 EARLY_OOM_STEPS = 5  # an out-of-memory error before this many steps of a run: the setting does not fit (exit 2)
@@ -54,20 +51,12 @@ class TrainSummary:
 
 
 def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, history, before_step):
-    """Train until pace.stop_at(), the end of the plan, step settings.max_steps, an interrupt, divergence or a failure.
-    Never raises for a failure inside training (an Exception, or a KeyboardInterrupt as a notebook delivers it): it
-    returns with reason "crashed" or "interrupted", so that the caller ships what there is; except a failure before
-    the first step completed (a setup problem: nothing trained to ship) and an out-of-memory error in the first
-    EARLY_OOM_STEPS steps (a setting that does not fit), which are re-raised for run.train to name.
-
-    One path for any number of ranks (ctx: a DistContext; with one rank its collectives return local values). Rank 0's
-    clock decides at each host sync, and ctx.agree() hands every rank the stop, the schedule's progress and the steps to
-    the next sync, so all stop after the same step; loss statistics are summed over the ranks, so roll-backs happen
-    together; only rank 0 logs, re-times the finish and checkpoints. A step starts only if it is predicted to end in
-    time (Pace.steps_fit). progress = (plan.prior_train_s + seconds trained here) / plan.plan_s.
-    checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train seconds, value)]},
-    appended to; before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary.
-    """
+    """Train until pace.stop_at(), the end of the plan, settings.max_steps, an interrupt, divergence or a failure.
+    A failure inside training returns reason "crashed" (or "interrupted") so that the caller ships what there is; a
+    failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
+    Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
+    the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
+    before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -99,12 +88,12 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             for _ in range(interval):
                 if before_step is not None:
                     before_step(trainer)
-                _step(trainer, ctx)
+                trainer.step()
             # check, and roll back a divergence
             loss_d, loss_g, bad = trainer.read_stats()  # host sync
             done = trainer.step_count - first
             peak = peak or _peak_memory(trainer, done, say=ctx.is_main)
-            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done, level=_level(trainer))
+            pace.record(time.monotonic() - last_t, trainer.step_count - last_step, done=done)
             for name, value in (("loss_d", loss_d), ("loss_g", loss_g)):
                 history.setdefault(name, []).append((plan.prior_train_s + deadline.elapsed() - t_start, value))
             if bad and not guard.roll_back(trainer.step_count):
@@ -143,24 +132,12 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
                         slowdown=pace.slowdown, error=error, peak_memory_bytes=peak)
 
 
-def _step(trainer, ctx):
-    """trainer.step(); one process with compiled models: a step that fails (a backward torch.compile builds at the
-    first backward, a recompile) is retried once with G and D eager (several ranks would retry out of step)."""
-    try:
-        trainer.step()
-    except Exception as exc:
-        if ctx.distributed or not fall_back_to_eager(exc, trainer.G, trainer.D):
-            raise
-        trainer.step()
-
-
 def _is_set(event):
     return event is not None and event.is_set()
 
 
 def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
-    """Rank 0, before the next `interval` steps: "interrupted", "budget" (they would not end in time, or the plan is
-    done), "steps" (max_steps reached) or "" to go on. A forked rank that has ended fails the run."""
+    """Rank 0, before the next `interval` steps: "interrupted", "budget", "steps" or "" to go on."""
     if _is_set(stop_event):
         return "interrupted"
     if not pace.steps_fit(interval) or trained >= pace.plan.plan_s:
@@ -172,14 +149,8 @@ def _stop_reason(trainer, ctx, pace, settings, stop_event, trained, interval):
     return ""
 
 
-def _level(trainer):
-    """The PGGAN level being trained (its step time is its own), None for other architectures."""
-    return pggan_growth(trainer.progress, fade_fraction=trainer.schedule.pg_fade)[0] if trainer.progressive else None
-
-
 def _reset_peak_memory(device):
-    """CUDA: count the peak from here (the state and its snapshot allocated), so that the first steps' peak is theirs,
-    not the finish measured before training (a larger generation batch)."""
+    """CUDA: count the peak from here, so that it is the steps', not the finish measurement's before training."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -211,8 +182,8 @@ class _Guard:
             self.snapshot()
 
     def roll_back(self, by):
-        """Non-finite losses in the steps up to step `by`: back to the snapshot at lower learning rates -> True, or
-        (past max_rollbacks) back to it at the same rates -> False: stop training."""
+        """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past
+        max_rollbacks) at the same rates -> False: stop training."""
         t, s = self.trainer, self.settings
         self.rollbacks += 1
         if self.rollbacks > s.max_rollbacks:
@@ -248,8 +219,8 @@ def sample_spread(G, z):
 
 
 class _Upkeep:
-    """Rank 0's upkeep at host syncs: the finish re-timed near the end, a progress line per tick, and checkpoints that
-    never start when they could overrun the stop."""
+    """Rank 0's upkeep at host syncs: the finish re-timed, a progress line per tick, checkpoints that fit before the
+    stop."""
 
     def __init__(self, trainer, settings, pace, history, checkpoint_fn, t_start):
         self.trainer, self.settings, self.pace, self.history = trainer, settings, pace, history

@@ -66,33 +66,10 @@ def lsgan_g(real, fake):
     return ((fake.float() - 1) ** 2).mean() / 2
 
 
-# Wasserstein (with gradient penalty set by gp_weight; PGGAN adds a small drift term keeping real logits near 0)
-
-WGAN_DRIFT = 1e-3
-
-
-def wgan_d(real, fake, *, real_target=1.0, margin=0.0):
-    real, fake = real.float(), fake.float()
-    return fake.mean() - _masked_mean(real, _margin_mask(real, margin)) + WGAN_DRIFT * (real ** 2).mean()
-
-
-def wgan_g(real, fake):
-    return -fake.float().mean()
-
-
 LOSSES = {
     "rals": (rals_d, rals_g),
     "bce": (bce_d, bce_g),
     "hinge": (hinge_d, hinge_g),
     "lsgan": (lsgan_d, lsgan_g),
-    "wgan": (wgan_d, wgan_g),
 }
 
-
-def gradient_penalty(D, real, fake, y):
-    """WGAN-GP: mean over interpolates of (||grad_x D(x)||_2 - 1)^2, in float32 (not under autocast)."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = torch.lerp(real.detach().float(), fake.detach().float(), alpha).requires_grad_(True)
-    logits, _ = D(x, y)
-    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

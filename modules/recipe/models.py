@@ -1,4 +1,4 @@
-"""Architectures: the DCGAN baselines here, BigGAN in biggan.py, PGGAN in pggan.py; `ARCHS` names them for the Config.
+"""Architectures: the DCGAN baselines here, BigGAN in biggan.py; `ARCHS` names them for the Config.
 
 Every G maps (z [N,z_dim], y [N] long) -> images [N,3,64,64] in about [-1,1]; every D maps (x [N,3,64,64], y [N]) ->
 (logits [N], class logits [N,n_classes] or None). `D.joint_ok` says whether reals and fakes may share one forward pass.
@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.recipe.biggan import BigDiscriminator, BigGenerator
-from modules.recipe.pggan import PGDiscriminator, PGGenerator
 
 # dcgan
 
@@ -116,16 +115,8 @@ def build_dcgan(cfg, n_classes, *, g_kernel, d_kernel):
     return G, DCDiscriminator(ch=cfg.d_ch, kernel=d_kernel, split_bn=cfg.split_bn)
 
 
-def build_pggan(cfg, n_classes):
-    k = n_classes if cfg.conditional else 1
-    G = PGGenerator(z_dim=cfg.z_dim, n_classes=k, ch=cfg.g_ch)
-    D = PGDiscriminator(n_classes=k, ch=cfg.d_ch, mbstd_group=cfg.mbstd_group)
-    D.joint_ok = cfg.mbstd_group == 0
-    return G, D
-
-
 ARCHS = {"biggan": build_biggan, "dcgan": partial(build_dcgan, g_kernel=4, d_kernel=4),
-         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3), "pggan": build_pggan}
+         "dcgan5": partial(build_dcgan, g_kernel=5, d_kernel=3)}
 
 
 def build_models(cfg, n_classes):

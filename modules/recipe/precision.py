@@ -1,5 +1,5 @@
-"""Precision: which autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and how both
-are described in the log and report.json. The Trainer (train.py) uses them; nothing here touches a model."""
+"""Precision: the autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and their
+descriptions for the log and report.json."""
 import warnings
 
 import torch
@@ -12,12 +12,9 @@ BF16_MIN_CAPABILITY = 8  # bf16 tensor cores and cuDNN's bf16 convolutions: Ampe
 
 
 def resolve_amp(amp, device):
-    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers; the P100 and T4 have no bf16),
-    bf16 from sm_80; on the CPU nothing. fp16 / bf16: that dtype on any device, the CPU included (fp16 with the
-    GradScalers on, exactly as on CUDA), so the GPU's reduced-precision path can be exercised without a GPU.
-    A forced dtype this torch cannot autocast to on this device is a UsageError (one line): torch 2.1/2.2 have no
-    torch.amp.GradScaler("cpu"), an older CPU autocast silently falls back to fp32 for float16, and a GPU below sm_80
-    has no bf16."""
+    """Config.amp -> autocast dtype or None (fp32). auto: on CUDA fp16 (+ GradScalers), bf16 from sm_80; on the CPU
+    fp32. fp16 / bf16: that dtype on any device (so the GPU's path can be tested on the CPU), or a UsageError where
+    this torch or device cannot run it."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -34,9 +31,8 @@ def resolve_amp(amp, device):
 
 
 def _amp_problem(dtype, device):
-    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "" when it does: a tiny
-    linear layer is run under autocast and must come out in `dtype`. bf16 on a GPU below sm_80 (T4, P100) is refused
-    before that test, which it would pass: torch emulates bf16 matmuls there and runs convolutions off cuDNN."""
+    """-> why autocast to `dtype` (with a GradScaler for fp16) does not work on `device`, or "": a tiny linear layer
+    must come out in `dtype`. bf16 below sm_80 is refused first: it would pass, emulated slowly."""
     if dtype == torch.bfloat16 and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < BF16_MIN_CAPABILITY:
@@ -59,17 +55,15 @@ def _amp_problem(dtype, device):
 
 
 def grad_scaler(device_type, *, enabled):
-    """torch.amp.GradScaler(device) exists from torch 2.3; torch 2.1/2.2 (the P100's route in README) have only
-    torch.cuda.amp.GradScaler, which is all they need: there, scaling is enabled only for fp16 on CUDA (resolve_amp
-    refuses amp=fp16 on their CPU)."""
+    """torch.amp.GradScaler(device) from torch 2.3; torch 2.1/2.2 (the P100's route) have only the CUDA one, all
+    they need (resolve_amp refuses fp16 on their CPU)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def describe_skips(precision):
-    """precision_summary() -> the log's line, e.g. "GradScalers skipped 3 of 500 G steps and 5 of 500 D steps ...";
-    "" without GradScalers."""
+    """precision_summary() -> the log's line about skipped steps; "" without GradScalers."""
     p = precision
     if not p.get("grad_scalers"):
         return ""

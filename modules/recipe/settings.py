@@ -14,7 +14,6 @@ class LossSettings:
     aux_weight: float
     real_label: float
     margin: float
-    gp_weight: float  # weight of the gradient penalty on real/fake interpolates (WGAN-GP: 10); 0 = off
     fresh_real_logits: bool
 
 
@@ -33,7 +32,6 @@ class ScheduleSettings:
     """What follows progress, the fraction of the planned training time spent, in [0,1]."""
     lr_schedule: str
     lr_final: float
-    pg_fade: float  # PGGAN: fraction of each level's time spent fading it in
 
 
 @dataclass(frozen=True)

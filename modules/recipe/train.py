@@ -1,7 +1,5 @@
-"""Training: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back on divergence, and the
-trainer's state dict. Settings: settings.py; precision: precision.py; batches: batches.py; the EMA: averaging.py. The
-loop that drives it is in loop.py (test faults: faults.py); checkpoint files in checkpoint.py.
-"""
+"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
+The loop that drives it is loop.py."""
 import copy
 import math
 import warnings
@@ -14,12 +12,10 @@ from torch.optim.swa_utils import AveragedModel
 from modules.recipe.augment import diff_augment, parse_augment_policy
 from modules.recipe.averaging import EMA
 from modules.recipe.batches import DeviceBatches
-from modules.recipe.losses import LOSSES, gradient_penalty
+from modules.recipe.losses import LOSSES
 from modules.recipe.models import build_models
-from modules.recipe.pggan import pggan_growth
 from modules.recipe.precision import describe_amp, grad_scaler, resolve_amp
 from modules.recipe.settings import trainer_settings
-from modules.recipe.speed import maybe_compile
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
@@ -32,10 +28,8 @@ def _adam(params, lr, betas, device):
 
 
 def _load_optimizer(opt, saved):
-    """opt.load_state_dict(saved), keeping the implementation opt was built with (_adam: this device's): torch restores
-    the saved groups' fused/foreach/capturable flags too, so a GPU checkpoint resumed on the CPU would ask for fused CPU
-    Adam (missing before torch 2.4), and a CPU one on a GPU would run foreach Adam. The flags are set before loading,
-    so that torch also places the `step` counters where this implementation wants them."""
+    """opt.load_state_dict(saved), keeping this device's Adam implementation: torch would restore the saved
+    fused/foreach flags too (a GPU checkpoint would ask for fused CPU Adam, missing before torch 2.4)."""
     mine, groups = opt.param_groups, saved["param_groups"]
     if len(groups) == len(mine):  # else torch names the mismatch
         groups = [{**g, **{k: m[k] for k in ADAM_IMPLEMENTATION_KEYS if k in m}} for g, m in zip(groups, mine)]
@@ -43,13 +37,8 @@ def _load_optimizer(opt, saved):
 
 
 class Trainer:
-    """Holds G, D, the averaged G, optimisers and scalers, and makes one GAN step at a time without host syncs.
-    settings: a settings.TrainerSettings, built from Config by trainer_settings() (never from defaults here); its
-    groups stay readable as trainer.loss, .optim, .schedule, .averaging and .d_input. rank / world_size: the ranks'
-    layout (several ranks: then attach_group()).
-
-    Losses and a non-finite counter accumulate on the device; `read_stats()` is the one sync, made every check_every steps.
-    """
+    """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
+    settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
     def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
         s = settings
@@ -62,16 +51,9 @@ class Trainer:
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
-        # Several ranks: G and D step through DistributedDataParallel wrappers (gradients averaged over the ranks);
-        # self.G / self.D stay the plain modules: EMA/SWA copies, state dicts (a checkpoint of N ranks loads on M),
-        # sampling and the G step's pass through D never touch DDP, hence never a collective on one rank alone.
-        # - BatchNorm: per-rank batch statistics (as BigGAN-PyTorch; SyncBatchNorm has no CPU/gloo path to test here
-        #   and was not measured on GPUs); the running statistics of rank 0 are the ones used (EMA, checkpoint), and
-        #   sync_buffers() copies them to every rank at each host sync.
-        # - spectral-norm u/v: identical on every rank by construction (same weights, same u, a deterministic power
-        #   iteration), and re-broadcast from rank 0 at each host sync, so no float drift can build up.
-        # - EMA/SWA: updated identically on every rank (cheap, no rank-specific code); only rank 0's is shipped.
-        # - RaLS's relativistic averages and BN statistics are taken per rank (B/N samples), like BN in BigGAN-PyTorch.
+        # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
+        # sampling and the G step's pass through D never run a collective). BatchNorm statistics and RaLS's averages
+        # are per rank (as BigGAN-PyTorch); rank 0's buffers are copied to every rank at each host sync.
         self.G_train, self.D_train = self.G, self.D  # DDP wrappers once attach_group() is called
         self.d_loss_fn, self.g_loss_fn = LOSSES[s.loss.name]
         self.fresh_real_logits = s.loss.fresh_real_logits and s.loss.name == "rals"  # the one G loss reading real logits
@@ -88,22 +70,18 @@ class Trainer:
         av = s.averaging
         self.ema = EMA(self.G, half_life_images=av.ema_half_life_images, batch=self.global_batch) if av.ema else None
         self.swa = AveragedModel(self.G, use_buffers=True) if av.swa else None
-        self.progressive = hasattr(self.G, "set_growth")
         self.progress = 0.0
         self.step_count = 0
         self.stats = torch.zeros(5, device=self.device)  # [sum loss_d, sum loss_g, non-finite, skipped D, skipped G]
         self.stats_n = 0
-        # optimiser steps the GradScalers skipped (inf/NaN gradients; fp16 only), counted on the device in stats[3:] and
-        # added up here at each read_stats(): no host sync of their own. steps_counted: G steps read so far.
-        self.skipped = {"d": 0, "g": 0}
-        self.steps_counted = 0
+        self.skipped = {"d": 0, "g": 0}  # steps the GradScalers skipped, summed from stats[3:] at each read_stats()
+        self.steps_counted = 0  # G steps read by read_stats()
         self.skips_known = True  # False if this torch's GradScaler no longer shows its found_inf (then not counted)
 
     def attach_group(self, group):
         """Several ranks: wrap G and D in DistributedDataParallel over `group` (parameters broadcast from rank 0)."""
         self.group = group
-        ddp = dict(process_group=group, broadcast_buffers=False,  # buffers: distributed.sync_buffers at host syncs
-                   find_unused_parameters=self.progressive)  # PGGAN: the layers above the current level are idle
+        ddp = dict(process_group=group, broadcast_buffers=False)  # buffers: distributed.sync_buffers at host syncs
         if self.device.type == "cuda":
             ddp["device_ids"] = [self.device]
         with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.1 knows only that name
@@ -114,7 +92,7 @@ class Trainer:
     # schedule
 
     def set_progress(self, progress):
-        """progress = fraction of the training time spent, in [0,1]: drives the LR schedule, PGGAN growth, noise decay."""
+        """progress: fraction of the planned training time spent, in [0,1]."""
         self.progress = p = min(max(progress, 0.0), 1.0)
         kind, final = self.schedule.lr_schedule, self.schedule.lr_final
         if kind == "cosine":
@@ -126,10 +104,6 @@ class Trainer:
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[key] * f * self.lr_scale
-        if self.progressive:
-            level, alpha = pggan_growth(p, fade_fraction=self.schedule.pg_fade)
-            for m in self.shipped_models():
-                m.set_growth(level, alpha)
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -148,7 +122,7 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment (if on), then instance noise decaying with progress."""
+        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
         x = diff_augment(x, self.diffaug)
         if self.d_input.instance_noise:
             sigma = self.d_input.instance_noise * (1 - self.progress)
@@ -175,8 +149,6 @@ class Trainer:
         ac = dict(device_type=dev.type, dtype=amp, enabled=amp is not None)
         for _ in range(self.optim.d_steps):
             real, y_real = self.batches.sample(B)
-            if self.progressive:  # PGGAN: the reals blended like the fakes while a level fades in (fade_reals)
-                real = self.D.fade_reals(real)
             y_fake = self.batches.fake_labels(B)
             z = self._latents(B)
             with torch.autocast(**ac):
@@ -186,21 +158,17 @@ class Trainer:
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
-            if loss.gp_weight:
-                loss_d = loss_d + loss.gp_weight * gradient_penalty(self.D, real, fake, y_real)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(loss_d).backward()
             self.scaler_d.step(self.opt_d)
             self._update_scaler(self.scaler_d, self.opt_d, 3)
-        # G step. Real logits (rals): recomputed on the same reals with the updated D, as RaLS is written, so G's
-        # relativistic target compares its fakes with the D it is trained against; fresh_real_logits=False reuses
-        # the D step's (detached, from before D's update), saving a D forward over reals
+        # G step. RaLS's real logits: recomputed with the updated D, as RaLS is written; fresh_real_logits=False
+        # reuses the D step's, saving a D forward
         y_fake = self.batches.fake_labels(B)
         z = self._latents(B)
-        # D's gradients of the G step would be thrown away: not computed (BigGAN-PyTorch's toggle_grads, StyleGAN2-ADA),
-        # and with several ranks never all-reduced (the plain D, not DDP's wrapper, so no D collective at all)
+        # D frozen: its gradients here would be thrown away (BigGAN-PyTorch's toggle_grads); plain D: no collective
         self.D.requires_grad_(False)
-        try:  # D trainable again even if this fails (the loop retries a step whose compiled backward failed)
+        try:  # D trainable again even if this step fails
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
@@ -223,9 +191,8 @@ class Trainer:
         self.stats_n += 1
 
     def _update_scaler(self, scaler, opt, slot):
-        """scaler.update() after scaler.step(opt), adding to stats[slot] on the device whether that step was skipped.
-        GradScaler keeps the step's found_inf tensors (one per device, 1.0 = inf/NaN found, step skipped) until
-        update(); they are read there (torch 1.6-2.14 keep them in _per_optimizer_states), never synced here."""
+        """scaler.update(), first adding the step's found_inf (1.0 = skipped) to stats[slot] on the device; GradScaler
+        keeps it in _per_optimizer_states until update() (torch 1.6-2.14)."""
         if scaler.is_enabled() and self.skips_known:
             found = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {}).get("found_inf_per_device")
             if found:
@@ -235,8 +202,7 @@ class Trainer:
         scaler.update()
 
     def precision_summary(self):
-        """report.json's "precision": the autocast dtype, and the optimiser steps the GradScalers skipped out of those
-        made (this process, read at host syncs), with their final scales. None where not known."""
+        """report.json's "precision": the autocast dtype; the steps the GradScalers skipped and their final scales."""
         on = self.scaler_g.is_enabled()
         out = {"amp": describe_amp(self.amp_dtype), "grad_scalers": on, "g_steps": self.steps_counted,
                "d_steps": self.steps_counted * self.optim.d_steps}
@@ -253,8 +219,8 @@ class Trainer:
             self.swa.update_parameters(self.G)  # syncs once per swa_every steps, not per step
 
     def read_stats(self):
-        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call; resets them.
-        Several ranks: summed over the ranks (one all-reduce), so every rank takes the same roll-back decision."""
+        """The one host sync: -> (mean loss_d, mean loss_g, non-finite count) since the last call, over all ranks
+        (one all-reduce), so every rank takes the same roll-back decision."""
         n, ranks = max(self.stats_n, 1), 1
         self.steps_counted += self.stats_n
         if self.group is not None and not self.group_broken:
@@ -263,7 +229,7 @@ class Trainer:
         s = self.stats.tolist()
         self.stats.zero_()
         self.stats_n = 0
-        # skips: DDP's averaged gradients are the same on every rank, so each rank skipped the same steps
+        # every rank skipped the same steps (DDP's averaged gradients are the same)
         self.skipped["d"] += round(s[3] / ranks)
         self.skipped["g"] += round(s[4] / ranks)
         return s[0] / n, s[1] / n, int(s[2])
@@ -297,7 +263,7 @@ class Trainer:
             self.swa.load_state_dict(state["swa"])
 
     def snapshot(self):
-        """A deep copy of the whole state, kept on the device (cheap next to a step)."""
+        """A deep copy of the whole state, kept on the device."""
         return copy.deepcopy(self.state_dict())
 
     def rollback(self, snapshot, lr_factor):
@@ -308,15 +274,10 @@ class Trainer:
 
 
 def build_trainer(cfg, data, device, *, rank=0, world_size=1):
-    """Config + loaded data -> Trainer (models built, moved to the device, data on the device).
-    Several ranks (world_size > 1; then trainer.attach_group()): the models are built identically on every rank (same
-    seed), then the torch RNG is seeded per rank, so each rank draws its own batches and latents."""
+    """Config + loaded data -> Trainer on the device. Several ranks: the models are built identically (same seed),
+    then the RNG is seeded per rank, so each rank draws its own batches and latents."""
     G, D = build_models(cfg, len(data.classes))
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    trainer = Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
-    maybe_compile(trainer.G, mode=cfg.compile, device=device)  # in place, after the EMA/SWA copies (they stay eager)
-    # the gradient penalty backpropagates through D's input gradient: torch.compile has no double backward
-    maybe_compile(trainer.D, mode="off" if cfg.gp_weight else cfg.compile, device=device)
-    return trainer
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)

@@ -1,7 +1,4 @@
-"""Small shared helpers: logging, seeding, durations, the run Deadline, device and precision checks.
-
-Nothing here reads the Config; every function takes explicit arguments.
-"""
+"""Small shared helpers: logging, durations, the run Deadline, atomic files, device checks."""
 import contextlib
 import functools
 import os
@@ -25,10 +22,8 @@ _DROPPED_STREAMS = set()  # id() of the streams a write failed on: nothing more 
 
 
 def say(text, file=None):
-    """Print text (default to sys.stdout) and flush it, never raising: logging must not end a run. A stream that fails
-    (a `| head -1` that has exited, a closed terminal) is dropped from then on; if it is the process's stdout or stderr,
-    its file descriptor is pointed at /dev/null, as Python's docs on SIGPIPE advise, so the buffered rest and the
-    interpreter's flush at exit go nowhere instead of printing "Exception ignored ... BrokenPipeError"."""
+    """Print and flush, never raising: logging must not end a run. A stream that fails (a closed pipe) is dropped; if
+    it is fd 1 or 2, it is pointed at /dev/null (as Python's docs on SIGPIPE advise), so the exit flush stays quiet."""
     stream = sys.stdout if file is None else file
     if stream is None or id(stream) in _DROPPED_STREAMS:
         return
@@ -45,8 +40,7 @@ def say(text, file=None):
 
 
 def log(msg):
-    """One timestamped line, flushed at once so Kaggle's log viewer shows it live. Its clock is the Deadline's: seconds
-    since process_start(), so the log and the messages that quote the Deadline agree."""
+    """One timestamped line on the Deadline's clock (seconds since process_start()), flushed so Kaggle shows it live."""
     elapsed = time.monotonic() - process_start()
     say(f"[{format_duration(elapsed):>8}] {msg}")
 
@@ -73,9 +67,8 @@ def seed_everything(seed):
 
 @functools.lru_cache(maxsize=None)
 def process_start():
-    """time.monotonic() of the moment this process started (interpreter and imports included), read from /proc on Linux;
-    in a notebook, or where /proc is missing, the moment the kernel's code began (its first import)."""
-    if in_notebook():
+    """time.monotonic() at this process's start (from /proc); in a notebook or without /proc, the first import."""
+    if "ipykernel" in sys.modules:
         return PROCESS_START
     try:
         with open("/proc/self/stat") as f:
@@ -101,9 +94,6 @@ class Deadline:
     def remaining(self):
         return self.budget_s - self.elapsed()
 
-    def __repr__(self):
-        return f"Deadline({format_duration(self.budget_s)}, {format_duration(self.remaining())} left)"
-
 
 class PhaseTimer:
     """Wall time per named phase: `with timer.phase("data"): ...`; timer.summary() -> 'data 3.1s, train 55.0s'."""
@@ -125,10 +115,8 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", *, tmp=None, verify=None):
-    """`with atomic_file(path) as f: f.write(...)`: written to tmp (default path.tmpPID: two processes writing the same
-    path never share a temporary file, nor delete each other's), flushed to the disk, checked by
-    verify(tmp) if given, then renamed over path; on any failure (an interrupt too) tmp is removed and whatever was at
-    path stays as it was, so a reader sees the old file or the new one, never half of one."""
+    """Written to tmp (default path.tmpPID, one per process), flushed to the disk, checked by verify(tmp), then renamed
+    over path; on any failure tmp is removed, so a reader sees the old file or the new one, never half of one."""
     tmp = str(tmp or f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
@@ -145,8 +133,8 @@ def atomic_file(path, mode="wb", *, tmp=None, verify=None):
 
 
 def require_regular_file(path, flag, *, folder_ok=False):
-    """A UsageError unless path is a regular file (or, folder_ok, a folder), checked by stat, which opens nothing: a
-    FIFO, a device or a socket would block or stream forever when read. A missing path is left to the reader."""
+    """A UsageError unless path is a regular file (or, folder_ok, a folder): a FIFO or a device would block when read.
+    Checked by stat, which opens nothing; a missing path is left to the reader."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -175,11 +163,8 @@ def eval_mode(model):
 # device
 
 def check_device(want="auto"):
-    """Pick the device and prove it works: a tiny CUDA op in the first seconds.
-
-    A torch built without kernels for this GPU (e.g. a P100, sm_60, under a torch built for sm_70+) fails here with a
-    UsageError that names the GPU, the archs this torch has, and what to do.
-    """
+    """Pick the device and prove it works with a tiny CUDA op: a torch without kernels for this GPU (a P100 under a
+    torch built for sm_70+) is a UsageError naming the GPU, the archs this torch has, and what to do."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         if want == "auto":
             warn("no CUDA GPU found: running on CPU, which is far too slow for a real run (fine for smoke/demo)")
@@ -220,10 +205,6 @@ def cpu_count():
         return max(1, os.cpu_count() or 1)
 
 
-def in_notebook():
-    return "ipykernel" in sys.modules
-
-
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
     "out of memory",  # "CUDA error: out of memory" (RuntimeError; AcceleratorError in torch 2.8+), NCCL's "Cuda failure
     # 'out of memory'" (DistBackendError), HIP's
@@ -235,8 +216,7 @@ OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised
 
 
 def is_out_of_memory(exc):
-    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose text says so
-    (OUT_OF_MEMORY_TEXTS: the CPU allocator's, a CUDA runtime, cuBLAS, cuDNN or NCCL allocation)."""
+    """An allocation failure: torch.cuda.OutOfMemoryError, MemoryError, or an error whose text says so."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()

@@ -131,7 +131,7 @@ class TrainPlan:
     margin_s: float  # Config.reserve_margin_s, kept on top of finish_s
     train_until: float  # training stops here on the Deadline's clock: budget_s - hold_back_s - finish_s - margin_s
     prior_train_s: float  # training done by the run(s) this one resumes (0 for a fresh run)
-    plan_s: float  # training time the schedule (LR, PGGAN growth) spans, prior_train_s included
+    plan_s: float  # training time the schedule (LR, noise decay) spans, prior_train_s included
     inherited: bool  # resumed an unfinished plan: plan_s is the earlier run's, not this budget's
     first_step_s: float  # the step-time margin before a step is measured: 10 generation batches' worth
     gen_batch: int  # images per generation batch that fits (the finish's batch)
@@ -214,14 +214,13 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
 class Pace:
     """Step time and slowdown, measured at the loop's host syncs, and the finish's re-timing near the end. probe: () ->
     seconds for one generation batch of plan.gen_batch images now, or None not to re-time. slowdown = max(steps now vs
-    their first steady measurement (per PGGAN level), a re-timed generation batch vs at start): the finish reserve is
+    their first steady measurement, a re-timed generation batch vs at start): the finish reserve is
     stretched by it, so training stops earlier when the machine got slower."""
 
     def __init__(self, plan, deadline, *, probe=None):
         self.plan, self.deadline, self.probe = plan, deadline, probe
         self.step_s = None  # seconds per step for the margin (the first steps, with autotuning, weigh in)
-        self.base_s = self.recent_s = None  # steady seconds per step: the first measured (per level), a running average
-        self.level = None  # PGGAN level the base was measured at
+        self.base_s = self.recent_s = None  # steady seconds per step: the first measured, a running average
         self.step_slowdown, self.gen_slowdown = 1.0, 1.0
         self.last_probe, self.said_gen = -float("inf"), 1.0
 
@@ -252,16 +251,13 @@ class Pace:
         most = int(self._watch_s(SYNC_MAX_S) / max(self.step_estimate(), 1e-9))
         return max(1, min(check_every - step % check_every, most))
 
-    def record(self, seconds, steps, *, done, level=None):
-        """At a host sync: `steps` steps took `seconds`; done = steps made in this run; level: the PGGAN level trained
-        (each has its own step time: the slowdown is measured within one), None for other architectures."""
+    def record(self, seconds, steps, *, done):
+        """At a host sync: `steps` steps took `seconds`; done = steps made in this run."""
         measured = seconds / max(steps, 1)
         if done <= 2:  # the first steps carry autotuning: they set the margin until steady steps are measured
             self.step_s = max(self.step_s or 0.0, measured)
             return
         self.step_s = 0.7 * self.step_s + 0.3 * measured
-        if level != self.level:
-            self.level, self.base_s = level, None
         if self.base_s is None:
             self.base_s = self.recent_s = measured
         self.recent_s = 0.7 * self.recent_s + 0.3 * measured

@@ -22,8 +22,8 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
                     history=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
-    growth) spans; complete: training ran to its end."""
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, noise
+    decay) spans; complete: training ran to its end."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}

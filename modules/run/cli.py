@@ -109,10 +109,6 @@ def check_config(cfg):
     if cfg.n_images != 10000 and not cfg.dev_counts:
         raise UsageError(f"setting n_images={cfg.n_images} is not allowed: the competition takes exactly 10000 images "
                          f"(for a development run, also --set dev_counts=true)")
-    if cfg.compile == "on" and cfg.gp_weight:  # compile=auto leaves D eager instead (build_trainer)
-        raise UsageError(f"setting compile=on is not allowed with gp_weight={cfg.gp_weight:g}: the gradient penalty "
-                         "needs a double backward through D, which torch.compile does not support; use compile=off "
-                         "or auto (D then runs eager), or gp_weight=0")
     chunks = len(BIGGAN_G_ARCH[cfg.image_size][1]) + 1  # BigGenerator splits z over its blocks + 1
     if cfg.arch == "biggan" and cfg.z_dim % chunks:
         raise UsageError(f"setting z_dim={cfg.z_dim} is not allowed with arch=biggan: G splits z into {chunks} equal "

@@ -1,7 +1,7 @@
 """kernel.py's smoke path on an older torch, in a venv of its own (run by hand; not collected by pytest, not in CI).
 
     python tests/bench/bench_old_torch.py [--venv /tmp/oldtorch-venv] [--torch 2.1.2 --torchvision 0.16.2]
-                                          [--presets kaggle,dcgan,dcgan5,dcgan-tricks,pggan] [--budget 300s]
+                                          [--presets kaggle,dcgan,dcgan5,dcgan-tricks] [--budget 300s]
                                           [--max-steps 20]
 
 README promises torch >= 2.1 (P100 users need an older torch than Kaggle ships). This makes the venv when it is missing

@@ -2,7 +2,7 @@
 
     python tests/bench/bench_presets.py [--batch 64] [--steps 2] [--presets kaggle,dcgan,...] [--device auto]
 
-Full widths of each preset, synthetic uint8 data (speed does not depend on the pixels), PGGAN at its final 64x64 level.
+Full widths of each preset, synthetic uint8 data (speed does not depend on the pixels).
 Prints a table: preset, arch, G/D parameters, seconds per step, it/s, and the peak CUDA memory where there is a GPU.
 """
 import argparse
@@ -36,7 +36,7 @@ def bench_preset(name, *, batch, steps, device):
                                  labels=np.arange(2000) % n_classes, classes=[str(i) for i in range(n_classes)])
     torch.manual_seed(0)
     trainer = build_trainer(cfg, data, device)
-    trainer.set_progress(1.0)  # PGGAN: the final level; schedules: their end (speed is the same)
+    trainer.set_progress(1.0)  # schedules: their end (speed is the same)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.step()  # warm-up: allocator, cudnn autotune
@@ -56,7 +56,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--presets", default="kaggle,dcgan,dcgan5,dcgan-tricks,pggan")
+    p.add_argument("--presets", default="kaggle,dcgan,dcgan5,dcgan-tricks")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     device = check_device(args.device)

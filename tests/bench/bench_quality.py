@@ -90,7 +90,7 @@ def parse_variant(spec):
 
 def train_segment(trainer, cfg, *, seconds, prior_train_s, plan_s, history):
     """The one call of the kernel's train_loop: train `seconds` more, on a time plan of plan_s seconds in all (the LR
-    schedule and PGGAN growth follow it as in a kernel run). No finish here: no reserve, no checkpoints, no re-timing."""
+    schedule follows it as in a kernel run). No finish here: no reserve, no checkpoints, no re-timing."""
     deadline = Deadline(seconds + 3600.0, start=time.monotonic())
     plan = TrainPlan(budget_s=seconds + 3600.0, estimates={}, finish_s=0.0, margin_s=0.0, train_until=seconds,
                      prior_train_s=prior_train_s, plan_s=plan_s, inherited=False, first_step_s=0.0,

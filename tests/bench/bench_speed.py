@@ -11,7 +11,6 @@ Variants (same model, losses, EMA and step structure; only the implementation di
   (c) naive: fp32; a DataLoader building each batch on the CPU from PIL crops (RandomHorizontalFlip, ToTensor,
       Normalize per item); separate D forwards on reals and fakes; default (non-fused) Adam; EMA by a per-parameter
       loop; `.item()` on both losses every step; cudnn.benchmark and TF32 matmuls at torch's defaults (off)
-  (d) Trainer, amp auto + torch.compile: only where speed.compile_support() allows (CUDA sm_70+ with Triton)
 """
 import argparse
 import copy
@@ -45,7 +44,7 @@ from modules.recipe.losses import LOSSES  # noqa: E402
 from modules.recipe.models import build_models  # noqa: E402
 from modules.recipe.precision import resolve_amp  # noqa: E402
 from modules.recipe.sample import generate_images  # noqa: E402
-from modules.recipe.speed import compile_support, configure_backends, maybe_compile  # noqa: E402
+from modules.recipe.speed import configure_backends  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.run.cli import parse_config  # noqa: E402
 from modules.run.submission import write_submission  # noqa: E402
@@ -69,7 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help=f"real images (default: {REAL_SAMPLE} when present)")
     p.add_argument("--synthetic", type=int, default=0, help="use N random uint8 images instead of real data")
     p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive variant")
-    p.add_argument("--compile", default="auto", choices=("off", "auto", "on"), help="variant (d)")
     p.add_argument("--n-images", type=int, default=10000, help="images sampled and zipped")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--preset", default="kaggle", help="comma-separated presets, as kernel.py --preset (default kaggle)")
@@ -286,7 +284,7 @@ def count_step_flops(cfg, data, device):
 
 
 def write_json(path, meta, rows, *, done):
-    """--json after every variant's build and every timed chunk, so a slow variant (a compile) that is killed leaves
+    """--json after every variant's build and every timed chunk, so a slow variant that is killed leaves
     the rows measured before it; `done` says the run reached its end. Rows without a timed chunk have it_s null."""
     if not path:
         return
@@ -337,24 +335,12 @@ def main(argv=None):
                ours_backends),
               (f"(c) naive, {args.naive_workers} workers", lambda: NaiveGAN(cfg, data, device, args.naive_workers),
                naive_backends)]
-    ok, why = compile_support(device)
-    if args.compile == "on" or (args.compile == "auto" and ok and device.type == "cuda"):
-        def build_compiled():
-            trainer = build_trainer(dataclasses.replace(cfg, amp="auto"), data, device)
-            maybe_compile(trainer.G, mode="on", device=device)
-            maybe_compile(trainer.D, mode="on", device=device)
-            return trainer
-        builds.append(("(d) Trainer, amp auto, compiled", build_compiled, ours_backends))
-    else:
-        reason = why if not ok else ("--compile off" if args.compile == "off" else
-                                     "--compile auto compiles on CUDA only; --compile on forces it")
-        print(f"  (d) compiled: skipped ({reason})")
     meta = {"device": name, "torch": torch.__version__, "batch": cfg.batch_size, "g_ch": cfg.g_ch, "d_ch": cfg.d_ch,
             "flops_per_step": flops, "peak_tflops": {"fp32": peak32, "fp16": peak16}, "n_images": args.n_images,
             "prep_full_s": prep_full_s}
     variants = []
     for vname, build, backends in builds:
-        variants.append(build_variant(vname, build, warmup=max(warmup, 3) if vname.startswith("(d)") else warmup,
+        variants.append(build_variant(vname, build, warmup=warmup,
                                       device=device, backends=backends))
         write_json(args.json, meta, variants, done=False)
     rounds = max(1, min(args.rounds, args.steps))

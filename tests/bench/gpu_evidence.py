@@ -24,7 +24,7 @@ after every section, so a run cut short still leaves what it measured). Budget o
 a section must have left of --budget-s (default 540) to start, else it is skipped and says so:
   section      expected  need  what
   (start)          ~15     -   imports, CUDA initialisation, the .npz
-  env               ~2     0   torch, CUDA, cuDNN, the GPU, the backends set, what amp=auto resolves to, compile allowed
+  env               ~2     0   torch, CUDA, cuDNN, the GPU, the backends set, what amp=auto resolves to
   cuda_checks      ~15    20   tiny widths: fp16 steps with the GradScalers on and finite losses; an injected inf
                                gradient makes that optimiser step skipped (scale halves, weights unchanged); fused Adam
   quality         ~255   260   the recipe at amp=fp16 (Kaggle's T4: fp16 + GradScalers) on the crops for 240 s of
@@ -35,7 +35,7 @@ a section must have left of --budget-s (default 540) to start, else it is skippe
   train            ~40    45   --train-s (15) s each with amp=fp16 and amp=off, same seed: loss curves, scales, skipped
                                steps, non-finite losses, roll-backs, it/s, peak memory (curves.png)
   finish           ~20    30   the fp16 run's generator: 10,000 images, the zip written and verified; build + finish time
-  speed           <=80    60   bench_speed.py --compile off (amp auto vs fp32 vs naive), subprocess killed at
+  speed           <=80    60   bench_speed.py (amp auto vs fp32 vs naive), subprocess killed at
                                100 s or when only 55 s are left (~80 s here); its JSON is written after every variant and chunk
   memory           ~30    40   bench_memory.measure at 32/64/128 images per rank (fp16, fp32) vs the CPU prediction
   kill2              0  0|180  two visible GPUs only (else skipped, as on the one-GPU H200): kernel.py --gpus 2 --demo
@@ -44,7 +44,7 @@ a section must have left of --budget-s (default 540) to start, else it is skippe
   predict           ~5    10   FLOPs per step, the utilisation reached here, the P100 / two-T4 predictions re-stated
   tests          rest     30   the GPU-relevant test files (pytest on that machine's CPU), if time is left
   measured on the H200, 2026-12-04 (torch 2.11): env 11, cuda_checks 71, quality 243, kernel 38, train 29, finish 5,
-  speed 88 (killed while compiling; then 72 s with --compile off, run on its own): the first steps of each new trainer
+  speed 88 (killed while compiling G and D; then 72 s without compiling, run on its own): the first steps of each new trainer
   took 12-16 s there, which cuda_checks pays three times
   total           ~535         of 540 (speed takes what memory and predict leave); the command's timeout_s 580
                                leaves ~5 of the 15 device minutes for the machine's start
@@ -78,7 +78,7 @@ from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.loop import build_loop_settings, train_loop  # noqa: E402
 from modules.recipe.precision import resolve_amp  # noqa: E402
 from modules.recipe.sample import build_sampler  # noqa: E402
-from modules.recipe.speed import compile_support, configure_backends, configure_threads  # noqa: E402
+from modules.recipe.speed import configure_backends, configure_threads  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import Deadline, seed_everything  # noqa: E402
 from modules.run.budget import Pace, TrainPlan  # noqa: E402
@@ -191,7 +191,7 @@ def s_env(ctx):
     dev = ctx.device
     out = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
-           else None, "amp_auto": str(resolve_amp("auto", dev)), "compile": compile_support(dev),
+           else None, "amp_auto": str(resolve_amp("auto", dev)),
            "cpu_count": os.cpu_count(), "backends": ctx.backends,
            "cudnn_benchmark": torch.backends.cudnn.benchmark, "matmul_precision": torch.get_float32_matmul_precision(),
            "torch_threads": torch.get_num_threads()}
@@ -628,8 +628,7 @@ def markdown(results, meta):
 def summarize(name, r):
     if name == "env":
         return (f"{r.get('gpu', r['device'])} (sm {r.get('capability', '-')}, {r.get('memory_gib', 0):.1f} GiB), torch "
-                f"{r['torch']}, CUDA {r['cuda']}, cuDNN {r['cudnn']}; amp auto -> {r['amp_auto']}; compile "
-                f"{r['compile'][0]}")
+                f"{r['torch']}, CUDA {r['cuda']}, cuDNN {r['cudnn']}; amp auto -> {r['amp_auto']}")
     if name == "cuda_checks":
         inf = r["inf_gradient"]
         return (f"amp auto {r['amp_auto']['dtype']} finite {r['amp_auto']['finite']}, fp16 finite "
@@ -736,7 +735,7 @@ def main(argv=None):
         ctx.tiny_cfg, ctx.tiny_steps = dataclasses.replace(cfg, batch_size=4), 1
         ctx.train_s, ctx.n_images, ctx.mem_batches, ctx.mem_amps = 2.0, 100, (4,), ("fp16",)
         ctx.speed_args = ["--batch", "4", "--steps", "1", "--rounds", "1", "--warmup", "0", "--n-images", "20",
-                          "--synthetic", "32", "--naive-workers", "0", "--compile", "off", "--set", "sample_batch=20"]
+                          "--synthetic", "32", "--naive-workers", "0", "--set", "sample_batch=20"]
         ctx.speed_preset = args.preset + ",smoke"
         ctx.quality_points, ctx.quality_n = (1.0, 2.0, 3.0), 20
         ctx.test_files = ()
@@ -745,10 +744,7 @@ def main(argv=None):
         ctx.tiny_cfg = dataclasses.replace(recipe(args, g_ch=8, d_ch=8, z_dim=20, shared_dim=8), batch_size=8)
         ctx.tiny_steps = 3
         ctx.train_s, ctx.n_images, ctx.mem_batches, ctx.mem_amps = args.train_s, 10000, (32, 64, 128), ("fp16", "off")
-        # compile off: on the H200 (torch 2.11) compiling G and D had not finished 50 s after it began, and the
-        # killed bench left no row measured; bench_speed.py --compile auto measures it on its own
-        ctx.speed_args = ["--batch", str(cfg.batch_size), "--steps", "30", "--rounds", "3", "--synthetic", "2085",
-                          "--compile", "off"]
+        ctx.speed_args = ["--batch", str(cfg.batch_size), "--steps", "30", "--rounds", "3", "--synthetic", "2085"]
         ctx.speed_preset = args.preset
         ctx.quality_points, ctx.quality_n = points, args.quality_n
         ctx.test_files = TEST_FILES
