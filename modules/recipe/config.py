@@ -23,7 +23,7 @@ class Config:
     # data
     image_size: int = 64  # pixels; the competition wants 64
     crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
-    crop_styles: str = "square"  # comma-separated: square (2nd place), box, tight, padded, top, whole
+    crop_styles: str = "square"  # comma-separated: square (2nd place), box, padded, top, whole
     include_whole: bool = False  # also train on the centre square of every whole image (3rd place: crops + originals)
     min_aspect: float = 0.0  # drop boxes with w/h below this (1st place: 0.2)
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
