@@ -24,13 +24,12 @@ LAYERS = ("recipe", "data", "run")  # modules/<layer>/x.py, bundled in this orde
 # the layers before it
 PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the machinery; unlisted files go after
     "config",  # the settings, the presets and their limits: what a reader of kernel.py sees first
-    "layers", "biggan", "models", "losses", "augment",  # the model and what D sees
-    "grammar", "utils",  # small helpers: everything from sample on imports utils
-    "precision", "speed", "settings", "averaging", "batches", "train",  # the step and what it needs
+    "layers", "biggan", "models", "losses",  # the model and what D sees
+    "utils", "device", "settings", "train",  # the step and what it needs
     "sample", "loop",  # generation, and the loop
-    "crops", "annotations", "dogs", "demo",  # the data: its robustness, the synthetic demo set
-    "budget", "faults", "distributed", "launch", "checkpoint", "features", "metrics", "report", "submission",
-    "evaluate", "finish", "cli", "outdir", "setup", "rank", "main")
+    "annotations", "dogs", "demo",  # the data: its robustness, the synthetic demo set
+    "budget", "distributed", "checkpoint", "metrics", "report", "submission", "evaluate", "finish", "cli", "setup",
+    "rank", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.
 LANDMARKS = (

@@ -16,7 +16,7 @@
 # IN A KAGGLE NOTEBOOK: add the competition's data, pick a GPU, paste this whole file into ONE cell, Run All (or
 #   Save Version -> Save & Run All). Jupyter's own `-f ...` argument is ignored. To change settings, EITHER run a
 #   cell above this one:  import sys; sys.argv = ["kernel.py", "--time-budget", "2h", "--set", "g_ch=48"]
-#   OR edit a default in `class Config` (line 95): each field says its unit or choices. CONTENTS: below.
+#   OR edit a default in `class Config` (line 97): each field says its unit or choices. CONTENTS: below.
 # AS A SCRIPT:
 #   python kernel.py --data-dir DIR --out DIR --time-budget 8h45m     # the Kaggle run, anywhere
 #   python kernel.py --demo --preset smoke --time-budget 120s         # a 2-minute end-to-end check, CPU is fine
@@ -38,28 +38,27 @@
 #   python build_kernel.py (the tests check kernel.py is fresh). In a notebook, editing this copy is fine.
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
-#      95  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     186  PRESETS               the presets: named sets of overrides of those defaults
-#     246  LIMITS                what each setting may hold (checked before any data is read)
-#     429  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     435  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     692  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     770  LOSSES                the losses (loss): D's and G's for each
-#    1473  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1525  Trainer.step          one training step: D, then G, EMA
-#    1878  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3359  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4256  finish                the finish: images, the verified zip, self-check, pictures
-#    4498  parse_config          the command line -> a checked Config
-#    4733  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5024  run                   the run: settings, checks and data, the ranks started
-#    5097  main                  the entry point and its exit codes
+#      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
+#     188  PRESETS               the presets: named sets of overrides of those defaults
+#     248  LIMITS                what each setting may hold (checked before any data is read)
+#     470  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     476  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     733  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     816  LOSSES                the losses (loss): D's and G's for each
+#    1464  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1516  Trainer.step          one training step: D, then G, EMA
+#    1869  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3499  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4187  finish                the finish: images, the verified zip, self-check, pictures
+#    4429  parse_config          the command line -> a checked Config
+#    4714  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5005  run                   the run: settings, checks and data, the ranks started
+#    5078  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
-#   config -> layers -> biggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed -> settings ->
-#   averaging -> batches -> train -> sample -> loop -> crops -> annotations -> dogs -> demo -> metrics -> report ->
-#   submission -> evaluate -> budget -> faults -> distributed -> launch -> checkpoint -> features -> finish -> cli ->
-#   outdir -> setup -> rank -> main
+#   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
+#   annotations -> dogs -> demo -> metrics -> report -> submission -> evaluate -> budget -> distributed -> checkpoint ->
+#   finish -> cli -> setup -> rank -> main
 
 
 import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, io, itertools, json, math
@@ -88,6 +87,9 @@ from typing import Callable
 
 Presets are overrides applied left to right over the defaults (`--preset dcgan,smoke`), then `--set name=value`; the
 command line (cli.py) checks every field against LIMITS and the registries before any data is read.
+
+The two settings written in a small language of their own: durations (time_budget: `8h45m`) and fault lists (fault:
+`nan@12,slow@0.5`, tests only). Their parsers raise UsageError, so a bad one stops the run in one line.
 """
 
 
@@ -176,7 +178,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests, comma-separated (grammar.parse_faults): nan@STEP, slow@SECONDS, ...
+    fault: str = ""  # fault injection for tests, comma-separated (parse_faults): nan@STEP, slow@SECONDS, ...
 
 
 # the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
@@ -211,7 +213,7 @@ PRESETS = {
 
 # What each field may hold, checked by cli.py before any data is read (a bad value: one line, exit 2). Not here: bool
 # fields (their type says it), the fields naming a registry (arch: models.ARCHS, loss: losses.LOSSES, ...: cli.py
-# checks them against the registry itself), and time_budget and fault (grammar.py's parsers).
+# checks them against the registry itself), and time_budget and fault (their parsers, parse_duration and parse_faults, below).
 
 @dataclass(frozen=True)
 class Range:
@@ -302,6 +304,45 @@ def apply_overrides(cfg, overrides, source):
             raise UsageError(f"{source}: unknown config field {name!r} (see --print-config for the list)")
         values[name] = _convert_value(name, value, values[name]) if isinstance(value, str) else value
     return Config(**values)
+
+
+MAX_DURATION_S = 7 * 86400.0  # a time budget beyond a week is a typo (100h, 1e300), not a plan
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text):
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds."""
+    s = str(text).strip().lower().replace(" ", "")
+    try:
+        value = float(s)
+    except ValueError:
+        m = _DURATION_RE.match(s)
+        if m is None or not any(m.groups()):
+            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if not 0 < value < math.inf:  # also refuses nan
+        raise UsageError(f"duration {text!r} must be a positive, finite number of seconds")
+    if value > MAX_DURATION_S:
+        raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
+                         "ask for; Kaggle sessions end after 9h")
+    return value
+
+
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")
+
+
+def parse_faults(text):
+    """Config.fault ('nan@12,slow@0.5') -> {kind: number} (-1.0 for zipfail). kill@STEP: rank 1 of several dies by
+    SIGKILL; slow@SECONDS: sleep per training step; slowgen@SECONDS: per generation batch once training started."""
+    faults = {}
+    for item in filter(None, (f.strip() for f in str(text).split(","))):
+        if not FAULT_RE.fullmatch(item):
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
+                             "slow@SECONDS, slowgen@SECONDS or zipfail")
+        kind, _, at = item.partition("@")
+        faults[kind] = float(at) if at else -1.0
+    return faults
 
 
 # ==== modules/recipe/layers.py ====
@@ -704,7 +745,12 @@ def build_models(cfg, n_classes):
 """GAN losses as a registry: LOSSES[name] = (d_loss, g_loss) of D's logits on reals and fakes, in float32.
 D's losses take `real_target` (label smoothing; bce, lsgan) and `margin` (the 1st-public team's: no real loss once a
 real logit is above it; 0 = off).
+
+DiffAugment (Zhao et al. 2020): random colour, translation and cutout on every input of D, real and fake, in D's
+step and G's, so D cannot memorise 20k crops while G still learns the un-augmented images. Newer than the 2019
+competition: off by default. Each transform: x [N,3,H,W] -> same shape, random per sample, differentiable in x.
 """
+
 
 # helpers
 
@@ -775,13 +821,6 @@ LOSSES = {
 }
 
 
-# ==== modules/recipe/augment.py ====
-"""DiffAugment (Zhao et al. 2020): random colour, translation and cutout on every input of D, real and fake, in D's
-step and G's, so D cannot memorise 20k crops while G still learns the un-augmented images. Newer than the 2019
-competition: off by default. Each transform: x [N,3,H,W] -> same shape, random per sample, differentiable in x.
-"""
-
-
 def augment_color(x):
     """Random brightness (± 0.5), saturation (× 0..2) and contrast (× 0.5..1.5), per sample."""
     def rand():
@@ -831,50 +870,6 @@ def diff_augment(x, policy):
     for name in policy:
         x = AUGMENTS[name](x)
     return x
-
-
-# ==== modules/recipe/grammar.py ====
-"""The two settings written in a small language of their own: durations (time_budget: `8h45m`) and fault lists (fault:
-`nan@12,slow@0.5`, tests only). Their parsers raise UsageError, so a bad one stops the run in one line."""
-
-
-MAX_DURATION_S = 7 * 86400.0  # a time budget beyond a week is a typo (100h, 1e300), not a plan
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text):
-    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds."""
-    s = str(text).strip().lower().replace(" ", "")
-    try:
-        value = float(s)
-    except ValueError:
-        m = _DURATION_RE.match(s)
-        if m is None or not any(m.groups()):
-            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
-        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-        value = h * 3600 + mi * 60 + se
-    if not 0 < value < math.inf:  # also refuses nan
-        raise UsageError(f"duration {text!r} must be a positive, finite number of seconds")
-    if value > MAX_DURATION_S:
-        raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
-                         "ask for; Kaggle sessions end after 9h")
-    return value
-
-
-FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")
-
-
-def parse_faults(text):
-    """Config.fault ('nan@12,slow@0.5') -> {kind: number} (-1.0 for zipfail). kill@STEP: rank 1 of several dies by
-    SIGKILL; slow@SECONDS: sleep per training step; slowgen@SECONDS: per generation batch once training started."""
-    faults = {}
-    for item in filter(None, (f.strip() for f in str(text).split(","))):
-        if not FAULT_RE.fullmatch(item):
-            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
-                             "slow@SECONDS, slowgen@SECONDS or zipfail")
-        kind, _, at = item.partition("@")
-        faults[kind] = float(at) if at else -1.0
-    return faults
 
 
 # ==== modules/recipe/utils.py ====
@@ -1091,9 +1086,12 @@ def is_out_of_memory(exc):
     return any(t.lower() in text for t in OUT_OF_MEMORY_TEXTS)
 
 
-# ==== modules/recipe/precision.py ====
+# ==== modules/recipe/device.py ====
 """Precision: the autocast dtype a run trains and samples in (Config.amp), the GradScalers fp16 needs, and their
-descriptions for the log and report.json."""
+descriptions for the log and report.json.
+
+Speed switches: cuDNN autotuning and TF32 where they help, and torch's CPU thread count.
+"""
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # Config.amp's forced choices
@@ -1167,10 +1165,6 @@ def describe_amp(amp_dtype):
     if amp_dtype is None:
         return "fp32"
     return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
-
-
-# ==== modules/recipe/speed.py ====
-"""Speed switches: cuDNN autotuning and TF32 where they help, and torch's CPU thread count."""
 
 
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
@@ -1334,9 +1328,16 @@ def trainer_settings(cfg, *, world_size):
         d_input=_group(DInputSettings, cfg))
 
 
-# ==== modules/recipe/averaging.py ====
-"""The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
-the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema."""
+# ==== modules/recipe/train.py ====
+"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
+The loop that drives it is loop.py.
+
+The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
+the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema.
+
+The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
+there (no host-to-device copy per step, no DataLoader).
+"""
 
 
 class EMA:
@@ -1362,11 +1363,6 @@ class EMA:
                 d.copy_(s)
 
 
-# ==== modules/recipe/batches.py ====
-"""The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
-there (no host-to-device copy per step, no DataLoader)."""
-
-
 class DeviceBatches:
     def __init__(self, images, labels, *, device, hflip, real_noise):
         # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
@@ -1390,11 +1386,6 @@ class DeviceBatches:
     def fake_labels(self, batch_size):
         """Breeds for G drawn with the training distribution (the label of a random training row)."""
         return self.labels[torch.randint(self.n, (batch_size,), device=self.device)]
-
-
-# ==== modules/recipe/train.py ====
-"""The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
-The loop that drives it is loop.py."""
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state
@@ -1881,7 +1872,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
     Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
     the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
-    before_step(trainer) or None: a test's fault hook (faults.py). -> TrainSummary."""
+    before_step(trainer) or None: a test's fault hook (FaultInjector). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -2079,133 +2070,14 @@ class _Upkeep:
             self.ckpt_s = self.last_ckpt - t0
 
 
-# ==== modules/data/crops.py ====
-"""Where in a photo a training image is cut and how it is resized: crop windows per style (CROP_STYLES), resize
-filters (RESIZE_FILTERS), the clean-up of one box, and the EXIF orientation that turns a photo and its boxes upright.
-Pure geometry on numbers; dogs.py decodes the images.
-"""
-
-
-# crop windows: (box, img_w, img_h, margin) -> (left, top, right, bottom), floats in the image, holding the box centre
-
-def _fit_square(cx, cy, side, left, top, img_w, img_h):
-    """A square of `side` (fits the image) placed near (left, top), moved to contain (cx, cy), then into the image."""
-    left = min(max(left, cx - side), cx)
-    top = min(max(top, cy - side), cy)
-    left = min(max(left, 0.0), img_w - side)  # keeps (cx, cy) inside: the centre lies in the image
-    top = min(max(top, 0.0), img_h - side)
-    return (left, top, left + side, top + side)
-
-
-def _crop_box(box, img_w, img_h, margin):
-    """Square of side max(w, h) * (1 + margin) centred on the box."""
-    x0, y0, x1, y1 = box
-    side = min(max(x1 - x0, y1 - y0) * (1 + margin), img_w, img_h)  # too big: the largest square that fits
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return _fit_square(cx, cy, side, cx - side / 2, cy - side / 2, img_w, img_h)
-
-
-def _crop_top(box, img_w, img_h, margin):
-    """Tall boxes (h > w): a square of side ~w anchored at the box top, where the head usually is; else "box"."""
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    if h <= w:
-        return _crop_box(box, img_w, img_h, margin)
-    pad = margin * w / 2
-    side = min(max(w + 2 * pad, h / 2 + pad), img_w, img_h)  # very tall boxes: grow just enough to reach the box centre
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return _fit_square(cx, cy, side, cx - side / 2, y0 - pad, img_w, img_h)
-
-
-def _crop_whole(box, img_w, img_h, margin):
-    """The image's centre square, moved (if needed) to contain the box centre."""
-    side = min(img_w, img_h)
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return _fit_square(cx, cy, side, (img_w - side) / 2, (img_h - side) / 2, img_w, img_h)
-
-
-def _crop_square(box, img_w, img_h, margin):
-    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, no margin. Where the image
-    is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
-    x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0)
-    w, h = min(side, img_w), min(side, img_h)  # a rectangle where the image is shorter than side
-    left = min(max((x0 + x1 - w) / 2, 0.0), img_w - w)  # centred on the box, moved into the image
-    top = min(max((y0 + y1 - h) / 2, 0.0), img_h - h)
-    return (left, top, left + w, top + h)
-
-
-CROP_STYLES = {"square": _crop_square, "box": _crop_box,
-               "padded": lambda box, img_w, img_h, margin: _crop_box(box, img_w, img_h, margin + 0.25),  # "box" + 25 %
-               "top": _crop_top, "whole": _crop_whole}
-
-
-# "box" is area averaging, as the 2nd place's cv2.INTER_AREA. Either filter runs after JPEG draft decoding (a DCT
-# downscale that keeps every window at >= size pixels), so it does only the last, < 2x, step.
-RESIZE_FILTERS = {"box": Image.BOX, "lanczos": Image.LANCZOS}
-
-
-# one image
-
-# Smallest "box" window kept, as a fraction of the output side: upscaled more than 2x, a crop is mostly interpolation.
-# On the real sample no window is below 32 px of 64 (tests/bench/bench_box_sizes.py).
-MIN_CROP_FRACTION = 0.5
-
-
-def _clean_box(box, img_w, img_h, *, min_aspect, max_aspect, margin, size, fixed):
-    """-> the box clamped to the image, or a skip reason (str)."""
-    x0, y0, x1, y1 = box
-    if not all(map(math.isfinite, box)):
-        return "box_unparseable"
-    if x1 < x0 or y1 < y0:
-        return "box_inverted"
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        return "box_empty"
-    c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(img_w)), min(y1, float(img_h)))
-    w, h = c[2] - c[0], c[3] - c[1]
-    if w < 1 or h < 1:
-        return "box_outside"
-    if not min_aspect <= w / h <= max_aspect:
-        return "aspect"
-    side = min(max(w, h) * (1 + margin), img_w, img_h)  # the "box" style's window
-    if side < size * MIN_CROP_FRACTION:
-        return "box_too_small"
-    if c != box:
-        fixed["box_clamped"] += 1
-    if side < size:
-        fixed["box_upscaled"] += 1
-    return c
-
-
-# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright, as ImageOps.exif_transpose applies it
-EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                  8: Image.Transpose.ROTATE_90}
-
-
-def _exif_orientation(im):
-    """-> the EXIF orientation 2..8 that changes how im is shown, or None (1, absent, unreadable)."""
-    try:
-        value = im.getexif().get(0x0112)
-    except Exception:  # corrupt EXIF: shown as stored
-        return None
-    return value if value in EXIF_TRANSPOSE else None
-
-
-def _orient_box(box, orientation, raw_w, raw_h):
-    """A box on the stored pixels (raw_w x raw_h) -> the same box on the upright image."""
-    x0, y0, x1, y1 = box
-    corners = {2: ((raw_w - x1, y0), (raw_w - x0, y1)), 3: ((raw_w - x1, raw_h - y1), (raw_w - x0, raw_h - y0)),
-               4: ((x0, raw_h - y1), (x1, raw_h - y0)), 5: ((y0, x0), (y1, x1)),
-               6: ((raw_h - y1, x0), (raw_h - y0, x1)), 7: ((raw_h - y1, raw_w - x1), (raw_h - y0, raw_w - x0)),
-               8: ((y0, raw_w - x1), (y1, raw_w - x0))}[orientation]
-    return (*corners[0], *corners[1])
-
-
 # ==== modules/data/annotations.py ====
 """Where all-dogs/ and Annotation/ are, which files they hold, and what one Pascal-VOC file says; decodes no image.
 Discovery never follows a link out of the data dir and judges an Annotation/ folder by its content. Whatever cannot be
 listed or read is skipped and counted by reason in a Counter, never raised.
+
+Where in a photo a training image is cut and how it is resized: crop windows per style (CROP_STYLES), resize
+filters (RESIZE_FILTERS), the clean-up of one box, and the EXIF orientation that turns a photo and its boxes upright.
+Pure geometry on numbers; dogs.py decodes the images.
 """
 
 
@@ -2360,6 +2232,122 @@ def read_voc(path, skipped, fixed):
     kept = list(dict.fromkeys(boxes))[:MAX_BOXES_PER_IMAGE]  # exact repeats out, order kept, then the cap
     skipped["box_repeated_or_over_cap"] += len(boxes) - len(kept)
     return kept, size
+
+
+# crop windows: (box, img_w, img_h, margin) -> (left, top, right, bottom), floats in the image, holding the box centre
+
+def _fit_square(cx, cy, side, left, top, img_w, img_h):
+    """A square of `side` (fits the image) placed near (left, top), moved to contain (cx, cy), then into the image."""
+    left = min(max(left, cx - side), cx)
+    top = min(max(top, cy - side), cy)
+    left = min(max(left, 0.0), img_w - side)  # keeps (cx, cy) inside: the centre lies in the image
+    top = min(max(top, 0.0), img_h - side)
+    return (left, top, left + side, top + side)
+
+
+def _crop_box(box, img_w, img_h, margin):
+    """Square of side max(w, h) * (1 + margin) centred on the box."""
+    x0, y0, x1, y1 = box
+    side = min(max(x1 - x0, y1 - y0) * (1 + margin), img_w, img_h)  # too big: the largest square that fits
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return _fit_square(cx, cy, side, cx - side / 2, cy - side / 2, img_w, img_h)
+
+
+def _crop_top(box, img_w, img_h, margin):
+    """Tall boxes (h > w): a square of side ~w anchored at the box top, where the head usually is; else "box"."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if h <= w:
+        return _crop_box(box, img_w, img_h, margin)
+    pad = margin * w / 2
+    side = min(max(w + 2 * pad, h / 2 + pad), img_w, img_h)  # very tall boxes: grow just enough to reach the box centre
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return _fit_square(cx, cy, side, cx - side / 2, y0 - pad, img_w, img_h)
+
+
+def _crop_whole(box, img_w, img_h, margin):
+    """The image's centre square, moved (if needed) to contain the box centre."""
+    side = min(img_w, img_h)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return _fit_square(cx, cy, side, (img_w - side) / 2, (img_h - side) / 2, img_w, img_h)
+
+
+def _crop_square(box, img_w, img_h, margin):
+    """The 2nd place's crop: the box padded to a square of side max(w, h) inside the image, no margin. Where the image
+    is shorter than that, the window spans it and the resize squashes it: the whole dog stays in the picture."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+    w, h = min(side, img_w), min(side, img_h)  # a rectangle where the image is shorter than side
+    left = min(max((x0 + x1 - w) / 2, 0.0), img_w - w)  # centred on the box, moved into the image
+    top = min(max((y0 + y1 - h) / 2, 0.0), img_h - h)
+    return (left, top, left + w, top + h)
+
+
+CROP_STYLES = {"square": _crop_square, "box": _crop_box,
+               "padded": lambda box, img_w, img_h, margin: _crop_box(box, img_w, img_h, margin + 0.25),  # "box" + 25 %
+               "top": _crop_top, "whole": _crop_whole}
+
+
+# "box" is area averaging, as the 2nd place's cv2.INTER_AREA. Either filter runs after JPEG draft decoding (a DCT
+# downscale that keeps every window at >= size pixels), so it does only the last, < 2x, step.
+RESIZE_FILTERS = {"box": Image.BOX, "lanczos": Image.LANCZOS}
+
+
+# one image
+
+# Smallest "box" window kept, as a fraction of the output side: upscaled more than 2x, a crop is mostly interpolation.
+# On the real sample no window is below 32 px of 64 (tests/bench/bench_box_sizes.py).
+MIN_CROP_FRACTION = 0.5
+
+
+def _clean_box(box, img_w, img_h, *, min_aspect, max_aspect, margin, size, fixed):
+    """-> the box clamped to the image, or a skip reason (str)."""
+    x0, y0, x1, y1 = box
+    if not all(map(math.isfinite, box)):
+        return "box_unparseable"
+    if x1 < x0 or y1 < y0:
+        return "box_inverted"
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return "box_empty"
+    c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(img_w)), min(y1, float(img_h)))
+    w, h = c[2] - c[0], c[3] - c[1]
+    if w < 1 or h < 1:
+        return "box_outside"
+    if not min_aspect <= w / h <= max_aspect:
+        return "aspect"
+    side = min(max(w, h) * (1 + margin), img_w, img_h)  # the "box" style's window
+    if side < size * MIN_CROP_FRACTION:
+        return "box_too_small"
+    if c != box:
+        fixed["box_clamped"] += 1
+    if side < size:
+        fixed["box_upscaled"] += 1
+    return c
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright, as ImageOps.exif_transpose applies it
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
+
+
+def _exif_orientation(im):
+    """-> the EXIF orientation 2..8 that changes how im is shown, or None (1, absent, unreadable)."""
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # corrupt EXIF: shown as stored
+        return None
+    return value if value in EXIF_TRANSPOSE else None
+
+
+def _orient_box(box, orientation, raw_w, raw_h):
+    """A box on the stored pixels (raw_w x raw_h) -> the same box on the upright image."""
+    x0, y0, x1, y1 = box
+    corners = {2: ((raw_w - x1, y0), (raw_w - x0, y1)), 3: ((raw_w - x1, raw_h - y1), (raw_w - x0, raw_h - y0)),
+               4: ((x0, raw_h - y1), (x1, raw_h - y0)), 5: ((y0, x0), (y1, x1)),
+               6: ((raw_h - y1, x0), (raw_h - y0, x1)), 7: ((raw_h - y1, raw_w - x1), (raw_h - y0, raw_w - x0)),
+               8: ((y0, raw_w - x1), (y1, raw_w - x0))}[orientation]
+    return (*corners[0], *corners[1])
 
 
 # ==== modules/data/dogs.py ====
@@ -2598,6 +2586,11 @@ def make_demo_dataset(root, *, n_classes=6, per_class=20, seed=0):
 """Kaggle's MiFID and its parts as plain functions of arrays. Every number computed here is a local estimate, not
 Kaggle's score: Kaggle divided the FID of Inception pool_3 features by the memorization distance (mean over generated
 images of the smallest 1 - |cos| to any training image) when that is under a threshold (0.10 public, 0.25 private).
+
+The feature network for FID: Inception-v3 pool_3 from a local weights file (never downloaded); without one, no FID.
+Two files are understood, told apart by `fc.weight`'s rows: torchvision's ImageNet weights (1000) and pytorch-fid's port
+of TF's FID graph (1008), which needs the FID blocks below and gets TF's preprocessing (TF1 bilinear resize without
+half-pixel centres, then (x - 128) / 128): closer to Kaggle's number than pytorch-fid's own, as torch-fidelity does.
 """
 
 
@@ -2680,6 +2673,153 @@ def nearest_pixel(gen_uint8, ref_uint8, chunk=1024, device="cpu"):
             best[i:i + len(g)] = best_j
             dist[i:i + len(g)] = (g - centred(ref_flat[best_j])).norm(dim=1).cpu().numpy()
     return best, dist
+
+
+INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
+INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
+
+
+# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2): only the pool branch differs. TF's
+# average pool ignores the zero padding, and the last block max-pools; the discarded torchvision pool branch costs one
+# 1x1 conv per block, well under 1% of the network.
+
+class _TFPoolBranch:
+    pool = staticmethod(lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
+
+    def _forward(self, x):
+        outputs = super()._forward(x)  # the pool branch last
+        outputs[-1] = self.branch_pool(self.pool(x))
+        return outputs
+
+
+class FIDInceptionA(_TFPoolBranch, InceptionA):
+    pass
+
+
+class FIDInceptionC(_TFPoolBranch, InceptionC):
+    pass
+
+
+class FIDInceptionE1(_TFPoolBranch, InceptionE):
+    pass
+
+
+class FIDInceptionE2(_TFPoolBranch, InceptionE):
+    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))  # a quirk of the TF FID graph
+
+
+def fid_inception_v3():
+    """torchvision's Inception-v3 (1008 classes, no aux head) with the FID blocks: pytorch-fid's state-dict layout."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE1(1280)
+    net.Mixed_7c = FIDInceptionE2(2048)
+    return net
+
+
+def tf1_resize_matrix(n_in, n_out):
+    """[n_out, n_in] weights of TF1's ResizeBilinear: output pixel o samples source o * n_in / n_out (no half-pixel
+    centres), between floor() and the next pixel (clamped at the edge)."""
+    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    a = np.zeros((n_out, n_in), np.float64)
+    np.add.at(a, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(a, (np.arange(n_out), hi), frac)
+    return torch.from_numpy(a).float()
+
+
+# the network
+
+class InceptionPool3(nn.Module):
+    """Inception-v3 up to the 2048-d pool_3, plus its classifier: uint8 [B,H,W,3] -> (features [B,2048], logits [B,C]).
+    """
+
+    dim = 2048  # pool_3
+
+    def __init__(self, net, *, tf_preprocess, name):
+        super().__init__()
+        self.net = net
+        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights
+        self.name = name  # the feature space, printed next to every number computed in it
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
+        if self.tf_preprocess:
+            rows = tf1_resize_matrix(x.shape[2], 299).to(x.device)
+            cols = tf1_resize_matrix(x.shape[3], 299).to(x.device)
+            x = (rows @ x @ cols.T - 128.0) / 128.0
+        else:  # torchvision's weights see 2p - 1 (what its transform_input turns ImageNet-normalised input into)
+            x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
+        n = self.net
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
+        return feats, n.fc(feats)
+
+    def features_and_logits(self, images_uint8, batch_size=200):
+        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
+        assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
+        assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
+        device, n = self.net.fc.weight.device, len(images_uint8)
+        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
+        # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            for i in range(0, n, batch_size):
+                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
+                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
+        return feats, logits
+
+
+def load_inception(weights_path, device):
+    """Inception-v3 for whichever of the two weights files this is, loaded strictly."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UsageError(f"Inception weights file {str(path)!r} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
+    if n_classes not in INCEPTION_CLASSES:
+        raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
+                         f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
+    flavour = INCEPTION_CLASSES[n_classes]
+    net = fid_inception_v3() if flavour == "fid" else torchvision.models.inception_v3(
+        weights=None, aux_logits=False, init_weights=False)
+    sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
+    if missing or unexpected:
+        raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
+    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
+    log(f"features: {name} from {path}")
+    return extractor
+
+
+def build_feature_extractor(weights_path, device):
+    """The Inception extractor from weights_path (it must exist and load), else from torch's hub cache (never
+    downloaded); None: no weights, so no FID."""
+    if weights_path is None:
+        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        found = [p for pattern in INCEPTION_WEIGHT_GLOBS for p in sorted(ckpt_dir.glob(pattern))]
+        if not found:
+            return None
+        weights_path = found[0]
+    return load_inception(weights_path, device)
 
 
 # ==== modules/run/report.py ====
@@ -3456,63 +3596,14 @@ class Pace:
         raise ValueError(f"unknown finish part {part!r}")
 
 
-# ==== modules/run/faults.py ====
-"""Fault injection for tests (Config.fault) by a hook the loop calls before each step, so that the GAN step holds no
-test code. zipfail is the finish's."""
-
-
-STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
-
-
-class FaultInjector:
-    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
-    raise@STEP   a RuntimeError, as any failure inside training
-    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
-    slow@S       every step sleeps S seconds first
-    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
-    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
-    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
-    """
-
-    def __init__(self, fault_text, *, rank):
-        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
-        self.rank = rank
-
-    def before_step(self, trainer):
-        f, step = self.faults, trainer.step_count
-        if f.get("raise") == step:
-            del f["raise"]
-            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
-        if f.get("oom") == step:
-            del f["oom"]
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
-                                              f"{step}, --set fault=oom@STEP)")
-        if "slow" in f:
-            time.sleep(f["slow"])
-        if f.get("kill") == step and self.rank == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if "slowgen" in f:
-            delay = f.pop("slowgen")
-            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
-                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
-        if f.get("nan") == step:
-            del f["nan"]  # one shot: the steps after the roll-back pass
-            with torch.no_grad():
-                for p in trainer.D.parameters():
-                    p.fill_(float("nan"))
-
-
-def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step, or None without step faults."""
-    injector = FaultInjector(fault_text, rank=rank)
-    return injector.before_step if injector.faults else None
-
-
 # ==== modules/run/distributed.py ====
 """Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
 the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
 setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
 dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
+
+How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
+this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
 """
 
 
@@ -3747,11 +3838,6 @@ def end_group(ctx):
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     ctx.group = None
-
-
-# ==== modules/run/launch.py ====
-"""How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__)."""
 
 
 # how many ranks
@@ -4021,161 +4107,6 @@ class Resumed:
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
             raise UsageError(f"--resume {self.path}: does not fit this model ({why[:200]})") from None
-
-
-# ==== modules/run/features.py ====
-"""The feature network for FID: Inception-v3 pool_3 from a local weights file (never downloaded); without one, no FID.
-Two files are understood, told apart by `fc.weight`'s rows: torchvision's ImageNet weights (1000) and pytorch-fid's port
-of TF's FID graph (1008), which needs the FID blocks below and gets TF's preprocessing (TF1 bilinear resize without
-half-pixel centres, then (x - 128) / 128): closer to Kaggle's number than pytorch-fid's own, as torch-fidelity does.
-"""
-
-
-INCEPTION_WEIGHT_GLOBS = ("pt_inception-2015-12-05-*.pth", "inception_v3_google-*.pth")  # preferred first
-INCEPTION_CLASSES = {1000: "torchvision", 1008: "fid"}  # fc rows -> which weights file
-
-
-# FID variants of the Inception blocks (pytorch-fid's FIDInceptionA/C/E_1/E_2): only the pool branch differs. TF's
-# average pool ignores the zero padding, and the last block max-pools; the discarded torchvision pool branch costs one
-# 1x1 conv per block, well under 1% of the network.
-
-class _TFPoolBranch:
-    pool = staticmethod(lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-
-    def _forward(self, x):
-        outputs = super()._forward(x)  # the pool branch last
-        outputs[-1] = self.branch_pool(self.pool(x))
-        return outputs
-
-
-class FIDInceptionA(_TFPoolBranch, InceptionA):
-    pass
-
-
-class FIDInceptionC(_TFPoolBranch, InceptionC):
-    pass
-
-
-class FIDInceptionE1(_TFPoolBranch, InceptionE):
-    pass
-
-
-class FIDInceptionE2(_TFPoolBranch, InceptionE):
-    pool = staticmethod(lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))  # a quirk of the TF FID graph
-
-
-def fid_inception_v3():
-    """torchvision's Inception-v3 (1008 classes, no aux head) with the FID blocks: pytorch-fid's state-dict layout."""
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE1(1280)
-    net.Mixed_7c = FIDInceptionE2(2048)
-    return net
-
-
-def tf1_resize_matrix(n_in, n_out):
-    """[n_out, n_in] weights of TF1's ResizeBilinear: output pixel o samples source o * n_in / n_out (no half-pixel
-    centres), between floor() and the next pixel (clamped at the edge)."""
-    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    a = np.zeros((n_out, n_in), np.float64)
-    np.add.at(a, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(a, (np.arange(n_out), hi), frac)
-    return torch.from_numpy(a).float()
-
-
-# the network
-
-class InceptionPool3(nn.Module):
-    """Inception-v3 up to the 2048-d pool_3, plus its classifier: uint8 [B,H,W,3] -> (features [B,2048], logits [B,C]).
-    """
-
-    dim = 2048  # pool_3
-
-    def __init__(self, net, *, tf_preprocess, name):
-        super().__init__()
-        self.net = net
-        self.tf_preprocess = tf_preprocess  # True for the FID graph's weights
-        self.name = name  # the feature space, printed next to every number computed in it
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float()  # [B,3,H,W] in [0,255]
-        if self.tf_preprocess:
-            rows = tf1_resize_matrix(x.shape[2], 299).to(x.device)
-            cols = tf1_resize_matrix(x.shape[3], 299).to(x.device)
-            x = (rows @ x @ cols.T - 128.0) / 128.0
-        else:  # torchvision's weights see 2p - 1 (what its transform_input turns ImageNet-normalised input into)
-            x = F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) * 2.0 - 1.0
-        n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
-                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
-                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
-            x = layer(x)
-        feats = n.avgpool(x).flatten(1)  # [B,2048] pool_3
-        return feats, n.fc(feats)
-
-    def features_and_logits(self, images_uint8, batch_size=200):
-        """uint8 [N,H,W,3] numpy -> (features [N,2048] float32, logits [N,C] float32) numpy."""
-        assert isinstance(images_uint8, np.ndarray) and images_uint8.dtype == np.uint8, "expects a uint8 numpy array"
-        assert images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, f"expects [N,H,W,3], got {images_uint8.shape}"
-        device, n = self.net.fc.weight.device, len(images_uint8)
-        feats, logits = np.empty((n, self.dim), np.float32), np.empty((n, self.net.fc.out_features), np.float32)
-        # fp32 even inside a caller's autocast region: FID is sensitive to feature precision
-        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-            for i in range(0, n, batch_size):
-                f, lg = self(torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch_size])).to(device))
-                feats[i:i + len(f)], logits[i:i + len(f)] = f.float().cpu().numpy(), lg.float().cpu().numpy()
-        return feats, logits
-
-
-def load_inception(weights_path, device):
-    """Inception-v3 for whichever of the two weights files this is, loaded strictly."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UsageError(f"Inception weights file {str(path)!r} not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot read Inception weights {str(path)!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
-    n_classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.ndim == 2 else None
-    if n_classes not in INCEPTION_CLASSES:
-        raise UsageError(f"{str(path)!r} is not an Inception-v3 state dict (fc.weight: "
-                         f"{None if fc is None else tuple(getattr(fc, 'shape', ()))}; want 1000 or 1008 rows)")
-    flavour = INCEPTION_CLASSES[n_classes]
-    net = fid_inception_v3() if flavour == "fid" else torchvision.models.inception_v3(
-        weights=None, aux_logits=False, init_weights=False)
-    sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}  # the aux head is training-only
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from some converted files
-    if missing or unexpected:
-        raise UsageError(f"{str(path)!r} does not fit Inception-v3 ({flavour}): missing {missing[:3]} "
-                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    name = "inception-v3 (pytorch-fid FID weights)" if flavour == "fid" else "inception-v3 (torchvision weights)"
-    extractor = InceptionPool3(net, tf_preprocess=flavour == "fid", name=name).to(device).eval().requires_grad_(False)
-    log(f"features: {name} from {path}")
-    return extractor
-
-
-def build_feature_extractor(weights_path, device):
-    """The Inception extractor from weights_path (it must exist and load), else from torch's hub cache (never
-    downloaded); None: no weights, so no FID."""
-    if weights_path is None:
-        ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        found = [p for pattern in INCEPTION_WEIGHT_GLOBS for p in sorted(ckpt_dir.glob(pattern))]
-        if not found:
-            return None
-        weights_path = found[0]
-    return load_inception(weights_path, device)
 
 
 # ==== modules/run/finish.py ====
@@ -4528,9 +4459,13 @@ def config_to_json(cfg):
     return json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
 
 
-# ==== modules/run/outdir.py ====
-"""The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it."""
+# ==== modules/run/setup.py ====
+"""Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
+RunSetup; and each rank's device.
+
+The output folder: what can be told of it before anything is read, its creation with a write probe that also
+measures the disk, and what a killed run left in it.
+"""
 
 
 DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start: proves it writable, measures the disk
@@ -4624,11 +4559,6 @@ def prepare_out_dir(out_dir, *, resume):
     return speed
 
 
-# ==== modules/run/setup.py ====
-"""Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device."""
-
-
 MIN_BUDGET_S = 30.0  # below this no run can load data, train and write 10,000 images
 KAGGLE_SESSION_S = 9 * 3600.0  # a Kaggle notebook session ends after 9 hours
 
@@ -4711,7 +4641,58 @@ def open_device(cfg, ctx, *, report):
 
 # ==== modules/run/rank.py ====
 """One rank's run, the same on every rank: device -> trainer (restored from --resume) -> the TrainPlan (rank 0
-measures the finish and plans; the others receive it) -> training -> rank 0 alone writes the checkpoint, zip, report."""
+measures the finish and plans; the others receive it) -> training -> rank 0 alone writes the checkpoint, zip, report.
+
+Fault injection for tests (Config.fault) by a hook the loop calls before each step, so that the GAN step holds no
+test code. zipfail is the finish's.
+"""
+
+
+STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
+
+
+class FaultInjector:
+    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+    raise@STEP   a RuntimeError, as any failure inside training
+    oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
+    slow@S       every step sleeps S seconds first
+    kill@STEP    rank 1 dies without a word (SIGKILL), as a crashed worker
+    slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
+    nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
+    """
+
+    def __init__(self, fault_text, *, rank):
+        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+        self.rank = rank
+
+    def before_step(self, trainer):
+        f, step = self.faults, trainer.step_count
+        if f.get("raise") == step:
+            del f["raise"]
+            raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
+        if f.get("oom") == step:
+            del f["oom"]
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at step "
+                                              f"{step}, --set fault=oom@STEP)")
+        if "slow" in f:
+            time.sleep(f["slow"])
+        if f.get("kill") == step and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "slowgen" in f:
+            delay = f.pop("slowgen")
+            for m in {id(m): m for m in (trainer.G, *trainer.shipped_models()[2:])}.values():
+                m.register_forward_pre_hook(lambda module, args, d=delay: None if module.training else time.sleep(d))
+        if f.get("nan") == step:
+            del f["nan"]  # one shot: the steps after the roll-back pass
+            with torch.no_grad():
+                for p in trainer.D.parameters():
+                    p.fill_(float("nan"))
+
+
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step, or None without step faults."""
+    injector = FaultInjector(fault_text, rank=rank)
+    return injector.before_step if injector.faults else None
 
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written

@@ -23,7 +23,7 @@ from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.recipe.loop import LoopSettings, build_loop_settings, train_loop  # noqa: E402
 from modules.run.budget import Pace, TrainPlan  # noqa: E402 (after the path above)
 from modules.run.distributed import DistContext  # noqa: E402
-from modules.run.faults import fault_hook  # noqa: E402
+from modules.run.rank import fault_hook  # noqa: E402
 
 
 @pytest.fixture

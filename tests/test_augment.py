@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modules.recipe.augment import (AUGMENTS, augment_color, augment_cutout, augment_translation, diff_augment,
+from modules.recipe.losses import (AUGMENTS, augment_color, augment_cutout, augment_translation, diff_augment,
                              parse_augment_policy)
 
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from conftest import KERNEL, ROOT
-from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
-from modules.recipe.augment import AUGMENTS
+from modules.data.annotations import CROP_STYLES, RESIZE_FILTERS
+from modules.recipe.losses import AUGMENTS
 from modules.recipe.biggan import BIGGAN_D_ARCHS
 from modules.recipe.config import LIMITS, PRESETS, Config, apply_overrides
 from modules.recipe.losses import LOSSES

@@ -17,7 +17,7 @@ from PIL import Image
 
 from modules.data import annotations
 from modules.data.annotations import ANNOTATION_MAX_BYTES, read_voc
-from modules.data.crops import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
+from modules.data.annotations import CROP_STYLES, EXIF_TRANSPOSE, MIN_CROP_FRACTION, _orient_box
 from modules.data.dogs import find_data_dir, load_dogs
 from modules.recipe.utils import UsageError
 

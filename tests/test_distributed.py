@@ -22,7 +22,7 @@ from modules.recipe.settings import split_batch
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
 from modules.run.distributed import DistContext
-from modules.run.launch import resolve_world_size, torchrun_env
+from modules.run.distributed import resolve_world_size, torchrun_env
 
 CPU = torch.device("cpu")
 B, N_CLASSES = 8, 3
@@ -151,7 +151,7 @@ def _rank_worker(rank, port, out_dir):
 
 
 def test_two_ranks_step_equals_one_process_and_g_step_skips_d_allreduce(tmp_path):
-    from modules.run.launch import _free_port
+    from modules.run.distributed import _free_port
     port = _free_port()
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(tmp_path))) for r in range(2)]
@@ -333,7 +333,7 @@ def _buffers_worker(rank, port, out_dir):
 
 
 def test_sync_buffers_one_broadcast_per_dtype_and_equal_after(tmp_path):
-    from modules.run.launch import _free_port
+    from modules.run.distributed import _free_port
     port = _free_port()
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_buffers_worker, args=(r, port, str(tmp_path))) for r in range(2)]
@@ -401,7 +401,7 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
 def test_rank_device_set_before_cuda_is_touched(monkeypatch):
     """Every rank of a CUDA run makes cuda:LOCAL_RANK its current device first; a rank that cannot: one line."""
     from modules.run.distributed import DistContext
-    from modules.run.launch import rank_device
+    from modules.run.distributed import rank_device
     seen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.append(i))
     assert rank_device(DistContext(rank=1, world_size=2, local_rank=1, launcher="fork"), "cuda") == "cuda:1"
@@ -432,7 +432,7 @@ def test_kernel_worker_dead_at_start_falls_back_in_seconds(tmp_path):
 def test_kernel_torchrun_env_without_peers(tmp_path):
     """A partial torchrun environment: a missing MASTER_* is one line, exit 2; rank 0 whose peers never come runs
     alone after a wait bounded by the budget; rank 1 without its rank 0 ends with one line, exit 2."""
-    from modules.run.launch import _free_port
+    from modules.run.distributed import _free_port
     base = ["--demo", "--preset", "smoke", "--device", "cpu", *FAST, *STEPS]
     proc, _ = run_kernel([*base, "--out", tmp_path / "a"], env={"RANK": "1", "WORLD_SIZE": "2"}, timeout=120)
     assert proc.returncode == 2 and "MASTER_ADDR and MASTER_PORT not" in proc.stderr and "Traceback" not in proc.stderr

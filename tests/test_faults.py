@@ -1,4 +1,4 @@
-"""Config.fault's step faults, injected by the loop's before_step hook (modules/run/faults.py), not by Trainer.step."""
+"""Config.fault's step faults, injected by the loop's before_step hook (modules/run/rank.py), not by Trainer.step."""
 import inspect
 import os
 import threading
@@ -9,7 +9,7 @@ import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.recipe.train import Trainer, build_trainer
-from modules.run.faults import FaultInjector, fault_hook
+from modules.run.rank import FaultInjector, fault_hook
 
 
 def _trainer():

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision
 
 from modules.recipe.utils import UsageError
-from modules.run.features import (FIDInceptionA, FIDInceptionE2, build_feature_extractor, fid_inception_v3,
+from modules.run.metrics import (FIDInceptionA, FIDInceptionE2, build_feature_extractor, fid_inception_v3,
                               tf1_resize_matrix)
 
 

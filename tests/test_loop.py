@@ -65,9 +65,9 @@ def test_no_config_default_is_repeated():
     is required (a default here could silently disagree with Config's, as four once did)."""
     import inspect
 
-    from modules.recipe.averaging import EMA
-    from modules.recipe.batches import DeviceBatches
-    from modules.run.faults import FaultInjector, fault_hook
+    from modules.recipe.train import EMA
+    from modules.recipe.train import DeviceBatches
+    from modules.run.rank import FaultInjector, fault_hook
     from modules.run.finish import finish, save_pictures
     from modules.recipe.loop import train_loop
     from modules.recipe.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings,

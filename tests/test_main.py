@@ -108,7 +108,7 @@ def test_out_inside_the_data_folder_is_refused(tmp_path, capsys):
 def test_runs_sharing_an_out_folder_keep_their_own_temp_files(tmp_path):
     """Issue 19: each process writes images.zip/checkpoint.pt through its own temporary name, and a run starting in
     the folder removes only the leftovers of processes that are gone, not a live run's file being written."""
-    from modules.run.outdir import prepare_out_dir
+    from modules.run.setup import prepare_out_dir
     from modules.recipe.utils import atomic_file
     with atomic_file(str(tmp_path / "images.zip")) as f:
         f.write(b"x")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import CPU
-from modules.recipe.precision import resolve_amp
+from modules.recipe.device import resolve_amp
 from modules.recipe.utils import UsageError
 
 

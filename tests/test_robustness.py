@@ -28,7 +28,7 @@ from modules.recipe.train import build_trainer
 from modules.recipe.utils import Deadline, UsageError
 from modules.run.budget import measure_finish_seconds
 from modules.run.checkpoint import Resumed, save_checkpoint
-from modules.run.faults import fault_hook
+from modules.run.rank import fault_hook
 from modules.run.submission import verify_zip
 
 # One torch thread per kernel: with two, the OpenMP threads of processes sharing 2 cores spin-wait on each other and

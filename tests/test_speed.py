@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from modules.recipe.config import PRESETS, Config, apply_overrides
-from modules.recipe.precision import resolve_amp
-from modules.recipe.speed import (
+from modules.recipe.device import resolve_amp
+from modules.recipe.device import (
     choose_threads,
     pick_cpu_threads,
     configure_backends,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
-from modules.recipe.averaging import EMA
-from modules.recipe.batches import DeviceBatches
+from modules.recipe.train import EMA
+from modules.recipe.train import DeviceBatches
 from modules.recipe.config import PRESETS, Config, apply_overrides
-from modules.recipe.precision import describe_skips
+from modules.recipe.device import describe_skips
 from modules.recipe.settings import ema_half_life_images, trainer_settings
 from modules.recipe.train import build_trainer
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modules.data.annotations import DATA_SEARCH_DEPTH, list_annotations, list_images, read_voc, search_data_root
-from modules.data.crops import (CROP_STYLES, EXIF_TRANSPOSE, RESIZE_FILTERS, _clean_box, _crop_whole, _exif_orientation,
-                                 _orient_box)
+from modules.data.annotations import (CROP_STYLES, DATA_SEARCH_DEPTH, EXIF_TRANSPOSE, RESIZE_FILTERS, _clean_box,
+                                      _crop_whole, _exif_orientation, _orient_box, list_annotations, list_images,
+                                      read_voc, search_data_root)
 from modules.recipe.utils import UsageError, log, warn
 
 # where the data is

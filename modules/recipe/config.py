@@ -2,8 +2,13 @@
 
 Presets are overrides applied left to right over the defaults (`--preset dcgan,smoke`), then `--set name=value`; the
 command line (cli.py) checks every field against LIMITS and the registries before any data is read.
+
+The two settings written in a small language of their own: durations (time_budget: `8h45m`) and fault lists (fault:
+`nan@12,slow@0.5`, tests only). Their parsers raise UsageError, so a bad one stops the run in one line.
 """
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 
 
@@ -92,7 +97,7 @@ class Config:
     self_check: bool = True  # memorization self-check and nearest.png, after the zip is safe (time allowing)
     # development and testing
     dev_counts: bool = False  # allow n_images other than 10,000 (such a zip cannot be submitted)
-    fault: str = ""  # fault injection for tests, comma-separated (grammar.parse_faults): nan@STEP, slow@SECONDS, ...
+    fault: str = ""  # fault injection for tests, comma-separated (parse_faults): nan@STEP, slow@SECONDS, ...
 
 
 # the other recipes keep their crops, filter, sampling statistics and run length: these defaults are the 2nd place's own
@@ -127,7 +132,7 @@ PRESETS = {
 
 # What each field may hold, checked by cli.py before any data is read (a bad value: one line, exit 2). Not here: bool
 # fields (their type says it), the fields naming a registry (arch: models.ARCHS, loss: losses.LOSSES, ...: cli.py
-# checks them against the registry itself), and time_budget and fault (grammar.py's parsers).
+# checks them against the registry itself), and time_budget and fault (their parsers, parse_duration and parse_faults, below).
 
 @dataclass(frozen=True)
 class Range:
@@ -218,3 +223,42 @@ def apply_overrides(cfg, overrides, source):
             raise UsageError(f"{source}: unknown config field {name!r} (see --print-config for the list)")
         values[name] = _convert_value(name, value, values[name]) if isinstance(value, str) else value
     return Config(**values)
+
+
+MAX_DURATION_S = 7 * 86400.0  # a time budget beyond a week is a typo (100h, 1e300), not a plan
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text):
+    """'9h', '90m', '600s', '8h30m', '1h2m3s' or plain seconds ('3600', '12.5') -> seconds."""
+    s = str(text).strip().lower().replace(" ", "")
+    try:
+        value = float(s)
+    except ValueError:
+        m = _DURATION_RE.match(s)
+        if m is None or not any(m.groups()):
+            raise UsageError(f"cannot read duration {text!r}: use e.g. 9h, 90m, 600s, 8h30m or plain seconds") from None
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if not 0 < value < math.inf:  # also refuses nan
+        raise UsageError(f"duration {text!r} must be a positive, finite number of seconds")
+    if value > MAX_DURATION_S:
+        raise UsageError(f"duration {text!r} is more than a week ({MAX_DURATION_S / 3600:.0f}h), the most a run may "
+                         "ask for; Kaggle sessions end after 9h")
+    return value
+
+
+FAULT_RE = re.compile(r"(nan|raise|kill|oom)@\d+|slow@\d+(\.\d*)?|slowgen@\d+(\.\d*)?|zipfail")
+
+
+def parse_faults(text):
+    """Config.fault ('nan@12,slow@0.5') -> {kind: number} (-1.0 for zipfail). kill@STEP: rank 1 of several dies by
+    SIGKILL; slow@SECONDS: sleep per training step; slowgen@SECONDS: per generation batch once training started."""
+    faults = {}
+    for item in filter(None, (f.strip() for f in str(text).split(","))):
+        if not FAULT_RE.fullmatch(item):
+            raise UsageError(f"--set fault={text}: {item!r} is not nan@STEP, raise@STEP, oom@STEP, kill@STEP, "
+                             "slow@SECONDS, slowgen@SECONDS or zipfail")
+        kind, _, at = item.partition("@")
+        faults[kind] = float(at) if at else -1.0
+    return faults

@@ -1,5 +1,12 @@
 """The Trainer: the GAN step (AMP, no per-step host sync), EMA/SWA of G, snapshots and roll-back, its state dict.
-The loop that drives it is loop.py."""
+The loop that drives it is loop.py.
+
+The EMA of G: an exponential moving average of a model's weights whose half-life is set in images, so it stays
+the same when the batch (or the number of ranks) changes, as StyleGAN2-ADA defines its G_ema.
+
+The training crops on the device: loaded there once as uint8, each batch indexed, flipped, noised and normalised
+there (no host-to-device copy per step, no DataLoader).
+"""
 import copy
 import math
 import warnings
@@ -9,13 +16,58 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from modules.recipe.augment import diff_augment, parse_augment_policy
-from modules.recipe.averaging import EMA
-from modules.recipe.batches import DeviceBatches
-from modules.recipe.losses import LOSSES
+from modules.recipe.device import describe_amp, grad_scaler, resolve_amp
+from modules.recipe.losses import LOSSES, diff_augment, parse_augment_policy
 from modules.recipe.models import build_models
-from modules.recipe.precision import describe_amp, grad_scaler, resolve_amp
 from modules.recipe.settings import trainer_settings
+
+
+class EMA:
+    """EMA of a model's parameters and float buffers (integer buffers copied); not swa_utils.AveragedModel, whose
+    update syncs with the host every step. batch: images per update over all ranks."""
+
+    def __init__(self, model, *, half_life_images, batch):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = 0.5 ** (batch / half_life_images)
+
+    @torch.no_grad()
+    def update(self, model, copy_only=False):
+        src = list(model.parameters()) + list(model.buffers())
+        dst = list(self.model.parameters()) + list(self.model.buffers())
+        fs = [s for s in src if s.is_floating_point()]
+        fd = [d for d in dst if d.is_floating_point()]
+        if copy_only:
+            torch._foreach_copy_(fd, fs)
+        else:
+            torch._foreach_lerp_(fd, fs, 1 - self.decay)
+        for s, d in zip(src, dst):
+            if not s.is_floating_point():
+                d.copy_(s)
+
+
+class DeviceBatches:
+    def __init__(self, images, labels, *, device, hflip, real_noise):
+        # images: numpy uint8 [N,H,W,3] -> device uint8 [N,3,H,W]; labels: [N] long
+        self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(labels).long().to(device)
+        self.n = self.images.shape[0]
+        self.hflip, self.real_noise = hflip, real_noise
+        self.device = device
+
+    def sample(self, batch_size):
+        """-> x [B,3,H,W] float32 in about [-1,1] (+ U(0, real_noise)), y [B] long."""
+        idx = torch.randint(self.n, (batch_size,), device=self.device)
+        x = self.images[idx].float().mul_(2 / 255).sub_(1)
+        if self.hflip:
+            flip = torch.rand(batch_size, 1, 1, 1, device=self.device) < 0.5
+            x = torch.where(flip, x.flip(3), x)
+        if self.real_noise:
+            x.add_(torch.rand_like(x), alpha=self.real_noise)
+        return x, self.labels[idx]
+
+    def fake_labels(self, batch_size):
+        """Breeds for G drawn with the training distribution (the label of a random training row)."""
+        return self.labels[torch.randint(self.n, (batch_size,), device=self.device)]
 
 
 ADAM_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # per-device choices, not training state

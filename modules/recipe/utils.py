@@ -10,8 +10,7 @@ import time
 import numpy as np
 import torch
 
-from modules.recipe.config import UsageError  # re-exported: defined in config.py, which needs nothing of ours
-from modules.recipe.grammar import parse_duration, parse_faults  # re-exported
+from modules.recipe.config import UsageError, parse_duration, parse_faults
 
 # helpers
 

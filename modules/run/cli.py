@@ -11,12 +11,11 @@ import re
 import sys
 from collections import namedtuple
 
-from modules.data.crops import CROP_STYLES, RESIZE_FILTERS
-from modules.recipe.augment import AUGMENTS
+from modules.data.annotations import CROP_STYLES, RESIZE_FILTERS
 from modules.recipe.biggan import BIGGAN_D_ARCHS, BIGGAN_G_ARCH
-from modules.recipe.config import LIMITS, PRESETS, Choice, Config, Match, Range, Text, UsageError, apply_overrides
-from modules.recipe.grammar import parse_duration, parse_faults
-from modules.recipe.losses import LOSSES
+from modules.recipe.config import (Choice, Config, LIMITS, Match, PRESETS, Range, Text, UsageError, apply_overrides,
+                                   parse_duration, parse_faults)
+from modules.recipe.losses import AUGMENTS, LOSSES
 from modules.recipe.models import ARCHS
 from modules.recipe.sample import SAMPLE_BN_MODES
 

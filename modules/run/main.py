@@ -10,10 +10,9 @@ import sys
 
 from modules.recipe.utils import UsageError, check_device, log, say
 from modules.run.cli import config_to_json, parse_config
-from modules.run.distributed import DistContext, record_failure
+from modules.run.distributed import DistContext, fork_workers, record_failure, torchrun_env
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
-from modules.run.features import build_feature_extractor
-from modules.run.launch import fork_workers, torchrun_env
+from modules.run.metrics import build_feature_extractor
 from modules.run.rank import EXIT_ZIP_FAILED, run_rank, signal_handlers
 from modules.run.setup import load_training_data, prepare
 

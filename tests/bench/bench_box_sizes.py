@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from modules.data.annotations import list_annotations, list_images, read_voc  # noqa: E402
-from modules.data.crops import MIN_CROP_FRACTION, _exif_orientation  # noqa: E402
+from modules.data.annotations import MIN_CROP_FRACTION, _exif_orientation  # noqa: E402
 from modules.data.dogs import find_data_dir  # noqa: E402
 
 THRESHOLDS = (16, 24, 32, 48, 64, 96, 128)

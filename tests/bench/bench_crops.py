@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnv2 import MobileNetV2Features, Reference, reference_features, score  # noqa: E402
 
 from modules.data.annotations import list_annotations, list_images, read_voc  # noqa: E402
-from modules.data.crops import CROP_STYLES  # noqa: E402
+from modules.data.annotations import CROP_STYLES  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ from modules.recipe.config import PRESETS, Config, apply_overrides  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import cpu_count  # noqa: E402
 from modules.run.distributed import DistContext, make_training_group  # noqa: E402
-from modules.run.launch import _free_port  # noqa: E402
+from modules.run.distributed import _free_port  # noqa: E402
 
 
 def _data(n=256, n_classes=6):

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.config import Config, apply_overrides  # noqa: E402
-from modules.recipe.precision import describe_amp  # noqa: E402
+from modules.recipe.device import describe_amp  # noqa: E402
 from modules.recipe.sample import generate_images  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 

@@ -42,9 +42,9 @@ from benchlib import count_params  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.losses import LOSSES  # noqa: E402
 from modules.recipe.models import build_models  # noqa: E402
-from modules.recipe.precision import resolve_amp  # noqa: E402
+from modules.recipe.device import resolve_amp  # noqa: E402
 from modules.recipe.sample import generate_images  # noqa: E402
-from modules.recipe.speed import configure_backends  # noqa: E402
+from modules.recipe.device import configure_backends  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.run.cli import parse_config  # noqa: E402
 from modules.run.submission import write_submission  # noqa: E402

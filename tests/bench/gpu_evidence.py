@@ -76,9 +76,9 @@ from benchlib import ROOT, add_recipe_args, load_data, load_npz, md_table, mib, 
 from modules.data.demo import make_demo_dataset  # noqa: E402
 from modules.data.dogs import find_data_dir, load_dogs  # noqa: E402
 from modules.recipe.loop import build_loop_settings, train_loop  # noqa: E402
-from modules.recipe.precision import resolve_amp  # noqa: E402
+from modules.recipe.device import resolve_amp  # noqa: E402
 from modules.recipe.sample import build_sampler  # noqa: E402
-from modules.recipe.speed import configure_backends, configure_threads  # noqa: E402
+from modules.recipe.device import configure_backends, configure_threads  # noqa: E402
 from modules.recipe.train import build_trainer  # noqa: E402
 from modules.recipe.utils import Deadline, seed_everything  # noqa: E402
 from modules.run.budget import Pace, TrainPlan  # noqa: E402
@@ -208,7 +208,7 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
 import torch
-from modules.run.launch import cuda_driver_initialised, visible_cuda_devices
+from modules.run.distributed import cuda_driver_initialised, visible_cuda_devices
 seen = {"after_import": cuda_driver_initialised()}
 seen["gpus_nvml"] = visible_cuda_devices()
 seen["after_nvml_count"] = cuda_driver_initialised()
