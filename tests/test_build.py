@@ -462,7 +462,7 @@ def test_recipe_before_machinery():
     order = [path.split("/")[1] for path in paths]
     assert order[0] == "config" and order[-1] == "main"
     assert layers == sorted(layers, key=["recipe", "data", "run"].index)
-    recipe = ["layers", "biggan", "models", "losses", "augment", "train", "sample", "loop"]
+    recipe = ["layers", "biggan", "models", "losses", "device", "train", "sample", "loop"]
     assert [order.index(m) for m in recipe] == sorted(order.index(m) for m in recipe)
     assert set(layers[order.index(m)] for m in recipe) == {"recipe"}
     assert [p.name for p in REAL_MODULES.glob("*.py") if p.name != "__init__.py"] == []
