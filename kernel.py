@@ -39,21 +39,21 @@
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
 #      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     188  PRESETS               the presets: named sets of overrides of those defaults
-#     248  LIMITS                what each setting may hold (checked before any data is read)
-#     470  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     476  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     733  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     816  LOSSES                the losses (loss): D's and G's for each
-#    1464  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1516  Trainer.step          one training step: D, then G, EMA
-#    1869  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3499  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4187  finish                the finish: images, the verified zip, self-check, pictures
-#    4429  parse_config          the command line -> a checked Config
-#    4714  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5005  run                   the run: settings, checks and data, the ranks started
-#    5078  main                  the entry point and its exit codes
+#     184  PRESETS               the presets: named sets of overrides of those defaults
+#     244  LIMITS                what each setting may hold (checked before any data is read)
+#     443  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     449  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     703  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     786  LOSSES                the losses (loss): D's and G's for each
+#    1423  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1463  Trainer.step          one training step: D, then G, EMA
+#    1816  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3446  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4134  finish                the finish: images, the verified zip, self-check, pictures
+#    4376  parse_config          the command line -> a checked Config
+#    4661  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4952  run                   the run: settings, checks and data, the ranks started
+#    5025  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -115,7 +115,6 @@ class Config:
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
     hflip: bool = True  # random horizontal flip of reals
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
-    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs at the start, decaying linearly to 0
     data_workers: int = 2  # decoding threads/processes
     threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
@@ -129,7 +128,6 @@ class Config:
     attention: bool = True  # self-attention at 32x32 in G and D (biggan)
     spectral: bool = True  # spectral norm on G's and D's convs/linears (biggan)
     aux_weight: float = 0.1  # auxiliary classifier loss weight in D and G; 0 = no aux head
-    mbstd_group: int = 0  # minibatch-stddev group size in D; 0 = off
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
@@ -146,8 +144,6 @@ class Config:
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
     max_steps: int = 50000  # stop after this many G steps (the 2nd place's); 0 = at the training window's end
-    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window
-    lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
     ema: bool = True  # ship an exponential moving average of G's weights
     ema_decay: float = 0.999  # per step at batch ema_ref_batch; rescaled for other batch sizes (half-life in images)
@@ -253,11 +249,11 @@ LIMITS = {
     "resume": Text("a checkpoint.pt path"), "evaluate": Text("a zip or folder path"),
     # data
     "image_size": Range(64, 64), "crop_margin": Range(0, 1), "min_aspect": Range(0, 100), "max_aspect": Range(0, 100),
-    "real_noise": Range(0, 1), "instance_noise": Range(0, 10), "data_workers": Range(1, 256), "threads": Range(0, 1024),
+    "real_noise": Range(0, 1), "data_workers": Range(1, 256), "threads": Range(0, 1024),
     "data_limit": Range(0, 10**7),
     # model
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
-    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
+    "aux_weight": Range(0, 100),
     "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
     "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
@@ -265,7 +261,6 @@ LIMITS = {
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),
     "beta1": Range(0, 0.9999), "beta2": Range(0, 0.9999), "d_steps": Range(1, 100), "max_steps": Range(0, 10**9),
-    "lr_schedule": Choice(("constant", "cosine", "linear")), "lr_final": Range(0, 1),
     # averaging
     "ema_decay": Range(0, 1, above=True), "ema_ref_batch": Range(1, 8192), "ema_start": Range(0, 10**9),
     "swa_every": Range(1, 10**6),
@@ -346,7 +341,7 @@ def parse_faults(text):
 
 
 # ==== modules/recipe/layers.py ====
-"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
+"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm.
 
 Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
 `make_conv = partial(sn_conv, spectral=spectral)`.
@@ -433,28 +428,6 @@ class ConditionalBatchNorm2d(nn.Module):
         gain = 1 + self.gain(cond)[:, :, None, None]  # [N,C,1,1]
         bias = self.bias(cond)[:, :, None, None]
         return self.bn(x) * gain + bias
-
-
-# minibatch standard deviation
-
-class MinibatchStd(nn.Module):
-    """ProGAN/StyleGAN: append one channel, the mean std of the features within each group of `group_size` samples
-    (sample n in group n % (N // G); one group when N is not divisible by G), in float32."""
-
-    def __init__(self, group_size=4):
-        super().__init__()
-        self.group_size = group_size
-
-    def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]
-        n, c, h, w = x.shape
-        g = min(self.group_size, n)
-        if n % g:
-            g = n
-        y = x.float().view(g, n // g, c, h, w)
-        var = y.var(dim=0, unbiased=False)  # [M,C,H,W], population variance within each group
-        stat = (var + MBSTD_EPS).sqrt().mean(dim=(1, 2, 3))  # [M]
-        stat = stat.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)  # sample n <- group n % M
-        return torch.cat([x, stat.to(x.dtype)], dim=1)
 
 
 # ==== modules/recipe/biggan.py ====
@@ -575,21 +548,20 @@ class BigDiscriminator(nn.Module):
     class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on."""
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
-                 aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
+                 aux_classifier=True, resolution=64, arch="2nd-place"):
         super().__init__()
         rows = BIGGAN_D_ARCHS[arch][resolution]
         self.resolution = resolution
-        self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
+        self.joint_ok = True  # no layer mixes samples: reals and fakes can share one forward
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
 
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()  # block index (as str) -> SelfAttention applied after that block
-        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None  # applied before the last block
         res = resolution
         for i, (in_mult, out_mult, out_res) in enumerate(rows):
             assert in_mult == (rows[i - 1][1] if i else 0) and out_res in (res, res // 2), rows
-            c_in = 3 if i == 0 else in_mult * ch + (1 if self.mbstd is not None and i == len(rows) - 1 else 0)
+            c_in = 3 if i == 0 else in_mult * ch
             self.blocks.append(BigDBlock(c_in, out_mult * ch, make_conv, downsample=out_res < res, optimized=i == 0))
             if out_res in attention_res:
                 self.attn[str(i)] = SelfAttention(out_mult * ch, make_conv)
@@ -604,8 +576,6 @@ class BigDiscriminator(nn.Module):
         assert x.shape == (n, 3, self.resolution, self.resolution), tuple(x.shape)
         h = x
         for i, block in enumerate(self.blocks):
-            if self.mbstd is not None and i == len(self.blocks) - 1:
-                h = self.mbstd(h)
             h = block(h)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
@@ -721,7 +691,7 @@ def build_biggan(cfg, n_classes):
                      spectral=cfg.spectral)
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
-                         mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
+                         arch=cfg.d_arch)
     return G, D
 
 
@@ -1250,19 +1220,12 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """Adam for G and D (learning rates before the schedule and roll-backs scale them)."""
+    """Adam for G and D (learning rates before roll-backs scale them)."""
     lr_g: float
     lr_d: float
     beta1: float
     beta2: float
     d_steps: int
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    """What follows progress, the fraction of the planned training time spent, in [0,1]."""
-    lr_schedule: str
-    lr_final: float
 
 
 @dataclass(frozen=True)
@@ -1277,7 +1240,6 @@ class AveragingSettings:
 @dataclass(frozen=True)
 class DInputSettings:
     """What D sees of every batch, real and fake, besides the images themselves."""
-    instance_noise: float
     diffaug: str
 
 
@@ -1289,7 +1251,6 @@ class TrainerSettings:
     amp: str
     loss: LossSettings
     optim: OptimSettings
-    schedule: ScheduleSettings
     averaging: AveragingSettings
     d_input: DInputSettings
 
@@ -1322,7 +1283,6 @@ def trainer_settings(cfg, *, world_size):
     return _group(
         TrainerSettings, cfg, batch_per_rank=batch_per_rank,
         loss=_group(LossSettings, cfg, name=cfg.loss), optim=_group(OptimSettings, cfg),
-        schedule=_group(ScheduleSettings, cfg),
         averaging=_group(AveragingSettings, cfg,
                          ema_half_life_images=ema_half_life_images(cfg.ema_decay, cfg.ema_ref_batch)),
         d_input=_group(DInputSettings, cfg))
@@ -1416,8 +1376,7 @@ class Trainer:
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
-        self.loss, self.optim, self.schedule, self.averaging, self.d_input = (
-            s.loss, s.optim, s.schedule, s.averaging, s.d_input)
+        self.loss, self.optim, self.averaging, self.d_input = s.loss, s.optim, s.averaging, s.d_input
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
@@ -1463,17 +1422,10 @@ class Trainer:
 
     def set_progress(self, progress):
         """progress: fraction of the planned training time spent, in [0,1]."""
-        self.progress = p = min(max(progress, 0.0), 1.0)
-        kind, final = self.schedule.lr_schedule, self.schedule.lr_final
-        if kind == "cosine":
-            f = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
-        elif kind == "linear":
-            f = 1 - (1 - final) * p
-        else:
-            f = 1.0
+        self.progress = min(max(progress, 0.0), 1.0)
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
-                group["lr"] = self.base_lr[key] * f * self.lr_scale
+                group["lr"] = self.base_lr[key] * self.lr_scale
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -1492,13 +1444,8 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
-        x = diff_augment(x, self.diffaug)
-        if self.d_input.instance_noise:
-            sigma = self.d_input.instance_noise * (1 - self.progress)
-            if sigma > 0:
-                x = x + sigma * torch.randn_like(x)
-        return x
+        """What D sees of an image batch: DiffAugment's transforms, if any."""
+        return diff_augment(x, self.diffaug)
 
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""

@@ -154,16 +154,6 @@ def test_d_tables_the_2nd_places_and_biggan_pytorchs():
         assert d(torch.randn(2, 3, 64, 64), torch.randint(0, 120, (2,)))[0].shape == (2,)
 
 
-# minibatch std
-
-@pytest.mark.parametrize("n", [4, 3, 8])
-def test_discriminator_mbstd(n):
-    D = BigDiscriminator(ch=CH, mbstd_group=4)
-    assert D.blocks[-1].conv1.in_channels == 8 * CH + 1
-    logits, _ = D(torch.randn(n, 3, 64, 64), torch.randint(0, 120, (n,)))
-    assert logits.shape == (n,)
-
-
 # copies for EMA and checkpoints
 
 def test_deepcopy_and_state_dict_roundtrip():
@@ -182,7 +172,7 @@ def test_deepcopy_and_state_dict_roundtrip():
 # mixed precision (CPU autocast uses bfloat16; fp16 on CUDA takes the same code paths for dtype mixing)
 
 def test_autocast_forward_backward():
-    G, D = BigGenerator(ch=CH), BigDiscriminator(ch=CH, mbstd_group=2)
+    G, D = BigGenerator(ch=CH), BigDiscriminator(ch=CH)
     z, y = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = G(z, y)

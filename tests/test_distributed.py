@@ -62,7 +62,7 @@ def _cfg():
     # hinge: per-sample losses (RaLS's relativistic averages are per rank); no noise.
     cfg = apply_overrides(Config(), PRESETS["dcgan"], "dcgan")
     return dataclasses.replace(cfg, g_ch=4, d_ch=4, z_dim=8, batch_size=B, loss="hinge", ema=False, real_noise=0.0,
-                               hflip=False, instance_noise=0.0, lr_g=1e-3, lr_d=1e-3)
+                               hflip=False, lr_g=1e-3, lr_d=1e-3)
 
 
 def _build(**ranks):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from modules.recipe.layers import (ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv, sn_embedding,
+from modules.recipe.layers import (ConditionalBatchNorm2d, SelfAttention, sn_conv, sn_embedding,
                                    sn_linear, sn_wrap)
 
 
@@ -125,35 +125,3 @@ def test_cbn_zero_cond_is_plain_bn_and_cond_is_per_sample():
     cond2[0] += 1.0
     a, b = cbn(x, cond), cbn(x, cond2)
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1:], b[1:])
-
-
-# minibatch std
-
-def test_mbstd_matches_hand_computation():
-    # 4 samples, 2 channels, 1x2 pixels; group size 2 -> groups {0,2} and {1,3} (sample n in group n % 2)
-    x = torch.tensor([[[[0., 2.]], [[1., 1.]]],
-                      [[[5., 5.]], [[0., 0.]]],
-                      [[[2., 0.]], [[3., 1.]]],
-                      [[[5., 9.]], [[4., 0.]]]])
-    out = MinibatchStd(group_size=2)(x)
-    assert out.shape == (4, 3, 1, 2)
-    assert torch.equal(out[:, :2], x)
-    # group {0,2}: per-feature std = |a-b|/2 over the 4 features = (1, 1, 1, 0) -> mean 0.75
-    # group {1,3}: (0, 2, 2, 0) -> mean 1.0
-    expected = torch.tensor([0.75, 1.0, 0.75, 1.0])
-    assert torch.allclose(out[:, 2], expected[:, None, None].expand(4, 1, 2), atol=1e-3)
-
-
-def test_mbstd_group_clipping_and_fallback():
-    x = torch.randn(3, 2, 4, 4)
-    whole = x.var(dim=0, unbiased=False).add(1e-8).sqrt().mean()
-    for group in (2, 4, 8):  # 3 % 2 != 0 -> whole batch; 4 and 8 clipped to 3
-        out = MinibatchStd(group)(x)
-        assert out.shape == (3, 3, 4, 4)
-        assert torch.allclose(out[:, 2], whole.expand(3, 4, 4), atol=1e-6)
-
-
-def test_mbstd_keeps_dtype():
-    x = torch.randn(4, 2, 2, 2).to(torch.bfloat16)
-    out = MinibatchStd(4)(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (4, 3, 2, 2)

@@ -71,10 +71,10 @@ def test_no_config_default_is_repeated():
     from modules.run.finish import finish, save_pictures
     from modules.recipe.loop import train_loop
     from modules.recipe.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings,
-                                         ScheduleSettings, TrainerSettings, trainer_settings)
+                                         TrainerSettings, trainer_settings)
     from modules.recipe.train import Trainer, build_trainer
 
-    groups = (TrainerSettings, LossSettings, OptimSettings, ScheduleSettings, AveragingSettings, DInputSettings)
+    groups = (TrainerSettings, LossSettings, OptimSettings, AveragingSettings, DInputSettings)
     for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures,
                trainer_settings, FaultInjector.__init__, fault_hook, *groups):
         params = inspect.signature(fn).parameters.values()

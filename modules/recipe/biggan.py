@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.recipe.layers import (BN_EPS, BN_MOMENTUM, ConditionalBatchNorm2d, MinibatchStd, SelfAttention, sn_conv,
-                                   sn_embedding, sn_linear)
+from modules.recipe.layers import (BN_EPS, BN_MOMENTUM, ConditionalBatchNorm2d, SelfAttention, sn_conv, sn_embedding,
+                                   sn_linear)
 
 # architecture tables
 
@@ -122,21 +122,20 @@ class BigDiscriminator(nn.Module):
     class_logits = aux_head(h) when aux_classifier. y may be None when neither projection nor aux_classifier is on."""
 
     def __init__(self, *, n_classes=120, ch=32, attention_res=(32,), spectral=True, projection=True,
-                 aux_classifier=True, mbstd_group=0, resolution=64, arch="2nd-place"):
+                 aux_classifier=True, resolution=64, arch="2nd-place"):
         super().__init__()
         rows = BIGGAN_D_ARCHS[arch][resolution]
         self.resolution = resolution
-        self.joint_ok = not mbstd_group  # a minibatch-stddev group must not mix reals and fakes
+        self.joint_ok = True  # no layer mixes samples: reals and fakes can share one forward
         make_conv = partial(sn_conv, spectral=spectral)
         make_linear = partial(sn_linear, spectral=spectral)
 
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()  # block index (as str) -> SelfAttention applied after that block
-        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None  # applied before the last block
         res = resolution
         for i, (in_mult, out_mult, out_res) in enumerate(rows):
             assert in_mult == (rows[i - 1][1] if i else 0) and out_res in (res, res // 2), rows
-            c_in = 3 if i == 0 else in_mult * ch + (1 if self.mbstd is not None and i == len(rows) - 1 else 0)
+            c_in = 3 if i == 0 else in_mult * ch
             self.blocks.append(BigDBlock(c_in, out_mult * ch, make_conv, downsample=out_res < res, optimized=i == 0))
             if out_res in attention_res:
                 self.attn[str(i)] = SelfAttention(out_mult * ch, make_conv)
@@ -151,8 +150,6 @@ class BigDiscriminator(nn.Module):
         assert x.shape == (n, 3, self.resolution, self.resolution), tuple(x.shape)
         h = x
         for i, block in enumerate(self.blocks):
-            if self.mbstd is not None and i == len(self.blocks) - 1:
-                h = self.mbstd(h)
             h = block(h)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)

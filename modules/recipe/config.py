@@ -34,7 +34,6 @@ class Config:
     max_aspect: float = 0.0  # drop boxes with w/h above this (1st place: 4.0); 0 = no upper limit
     hflip: bool = True  # random horizontal flip of reals
     real_noise: float = 1 / 128  # reals get + U(0, real_noise) (in [-1,1] units) before D; 0 = off
-    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs at the start, decaying linearly to 0
     data_workers: int = 2  # decoding threads/processes
     threads: int = 0  # torch CPU threads; 0 = auto (GPU: 1; CPU: OMP_NUM_THREADS, else the faster of 1 and all but one)
     data_limit: int = 0  # use at most this many images (0 = all); for quick experiments
@@ -48,7 +47,6 @@ class Config:
     attention: bool = True  # self-attention at 32x32 in G and D (biggan)
     spectral: bool = True  # spectral norm on G's and D's convs/linears (biggan)
     aux_weight: float = 0.1  # auxiliary classifier loss weight in D and G; 0 = no aux head
-    mbstd_group: int = 0  # minibatch-stddev group size in D; 0 = off
     upsample: str = "transpose"  # dcgan G: transpose | nearest | bilinear (resize + conv: no checkerboard)
     split_bn: bool = False  # dcgan D: BatchNorm statistics computed separately for the real and fake halves
     # loss
@@ -65,8 +63,6 @@ class Config:
     beta2: float = 0.999
     d_steps: int = 1  # D steps per G step
     max_steps: int = 50000  # stop after this many G steps (the 2nd place's); 0 = at the training window's end
-    lr_schedule: str = "constant"  # constant | cosine | linear, over the training window
-    lr_final: float = 0.0  # fraction of the learning rate left at the end of a decaying schedule
     # averaging
     ema: bool = True  # ship an exponential moving average of G's weights
     ema_decay: float = 0.999  # per step at batch ema_ref_batch; rescaled for other batch sizes (half-life in images)
@@ -172,11 +168,11 @@ LIMITS = {
     "resume": Text("a checkpoint.pt path"), "evaluate": Text("a zip or folder path"),
     # data
     "image_size": Range(64, 64), "crop_margin": Range(0, 1), "min_aspect": Range(0, 100), "max_aspect": Range(0, 100),
-    "real_noise": Range(0, 1), "instance_noise": Range(0, 10), "data_workers": Range(1, 256), "threads": Range(0, 1024),
+    "real_noise": Range(0, 1), "data_workers": Range(1, 256), "threads": Range(0, 1024),
     "data_limit": Range(0, 10**7),
     # model
     "z_dim": Range(1, 4096), "g_ch": Range(1, 1024), "d_ch": Range(1, 1024), "shared_dim": Range(1, 1024),
-    "aux_weight": Range(0, 100), "mbstd_group": Range(0, 1024),
+    "aux_weight": Range(0, 100),
     "upsample": Choice(("transpose", "nearest", "bilinear")),
     # loss
     "real_label": Range(0, 1, above=True), "margin": Range(0, 100),
@@ -184,7 +180,6 @@ LIMITS = {
     "batch_size": Range(2, 8192),  # BatchNorm needs 2 samples
     "batch_per_gpu": Range(2, 8192, off=0), "lr_g": Range(0, 1, above=True), "lr_d": Range(0, 1, above=True),
     "beta1": Range(0, 0.9999), "beta2": Range(0, 0.9999), "d_steps": Range(1, 100), "max_steps": Range(0, 10**9),
-    "lr_schedule": Choice(("constant", "cosine", "linear")), "lr_final": Range(0, 1),
     # averaging
     "ema_decay": Range(0, 1, above=True), "ema_ref_batch": Range(1, 8192), "ema_start": Range(0, 10**9),
     "swa_every": Range(1, 10**6),

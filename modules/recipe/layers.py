@@ -1,4 +1,4 @@
-"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm, minibatch std.
+"""Layers shared by the architectures: spectral-norm factories, self-attention, conditional BatchNorm.
 
 Layer types are passed into the models as factories (BigGAN-PyTorch), so spectral norm is one switch:
 `make_conv = partial(sn_conv, spectral=spectral)`.
@@ -89,25 +89,3 @@ class ConditionalBatchNorm2d(nn.Module):
         gain = 1 + self.gain(cond)[:, :, None, None]  # [N,C,1,1]
         bias = self.bias(cond)[:, :, None, None]
         return self.bn(x) * gain + bias
-
-
-# minibatch standard deviation
-
-class MinibatchStd(nn.Module):
-    """ProGAN/StyleGAN: append one channel, the mean std of the features within each group of `group_size` samples
-    (sample n in group n % (N // G); one group when N is not divisible by G), in float32."""
-
-    def __init__(self, group_size=4):
-        super().__init__()
-        self.group_size = group_size
-
-    def forward(self, x):  # [N,C,H,W] -> [N,C+1,H,W]
-        n, c, h, w = x.shape
-        g = min(self.group_size, n)
-        if n % g:
-            g = n
-        y = x.float().view(g, n // g, c, h, w)
-        var = y.var(dim=0, unbiased=False)  # [M,C,H,W], population variance within each group
-        stat = (var + MBSTD_EPS).sqrt().mean(dim=(1, 2, 3))  # [M]
-        stat = stat.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)  # sample n <- group n % M
-        return torch.cat([x, stat.to(x.dtype)], dim=1)

@@ -106,7 +106,7 @@ def build_biggan(cfg, n_classes):
                      spectral=cfg.spectral)
     D = BigDiscriminator(n_classes=k, ch=cfg.d_ch, attention_res=attention, spectral=cfg.spectral,
                          projection=cfg.conditional, aux_classifier=cfg.aux_weight > 0 and cfg.conditional,
-                         mbstd_group=cfg.mbstd_group, arch=cfg.d_arch)
+                         arch=cfg.d_arch)
     return G, D
 
 

@@ -19,19 +19,12 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """Adam for G and D (learning rates before the schedule and roll-backs scale them)."""
+    """Adam for G and D (learning rates before roll-backs scale them)."""
     lr_g: float
     lr_d: float
     beta1: float
     beta2: float
     d_steps: int
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    """What follows progress, the fraction of the planned training time spent, in [0,1]."""
-    lr_schedule: str
-    lr_final: float
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,6 @@ class AveragingSettings:
 @dataclass(frozen=True)
 class DInputSettings:
     """What D sees of every batch, real and fake, besides the images themselves."""
-    instance_noise: float
     diffaug: str
 
 
@@ -58,7 +50,6 @@ class TrainerSettings:
     amp: str
     loss: LossSettings
     optim: OptimSettings
-    schedule: ScheduleSettings
     averaging: AveragingSettings
     d_input: DInputSettings
 
@@ -91,7 +82,6 @@ def trainer_settings(cfg, *, world_size):
     return _group(
         TrainerSettings, cfg, batch_per_rank=batch_per_rank,
         loss=_group(LossSettings, cfg, name=cfg.loss), optim=_group(OptimSettings, cfg),
-        schedule=_group(ScheduleSettings, cfg),
         averaging=_group(AveragingSettings, cfg,
                          ema_half_life_images=ema_half_life_images(cfg.ema_decay, cfg.ema_ref_batch)),
         d_input=_group(DInputSettings, cfg))

@@ -8,7 +8,6 @@ The training crops on the device: loaded there once as uint8, each batch indexed
 there (no host-to-device copy per step, no DataLoader).
 """
 import copy
-import math
 import warnings
 
 import torch
@@ -98,8 +97,7 @@ class Trainer:
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
-        self.loss, self.optim, self.schedule, self.averaging, self.d_input = (
-            s.loss, s.optim, s.schedule, s.averaging, s.d_input)
+        self.loss, self.optim, self.averaging, self.d_input = s.loss, s.optim, s.averaging, s.d_input
         self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
@@ -145,17 +143,10 @@ class Trainer:
 
     def set_progress(self, progress):
         """progress: fraction of the planned training time spent, in [0,1]."""
-        self.progress = p = min(max(progress, 0.0), 1.0)
-        kind, final = self.schedule.lr_schedule, self.schedule.lr_final
-        if kind == "cosine":
-            f = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
-        elif kind == "linear":
-            f = 1 - (1 - final) * p
-        else:
-            f = 1.0
+        self.progress = min(max(progress, 0.0), 1.0)
         for opt, key in ((self.opt_g, "g"), (self.opt_d, "d")):
             for group in opt.param_groups:
-                group["lr"] = self.base_lr[key] * f * self.lr_scale
+                group["lr"] = self.base_lr[key] * self.lr_scale
 
     def shipped_models(self):
         models = [self.G, self.D]
@@ -174,13 +165,8 @@ class Trainer:
     # one step
 
     def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment, then instance noise decaying with progress."""
-        x = diff_augment(x, self.diffaug)
-        if self.d_input.instance_noise:
-            sigma = self.d_input.instance_noise * (1 - self.progress)
-            if sigma > 0:
-                x = x + sigma * torch.randn_like(x)
-        return x
+        """What D sees of an image batch: DiffAugment's transforms, if any."""
+        return diff_augment(x, self.diffaug)
 
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
