@@ -41,19 +41,19 @@
 #      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
 #     184  PRESETS               the presets: named sets of overrides of those defaults
 #     244  LIMITS                what each setting may hold (checked before any data is read)
-#     443  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     449  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     703  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     786  LOSSES                the losses (loss): D's and G's for each
-#    1423  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1463  Trainer.step          one training step: D, then G, EMA
-#    1816  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3446  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4134  finish                the finish: images, the verified zip, self-check, pictures
-#    4376  parse_config          the command line -> a checked Config
-#    4661  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4952  run                   the run: settings, checks and data, the ranks started
-#    5025  main                  the entry point and its exit codes
+#     442  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     448  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     702  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     785  LOSSES                the losses (loss): D's and G's for each
+#    1422  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1462  Trainer.step          one training step: D, then G, EMA
+#    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3445  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4133  finish                the finish: images, the verified zip, self-check, pictures
+#    4375  parse_config          the command line -> a checked Config
+#    4660  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4951  run                   the run: settings, checks and data, the ranks started
+#    5024  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -349,7 +349,6 @@ Layer types are passed into the models as factories (BigGAN-PyTorch), so spectra
 
 BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
 BN_MOMENTUM = 0.1  # BigGAN-PyTorch's ccbn/bn momentum (running stats for eval-mode sampling)
-MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 
 
 # spectral norm and layer factories

@@ -10,7 +10,6 @@ from torch.nn.utils import parametrizations, parametrize
 
 BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps
 BN_MOMENTUM = 0.1  # BigGAN-PyTorch's ccbn/bn momentum (running stats for eval-mode sampling)
-MBSTD_EPS = 1e-8  # added to the variance before the sqrt, as in ProGAN/StyleGAN
 
 
 # spectral norm and layer factories
