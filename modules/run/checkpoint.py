@@ -20,13 +20,16 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
-                    history=None):
+                    history=None, label_counts=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
     leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, PGGAN
-    growth) spans; complete: training ran to its end."""
+    growth) spans; complete: training ran to its end; label_counts: training images per breed, so that --generate
+    draws the breeds as the run did without the data."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
+    if label_counts is not None:
+        payload["label_counts"] = [int(c) for c in label_counts]
     with atomic_file(path) as f:
         torch.save(payload, f)
 
@@ -47,24 +50,24 @@ def describe_write_error(exc, path):
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def read_checkpoint(path, *, arch):
+def read_checkpoint(path, *, arch, flag="--resume"):
     """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
     run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A missing, unreadable, foreign or mismatched file is
-    a UsageError naming the path."""
-    require_regular_file(path, "--resume")
+    a UsageError naming the flag and the path."""
+    require_regular_file(path, flag)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
     except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
+        raise UsageError(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}); use the checkpoint.pt "
                          "of an earlier run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
+        raise UsageError(f"{flag} {path}: not a checkpoint written by this kernel")
     missing = [k for k in ("trainer", "config", "train_seconds", "n_classes", "classes") if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["trainer"], dict):
-        raise UsageError(f"--resume {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
-    check_checkpoint_fields(ckpt, path)
+        raise UsageError(f"{flag} {path}: incomplete checkpoint (missing {', '.join(missing) or 'its state'})")
+    check_checkpoint_fields(ckpt, path, flag=flag)
     for key, value in arch.items():
         had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
         if had != value:
@@ -77,12 +80,12 @@ def _is_real(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def check_checkpoint_fields(ckpt, path):
-    """Every field --resume reads, by type and range (a crafted or damaged file loads but must not crash the run after
+def check_checkpoint_fields(ckpt, path, flag="--resume"):
+    """Every field --resume and --generate read, by type and range (a crafted or damaged file loads but must not crash the run after
     the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
+        raise UsageError(f"{flag} {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
     for field in ("train_seconds", "plan_seconds"):  # train_seconds is there: read_checkpoint checked it
@@ -98,6 +101,10 @@ def check_checkpoint_fields(ckpt, path):
     classes = ckpt["classes"]
     if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
         bad("classes", classes, f"a list of {n} breed names")
+    counts = ckpt.get("label_counts", [1] * n)
+    if not isinstance(counts, list) or len(counts) != n or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or not sum(counts):
+        bad("label_counts", counts, f"{n} image counts >= 0, not all 0")
     history = ckpt.get("history", {})
     if not isinstance(history, dict) or not all(
             isinstance(k, str) and isinstance(v, (list, tuple)) and all(

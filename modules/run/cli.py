@@ -190,6 +190,10 @@ def build_parser():
     p.add_argument("--demo", action="store_true", help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
+    p.add_argument("--generate", metavar="CHECKPOINT", help="sample this checkpoint.pt's generator (no training): "
+                   "images.zip, breeds.png, interpolation.png, report.json; only sampling settings may be changed")
+    p.add_argument("--sweep", metavar="NAME=V1,V2", help="with --generate: sample at each value (truncation or "
+                   "sample_bn); with Inception weights scored by FID/MiFID and the best one's zip shipped")
     p.add_argument("--feature-weights", help="Inception-v3 weights file (torchvision's or pytorch-fid's) for FID")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override any config field")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -211,7 +215,7 @@ def parse_config(argv=None):
     cfg = dataclasses.replace(cfg, preset=preset)
     flags = {"data_dir": args.data_dir, "out": args.out, "time_budget": args.time_budget, "seed": args.seed,
              "device": args.device, "gpus": args.gpus, "resume": args.resume, "evaluate": args.evaluate,
-             "feature_weights": args.feature_weights}
+             "feature_weights": args.feature_weights, "generate": args.generate, "sweep": args.sweep}
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     if args.demo:
         cfg = dataclasses.replace(cfg, demo=True)
@@ -223,7 +227,48 @@ def parse_config(argv=None):
         sets[name.strip()] = value.strip()
     cfg = apply_overrides(cfg, sets, "--set")
     check_config(cfg)  # every field against ALLOWED, before anything is read or written
+    given = {k for k, v in {**flags, "preset": args.preset, "demo": args.demo or None}.items() if v is not None}
+    check_generate(cfg, given | set(sets))
     return cfg, args.print_config
+
+
+# --generate: what it takes (sampling and where; data_dir: the sweep's FID reference) and what --sweep may vary
+
+GENERATE_SETTINGS = ("generate", "sweep", "out", "device", "seed", "truncation", "sample_bn", "sample_batch", "amp",
+                     "n_images", "dev_counts", "feature_weights", "data_dir", "threads", "data_workers")
+SWEEP_FIELDS = ("truncation", "sample_bn")
+
+
+def parse_sweep(text):
+    """--sweep NAME=V1,V2,... -> (NAME, [values]), each value converted and checked as NAME's own setting."""
+    name, _, values = text.partition("=")
+    name = name.strip()
+    if name not in SWEEP_FIELDS or not values.strip():
+        raise UsageError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEP_FIELDS)}")
+    out = []
+    for raw in values.split(","):
+        value = getattr(apply_overrides(Config(), {name: raw.strip()}, "--sweep"), name)
+        try:
+            check_value(name, value)
+        except UsageError as exc:
+            raise UsageError(f"--sweep: {exc}") from None
+        out.append(value)
+    return name, out
+
+
+def check_generate(cfg, given):
+    """--generate samples the checkpoint's own model: a training setting given with it (a flag or --set) is refused,
+    naming the field; --sweep needs --generate and its values are checked here, before anything is read."""
+    if cfg.sweep and not cfg.generate:
+        raise UsageError("--sweep samples a checkpoint: pass --generate CHECKPOINT with it")
+    if not cfg.generate:
+        return
+    refused = sorted(given - set(GENERATE_SETTINGS))
+    if refused:
+        raise UsageError(f"setting {refused[0]} cannot be changed with --generate: it samples the checkpoint's own "
+                         f"model, with only these settings: {', '.join(GENERATE_SETTINGS[1:])}")
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)
 
 
 def resolve_out_dir(out):

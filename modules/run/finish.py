@@ -1,4 +1,5 @@
-"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png and losses.png.
+"""Finishing a run: generating the images, writing and verifying the zip, the self-check, samples.png, losses.png and
+breeds.png.
 What each part costs was measured before training; whether an optional part still fits is the Pace's
 call (budget.py): no time arithmetic here."""
 import contextlib
@@ -15,6 +16,7 @@ from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
 from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images
 from modules.run.report import plot_losses, save_grid
+from modules.run.sheets import breeds_sheet, conditioned_on_breed
 from modules.run.submission import SubmissionError, encode_pngs, write_submission
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -162,7 +164,8 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
     """samples.png: fixed z (the sampler's z size and truncation), one row per breed for a handful of breeds, from the
-    sampler's generator in its sampling mode; losses.png: the loss curves. -> the breeds shown, one per row."""
+    sampler's generator in its sampling mode; losses.png: the loss curves; breeds.png (a conditional G): every breed,
+    labelled. -> the breeds shown in samples.png, one per row."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
@@ -174,4 +177,6 @@ def save_pictures(sampler, *, classes, history, out_dir, seed):
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
+    if conditioned_on_breed(G):
+        breeds_sheet(sampler, classes, seed=seed).save(os.path.join(out_dir, "breeds.png"), format="PNG")
     return [classes[i] for i in breeds]

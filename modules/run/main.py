@@ -1,5 +1,6 @@
 """The run, straight: config -> prepare (checks, data: a RunSetup) -> start the ranks (one process, torchrun's, or
-forked ones) -> run_rank on every rank (device, trainer, plan, training, the zip); --evaluate scores a zip instead.
+forked ones) -> run_rank on every rank (device, trainer, plan, training, the zip); --evaluate scores a zip instead,
+--generate samples a checkpoint (generate.py).
 
 The only module with side effects. Nothing is lost: whatever ends training (the budget, divergence, an exception, an
 interrupt), checkpoint.pt and the zip are written from the best generator the run has, the zip only by a rename after
@@ -15,6 +16,7 @@ from modules.run.cli import config_to_json, parse_config
 from modules.run.distributed import DistContext, record_failure
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
 from modules.run.features import build_feature_extractor
+from modules.run.generate import generate_command
 from modules.run.launch import fork_workers, torchrun_env
 from modules.run.rank import EXIT_ZIP_FAILED, run_rank, sigterm_interrupts
 from modules.run.setup import load_training_data, prepare
@@ -31,6 +33,8 @@ def run(argv=None):
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
+    if cfg.generate:
+        return generate_command(cfg)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
         setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
