@@ -51,9 +51,9 @@
 #    4243  Pace                  the budget: the finish measured, the plan, when training must stop
 #    5368  finish                the finish: images, the verified zip, self-check, pictures
 #    5640  parse_config          the command line -> a checked Config
-#    5947  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6454  run                   the run: settings, checks and data, the ranks started
-#    6532  main                  the entry point and its exit codes
+#    5954  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6460  run                   the run: settings, checks and data, the ranks started
+#    6538  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -5640,6 +5640,12 @@ def build_parser():
 def parse_config(argv=None):
     """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
     unknown argument is a UsageError."""
+    cfg, print_config, _given = read_command_line(argv)
+    return cfg, print_config
+
+
+def read_command_line(argv=None):
+    """parse_config's work -> (Config, print_config flag, the names of the fields the command line gave)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -5665,8 +5671,9 @@ def parse_config(argv=None):
     cfg = apply_overrides(cfg, sets, "--set")
     check_config(cfg)  # every field against ALLOWED, before anything is read or written
     given = {k for k, v in {**flags, "preset": args.preset, "demo": args.demo or None}.items() if v is not None}
-    check_generate(cfg, given | set(sets))
-    return cfg, args.print_config
+    given |= set(sets)
+    check_generate(cfg, given)
+    return cfg, args.print_config, given
 
 
 # --generate: what it takes (sampling and where; data_dir: the sweep's FID reference) and what --sweep may vary
@@ -6255,14 +6262,14 @@ with Inception weights, FID and MiFID per value (a table; the best value's zip i
 
 The model is the checkpoint's own: its architecture and breeds from the config it stores, and the generator a run
 ships (Trainer.generator_to_ship: the SWA average once it averaged, else the EMA, else G). truncation and sample_bn
-left at their defaults take the checkpoint's values; the sampling settings given on the command line apply
-(cli.GENERATE_SETTINGS). Everything is read and checked before anything is written: a missing, damaged or foreign
+are the checkpoint's unless the command line gives them; the other sampling settings (cli.GENERATE_SETTINGS) are the
+command line's. Everything is read and checked before anything is written: a missing, damaged or foreign
 checkpoint is one line, exit 2, and the output folder is left as it was.
 """
 
 
 GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
-GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line changed them
+GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line gives them
 SWEEP_RANK_BY = "mifid_private"  # the sweep ships the value lowest in this (Kaggle's final board was the private one)
 UNIFORM_BREEDS = "the checkpoint has no per-breed image counts (an older kernel's): breeds are drawn uniformly"
 
@@ -6316,11 +6323,10 @@ def load_generator(path, device):
                            counts_known=counts is not None, weights=weights, step=int(ckpt["trainer"]["step"]))
 
 
-def build_generate_sampler(cfg, loaded, device):
-    """The Sampler of --generate: the loaded G and breeds; truncation and sample_bn the command line's where it changed
-    them from the defaults, else the checkpoint's; batch and precision the command line's."""
-    default = Config()
-    pick = {k: getattr(cfg if getattr(cfg, k) != getattr(default, k) else loaded.config, k) for k in GENERATE_INHERITED}
+def build_generate_sampler(cfg, loaded, device, *, given):
+    """The Sampler of --generate: the loaded G and breeds; truncation and sample_bn the command line's where it gave
+    them (given: the names it gave), else the checkpoint's; batch and precision the command line's."""
+    pick = {k: getattr(cfg if k in given else loaded.config, k) for k in GENERATE_INHERITED}
     return Sampler(model=lambda: loaded.G, z_dim=loaded.config.z_dim, truncation=pick["truncation"],
                    label_counts=loaded.label_counts, amp_dtype=resolve_amp(cfg.amp, device), device=device,
                    batch=cfg.sample_batch, sample_bn=pick["sample_bn"])
@@ -6330,15 +6336,15 @@ def _shown(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def generate_command(cfg):
-    """--generate: load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
+def generate_command(cfg, *, given):
+    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
     scored sweep), then write the zip, report.json and the pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaded = load_generator(cfg.generate, device)
-    sampler = build_generate_sampler(cfg, loaded, device)
+    sampler = build_generate_sampler(cfg, loaded, device, given=given)
     sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
     extractor = data = None
     if sweep:
@@ -6453,14 +6459,14 @@ EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is p
 
 def run(argv=None):
     """The steps of a run -> exit code (see main)."""
-    cfg, print_config = parse_config(argv)
+    cfg, print_config, given = read_command_line(argv)
     if print_config:
         say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
     if cfg.generate:
-        return generate_command(cfg)
+        return generate_command(cfg, given=given)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
         setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)

@@ -203,6 +203,12 @@ def build_parser():
 def parse_config(argv=None):
     """argv -> (Config, print_config flag). What a notebook kernel adds (Jupyter's `-f kernel.json`) is ignored; any other
     unknown argument is a UsageError."""
+    cfg, print_config, _given = read_command_line(argv)
+    return cfg, print_config
+
+
+def read_command_line(argv=None):
+    """parse_config's work -> (Config, print_config flag, the names of the fields the command line gave)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -228,8 +234,9 @@ def parse_config(argv=None):
     cfg = apply_overrides(cfg, sets, "--set")
     check_config(cfg)  # every field against ALLOWED, before anything is read or written
     given = {k for k, v in {**flags, "preset": args.preset, "demo": args.demo or None}.items() if v is not None}
-    check_generate(cfg, given | set(sets))
-    return cfg, args.print_config
+    given |= set(sets)
+    check_generate(cfg, given)
+    return cfg, args.print_config, given
 
 
 # --generate: what it takes (sampling and where; data_dir: the sweep's FID reference) and what --sweep may vary

@@ -5,8 +5,8 @@ with Inception weights, FID and MiFID per value (a table; the best value's zip i
 
 The model is the checkpoint's own: its architecture and breeds from the config it stores, and the generator a run
 ships (Trainer.generator_to_ship: the SWA average once it averaged, else the EMA, else G). truncation and sample_bn
-left at their defaults take the checkpoint's values; the sampling settings given on the command line apply
-(cli.GENERATE_SETTINGS). Everything is read and checked before anything is written: a missing, damaged or foreign
+are the checkpoint's unless the command line gives them; the other sampling settings (cli.GENERATE_SETTINGS) are the
+command line's. Everything is read and checked before anything is written: a missing, damaged or foreign
 checkpoint is one line, exit 2, and the output folder is left as it was.
 """
 import dataclasses
@@ -35,7 +35,7 @@ from modules.run.sheets import breeds_sheet, conditioned_on_breed, interpolation
 from modules.run.submission import SubmissionError, write_submission
 
 GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
-GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line changed them
+GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line gives them
 SWEEP_RANK_BY = "mifid_private"  # the sweep ships the value lowest in this (Kaggle's final board was the private one)
 UNIFORM_BREEDS = "the checkpoint has no per-breed image counts (an older kernel's): breeds are drawn uniformly"
 
@@ -89,11 +89,10 @@ def load_generator(path, device):
                            counts_known=counts is not None, weights=weights, step=int(ckpt["trainer"]["step"]))
 
 
-def build_generate_sampler(cfg, loaded, device):
-    """The Sampler of --generate: the loaded G and breeds; truncation and sample_bn the command line's where it changed
-    them from the defaults, else the checkpoint's; batch and precision the command line's."""
-    default = Config()
-    pick = {k: getattr(cfg if getattr(cfg, k) != getattr(default, k) else loaded.config, k) for k in GENERATE_INHERITED}
+def build_generate_sampler(cfg, loaded, device, *, given):
+    """The Sampler of --generate: the loaded G and breeds; truncation and sample_bn the command line's where it gave
+    them (given: the names it gave), else the checkpoint's; batch and precision the command line's."""
+    pick = {k: getattr(cfg if k in given else loaded.config, k) for k in GENERATE_INHERITED}
     return Sampler(model=lambda: loaded.G, z_dim=loaded.config.z_dim, truncation=pick["truncation"],
                    label_counts=loaded.label_counts, amp_dtype=resolve_amp(cfg.amp, device), device=device,
                    batch=cfg.sample_batch, sample_bn=pick["sample_bn"])
@@ -103,15 +102,15 @@ def _shown(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def generate_command(cfg):
-    """--generate: load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
+def generate_command(cfg, *, given):
+    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
     scored sweep), then write the zip, report.json and the pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaded = load_generator(cfg.generate, device)
-    sampler = build_generate_sampler(cfg, loaded, device)
+    sampler = build_generate_sampler(cfg, loaded, device, given=given)
     sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
     extractor = data = None
     if sweep:

@@ -12,7 +12,7 @@ import os
 import sys
 
 from modules.recipe.utils import UsageError, check_device, log, say
-from modules.run.cli import config_to_json, parse_config
+from modules.run.cli import config_to_json, read_command_line
 from modules.run.distributed import DistContext, record_failure
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
 from modules.run.features import build_feature_extractor
@@ -27,14 +27,14 @@ EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is p
 
 def run(argv=None):
     """The steps of a run -> exit code (see main)."""
-    cfg, print_config = parse_config(argv)
+    cfg, print_config, given = read_command_line(argv)
     if print_config:
         say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
     if cfg.generate:
-        return generate_command(cfg)
+        return generate_command(cfg, given=given)
     ctx = torchrun_env() or DistContext()  # torchrun: this process is one of its ranks; else rank 0
     with sigterm_interrupts():  # a SIGTERM before training ends like SIGINT: "interrupted", exit 130
         setup = prepare(cfg, ctx)  # checks, then the data (a forked run's ranks share it)
