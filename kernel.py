@@ -49,11 +49,11 @@
 #    2025  Trainer.step          one training step: D, then G, EMA
 #    2425  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    4243  Pace                  the budget: the finish measured, the plan, when training must stop
-#    5368  finish                the finish: images, the verified zip, self-check, pictures
-#    5640  parse_config          the command line -> a checked Config
-#    5954  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6460  run                   the run: settings, checks and data, the ranks started
-#    6538  main                  the entry point and its exit codes
+#    5369  finish                the finish: images, the verified zip, self-check, pictures
+#    5641  parse_config          the command line -> a checked Config
+#    5955  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    6463  run                   the run: settings, checks and data, the ranks started
+#    6541  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -4914,8 +4914,9 @@ def _is_real(x):
 
 
 def check_checkpoint_fields(ckpt, path, flag="--resume"):
-    """Every field --resume and --generate read, by type and range (a crafted or damaged file loads but must not crash the run after
-    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    """Every field --resume and --generate read, by type and range (a crafted or damaged file loads but must not crash
+    the run after the data is read): a UsageError naming the field. The state dicts' tensors are checked by
+    load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
         raise UsageError(f"{flag} {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
@@ -6316,7 +6317,8 @@ def load_generator(path, device):
         G.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--generate {path}: its {weights} weights do not fit its own settings ({why[:200]})") from None
+        raise UsageError(f"--generate {path}: its {weights} weights do not fit its own settings "
+                         f"({why[:200]})") from None
     counts = ckpt.get("label_counts")
     return LoadedGenerator(G=G.to(device).eval().requires_grad_(False), config=config, classes=list(ckpt["classes"]),
                            label_counts=np.asarray(counts if counts else [1] * ckpt["n_classes"], np.int64),
@@ -6337,8 +6339,9 @@ def _shown(value):
 
 
 def generate_command(cfg, *, given):
-    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
-    scored sweep), then write the zip, report.json and the pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
+    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint,
+    model, sweep, Inception weights and reference data for a scored sweep), then write the zip, report.json and the
+    pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
     if cfg.threads:

@@ -27,7 +27,8 @@ def _images(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
 
 
-def _save(path, *, label_counts=(5, 1, 10), **config_changes):
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
     """A checkpoint of a tiny biggan after one step; its own sampling settings differ from the defaults (truncation
     1.5, sample_bn running), so that what --generate inherits shows."""
     torch.manual_seed(0)
@@ -35,14 +36,20 @@ def _save(path, *, label_counts=(5, 1, 10), **config_changes):
     data = types.SimpleNamespace(images=_images(12), labels=np.arange(12) % 3, classes=BREEDS, reference=_images(12))
     trainer = build_trainer(cfg, data, CPU)
     trainer.step()
-    save_checkpoint(str(path), trainer, config={**dataclasses.asdict(cfg), **config_changes}, train_seconds=1.0,
-                    n_classes=3, classes=BREEDS, complete=True, label_counts=label_counts)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    save_checkpoint(str(path), trainer, config=dataclasses.asdict(cfg), train_seconds=1.0, n_classes=3, classes=BREEDS,
+                    complete=True, label_counts=[5, 1, 10])
     return path
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return _save(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt")
+def _variant(ckpt, path, *, drop=(), **config_changes):
+    """ckpt's payload with these config fields changed and the top-level keys `drop` left out, saved at path."""
+    payload = torch.load(ckpt, weights_only=True)
+    payload["config"].update(config_changes)
+    for key in drop:
+        del payload[key]
+    torch.save(payload, path)
+    return path
 
 
 def _generate(capsys, ckpt, out, *extra):
@@ -99,19 +106,19 @@ def test_a_training_setting_is_refused_naming_it(ckpt, tmp_path, capsys, argv, f
     assert "Traceback" not in text
 
 
-def _damaged(tmp_path, kind):
+def _damaged(ckpt, tmp_path, kind):
     path = tmp_path / f"{kind}.pt"
     if kind == "junk":
         path.write_bytes(b"not a checkpoint")
     elif kind == "foreign":
         torch.save({"state_dict": {}}, path)
     elif kind == "truncated":
-        data = _save(tmp_path / "whole.pt").read_bytes()
+        data = ckpt.read_bytes()
         path.write_bytes(data[:len(data) // 2])
     elif kind == "other-arch":  # an architecture this kernel does not build
-        _save(path, arch="stylegan")
+        _variant(ckpt, path, arch="stylegan")
     elif kind == "misfit":  # the stored settings do not fit the weights
-        _save(path, g_ch=8)
+        _variant(ckpt, path, g_ch=8)
     return path
 
 
@@ -119,11 +126,11 @@ def _damaged(tmp_path, kind):
     ("missing", "no such file"), ("junk", "not a readable checkpoint"), ("truncated", "not a readable checkpoint"),
     ("foreign", "not a checkpoint written by this kernel"), ("other-arch", "cannot build the checkpoint's model"),
     ("misfit", "do not fit its own settings")])
-def test_a_bad_checkpoint_is_one_line_and_leaves_the_earlier_zip(tmp_path, capsys, kind, says):
+def test_a_bad_checkpoint_is_one_line_and_leaves_the_earlier_zip(ckpt, tmp_path, capsys, kind, says):
     out = tmp_path / "out"
     out.mkdir()
     (out / "images.zip").write_bytes(b"an earlier submission")
-    code, text = _generate(capsys, _damaged(tmp_path, kind), out)
+    code, text = _generate(capsys, _damaged(ckpt, tmp_path, kind), out)
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "--generate" in errors[0] and says in errors[0], text
     assert sorted(p.name for p in out.iterdir()) == ["images.zip"]
@@ -178,8 +185,8 @@ def test_a_bad_sweep_is_refused_when_parsed(argv, says):
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
-def test_an_older_checkpoint_without_counts_draws_breeds_uniformly_and_says_so(tmp_path, capsys):
-    old = _save(tmp_path / "old.pt", label_counts=None)
+def test_an_older_checkpoint_without_counts_draws_breeds_uniformly_and_says_so(ckpt, tmp_path, capsys):
+    old = _variant(ckpt, tmp_path / "old.pt", drop=("label_counts",))
     code, text = _generate(capsys, old, tmp_path / "out")
     assert code == 0, text
     assert "no per-breed image counts" in text

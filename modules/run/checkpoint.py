@@ -81,8 +81,9 @@ def _is_real(x):
 
 
 def check_checkpoint_fields(ckpt, path, flag="--resume"):
-    """Every field --resume and --generate read, by type and range (a crafted or damaged file loads but must not crash the run after
-    the data is read): a UsageError naming the field. The state dicts' tensors are checked by load_state_dict."""
+    """Every field --resume and --generate read, by type and range (a crafted or damaged file loads but must not crash
+    the run after the data is read): a UsageError naming the field. The state dicts' tensors are checked by
+    load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
         raise UsageError(f"{flag} {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "

@@ -82,7 +82,8 @@ def load_generator(path, device):
         G.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--generate {path}: its {weights} weights do not fit its own settings ({why[:200]})") from None
+        raise UsageError(f"--generate {path}: its {weights} weights do not fit its own settings "
+                         f"({why[:200]})") from None
     counts = ckpt.get("label_counts")
     return LoadedGenerator(G=G.to(device).eval().requires_grad_(False), config=config, classes=list(ckpt["classes"]),
                            label_counts=np.asarray(counts if counts else [1] * ckpt["n_classes"], np.int64),
@@ -103,8 +104,9 @@ def _shown(value):
 
 
 def generate_command(cfg, *, given):
-    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint, model, sweep, Inception weights and reference data for a
-    scored sweep), then write the zip, report.json and the pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
+    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint,
+    model, sweep, Inception weights and reference data for a scored sweep), then write the zip, report.json and the
+    pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
     if cfg.threads:
