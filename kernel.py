@@ -52,8 +52,8 @@
 #    5369  finish                the finish: images, the verified zip, self-check, pictures
 #    5641  parse_config          the command line -> a checked Config
 #    5955  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    6463  run                   the run: settings, checks and data, the ranks started
-#    6541  main                  the entry point and its exit codes
+#    6462  run                   the run: settings, checks and data, the ranks started
+#    6540  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> pggan -> models -> losses -> augment -> grammar -> utils -> precision -> speed ->
@@ -6344,8 +6344,7 @@ def generate_command(cfg, *, given):
     pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads, device)  # as a run starts (a CPU run on 2 cores: 1; not re-measured here)
     loaded = load_generator(cfg.generate, device)
     sampler = build_generate_sampler(cfg, loaded, device, given=given)
     sweep = parse_sweep(cfg.sweep) if cfg.sweep else None

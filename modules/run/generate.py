@@ -21,6 +21,7 @@ from modules.recipe.config import Config
 from modules.recipe.models import build_models
 from modules.recipe.precision import describe_amp, resolve_amp
 from modules.recipe.sample import Sampler
+from modules.recipe.speed import configure_threads
 from modules.recipe.utils import UsageError, check_device, format_duration, log, say, warn
 from modules.run.checkpoint import CHECKPOINT_ARCH_BEFORE, CHECKPOINT_ARCH_KEYS, read_checkpoint
 from modules.run.cli import check_value, parse_sweep, resolve_out_dir
@@ -109,8 +110,7 @@ def generate_command(cfg, *, given):
     pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
     t0 = time.monotonic()
     device = check_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads, device)  # as a run starts (a CPU run on 2 cores: 1; not re-measured here)
     loaded = load_generator(cfg.generate, device)
     sampler = build_generate_sampler(cfg, loaded, device, given=given)
     sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
