@@ -3,6 +3,7 @@ breeds.png, interpolation.png, report.json; --sweep), and refuses a bad checkpoi
 writing nothing. The checkpoints are a one-step tiny trainer's, saved through save_checkpoint."""
 import dataclasses
 import json
+import os
 import types
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CPU, run_kernel, tiny_cfg
+from conftest import CPU, KERNEL, run_kernel, tiny_cfg
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
 from modules.run.checkpoint import save_checkpoint
@@ -192,3 +193,18 @@ def test_an_older_checkpoint_without_counts_draws_breeds_uniformly_and_says_so(c
     assert "no per-breed image counts" in text
     report = _report(tmp_path / "out")
     assert report["generate"]["breed_frequencies"] == "uniform" and report["warnings"]
+
+
+def test_generate_in_a_jupyter_cell_writes_the_zip_and_the_next_cell_runs(ckpt, tmp_path):
+    """The whole kernel.py in one cell of a real Jupyter kernel, argv set in the cell before, as on Kaggle."""
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    out = tmp_path / "out"
+    argv = ["kernel.py", "--generate", str(ckpt), "--out", str(out), *SMALL]
+    cells = [f"import sys\nsys.argv = {argv!r}", KERNEL.read_text(encoding="utf-8"), "print('AFTER')"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in cells])
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})  # raises CellExecutionError on any cell error
+    verify_zip(out / "images.zip", n_expected=40)
+    assert (out / "breeds.png").is_file() and "AFTER" in nb.cells[2].outputs[0]["text"]
