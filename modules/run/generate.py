@@ -77,13 +77,13 @@ def load_generator(path, device):
         except UsageError as exc:
             raise UsageError(f"--generate {path}: this kernel cannot build the checkpoint's model ({exc})") from None
     config = dataclasses.replace(Config(), **fields)
-    G, _ = build_models(config, ckpt["n_classes"])
-    weights, state = shipped_state(ckpt["trainer"])
-    try:
+    try:  # the settings' rules between fields (a biggan z_dim split in 5) and the weights' shapes
+        G, _ = build_models(config, ckpt["n_classes"])
+        weights, state = shipped_state(ckpt["trainer"])
         G.load_state_dict(state)
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+    except (AssertionError, KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        raise UsageError(f"--generate {path}: its {weights} weights do not fit its own settings "
+        raise UsageError(f"--generate {path}: its shipped weights do not fit its own settings "
                          f"({why[:200]})") from None
     counts = ckpt.get("label_counts")
     return LoadedGenerator(G=G.to(device).eval().requires_grad_(False), config=config, classes=list(ckpt["classes"]),
