@@ -39,26 +39,26 @@
 #
 # CONTENTS (line in this file: name, what), the recipe first, then the machinery:
 #      97  Config                every setting, its default (= the Kaggle run) and its unit or choices
-#     184  PRESETS               the presets: named sets of overrides of those defaults
-#     244  LIMITS                what each setting may hold (checked before any data is read)
-#     442  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
-#     448  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
-#     702  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
-#     785  LOSSES                the losses (loss): D's and G's for each
-#    1422  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1462  Trainer.step          one training step: D, then G, EMA
-#    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3445  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4133  finish                the finish: images, the verified zip, self-check, pictures
-#    4375  parse_config          the command line -> a checked Config
-#    4660  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4951  run                   the run: settings, checks and data, the ranks started
-#    5024  main                  the entry point and its exit codes
+#     186  PRESETS               the presets: named sets of overrides of those defaults
+#     246  LIMITS                what each setting may hold (checked before any data is read)
+#     445  BIGGAN_G_ARCH         BigGAN G: channels and attention per resolution
+#     451  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
+#     705  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
+#     788  LOSSES                the losses (loss): D's and G's for each
+#    1425  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1465  Trainer.step          one training step: D, then G, EMA
+#    1818  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3453  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4253  finish                the finish: images, the verified zip, self-check, pictures
+#    4502  parse_config          the command line -> a checked Config
+#    4835  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5318  run                   the run: settings, checks and data, the ranks started
+#    5393  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
 #   annotations -> dogs -> demo -> metrics -> report -> submission -> evaluate -> budget -> distributed -> checkpoint ->
-#   finish -> cli -> setup -> rank -> main
+#   sheets -> finish -> cli -> setup -> rank -> generate -> main
 
 
 import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, io, itertools, json, math
@@ -66,7 +66,7 @@ import multiprocessing, numpy as np, os, random, re, scipy.linalg, shutil, signa
 import threading, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F, torchvision
 import traceback, warnings, weakref, xml.etree.ElementTree as ET, zipfile, zlib
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from collections import Counter, deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,6 +106,8 @@ class Config:
     demo: bool = False  # make a synthetic dataset in a temp dir and run on it
     resume: str = ""  # path of a checkpoint.pt to continue from
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
+    generate: str = ""  # path of a checkpoint.pt: sample its generator (no training): images.zip, breeds.png, ...
+    sweep: str = ""  # with generate: truncation=V1,V2,... (or sample_bn=...) sampled, scored with Inception weights
     # data
     image_size: int = 64  # pixels; the competition wants 64
     crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
@@ -247,6 +249,7 @@ LIMITS = {
     "seed": Range(0, 2**32 - 1), "device": Match(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
     "gpus": Match(r"auto|[1-9]\d{0,3}", "auto or a whole number of ranks from 1"),
     "resume": Text("a checkpoint.pt path"), "evaluate": Text("a zip or folder path"),
+    "generate": Text("a checkpoint.pt path"), "sweep": Text("NAME=V1,V2,... (each value checked as NAME's)"),
     # data
     "image_size": Range(64, 64), "crop_margin": Range(0, 1), "min_aspect": Range(0, 100), "max_aspect": Range(0, 100),
     "real_noise": Range(0, 1), "data_workers": Range(1, 256), "threads": Range(0, 1024),
@@ -2848,12 +2851,17 @@ def _save_report_png(img, path):
     return Path(path)
 
 
-def save_grid(images_uint8, path, nrow, pad=2):
-    """uint8 [N,H,W,3] -> PNG at path: `nrow` images per row, `pad` white pixels around and between them."""
+def image_grid(images_uint8, nrow, pad=2):
+    """uint8 [N,H,W,3] -> PIL image: `nrow` images per row, `pad` white pixels around and between them."""
     assert images_uint8.dtype == np.uint8 and images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, images_uint8.shape
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2), nrow=nrow, padding=pad,
                      pad_value=255)
-    return _save_report_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images_uint8, path, nrow, pad=2):
+    """image_grid's picture -> PNG at path."""
+    return _save_report_png(image_grid(images_uint8, nrow, pad), path)
 
 
 # json report
@@ -3929,13 +3937,16 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
-                    history=None):
+                    history=None, label_counts=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, noise
-    decay) spans; complete: training ran to its end."""
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's plan spans; complete:
+    training ran to its end; label_counts: training images per breed, so that --generate draws the breeds as the run
+    did without the data."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
+    if label_counts is not None:
+        payload["label_counts"] = [int(c) for c in label_counts]
     with atomic_file(path) as f:
         torch.save(payload, f)
 
@@ -3964,12 +3975,12 @@ def _real_in(x, lo, hi, *, whole=False):
     return _is_real(x) and (isinstance(x, int) or not whole) and math.isfinite(x) and lo <= x <= hi
 
 
-def check_checkpoint_fields(ckpt, path):
+def check_checkpoint_fields(ckpt, path, flag="--resume"):
     """Every field --resume reads, by type and range: a crafted or damaged file that loads must not crash the run
     after the data is read. The state dicts' tensors are checked by load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
+        raise UsageError(f"{flag} {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
     for field, default in (("train_seconds", None), ("plan_seconds", 0.0)):
@@ -3983,6 +3994,10 @@ def check_checkpoint_fields(ckpt, path):
     classes = ckpt.get("classes")
     if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
         bad("classes", classes, f"a list of {n} breed names")
+    counts = ckpt.get("label_counts", [1] * n)
+    if not isinstance(counts, list) or len(counts) != n or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or not sum(counts):
+        bad("label_counts", counts, f"{n} image counts >= 0, not all 0")
     history = ckpt.get("history", {})
     if not isinstance(history, dict) or not all(
             isinstance(k, str) and isinstance(v, (list, tuple)) and all(
@@ -4004,6 +4019,29 @@ def check_checkpoint_fields(ckpt, path):
         bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
 
 
+def read_checkpoint(path, *, arch, flag="--resume"):
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A file that will not do is a UsageError naming the
+    flag and the path."""
+    require_regular_file(path, flag)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+        raise UsageError(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                         "checkpoint.pt of an earlier run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{flag} {path}: not a checkpoint written by this kernel")
+    check_checkpoint_fields(ckpt, path, flag=flag)
+    for key, value in arch.items():
+        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+        if had != value:
+            raise UsageError(f"{flag} {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                             "resume with the same preset and settings")
+    return ckpt
+
+
 @dataclass(frozen=True)
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
@@ -4017,24 +4055,7 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
-        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
-        require_regular_file(path, "--resume")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise UsageError(f"--resume {path}: no such file") from None
-        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
-                             "checkpoint.pt of an earlier run") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-        check_checkpoint_fields(ckpt, path)
-        for key, value in arch.items():
-            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-            if had != value:
-                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                                 "resume with the same preset and settings")
+        ckpt = read_checkpoint(path, arch=arch)
         train_s = float(ckpt["train_seconds"])
         return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),
@@ -4055,9 +4076,108 @@ class Resumed:
             raise UsageError(f"--resume {self.path}: does not fit this model ({why[:200]})") from None
 
 
+# ==== modules/run/sheets.py ====
+"""The labelled sample sheets: breeds.png (one row per breed, the same latents in every row, the breed's name at the
+row's start) and interpolation.png (latent interpolation within a breed; breed to breed through the shared class
+embedding where G has one), as BigGAN-PyTorch's sample sheets."""
+
+
+SHEET_PER_BREED = 6  # samples per breed in breeds.png
+INTERP_STEPS = 8  # images per interpolation row, both ends included
+INTERP_ROWS = 3  # rows of each kind in interpolation.png
+SHEET_PAD = 2  # pixels around and between images (image_grid's)
+
+
+def breed_label(name):
+    """An annotation folder's name -> the breed as people write it: "n02106662-German_shepherd" -> "German shepherd"."""
+    return re.sub(r"^n\d+-", "", name).replace("_", " ")
+
+
+def shared_embedding(G):
+    """G's class embedding shared by its blocks (the BigGAN G's `shared`) when it has more than one breed, else None."""
+    shared = getattr(G, "shared", None)
+    return shared if isinstance(shared, nn.Embedding) and shared.num_embeddings > 1 else None
+
+
+def conditioned_on_breed(G):
+    """Does G's output depend on the breed? (an unconditional G has no embedding of more than one class)"""
+    return any(isinstance(m, nn.Embedding) and m.num_embeddings > 1 for m in G.modules())
+
+
+@contextlib.contextmanager
+def _embedding_replaced(G, vectors):
+    """G.shared(y) answers `vectors` [N,shared_dim] instead (a forward hook), so that a forward pass can take class
+    embeddings between two breeds; vectors None: unchanged."""
+    if vectors is None:
+        yield
+        return
+    handle = shared_embedding(G).register_forward_hook(lambda module, inputs, output: vectors.to(output.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def sample_rows(sampler, z, y, *, shared=None):
+    """uint8 [N,H,W,3] from the sampler's generator (its sampling mode, precision and device) at latents z [N,z_dim]
+    and breeds y [N] long, in batches of sampler.batch. shared: [N,shared_dim] class embeddings to use instead of
+    G.shared(y)."""
+    G, device, out = sampler.model(), sampler.device, []
+    with sampling_mode(G, sampler.sample_bn):
+        for i in range(0, len(z), sampler.batch):
+            part = slice(i, i + sampler.batch)
+            with _embedding_replaced(G, None if shared is None else shared[part].to(device)), torch.autocast(
+                    device.type, dtype=sampler.amp_dtype, enabled=sampler.amp_dtype is not None):
+                out.append(to_uint8(G(z[part].to(device), y[part].to(device))))
+    return np.concatenate(out)
+
+
+def labelled_rows(images, labels, *, per_row):
+    """uint8 [rows*per_row,H,W,3] -> PIL image: image_grid's rows, each row's label in black on white at its start
+    (PIL's default font)."""
+    grid = image_grid(images, nrow=per_row, pad=SHEET_PAD)
+    font = ImageFont.load_default()
+    margin = int(max(ImageDraw.Draw(grid).textlength(text, font=font) for text in labels)) + 4 * SHEET_PAD
+    sheet = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    sheet.paste(grid, (margin, 0))
+    draw, h = ImageDraw.Draw(sheet), images.shape[1]
+    for row, text in enumerate(labels):
+        draw.text((2 * SHEET_PAD, SHEET_PAD + row * (h + SHEET_PAD) + h // 2 - 6), text, fill="black", font=font)
+    return sheet
+
+
+def breeds_sheet(sampler, classes, *, seed, per_breed=SHEET_PER_BREED):
+    """breeds.png: one row per breed (all of them), the same per_breed latents (seeded) in every row."""
+    z = truncated_z(per_breed, sampler.z_dim, sampler.truncation, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(len(classes)).repeat_interleave(per_breed)
+    return labelled_rows(sample_rows(sampler, z.repeat(len(classes), 1), y), [breed_label(c) for c in classes],
+                         per_row=per_breed)
+
+
+def interpolation_sheet(sampler, classes, *, seed):
+    """interpolation.png: INTERP_ROWS rows from one latent to another within a breed; then, where G has a shared class
+    embedding, INTERP_ROWS rows from one breed to another at a fixed latent, through that embedding. Linear steps:
+    a point between two truncated latents is within the truncation too."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, INTERP_STEPS)[:, None]  # [S,1]
+    pairs = torch.randint(len(classes), (INTERP_ROWS, 2), generator=gen).tolist()  # (breed, second breed) per row
+    ends = truncated_z(2 * INTERP_ROWS, sampler.z_dim, sampler.truncation, generator=gen)
+    z = torch.cat([(1 - t) * ends[2 * r] + t * ends[2 * r + 1] for r in range(INTERP_ROWS)])  # [ROWS*S, z_dim]
+    y = torch.as_tensor([a for a, _ in pairs]).repeat_interleave(INTERP_STEPS)
+    images, labels = [sample_rows(sampler, z, y)], [breed_label(classes[a]) for a, _ in pairs]
+    embedding = shared_embedding(sampler.model())
+    if embedding is not None:
+        emb = embedding.weight.detach().float().cpu()
+        shared = torch.cat([(1 - t) * emb[a] + t * emb[b] for a, b in pairs])  # [ROWS*S, shared_dim]
+        images.append(sample_rows(sampler, ends[:INTERP_ROWS].repeat_interleave(INTERP_STEPS, 0), y, shared=shared))
+        labels += [f"{breed_label(classes[a])} > {breed_label(classes[b])}" for a, b in pairs]
+    return labelled_rows(np.concatenate(images), labels, per_row=INTERP_STEPS)
+
+
 # ==== modules/run/finish.py ====
-"""Finishing a run: the images, the verified zip, then the self-check, samples.png and losses.png. Whether an optional
-part still fits is the Pace's call (budget.py): no time arithmetic here."""
+"""Finishing a run: the images, the verified zip, then the self-check, samples.png, losses.png and breeds.png.
+Whether an optional part still fits is the Pace's call (budget.py): no time arithmetic here."""
 
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -4190,7 +4310,8 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
-    """samples.png (fixed z, one row per breed for a handful of breeds) and losses.png -> the breeds shown."""
+    """samples.png (fixed z, one row per breed for a handful of breeds), losses.png and, for a conditional G,
+    breeds.png (every breed, labelled) -> the breeds shown in samples.png."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
@@ -4202,6 +4323,8 @@ def save_pictures(sampler, *, classes, history, out_dir, seed):
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
+    if conditioned_on_breed(G):
+        breeds_sheet(sampler, classes, seed=seed).save(os.path.join(out_dir, "breeds.png"), format="PNG")
     return [classes[i] for i in breeds]
 
 
@@ -4366,6 +4489,10 @@ def build_parser():
     p.add_argument("--demo", action="store_const", const=True, help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
+    p.add_argument("--generate", metavar="CHECKPOINT", help="sample this checkpoint.pt's generator (no training): "
+                   "images.zip, breeds.png, interpolation.png, report.json; only sampling settings may be changed")
+    p.add_argument("--sweep", metavar="NAME=V1,V2", help="with --generate: sample at each value (truncation or "
+                   "sample_bn); with Inception weights scored by FID/MiFID and the best one's zip shipped")
     p.add_argument("--feature-weights", help="Inception-v3 weights file (torchvision's or pytorch-fid's) for FID")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override any config field")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -4374,6 +4501,12 @@ def build_parser():
 
 def parse_config(argv=None):
     """argv -> (Config, print_config flag): presets in order, then the flags, then --set, then every check."""
+    cfg, print_config, _given = read_command_line(argv)
+    return cfg, print_config
+
+
+def read_command_line(argv=None):
+    """parse_config's work -> (Config, print_config flag, the names of the fields the command line gave)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -4385,7 +4518,8 @@ def parse_config(argv=None):
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     fields = {field.name for field in dataclasses.fields(Config)} - {"preset"}
-    cfg = apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in fields and v is not None}, "command line")
+    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    cfg = apply_overrides(cfg, flags, "command line")
     sets = {}
     for item in args.set:
         if "=" not in item:
@@ -4394,7 +4528,48 @@ def parse_config(argv=None):
         sets[name.strip()] = value.strip()
     cfg = apply_overrides(cfg, sets, "--set")
     check_config(cfg)  # every field against ALLOWED, before anything is read or written
-    return cfg, args.print_config
+    given = set(flags) | set(sets) | ({"preset"} if args.preset else set())
+    check_generate(cfg, given)
+    return cfg, args.print_config, given
+
+
+# --generate: what it takes (sampling and where; data_dir: the sweep's FID reference) and what --sweep may vary
+
+GENERATE_SETTINGS = ("generate", "sweep", "out", "device", "seed", "truncation", "sample_bn", "sample_batch", "amp",
+                     "n_images", "dev_counts", "feature_weights", "data_dir", "threads", "data_workers")
+SWEEP_FIELDS = ("truncation", "sample_bn")
+
+
+def parse_sweep(text):
+    """--sweep NAME=V1,V2,... -> (NAME, [values]), each value converted and checked as NAME's own setting."""
+    name, _, values = text.partition("=")
+    name = name.strip()
+    if name not in SWEEP_FIELDS or not values.strip():
+        raise UsageError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEP_FIELDS)}")
+    out = []
+    for raw in values.split(","):
+        value = getattr(apply_overrides(Config(), {name: raw.strip()}, "--sweep"), name)
+        try:
+            check_value(name, value)
+        except UsageError as exc:
+            raise UsageError(f"--sweep: {exc}") from None
+        out.append(value)
+    return name, out
+
+
+def check_generate(cfg, given):
+    """--generate samples the checkpoint's own model: a training setting given with it (a flag or --set) is refused,
+    naming the field; --sweep needs --generate and its values are checked here, before anything is read."""
+    if cfg.sweep and not cfg.generate:
+        raise UsageError("--sweep samples a checkpoint: pass --generate CHECKPOINT with it")
+    if not cfg.generate:
+        return
+    refused = sorted(given - set(GENERATE_SETTINGS))
+    if refused:
+        raise UsageError(f"setting {refused[0]} cannot be changed with --generate: it samples the checkpoint's own "
+                         f"model, with only these settings: {', '.join(GENERATE_SETTINGS[1:])}")
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)
 
 
 def resolve_out_dir(out):
@@ -4707,7 +4882,8 @@ def build_rank(ctx, cfg, device, setup):
                 plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
                                         disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
-                                               config=report.config, classes=data.classes, report=report)
+                                               config=report.config, classes=data.classes, report=report,
+                                               label_counts=sampler.label_counts)
     except Exception as exc:  # out of memory before any step: the widths do not fit this device (one line, exit 2)
         if is_out_of_memory(exc):
             raise UsageError(describe_early_oom(exc, when="before training (building the models, measuring the finish)",
@@ -4769,14 +4945,15 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     return plan
 
 
-def make_checkpointer(path, trainer, *, config, classes, report):
+def make_checkpointer(path, trainer, *, config, classes, report, label_counts=None):
     """-> checkpoint(train_seconds, plan_seconds, complete) -> bool; a failure (a full disk) is one warning: the zip
     matters more."""
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
             save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
-                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
+                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history,
+                            label_counts=label_counts)
             return True
         except Exception as exc:
             warn(f"checkpoint not written: {describe_write_error(exc, path)}")
@@ -4937,10 +5114,200 @@ def signal_handlers(handler, *signals):
             signal.signal(sig, h)
 
 
+# ==== modules/run/generate.py ====
+"""--generate CHECKPOINT: sample a trained generator without training, as StyleGAN2-ADA's generate.py and
+BigGAN-PyTorch's sample.py do: images.zip (verified, atomic: an earlier zip stays until a valid one replaces it),
+breeds.png, interpolation.png and report.json in --out. With --sweep NAME=V1,V2,...: breeds-NAME-V.png per value and,
+with Inception weights, FID and MiFID per value (a table; the best value's zip is shipped).
+
+The model is the checkpoint's own: its architecture and breeds from the config it stores, and the generator a run
+ships (Trainer.generator_to_ship: the SWA average once it averaged, else the EMA, else G). truncation and sample_bn
+are the checkpoint's unless the command line gives them; the other sampling settings (cli.GENERATE_SETTINGS) are the
+command line's. Everything is read and checked before anything is written: a missing, damaged or foreign
+checkpoint is one line, exit 2, and the output folder is left as it was.
+"""
+
+
+GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
+GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line gives them
+SWEEP_RANK_BY = "mifid_private"  # the sweep ships the value lowest in this (Kaggle's final board was the private one)
+UNIFORM_BREEDS = "the checkpoint has no per-breed image counts (an older kernel's): breeds are drawn uniformly"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedGenerator:
+    """What --generate takes from a checkpoint."""
+    G: torch.nn.Module  # the shipped generator, on the device, no gradients
+    config: Config  # the defaults with the checkpoint's model and sampling fields
+    classes: list  # breed names (annotation folders)
+    label_counts: np.ndarray  # [n_classes] training images per breed; ones for a checkpoint without them
+    counts_known: bool  # False: an older checkpoint without label_counts (breeds drawn uniformly)
+    weights: str  # which state was loaded: swa | ema | G
+    step: int  # the trainer's step when the checkpoint was written
+
+
+def shipped_state(trainer_state):
+    """-> (name, state dict) of the generator a run ships: SWA once it averaged, else the EMA, else G."""
+    swa = trainer_state.get("swa")
+    if swa and int(swa.get("n_averaged", 0)) > 0:  # AveragedModel's keys: module.<G's key>, n_averaged
+        return "swa", {k[len("module."):]: v for k, v in swa.items() if k.startswith("module.")}
+    if "ema" in trainer_state:
+        return "ema", trainer_state["ema"]
+    return "G", trainer_state["G"]
+
+
+def load_generator(path, device):
+    """read_checkpoint's checks, then G built from the checkpoint's own settings and its shipped weights loaded
+    -> LoadedGenerator. A setting that this kernel does not build (another architecture) or weights that do not fit it
+    are a UsageError naming the path."""
+    ckpt = read_checkpoint(path, arch={}, flag="--generate")
+    saved = ckpt["config"]
+    fields = {k: saved.get(k, CHECKPOINT_ARCH_BEFORE.get(k)) for k in GENERATE_MODEL_KEYS + GENERATE_INHERITED}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    for name, value in fields.items():
+        try:
+            check_value(name, value)
+        except UsageError as exc:
+            raise UsageError(f"--generate {path}: this kernel cannot build the checkpoint's model ({exc})") from None
+    config = dataclasses.replace(Config(), **fields)
+    try:  # the settings' rules between fields (a biggan z_dim split in 5) and the weights' shapes
+        G, _ = build_models(config, ckpt["n_classes"])
+        weights, state = shipped_state(ckpt["trainer"])
+        G.load_state_dict(state)
+    except (AssertionError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        raise UsageError(f"--generate {path}: its shipped weights do not fit its own settings "
+                         f"({why[:200]})") from None
+    counts = ckpt.get("label_counts")
+    return LoadedGenerator(G=G.to(device).eval().requires_grad_(False), config=config, classes=list(ckpt["classes"]),
+                           label_counts=np.asarray(counts if counts else [1] * ckpt["n_classes"], np.int64),
+                           counts_known=counts is not None, weights=weights, step=int(ckpt["trainer"]["step"]))
+
+
+def build_generate_sampler(cfg, loaded, device, *, given):
+    """The Sampler of --generate: the loaded G and breeds; truncation and sample_bn the command line's where it gave
+    them (given: the names it gave), else the checkpoint's; batch and precision the command line's."""
+    pick = {k: getattr(cfg if k in given else loaded.config, k) for k in GENERATE_INHERITED}
+    return Sampler(model=lambda: loaded.G, z_dim=loaded.config.z_dim, truncation=pick["truncation"],
+                   label_counts=loaded.label_counts, amp_dtype=resolve_amp(cfg.amp, device), device=device,
+                   batch=cfg.sample_batch, sample_bn=pick["sample_bn"])
+
+
+def _shown(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def generate_command(cfg, *, given):
+    """--generate (given: the names of the settings the command line gave): load and check everything (checkpoint,
+    model, sweep, Inception weights and reference data for a scored sweep), then write the zip, report.json and the
+    pictures -> exit code (0, or EXIT_ZIP_FAILED)."""
+    t0 = time.monotonic()
+    device = check_device(cfg.device)
+    configure_threads(cfg.threads, device)  # as a run starts (a CPU run on 2 cores: 1; not re-measured here)
+    loaded = load_generator(cfg.generate, device)
+    sampler = build_generate_sampler(cfg, loaded, device, given=given)
+    sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
+    extractor = data = None
+    if sweep:
+        extractor = build_feature_extractor(cfg.feature_weights or None, device)
+        if extractor is not None:
+            data, _ = load_training_data(cfg)  # FID's reference: the training images
+    out_dir = resolve_out_dir(cfg.out)
+    check_out_dir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"generate": {"checkpoint": cfg.generate, "step": loaded.step, "weights": loaded.weights,
+                           "arch": loaded.config.arch, "breeds": len(loaded.classes),
+                           "breed_frequencies": "the training set's" if loaded.counts_known else "uniform"},
+              "device": str(device), "files": [], "warnings": []}
+    if not loaded.counts_known:
+        warn(UNIFORM_BREEDS)
+        report["warnings"].append(UNIFORM_BREEDS)
+    log(f"--generate {cfg.generate}: {loaded.config.arch}, step {loaded.step}, {loaded.weights} weights, "
+        f"{len(loaded.classes)} breeds")
+    with fast_inference(loaded.G, device):
+        if sweep:
+            sampler, images = run_sweep(sampler, *sweep, n=cfg.n_images, seed=cfg.seed, extractor=extractor, data=data,
+                                        classes=loaded.classes, out_dir=out_dir, report=report)
+        else:
+            sampler = sampler.ready()
+            images = sampler(cfg.n_images, cfg.seed)
+        report["settings"] = {"truncation": sampler.truncation, "sample_bn": sampler.sample_bn, "seed": cfg.seed,
+                              "n_images": cfg.n_images, "sample_batch": sampler.batch,
+                              "amp": describe_amp(sampler.amp_dtype)}
+        zip_path = os.path.join(out_dir, "images.zip")
+        try:
+            write_submission(images, zip_path, workers=cfg.data_workers)
+        except SubmissionError as exc:
+            say(f"error: no valid zip written ({exc}); any earlier {zip_path} is left as it was", sys.stderr)
+            return EXIT_ZIP_FAILED
+        shown = ", ".join(f"{k} {_shown(v)}" for k, v in report["settings"].items())
+        log(f"wrote {zip_path}: {len(images)} verified PNGs ({shown})")
+        report["files"].append(zip_path)
+        report_path = os.path.join(out_dir, "report.json")
+        write_report(report_path, report)
+        write_pictures(sampler, loaded, seed=cfg.seed, out_dir=out_dir, report=report)
+    report["wall_seconds"] = time.monotonic() - t0
+    write_report(report_path, report)
+    log(f"done: --generate in {format_duration(report['wall_seconds'])}; files in {out_dir}")
+    return 0
+
+
+def write_pictures(sampler, loaded, *, seed, out_dir, report):
+    """breeds.png (a conditional G only) and interpolation.png; a failure is a warning: the zip is written."""
+    sheets = [("interpolation.png", interpolation_sheet)]
+    if conditioned_on_breed(loaded.G):
+        sheets.insert(0, ("breeds.png", breeds_sheet))
+    else:
+        log("breeds.png skipped: this model is not conditioned on the breed")
+    for name, make in sheets:
+        path = os.path.join(out_dir, name)
+        try:
+            make(sampler, loaded.classes, seed=seed).save(path, format="PNG")
+            report["files"].append(path)
+        except Exception as exc:
+            warn(f"{name} failed ({type(exc).__name__}: {exc}); the zip is written")
+            report["warnings"].append(f"{name} failed: {exc}")
+
+
+def run_sweep(sampler, name, values, *, n, seed, extractor, data, classes, out_dir, report):
+    """--sweep: breeds-NAME-V.png per value; with an extractor each value's n images scored (FID, MiFID: a table),
+    -> (the best value's sampler, its images); without one -> (the configured sampler, its images) and a line saying
+    that the sweep could not be scored."""
+    rows, best = [], None
+    for value in values:
+        one = dataclasses.replace(sampler, **{name: value}).ready()
+        sheet = os.path.join(out_dir, f"breeds-{name}-{_shown(value)}.png")
+        breeds_sheet(one, classes, seed=seed).save(sheet, format="PNG")
+        report["files"].append(sheet)
+        row = {name: value, "sheet": sheet}
+        if extractor is not None:
+            images = one(n, seed)
+            scores = evaluate_images(images, data.reference, extractor)
+            row.update({k: scores[k] for k in ("fid", "mifid_public", "mifid_private", "memorization_distance")})
+            if best is None or row[SWEEP_RANK_BY] < best[0][SWEEP_RANK_BY]:
+                best = row, one, images
+        rows.append(row)
+    report["sweep"] = {"setting": name, "rows": rows, "scored": extractor is not None}
+    if extractor is None:
+        log(f"--sweep {name}: could not score it ({NO_FID}); wrote a sheet per value, the zip at "
+            f"{name}={_shown(getattr(sampler, name))}")
+        report["sweep"]["note"] = NO_FID
+        sampler = sampler.ready()
+        return sampler, sampler(n, seed)
+    say(f"{name:>12} {'FID':>9} {'MiFID pub':>10} {'MiFID priv':>10}  ({LOCAL_NOTE})")
+    for row in rows:
+        say(f"{_shown(row[name]):>12} {row['fid']:9.3f} {row['mifid_public']:10.3f} {row['mifid_private']:10.3f}")
+    row, one, images = best
+    log(f"--sweep: shipping {name}={_shown(row[name])} (lowest {SWEEP_RANK_BY})")
+    report["sweep"].update(shipped=row[name], note=LOCAL_NOTE)
+    return one, images
+
+
 # ==== modules/run/main.py ====
 """The run, straight: config -> prepare (checks, data) -> the ranks (one process, torchrun's, or forked) -> run_rank on
-each; --evaluate scores a zip instead. The only module with side effects. Whatever ends training, the checkpoint and
-the zip are written; a problem the user can fix ends before training with one line and exit code 2.
+each; --evaluate scores a zip instead, --generate samples a checkpoint (generate.py). The only module with side
+effects. Whatever ends training, the checkpoint and the zip are written; a problem the user can fix ends before
+training with one line and exit code 2.
 """
 
 
@@ -4949,12 +5316,14 @@ EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is p
 
 
 def run(argv=None):
-    cfg, print_config = parse_config(argv)
+    cfg, print_config, given = read_command_line(argv)
     if print_config:
         say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
+    if cfg.generate:
+        return generate_command(cfg, given=given)
     ctx = torchrun_env() or DistContext()
     with signal_handlers(signal.default_int_handler, signal.SIGTERM):  # until training: SIGTERM ends as SIGINT does
         setup = prepare(cfg, ctx)

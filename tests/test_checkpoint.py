@@ -35,7 +35,9 @@ def test_round_trip_restores_the_state(tmp_path):
     _save(tmp_path / "c.pt", a)
     ckpt = Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).payload
     assert ckpt["train_seconds"] == 12.5 and ckpt["plan_seconds"] == 20.0 and not ckpt["complete"]
-    assert ckpt["history"]["loss_d"] == [(1.0, 0.5)]
+    assert ckpt["history"]["loss_d"] == [(1.0, 0.5)] and "label_counts" not in ckpt
+    _save(tmp_path / "c.pt", a, label_counts=[5, 0, 7])
+    assert read_checkpoint(str(tmp_path / "c.pt"), arch=ARCH)["label_counts"] == [5, 0, 7]
     b = _trainer(1)
     Resumed.read(str(tmp_path / "c.pt"), arch=ARCH).restore(b, classes=["c0", "c1", "c2"])
     assert b.step_count == 1
@@ -69,7 +71,8 @@ def test_bad_checkpoints_are_one_line_usage_errors(tmp_path):
     ({"complete": "yes"}, "complete"), ({"n_classes": "3"}, "n_classes"), ({"classes": []}, "classes"),
     ({"classes": [1, 2, 3]}, "classes"), ({"history": {"loss_d": "x"}}, "history"),
     ({"trainer": {"G": {}}}, "trainer"), ({"trainer.step": 1.5}, "trainer.step"),
-    ({"trainer.lr_scale": float("nan")}, "trainer.lr_scale"), ({"trainer.opt_g": [1]}, "trainer.opt_g")])
+    ({"trainer.lr_scale": float("nan")}, "trainer.lr_scale"), ({"trainer.opt_g": [1]}, "trainer.opt_g"),
+    ({"label_counts": [1, 2]}, "label_counts"), ({"label_counts": [0, 0, 0]}, "label_counts")])
 def test_wrong_typed_or_absurd_fields_are_one_line_usage_errors(tmp_path, change, field):
     """Issue 19: a checkpoint that loads but carries a string for seconds, no classes, infinite seconds... is refused
     when read (before the data), naming the field, instead of crashing the run later."""

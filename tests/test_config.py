@@ -80,6 +80,7 @@ BAD = {  # field -> a value it must refuse (one per field: test_bad_value_of_eve
     "check_every": 0, "snapshot_every": 0, "max_rollbacks": -1, "rollback_lr_factor": 0.0, "checkpoint_s": -1.0,
     "reserve_margin_s": float("inf"), "feature_weights": "w\0", "self_check": "false", "dev_counts": "yes",
     "fault": "boom@3", "d_arch": "biggan5", "crop_filter": "bicubic", "sample_bn": "eval",
+    "generate": "x\n", "sweep": "truncation=1\0",
 }
 
 

@@ -92,6 +92,8 @@ def test_save_pictures_keeps_the_generator_mode(tmp_path):
     breeds = save_pictures(_sampler(trainer).with_model(G), classes=["a", "b"], history={}, out_dir=str(tmp_path),
                            seed=0)
     assert breeds == ["a", "b"] and G.training and (tmp_path / "samples.png").is_file()
+    with Image.open(tmp_path / "breeds.png") as sheet:  # a conditional G: every breed, one labelled row each
+        assert sheet.height == 2 * 66 + 2
 
 
 def test_finish_settings_come_from_the_config():

@@ -25,6 +25,8 @@ class Config:
     demo: bool = False  # make a synthetic dataset in a temp dir and run on it
     resume: str = ""  # path of a checkpoint.pt to continue from
     evaluate: str = ""  # path of a zip or PNG folder: score it and exit
+    generate: str = ""  # path of a checkpoint.pt: sample its generator (no training): images.zip, breeds.png, ...
+    sweep: str = ""  # with generate: truncation=V1,V2,... (or sample_bn=...) sampled, scored with Inception weights
     # data
     image_size: int = 64  # pixels; the competition wants 64
     crop_margin: float = 0.1  # fraction of the box's longer side added around it (box, padded, top; not square)
@@ -166,6 +168,7 @@ LIMITS = {
     "seed": Range(0, 2**32 - 1), "device": Match(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
     "gpus": Match(r"auto|[1-9]\d{0,3}", "auto or a whole number of ranks from 1"),
     "resume": Text("a checkpoint.pt path"), "evaluate": Text("a zip or folder path"),
+    "generate": Text("a checkpoint.pt path"), "sweep": Text("NAME=V1,V2,... (each value checked as NAME's)"),
     # data
     "image_size": Range(64, 64), "crop_margin": Range(0, 1), "min_aspect": Range(0, 100), "max_aspect": Range(0, 100),
     "real_noise": Range(0, 1), "data_workers": Range(1, 256), "threads": Range(0, 1024),

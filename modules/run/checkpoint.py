@@ -20,13 +20,16 @@ CHECKPOINT_TRAINER_KEYS = ("G", "D", "opt_g", "opt_d", "scaler_g", "scaler_d", "
 
 
 def save_checkpoint(path, trainer, *, config, train_seconds, n_classes, classes, plan_seconds=0.0, complete=False,
-                    history=None):
+                    history=None, label_counts=None):
     """Atomic and durable: written to path.tmp, flushed to the disk, then renamed over path, so a kill at any moment
-    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's schedule (LR, noise
-    decay) spans; complete: training ran to its end."""
+    leaves the previous checkpoint or the new one. plan_seconds: the training time the run's plan spans; complete:
+    training ran to its end; label_counts: training images per breed, so that --generate draws the breeds as the run
+    did without the data."""
     payload = {"format": CHECKPOINT_FORMAT, "trainer": trainer.state_dict(), "config": config,
                "train_seconds": float(train_seconds), "plan_seconds": float(plan_seconds), "complete": bool(complete),
                "n_classes": n_classes, "classes": list(classes), "history": history or {}}
+    if label_counts is not None:
+        payload["label_counts"] = [int(c) for c in label_counts]
     with atomic_file(path) as f:
         torch.save(payload, f)
 
@@ -55,12 +58,12 @@ def _real_in(x, lo, hi, *, whole=False):
     return _is_real(x) and (isinstance(x, int) or not whole) and math.isfinite(x) and lo <= x <= hi
 
 
-def check_checkpoint_fields(ckpt, path):
+def check_checkpoint_fields(ckpt, path, flag="--resume"):
     """Every field --resume reads, by type and range: a crafted or damaged file that loads must not crash the run
     after the data is read. The state dicts' tensors are checked by load_state_dict."""
     def bad(field, value, want):
         shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise UsageError(f"--resume {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
+        raise UsageError(f"{flag} {path}: damaged checkpoint: {field} is {shown}, want {want}; use the checkpoint.pt "
                          "of an earlier run")
 
     for field, default in (("train_seconds", None), ("plan_seconds", 0.0)):
@@ -74,6 +77,10 @@ def check_checkpoint_fields(ckpt, path):
     classes = ckpt.get("classes")
     if not isinstance(classes, (list, tuple)) or len(classes) != n or not all(isinstance(c, str) for c in classes):
         bad("classes", classes, f"a list of {n} breed names")
+    counts = ckpt.get("label_counts", [1] * n)
+    if not isinstance(counts, list) or len(counts) != n or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or not sum(counts):
+        bad("label_counts", counts, f"{n} image counts >= 0, not all 0")
     history = ckpt.get("history", {})
     if not isinstance(history, dict) or not all(
             isinstance(k, str) and isinstance(v, (list, tuple)) and all(
@@ -95,6 +102,29 @@ def check_checkpoint_fields(ckpt, path):
         bad("trainer.lr_scale", lr_scale, "a number in (0, 1000]")
 
 
+def read_checkpoint(path, *, arch, flag="--resume"):
+    """Load a checkpoint onto the CPU and check it -> its payload (see save_checkpoint). arch: {key: value} of this
+    run's CHECKPOINT_ARCH_KEYS, which must equal the checkpoint's. A file that will not do is a UsageError naming the
+    flag and the path."""
+    require_regular_file(path, flag)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
+        raise UsageError(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}); use the "
+                         "checkpoint.pt of an earlier run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{flag} {path}: not a checkpoint written by this kernel")
+    check_checkpoint_fields(ckpt, path, flag=flag)
+    for key, value in arch.items():
+        had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
+        if had != value:
+            raise UsageError(f"{flag} {path}: checkpoint has {key}={had!r}, this run {value!r}; "
+                             "resume with the same preset and settings")
+    return ckpt
+
+
 @dataclass(frozen=True)
 class Resumed:
     """What --resume carries into a run: the checked checkpoint and the times of the run it continues."""
@@ -108,24 +138,7 @@ class Resumed:
 
     @classmethod
     def read(cls, path, *, arch):
-        """Load a checkpoint onto the CPU and check it. arch: this run's {key: value} of CHECKPOINT_ARCH_KEYS, which
-        must equal the checkpoint's. A file that will not do is a UsageError naming the path."""
-        require_regular_file(path, "--resume")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise UsageError(f"--resume {path}: no such file") from None
-        except Exception as exc:  # truncated zip, garbage, a folder, a pickle with code in it
-            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); use the "
-                             "checkpoint.pt of an earlier run") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"--resume {path}: not a checkpoint written by this kernel")
-        check_checkpoint_fields(ckpt, path)
-        for key, value in arch.items():
-            had = ckpt["config"].get(key, CHECKPOINT_ARCH_BEFORE.get(key))
-            if had != value:
-                raise UsageError(f"--resume {path}: checkpoint has {key}={had!r}, this run {value!r}; "
-                                 "resume with the same preset and settings")
+        ckpt = read_checkpoint(path, arch=arch)
         train_s = float(ckpt["train_seconds"])
         return cls(path=path, payload=ckpt, step=ckpt["trainer"]["step"], train_seconds=train_s,
                    plan_seconds=float(ckpt.get("plan_seconds", train_s)), complete=bool(ckpt.get("complete", True)),

@@ -174,6 +174,10 @@ def build_parser():
     p.add_argument("--demo", action="store_const", const=True, help="run on a small synthetic dataset made in a temp dir")
     p.add_argument("--resume", help="continue from this checkpoint.pt with the remaining budget")
     p.add_argument("--evaluate", help="score a zip or PNG folder against the training data, print JSON and exit")
+    p.add_argument("--generate", metavar="CHECKPOINT", help="sample this checkpoint.pt's generator (no training): "
+                   "images.zip, breeds.png, interpolation.png, report.json; only sampling settings may be changed")
+    p.add_argument("--sweep", metavar="NAME=V1,V2", help="with --generate: sample at each value (truncation or "
+                   "sample_bn); with Inception weights scored by FID/MiFID and the best one's zip shipped")
     p.add_argument("--feature-weights", help="Inception-v3 weights file (torchvision's or pytorch-fid's) for FID")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override any config field")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -182,6 +186,12 @@ def build_parser():
 
 def parse_config(argv=None):
     """argv -> (Config, print_config flag): presets in order, then the flags, then --set, then every check."""
+    cfg, print_config, _given = read_command_line(argv)
+    return cfg, print_config
+
+
+def read_command_line(argv=None):
+    """parse_config's work -> (Config, print_config flag, the names of the fields the command line gave)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(_dash_values(parser, argv))
@@ -193,7 +203,8 @@ def parse_config(argv=None):
         cfg = apply_overrides(cfg, PRESETS[name], f"preset {name}")
     cfg = dataclasses.replace(cfg, preset=preset)
     fields = {field.name for field in dataclasses.fields(Config)} - {"preset"}
-    cfg = apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in fields and v is not None}, "command line")
+    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    cfg = apply_overrides(cfg, flags, "command line")
     sets = {}
     for item in args.set:
         if "=" not in item:
@@ -202,7 +213,48 @@ def parse_config(argv=None):
         sets[name.strip()] = value.strip()
     cfg = apply_overrides(cfg, sets, "--set")
     check_config(cfg)  # every field against ALLOWED, before anything is read or written
-    return cfg, args.print_config
+    given = set(flags) | set(sets) | ({"preset"} if args.preset else set())
+    check_generate(cfg, given)
+    return cfg, args.print_config, given
+
+
+# --generate: what it takes (sampling and where; data_dir: the sweep's FID reference) and what --sweep may vary
+
+GENERATE_SETTINGS = ("generate", "sweep", "out", "device", "seed", "truncation", "sample_bn", "sample_batch", "amp",
+                     "n_images", "dev_counts", "feature_weights", "data_dir", "threads", "data_workers")
+SWEEP_FIELDS = ("truncation", "sample_bn")
+
+
+def parse_sweep(text):
+    """--sweep NAME=V1,V2,... -> (NAME, [values]), each value converted and checked as NAME's own setting."""
+    name, _, values = text.partition("=")
+    name = name.strip()
+    if name not in SWEEP_FIELDS or not values.strip():
+        raise UsageError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEP_FIELDS)}")
+    out = []
+    for raw in values.split(","):
+        value = getattr(apply_overrides(Config(), {name: raw.strip()}, "--sweep"), name)
+        try:
+            check_value(name, value)
+        except UsageError as exc:
+            raise UsageError(f"--sweep: {exc}") from None
+        out.append(value)
+    return name, out
+
+
+def check_generate(cfg, given):
+    """--generate samples the checkpoint's own model: a training setting given with it (a flag or --set) is refused,
+    naming the field; --sweep needs --generate and its values are checked here, before anything is read."""
+    if cfg.sweep and not cfg.generate:
+        raise UsageError("--sweep samples a checkpoint: pass --generate CHECKPOINT with it")
+    if not cfg.generate:
+        return
+    refused = sorted(given - set(GENERATE_SETTINGS))
+    if refused:
+        raise UsageError(f"setting {refused[0]} cannot be changed with --generate: it samples the checkpoint's own "
+                         f"model, with only these settings: {', '.join(GENERATE_SETTINGS[1:])}")
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)
 
 
 def resolve_out_dir(out):

@@ -1,5 +1,5 @@
-"""Finishing a run: the images, the verified zip, then the self-check, samples.png and losses.png. Whether an optional
-part still fits is the Pace's call (budget.py): no time arithmetic here."""
+"""Finishing a run: the images, the verified zip, then the self-check, samples.png, losses.png and breeds.png.
+Whether an optional part still fits is the Pace's call (budget.py): no time arithmetic here."""
 import contextlib
 import json
 import os
@@ -14,6 +14,7 @@ from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
 from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images
 from modules.run.report import plot_losses, save_grid
+from modules.run.sheets import breeds_sheet, conditioned_on_breed
 from modules.run.submission import SubmissionError, encode_pngs, write_submission
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -146,7 +147,8 @@ def _finish_self_check(images, *, data, out_dir, seed, extractor, device, pace, 
 
 
 def save_pictures(sampler, *, classes, history, out_dir, seed):
-    """samples.png (fixed z, one row per breed for a handful of breeds) and losses.png -> the breeds shown."""
+    """samples.png (fixed z, one row per breed for a handful of breeds), losses.png and, for a conditional G,
+    breeds.png (every breed, labelled) -> the breeds shown in samples.png."""
     G, device = sampler.model(), sampler.device
     n_breeds = min(SAMPLE_GRID_BREEDS, len(classes))
     per_row = 8
@@ -158,4 +160,6 @@ def save_pictures(sampler, *, classes, history, out_dir, seed):
         grid = to_uint8(G(z, y))
     save_grid(grid, os.path.join(out_dir, "samples.png"), nrow=per_row)
     plot_losses(history, os.path.join(out_dir, "losses.png"))
+    if conditioned_on_breed(G):
+        breeds_sheet(sampler, classes, seed=seed).save(os.path.join(out_dir, "breeds.png"), format="PNG")
     return [classes[i] for i in breeds]

@@ -1,6 +1,7 @@
 """The run, straight: config -> prepare (checks, data) -> the ranks (one process, torchrun's, or forked) -> run_rank on
-each; --evaluate scores a zip instead. The only module with side effects. Whatever ends training, the checkpoint and
-the zip are written; a problem the user can fix ends before training with one line and exit code 2.
+each; --evaluate scores a zip instead, --generate samples a checkpoint (generate.py). The only module with side
+effects. Whatever ends training, the checkpoint and the zip are written; a problem the user can fix ends before
+training with one line and exit code 2.
 """
 import contextlib
 import json
@@ -9,9 +10,10 @@ import signal
 import sys
 
 from modules.recipe.utils import UsageError, check_device, log, say
-from modules.run.cli import config_to_json, parse_config
+from modules.run.cli import config_to_json, read_command_line
 from modules.run.distributed import DistContext, fork_workers, record_failure, torchrun_env
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images, read_submission
+from modules.run.generate import generate_command
 from modules.run.metrics import build_feature_extractor
 from modules.run.rank import EXIT_ZIP_FAILED, run_rank, signal_handlers
 from modules.run.setup import load_training_data, prepare
@@ -21,12 +23,14 @@ EXIT_REJECTED = 1  # --evaluate: the submission would be rejected (its JSON is p
 
 
 def run(argv=None):
-    cfg, print_config = parse_config(argv)
+    cfg, print_config, given = read_command_line(argv)
     if print_config:
         say(config_to_json(cfg))
         return 0
     if cfg.evaluate:
         return evaluate_command(cfg)
+    if cfg.generate:
+        return generate_command(cfg, given=given)
     ctx = torchrun_env() or DistContext()
     with signal_handlers(signal.default_int_handler, signal.SIGTERM):  # until training: SIGTERM ends as SIGINT does
         setup = prepare(cfg, ctx)

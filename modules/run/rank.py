@@ -146,7 +146,8 @@ def build_rank(ctx, cfg, device, setup):
                 plan = measure_and_plan(cfg, trainer, sampler, ctx=ctx, setup=setup, extractor=extractor,
                                         disk_speed=disk_speed)
                 checkpoint = make_checkpointer(os.path.join(setup.out_dir, "checkpoint.pt"), trainer,
-                                               config=report.config, classes=data.classes, report=report)
+                                               config=report.config, classes=data.classes, report=report,
+                                               label_counts=sampler.label_counts)
     except Exception as exc:  # out of memory before any step: the widths do not fit this device (one line, exit 2)
         if is_out_of_memory(exc):
             raise UsageError(describe_early_oom(exc, when="before training (building the models, measuring the finish)",
@@ -208,14 +209,15 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     return plan
 
 
-def make_checkpointer(path, trainer, *, config, classes, report):
+def make_checkpointer(path, trainer, *, config, classes, report, label_counts=None):
     """-> checkpoint(train_seconds, plan_seconds, complete) -> bool; a failure (a full disk) is one warning: the zip
     matters more."""
 
     def checkpoint(train_seconds, plan_seconds, complete):
         try:
             save_checkpoint(path, trainer, config=config, train_seconds=train_seconds, n_classes=len(classes),
-                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history)
+                            classes=classes, plan_seconds=plan_seconds, complete=complete, history=report.history,
+                            label_counts=label_counts)
             return True
         except Exception as exc:
             warn(f"checkpoint not written: {describe_write_error(exc, path)}")

@@ -89,12 +89,17 @@ def _save_report_png(img, path):
     return Path(path)
 
 
-def save_grid(images_uint8, path, nrow, pad=2):
-    """uint8 [N,H,W,3] -> PNG at path: `nrow` images per row, `pad` white pixels around and between them."""
+def image_grid(images_uint8, nrow, pad=2):
+    """uint8 [N,H,W,3] -> PIL image: `nrow` images per row, `pad` white pixels around and between them."""
     assert images_uint8.dtype == np.uint8 and images_uint8.ndim == 4 and images_uint8.shape[-1] == 3, images_uint8.shape
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2), nrow=nrow, padding=pad,
                      pad_value=255)
-    return _save_report_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images_uint8, path, nrow, pad=2):
+    """image_grid's picture -> PNG at path."""
+    return _save_report_png(image_grid(images_uint8, nrow, pad), path)
 
 
 # json report
