@@ -28,7 +28,7 @@ PREFERRED = (  # tie-break order inside the import graph's: the recipe, then the
     "utils", "device", "settings", "train",  # the step and what it needs
     "sample", "loop",  # generation, and the loop
     "annotations", "dogs", "demo",  # the data: its robustness, the synthetic demo set
-    "budget", "distributed", "checkpoint", "metrics", "report", "submission", "evaluate", "finish", "cli", "setup",
+    "budget", "distributed", "checkpoint", "metrics", "report", "submission", "evaluate", "finish", "cli", "setup", "generate",
     "rank", "main")
 # The header's table of contents: (what, module, dotted name), listed in kernel.py's order; each must be defined in its
 # module (a top-level def, class or assignment, or a method as Class.name), else the build fails.

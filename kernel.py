@@ -48,17 +48,17 @@
 #    1425  Trainer.set_progress  the schedule: learning rate, noise decay
 #    1465  Trainer.step          one training step: D, then G, EMA
 #    1818  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3453  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4253  finish                the finish: images, the verified zip, self-check, pictures
-#    4502  parse_config          the command line -> a checked Config
-#    4835  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5318  run                   the run: settings, checks and data, the ranks started
-#    5393  main                  the entry point and its exit codes
+#    3551  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4252  finish                the finish: images, the verified zip, self-check, pictures
+#    4501  parse_config          the command line -> a checked Config
+#    4834  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5317  run                   the run: settings, checks and data, the ranks started
+#    5392  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
 #   annotations -> dogs -> demo -> metrics -> report -> submission -> evaluate -> budget -> distributed -> checkpoint ->
-#   sheets -> finish -> cli -> setup -> rank -> generate -> main
+#   finish -> cli -> setup -> rank -> generate -> main
 
 
 import argparse, contextlib, copy, ctypes, dataclasses, datetime, difflib, errno, functools, io, itertools, json, math
@@ -2772,7 +2772,12 @@ def build_feature_extractor(weights_path, device):
 
 
 # ==== modules/run/report.py ====
-"""Run artefacts drawn with PIL only: loss curves, image grids, and the JSON report (written atomically)."""
+"""Run artefacts drawn with PIL only: loss curves, image grids, and the JSON report (written atomically).
+
+The labelled sample sheets: breeds.png (one row per breed, the same latents in every row, the breed's name at the
+row's start) and interpolation.png (latent interpolation within a breed; breed to breed through the shared class
+embedding where G has one), as BigGAN-PyTorch's sample sheets.
+"""
 
 
 PLOT_SIZE = (800, 400)  # loss plot, pixels
@@ -2930,6 +2935,99 @@ class RunReport:
             write_report(path, self.to_dict())
         except Exception as exc:
             warn(f"report.json not written ({type(exc).__name__}: {exc})")
+
+
+SHEET_PER_BREED = 6  # samples per breed in breeds.png
+INTERP_STEPS = 8  # images per interpolation row, both ends included
+INTERP_ROWS = 3  # rows of each kind in interpolation.png
+SHEET_PAD = 2  # pixels around and between images (image_grid's)
+
+
+def breed_label(name):
+    """An annotation folder's name -> the breed as people write it: "n02106662-German_shepherd" -> "German shepherd"."""
+    return re.sub(r"^n\d+-", "", name).replace("_", " ")
+
+
+def shared_embedding(G):
+    """G's class embedding shared by its blocks (the BigGAN G's `shared`) when it has more than one breed, else None."""
+    shared = getattr(G, "shared", None)
+    return shared if isinstance(shared, nn.Embedding) and shared.num_embeddings > 1 else None
+
+
+def conditioned_on_breed(G):
+    """Does G's output depend on the breed? (an unconditional G has no embedding of more than one class)"""
+    return any(isinstance(m, nn.Embedding) and m.num_embeddings > 1 for m in G.modules())
+
+
+@contextlib.contextmanager
+def _embedding_replaced(G, vectors):
+    """G.shared(y) answers `vectors` [N,shared_dim] instead (a forward hook), so that a forward pass can take class
+    embeddings between two breeds; vectors None: unchanged."""
+    if vectors is None:
+        yield
+        return
+    handle = shared_embedding(G).register_forward_hook(lambda module, inputs, output: vectors.to(output.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def sample_rows(sampler, z, y, *, shared=None):
+    """uint8 [N,H,W,3] from the sampler's generator (its sampling mode, precision and device) at latents z [N,z_dim]
+    and breeds y [N] long, in batches of sampler.batch. shared: [N,shared_dim] class embeddings to use instead of
+    G.shared(y)."""
+    G, device, out = sampler.model(), sampler.device, []
+    with sampling_mode(G, sampler.sample_bn):
+        for i in range(0, len(z), sampler.batch):
+            part = slice(i, i + sampler.batch)
+            with _embedding_replaced(G, None if shared is None else shared[part].to(device)), torch.autocast(
+                    device.type, dtype=sampler.amp_dtype, enabled=sampler.amp_dtype is not None):
+                out.append(to_uint8(G(z[part].to(device), y[part].to(device))))
+    return np.concatenate(out)
+
+
+def labelled_rows(images, labels, *, per_row):
+    """uint8 [rows*per_row,H,W,3] -> PIL image: image_grid's rows, each row's label in black on white at its start
+    (PIL's default font)."""
+    grid = image_grid(images, nrow=per_row, pad=SHEET_PAD)
+    font = ImageFont.load_default()
+    margin = int(max(ImageDraw.Draw(grid).textlength(text, font=font) for text in labels)) + 4 * SHEET_PAD
+    sheet = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    sheet.paste(grid, (margin, 0))
+    draw, h = ImageDraw.Draw(sheet), images.shape[1]
+    for row, text in enumerate(labels):
+        draw.text((2 * SHEET_PAD, SHEET_PAD + row * (h + SHEET_PAD) + h // 2 - 6), text, fill="black", font=font)
+    return sheet
+
+
+def breeds_sheet(sampler, classes, *, seed, per_breed=SHEET_PER_BREED):
+    """breeds.png: one row per breed (all of them), the same per_breed latents (seeded) in every row."""
+    z = truncated_z(per_breed, sampler.z_dim, sampler.truncation, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(len(classes)).repeat_interleave(per_breed)
+    return labelled_rows(sample_rows(sampler, z.repeat(len(classes), 1), y), [breed_label(c) for c in classes],
+                         per_row=per_breed)
+
+
+def interpolation_sheet(sampler, classes, *, seed):
+    """interpolation.png: INTERP_ROWS rows from one latent to another within a breed; then, where G has a shared class
+    embedding, INTERP_ROWS rows from one breed to another at a fixed latent, through that embedding. Linear steps:
+    a point between two truncated latents is within the truncation too."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, INTERP_STEPS)[:, None]  # [S,1]
+    pairs = torch.randint(len(classes), (INTERP_ROWS, 2), generator=gen).tolist()  # (breed, second breed) per row
+    ends = truncated_z(2 * INTERP_ROWS, sampler.z_dim, sampler.truncation, generator=gen)
+    z = torch.cat([(1 - t) * ends[2 * r] + t * ends[2 * r + 1] for r in range(INTERP_ROWS)])  # [ROWS*S, z_dim]
+    y = torch.as_tensor([a for a, _ in pairs]).repeat_interleave(INTERP_STEPS)
+    images, labels = [sample_rows(sampler, z, y)], [breed_label(classes[a]) for a, _ in pairs]
+    embedding = shared_embedding(sampler.model())
+    if embedding is not None:
+        emb = embedding.weight.detach().float().cpu()
+        shared = torch.cat([(1 - t) * emb[a] + t * emb[b] for a, b in pairs])  # [ROWS*S, shared_dim]
+        images.append(sample_rows(sampler, ends[:INTERP_ROWS].repeat_interleave(INTERP_STEPS, 0), y, shared=shared))
+        labels += [f"{breed_label(classes[a])} > {breed_label(classes[b])}" for a, b in pairs]
+    return labelled_rows(np.concatenate(images), labels, per_row=INTERP_STEPS)
 
 
 # ==== modules/run/submission.py ====
@@ -4074,105 +4172,6 @@ class Resumed:
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             why = " ".join(line.strip() for line in str(exc).splitlines()[:2])
             raise UsageError(f"--resume {self.path}: does not fit this model ({why[:200]})") from None
-
-
-# ==== modules/run/sheets.py ====
-"""The labelled sample sheets: breeds.png (one row per breed, the same latents in every row, the breed's name at the
-row's start) and interpolation.png (latent interpolation within a breed; breed to breed through the shared class
-embedding where G has one), as BigGAN-PyTorch's sample sheets."""
-
-
-SHEET_PER_BREED = 6  # samples per breed in breeds.png
-INTERP_STEPS = 8  # images per interpolation row, both ends included
-INTERP_ROWS = 3  # rows of each kind in interpolation.png
-SHEET_PAD = 2  # pixels around and between images (image_grid's)
-
-
-def breed_label(name):
-    """An annotation folder's name -> the breed as people write it: "n02106662-German_shepherd" -> "German shepherd"."""
-    return re.sub(r"^n\d+-", "", name).replace("_", " ")
-
-
-def shared_embedding(G):
-    """G's class embedding shared by its blocks (the BigGAN G's `shared`) when it has more than one breed, else None."""
-    shared = getattr(G, "shared", None)
-    return shared if isinstance(shared, nn.Embedding) and shared.num_embeddings > 1 else None
-
-
-def conditioned_on_breed(G):
-    """Does G's output depend on the breed? (an unconditional G has no embedding of more than one class)"""
-    return any(isinstance(m, nn.Embedding) and m.num_embeddings > 1 for m in G.modules())
-
-
-@contextlib.contextmanager
-def _embedding_replaced(G, vectors):
-    """G.shared(y) answers `vectors` [N,shared_dim] instead (a forward hook), so that a forward pass can take class
-    embeddings between two breeds; vectors None: unchanged."""
-    if vectors is None:
-        yield
-        return
-    handle = shared_embedding(G).register_forward_hook(lambda module, inputs, output: vectors.to(output.dtype))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def sample_rows(sampler, z, y, *, shared=None):
-    """uint8 [N,H,W,3] from the sampler's generator (its sampling mode, precision and device) at latents z [N,z_dim]
-    and breeds y [N] long, in batches of sampler.batch. shared: [N,shared_dim] class embeddings to use instead of
-    G.shared(y)."""
-    G, device, out = sampler.model(), sampler.device, []
-    with sampling_mode(G, sampler.sample_bn):
-        for i in range(0, len(z), sampler.batch):
-            part = slice(i, i + sampler.batch)
-            with _embedding_replaced(G, None if shared is None else shared[part].to(device)), torch.autocast(
-                    device.type, dtype=sampler.amp_dtype, enabled=sampler.amp_dtype is not None):
-                out.append(to_uint8(G(z[part].to(device), y[part].to(device))))
-    return np.concatenate(out)
-
-
-def labelled_rows(images, labels, *, per_row):
-    """uint8 [rows*per_row,H,W,3] -> PIL image: image_grid's rows, each row's label in black on white at its start
-    (PIL's default font)."""
-    grid = image_grid(images, nrow=per_row, pad=SHEET_PAD)
-    font = ImageFont.load_default()
-    margin = int(max(ImageDraw.Draw(grid).textlength(text, font=font) for text in labels)) + 4 * SHEET_PAD
-    sheet = Image.new("RGB", (grid.width + margin, grid.height), "white")
-    sheet.paste(grid, (margin, 0))
-    draw, h = ImageDraw.Draw(sheet), images.shape[1]
-    for row, text in enumerate(labels):
-        draw.text((2 * SHEET_PAD, SHEET_PAD + row * (h + SHEET_PAD) + h // 2 - 6), text, fill="black", font=font)
-    return sheet
-
-
-def breeds_sheet(sampler, classes, *, seed, per_breed=SHEET_PER_BREED):
-    """breeds.png: one row per breed (all of them), the same per_breed latents (seeded) in every row."""
-    z = truncated_z(per_breed, sampler.z_dim, sampler.truncation, generator=torch.Generator().manual_seed(seed))
-    y = torch.arange(len(classes)).repeat_interleave(per_breed)
-    return labelled_rows(sample_rows(sampler, z.repeat(len(classes), 1), y), [breed_label(c) for c in classes],
-                         per_row=per_breed)
-
-
-def interpolation_sheet(sampler, classes, *, seed):
-    """interpolation.png: INTERP_ROWS rows from one latent to another within a breed; then, where G has a shared class
-    embedding, INTERP_ROWS rows from one breed to another at a fixed latent, through that embedding. Linear steps:
-    a point between two truncated latents is within the truncation too."""
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, INTERP_STEPS)[:, None]  # [S,1]
-    pairs = torch.randint(len(classes), (INTERP_ROWS, 2), generator=gen).tolist()  # (breed, second breed) per row
-    ends = truncated_z(2 * INTERP_ROWS, sampler.z_dim, sampler.truncation, generator=gen)
-    z = torch.cat([(1 - t) * ends[2 * r] + t * ends[2 * r + 1] for r in range(INTERP_ROWS)])  # [ROWS*S, z_dim]
-    y = torch.as_tensor([a for a, _ in pairs]).repeat_interleave(INTERP_STEPS)
-    images, labels = [sample_rows(sampler, z, y)], [breed_label(classes[a]) for a, _ in pairs]
-    embedding = shared_embedding(sampler.model())
-    if embedding is not None:
-        emb = embedding.weight.detach().float().cpu()
-        shared = torch.cat([(1 - t) * emb[a] + t * emb[b] for a, b in pairs])  # [ROWS*S, shared_dim]
-        images.append(sample_rows(sampler, ends[:INTERP_ROWS].repeat_interleave(INTERP_STEPS, 0), y, shared=shared))
-        labels += [f"{breed_label(classes[a])} > {breed_label(classes[b])}" for a, b in pairs]
-    return labelled_rows(np.concatenate(images), labels, per_row=INTERP_STEPS)
 
 
 # ==== modules/run/finish.py ====

@@ -17,7 +17,7 @@ from modules.recipe.utils import UsageError
 from modules.run.checkpoint import save_checkpoint
 from modules.run.cli import parse_config
 from modules.run.main import main
-from modules.run.sheets import breed_label
+from modules.run.report import breed_label
 from modules.run.submission import verify_zip
 
 BREEDS = ["n02085620-Chihuahua", "n02106662-German_shepherd", "n02110958-pug"]

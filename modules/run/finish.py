@@ -13,8 +13,7 @@ from torch.nn.utils import parametrize
 from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
 from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images
-from modules.run.report import plot_losses, save_grid
-from modules.run.sheets import breeds_sheet, conditioned_on_breed
+from modules.run.report import breeds_sheet, conditioned_on_breed, plot_losses, save_grid
 from modules.run.submission import SubmissionError, encode_pngs, write_submission
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row

@@ -18,21 +18,18 @@ import numpy as np
 import torch
 
 from modules.recipe.config import Config
+from modules.recipe.device import configure_threads, describe_amp, resolve_amp
 from modules.recipe.models import build_models
-from modules.recipe.device import describe_amp, resolve_amp
 from modules.recipe.sample import Sampler
-from modules.recipe.device import configure_threads
 from modules.recipe.utils import UsageError, check_device, format_duration, log, say, warn
 from modules.run.checkpoint import CHECKPOINT_ARCH_BEFORE, CHECKPOINT_ARCH_KEYS, read_checkpoint
 from modules.run.cli import check_value, parse_sweep, resolve_out_dir
 from modules.run.evaluate import LOCAL_NOTE, NO_FID, evaluate_images
-from modules.run.metrics import build_feature_extractor
 from modules.run.finish import fast_inference
-from modules.run.setup import check_out_dir
+from modules.run.metrics import build_feature_extractor
 from modules.run.rank import EXIT_ZIP_FAILED
-from modules.run.report import write_report
-from modules.run.setup import load_training_data
-from modules.run.sheets import breeds_sheet, conditioned_on_breed, interpolation_sheet
+from modules.run.report import breeds_sheet, conditioned_on_breed, interpolation_sheet, write_report
+from modules.run.setup import check_out_dir, load_training_data
 from modules.run.submission import SubmissionError, write_submission
 
 GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
