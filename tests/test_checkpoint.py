@@ -11,7 +11,7 @@ import torch
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError
-from modules.run.checkpoint import Resumed, describe_write_error, save_checkpoint
+from modules.run.checkpoint import Resumed, describe_write_error, read_checkpoint, save_checkpoint
 from modules.run.rank import make_checkpointer
 from modules.run.report import RunReport
 
