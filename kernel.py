@@ -5127,7 +5127,7 @@ checkpoint is one line, exit 2, and the output folder is left as it was.
 """
 
 
-GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
+GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "upsample", "split_bn")  # build_models' G
 GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line gives them
 SWEEP_RANK_BY = "mifid_private"  # the sweep ships the value lowest in this (Kaggle's final board was the private one)
 UNIFORM_BREEDS = "the checkpoint has no per-breed image counts (an older kernel's): breeds are drawn uniformly"

@@ -32,7 +32,7 @@ from modules.run.report import breeds_sheet, conditioned_on_breed, interpolation
 from modules.run.setup import check_out_dir, load_training_data
 from modules.run.submission import SubmissionError, write_submission
 
-GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "mbstd_group", "upsample", "split_bn")  # build_models' G
+GENERATE_MODEL_KEYS = CHECKPOINT_ARCH_KEYS + ("aux_weight", "upsample", "split_bn")  # build_models' G
 GENERATE_INHERITED = ("truncation", "sample_bn")  # the checkpoint's, unless the command line gives them
 SWEEP_RANK_BY = "mifid_private"  # the sweep ships the value lowest in this (Kaggle's final board was the private one)
 UNIFORM_BREEDS = "the checkpoint has no per-breed image counts (an older kernel's): breeds are drawn uniformly"
