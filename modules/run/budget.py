@@ -84,8 +84,7 @@ def _time_generation(sampler, first):
             warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
             batch //= 2
             sampler = sampler.with_batch(batch)
-            if sampler.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
@@ -201,7 +200,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
             log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    batches = -(-n_images // gen_batch)
+    batches = math.ceil(n_images / gen_batch)
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch, gen_batch_s=estimates["generate"] / batches,
@@ -301,10 +300,6 @@ class Pace:
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
         twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
-        if part == "zip_retry":
-            return 2 * est["zip"] * s + FINISH_EXIT_S
-        if part == "self_check":
-            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
-        if part == "pictures":
-            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
-        raise ValueError(f"unknown finish part {part!r}")
+        return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
+                "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
+                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]
