@@ -52,8 +52,8 @@
 #    4127  finish                the finish: images, the verified zip, self-check, pictures
 #    4369  parse_config          the command line -> a checked Config
 #    4650  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4933  run                   the run: settings, checks and data, the ranks started
-#    5006  main                  the entry point and its exit codes
+#    4928  run                   the run: settings, checks and data, the ranks started
+#    5001  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -4662,7 +4662,7 @@ def run_rank(ctx, setup):
             if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
+            with signal_handlers(stop_event.handler, signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
                 if ctx.is_main:
                     return ship(rank, setup, summary, stop_event)
@@ -4891,19 +4891,14 @@ class StopRequest(threading.Event):
     """Set by the first SIGINT/SIGTERM (`why` = its name), or by a KeyboardInterrupt in training."""
     why = "KeyboardInterrupt"
 
-
-def stop_handler(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
-    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
-
-    def handler(signum, frame):
-        if stop_event.is_set():
+    def handler(self, signum, frame):
+        """First SIGINT/SIGTERM: set (training stops, the checkpoint and zip are written). Second: exit at once.
+        No buffered I/O here: interrupting a print in progress would raise "reentrant call"."""
+        if self.is_set():
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        stop_event.why = signal.Signals(signum).name
-        stop_event.set()
-
-    return handler
+        self.why = signal.Signals(signum).name
+        self.set()
 
 
 @contextlib.contextmanager

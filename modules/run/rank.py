@@ -107,7 +107,7 @@ def run_rank(ctx, setup):
             if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
+            with signal_handlers(stop_event.handler, signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
                 if ctx.is_main:
                     return ship(rank, setup, summary, stop_event)
@@ -336,19 +336,14 @@ class StopRequest(threading.Event):
     """Set by the first SIGINT/SIGTERM (`why` = its name), or by a KeyboardInterrupt in training."""
     why = "KeyboardInterrupt"
 
-
-def stop_handler(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
-    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
-
-    def handler(signum, frame):
-        if stop_event.is_set():
+    def handler(self, signum, frame):
+        """First SIGINT/SIGTERM: set (training stops, the checkpoint and zip are written). Second: exit at once.
+        No buffered I/O here: interrupting a print in progress would raise "reentrant call"."""
+        if self.is_set():
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        stop_event.why = signal.Signals(signum).name
-        stop_event.set()
-
-    return handler
+        self.why = signal.Signals(signum).name
+        self.set()
 
 
 @contextlib.contextmanager
