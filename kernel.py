@@ -48,12 +48,12 @@
 #    1422  Trainer.set_progress  the schedule: learning rate, noise decay
 #    1462  Trainer.step          one training step: D, then G, EMA
 #    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3445  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4133  finish                the finish: images, the verified zip, self-check, pictures
-#    4375  parse_config          the command line -> a checked Config
-#    4660  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4951  run                   the run: settings, checks and data, the ranks started
-#    5024  main                  the entry point and its exit codes
+#    3444  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4127  finish                the finish: images, the verified zip, self-check, pictures
+#    4369  parse_config          the command line -> a checked Config
+#    4650  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4928  run                   the run: settings, checks and data, the ranks started
+#    5001  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -3263,7 +3263,7 @@ CPU_GEN_BATCH_MAX = 64  # CPU generation batch cap: ~10 MB per image at full wid
 # the finish, measured before training
 
 
-def _timed(fn, *args, **kw):
+def timed(fn, *args, **kw):
     t0 = time.monotonic()
     out = fn(*args, **kw)
     return time.monotonic() - t0, out
@@ -3282,13 +3282,13 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
-    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    t_enc, pngs = timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
-    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_verify, _ = timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     est["zip"] = (t_enc + t_verify) * scale + 2 * zip_bytes / disk_bytes_per_s
     check(est)
     buf = io.BytesIO()
-    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    t_ser, _ = timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = t_ser + buf.tell() / disk_bytes_per_s
     check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
@@ -3305,9 +3305,9 @@ def _time_generation(sampler, first):
     while True:
         try:
             sampler(batch)  # warm-up
-            t1, _ = _timed(sampler, batch, 1)
+            t1, _ = timed(sampler, batch, 1)
             first(t1, batch)
-            t2, imgs = _timed(sampler, batch, 2)
+            t2, imgs = timed(sampler, batch, 2)
             return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
@@ -3315,8 +3315,7 @@ def _time_generation(sampler, first):
             warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
             batch //= 2
             sampler = sampler.with_batch(batch)
-            if sampler.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
@@ -3325,20 +3324,20 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
     probe = np.resize(imgs, (k, *imgs.shape[1:]))
     nearest_pixel(probe[:8], crops[:8], device=device)  # warm-up: the first call sets up kernels and threads
     m_crops = min(len(crops), 1024)
-    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=device)
+    t_pix, _ = timed(nearest_pixel, probe, crops[:m_crops], device=device)
     seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
     if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
         rng, dim = np.random.default_rng(0), extractor.dim
         extractor.features_and_logits(probe[:8])  # warm-up
-        t_feat, _ = _timed(extractor.features_and_logits, probe)
+        t_feat, _ = timed(extractor.features_and_logits, probe)
         feats = rng.random((k, dim))
-        t_cov, _ = _timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
+        t_cov, _ = timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
-        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+        t_sqrtm = timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
         m_ref = max(min(n_reference, 2048), 1)
-        t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        t_mem, _ = timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
         seconds += ((t_feat + t_cov) * (n_images + n_reference) / k + t_sqrtm
                     + t_mem * n_images / k * n_reference / m_ref)
     return seconds
@@ -3432,7 +3431,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
             log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    batches = -(-n_images // gen_batch)
+    batches = math.ceil(n_images / gen_batch)
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch, gen_batch_s=estimates["generate"] / batches,
@@ -3502,9 +3501,8 @@ class Pace:
         """Near the end, re-time a generation batch every _watch_s(its time / PROBE_COST). A batch slower than counted
         so far is timed again at once and the lesser counts: new load counts now, a one-off hiccup does not."""
         plan = self.plan
-        if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
-            return
-        if time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST)):
+        if (self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1)
+                or time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST))):
             return
         try:
             slowdown = self.probe() / plan.gen_batch_s
@@ -3533,13 +3531,9 @@ class Pace:
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
         twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
-        if part == "zip_retry":
-            return 2 * est["zip"] * s + FINISH_EXIT_S
-        if part == "self_check":
-            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
-        if part == "pictures":
-            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
-        raise ValueError(f"unknown finish part {part!r}")
+        return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
+                "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
+                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]
 
 
 # ==== modules/run/distributed.py ====
@@ -4597,8 +4591,9 @@ test code. zipfail is the finish's.
 STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
 
 
-class FaultInjector:
-    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault's step faults, or None without any. Each is one shot at its step
+    (trainer.step_count before the step) unless said:
     raise@STEP   a RuntimeError, as any failure inside training
     oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
     slow@S       every step sleeps S seconds first
@@ -4606,13 +4601,12 @@ class FaultInjector:
     slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
     nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
     """
+    f = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+    if not f:
+        return None
 
-    def __init__(self, fault_text, *, rank):
-        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
-        self.rank = rank
-
-    def before_step(self, trainer):
-        f, step = self.faults, trainer.step_count
+    def before_step(trainer):
+        step = trainer.step_count
         if f.get("raise") == step:
             del f["raise"]
             raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
@@ -4622,7 +4616,7 @@ class FaultInjector:
                                               f"{step}, --set fault=oom@STEP)")
         if "slow" in f:
             time.sleep(f["slow"])
-        if f.get("kill") == step and self.rank == 1:
+        if f.get("kill") == step and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if "slowgen" in f:
             delay = f.pop("slowgen")
@@ -4634,11 +4628,7 @@ class FaultInjector:
                 for p in trainer.D.parameters():
                     p.fill_(float("nan"))
 
-
-def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step, or None without step faults."""
-    injector = FaultInjector(fault_text, rank=rank)
-    return injector.before_step if injector.faults else None
+    return before_step
 
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
@@ -4672,7 +4662,7 @@ def run_rank(ctx, setup):
             if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
+            with signal_handlers(stop_event.handler, signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
                 if ctx.is_main:
                     return ship(rank, setup, summary, stop_event)
@@ -4699,8 +4689,13 @@ def build_rank(ctx, cfg, device, setup):
             if ctx.distributed:
                 report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
                                 "batch_per_rank": trainer.batch_per_rank}
-            if setup.resumed is not None:
-                restore(trainer, setup.resumed, data=data, report=report)
+            resumed = setup.resumed
+            if resumed is not None:
+                resumed.restore(trainer, classes=data.classes)
+                report.history = {k: list(v) for k, v in resumed.history.items()}
+                report.resumed_from = {"path": resumed.path, "step": trainer.step_count,
+                                       "train_seconds": resumed.train_seconds, "plan_seconds": resumed.plan_seconds,
+                                       "complete": resumed.complete}
             sampler = build_sampler(cfg, trainer, data)
             if ctx.is_main:
                 disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
@@ -4725,13 +4720,6 @@ def build_rank(ctx, cfg, device, setup):
                 checkpoint=checkpoint)
 
 
-def restore(trainer, resumed, *, data, report):
-    resumed.restore(trainer, classes=data.classes)
-    report.history = {k: list(v) for k, v in resumed.history.items()}
-    report.resumed_from = {"path": resumed.path, "step": trainer.step_count, "train_seconds": resumed.train_seconds,
-                           "plan_seconds": resumed.plan_seconds, "complete": resumed.complete}
-
-
 def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
     """Rank 0: the CPU threads picked, the finish measured, the disk space checked -> the TrainPlan (several ranks:
     training stops a collective timeout earlier)."""
@@ -4753,9 +4741,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     if free < 1.2 * need:
         raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
                          f"need about {1.2 * need / 2**20:.0f} MiB")
-    timeout = 0.0
-    if ctx.distributed:
-        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+    timeout = (training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+               if ctx.distributed else 0.0)
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
@@ -4788,13 +4775,7 @@ def make_checkpointer(path, trainer, *, config, classes, report):
 def finish_probe(sampler, batch):
     """-> probe() -> seconds to generate one finish batch now."""
     one = sampler.with_batch(batch)
-
-    def probe():
-        t0 = time.monotonic()
-        one(batch, seed=1)
-        return time.monotonic() - t0
-
-    return probe
+    return lambda: timed(one, batch, seed=1)[0]
 
 
 def train(rank, setup, stop_event):
@@ -4836,8 +4817,9 @@ def train(rank, setup, stop_event):
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
     report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
-    if describe_skips(report.precision):
-        log(describe_skips(report.precision))
+    skips = describe_skips(report.precision)
+    if skips:
+        log(skips)
     return summary
 
 
@@ -4909,19 +4891,14 @@ class StopRequest(threading.Event):
     """Set by the first SIGINT/SIGTERM (`why` = its name), or by a KeyboardInterrupt in training."""
     why = "KeyboardInterrupt"
 
-
-def stop_handler(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
-    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
-
-    def handler(signum, frame):
-        if stop_event.is_set():
+    def handler(self, signum, frame):
+        """First SIGINT/SIGTERM: set (training stops, the checkpoint and zip are written). Second: exit at once.
+        No buffered I/O here: interrupting a print in progress would raise "reentrant call"."""
+        if self.is_set():
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        stop_event.why = signal.Signals(signum).name
-        stop_event.set()
-
-    return handler
+        self.why = signal.Signals(signum).name
+        self.set()
 
 
 @contextlib.contextmanager
