@@ -1818,7 +1818,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
     Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
     the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
-    before_step(trainer) or None: a test's fault hook (FaultInjector). -> TrainSummary."""
+    before_step(trainer) or None: a test's fault hook (fault_hook). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
