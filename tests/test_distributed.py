@@ -452,7 +452,7 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
     libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
     import ctypes
 
-    from modules.run import launch
+    from modules.run import distributed as launch
     answer = {"code": 3}
 
     class FakeLibcuda:
