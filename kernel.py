@@ -49,11 +49,11 @@
 #    1462  Trainer.step          one training step: D, then G, EMA
 #    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3445  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4133  finish                the finish: images, the verified zip, self-check, pictures
-#    4375  parse_config          the command line -> a checked Config
-#    4660  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4951  run                   the run: settings, checks and data, the ranks started
-#    5024  main                  the entry point and its exit codes
+#    4124  finish                the finish: images, the verified zip, self-check, pictures
+#    4366  parse_config          the command line -> a checked Config
+#    4644  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4935  run                   the run: settings, checks and data, the ranks started
+#    5008  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -3543,13 +3543,10 @@ class Pace:
 
 
 # ==== modules/run/distributed.py ====
-"""Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
-the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
-setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
-dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
-
-How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
+"""Several ranks through torch.distributed: DistContext, the process groups, rank 0's handling of a failed rank.
+Two groups: the default one (long timeout) for the setup, the training group (short timeout, inside the finish reserve)
+for DDP and the stop decisions, so a dead or hung rank costs at most that timeout. Ranks start by torchrun, or are
+forked here after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
 """
 
 
@@ -3701,11 +3698,10 @@ def make_training_group(ctx, timeout_s):
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None):
+def watch_workers(ctx):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
     error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
     stop_workers stops it."""
-    abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
@@ -3714,7 +3710,7 @@ def watch_workers(ctx, *, abort=None):
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
                 ctx.mark_broken(f"rank(s) {failed} ended")
-                abort(ctx)
+                abort_groups(ctx)
                 return
 
     if ctx.workers:
@@ -3746,11 +3742,11 @@ def record_failure(error):
         store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
 
 
-def failed_ranks(ctx, wait_s=2.0):
+def failed_ranks(ctx):
     """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
     why = {}
     for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
+        p.join(2.0 if i == 1 else 0.2)  # the first join gives them all time to end
         if p.exitcode is not None and p.exitcode < 0:
             why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
         elif p.exitcode not in (None, 0):
@@ -3759,10 +3755,8 @@ def failed_ranks(ctx, wait_s=2.0):
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=1))
         for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+            if store.check([key := f"dogs-gan/error/{r}"]):
+                why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
     return why
 
 
@@ -3857,11 +3851,9 @@ class _RankStderr:
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
 
     def write(self, text):
-        out = []
         for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.stream.write((self.prefix if self.at_line_start else "") + piece)
             self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
         return len(text)
 
     def flush(self):
@@ -3900,7 +3892,6 @@ def fork_workers(world_size, target, *, cuda):
         return DistContext()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     ctx_fork = multiprocessing.get_context("fork")
-    workers = []
 
     def child(rank):
         _die_with_parent()
@@ -3908,10 +3899,10 @@ def fork_workers(world_size, target, *, cuda):
         quiet_worker_output(rank)
         target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
 
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+    workers = [ctx_fork.Process(target=child, args=(r,), name=f"dogs-gan-rank{r}", daemon=True)
+               for r in range(1, world_size)]
+    for p in workers:
         p.start()
-        workers.append(p)
     return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
 
 
@@ -4407,10 +4398,7 @@ def config_to_json(cfg):
 
 # ==== modules/run/setup.py ====
 """Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device.
-
-The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it.
+RunSetup; each rank's device; the output folder, checked first and created later with a probe that measures the disk.
 """
 
 
@@ -4484,12 +4472,9 @@ def process_alive(pid):
 def prepare_out_dir(out_dir, *, resume):
     """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
     -> disk write speed in bytes/s."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
     data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
@@ -4536,8 +4521,7 @@ def prepare(cfg, ctx):
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)

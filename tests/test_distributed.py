@@ -386,12 +386,14 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
     """Rank 0's watcher: a worker killed mid-training is noticed within a poll and the abort path runs once."""
     import threading
 
+    from modules.run import distributed
     from modules.run.distributed import DistContext, watch_workers
     proc = multiprocessing.get_context("fork").Process(target=_exit_at_once, args=(3,))
     ctx = DistContext(rank=0, world_size=2, launcher="fork", workers=[proc])
     aborted, calls = threading.Event(), []
     t0 = time.monotonic()
-    watch_workers(ctx, abort=lambda c: calls.append(c) or aborted.set())
+    monkeypatch.setattr(distributed, "abort_groups", lambda c: calls.append(c) or aborted.set())
+    watch_workers(ctx)
     proc.start()
     assert aborted.wait(30), "the watcher never noticed the dead worker"
     assert time.monotonic() - t0 < 5 and calls == [ctx] and ctx.broken == "rank(s) [1] ended"

@@ -1,8 +1,5 @@
 """Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device.
-
-The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it.
+RunSetup; each rank's device; the output folder, checked first and created later with a probe that measures the disk.
 """
 import contextlib
 import dataclasses
@@ -96,12 +93,9 @@ def process_alive(pid):
 def prepare_out_dir(out_dir, *, resume):
     """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
     -> disk write speed in bytes/s."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
     data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
@@ -148,8 +142,7 @@ def prepare(cfg, ctx):
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
