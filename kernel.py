@@ -49,11 +49,11 @@
 #    1462  Trainer.step          one training step: D, then G, EMA
 #    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3445  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4124  finish                the finish: images, the verified zip, self-check, pictures
-#    4366  parse_config          the command line -> a checked Config
-#    4644  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4935  run                   the run: settings, checks and data, the ranks started
-#    5008  main                  the entry point and its exit codes
+#    4120  finish                the finish: images, the verified zip, self-check, pictures
+#    4362  parse_config          the command line -> a checked Config
+#    4638  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4929  run                   the run: settings, checks and data, the ranks started
+#    5002  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -3648,11 +3648,11 @@ def init_group(ctx, *, backend, remaining_s):
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                                   ctx.is_main, timeout=timeout, wait_for_workers=False)
             if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
+                wait_for_workers(ctx, store, setup_s)
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
         elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), setup_s)
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -3670,14 +3670,11 @@ def wait_for_master(addr, port, timeout_s):
     """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
     log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
+    while time.monotonic() < t_end:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=1.0):
+            return
+        time.sleep(WATCH_POLL_S)
+    raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_workers(ctx, store, timeout_s):
@@ -3793,8 +3790,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]:
         raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
                          "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
@@ -4408,15 +4404,13 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 def check_out_dir(out_dir):
     """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
     made and removed in it, or in its nearest existing parent."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
-    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    what = "write to output folder" if exists else "create output folder"
+    what = "write to output folder" if os.path.isdir(out_dir) else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
     try:

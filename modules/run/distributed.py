@@ -121,11 +121,11 @@ def init_group(ctx, *, backend, remaining_s):
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                                   ctx.is_main, timeout=timeout, wait_for_workers=False)
             if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
+                wait_for_workers(ctx, store, setup_s)
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
         elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), setup_s)
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -143,14 +143,11 @@ def wait_for_master(addr, port, timeout_s):
     """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
     log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
+    while time.monotonic() < t_end:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=1.0):
+            return
+        time.sleep(WATCH_POLL_S)
+    raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_workers(ctx, store, timeout_s):
@@ -266,8 +263,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]:
         raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
                          "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1

@@ -29,15 +29,13 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 def check_out_dir(out_dir):
     """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
     made and removed in it, or in its nearest existing parent."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
-    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    what = "write to output folder" if exists else "create output folder"
+    what = "write to output folder" if os.path.isdir(out_dir) else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
     try:
