@@ -454,7 +454,7 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
     libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
     import ctypes
 
-    from modules.run import launch
+    from modules.run import distributed
     answer = {"code": 3}
 
     class FakeLibcuda:
@@ -468,13 +468,13 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
             raise OSError("libcuda.so.1: cannot open shared object file")
         return FakeLibcuda()
     monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
-    assert launch.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
+    assert distributed.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
     answer["code"] = None
-    assert launch.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
+    assert distributed.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
     answer["code"] = 0
-    assert launch.cuda_driver_initialised() is True
+    assert distributed.cuda_driver_initialised() is True
     forked = []
-    ctx = launch.fork_workers(2, forked.append, cuda=True)
+    ctx = distributed.fork_workers(2, forked.append, cuda=True)
     assert (ctx.world_size, ctx.workers, forked) == (1, [], [])
     assert "CUDA is already initialised in this process" in capsys.readouterr().out
 
