@@ -49,11 +49,11 @@
 #    1462  Trainer.step          one training step: D, then G, EMA
 #    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3444  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4127  finish                the finish: images, the verified zip, self-check, pictures
-#    4369  parse_config          the command line -> a checked Config
-#    4650  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4928  run                   the run: settings, checks and data, the ranks started
-#    5001  main                  the entry point and its exit codes
+#    4114  finish                the finish: images, the verified zip, self-check, pictures
+#    4356  parse_config          the command line -> a checked Config
+#    4628  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4906  run                   the run: settings, checks and data, the ranks started
+#    4979  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -3537,13 +3537,10 @@ class Pace:
 
 
 # ==== modules/run/distributed.py ====
-"""Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
-the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
-setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
-dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
-
-How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
+"""Several ranks through torch.distributed: DistContext, the process groups, rank 0's handling of a failed rank.
+Two groups: the default one (long timeout) for the setup, the training group (short timeout, inside the finish reserve)
+for DDP and the stop decisions, so a dead or hung rank costs at most that timeout. Ranks start by torchrun, or are
+forked here after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
 """
 
 
@@ -3645,11 +3642,11 @@ def init_group(ctx, *, backend, remaining_s):
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                                   ctx.is_main, timeout=timeout, wait_for_workers=False)
             if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
+                wait_for_workers(ctx, store, setup_s)
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
         elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), setup_s)
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -3667,14 +3664,11 @@ def wait_for_master(addr, port, timeout_s):
     """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
     log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
+    while time.monotonic() < t_end:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=1.0):
+            return
+        time.sleep(WATCH_POLL_S)
+    raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_workers(ctx, store, timeout_s):
@@ -3695,11 +3689,10 @@ def make_training_group(ctx, timeout_s):
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None):
+def watch_workers(ctx):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
     error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
     stop_workers stops it."""
-    abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
@@ -3708,7 +3701,7 @@ def watch_workers(ctx, *, abort=None):
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
                 ctx.mark_broken(f"rank(s) {failed} ended")
-                abort(ctx)
+                abort_groups(ctx)
                 return
 
     if ctx.workers:
@@ -3740,11 +3733,11 @@ def record_failure(error):
         store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
 
 
-def failed_ranks(ctx, wait_s=2.0):
+def failed_ranks(ctx):
     """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
     why = {}
     for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
+        p.join(2.0 if i == 1 else 0.2)  # the first join gives them all time to end
         if p.exitcode is not None and p.exitcode < 0:
             why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
         elif p.exitcode not in (None, 0):
@@ -3753,10 +3746,8 @@ def failed_ranks(ctx, wait_s=2.0):
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=1))
         for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+            if store.check([key := f"dogs-gan/error/{r}"]):
+                why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
     return why
 
 
@@ -3793,8 +3784,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]:
         raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
                          "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
@@ -3851,11 +3841,9 @@ class _RankStderr:
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
 
     def write(self, text):
-        out = []
         for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.stream.write((self.prefix if self.at_line_start else "") + piece)
             self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
         return len(text)
 
     def flush(self):
@@ -3894,7 +3882,6 @@ def fork_workers(world_size, target, *, cuda):
         return DistContext()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     ctx_fork = multiprocessing.get_context("fork")
-    workers = []
 
     def child(rank):
         _die_with_parent()
@@ -3902,10 +3889,10 @@ def fork_workers(world_size, target, *, cuda):
         quiet_worker_output(rank)
         target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
 
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+    workers = [ctx_fork.Process(target=child, args=(r,), name=f"dogs-gan-rank{r}", daemon=True)
+               for r in range(1, world_size)]
+    for p in workers:
         p.start()
-        workers.append(p)
     return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
 
 
@@ -4401,10 +4388,7 @@ def config_to_json(cfg):
 
 # ==== modules/run/setup.py ====
 """Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device.
-
-The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it.
+RunSetup; each rank's device; the output folder, checked first and created later with a probe that measures the disk.
 """
 
 
@@ -4414,15 +4398,13 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 def check_out_dir(out_dir):
     """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
     made and removed in it, or in its nearest existing parent."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
-    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    what = "write to output folder" if exists else "create output folder"
+    what = "write to output folder" if os.path.isdir(out_dir) else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
     try:
@@ -4478,12 +4460,9 @@ def process_alive(pid):
 def prepare_out_dir(out_dir, *, resume):
     """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
     -> disk write speed in bytes/s."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
     data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
@@ -4530,8 +4509,7 @@ def prepare(cfg, ctx):
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
