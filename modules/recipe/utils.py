@@ -198,10 +198,7 @@ def check_device(want="auto"):
 
 
 def cpu_count():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+    return len(os.sched_getaffinity(0))  # the cores this process may run on (Linux, as on Kaggle)
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
