@@ -47,13 +47,13 @@
 #     785  LOSSES                the losses (loss): D's and G's for each
 #    1417  Trainer.set_progress  the schedule: learning rate, noise decay
 #    1453  Trainer.step          one training step: D, then G, EMA
-#    1805  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3432  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4120  finish                the finish: images, the verified zip, self-check, pictures
-#    4362  parse_config          the command line -> a checked Config
-#    4647  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4938  run                   the run: settings, checks and data, the ranks started
-#    5011  main                  the entry point and its exit codes
+#    1803  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3430  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4118  finish                the finish: images, the verified zip, self-check, pictures
+#    4360  parse_config          the command line -> a checked Config
+#    4645  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4936  run                   the run: settings, checks and data, the ranks started
+#    5009  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -1610,11 +1610,9 @@ _STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sam
 def truncated_z(n, dim, threshold, *, generator=None):
     """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
     z = torch.randn(n, dim, generator=generator)
-    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
-        bad = z.abs() > threshold
-        while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-            bad = z.abs() > threshold
+    # threshold is 0 or at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+    while threshold > 0 and bool((bad := z.abs() > threshold).any()):
+        z[bad] = torch.randn(int(bad.sum()), generator=generator)
     return z
 
 
