@@ -45,15 +45,15 @@
 #     448  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     702  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     785  LOSSES                the losses (loss): D's and G's for each
-#    1422  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1462  Trainer.step          one training step: D, then G, EMA
-#    1815  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3444  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4114  finish                the finish: images, the verified zip, self-check, pictures
-#    4356  parse_config          the command line -> a checked Config
-#    4628  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    4906  run                   the run: settings, checks and data, the ranks started
-#    4979  main                  the entry point and its exit codes
+#    1419  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1455  Trainer.step          one training step: D, then G, EMA
+#    1805  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3431  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4101  finish                the finish: images, the verified zip, self-check, pictures
+#    4343  parse_config          the command line -> a checked Config
+#    4615  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    4893  run                   the run: settings, checks and data, the ranks started
+#    4966  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -69,7 +69,7 @@ import traceback, warnings, weakref, xml.etree.ElementTree as ET, zipfile, zlib
 from PIL import Image, ImageDraw
 from collections import Counter, deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -1031,10 +1031,9 @@ def check_device(want="auto"):
 
 
 def cpu_count():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (Linux: its affinity, as on Kaggle; elsewhere, e.g. macOS: all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else max(1, os.cpu_count() or 1)
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
@@ -1131,9 +1130,7 @@ def describe_skips(precision):
 
 def describe_amp(amp_dtype):
     """The precision a Trainer runs in, for the log and report.json."""
-    if amp_dtype is None:
-        return "fp32"
-    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
+    return {None: "fp32", torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}[amp_dtype]
 
 
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
@@ -1369,14 +1366,14 @@ class Trainer:
     """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
     settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
-    def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
+    def __init__(self, G, D, batches, settings, *, world_size=1):
         s = settings
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
-        self.loss, self.optim, self.averaging, self.d_input = s.loss, s.optim, s.averaging, s.d_input
-        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
+        self.loss, self.optim, self.averaging = s.loss, s.optim, s.averaging
+        self.world_size, self.group = world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
@@ -1442,10 +1439,6 @@ class Trainer:
 
     # one step
 
-    def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment's transforms, if any."""
-        return diff_augment(x, self.diffaug)
-
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
         if self.D.joint_ok:
@@ -1470,7 +1463,8 @@ class Trainer:
             with torch.autocast(**ac):
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
-                real_logits, fake_logits, cls_real = self._d_logits(self._noisy(real), y_real, self._noisy(fake), y_fake)
+                real_logits, fake_logits, cls_real = self._d_logits(diff_augment(real, self.diffaug), y_real,
+                                                                    diff_augment(fake, self.diffaug), y_fake)
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
@@ -1488,9 +1482,9 @@ class Trainer:
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
-                        real_logits, _ = self.D(self._noisy(real), y_real)
+                        real_logits, _ = self.D(diff_augment(real, self.diffaug), y_real)
                 fake = self.G_train(z, y_fake)
-                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                fake_logits, cls_fake = self.D(diff_augment(fake, self.diffaug), y_fake)
                 loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
                 if cls_fake is not None and loss.aux_weight:
                     loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
@@ -1596,7 +1590,7 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), world_size=world_size)
 
 
 # ==== modules/recipe/sample.py ====
@@ -1618,11 +1612,9 @@ _STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sam
 def truncated_z(n, dim, threshold, *, generator=None):
     """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
     z = torch.randn(n, dim, generator=generator)
-    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
-        bad = z.abs() > threshold
-        while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-            bad = z.abs() > threshold
+    # threshold is 0 or at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+    while threshold > 0 and bool((bad := z.abs() > threshold).any()):
+        z[bad] = torch.randn(int(bad.sum()), generator=generator)
     return z
 
 
@@ -1789,9 +1781,7 @@ class LoopSettings:
 
 
 def build_loop_settings(cfg):
-    return LoopSettings(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
-                        max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
-                        checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps)
+    return LoopSettings(**{f.name: getattr(cfg, f.name) for f in fields(LoopSettings)})
 
 
 @dataclass
@@ -1864,7 +1854,8 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             if not bad:
                 # upkeep per tick, on checked state only; its time is not step time
                 ctx.sync_buffers((trainer.G, trainer.D))
-                guard.maybe_snapshot()
+                if trainer.step_count - guard.step >= s.snapshot_every:
+                    guard.snapshot()
                 if upkeep is not None:
                     upkeep.tick(loss_d, loss_g)
             last_t, last_step = time.monotonic(), trainer.step_count
@@ -1938,10 +1929,6 @@ class _Guard:
 
     def snapshot(self):
         self.state, self.step = self.trainer.snapshot(), self.trainer.step_count
-
-    def maybe_snapshot(self):
-        if self.trainer.step_count - self.step >= self.settings.snapshot_every:
-            self.snapshot()
 
     def roll_back(self, by):
         """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past
