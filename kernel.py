@@ -45,15 +45,15 @@
 #     451  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     705  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     788  LOSSES                the losses (loss): D's and G's for each
-#    1425  Trainer.set_progress  the schedule: learning rate, noise decay
-#    1465  Trainer.step          one training step: D, then G, EMA
-#    1818  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
-#    3551  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4252  finish                the finish: images, the verified zip, self-check, pictures
-#    4501  parse_config          the command line -> a checked Config
-#    4834  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5317  run                   the run: settings, checks and data, the ranks started
-#    5392  main                  the entry point and its exit codes
+#    1422  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1458  Trainer.step          one training step: D, then G, EMA
+#    1808  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
+#    3537  Pace                  the budget: the finish measured, the plan, when training must stop
+#    4220  finish                the finish: images, the verified zip, self-check, pictures
+#    4469  parse_config          the command line -> a checked Config
+#    4789  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5259  run                   the run: settings, checks and data, the ranks started
+#    5334  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -69,7 +69,7 @@ import traceback, warnings, weakref, xml.etree.ElementTree as ET, zipfile, zlib
 from PIL import Image, ImageDraw, ImageFont
 from collections import Counter, deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -1034,10 +1034,9 @@ def check_device(want="auto"):
 
 
 def cpu_count():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (Linux: its affinity, as on Kaggle; elsewhere, e.g. macOS: all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else max(1, os.cpu_count() or 1)
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError
@@ -1134,9 +1133,7 @@ def describe_skips(precision):
 
 def describe_amp(amp_dtype):
     """The precision a Trainer runs in, for the log and report.json."""
-    if amp_dtype is None:
-        return "fp32"
-    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
+    return {None: "fp32", torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}[amp_dtype]
 
 
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later
@@ -1372,14 +1369,14 @@ class Trainer:
     """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
     settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
-    def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
+    def __init__(self, G, D, batches, settings, *, world_size=1):
         s = settings
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
-        self.loss, self.optim, self.averaging, self.d_input = s.loss, s.optim, s.averaging, s.d_input
-        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
+        self.loss, self.optim, self.averaging = s.loss, s.optim, s.averaging
+        self.world_size, self.group = world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
@@ -1445,10 +1442,6 @@ class Trainer:
 
     # one step
 
-    def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment's transforms, if any."""
-        return diff_augment(x, self.diffaug)
-
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
         if self.D.joint_ok:
@@ -1473,7 +1466,8 @@ class Trainer:
             with torch.autocast(**ac):
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
-                real_logits, fake_logits, cls_real = self._d_logits(self._noisy(real), y_real, self._noisy(fake), y_fake)
+                real_logits, fake_logits, cls_real = self._d_logits(diff_augment(real, self.diffaug), y_real,
+                                                                    diff_augment(fake, self.diffaug), y_fake)
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
@@ -1491,9 +1485,9 @@ class Trainer:
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
-                        real_logits, _ = self.D(self._noisy(real), y_real)
+                        real_logits, _ = self.D(diff_augment(real, self.diffaug), y_real)
                 fake = self.G_train(z, y_fake)
-                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                fake_logits, cls_fake = self.D(diff_augment(fake, self.diffaug), y_fake)
                 loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
                 if cls_fake is not None and loss.aux_weight:
                     loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
@@ -1599,7 +1593,7 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), world_size=world_size)
 
 
 # ==== modules/recipe/sample.py ====
@@ -1621,11 +1615,9 @@ _STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sam
 def truncated_z(n, dim, threshold, *, generator=None):
     """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
     z = torch.randn(n, dim, generator=generator)
-    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
-        bad = z.abs() > threshold
-        while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-            bad = z.abs() > threshold
+    # threshold is 0 or at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+    while threshold > 0 and bool((bad := z.abs() > threshold).any()):
+        z[bad] = torch.randn(int(bad.sum()), generator=generator)
     return z
 
 
@@ -1792,9 +1784,7 @@ class LoopSettings:
 
 
 def build_loop_settings(cfg):
-    return LoopSettings(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
-                        max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
-                        checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps)
+    return LoopSettings(**{f.name: getattr(cfg, f.name) for f in fields(LoopSettings)})
 
 
 @dataclass
@@ -1821,7 +1811,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
     Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
     the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
-    before_step(trainer) or None: a test's fault hook (FaultInjector). -> TrainSummary."""
+    before_step(trainer) or None: a test's fault hook (fault_hook). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -1867,7 +1857,8 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             if not bad:
                 # upkeep per tick, on checked state only; its time is not step time
                 ctx.sync_buffers((trainer.G, trainer.D))
-                guard.maybe_snapshot()
+                if trainer.step_count - guard.step >= s.snapshot_every:
+                    guard.snapshot()
                 if upkeep is not None:
                     upkeep.tick(loss_d, loss_g)
             last_t, last_step = time.monotonic(), trainer.step_count
@@ -1941,10 +1932,6 @@ class _Guard:
 
     def snapshot(self):
         self.state, self.step = self.trainer.snapshot(), self.trainer.step_count
-
-    def maybe_snapshot(self):
-        if self.trainer.step_count - self.step >= self.settings.snapshot_every:
-            self.snapshot()
 
     def roll_back(self, by):
         """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past
@@ -3369,7 +3356,7 @@ CPU_GEN_BATCH_MAX = 64  # CPU generation batch cap: ~10 MB per image at full wid
 # the finish, measured before training
 
 
-def _timed(fn, *args, **kw):
+def timed(fn, *args, **kw):
     t0 = time.monotonic()
     out = fn(*args, **kw)
     return time.monotonic() - t0, out
@@ -3388,13 +3375,13 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
-    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    t_enc, pngs = timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
-    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_verify, _ = timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     est["zip"] = (t_enc + t_verify) * scale + 2 * zip_bytes / disk_bytes_per_s
     check(est)
     buf = io.BytesIO()
-    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    t_ser, _ = timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = t_ser + buf.tell() / disk_bytes_per_s
     check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
@@ -3411,9 +3398,9 @@ def _time_generation(sampler, first):
     while True:
         try:
             sampler(batch)  # warm-up
-            t1, _ = _timed(sampler, batch, 1)
+            t1, _ = timed(sampler, batch, 1)
             first(t1, batch)
-            t2, imgs = _timed(sampler, batch, 2)
+            t2, imgs = timed(sampler, batch, 2)
             return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
@@ -3421,8 +3408,7 @@ def _time_generation(sampler, first):
             warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
             batch //= 2
             sampler = sampler.with_batch(batch)
-            if sampler.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
@@ -3431,20 +3417,20 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
     probe = np.resize(imgs, (k, *imgs.shape[1:]))
     nearest_pixel(probe[:8], crops[:8], device=device)  # warm-up: the first call sets up kernels and threads
     m_crops = min(len(crops), 1024)
-    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=device)
+    t_pix, _ = timed(nearest_pixel, probe, crops[:m_crops], device=device)
     seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
     if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
         rng, dim = np.random.default_rng(0), extractor.dim
         extractor.features_and_logits(probe[:8])  # warm-up
-        t_feat, _ = _timed(extractor.features_and_logits, probe)
+        t_feat, _ = timed(extractor.features_and_logits, probe)
         feats = rng.random((k, dim))
-        t_cov, _ = _timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
+        t_cov, _ = timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
-        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+        t_sqrtm = timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
         m_ref = max(min(n_reference, 2048), 1)
-        t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        t_mem, _ = timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
         seconds += ((t_feat + t_cov) * (n_images + n_reference) / k + t_sqrtm
                     + t_mem * n_images / k * n_reference / m_ref)
     return seconds
@@ -3538,7 +3524,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
             log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    batches = -(-n_images // gen_batch)
+    batches = math.ceil(n_images / gen_batch)
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch, gen_batch_s=estimates["generate"] / batches,
@@ -3608,9 +3594,8 @@ class Pace:
         """Near the end, re-time a generation batch every _watch_s(its time / PROBE_COST). A batch slower than counted
         so far is timed again at once and the lesser counts: new load counts now, a one-off hiccup does not."""
         plan = self.plan
-        if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
-            return
-        if time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST)):
+        if (self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1)
+                or time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST))):
             return
         try:
             slowdown = self.probe() / plan.gen_batch_s
@@ -3639,23 +3624,16 @@ class Pace:
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
         twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
-        if part == "zip_retry":
-            return 2 * est["zip"] * s + FINISH_EXIT_S
-        if part == "self_check":
-            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
-        if part == "pictures":
-            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
-        raise ValueError(f"unknown finish part {part!r}")
+        return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
+                "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
+                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]
 
 
 # ==== modules/run/distributed.py ====
-"""Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
-the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
-setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
-dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
-
-How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
+"""Several ranks through torch.distributed: DistContext, the process groups, rank 0's handling of a failed rank.
+Two groups: the default one (long timeout) for the setup, the training group (short timeout, inside the finish reserve)
+for DDP and the stop decisions, so a dead or hung rank costs at most that timeout. Ranks start by torchrun, or are
+forked here after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
 """
 
 
@@ -3757,11 +3735,11 @@ def init_group(ctx, *, backend, remaining_s):
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                                   ctx.is_main, timeout=timeout, wait_for_workers=False)
             if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
+                wait_for_workers(ctx, store, setup_s)
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
         elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), setup_s)
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -3779,14 +3757,11 @@ def wait_for_master(addr, port, timeout_s):
     """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
     log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
+    while time.monotonic() < t_end:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=1.0):
+            return
+        time.sleep(WATCH_POLL_S)
+    raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_workers(ctx, store, timeout_s):
@@ -3807,11 +3782,10 @@ def make_training_group(ctx, timeout_s):
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None):
+def watch_workers(ctx):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
     error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
     stop_workers stops it."""
-    abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
@@ -3820,7 +3794,7 @@ def watch_workers(ctx, *, abort=None):
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
                 ctx.mark_broken(f"rank(s) {failed} ended")
-                abort(ctx)
+                abort_groups(ctx)
                 return
 
     if ctx.workers:
@@ -3852,11 +3826,11 @@ def record_failure(error):
         store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
 
 
-def failed_ranks(ctx, wait_s=2.0):
+def failed_ranks(ctx):
     """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
     why = {}
     for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
+        p.join(2.0 if i == 1 else 0.2)  # the first join gives them all time to end
         if p.exitcode is not None and p.exitcode < 0:
             why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
         elif p.exitcode not in (None, 0):
@@ -3865,10 +3839,8 @@ def failed_ranks(ctx, wait_s=2.0):
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=1))
         for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+            if store.check([key := f"dogs-gan/error/{r}"]):
+                why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
     return why
 
 
@@ -3905,8 +3877,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]:
         raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
                          "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
@@ -3963,11 +3934,9 @@ class _RankStderr:
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
 
     def write(self, text):
-        out = []
         for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.stream.write((self.prefix if self.at_line_start else "") + piece)
             self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
         return len(text)
 
     def flush(self):
@@ -4006,7 +3975,6 @@ def fork_workers(world_size, target, *, cuda):
         return DistContext()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     ctx_fork = multiprocessing.get_context("fork")
-    workers = []
 
     def child(rank):
         _die_with_parent()
@@ -4014,10 +3982,10 @@ def fork_workers(world_size, target, *, cuda):
         quiet_worker_output(rank)
         target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
 
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+    workers = [ctx_fork.Process(target=child, args=(r,), name=f"dogs-gan-rank{r}", daemon=True)
+               for r in range(1, world_size)]
+    for p in workers:
         p.start()
-        workers.append(p)
     return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)
 
 
@@ -4581,10 +4549,7 @@ def config_to_json(cfg):
 
 # ==== modules/run/setup.py ====
 """Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device.
-
-The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it.
+RunSetup; each rank's device; the output folder, checked first and created later with a probe that measures the disk.
 """
 
 
@@ -4594,15 +4559,13 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 def check_out_dir(out_dir):
     """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
     made and removed in it, or in its nearest existing parent."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
-    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    what = "write to output folder" if exists else "create output folder"
+    what = "write to output folder" if os.path.isdir(out_dir) else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
     try:
@@ -4658,12 +4621,9 @@ def process_alive(pid):
 def prepare_out_dir(out_dir, *, resume):
     """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
     -> disk write speed in bytes/s."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
     data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
@@ -4710,8 +4670,7 @@ def prepare(cfg, ctx):
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
@@ -4771,8 +4730,9 @@ test code. zipfail is the finish's.
 STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
 
 
-class FaultInjector:
-    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault's step faults, or None without any. Each is one shot at its step
+    (trainer.step_count before the step) unless said:
     raise@STEP   a RuntimeError, as any failure inside training
     oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
     slow@S       every step sleeps S seconds first
@@ -4780,13 +4740,12 @@ class FaultInjector:
     slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
     nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
     """
+    f = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+    if not f:
+        return None
 
-    def __init__(self, fault_text, *, rank):
-        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
-        self.rank = rank
-
-    def before_step(self, trainer):
-        f, step = self.faults, trainer.step_count
+    def before_step(trainer):
+        step = trainer.step_count
         if f.get("raise") == step:
             del f["raise"]
             raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
@@ -4796,7 +4755,7 @@ class FaultInjector:
                                               f"{step}, --set fault=oom@STEP)")
         if "slow" in f:
             time.sleep(f["slow"])
-        if f.get("kill") == step and self.rank == 1:
+        if f.get("kill") == step and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if "slowgen" in f:
             delay = f.pop("slowgen")
@@ -4808,11 +4767,7 @@ class FaultInjector:
                 for p in trainer.D.parameters():
                     p.fill_(float("nan"))
 
-
-def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step, or None without step faults."""
-    injector = FaultInjector(fault_text, rank=rank)
-    return injector.before_step if injector.faults else None
+    return before_step
 
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
@@ -4846,7 +4801,7 @@ def run_rank(ctx, setup):
             if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
+            with signal_handlers(stop_event.handler, signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
                 if ctx.is_main:
                     return ship(rank, setup, summary, stop_event)
@@ -4873,8 +4828,13 @@ def build_rank(ctx, cfg, device, setup):
             if ctx.distributed:
                 report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
                                 "batch_per_rank": trainer.batch_per_rank}
-            if setup.resumed is not None:
-                restore(trainer, setup.resumed, data=data, report=report)
+            resumed = setup.resumed
+            if resumed is not None:
+                resumed.restore(trainer, classes=data.classes)
+                report.history = {k: list(v) for k, v in resumed.history.items()}
+                report.resumed_from = {"path": resumed.path, "step": trainer.step_count,
+                                       "train_seconds": resumed.train_seconds, "plan_seconds": resumed.plan_seconds,
+                                       "complete": resumed.complete}
             sampler = build_sampler(cfg, trainer, data)
             if ctx.is_main:
                 disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
@@ -4900,13 +4860,6 @@ def build_rank(ctx, cfg, device, setup):
                 checkpoint=checkpoint)
 
 
-def restore(trainer, resumed, *, data, report):
-    resumed.restore(trainer, classes=data.classes)
-    report.history = {k: list(v) for k, v in resumed.history.items()}
-    report.resumed_from = {"path": resumed.path, "step": trainer.step_count, "train_seconds": resumed.train_seconds,
-                           "plan_seconds": resumed.plan_seconds, "complete": resumed.complete}
-
-
 def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
     """Rank 0: the CPU threads picked, the finish measured, the disk space checked -> the TrainPlan (several ranks:
     training stops a collective timeout earlier)."""
@@ -4928,9 +4881,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     if free < 1.2 * need:
         raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
                          f"need about {1.2 * need / 2**20:.0f} MiB")
-    timeout = 0.0
-    if ctx.distributed:
-        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+    timeout = (training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+               if ctx.distributed else 0.0)
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
@@ -4964,13 +4916,7 @@ def make_checkpointer(path, trainer, *, config, classes, report, label_counts=No
 def finish_probe(sampler, batch):
     """-> probe() -> seconds to generate one finish batch now."""
     one = sampler.with_batch(batch)
-
-    def probe():
-        t0 = time.monotonic()
-        one(batch, seed=1)
-        return time.monotonic() - t0
-
-    return probe
+    return lambda: timed(one, batch, seed=1)[0]
 
 
 def train(rank, setup, stop_event):
@@ -5012,8 +4958,9 @@ def train(rank, setup, stop_event):
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
     report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
-    if describe_skips(report.precision):
-        log(describe_skips(report.precision))
+    skips = describe_skips(report.precision)
+    if skips:
+        log(skips)
     return summary
 
 
@@ -5085,19 +5032,14 @@ class StopRequest(threading.Event):
     """Set by the first SIGINT/SIGTERM (`why` = its name), or by a KeyboardInterrupt in training."""
     why = "KeyboardInterrupt"
 
-
-def stop_handler(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
-    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
-
-    def handler(signum, frame):
-        if stop_event.is_set():
+    def handler(self, signum, frame):
+        """First SIGINT/SIGTERM: set (training stops, the checkpoint and zip are written). Second: exit at once.
+        No buffered I/O here: interrupting a print in progress would raise "reentrant call"."""
+        if self.is_set():
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        stop_event.why = signal.Signals(signum).name
-        stop_event.set()
-
-    return handler
+        self.why = signal.Signals(signum).name
+        self.set()
 
 
 @contextlib.contextmanager

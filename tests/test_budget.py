@@ -41,7 +41,7 @@ def test_reserve_and_finish_needs_follow_the_estimates_and_the_slowdown():
     pace.step_slowdown = 2.0
     assert pace.need("self_check") == pytest.approx(FINISH_SAFETY * 5.0 * 2 + FINISH_EXIT_S)
     assert pace.need("pictures") == pytest.approx((FINISH_PICTURES_S + FINISH_EXIT_S) * 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError):
         pace.need("lunch")
 
 

@@ -386,12 +386,14 @@ def test_watcher_notices_a_dead_worker_and_aborts(monkeypatch):
     """Rank 0's watcher: a worker killed mid-training is noticed within a poll and the abort path runs once."""
     import threading
 
+    from modules.run import distributed
     from modules.run.distributed import DistContext, watch_workers
     proc = multiprocessing.get_context("fork").Process(target=_exit_at_once, args=(3,))
     ctx = DistContext(rank=0, world_size=2, launcher="fork", workers=[proc])
     aborted, calls = threading.Event(), []
     t0 = time.monotonic()
-    watch_workers(ctx, abort=lambda c: calls.append(c) or aborted.set())
+    monkeypatch.setattr(distributed, "abort_groups", lambda c: calls.append(c) or aborted.set())
+    watch_workers(ctx)
     proc.start()
     assert aborted.wait(30), "the watcher never noticed the dead worker"
     assert time.monotonic() - t0 < 5 and calls == [ctx] and ctx.broken == "rank(s) [1] ended"
@@ -452,7 +454,7 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
     libcuda's cuCtxGetCurrent tells, and the kernel runs one process instead of forking children that would fail."""
     import ctypes
 
-    from modules.run import launch
+    from modules.run import distributed
     answer = {"code": 3}
 
     class FakeLibcuda:
@@ -466,13 +468,13 @@ def test_no_fork_after_an_earlier_cell_initialised_the_cuda_driver(monkeypatch, 
             raise OSError("libcuda.so.1: cannot open shared object file")
         return FakeLibcuda()
     monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
-    assert launch.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
+    assert distributed.cuda_driver_initialised() is False  # 3 = CUDA_ERROR_NOT_INITIALIZED
     answer["code"] = None
-    assert launch.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
+    assert distributed.cuda_driver_initialised() is False  # no libcuda: no CUDA at all
     answer["code"] = 0
-    assert launch.cuda_driver_initialised() is True
+    assert distributed.cuda_driver_initialised() is True
     forked = []
-    ctx = launch.fork_workers(2, forked.append, cuda=True)
+    ctx = distributed.fork_workers(2, forked.append, cuda=True)
     assert (ctx.world_size, ctx.workers, forked) == (1, [], [])
     assert "CUDA is already initialised in this process" in capsys.readouterr().out
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import CPU, tiny_cfg, tiny_data
 from modules.recipe.train import Trainer, build_trainer
-from modules.run.rank import FaultInjector, fault_hook
+from modules.run.rank import fault_hook
 
 
 def _trainer():
@@ -24,7 +24,7 @@ def test_no_step_faults_no_hook():
 
 
 def test_raise_and_oom_at_their_step_once():
-    trainer, hook = _trainer(), FaultInjector("raise@1,oom@2", rank=0).before_step
+    trainer, hook = _trainer(), fault_hook("raise@1,oom@2", rank=0)
     hook(trainer)  # step 0: nothing
     trainer.step_count = 1
     with pytest.raises(RuntimeError, match="injected fault at step 1"):
@@ -39,7 +39,7 @@ def test_raise_and_oom_at_their_step_once():
 def test_nan_makes_that_steps_losses_non_finite_once():
     """nan@1: D's weights turn NaN right before step 1, so that step's losses are non-finite (the loop rolls back);
     one shot: after the roll-back the same step passes."""
-    trainer, hook = _trainer(), FaultInjector("nan@1", rank=0).before_step
+    trainer, hook = _trainer(), fault_hook("nan@1", rank=0)
     hook(trainer)
     trainer.step()
     assert trainer.read_stats()[2] == 0
@@ -58,9 +58,9 @@ def test_kill_only_on_rank_1(monkeypatch):
     killed = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
     trainer = _trainer()
-    FaultInjector("kill@0", rank=0).before_step(trainer)
+    fault_hook("kill@0", rank=0)(trainer)
     assert not killed
-    FaultInjector("kill@0", rank=1).before_step(trainer)
+    fault_hook("kill@0", rank=1)(trainer)
     assert len(killed) == 1
 
 
@@ -68,7 +68,7 @@ def test_slow_and_slowgen(monkeypatch):
     slept, here, real_sleep = [], threading.current_thread(), time.sleep
     # this thread's sleeps only: a daemon thread an earlier test left (test_checkpoint's FIFO writer) sleeps too
     monkeypatch.setattr(time, "sleep", lambda s: slept.append(s) if threading.current_thread() is here else real_sleep(s))
-    trainer, hook = _trainer(), FaultInjector("slow@0.25,slowgen@0.5", rank=0).before_step
+    trainer, hook = _trainer(), fault_hook("slow@0.25,slowgen@0.5", rank=0)
     hook(trainer)
     hook(trainer)
     assert slept == [0.25, 0.25]  # every step; slowgen's hooks are registered once

@@ -9,6 +9,7 @@ the module and run beside the other tests; test_budgets_hold_under_contention, l
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,7 +173,9 @@ def interrupted_run(tmp_path_factory):
 def test_nan_is_rolled_back_and_training_goes_on(fault_run):
     out, proc, wall = fault_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "non-finite losses by step 20: rolled back to step 0" in proc.stdout
+    # found at the first host sync after step 12: step 20 at check_every 10, earlier when slow steps shorten the interval
+    found = re.search(r"non-finite losses by step (\d+): rolled back to step 0", proc.stdout)
+    assert found and 13 <= int(found.group(1)) <= 20, proc.stdout[-3000:]
     verify_zip(out / "images.zip", n_expected=10000)
     train = _report(out)["train"]
     assert train["rollbacks"] == 1 and train["total_steps"] == 40  # back to 0, then on to the raise at step 40

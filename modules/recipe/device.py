@@ -81,9 +81,7 @@ def describe_skips(precision):
 
 def describe_amp(amp_dtype):
     """The precision a Trainer runs in, for the log and report.json."""
-    if amp_dtype is None:
-        return "fp32"
-    return {torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}.get(amp_dtype, str(amp_dtype))
+    return {None: "fp32", torch.float16: "fp16 autocast + GradScalers", torch.bfloat16: "bf16 autocast"}[amp_dtype]
 
 
 TF32_MIN_CAPABILITY = 8  # TF32 tensor cores: Ampere (sm_80) and later

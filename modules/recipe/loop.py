@@ -3,7 +3,7 @@ snapshots, progress lines, checkpoints) happens at host syncs only, which every 
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,9 +27,7 @@ class LoopSettings:
 
 
 def build_loop_settings(cfg):
-    return LoopSettings(tick_s=cfg.tick_s, check_every=cfg.check_every, snapshot_every=cfg.snapshot_every,
-                        max_rollbacks=cfg.max_rollbacks, rollback_lr_factor=cfg.rollback_lr_factor,
-                        checkpoint_s=cfg.checkpoint_s, max_steps=cfg.max_steps)
+    return LoopSettings(**{f.name: getattr(cfg, f.name) for f in fields(LoopSettings)})
 
 
 @dataclass
@@ -56,7 +54,7 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
     failure before the first step completed, or an out-of-memory error in the first EARLY_OOM_STEPS, is re-raised.
     Rank 0's clock decides at each host sync and ctx.agree() hands every rank the stop, the progress and the steps to
     the next sync. checkpoint_fn(train_seconds, plan_seconds, complete) or None; history: {series: [(train s, value)]};
-    before_step(trainer) or None: a test's fault hook (FaultInjector). -> TrainSummary."""
+    before_step(trainer) or None: a test's fault hook (fault_hook). -> TrainSummary."""
     s, plan, deadline = settings, pace.plan, pace.deadline
     t_start, first = deadline.elapsed(), trainer.step_count
     guard = _Guard(trainer, settings)
@@ -102,7 +100,8 @@ def train_loop(trainer, *, settings, pace, ctx, stop_event, checkpoint_fn, histo
             if not bad:
                 # upkeep per tick, on checked state only; its time is not step time
                 ctx.sync_buffers((trainer.G, trainer.D))
-                guard.maybe_snapshot()
+                if trainer.step_count - guard.step >= s.snapshot_every:
+                    guard.snapshot()
                 if upkeep is not None:
                     upkeep.tick(loss_d, loss_g)
             last_t, last_step = time.monotonic(), trainer.step_count
@@ -176,10 +175,6 @@ class _Guard:
 
     def snapshot(self):
         self.state, self.step = self.trainer.snapshot(), self.trainer.step_count
-
-    def maybe_snapshot(self):
-        if self.trainer.step_count - self.step >= self.settings.snapshot_every:
-            self.snapshot()
 
     def roll_back(self, by):
         """Non-finite losses by step `by`: back to the snapshot at lower learning rates -> True, or (past

@@ -27,11 +27,9 @@ _STANDING_CACHE = weakref.WeakKeyDictionary()  # G -> (G's weight versions + sam
 def truncated_z(n, dim, threshold, *, generator=None):
     """[n, dim] N(0,1); with threshold > 0, entries with |z| > threshold are resampled (BigGAN's truncation trick)."""
     z = torch.randn(n, dim, generator=generator)
-    if threshold > 0:  # at least 0.05 (Config's LIMITS): a smaller one would resample for ever
-        bad = z.abs() > threshold
-        while bool(bad.any()):
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-            bad = z.abs() > threshold
+    # threshold is 0 or at least 0.05 (Config's LIMITS): a smaller one would resample for ever
+    while threshold > 0 and bool((bad := z.abs() > threshold).any()):
+        z[bad] = torch.randn(int(bad.sum()), generator=generator)
     return z
 
 

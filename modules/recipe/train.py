@@ -91,14 +91,14 @@ class Trainer:
     """G, D, the averaged G, optimisers and scalers; one GAN step at a time without host syncs. settings: a
     settings.TrainerSettings. Losses and a non-finite counter accumulate on the device; read_stats() is the one sync."""
 
-    def __init__(self, G, D, batches, settings, *, rank=0, world_size=1):
+    def __init__(self, G, D, batches, settings, *, world_size=1):
         s = settings
         self.device = batches.device
         self.G, self.D = G.to(self.device), D.to(self.device)
         self.batches = batches
         self.z_dim, self.batch_per_rank = s.z_dim, s.batch_per_rank
-        self.loss, self.optim, self.averaging, self.d_input = s.loss, s.optim, s.averaging, s.d_input
-        self.rank, self.world_size, self.group = rank, world_size, None  # group: attach_group()
+        self.loss, self.optim, self.averaging = s.loss, s.optim, s.averaging
+        self.world_size, self.group = world_size, None  # group: attach_group()
         self.global_batch = s.batch_per_rank * world_size  # images per step over all ranks
         self.group_broken = ""  # set when a collective failed: no more collectives, rank 0 ships what it has
         # Several ranks: G and D train through DDP wrappers; self.G / self.D stay plain (EMA/SWA, state dicts,
@@ -164,10 +164,6 @@ class Trainer:
 
     # one step
 
-    def _noisy(self, x):
-        """What D sees of an image batch: DiffAugment's transforms, if any."""
-        return diff_augment(x, self.diffaug)
-
     def _d_logits(self, real, y_real, fake, y_fake):
         """D on reals and fakes: one forward on the concatenation when D allows it (no BN mixing), else two."""
         if self.D.joint_ok:
@@ -192,7 +188,8 @@ class Trainer:
             with torch.autocast(**ac):
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
-                real_logits, fake_logits, cls_real = self._d_logits(self._noisy(real), y_real, self._noisy(fake), y_fake)
+                real_logits, fake_logits, cls_real = self._d_logits(diff_augment(real, self.diffaug), y_real,
+                                                                    diff_augment(fake, self.diffaug), y_fake)
                 loss_d = self.d_loss_fn(real_logits, fake_logits, real_target=loss.real_label, margin=loss.margin)
                 if cls_real is not None and loss.aux_weight:
                     loss_d = loss_d + loss.aux_weight * F.cross_entropy(cls_real.float(), y_real)
@@ -210,9 +207,9 @@ class Trainer:
             with torch.autocast(**ac):
                 if self.fresh_real_logits:
                     with torch.no_grad():
-                        real_logits, _ = self.D(self._noisy(real), y_real)
+                        real_logits, _ = self.D(diff_augment(real, self.diffaug), y_real)
                 fake = self.G_train(z, y_fake)
-                fake_logits, cls_fake = self.D(self._noisy(fake), y_fake)
+                fake_logits, cls_fake = self.D(diff_augment(fake, self.diffaug), y_fake)
                 loss_g = self.g_loss_fn(real_logits.detach(), fake_logits)
                 if cls_fake is not None and loss.aux_weight:
                     loss_g = loss_g + loss.aux_weight * F.cross_entropy(cls_fake.float(), y_fake)
@@ -318,4 +315,4 @@ def build_trainer(cfg, data, device, *, rank=0, world_size=1):
     if world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
     batches = DeviceBatches(data.images, data.labels, device=device, hflip=cfg.hflip, real_noise=cfg.real_noise)
-    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), rank=rank, world_size=world_size)
+    return Trainer(G, D, batches, trainer_settings(cfg, world_size=world_size), world_size=world_size)

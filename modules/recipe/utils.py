@@ -198,10 +198,9 @@ def check_device(want="auto"):
 
 
 def cpu_count():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (Linux: its affinity, as on Kaggle; elsewhere, e.g. macOS: all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else max(1, os.cpu_count() or 1)
 
 
 OUT_OF_MEMORY_TEXTS = (  # what an allocation failure says when it is not raised as torch.cuda.OutOfMemoryError

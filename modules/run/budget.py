@@ -32,7 +32,7 @@ CPU_GEN_BATCH_MAX = 64  # CPU generation batch cap: ~10 MB per image at full wid
 # the finish, measured before training
 
 
-def _timed(fn, *args, **kw):
+def timed(fn, *args, **kw):
     t0 = time.monotonic()
     out = fn(*args, **kw)
     return time.monotonic() - t0, out
@@ -51,13 +51,13 @@ def measure_finish_seconds(sampler, *, n_images, workers, disk_bytes_per_s, chec
     est = {"generate": t_gen * math.ceil(n_images / batch)}
     check(est)
     scale = n_images / len(imgs)
-    t_enc, pngs = _timed(encode_pngs, imgs, workers)
+    t_enc, pngs = timed(encode_pngs, imgs, workers)
     zip_bytes = (sum(map(len, pngs)) + 100 * len(pngs)) * scale  # + zip headers
-    t_verify, _ = _timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
+    t_verify, _ = timed(lambda: [Image.open(io.BytesIO(b)).size for b in pngs])
     est["zip"] = (t_enc + t_verify) * scale + 2 * zip_bytes / disk_bytes_per_s
     check(est)
     buf = io.BytesIO()
-    t_ser, _ = _timed(torch.save, checkpoint_state, buf)
+    t_ser, _ = timed(torch.save, checkpoint_state, buf)
     est["checkpoint"] = t_ser + buf.tell() / disk_bytes_per_s
     check(est)
     info = {"batch": batch, "zip_bytes": int(zip_bytes), "checkpoint_bytes": buf.tell()}
@@ -74,9 +74,9 @@ def _time_generation(sampler, first):
     while True:
         try:
             sampler(batch)  # warm-up
-            t1, _ = _timed(sampler, batch, 1)
+            t1, _ = timed(sampler, batch, 1)
             first(t1, batch)
-            t2, imgs = _timed(sampler, batch, 2)
+            t2, imgs = timed(sampler, batch, 2)
             return max(t1, t2), imgs, batch
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if batch <= 8:
@@ -84,8 +84,7 @@ def _time_generation(sampler, first):
             warn(f"generating {batch} images at once does not fit ({type(exc).__name__}): trying {batch // 2}")
             batch //= 2
             sampler = sampler.with_batch(batch)
-            if sampler.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops):
@@ -94,20 +93,20 @@ def _self_check_seconds(imgs, *, extractor, device, n_images, n_reference, crops
     probe = np.resize(imgs, (k, *imgs.shape[1:]))
     nearest_pixel(probe[:8], crops[:8], device=device)  # warm-up: the first call sets up kernels and threads
     m_crops = min(len(crops), 1024)
-    t_pix, _ = _timed(nearest_pixel, probe, crops[:m_crops], device=device)
+    t_pix, _ = timed(nearest_pixel, probe, crops[:m_crops], device=device)
     seconds = t_pix * n_images / k * min(len(crops), MAX_CROPS_PIXEL_NN) / m_crops
     if extractor is not None:  # FID: features of both sets, covariances, the sqrtm, the memorization distances
         rng, dim = np.random.default_rng(0), extractor.dim
         extractor.features_and_logits(probe[:8])  # warm-up
-        t_feat, _ = _timed(extractor.features_and_logits, probe)
+        t_feat, _ = timed(extractor.features_and_logits, probe)
         feats = rng.random((k, dim))
-        t_cov, _ = _timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
+        t_cov, _ = timed(lambda: feats.T @ feats)  # feature_stats: np.cov, float64 [D,D]
         m = min(dim, SQRTM_PROBE_DIM)
         a = rng.standard_normal((m, 2 * m))
         sigma = a @ a.T / (2 * m)
-        t_sqrtm = _timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
+        t_sqrtm = timed(frechet_distance, np.zeros(m), sigma, np.zeros(m), sigma)[0] * (dim / m) ** 3
         m_ref = max(min(n_reference, 2048), 1)
-        t_mem, _ = _timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
+        t_mem, _ = timed(memorization_distance, feats.astype(np.float32), rng.random((m_ref, dim)))
         seconds += ((t_feat + t_cov) * (n_images + n_reference) / k + t_sqrtm
                     + t_mem * n_images / k * n_reference / m_ref)
     return seconds
@@ -201,7 +200,7 @@ def plan_training(*, budget_s, elapsed_s, estimates, gen_batch, margin_s, n_imag
             log(f"resumed from {resumed.path} at step {resumed.step}: {format_duration(prior_s)} of "
                 f"{format_duration(plan_s)} planned training done; training the remaining {format_duration(left)}"
                 + ("" if left <= window else f" (this budget allows {format_duration(window)})"))
-    batches = -(-n_images // gen_batch)
+    batches = math.ceil(n_images / gen_batch)
     return TrainPlan(budget_s=budget_s, estimates=dict(estimates), finish_s=finish_s, margin_s=margin_s,
                      train_until=train_until, prior_train_s=prior_s, plan_s=max(plan_s, 1e-6), inherited=inherited,
                      first_step_s=first_step_s, gen_batch=gen_batch, gen_batch_s=estimates["generate"] / batches,
@@ -271,9 +270,8 @@ class Pace:
         """Near the end, re-time a generation batch every _watch_s(its time / PROBE_COST). A batch slower than counted
         so far is timed again at once and the lesser counts: new load counts now, a one-off hiccup does not."""
         plan = self.plan
-        if self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1):
-            return
-        if time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST)):
+        if (self.probe is None or self.deadline.elapsed() < plan.train_until - plan.finish_s * (FINISH_SLOWDOWN_MAX - 1)
+                or time.monotonic() - self.last_probe < self._watch_s(max(1.0, plan.gen_batch_s / PROBE_COST))):
             return
         try:
             slowdown = self.probe() / plan.gen_batch_s
@@ -302,10 +300,6 @@ class Pace:
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
         twice the measured one), "self_check" or "pictures"."""
         est, s = self.plan.estimates, self.slowdown
-        if part == "zip_retry":
-            return 2 * est["zip"] * s + FINISH_EXIT_S
-        if part == "self_check":
-            return FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S
-        if part == "pictures":
-            return (FINISH_PICTURES_S + FINISH_EXIT_S) * s
-        raise ValueError(f"unknown finish part {part!r}")
+        return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
+                "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
+                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]

@@ -1,10 +1,7 @@
-"""Several ranks through torch.distributed: who a process is (DistContext), the collectives the loop agrees through,
-the process groups, and what rank 0 does when another rank fails. Two groups: the default one (long timeout) for the
-setup, and the training group (short timeout, well inside the finish reserve) for DDP and the stop decisions, so that a
-dead or hung rank costs at most that timeout; on NCCL a dead rank must make rank 0 raise, not hang.
-
-How many ranks a run has (`--gpus auto|N`) and how they start: torchrun's environment, or ranks 1..N-1 forked by
-this process after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
+"""Several ranks through torch.distributed: DistContext, the process groups, rank 0's handling of a failed rank.
+Two groups: the default one (long timeout) for the setup, the training group (short timeout, inside the finish reserve)
+for DDP and the stop decisions, so a dead or hung rank costs at most that timeout. Ranks start by torchrun, or are
+forked here after the data is read and before CUDA is initialised (`spawn` could not import a notebook's __main__).
 """
 import contextlib
 import ctypes
@@ -124,11 +121,11 @@ def init_group(ctx, *, backend, remaining_s):
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                                   ctx.is_main, timeout=timeout, wait_for_workers=False)
             if ctx.is_main:
-                wait_for_workers(ctx, store, timeout.total_seconds())
+                wait_for_workers(ctx, store, setup_s)
             else:
                 store.set(f"dogs-gan/up/{ctx.rank}", "1")
         elif not ctx.is_main:  # torchrun's ranks 1..N-1: a rank 0 that never listens ends the wait in one line
-            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout.total_seconds())
+            wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), setup_s)
         dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         dist.barrier()
         return True
@@ -146,14 +143,11 @@ def wait_for_master(addr, port, timeout_s):
     """A torchrun rank other than 0: until rank 0 listens (torch's store client would retry for twice the timeout and
     log C++ stack frames). RuntimeError after timeout_s."""
     t_end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > t_end:
-                raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s") from None
-            time.sleep(WATCH_POLL_S)
+    while time.monotonic() < t_end:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=1.0):
+            return
+        time.sleep(WATCH_POLL_S)
+    raise RuntimeError(f"nothing answered at {addr}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_workers(ctx, store, timeout_s):
@@ -174,11 +168,10 @@ def make_training_group(ctx, timeout_s):
     return ctx.group
 
 
-def watch_workers(ctx, *, abort=None):
+def watch_workers(ctx):
     """Rank 0 of a forked run, while it trains: a thread that aborts the process groups when a worker ends with an
     error, so that rank 0's collective raises (on NCCL it would stall behind an all-reduce that never completes);
     stop_workers stops it."""
-    abort = abort or abort_groups
     stop = threading.Event()
 
     def watch():
@@ -187,7 +180,7 @@ def watch_workers(ctx, *, abort=None):
             if failed:
                 warn(f"rank(s) {failed} ended during training: aborting the process groups")
                 ctx.mark_broken(f"rank(s) {failed} ended")
-                abort(ctx)
+                abort_groups(ctx)
                 return
 
     if ctx.workers:
@@ -219,11 +212,11 @@ def record_failure(error):
         store.set(f"dogs-gan/error/{dist.get_rank()}", str(error)[:500])
 
 
-def failed_ranks(ctx, wait_s=2.0):
+def failed_ranks(ctx):
     """Rank 0, after the group broke: -> {rank: why} for the ranks that died or reported an error."""
     why = {}
     for i, p in enumerate(ctx.workers, start=1):
-        p.join(wait_s if i == 1 else 0.2)
+        p.join(2.0 if i == 1 else 0.2)  # the first join gives them all time to end
         if p.exitcode is not None and p.exitcode < 0:
             why[i] = f"killed by {signal.Signals(-p.exitcode).name}"
         elif p.exitcode not in (None, 0):
@@ -232,10 +225,8 @@ def failed_ranks(ctx, wait_s=2.0):
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=1))
         for r in range(1, ctx.world_size):
-            key = f"dogs-gan/error/{r}"
-            with contextlib.suppress(Exception):
-                if store.check([key]):
-                    why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
+            if store.check([key := f"dogs-gan/error/{r}"]):
+                why[r] = store.get(key).decode(errors="replace") + (f" ({why[r]})" if r in why else "")
     return why
 
 
@@ -272,8 +263,7 @@ def torchrun_env():
         raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank")
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]
-    if missing:
+    if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(k)]:
         raise UsageError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the ranks with torchrun, "
                          "or unset RANK and WORLD_SIZE to let the kernel start them")
     return DistContext(rank=rank, world_size=world, local_rank=local, launcher="torchrun")  # its world, even of 1
@@ -330,11 +320,9 @@ class _RankStderr:
         self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
 
     def write(self, text):
-        out = []
         for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.stream.write((self.prefix if self.at_line_start else "") + piece)
             self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
         return len(text)
 
     def flush(self):
@@ -373,7 +361,6 @@ def fork_workers(world_size, target, *, cuda):
         return DistContext()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     ctx_fork = multiprocessing.get_context("fork")
-    workers = []
 
     def child(rank):
         _die_with_parent()
@@ -381,8 +368,8 @@ def fork_workers(world_size, target, *, cuda):
         quiet_worker_output(rank)
         target(DistContext(rank=rank, world_size=world_size, local_rank=rank, launcher="fork"))
 
-    for rank in range(1, world_size):
-        p = ctx_fork.Process(target=child, args=(rank,), name=f"dogs-gan-rank{rank}", daemon=True)
+    workers = [ctx_fork.Process(target=child, args=(r,), name=f"dogs-gan-rank{r}", daemon=True)
+               for r in range(1, world_size)]
+    for p in workers:
         p.start()
-        workers.append(p)
     return DistContext(rank=0, world_size=world_size, local_rank=0, launcher="fork", workers=workers)

@@ -23,7 +23,7 @@ from modules.recipe.sample import build_sampler
 from modules.recipe.train import build_trainer
 from modules.recipe.utils import UsageError, cpu_count, format_duration, is_out_of_memory, log, parse_faults, say, warn
 from modules.run.budget import (Pace, finish_reserve_s, measure_finish_seconds, plan_training,
-                                refuse_if_finish_cannot_fit)
+                                refuse_if_finish_cannot_fit, timed)
 from modules.run.checkpoint import describe_write_error, save_checkpoint
 from modules.run.distributed import (DistContext, end_group, failed_ranks, init_group, make_training_group,
                                      record_failure, stop_workers, training_timeout, watch_workers)
@@ -36,8 +36,9 @@ from modules.run.submission import SubmissionError
 STEP_FAULTS = ("raise", "oom", "slow", "kill", "slowgen", "nan")  # Config.fault kinds injected before a step
 
 
-class FaultInjector:
-    """Config.fault's step faults, each one shot at its step (trainer.step_count before the step) unless said:
+def fault_hook(fault_text, *, rank):
+    """-> train_loop's before_step for Config.fault's step faults, or None without any. Each is one shot at its step
+    (trainer.step_count before the step) unless said:
     raise@STEP   a RuntimeError, as any failure inside training
     oom@STEP     torch.cuda.OutOfMemoryError, what a GPU too small for the batch raises
     slow@S       every step sleeps S seconds first
@@ -45,13 +46,12 @@ class FaultInjector:
     slowgen@S    from the first step on, every forward of G or its averages in eval mode (generation) sleeps S seconds
     nan@STEP     D's weights become NaN: that step's losses are non-finite, and the loop rolls back as for a divergence
     """
+    f = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
+    if not f:
+        return None
 
-    def __init__(self, fault_text, *, rank):
-        self.faults = {k: v for k, v in parse_faults(fault_text).items() if k in STEP_FAULTS}  # kind -> step or seconds
-        self.rank = rank
-
-    def before_step(self, trainer):
-        f, step = self.faults, trainer.step_count
+    def before_step(trainer):
+        step = trainer.step_count
         if f.get("raise") == step:
             del f["raise"]
             raise RuntimeError(f"injected fault at step {step} (--set fault=...)")
@@ -61,7 +61,7 @@ class FaultInjector:
                                               f"{step}, --set fault=oom@STEP)")
         if "slow" in f:
             time.sleep(f["slow"])
-        if f.get("kill") == step and self.rank == 1:
+        if f.get("kill") == step and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if "slowgen" in f:
             delay = f.pop("slowgen")
@@ -73,11 +73,7 @@ class FaultInjector:
                 for p in trainer.D.parameters():
                     p.fill_(float("nan"))
 
-
-def fault_hook(fault_text, *, rank):
-    """-> train_loop's before_step, or None without step faults."""
-    injector = FaultInjector(fault_text, rank=rank)
-    return injector.before_step if injector.faults else None
+    return before_step
 
 
 EXIT_ZIP_FAILED = 1  # no valid images.zip could be written
@@ -111,7 +107,7 @@ def run_rank(ctx, setup):
             if rank is None:  # rank 0 stopped before training: it says why
                 return 0
             stop_event = StopRequest()
-            with signal_handlers(stop_handler(stop_event), signal.SIGINT, signal.SIGTERM):
+            with signal_handlers(stop_event.handler, signal.SIGINT, signal.SIGTERM):
                 summary = train(rank, setup, stop_event)
                 if ctx.is_main:
                     return ship(rank, setup, summary, stop_event)
@@ -138,8 +134,13 @@ def build_rank(ctx, cfg, device, setup):
             if ctx.distributed:
                 report.ranks = {"world_size": ctx.world_size, "launcher": ctx.launcher,
                                 "batch_per_rank": trainer.batch_per_rank}
-            if setup.resumed is not None:
-                restore(trainer, setup.resumed, data=data, report=report)
+            resumed = setup.resumed
+            if resumed is not None:
+                resumed.restore(trainer, classes=data.classes)
+                report.history = {k: list(v) for k, v in resumed.history.items()}
+                report.resumed_from = {"path": resumed.path, "step": trainer.step_count,
+                                       "train_seconds": resumed.train_seconds, "plan_seconds": resumed.plan_seconds,
+                                       "complete": resumed.complete}
             sampler = build_sampler(cfg, trainer, data)
             if ctx.is_main:
                 disk_speed = prepare_out_dir(setup.out_dir, resume=cfg.resume)
@@ -165,13 +166,6 @@ def build_rank(ctx, cfg, device, setup):
                 checkpoint=checkpoint)
 
 
-def restore(trainer, resumed, *, data, report):
-    resumed.restore(trainer, classes=data.classes)
-    report.history = {k: list(v) for k, v in resumed.history.items()}
-    report.resumed_from = {"path": resumed.path, "step": trainer.step_count, "train_seconds": resumed.train_seconds,
-                           "plan_seconds": resumed.plan_seconds, "complete": resumed.complete}
-
-
 def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed):
     """Rank 0: the CPU threads picked, the finish measured, the disk space checked -> the TrainPlan (several ranks:
     training stops a collective timeout earlier)."""
@@ -193,9 +187,8 @@ def measure_and_plan(cfg, trainer, sampler, *, ctx, setup, extractor, disk_speed
     if free < 1.2 * need:
         raise UsageError(f"not enough disk space in {out_dir}: {free / 2**20:.0f} MiB free, the zip and checkpoint "
                          f"need about {1.2 * need / 2**20:.0f} MiB")
-    timeout = 0.0
-    if ctx.distributed:
-        timeout = training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+    timeout = (training_timeout(finish_reserve_s(estimates) + cfg.reserve_margin_s, estimates["checkpoint"])
+               if ctx.distributed else 0.0)
     plan = plan_training(budget_s=setup.deadline.budget_s, elapsed_s=setup.deadline.elapsed(), estimates=estimates,
                          gen_batch=info["batch"], margin_s=cfg.reserve_margin_s, n_images=cfg.n_images,
                          batch_size=trainer.batch_per_rank, resumed=setup.resumed, budget_text=cfg.time_budget,
@@ -229,13 +222,7 @@ def make_checkpointer(path, trainer, *, config, classes, report, label_counts=No
 def finish_probe(sampler, batch):
     """-> probe() -> seconds to generate one finish batch now."""
     one = sampler.with_batch(batch)
-
-    def probe():
-        t0 = time.monotonic()
-        one(batch, seed=1)
-        return time.monotonic() - t0
-
-    return probe
+    return lambda: timed(one, batch, seed=1)[0]
 
 
 def train(rank, setup, stop_event):
@@ -277,8 +264,9 @@ def train(rank, setup, stop_event):
         + f") at step {trainer.step_count}" + (f", {summary.it_per_s:.2f} it/s" if summary.steps else ""))
     report.train = dataclasses.asdict(summary)
     report.precision = trainer.precision_summary()  # fp16: "N of M steps skipped" by the GradScalers
-    if describe_skips(report.precision):
-        log(describe_skips(report.precision))
+    skips = describe_skips(report.precision)
+    if skips:
+        log(skips)
     return summary
 
 
@@ -350,19 +338,14 @@ class StopRequest(threading.Event):
     """Set by the first SIGINT/SIGTERM (`why` = its name), or by a KeyboardInterrupt in training."""
     why = "KeyboardInterrupt"
 
-
-def stop_handler(stop_event):
-    """First SIGINT/SIGTERM: set stop_event (training stops, the checkpoint and zip are written). Second: exit at once.
-    No buffered I/O in the handler: interrupting a print in progress would raise "reentrant call"."""
-
-    def handler(signum, frame):
-        if stop_event.is_set():
+    def handler(self, signum, frame):
+        """First SIGINT/SIGTERM: set (training stops, the checkpoint and zip are written). Second: exit at once.
+        No buffered I/O here: interrupting a print in progress would raise "reentrant call"."""
+        if self.is_set():
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        stop_event.why = signal.Signals(signum).name
-        stop_event.set()
-
-    return handler
+        self.why = signal.Signals(signum).name
+        self.set()
 
 
 @contextlib.contextmanager

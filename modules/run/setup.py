@@ -1,8 +1,5 @@
 """Before any rank starts: the checks that need no device, then the data, read once (forked ranks share it) ->
-RunSetup; and each rank's device.
-
-The output folder: what can be told of it before anything is read, its creation with a write probe that also
-measures the disk, and what a killed run left in it.
+RunSetup; each rank's device; the output folder, checked first and created later with a probe that measures the disk.
 """
 import contextlib
 import dataclasses
@@ -32,15 +29,13 @@ DISK_PROBE_BYTES = 4 << 20  # written and fsynced in the output folder at start:
 def check_out_dir(out_dir):
     """A UsageError if a file stands in the folder's place or on its path, or it cannot be written: a probe file is
     made and removed in it, or in its nearest existing parent."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir} is a file: pass another --out")
     zip_path = os.path.join(out_dir, "images.zip")
     if os.path.lexists(zip_path) and not os.path.isfile(zip_path):
         raise UsageError(f"{zip_path} exists and is not a file: move it away")
-    exists, parent = os.path.isdir(out_dir), os.path.abspath(out_dir)
+    parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    what = "write to output folder" if exists else "create output folder"
+    what = "write to output folder" if os.path.isdir(out_dir) else "create output folder"
     if not os.path.isdir(parent):
         raise UsageError(f"cannot {what} {out_dir}: {parent} is a file")
     try:
@@ -96,12 +91,9 @@ def process_alive(pid):
 def prepare_out_dir(out_dir, *, resume):
     """Create the output folder and prove it takes a file before training, not after 9 hours (its checks ran at start).
     -> disk write speed in bytes/s."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
     data, t0 = os.urandom(DISK_PROBE_BYTES), time.monotonic()
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir) as f:
             f.write(data)
             f.flush()
@@ -148,8 +140,7 @@ def prepare(cfg, ctx):
              "Kaggle stops the session first, and the zip is written only at the budget's end")
     world = ctx.world_size if ctx.launcher == "torchrun" else resolve_world_size(cfg.gpus, cfg.device)
     forks = world > 1 and ctx.launcher != "torchrun"  # ranks 1..N-1 forked after the data
-    if world > 1:
-        split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
+    split_batch(cfg.batch_size, cfg.batch_per_gpu, world)  # fails early when the batch does not split
     if not ctx.is_main:
         quiet_worker_output(ctx.rank)
     out_dir = resolve_out_dir(cfg.out)
