@@ -45,7 +45,7 @@
 #     448  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     702  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     785  LOSSES                the losses (loss): D's and G's for each
-#    1419  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1419  Trainer.set_progress  training progress: SWA's start, learning rates after roll-backs
 #    1455  Trainer.step          one training step: D, then G, EMA
 #    1805  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3431  Pace                  the budget: the finish measured, the plan, when training must stop
