@@ -41,7 +41,7 @@ LANDMARKS = (
     ("the architectures (arch): biggan, dcgan, dcgan5", "models", "ARCHS"),
     ("the losses (loss): D's and G's for each", "losses", "LOSSES"),
     ("one training step: D, then G, EMA", "train", "Trainer.step"),
-    ("the schedule: learning rate, noise decay", "train", "Trainer.set_progress"),
+    ("training progress: SWA's start, learning rates after roll-backs", "train", "Trainer.set_progress"),
     ("the budget: the finish measured, the plan, when training must stop", "budget", "Pace"),
     ("the training loop: steps, checks, roll-backs, ticks, stop", "loop", "train_loop"),
     ("the finish: images, the verified zip, self-check, pictures", "finish", "finish"),

@@ -45,7 +45,7 @@
 #     451  BIGGAN_D_ARCHS        BigGAN D tables: 2nd-place | biggan-pytorch (d_arch)
 #     705  ARCHS                 the architectures (arch): biggan, dcgan, dcgan5
 #     788  LOSSES                the losses (loss): D's and G's for each
-#    1422  Trainer.set_progress  the schedule: learning rate, noise decay
+#    1422  Trainer.set_progress  training progress: SWA's start, learning rates after roll-backs
 #    1458  Trainer.step          one training step: D, then G, EMA
 #    1808  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3537  Pace                  the budget: the finish measured, the plan, when training must stop
