@@ -65,9 +65,8 @@ def test_no_config_default_is_repeated():
     is required (a default here could silently disagree with Config's, as four once did)."""
     import inspect
 
-    from modules.recipe.train import EMA
-    from modules.recipe.train import DeviceBatches
-    from modules.run.rank import FaultInjector, fault_hook
+    from modules.recipe.train import EMA, DeviceBatches
+    from modules.run.rank import fault_hook
     from modules.run.finish import finish, save_pictures
     from modules.recipe.loop import train_loop
     from modules.recipe.settings import (AveragingSettings, DInputSettings, LossSettings, OptimSettings,
@@ -76,7 +75,7 @@ def test_no_config_default_is_repeated():
 
     groups = (TrainerSettings, LossSettings, OptimSettings, AveragingSettings, DInputSettings)
     for fn in (Trainer.__init__, DeviceBatches.__init__, EMA.__init__, build_trainer, train_loop, finish, save_pictures,
-               trainer_settings, FaultInjector.__init__, fault_hook, *groups):
+               trainer_settings, fault_hook, *groups):
         params = inspect.signature(fn).parameters.values()
         with_default = [p.name for p in params if p.default is not inspect.Parameter.empty
                         and p.name not in ("rank", "world_size", "ctx")]  # the ranks' layout, not a Config setting
