@@ -130,7 +130,8 @@ PRESETS = {
 
 # What each field may hold, checked by cli.py before any data is read (a bad value: one line, exit 2). Not here: bool
 # fields (their type says it), the fields naming a registry (arch: models.ARCHS, loss: losses.LOSSES, ...: cli.py
-# checks them against the registry itself), and time_budget and fault (their parsers, parse_duration and parse_faults, below).
+# checks them against the registry itself), and time_budget and fault (parse_duration,
+# parse_faults below).
 
 @dataclass(frozen=True)
 class Range:
