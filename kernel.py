@@ -51,11 +51,11 @@
 #    1461  Trainer.step          one training step: D, then G, EMA
 #    1811  train_loop            the training loop: steps, checks, roll-backs, ticks, stop
 #    3540  Pace                  the budget: the finish measured, the plan, when training must stop
-#    4223  finish                the finish: images, the verified zip, self-check, pictures
-#    4472  parse_config          the command line -> a checked Config
-#    4792  run_rank              one rank's run: device, trainer, plan, training, the zip
-#    5262  run                   the run: settings, checks and data, the ranks started
-#    5337  main                  the entry point and its exit codes
+#    4225  finish                the finish: images, the verified zip, self-check, pictures
+#    4475  parse_config          the command line -> a checked Config
+#    4795  run_rank              one rank's run: device, trainer, plan, training, the zip
+#    5265  run                   the run: settings, checks and data, the ranks started
+#    5340  main                  the entry point and its exit codes
 #
 # One namespace: the modules' imports, hoisted and merged, then each module in this order:
 #   config -> layers -> biggan -> models -> losses -> utils -> device -> settings -> train -> sample -> loop ->
@@ -3623,13 +3623,15 @@ class Pace:
     def remaining(self):
         return self.deadline.remaining()
 
-    def need(self, part):
+    def need(self, part, *, images=0):
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
-        twice the measured one), "self_check" or "pictures"."""
-        est, s = self.plan.estimates, self.slowdown
+        twice the measured one), "self_check" or "pictures" (images: those it generates beyond samples.png's, timed
+        as the finish's generation batches)."""
+        est, s, plan = self.plan.estimates, self.slowdown, self.plan
+        gen_s = FINISH_SAFETY * math.ceil(images / plan.gen_batch) * plan.gen_batch_s
         return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
                 "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
-                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]
+                "pictures": (FINISH_PICTURES_S + gen_s + FINISH_EXIT_S) * s}[part]
 
 
 # ==== modules/run/distributed.py ====
@@ -4241,7 +4243,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
         _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor,
                            device=sampler.device, pace=pace, timer=timer, report=report,
                            interrupted=stop_event is not None and stop_event.is_set())
-    late = pace.remaining() < pace.need("pictures")
+    sheet = SHEET_PER_BREED * len(data.classes) if conditioned_on_breed(sampler.model()) else 0  # breeds.png
+    late = pace.remaining() < pace.need("pictures", images=sheet)
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
         return images

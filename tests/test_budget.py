@@ -1,6 +1,7 @@
 """modules/run/budget.py: the finish measured through the run's Sampler, the budget split into start-up, training and
 the finish reserve (and the resume arithmetic), the stop time, the step-time slowdown, the finish re-timing and what the
 finish's optional parts need."""
+import math
 import time
 
 import numpy as np
@@ -43,6 +44,16 @@ def test_reserve_and_finish_needs_follow_the_estimates_and_the_slowdown():
     assert pace.need("pictures") == pytest.approx((FINISH_PICTURES_S + FINISH_EXIT_S) * 2)
     with pytest.raises(KeyError):
         pace.need("lunch")
+
+
+def test_pictures_need_the_generation_of_their_sheet():
+    """breeds.png generates a few images per breed at the finish: the pictures' need counts them in generation
+    batches at the measured pace, padded once."""
+    pace = _pace()
+    batches = math.ceil(720 / pace.plan.gen_batch)
+    assert pace.need("pictures", images=720) == pytest.approx(
+        FINISH_PICTURES_S + FINISH_SAFETY * batches * pace.plan.gen_batch_s + FINISH_EXIT_S)
+    assert pace.need("pictures", images=720) > pace.need("pictures")
 
 
 def test_the_stop_moves_earlier_by_the_slowdown_and_steps_must_fit():

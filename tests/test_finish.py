@@ -34,7 +34,8 @@ def _finish(trainer, out, *, budget=3600.0, stop=False, n=60, self_check=False, 
     ev = threading.Event()
     if stop:
         ev.set()
-    plan = types.SimpleNamespace(estimates={"generate": 1.0, "zip": 1.0, "checkpoint": 0.0})  # what Pace.need reads
+    plan = types.SimpleNamespace(estimates={"generate": 1.0, "zip": 1.0, "checkpoint": 0.0},  # what Pace.need reads
+                                 gen_batch=25, gen_batch_s=0.01)
     images = finish(_sampler(trainer).with_batch(25), data=tiny_data(), out_dir=str(out),
                     settings=FinishSettings(n_images=n, seed=0, workers=1, corrupt_zip=False, self_check=self_check),
                     extractor=extractor,

@@ -296,10 +296,12 @@ class Pace:
     def remaining(self):
         return self.deadline.remaining()
 
-    def need(self, part):
+    def need(self, part, *, images=0):
         """Seconds that must be left to start an optional part of the finish now: "zip_retry" (a single-threaded zip:
-        twice the measured one), "self_check" or "pictures"."""
-        est, s = self.plan.estimates, self.slowdown
+        twice the measured one), "self_check" or "pictures" (images: those it generates beyond samples.png's, timed
+        as the finish's generation batches)."""
+        est, s, plan = self.plan.estimates, self.slowdown, self.plan
+        gen_s = FINISH_SAFETY * math.ceil(images / plan.gen_batch) * plan.gen_batch_s
         return {"zip_retry": 2 * est["zip"] * s + FINISH_EXIT_S,
                 "self_check": FINISH_SAFETY * est.get("self_check", 0.0) * s + FINISH_EXIT_S,
-                "pictures": (FINISH_PICTURES_S + FINISH_EXIT_S) * s}[part]
+                "pictures": (FINISH_PICTURES_S + gen_s + FINISH_EXIT_S) * s}[part]

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from modules.recipe.sample import sampling_mode, to_uint8, truncated_z
 from modules.recipe.utils import UsageError, format_duration, log, parse_faults, warn
 from modules.run.evaluate import NO_FID, copy_check, evaluate_images
-from modules.run.report import breeds_sheet, conditioned_on_breed, plot_losses, save_grid
+from modules.run.report import SHEET_PER_BREED, breeds_sheet, conditioned_on_breed, plot_losses, save_grid
 from modules.run.submission import SubmissionError, encode_pngs, write_submission
 
 SAMPLE_GRID_BREEDS = 8  # rows of samples.png: one breed per row
@@ -107,7 +107,8 @@ def finish(sampler, *, data, out_dir, settings, extractor, pace, timer, report, 
         _finish_self_check(images, data=data, out_dir=out_dir, seed=settings.seed, extractor=extractor,
                            device=sampler.device, pace=pace, timer=timer, report=report,
                            interrupted=stop_event is not None and stop_event.is_set())
-    late = pace.remaining() < pace.need("pictures")
+    sheet = SHEET_PER_BREED * len(data.classes) if conditioned_on_breed(sampler.model()) else 0  # breeds.png
+    late = pace.remaining() < pace.need("pictures", images=sheet)
     if late or (stop_event is not None and stop_event.is_set()):
         report.warn("pictures skipped: no time left or interrupted")
         return images
